@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what lupool's tests and benchmarks need on a fresh Debian 12 machine:
+# the real NBD clients and peer servers they drive. Idempotent; no prompts.
+set -euo pipefail
+pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+go mod download
