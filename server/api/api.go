@@ -1,0 +1,166 @@
+// Package api is lupool's HTTP API: JSON under /v1, plus /healthz and
+// /readyz. It knows nothing of clusters or storage; it serves any Backend,
+// which the daemon wires to the metadata, the pool and the NBD engine.
+//
+// Every error is a JSON object {"error": "..."} whose text says what to fix,
+// with a status code chosen by the sentinel the backend wrapped:
+//
+//	ErrInvalid     400  bad name, size, flag or body
+//	ErrNotFound    404  no such LU or node
+//	ErrExists      409  the name is taken
+//	ErrBusy        409  clients are attached (delete without force)
+//	ErrNoSpace     507  the pool's overcommit limit would be exceeded
+//	ErrUnavailable 503  no leader, not ready, shutting down
+//
+// Mutating requests that reach a node which is not the metadata leader are
+// forwarded to the leader's API (the backend says who it is with a
+// NotLeaderError), so any node can be used for every call.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Sentinel errors a Backend wraps (with %w) to choose the status code.
+var (
+	// ErrInvalid is returned when the request itself is wrong.
+	ErrInvalid = errors.New("api: invalid request")
+	// ErrNotFound is returned when the named object does not exist.
+	ErrNotFound = errors.New("api: not found")
+	// ErrExists is returned when creating an object whose name is taken.
+	ErrExists = errors.New("api: already exists")
+	// ErrBusy is returned when an object is in use (clients attached).
+	ErrBusy = errors.New("api: in use")
+	// ErrNoSpace is returned when the pool cannot take the request.
+	ErrNoSpace = errors.New("api: insufficient storage")
+	// ErrUnavailable is returned while the node cannot serve the request.
+	ErrUnavailable = errors.New("api: unavailable")
+)
+
+// NotLeaderError is returned by a Backend asked to change metadata on a node
+// that is not the leader. LeaderAPI is the leader's API address, or empty
+// when no leader is known.
+type NotLeaderError struct {
+	LeaderAPI string
+}
+
+func (e *NotLeaderError) Error() string {
+	if e.LeaderAPI == "" {
+		return "api: this node is not the metadata leader and no leader is known; retry shortly"
+	}
+	return fmt.Sprintf("api: this node is not the metadata leader (leader API: %s)", e.LeaderAPI)
+}
+
+// Unwrap makes a NotLeaderError match ErrUnavailable.
+func (e *NotLeaderError) Unwrap() error { return ErrUnavailable }
+
+// Backend is what the API serves. Implementations must be safe for
+// concurrent use and should honour ctx.
+type Backend interface {
+	CreateLU(ctx context.Context, req CreateLURequest) (LU, error)
+	ListLUs(ctx context.Context) ([]LU, error)
+	GetLU(ctx context.Context, name string) (LU, error)
+	ResizeLU(ctx context.Context, name string, sizeBytes int64) (LU, error)
+	DeleteLU(ctx context.Context, name string, force bool) error
+	PoolStatus(ctx context.Context) (PoolStatus, error)
+	Nodes(ctx context.Context) ([]Node, error)
+	Join(ctx context.Context, req JoinRequest) error
+	// Ready returns nil when the node can serve LU requests.
+	Ready() error
+}
+
+// CreateLURequest is the body of POST /v1/lus.
+type CreateLURequest struct {
+	Name        string `json:"name"`
+	SizeBytes   int64  `json:"size_bytes"`
+	Copies      int    `json:"copies,omitempty"` // default 1
+	Kind        string `json:"kind,omitempty"`   // "file" (default) or "memory"
+	Description string `json:"description,omitempty"`
+	// Node is where the LU's writer should live; empty means the node that
+	// received the request (filled in before forwarding to the leader).
+	Node string `json:"node,omitempty"`
+}
+
+// ResizeLURequest is the body of POST /v1/lus/{name}/resize.
+type ResizeLURequest struct {
+	SizeBytes int64 `json:"size_bytes"`
+}
+
+// LU describes one logical unit.
+type LU struct {
+	Name           string    `json:"name"`
+	Description    string    `json:"description,omitempty"`
+	SizeBytes      int64     `json:"size_bytes"`
+	AllocatedBytes int64     `json:"allocated_bytes"`
+	Copies         int       `json:"copies"`
+	Kind           string    `json:"kind"`
+	Writer         string    `json:"writer"`
+	Epoch          uint64    `json:"epoch"`
+	Replicas       []Replica `json:"replicas"`
+	Connections    int       `json:"connections"`
+	CreatedAt      time.Time `json:"created_at"`
+}
+
+// Replica is one copy of an LU.
+type Replica struct {
+	Node  string `json:"node"`
+	State string `json:"state"`
+}
+
+// PoolStatus is this node's storage pool.
+type PoolStatus struct {
+	Node                   string      `json:"node"`
+	CapacityBytes          int64       `json:"capacity_bytes"`
+	FreeBytes              int64       `json:"free_bytes"`
+	AllocatedBytes         int64       `json:"allocated_bytes"`
+	ProvisionedBytes       int64       `json:"provisioned_bytes"`
+	MemoryAllocatedBytes   int64       `json:"memory_allocated_bytes"`
+	MemoryProvisionedBytes int64       `json:"memory_provisioned_bytes"`
+	OvercommitRatio        float64     `json:"overcommit_ratio"`
+	Level                  string      `json:"level"`
+	LUs                    int         `json:"lus"`
+	Dirs                   []PoolDir   `json:"dirs"`
+	Thresholds             *Thresholds `json:"thresholds,omitempty"`
+}
+
+// Thresholds are the usage levels at which the pool warns.
+type Thresholds struct {
+	WarnPercent     float64 `json:"warn_percent"`
+	CriticalPercent float64 `json:"critical_percent"`
+}
+
+// PoolDir is one data directory of the pool.
+type PoolDir struct {
+	Path             string `json:"path"`
+	CapacityBytes    int64  `json:"capacity_bytes"`
+	FreeBytes        int64  `json:"free_bytes"`
+	AllocatedBytes   int64  `json:"allocated_bytes"`
+	ProvisionedBytes int64  `json:"provisioned_bytes"`
+	Volumes          int    `json:"volumes"`
+}
+
+// Node is one member of the cluster.
+type Node struct {
+	ID       string `json:"id"`
+	PeerAddr string `json:"peer_addr"`
+	APIAddr  string `json:"api_addr"`
+	NBDAddr  string `json:"nbd_addr"`
+	Voter    bool   `json:"voter"`
+	Leader   bool   `json:"leader"`
+}
+
+// JoinRequest is the body of POST /v1/nodes: a node asking to join.
+type JoinRequest struct {
+	ID       string `json:"id"`
+	PeerAddr string `json:"peer_addr"`
+	APIAddr  string `json:"api_addr"`
+	NBDAddr  string `json:"nbd_addr"`
+}
+
+// ErrorBody is the JSON shape of every error response.
+type ErrorBody struct {
+	Error string `json:"error"`
+}

@@ -1,0 +1,144 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Client calls a lupool node's API. It is what the CLI uses.
+type Client struct {
+	base string
+	http *http.Client
+}
+
+// StatusError is an error response from the API.
+type StatusError struct {
+	StatusCode int
+	Message    string
+}
+
+func (e *StatusError) Error() string { return e.Message }
+
+// NewClient returns a client for the API at addr ("host:port" or a URL).
+func NewClient(addr string) (*Client, error) {
+	if addr == "" {
+		return nil, errors.New("api address is empty: pass --api HOST:PORT or set LUPOOL_API")
+	}
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	u, err := url.Parse(addr)
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("api address %q is not HOST:PORT or http://HOST:PORT", addr)
+	}
+	return &Client{base: strings.TrimRight(u.String(), "/"), http: &http.Client{Timeout: 60 * time.Second}}, nil
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the lupool API at %s (is `lupool serve` running? set --api or LUPOOL_API): %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode >= 300 {
+		var eb ErrorBody
+		if json.Unmarshal(data, &eb) == nil && eb.Error != "" {
+			return &StatusError{StatusCode: resp.StatusCode, Message: eb.Error}
+		}
+		return &StatusError{StatusCode: resp.StatusCode, Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
+	}
+	if out != nil && len(data) > 0 {
+		return json.Unmarshal(data, out)
+	}
+	return nil
+}
+
+// CreateLU creates an LU.
+func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus", req, &lu)
+	return lu, err
+}
+
+// ListLUs lists every LU.
+func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
+	var lus []LU
+	err := c.do(ctx, http.MethodGet, "/v1/lus", nil, &lus)
+	return lus, err
+}
+
+// GetLU shows one LU.
+func (c *Client) GetLU(ctx context.Context, name string) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodGet, "/v1/lus/"+url.PathEscape(name), nil, &lu)
+	return lu, err
+}
+
+// ResizeLU changes an LU's size.
+func (c *Client) ResizeLU(ctx context.Context, name string, sizeBytes int64) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/resize", ResizeLURequest{SizeBytes: sizeBytes}, &lu)
+	return lu, err
+}
+
+// DeleteLU deletes an LU.
+func (c *Client) DeleteLU(ctx context.Context, name string, force bool) error {
+	path := "/v1/lus/" + url.PathEscape(name)
+	if force {
+		path += "?force=true"
+	}
+	return c.do(ctx, http.MethodDelete, path, nil, nil)
+}
+
+// PoolStatus returns the node's pool status.
+func (c *Client) PoolStatus(ctx context.Context) (PoolStatus, error) {
+	var st PoolStatus
+	err := c.do(ctx, http.MethodGet, "/v1/pool", nil, &st)
+	return st, err
+}
+
+// Nodes lists the cluster's nodes.
+func (c *Client) Nodes(ctx context.Context) ([]Node, error) {
+	var nodes []Node
+	err := c.do(ctx, http.MethodGet, "/v1/nodes", nil, &nodes)
+	return nodes, err
+}
+
+// Join asks the cluster to add a node.
+func (c *Client) Join(ctx context.Context, req JoinRequest) ([]Node, error) {
+	var nodes []Node
+	err := c.do(ctx, http.MethodPost, "/v1/nodes", req, &nodes)
+	return nodes, err
+}
+
+// Ready returns nil when the node answers /readyz with 200.
+func (c *Client) Ready(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, "/readyz", nil, nil)
+}

@@ -1,0 +1,289 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// maxBodyBytes bounds every request body; API bodies are small JSON objects.
+const maxBodyBytes = 1 << 20
+
+// forwardedHeader marks a request forwarded to the leader, so a leader that
+// changed in between does not forward it again (no loops).
+const forwardedHeader = "X-Lupool-Forwarded"
+
+// originHeader names the node that first received a forwarded request, so
+// the leader places a new LU's writer there and not on itself.
+const originHeader = "X-Lupool-Origin-Node"
+
+// Options configure a Handler.
+type Options struct {
+	Backend Backend // required
+	// NodeID fills CreateLURequest.Node when the client left it empty.
+	NodeID string
+	// Metrics, when set, is served at /metrics (for example
+	// promhttp.HandlerFor(registry, ...)); the caller owns the registry.
+	Metrics http.Handler
+	Logger  *slog.Logger
+	// Client forwards requests to the leader; default has a 30 s timeout.
+	Client *http.Client
+}
+
+// Handler serves the API.
+type Handler struct {
+	opts Options
+	mux  *http.ServeMux
+}
+
+var _ http.Handler = (*Handler)(nil)
+
+// NewHandler returns the API handler.
+func NewHandler(opts Options) (*Handler, error) {
+	if opts.Backend == nil {
+		return nil, errors.New("api: Options.Backend is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Client == nil {
+		opts.Client = &http.Client{Timeout: 30 * time.Second}
+	}
+	h := &Handler{opts: opts, mux: http.NewServeMux()}
+	h.mux.HandleFunc("GET /v1/lus", h.listLUs)
+	h.mux.HandleFunc("POST /v1/lus", h.mutating(h.createLU))
+	h.mux.HandleFunc("GET /v1/lus/{name}", h.getLU)
+	h.mux.HandleFunc("POST /v1/lus/{name}/resize", h.mutating(h.resizeLU))
+	h.mux.HandleFunc("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
+	h.mux.HandleFunc("GET /v1/pool", h.poolStatus)
+	h.mux.HandleFunc("GET /v1/nodes", h.nodes)
+	h.mux.HandleFunc("POST /v1/nodes", h.mutating(h.join))
+	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	h.mux.HandleFunc("GET /readyz", h.ready)
+	if opts.Metrics != nil {
+		h.mux.Handle("GET /metrics", opts.Metrics)
+	}
+	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s (see README.md, HTTP API)", r.Method, r.URL.Path))
+	})
+	return h, nil
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.mux.ServeHTTP(w, r)
+}
+
+// mutatingFunc handles a mutating request whose body was read into body.
+type mutatingFunc func(ctx context.Context, r *http.Request, body []byte) (status int, result any, err error)
+
+// mutating reads the body (bounded), runs fn, and forwards the request to
+// the leader when fn reports that this node is not the leader.
+func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+		if err != nil {
+			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes or unreadable: %v", maxBodyBytes, err))
+			return
+		}
+		status, result, err := fn(r.Context(), r, body)
+		var nl *NotLeaderError
+		if errors.As(err, &nl) && nl.LeaderAPI != "" && r.Header.Get(forwardedHeader) == "" {
+			h.forward(w, r, nl.LeaderAPI, body)
+			return
+		}
+		if err != nil {
+			h.fail(w, err)
+			return
+		}
+		if result == nil {
+			w.WriteHeader(status)
+			return
+		}
+		writeJSON(w, status, result)
+	}
+}
+
+// forward replays the request against the leader and copies its answer.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, leaderAPI string, body []byte) {
+	u := "http://" + leaderAPI + r.URL.RequestURI()
+	req, err := http.NewRequestWithContext(r.Context(), r.Method, u, bytes.NewReader(body))
+	if err != nil {
+		h.fail(w, fmt.Errorf("%w: forwarding to leader %s: %v", ErrUnavailable, leaderAPI, err))
+		return
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(forwardedHeader, "1")
+	req.Header.Set(originHeader, h.opts.NodeID)
+	resp, err := h.opts.Client.Do(req)
+	if err != nil {
+		h.fail(w, fmt.Errorf("%w: leader %s unreachable: %v", ErrUnavailable, leaderAPI, err))
+		return
+	}
+	defer resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); ct != "" {
+		w.Header().Set("Content-Type", ct)
+	}
+	w.WriteHeader(resp.StatusCode)
+	_, _ = io.Copy(w, resp.Body)
+}
+
+// decode parses a JSON body strictly: unknown fields and trailing data are
+// errors that name the problem.
+func decode(body []byte, v any) error {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return fmt.Errorf("%w: request body is empty; send a JSON object", ErrInvalid)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: malformed JSON body: %v", ErrInvalid, err)
+	}
+	if dec.More() {
+		return fmt.Errorf("%w: malformed JSON body: data after the object", ErrInvalid)
+	}
+	return nil
+}
+
+func (h *Handler) createLU(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req CreateLURequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Node == "" {
+		req.Node = r.Header.Get(originHeader)
+	}
+	if req.Node == "" {
+		req.Node = h.opts.NodeID
+	}
+	lu, err := h.opts.Backend.CreateLU(ctx, req)
+	return http.StatusCreated, lu, err
+}
+
+func (h *Handler) resizeLU(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req ResizeLURequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	lu, err := h.opts.Backend.ResizeLU(ctx, r.PathValue("name"), req.SizeBytes)
+	return http.StatusOK, lu, err
+}
+
+func (h *Handler) deleteLU(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	force := false
+	if v := r.URL.Query().Get("force"); v != "" {
+		var err error
+		if force, err = strconv.ParseBool(v); err != nil {
+			return 0, nil, fmt.Errorf("%w: force=%q: use true or false", ErrInvalid, v)
+		}
+	}
+	return http.StatusNoContent, nil, h.opts.Backend.DeleteLU(ctx, r.PathValue("name"), force)
+}
+
+func (h *Handler) join(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {
+	var req JoinRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.ID == "" || req.PeerAddr == "" || req.APIAddr == "" {
+		return 0, nil, fmt.Errorf("%w: join needs id, peer_addr and api_addr", ErrInvalid)
+	}
+	if err := h.opts.Backend.Join(ctx, req); err != nil {
+		return 0, nil, err
+	}
+	nodes, err := h.opts.Backend.Nodes(ctx)
+	return http.StatusOK, nodes, err
+}
+
+func (h *Handler) listLUs(w http.ResponseWriter, r *http.Request) {
+	lus, err := h.opts.Backend.ListLUs(r.Context())
+	h.reply(w, lus, err)
+}
+
+func (h *Handler) getLU(w http.ResponseWriter, r *http.Request) {
+	lu, err := h.opts.Backend.GetLU(r.Context(), r.PathValue("name"))
+	h.reply(w, lu, err)
+}
+
+func (h *Handler) poolStatus(w http.ResponseWriter, r *http.Request) {
+	st, err := h.opts.Backend.PoolStatus(r.Context())
+	h.reply(w, st, err)
+}
+
+func (h *Handler) nodes(w http.ResponseWriter, r *http.Request) {
+	nodes, err := h.opts.Backend.Nodes(r.Context())
+	h.reply(w, nodes, err)
+}
+
+func (h *Handler) ready(w http.ResponseWriter, _ *http.Request) {
+	if err := h.opts.Backend.Ready(); err != nil {
+		writeError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func (h *Handler) reply(w http.ResponseWriter, v any, err error) {
+	if err != nil {
+		h.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// statusOf is the one table from sentinel errors to HTTP status codes.
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrExists), errors.Is(err, ErrBusy):
+		return http.StatusConflict
+	case errors.Is(err, ErrNoSpace):
+		return http.StatusInsufficientStorage
+	case errors.Is(err, ErrUnavailable):
+		return http.StatusServiceUnavailable
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+func (h *Handler) fail(w http.ResponseWriter, err error) {
+	status := statusOf(err)
+	if status == http.StatusInternalServerError {
+		h.opts.Logger.Error("api request failed", "err", err)
+	}
+	writeError(w, status, cleanMessage(err))
+}
+
+// cleanMessage drops our own package prefixes so users read the reason.
+func cleanMessage(err error) string {
+	msg := err.Error()
+	for _, p := range []string{"api: ", "cluster: ", "lu: "} {
+		msg = strings.ReplaceAll(msg, p, "")
+	}
+	return msg
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, ErrorBody{Error: msg})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
