@@ -1,0 +1,346 @@
+package lu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/lu/lufs"
+)
+
+// zeroChunkBytes is the largest zero buffer WriteZeroes writes at once when
+// the file system cannot zero a range by itself.
+const zeroChunkBytes = 256 << 10
+
+// FileVolume is a thin volume backed by a sparse file. See the package doc.
+type FileVolume struct {
+	path string    // immutable
+	f    lufs.File // immutable; closed by Close
+
+	// size mirrors the file size for lock-free Size calls. It changes only
+	// with mu held for writing.
+	size atomic.Int64
+
+	// mu is held for reading by every data-path call and for writing by
+	// Resize and Close.
+	mu struct {
+		sync.RWMutex
+		closed bool // guarded by mu
+	}
+}
+
+var (
+	_ Volume            = (*FileVolume)(nil)
+	_ blockdev.Device   = (*FileVolume)(nil)
+	_ blockdev.Trimmer  = (*FileVolume)(nil)
+	_ blockdev.Zeroer   = (*FileVolume)(nil)
+	_ blockdev.Extenter = (*FileVolume)(nil)
+)
+
+// CreateFile creates a new sparse-file volume of sizeBytes at path on the OS
+// file system (a convenience for tests of other packages). It fails if path
+// exists.
+func CreateFile(path string, sizeBytes int64) (*FileVolume, error) {
+	return createFileVolume(lufs.OS(), path, sizeBytes)
+}
+
+// OpenFile opens an existing sparse-file volume at path on the OS file
+// system; its size is the file's size.
+func OpenFile(path string) (*FileVolume, error) {
+	return openFileVolume(lufs.OS(), path)
+}
+
+func createFileVolume(fs lufs.FS, path string, sizeBytes int64) (*FileVolume, error) {
+	if sizeBytes < 0 {
+		return nil, fmt.Errorf("%w: %d bytes", ErrInvalidSize, sizeBytes)
+	}
+	f, err := fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("%w: %s: %w", ErrExists, path, err)
+		}
+		return nil, ioError("create", path, err)
+	}
+	if err := f.Truncate(sizeBytes); err != nil {
+		_ = f.Close()
+		_ = fs.Remove(path)
+		return nil, ioError("truncate", path, err)
+	}
+	v := &FileVolume{path: path, f: f}
+	v.size.Store(sizeBytes)
+	return v, nil
+}
+
+func openFileVolume(fs lufs.FS, path string) (*FileVolume, error) {
+	f, err := fs.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, ioError("open", path, err)
+	}
+	size, err := f.Size()
+	if err != nil {
+		_ = f.Close()
+		return nil, ioError("stat", path, err)
+	}
+	v := &FileVolume{path: path, f: f}
+	v.size.Store(size)
+	return v, nil
+}
+
+// Path returns the file's path.
+func (v *FileVolume) Path() string { return v.path }
+
+// Kind implements Volume.
+func (v *FileVolume) Kind() Kind { return KindFile }
+
+// Size implements blockdev.Device.
+func (v *FileVolume) Size() int64 { return v.size.Load() }
+
+// Caps implements blockdev.Device. A Flush (fdatasync) covers writes made
+// through any handle to the file, so the volume is multi-conn safe.
+func (v *FileVolume) Caps() blockdev.Caps {
+	return blockdev.Caps{MultiConn: true, BlockSizeBytes: BlockSizeBytes}
+}
+
+// begin checks the call under the read lock: v.mu must be read-locked.
+func (v *FileVolume) beginLocked(ctx context.Context, off, length int64) error {
+	if v.mu.closed {
+		return blockdev.ErrShutdown
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return blockdev.CheckRange(off, length, v.size.Load())
+}
+
+// ReadAt implements blockdev.Device; holes read as zeros.
+func (v *FileVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
+		return err
+	}
+	n, err := v.f.ReadAt(p, off)
+	if err == io.EOF {
+		// The file is shorter than the volume (never after our own Truncate,
+		// but possible after a crash): the missing tail reads as zeros.
+		clear(p[n:])
+		err = nil
+	}
+	return ioError("read", v.path, err)
+}
+
+// WriteAt implements blockdev.Device. FUA makes the write durable before it
+// returns.
+func (v *FileVolume) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
+		return err
+	}
+	var err error
+	if flags&blockdev.FUA != 0 {
+		_, err = v.f.WriteAtSync(p, off)
+	} else {
+		_, err = v.f.WriteAt(p, off)
+	}
+	return ioError("write", v.path, err)
+}
+
+// Flush implements blockdev.Device with fdatasync.
+func (v *FileVolume) Flush(ctx context.Context) error {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, 0, 0); err != nil {
+		return err
+	}
+	return ioError("flush", v.path, v.f.Sync())
+}
+
+// Trim implements blockdev.Trimmer: it punches the whole blocks inside the
+// range and leaves partial blocks alone. A file system without hole
+// punching makes it a successful no-op (the data simply stays).
+func (v *FileVolume) Trim(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return err
+	}
+	start, end := wholeBlocks(off, length, v.size.Load())
+	if end <= start {
+		return nil
+	}
+	if err := v.f.PunchHole(start, end-start); err != nil {
+		if errors.Is(err, lufs.ErrNotSupported) {
+			return nil
+		}
+		return ioError("trim", v.path, err)
+	}
+	return v.syncIf(flags)
+}
+
+func (v *FileVolume) syncIf(flags blockdev.Flags) error {
+	if flags&blockdev.FUA == 0 {
+		return nil
+	}
+	return ioError("sync", v.path, v.f.Sync())
+}
+
+// WriteZeroes implements blockdev.Zeroer. Without NoHole it punches the
+// range (whole blocks are freed, partial edge blocks zeroed in place); with
+// NoHole it asks the file system to zero the range allocated
+// (FALLOC_FL_ZERO_RANGE). Where the file system can do neither it writes
+// zero buffers, unless FastZero asks for ErrNotSupported instead.
+func (v *FileVolume) WriteZeroes(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.AllFlags); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	var err error
+	if flags&blockdev.NoHole != 0 {
+		err = v.f.ZeroRange(off, length)
+	} else {
+		punchEnd := off + length
+		if punchEnd == v.size.Load() {
+			punchEnd = alignUp(punchEnd) // the partial last block is freed too
+		}
+		err = v.f.PunchHole(off, punchEnd-off)
+	}
+	if errors.Is(err, lufs.ErrNotSupported) {
+		if flags&blockdev.FastZero != 0 {
+			return fmt.Errorf("lu: write zeroes %s: %w", v.path, blockdev.ErrNotSupported)
+		}
+		err = v.writeZeroBuffers(off, length)
+	}
+	if err != nil {
+		return ioError("write zeroes", v.path, err)
+	}
+	return v.syncIf(flags)
+}
+
+func (v *FileVolume) writeZeroBuffers(off, length int64) error {
+	zeros := make([]byte, min(length, zeroChunkBytes))
+	for done := int64(0); done < length; {
+		chunk := min(length-done, int64(len(zeros)))
+		if _, err := v.f.WriteAt(zeros[:chunk], off+done); err != nil {
+			return err
+		}
+		done += chunk
+	}
+	return nil
+}
+
+// Extents implements blockdev.Extenter from SEEK_DATA and SEEK_HOLE. Holes
+// are reported as ExtentHole|ExtentZero, data as 0.
+func (v *FileVolume) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return dst, err
+	}
+	end := off + length
+	for pos, n := off, 0; pos < end && n < maxExtentsPerCall; n++ {
+		data, err := v.f.SeekData(pos)
+		if err == io.EOF {
+			data = end
+		} else if err != nil {
+			return dst, ioError("seek data", v.path, err)
+		}
+		if data > pos {
+			next := min(data, end)
+			dst = appendExtent(dst, next-pos, blockdev.ExtentHole|blockdev.ExtentZero)
+			pos = next
+			continue
+		}
+		hole, err := v.f.SeekHole(pos)
+		if err != nil {
+			return dst, ioError("seek hole", v.path, err)
+		}
+		next := min(max(hole, pos+1), end)
+		dst = appendExtent(dst, next-pos, 0)
+		pos = next
+	}
+	return dst, nil
+}
+
+// appendExtent appends an extent, merging it with the last one when the
+// flags match.
+func appendExtent(dst []blockdev.Extent, length int64, flags blockdev.ExtentFlags) []blockdev.Extent {
+	if n := len(dst); n > 0 && dst[n-1].Flags == flags {
+		dst[n-1].LengthBytes += length
+		return dst
+	}
+	return append(dst, blockdev.Extent{LengthBytes: length, Flags: flags})
+}
+
+// AllocatedBytes implements Volume from st_blocks; 0 if the file cannot be
+// measured or the volume is closed.
+func (v *FileVolume) AllocatedBytes() int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if v.mu.closed {
+		return 0
+	}
+	n, err := v.f.AllocatedBytes()
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// Resize implements Volume. It waits for I/O in flight.
+func (v *FileVolume) Resize(sizeBytes int64) error {
+	if sizeBytes < 0 {
+		return fmt.Errorf("%w: %d bytes", ErrInvalidSize, sizeBytes)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mu.closed {
+		return blockdev.ErrShutdown
+	}
+	old := v.size.Load()
+	if sizeBytes < old {
+		data, err := v.f.SeekData(sizeBytes)
+		if err != nil && err != io.EOF {
+			return ioError("seek data", v.path, err)
+		}
+		if err == nil && data < old {
+			return fmt.Errorf("%w: %s: shrinking from %d to %d bytes, data at offset %d",
+				ErrShrinkAllocated, v.path, old, sizeBytes, data)
+		}
+	}
+	if err := v.f.Truncate(sizeBytes); err != nil {
+		return ioError("resize", v.path, err)
+	}
+	v.size.Store(sizeBytes)
+	return nil
+}
+
+// Close implements Volume. It waits for I/O in flight; later calls return
+// blockdev.ErrShutdown. Close does not sync: Flush first for durability.
+func (v *FileVolume) Close() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mu.closed {
+		return nil
+	}
+	v.mu.closed = true
+	return ioError("close", v.path, v.f.Close())
+}

@@ -1,0 +1,206 @@
+package lufs
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// OS returns the FS of the operating system (Linux).
+func OS() FS { return osFS{} }
+
+type osFS struct{}
+
+var (
+	_ FS   = osFS{}
+	_ File = (*osFile)(nil)
+)
+
+func (osFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return &osFile{f: f, fd: int(f.Fd())}, nil
+}
+
+func (osFS) Remove(name string) error                     { return os.Remove(name) }
+func (osFS) Stat(name string) (os.FileInfo, error)        { return os.Stat(name) }
+func (osFS) MkdirAll(name string, perm os.FileMode) error { return os.MkdirAll(name, perm) }
+
+func (osFS) ReadDir(name string) ([]string, error) {
+	entries, err := os.ReadDir(name)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(entries))
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+func (osFS) SyncDir(name string) error {
+	d, err := os.Open(name)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (osFS) Statfs(path string) (Statfs, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return Statfs{}, &os.PathError{Op: "statfs", Path: path, Err: err}
+	}
+	bsize := st.Frsize
+	if bsize == 0 {
+		bsize = st.Bsize
+	}
+	return Statfs{
+		CapacityBytes: int64(st.Blocks) * bsize,
+		FreeBytes:     int64(st.Bavail) * bsize,
+		ID:            fmt.Sprintf("%x:%x", st.Fsid.Val[0], st.Fsid.Val[1]),
+	}, nil
+}
+
+// osFile keeps the descriptor so the data path makes one system call per
+// operation. The os.File owns it and closes it.
+type osFile struct {
+	f  *os.File
+	fd int // immutable; valid until Close
+
+	// noPwritev2 is set once the kernel refused pwritev2 with RWF_DSYNC;
+	// WriteAtSync then falls back to pwrite + fdatasync.
+	noPwritev2 atomic.Bool
+}
+
+func (f *osFile) ReadAt(p []byte, off int64) (int, error)  { return f.f.ReadAt(p, off) }
+func (f *osFile) WriteAt(p []byte, off int64) (int, error) { return f.f.WriteAt(p, off) }
+func (f *osFile) Truncate(size int64) error                { return f.f.Truncate(size) }
+func (f *osFile) Close() error                             { return f.f.Close() }
+
+func (f *osFile) WriteAtSync(p []byte, off int64) (int, error) {
+	if !f.noPwritev2.Load() {
+		done := 0
+		for done < len(p) {
+			n, err := unix.Pwritev2(f.fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
+			if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) || (errors.Is(err, unix.EINVAL) && done == 0) {
+				f.noPwritev2.Store(true)
+				break
+			}
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return done, f.pathErr("pwritev2", err)
+			}
+			if n == 0 {
+				return done, f.pathErr("pwritev2", io.ErrShortWrite)
+			}
+			done += n
+		}
+		if done == len(p) {
+			return done, nil
+		}
+	}
+	n, err := f.f.WriteAt(p, off)
+	if err != nil {
+		return n, err
+	}
+	return n, f.Sync()
+}
+
+func (f *osFile) Sync() error {
+	for {
+		err := unix.Fdatasync(f.fd)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return f.pathErr("fdatasync", err)
+		}
+		return nil
+	}
+}
+
+func (f *osFile) fallocate(op string, mode uint32, off, length int64) error {
+	if length == 0 {
+		return nil
+	}
+	for {
+		err := unix.Fallocate(f.fd, mode|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if err == unix.EINTR {
+			continue
+		}
+		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+			return fmt.Errorf("%w: %w", ErrNotSupported, f.pathErr(op, err))
+		}
+		if err != nil {
+			return f.pathErr(op, err)
+		}
+		return nil
+	}
+}
+
+func (f *osFile) PunchHole(off, length int64) error {
+	return f.fallocate("punch hole", unix.FALLOC_FL_PUNCH_HOLE, off, length)
+}
+
+func (f *osFile) ZeroRange(off, length int64) error {
+	return f.fallocate("zero range", unix.FALLOC_FL_ZERO_RANGE, off, length)
+}
+
+func (f *osFile) seek(off int64, whence int) (int64, error) {
+	pos, err := unix.Seek(f.fd, off, whence)
+	if err == unix.ENXIO {
+		return 0, io.EOF
+	}
+	if err != nil {
+		return 0, f.pathErr("lseek", err)
+	}
+	return pos, nil
+}
+
+func (f *osFile) SeekData(off int64) (int64, error) { return f.seek(off, unix.SEEK_DATA) }
+
+func (f *osFile) SeekHole(off int64) (int64, error) {
+	pos, err := f.seek(off, unix.SEEK_HOLE)
+	if err == io.EOF {
+		// off is at or past the end: the end counts as a hole.
+		return off, nil
+	}
+	return pos, err
+}
+
+func (f *osFile) stat() (unix.Stat_t, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(f.fd, &st); err != nil {
+		return st, f.pathErr("fstat", err)
+	}
+	return st, nil
+}
+
+func (f *osFile) Size() (int64, error) {
+	st, err := f.stat()
+	return st.Size, err
+}
+
+func (f *osFile) AllocatedBytes() (int64, error) {
+	st, err := f.stat()
+	return st.Blocks * 512, err
+}
+
+func (f *osFile) pathErr(op string, err error) error {
+	return &os.PathError{Op: op, Path: f.f.Name(), Err: err}
+}

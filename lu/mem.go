@@ -1,0 +1,357 @@
+package lu
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"github.com/lupool/lupool/blockdev"
+)
+
+// memShardCount spreads pages over this many independently locked maps so
+// that I/O on different pages runs in parallel.
+const memShardCount = 64
+
+type memPage [BlockSizeBytes]byte
+
+type memShard struct {
+	mu    sync.Mutex
+	pages map[int64]*memPage // guarded by mu; page index -> contents
+}
+
+// MemVolume is a sparse in-memory volume: 4 KiB pages are allocated on the
+// first write that touches them and freed by Trim and WriteZeroes. Its
+// trim, zero and allocation semantics are those of FileVolume (and of
+// blockdevtest.Mem). Nothing survives the process; see the package doc.
+type MemVolume struct {
+	// size changes only with mu held for writing.
+	size      atomic.Int64
+	heldPages atomic.Int64 // pages allocated in all shards
+
+	shards [memShardCount]memShard
+
+	// mu is held for reading by every data-path call and for writing by
+	// Resize and Close.
+	mu struct {
+		sync.RWMutex
+		closed bool // guarded by mu
+	}
+}
+
+var (
+	_ Volume            = (*MemVolume)(nil)
+	_ blockdev.Device   = (*MemVolume)(nil)
+	_ blockdev.Trimmer  = (*MemVolume)(nil)
+	_ blockdev.Zeroer   = (*MemVolume)(nil)
+	_ blockdev.Extenter = (*MemVolume)(nil)
+)
+
+// NewMemVolume returns an empty (all holes) memory volume of sizeBytes.
+// A negative size is treated as 0.
+func NewMemVolume(sizeBytes int64) *MemVolume {
+	v := &MemVolume{}
+	v.size.Store(max(0, sizeBytes))
+	for i := range v.shards {
+		v.shards[i].pages = map[int64]*memPage{}
+	}
+	return v
+}
+
+func (v *MemVolume) shard(index int64) *memShard { return &v.shards[index%memShardCount] }
+
+// Kind implements Volume.
+func (v *MemVolume) Kind() Kind { return KindMemory }
+
+// Size implements blockdev.Device.
+func (v *MemVolume) Size() int64 { return v.size.Load() }
+
+// Caps implements blockdev.Device.
+func (v *MemVolume) Caps() blockdev.Caps {
+	return blockdev.Caps{MultiConn: true, Volatile: true, BlockSizeBytes: BlockSizeBytes}
+}
+
+// AllocatedBytes implements Volume: the pages held.
+func (v *MemVolume) AllocatedBytes() int64 { return v.heldPages.Load() * BlockSizeBytes }
+
+func (v *MemVolume) beginLocked(ctx context.Context, off, length int64) error {
+	if v.mu.closed {
+		return blockdev.ErrShutdown
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return blockdev.CheckRange(off, length, v.size.Load())
+}
+
+// forChunks calls fn for each piece of [off, off+length) inside one page.
+func forChunks(off, length int64, fn func(index, in, chunk, done int64)) {
+	for done := int64(0); done < length; {
+		pos := off + done
+		in := pos % BlockSizeBytes
+		chunk := min(length-done, BlockSizeBytes-in)
+		fn(pos/BlockSizeBytes, in, chunk, done)
+		done += chunk
+	}
+}
+
+// ReadAt implements blockdev.Device.
+func (v *MemVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
+		return err
+	}
+	forChunks(off, int64(len(p)), func(index, in, chunk, done int64) {
+		s := v.shard(index)
+		s.mu.Lock()
+		if pg, ok := s.pages[index]; ok {
+			copy(p[done:done+chunk], pg[in:])
+		} else {
+			clear(p[done : done+chunk])
+		}
+		s.mu.Unlock()
+	})
+	return nil
+}
+
+// pageLocked returns page index, allocating it. s.mu must be held.
+func (v *MemVolume) pageLocked(s *memShard, index int64) *memPage {
+	pg, ok := s.pages[index]
+	if !ok {
+		pg = new(memPage)
+		s.pages[index] = pg
+		v.heldPages.Add(1)
+	}
+	return pg
+}
+
+// WriteAt implements blockdev.Device. FUA only orders.
+func (v *MemVolume) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
+		return err
+	}
+	forChunks(off, int64(len(p)), func(index, in, chunk, done int64) {
+		s := v.shard(index)
+		s.mu.Lock()
+		copy(v.pageLocked(s, index)[in:in+chunk], p[done:])
+		s.mu.Unlock()
+	})
+	return nil
+}
+
+// Flush implements blockdev.Device: a memory volume has nothing to make
+// durable; it only checks that the volume is open.
+func (v *MemVolume) Flush(ctx context.Context) error {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.beginLocked(ctx, 0, 0)
+}
+
+// Trim implements blockdev.Trimmer: the whole pages inside the range are
+// freed; partial pages keep their data.
+func (v *MemVolume) Trim(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return err
+	}
+	start, end := wholeBlocks(off, length, v.size.Load())
+	v.freePages(start/BlockSizeBytes, end/BlockSizeBytes)
+	return nil
+}
+
+// freePages frees the pages with first <= index < end, visiting either the
+// indexes or the held pages, whichever is fewer.
+func (v *MemVolume) freePages(first, end int64) {
+	if end <= first {
+		return
+	}
+	if end-first <= max(64, v.heldPages.Load()) {
+		for i := first; i < end; i++ {
+			s := v.shard(i)
+			s.mu.Lock()
+			if _, ok := s.pages[i]; ok {
+				delete(s.pages, i)
+				v.heldPages.Add(-1)
+			}
+			s.mu.Unlock()
+		}
+		return
+	}
+	for i := range v.shards {
+		s := &v.shards[i]
+		s.mu.Lock()
+		for index := range s.pages {
+			if index >= first && index < end {
+				delete(s.pages, index)
+				v.heldPages.Add(-1)
+			}
+		}
+		s.mu.Unlock()
+	}
+}
+
+// zeroHeld zeroes [off, off+length) in the pages that are held, leaving
+// holes alone. The range is expected to be small (partial edge blocks).
+func (v *MemVolume) zeroHeld(off, length int64) {
+	forChunks(off, length, func(index, in, chunk, _ int64) {
+		s := v.shard(index)
+		s.mu.Lock()
+		if pg, ok := s.pages[index]; ok {
+			clear(pg[in : in+chunk])
+		}
+		s.mu.Unlock()
+	})
+}
+
+// WriteZeroes implements blockdev.Zeroer. Without NoHole the whole pages
+// inside the range are freed and the partial edge pages zeroed; with NoHole
+// every page touched is allocated and zeroed. Zeroing memory is always
+// fast, so FastZero never fails.
+func (v *MemVolume) WriteZeroes(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if err := blockdev.CheckFlags(flags, blockdev.AllFlags); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return err
+	}
+	if flags&blockdev.NoHole != 0 {
+		forChunks(off, length, func(index, in, chunk, _ int64) {
+			s := v.shard(index)
+			s.mu.Lock()
+			clear(v.pageLocked(s, index)[in : in+chunk])
+			s.mu.Unlock()
+		})
+		return nil
+	}
+	end := off + length
+	start, wholeEnd := wholeBlocks(off, length, v.size.Load())
+	if wholeEnd <= start {
+		v.zeroHeld(off, length)
+		return nil
+	}
+	v.zeroHeld(off, start-off)
+	v.freePages(start/BlockSizeBytes, wholeEnd/BlockSizeBytes)
+	if wholeEnd < end {
+		v.zeroHeld(wholeEnd, end-wholeEnd)
+	}
+	return nil
+}
+
+// heldIndexes returns the sorted indexes of held pages with first <= index
+// < end.
+func (v *MemVolume) heldIndexes(first, end int64) []int64 {
+	var out []int64
+	for i := range v.shards {
+		s := &v.shards[i]
+		s.mu.Lock()
+		for index := range s.pages {
+			if index >= first && index < end {
+				out = append(out, index)
+			}
+		}
+		s.mu.Unlock()
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a] < out[b] })
+	return out
+}
+
+func (v *MemVolume) held(index int64) bool {
+	s := v.shard(index)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.pages[index]
+	return ok
+}
+
+// Extents implements blockdev.Extenter: held pages are data (0), the rest
+// holes (ExtentHole|ExtentZero).
+func (v *MemVolume) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, length); err != nil {
+		return dst, err
+	}
+	if length == 0 {
+		return dst, nil
+	}
+	end := off + length
+	first, last := off/BlockSizeBytes, (end-1)/BlockSizeBytes
+	const hole = blockdev.ExtentHole | blockdev.ExtentZero
+	if last-first < max(256, 4*v.heldPages.Load()) {
+		for i := first; i <= last; i++ {
+			from, to := max(off, i*BlockSizeBytes), min(end, (i+1)*BlockSizeBytes)
+			var f blockdev.ExtentFlags = hole
+			if v.held(i) {
+				f = 0
+			}
+			dst = appendExtent(dst, to-from, f)
+		}
+		return dst, nil
+	}
+	pos := off
+	for _, i := range v.heldIndexes(first, last+1) {
+		from, to := max(off, i*BlockSizeBytes), min(end, (i+1)*BlockSizeBytes)
+		if from > pos {
+			dst = appendExtent(dst, from-pos, hole)
+		}
+		dst = appendExtent(dst, to-from, 0)
+		pos = to
+	}
+	if pos < end {
+		dst = appendExtent(dst, end-pos, hole)
+	}
+	return dst, nil
+}
+
+// Resize implements Volume.
+func (v *MemVolume) Resize(sizeBytes int64) error {
+	if sizeBytes < 0 {
+		return fmt.Errorf("%w: %d bytes", ErrInvalidSize, sizeBytes)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mu.closed {
+		return blockdev.ErrShutdown
+	}
+	old := v.size.Load()
+	if sizeBytes < old {
+		first, end := sizeBytes/BlockSizeBytes, (old+BlockSizeBytes-1)/BlockSizeBytes
+		if held := v.heldIndexes(first, end); len(held) > 0 {
+			return fmt.Errorf("%w: memory volume: shrinking from %d to %d bytes, data at offset %d",
+				ErrShrinkAllocated, old, sizeBytes, max(sizeBytes, held[0]*BlockSizeBytes))
+		}
+	}
+	v.size.Store(sizeBytes)
+	return nil
+}
+
+// Close implements Volume: the pages are dropped.
+func (v *MemVolume) Close() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mu.closed {
+		return nil
+	}
+	v.mu.closed = true
+	for i := range v.shards {
+		s := &v.shards[i]
+		s.mu.Lock()
+		v.heldPages.Add(-int64(len(s.pages)))
+		s.pages = map[int64]*memPage{}
+		s.mu.Unlock()
+	}
+	return nil
+}
