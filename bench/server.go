@@ -1,0 +1,434 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Server classes: ratios are reported between a subject and the peers of
+// its own class, so a memory LU is compared with nbdkit memory and a file LU
+// with the file-backed servers.
+const (
+	// ClassMemory servers keep data in RAM and promise no durability.
+	ClassMemory = "memory"
+	// ClassFile servers write a sparse file through the page cache and make
+	// it durable on NBD FLUSH (fdatasync). fio issues no flushes here, so
+	// every file server runs out of the page cache alike.
+	ClassFile = "file"
+)
+
+// Limits on waiting for servers.
+const (
+	readyTimeout   = 20 * time.Second
+	readyPoll      = 50 * time.Millisecond
+	stopGrace      = 5 * time.Second
+	logTailMaxByte = 800
+)
+
+// ErrServerUnavailable is returned by ServerSpec.Start when the server's
+// program is missing or cannot serve the configuration (for example lupool
+// before its daemon exists, or before it can keep copies). The runner skips
+// such a server and says why in the report.
+var ErrServerUnavailable = errors.New("bench: server unavailable")
+
+// Env is what starting a server needs from the runner.
+type Env struct {
+	// Dir is a fresh directory for this server's files and logs.
+	Dir string
+	// DeviceBytes is the size of the export to create.
+	DeviceBytes int64
+	// LupoolBin is the path of the lupool binary.
+	LupoolBin string
+	// Logger receives progress; never nil.
+	Logger *slog.Logger
+}
+
+// ServerSpec is one server configuration the suite can start.
+type ServerSpec struct {
+	// Name is unique, e.g. "nbdkit-memory"; used on the command line.
+	Name string
+	// Class is ClassMemory or ClassFile.
+	Class string
+	// Subject is true for lupool configurations: ratios are subject/peer.
+	Subject bool
+	// Notes says how the server is configured and why, for the report.
+	Notes string
+	start func(ctx context.Context, env Env) (*Running, error)
+}
+
+// Running is a started server. Stop it exactly once.
+type Running struct {
+	// URI is the NBD export to point fio at.
+	URI string
+	// Commands are the command lines that started it, for the report.
+	Commands []string
+	procs    []*proc
+}
+
+// Stop stops every process this server started (SIGTERM, then SIGKILL
+// after a grace period) and waits for them.
+func (r *Running) Stop() error {
+	var errs []error
+	for i := len(r.procs) - 1; i >= 0; i-- {
+		errs = append(errs, r.procs[i].stop())
+	}
+	return errors.Join(errs...)
+}
+
+// Start starts the server in env.Dir and returns once its export accepts
+// connections. On failure nothing it started is left running.
+func (s ServerSpec) Start(ctx context.Context, env Env) (*Running, error) {
+	r, err := s.start(ctx, env)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", s.Name, err)
+	}
+	return r, nil
+}
+
+// Servers returns every server configuration the suite knows, subjects
+// first.
+func Servers() []ServerSpec {
+	return []ServerSpec{
+		{Name: "lupool-mem", Class: ClassMemory, Subject: true,
+			Notes: "lupool serve, one memory LU (--kind memory)",
+			start: func(ctx context.Context, env Env) (*Running, error) { return startLupool(ctx, env, "memory") }},
+		{Name: "lupool-file", Class: ClassFile, Subject: true,
+			Notes: "lupool serve, one thin file LU (--kind file) in a temp data dir",
+			start: func(ctx context.Context, env Env) (*Running, error) { return startLupool(ctx, env, "file") }},
+		{Name: "lupool-2copies", Class: ClassFile, Subject: true,
+			Notes: "two lupool nodes on loopback, one file LU with --copies 2",
+			start: startLupoolCopies},
+		{Name: "nbdkit-memory", Class: ClassMemory,
+			Notes: "nbdkit memory plugin (sparse RAM array), default 16 threads",
+			start: startNbdkitMemory},
+		{Name: "nbdkit-file", Class: ClassFile,
+			Notes: "nbdkit file plugin on a sparse file, default cache (page cache; FLUSH = fdatasync)",
+			start: startNbdkitFile},
+		{Name: "qemu-nbd", Class: ClassFile,
+			Notes: "qemu-nbd -f raw --cache=writeback --aio=threads --discard=unmap -e 16 on a sparse file " +
+				"(writeback = page cache, FLUSH = fdatasync: the same durability class as nbdkit file and lupool file)",
+			start: startQemuNbd},
+	}
+}
+
+// SelectServers returns the named configurations in the order named.
+func SelectServers(names []string) ([]ServerSpec, error) {
+	all := Servers()
+	var out []ServerSpec
+	for _, n := range names {
+		found := false
+		for _, s := range all {
+			if s.Name == n {
+				out = append(out, s)
+				found = true
+			}
+		}
+		if !found {
+			known := make([]string, len(all))
+			for i, s := range all {
+				known[i] = s.Name
+			}
+			return nil, fmt.Errorf("bench: unknown server %q (known: %s)", n, strings.Join(known, ", "))
+		}
+	}
+	return out, nil
+}
+
+func startNbdkitMemory(ctx context.Context, env Env) (*Running, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	p, err := launch(ctx, env, "nbdkit", "nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+		"-p", fmt.Sprint(port), "memory", fmt.Sprint(env.DeviceBytes))
+	if err != nil {
+		return nil, err
+	}
+	return waitNBD(ctx, p, port, "")
+}
+
+func startNbdkitFile(ctx context.Context, env Env) (*Running, error) {
+	file, err := sparseFile(env)
+	if err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	p, err := launch(ctx, env, "nbdkit", "nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+		"-p", fmt.Sprint(port), "file", file)
+	if err != nil {
+		return nil, err
+	}
+	return waitNBD(ctx, p, port, "")
+}
+
+func startQemuNbd(ctx context.Context, env Env) (*Running, error) {
+	file, err := sparseFile(env)
+	if err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	p, err := launch(ctx, env, "qemu-nbd", "qemu-nbd", "-f", "raw", "-x", "bench", "-p", fmt.Sprint(port),
+		"-b", "127.0.0.1", "--persistent", "--cache=writeback", "--aio=threads", "--discard=unmap",
+		"-e", "16", file)
+	if err != nil {
+		return nil, err
+	}
+	return waitNBD(ctx, p, port, "bench")
+}
+
+// startLupool starts one lupool node and creates one LU of the given kind.
+func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
+	if _, err := os.Stat(env.LupoolBin); err != nil {
+		return nil, fmt.Errorf("%w: no lupool binary at %s (run make build): %w", ErrServerUnavailable, env.LupoolBin, err)
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	nbdPort, apiPort, peerPort := ports[0], ports[1], ports[2]
+	api := fmt.Sprintf("127.0.0.1:%d", apiPort)
+	p, err := launch(ctx, env, "lupool", env.LupoolBin, "serve", "--data", filepath.Join(env.Dir, "data"),
+		"--nbd", fmt.Sprintf("127.0.0.1:%d", nbdPort), "--api", api,
+		"--peer", fmt.Sprintf("127.0.0.1:%d", peerPort), "--node-id", "bench1")
+	if err != nil {
+		return nil, err
+	}
+	r := &Running{Commands: []string{p.commandLine()}, procs: []*proc{p}}
+	if err := waitHTTP(ctx, p, "http://"+api+"/readyz"); err != nil {
+		return nil, errors.Join(fmt.Errorf("%w: %w", ErrServerUnavailable, err), r.Stop())
+	}
+	create := exec.CommandContext(ctx, env.LupoolBin, "lu", "create", "bench", "--size", sizeArg(env.DeviceBytes), "--kind", kind)
+	create.Env = append(os.Environ(), "LUPOOL_API="+api)
+	r.Commands = append(r.Commands, "LUPOOL_API="+api+" "+strings.Join(create.Args, " "))
+	if out, err := create.CombinedOutput(); err != nil {
+		return nil, errors.Join(fmt.Errorf("%w: lupool lu create: %w: %s", ErrServerUnavailable, err, tail(out)), r.Stop())
+	}
+	if err := waitTCP(ctx, p, nbdPort); err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.URI = fmt.Sprintf("nbd://127.0.0.1:%d/bench", nbdPort)
+	return r, nil
+}
+
+// startLupoolCopies is the two-node configuration. It needs a cluster join
+// command and LUs with copies, which lupool does not have yet.
+func startLupoolCopies(ctx context.Context, env Env) (*Running, error) {
+	return nil, fmt.Errorf("%w: two-node copies are not wired into the suite yet (needs lupool's cluster join and lu create --copies)", ErrServerUnavailable)
+}
+
+// sizeArg renders a byte count for lupool's --size flag (binary units).
+func sizeArg(n int64) string {
+	const mib, gib = 1 << 20, 1 << 30
+	switch {
+	case n%gib == 0:
+		return fmt.Sprintf("%dG", n/gib)
+	case n%mib == 0:
+		return fmt.Sprintf("%dM", n/mib)
+	default:
+		return fmt.Sprint(n)
+	}
+}
+
+func sparseFile(env Env) (string, error) {
+	path := filepath.Join(env.Dir, "disk.raw")
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	if err := f.Truncate(env.DeviceBytes); err != nil {
+		return "", errors.Join(err, f.Close())
+	}
+	return path, f.Close()
+}
+
+func freePort() (int, error) {
+	ports, err := freePorts(1)
+	if err != nil {
+		return 0, err
+	}
+	return ports[0], nil
+}
+
+// freePorts asks the kernel for n distinct free loopback ports. They are
+// released before use, so another program could take one in between; the
+// readiness check then fails loudly rather than measuring the wrong server.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	var listeners []net.Listener
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("bench: free port: %w", err)
+		}
+		listeners = append(listeners, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// proc is one child process with its output in a log file.
+type proc struct {
+	cmd     *exec.Cmd
+	logPath string
+	done    chan struct{} // closed when the process has exited
+	waitErr error         // set before done is closed
+}
+
+// launch starts program (looked up in PATH unless it contains a slash) with
+// its stdout and stderr going to a log file in env.Dir.
+func launch(ctx context.Context, env Env, tool, program string, args ...string) (*proc, error) {
+	path, err := exec.LookPath(program)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s not installed (./scripts/install-test-deps.sh): %w", ErrServerUnavailable, tool, err)
+	}
+	logPath := filepath.Join(env.Dir, tool+".log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = childAttr()
+	if err := cmd.Start(); err != nil {
+		return nil, errors.Join(err, logFile.Close())
+	}
+	p := &proc{cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	go func() {
+		p.waitErr = cmd.Wait()
+		logFile.Close()
+		close(p.done)
+	}()
+	env.Logger.Debug("started", "pid", cmd.Process.Pid, "cmd", p.commandLine())
+	return p, nil
+}
+
+func (p *proc) commandLine() string { return strings.Join(p.cmd.Args, " ") }
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop sends SIGTERM, waits up to stopGrace, then SIGKILL. It signals only
+// this process, by its PID.
+func (p *proc) stop() error {
+	if p.exited() {
+		return nil
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !p.exited() {
+		return fmt.Errorf("bench: SIGTERM pid %d: %w", p.cmd.Process.Pid, err)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(stopGrace):
+	}
+	if err := p.cmd.Process.Kill(); err != nil && !p.exited() {
+		return fmt.Errorf("bench: SIGKILL pid %d: %w", p.cmd.Process.Pid, err)
+	}
+	<-p.done
+	return nil
+}
+
+// logTail returns the end of the process's log, for error messages.
+func (p *proc) logTail() string {
+	data, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return ""
+	}
+	return tail(data)
+}
+
+func tail(data []byte) string {
+	data = bytes.TrimSpace(data)
+	if len(data) > logTailMaxByte {
+		data = data[len(data)-logTailMaxByte:]
+	}
+	return string(data)
+}
+
+// waitNBD waits for the NBD port and returns the running server.
+func waitNBD(ctx context.Context, p *proc, port int, export string) (*Running, error) {
+	r := &Running{Commands: []string{p.commandLine()}, procs: []*proc{p},
+		URI: fmt.Sprintf("nbd://127.0.0.1:%d/%s", port, export)}
+	if err := waitTCP(ctx, p, port); err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	return r, nil
+}
+
+// waitUntil polls ready until it reports true, the process exits, the
+// context ends or readyTimeout passes.
+func waitUntil(ctx context.Context, p *proc, what string, ready func() bool) error {
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		if ready() {
+			return nil
+		}
+		if p.exited() {
+			return fmt.Errorf("bench: %s exited before %s (%v): %s", p.commandLine(), what, p.waitErr, p.logTail())
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("bench: %s not %s after %v: %s", p.commandLine(), what, readyTimeout, p.logTail())
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(readyPoll):
+		}
+	}
+}
+
+func waitTCP(ctx context.Context, p *proc, port int) error {
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	return waitUntil(ctx, p, "listening on "+addr, func() bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
+}
+
+func waitHTTP(ctx context.Context, p *proc, url string) error {
+	client := &http.Client{Timeout: time.Second}
+	return waitUntil(ctx, p, "ready at "+url, func() bool {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return false
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
