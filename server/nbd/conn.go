@@ -1,0 +1,347 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// Buffer sizes of a connection's reader and writer.
+const (
+	readBufferBytes  = 64 << 10
+	writeBufferBytes = 64 << 10
+)
+
+// conn is one client connection.
+//
+// The serve goroutine owns negotiation and the request reader; workers run
+// requests and write replies under wmu.
+type conn struct {
+	srv    *Server
+	raw    net.Conn // the accepted connection; closing it ends everything
+	remote string
+	ctx    context.Context // cancelled by close
+	cancel context.CancelFunc
+	once   sync.Once
+
+	// nc is raw or the TLS connection over it; br and bw wrap it. Set during
+	// negotiation by the serve goroutine only, then immutable.
+	nc net.Conn
+	br *bufio.Reader // serve goroutine only
+
+	wmu            sync.Mutex
+	bw             *bufio.Writer // guarded by wmu once transmission starts
+	pendingReplies atomic.Int32  // replies queued for or holding wmu
+	broken         atomic.Bool   // a reply write failed
+
+	// Guarded by srv.mu.
+	attached   bool
+	exportName string
+	tls        bool
+	structured bool
+
+	// Set before transmission starts; immutable afterwards.
+	sess     *session
+	dev      blockdev.Device
+	trimmer  blockdev.Trimmer  // nil if unsupported
+	zeroer   blockdev.Zeroer   // nil if unsupported
+	extenter blockdev.Extenter // nil if unsupported
+	cacher   blockdev.Cacher   // nil if unsupported
+	readOnly bool
+	metrics  *exportMetrics // nil without Metrics
+
+	inflight atomic.Int32
+	stats    [numCommands]struct{ requests, errors, bytes atomic.Uint64 }
+
+	free      chan *request // request structs not in flight
+	work      chan *request // requests for the workers
+	workers   int           // started workers; serve goroutine only
+	idle      atomic.Int32  // workers waiting on work
+	workerWG  sync.WaitGroup
+	budget    byteBudget
+	headerBuf [nbdproto.RequestSize]byte // serve goroutine only
+}
+
+// request is one request in flight. Owned by the reader until dispatched,
+// then by one worker until returned to free.
+type request struct {
+	hdr     nbdproto.Request
+	errCode uint32  // set by validation: reply with this, do not run
+	buf     *buffer // write payload or read data; nil otherwise
+	budget  int64   // bytes acquired from the budget
+	start   time.Time
+	extents []blockdev.Extent // scratch for block status
+	scratch [nbdproto.StructuredReplySize + 8]byte
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{srv: s, raw: nc, nc: nc, remote: nc.RemoteAddr().String()}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.br = bufio.NewReaderSize(nc, readBufferBytes)
+	c.bw = bufio.NewWriterSize(nc, writeBufferBytes)
+	return c
+}
+
+// close ends the connection at once: in-flight device calls see a cancelled
+// context and replies are dropped. Safe to call many times, from anywhere.
+func (c *conn) close() {
+	c.once.Do(func() {
+		c.cancel()
+		_ = c.raw.Close()
+	})
+}
+
+// statLocked snapshots the connection. srv.mu must be held.
+func (c *conn) statLocked() ConnStat {
+	st := ConnStat{
+		RemoteAddr:        c.remote,
+		Export:            c.exportName,
+		TLS:               c.tls,
+		StructuredReplies: c.structured,
+		InflightRequests:  int(c.inflight.Load()),
+		Commands:          make(map[string]CommandStat),
+	}
+	for i := range c.stats {
+		if uint16(i) == nbdproto.CmdDisc {
+			continue
+		}
+		s := &c.stats[i]
+		st.Commands[nbdproto.CommandName(uint16(i))] = CommandStat{
+			Requests: s.requests.Load(), Errors: s.errors.Load(), Bytes: s.bytes.Load(),
+		}
+	}
+	return st
+}
+
+// serve runs the connection to its end.
+func (c *conn) serve() {
+	defer c.srv.removeConn(c)
+	defer c.close()
+	log := c.srv.log.With("remote", c.remote)
+	sess, err := c.negotiate()
+	if err != nil {
+		if !errors.Is(err, errAbort) && !errors.Is(err, io.EOF) {
+			log.Debug("nbd: negotiation ended", "err", err)
+		}
+		return
+	}
+	_ = c.raw.SetDeadline(time.Time{})
+	c.start(sess)
+	log = log.With("export", sess.export.Name)
+	log.Debug("nbd: transmission", "structured", sess.structured, "size", c.dev.Size())
+	err = c.transmit()
+	c.finish(err)
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		log.Info("nbd: connection ended", "err", err)
+	}
+}
+
+// start prepares transmission for sess.
+func (c *conn) start(sess *session) {
+	c.sess = sess
+	c.dev = sess.export.Device
+	c.trimmer, _ = c.dev.(blockdev.Trimmer)
+	c.zeroer, _ = c.dev.(blockdev.Zeroer)
+	c.extenter, _ = c.dev.(blockdev.Extenter)
+	c.cacher, _ = c.dev.(blockdev.Cacher)
+	c.readOnly = c.dev.Caps().ReadOnly
+	if m := c.srv.opts.Metrics; m != nil {
+		c.metrics = m.forExport(sess.export.Name)
+		c.metrics.connections.Inc()
+	}
+	n := c.srv.opts.MaxInflightRequests
+	c.free = make(chan *request, n)
+	c.work = make(chan *request, n)
+	for range n {
+		c.free <- &request{}
+	}
+	c.budget.init(c.srv.opts.MaxInflightBytes)
+	c.srv.mu.Lock()
+	c.attached, c.exportName, c.structured = true, sess.export.Name, sess.structured
+	c.srv.mu.Unlock()
+}
+
+// finish waits for the workers after the reader stopped. On a clean end
+// (DISC or EOF) in-flight requests complete and are answered first.
+func (c *conn) finish(err error) {
+	if err != nil && !errors.Is(err, io.EOF) {
+		c.close()
+	}
+	close(c.work)
+	c.workerWG.Wait()
+	c.wmu.Lock()
+	if !c.broken.Load() {
+		_ = c.bw.Flush()
+	}
+	c.wmu.Unlock()
+	if c.metrics != nil {
+		c.metrics.connections.Dec()
+	}
+}
+
+// transmit is the request reader. It returns nil after NBD_CMD_DISC.
+func (c *conn) transmit() error {
+	for {
+		if _, err := io.ReadFull(c.br, c.headerBuf[:]); err != nil {
+			return err
+		}
+		hdr, err := nbdproto.ParseRequest(c.headerBuf[:])
+		if err != nil {
+			return errors.Join(errProtocol, err)
+		}
+		if hdr.Type == nbdproto.CmdDisc {
+			return nil
+		}
+		if hdr.Type == nbdproto.CmdWrite && hdr.Length > MaxRequestBytes {
+			// Skipping up to 4 GiB of payload is not worth it.
+			return errors.Join(errProtocol, errWriteTooLarge)
+		}
+		var r *request
+		select {
+		case r = <-c.free:
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
+		r.hdr, r.start, r.buf, r.budget = hdr, time.Now(), nil, 0
+		r.errCode = c.validate(&hdr)
+		if r.errCode == 0 && c.srv.closing.Load() {
+			r.errCode = nbdproto.ESHUTDOWN
+		}
+		if err := c.readPayload(r); err != nil {
+			c.release(r)
+			return err
+		}
+		c.inflight.Add(1)
+		if c.metrics != nil {
+			c.metrics.inflight.Inc()
+		}
+		c.dispatch(r)
+	}
+}
+
+var errWriteTooLarge = errors.New("nbd: write larger than the maximum block size")
+
+// readPayload takes the budget for r and reads a write's payload (or skips
+// it when the write was refused).
+func (c *conn) readPayload(r *request) error {
+	n := int64(r.hdr.Length)
+	switch {
+	case r.hdr.Type == nbdproto.CmdWrite && r.errCode != 0:
+		_, err := io.CopyN(io.Discard, c.br, n)
+		return err
+	case r.hdr.Type == nbdproto.CmdWrite && n > 0:
+		c.budget.acquire(n)
+		r.budget = n
+		r.buf = c.srv.pools.get(int(n))
+		_, err := io.ReadFull(c.br, r.buf.b[:n])
+		return err
+	case r.hdr.Type == nbdproto.CmdRead && r.errCode == 0 && n > 0:
+		c.budget.acquire(n)
+		r.budget = n
+	}
+	return nil
+}
+
+// dispatch hands r to a worker, starting one when none is idle.
+func (c *conn) dispatch(r *request) {
+	if c.idle.Load() == 0 && c.workers < c.srv.opts.MaxInflightRequests {
+		c.workers++
+		c.workerWG.Add(1)
+		go c.worker()
+	}
+	c.work <- r // never blocks: cap(work) == number of request structs
+}
+
+func (c *conn) worker() {
+	defer c.workerWG.Done()
+	for {
+		c.idle.Add(1)
+		r, ok := <-c.work
+		c.idle.Add(-1)
+		if !ok {
+			return
+		}
+		c.handle(r)
+	}
+}
+
+// release frees r's buffer and budget and returns it to the free list.
+func (c *conn) release(r *request) {
+	if r.buf != nil {
+		c.srv.pools.put(r.buf)
+		r.buf = nil
+	}
+	c.budget.release(r.budget)
+	r.budget = 0
+	if cap(r.extents) > 1024 {
+		r.extents = nil
+	}
+	c.free <- r
+}
+
+// validate checks a request before the device sees it and returns the NBD
+// error code to answer with, or 0.
+func (c *conn) validate(h *nbdproto.Request) uint32 {
+	var allowed uint16
+	switch h.Type {
+	case nbdproto.CmdRead:
+		if c.sess.structured {
+			allowed = nbdproto.CmdFlagDF
+		}
+	case nbdproto.CmdWrite, nbdproto.CmdTrim:
+		allowed = nbdproto.CmdFlagFUA
+	case nbdproto.CmdWriteZeroes:
+		allowed = nbdproto.CmdFlagFUA | nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero
+	case nbdproto.CmdBlockStatus:
+		allowed = nbdproto.CmdFlagReqOne
+	case nbdproto.CmdFlush, nbdproto.CmdCache:
+	default:
+		return nbdproto.EINVAL
+	}
+	if h.Flags&^allowed != 0 {
+		return nbdproto.EINVAL
+	}
+	write := isWriteCommand(h.Type)
+	if write && c.readOnly {
+		return nbdproto.EPERM
+	}
+	switch h.Type {
+	case nbdproto.CmdFlush:
+		return 0
+	case nbdproto.CmdRead:
+		if h.Length > MaxRequestBytes {
+			if c.sess.structured {
+				return nbdproto.EOVERFLOW
+			}
+			return nbdproto.EINVAL
+		}
+	case nbdproto.CmdTrim:
+		if c.trimmer == nil {
+			return nbdproto.EINVAL
+		}
+	case nbdproto.CmdWriteZeroes:
+		if h.Flags&nbdproto.CmdFlagFastZero != 0 && c.zeroer == nil {
+			return nbdproto.ENOTSUP
+		}
+	case nbdproto.CmdBlockStatus:
+		if !c.sess.metaAllocation || h.Length == 0 {
+			return nbdproto.EINVAL
+		}
+	}
+	size := uint64(max(c.dev.Size(), 0))
+	if h.Offset > size || uint64(h.Length) > size-h.Offset {
+		if write {
+			return nbdproto.ENOSPC
+		}
+		return nbdproto.EINVAL
+	}
+	return 0
+}

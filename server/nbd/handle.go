@@ -1,0 +1,325 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// handle runs one request and answers it.
+func (c *conn) handle(r *request) {
+	code, err := r.errCode, error(nil)
+	if code == 0 {
+		code, err = c.execute(r)
+	}
+	if code != 0 {
+		c.replyError(r, code, err)
+	}
+	c.account(r, code)
+	c.release(r)
+	c.inflight.Add(-1)
+	if c.metrics != nil {
+		c.metrics.inflight.Dec()
+	}
+}
+
+// account updates counters for a finished request.
+func (c *conn) account(r *request, code uint32) {
+	t := r.hdr.Type
+	if int(t) >= numCommands {
+		return
+	}
+	var payload uint64
+	if code == 0 && (t == nbdproto.CmdRead || t == nbdproto.CmdWrite) {
+		payload = uint64(r.hdr.Length)
+	}
+	s := &c.stats[t]
+	s.requests.Add(1)
+	if code != 0 {
+		s.errors.Add(1)
+	}
+	s.bytes.Add(payload)
+	if c.metrics == nil {
+		return
+	}
+	m := &c.metrics.commands[t]
+	m.requests.Inc()
+	if code != 0 {
+		m.errors.Inc()
+	}
+	if payload != 0 {
+		m.bytes.Add(float64(payload))
+	}
+	m.duration.Observe(time.Since(r.start).Seconds())
+}
+
+// execute calls the device for a validated request. Successful requests are
+// answered here; a non-zero code is answered by the caller.
+func (c *conn) execute(r *request) (uint32, error) {
+	h := &r.hdr
+	ctx := c.ctx
+	off, n := int64(h.Offset), int64(h.Length)
+	var err error
+	switch h.Type {
+	case nbdproto.CmdRead:
+		return c.read(r)
+	case nbdproto.CmdBlockStatus:
+		return c.blockStatus(r)
+	case nbdproto.CmdWrite:
+		if n > 0 {
+			err = c.dev.WriteAt(ctx, r.buf.b[:n], off, fuaFlag(h.Flags))
+		}
+	case nbdproto.CmdFlush:
+		err = c.dev.Flush(ctx)
+	case nbdproto.CmdTrim:
+		if n > 0 {
+			err = c.trimmer.Trim(ctx, off, n, fuaFlag(h.Flags))
+		}
+	case nbdproto.CmdWriteZeroes:
+		if n > 0 {
+			err = c.writeZeroes(off, n, h.Flags)
+		}
+	case nbdproto.CmdCache:
+		if c.cacher != nil && n > 0 {
+			err = c.cacher.Cache(ctx, off, n)
+		}
+	}
+	if code := errorCode(h.Type, err); code != 0 {
+		return code, err
+	}
+	c.replyOK(r)
+	return 0, nil
+}
+
+func fuaFlag(f uint16) blockdev.Flags {
+	if f&nbdproto.CmdFlagFUA != 0 {
+		return blockdev.FUA
+	}
+	return 0
+}
+
+func (c *conn) writeZeroes(off, n int64, wire uint16) error {
+	flags := fuaFlag(wire)
+	if wire&nbdproto.CmdFlagNoHole != 0 {
+		flags |= blockdev.NoHole
+	}
+	if wire&nbdproto.CmdFlagFastZero != 0 {
+		flags |= blockdev.FastZero
+	}
+	if c.zeroer != nil {
+		return c.zeroer.WriteZeroes(c.ctx, off, n, flags)
+	}
+	// Emulate with writes of a shared zero buffer; FUA on the last one
+	// covers the whole range only if the device orders them, so flush.
+	for n > 0 {
+		chunk := min(n, int64(len(c.srv.zeroes)))
+		if err := c.dev.WriteAt(c.ctx, c.srv.zeroes[:chunk], off, 0); err != nil {
+			return err
+		}
+		off, n = off+chunk, n-chunk
+	}
+	if flags&blockdev.FUA != 0 {
+		return c.dev.Flush(c.ctx)
+	}
+	return nil
+}
+
+// read answers a read only after the device call succeeded.
+func (c *conn) read(r *request) (uint32, error) {
+	n := int(r.hdr.Length)
+	if n == 0 {
+		c.replyOK(r)
+		return 0, nil
+	}
+	r.buf = c.srv.pools.get(n)
+	data := r.buf.b[:n]
+	if err := c.dev.ReadAt(c.ctx, data, int64(r.hdr.Offset)); err != nil {
+		return errorCode(r.hdr.Type, err), err
+	}
+	c.beginReply()
+	if c.sess.structured {
+		b := r.scratch[:nbdproto.StructuredReplySize+nbdproto.OffsetDataHeaderSize]
+		nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
+			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeOffsetData,
+			Handle: r.hdr.Handle, Length: uint32(nbdproto.OffsetDataHeaderSize + n),
+		})
+		binary.BigEndian.PutUint64(b[nbdproto.StructuredReplySize:], r.hdr.Offset)
+		c.write(b)
+	} else {
+		b := r.scratch[:nbdproto.SimpleReplySize]
+		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
+		c.write(b)
+	}
+	c.write(data)
+	c.endReply()
+	return 0, nil
+}
+
+// blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
+func (c *conn) blockStatus(r *request) (uint32, error) {
+	off, length := int64(r.hdr.Offset), int64(r.hdr.Length)
+	ext := r.extents[:0]
+	if c.extenter == nil {
+		ext = append(ext, blockdev.Extent{LengthBytes: length})
+	} else {
+		var err error
+		pos, end := off, off+length
+		for range 64 {
+			before := len(ext)
+			ext, err = c.extenter.Extents(c.ctx, pos, end-pos, ext)
+			if err != nil {
+				r.extents = ext
+				return errorCode(r.hdr.Type, err), err
+			}
+			for _, e := range ext[before:] {
+				pos += max(e.LengthBytes, 0)
+			}
+			if pos >= end || len(ext) == before || len(ext) >= MaxBlockStatusExtents ||
+				r.hdr.Flags&nbdproto.CmdFlagReqOne != 0 {
+				break
+			}
+		}
+	}
+	r.extents = ext
+	// Merge, clamp to the request and encode.
+	count := 0
+	buf := c.srv.pools.get(4 + 8*MaxBlockStatusExtents)
+	defer c.srv.pools.put(buf)
+	p := buf.b[:4]
+	binary.BigEndian.PutUint32(p, contextIDAllocation)
+	covered := int64(0)
+	for i := 0; i < len(ext) && covered < length && count < MaxBlockStatusExtents; i++ {
+		l := min(ext[i].LengthBytes, length-covered)
+		if l <= 0 {
+			continue
+		}
+		flags := uint32(ext[i].Flags) & (nbdproto.StateHole | nbdproto.StateZero)
+		if count > 0 {
+			last := p[len(p)-8:]
+			if binary.BigEndian.Uint32(last[4:]) == flags {
+				binary.BigEndian.PutUint32(last, binary.BigEndian.Uint32(last)+uint32(l))
+				covered += l
+				continue
+			}
+		}
+		p = binary.BigEndian.AppendUint32(p, uint32(l))
+		p = binary.BigEndian.AppendUint32(p, flags)
+		covered += l
+		count++
+		if r.hdr.Flags&nbdproto.CmdFlagReqOne != 0 {
+			break
+		}
+	}
+	if count == 0 {
+		return nbdproto.EIO, nil
+	}
+	c.beginReply()
+	hb := r.scratch[:nbdproto.StructuredReplySize]
+	nbdproto.PutStructuredReply(hb, nbdproto.StructuredReply{
+		Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeBlockStatus,
+		Handle: r.hdr.Handle, Length: uint32(len(p)),
+	})
+	c.write(hb)
+	c.write(p)
+	c.endReply()
+	return 0, nil
+}
+
+// replyOK answers a successful request without payload.
+func (c *conn) replyOK(r *request) {
+	c.beginReply()
+	if c.sess.structured {
+		b := r.scratch[:nbdproto.StructuredReplySize]
+		nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
+			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeNone, Handle: r.hdr.Handle,
+		})
+		c.write(b)
+	} else {
+		b := r.scratch[:nbdproto.SimpleReplySize]
+		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
+		c.write(b)
+	}
+	c.endReply()
+}
+
+// maxErrorMessageBytes bounds the message in an error chunk.
+const maxErrorMessageBytes = 256
+
+// replyError answers with an error code (an error chunk with structured
+// replies). err, if any, becomes the chunk's message.
+func (c *conn) replyError(r *request, code uint32, err error) {
+	c.beginReply()
+	if !c.sess.structured {
+		b := r.scratch[:nbdproto.SimpleReplySize]
+		nbdproto.PutSimpleReply(b, code, r.hdr.Handle)
+		c.write(b)
+		c.endReply()
+		return
+	}
+	var msg string
+	if err != nil {
+		msg = err.Error()
+		if len(msg) > maxErrorMessageBytes {
+			msg = msg[:maxErrorMessageBytes]
+		}
+	}
+	b := r.scratch[:nbdproto.StructuredReplySize+nbdproto.ErrorChunkHeaderSize]
+	nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
+		Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeError, Handle: r.hdr.Handle,
+		Length: uint32(nbdproto.ErrorChunkHeaderSize + len(msg)),
+	})
+	binary.BigEndian.PutUint32(b[nbdproto.StructuredReplySize:], code)
+	binary.BigEndian.PutUint16(b[nbdproto.StructuredReplySize+4:], uint16(len(msg)))
+	c.write(b)
+	c.writeString(msg)
+	c.endReply()
+}
+
+// beginReply takes the writer. Replies are written between beginReply and
+// endReply; the last writer in a burst flushes.
+func (c *conn) beginReply() {
+	c.pendingReplies.Add(1)
+	c.wmu.Lock()
+	if t := c.srv.opts.ReplyTimeout; t > 0 && !c.broken.Load() {
+		_ = c.nc.SetWriteDeadline(time.Now().Add(t))
+	}
+}
+
+// endReply flushes when no other reply is waiting and releases the writer.
+// c.wmu must be held.
+func (c *conn) endReply() {
+	if c.pendingReplies.Add(-1) == 0 && !c.broken.Load() {
+		if err := c.bw.Flush(); err != nil {
+			c.fail()
+		}
+	}
+	c.wmu.Unlock()
+}
+
+// write appends p to the reply stream. c.wmu must be held.
+func (c *conn) write(p []byte) {
+	if c.broken.Load() {
+		return
+	}
+	if _, err := c.bw.Write(p); err != nil {
+		c.fail()
+	}
+}
+
+// writeString is write for a string. c.wmu must be held.
+func (c *conn) writeString(s string) {
+	if c.broken.Load() || s == "" {
+		return
+	}
+	if _, err := c.bw.WriteString(s); err != nil {
+		c.fail()
+	}
+}
+
+// fail marks the reply stream broken and ends the connection.
+func (c *conn) fail() {
+	c.broken.Store(true)
+	c.close()
+}

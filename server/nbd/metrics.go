@@ -1,0 +1,91 @@
+package nbd
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// Metrics are the engine's Prometheus collectors, built unregistered; the
+// embedding program registers Collectors on its own registry. One Metrics
+// may be shared by several servers.
+type Metrics struct {
+	requests    *prometheus.CounterVec   // export, command
+	errors      *prometheus.CounterVec   // export, command
+	bytes       *prometheus.CounterVec   // export, command
+	duration    *prometheus.HistogramVec // export, command
+	inflight    *prometheus.GaugeVec     // export
+	connections *prometheus.GaugeVec     // export
+}
+
+// NewMetrics builds unregistered collectors.
+func NewMetrics() *Metrics {
+	cmd := []string{"export", "command"}
+	return &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_nbd_requests_total", Help: "NBD requests completed, by export and command.",
+		}, cmd),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_nbd_request_errors_total", Help: "NBD requests answered with an error, by export and command.",
+		}, cmd),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_nbd_bytes_total", Help: "Payload bytes of successful NBD reads and writes.",
+		}, cmd),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "lupool_nbd_request_duration_seconds", Help: "NBD request latency from decoded header to reply.",
+			// 10 µs to about 10 s.
+			Buckets: prometheus.ExponentialBuckets(10e-6, 4, 11),
+		}, cmd),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "lupool_nbd_inflight_requests", Help: "NBD requests in flight, by export.",
+		}, []string{"export"}),
+		connections: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "lupool_nbd_connections", Help: "NBD connections in transmission, by export.",
+		}, []string{"export"}),
+	}
+}
+
+// Collectors returns every collector for registration.
+func (m *Metrics) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requests, m.errors, m.bytes, m.duration, m.inflight, m.connections}
+}
+
+// numCommands covers every command code the engine counts (0..CmdBlockStatus).
+const numCommands = int(nbdproto.CmdBlockStatus) + 1
+
+// commandMetrics are one export's children for one command, resolved once
+// per connection so the hot path does no label lookup.
+type commandMetrics struct {
+	requests prometheus.Counter
+	errors   prometheus.Counter
+	bytes    prometheus.Counter
+	duration prometheus.Observer
+}
+
+// exportMetrics are the resolved children for one connection's export.
+// Immutable once built.
+type exportMetrics struct {
+	commands    [numCommands]commandMetrics // index by command; disc has none
+	inflight    prometheus.Gauge
+	connections prometheus.Gauge
+}
+
+func (m *Metrics) forExport(export string) *exportMetrics {
+	em := &exportMetrics{
+		inflight:    m.inflight.WithLabelValues(export),
+		connections: m.connections.WithLabelValues(export),
+	}
+	for c := range uint16(numCommands) {
+		if c == nbdproto.CmdDisc {
+			continue
+		}
+		name := nbdproto.CommandName(c)
+		em.commands[c] = commandMetrics{
+			requests: m.requests.WithLabelValues(export, name),
+			errors:   m.errors.WithLabelValues(export, name),
+			bytes:    m.bytes.WithLabelValues(export, name),
+			duration: m.duration.WithLabelValues(export, name),
+		}
+	}
+	return em
+}

@@ -1,0 +1,242 @@
+// Package nbd is lupool's NBD protocol engine: it serves any
+// blockdev.Device to NBD clients (nbd-client, QEMU, libnbd tools, fio).
+//
+// # Lifecycle of a connection
+//
+// A connection negotiates in fixed newstyle (see server/nbdproto for the
+// wire format): NBD_OPT_GO, INFO, EXPORT_NAME, LIST, ABORT,
+// STRUCTURED_REPLY, LIST/SET_META_CONTEXT (base:allocation) and STARTTLS.
+// Every option is bounded (MaxOptionBytes, MaxOptions, a handshake deadline)
+// so a hostile client cannot make the server allocate without bound.
+//
+// In transmission one reader goroutine decodes and validates requests, reads
+// write payloads into pooled buffers and hands each request to a small
+// per-connection worker set; workers call the device and write the reply as
+// soon as the request completes, in any order, under one writer mutex that
+// flushes when no other reply is queued. At most MaxInflightRequests
+// requests and MaxInflightBytes payload bytes are in flight per connection;
+// when either limit is reached the reader stops reading, so a client that
+// stops reading replies blocks only itself.
+//
+// # Validation and errors
+//
+// Every request is checked before the device sees it and before any buffer
+// is allocated: magic (a protocol violation, which ends only that
+// connection), command, flags, length (at most MaxRequestBytes for reads and
+// writes), range (overflow-safe), read-only. Device errors become NBD error
+// replies through one table (errorCode) and the connection stays usable.
+//
+// # Block sizes
+//
+// NBD_INFO_BLOCK_SIZE advertises minimum 1, preferred 4096 and maximum
+// MaxRequestBytes (32 MiB): devices accept any byte alignment.
+package nbd
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// Limits. The relationships between them are checked in limits_test.go.
+const (
+	// MaxRequestBytes is the largest READ or WRITE payload, advertised as
+	// the maximum block size.
+	MaxRequestBytes = 32 << 20
+	// MinBlockBytes is the advertised minimum block size.
+	MinBlockBytes = 1
+	// PreferredBlockBytes is the advertised preferred block size.
+	PreferredBlockBytes = 4096
+	// MaxOptionBytes is the largest option payload the server reads. A
+	// larger option gets NBD_REP_ERR_TOO_BIG and the connection is closed.
+	MaxOptionBytes = 64 << 10
+	// MaxOptions is how many options one connection may send before it is
+	// closed (nbdinfo --list sends one NBD_OPT_INFO per export).
+	MaxOptions = 4096
+	// MaxBlockStatusExtents bounds the descriptors in one block status reply.
+	MaxBlockStatusExtents = 8192
+	// MaxNameBytes is the longest export name.
+	MaxNameBytes = nbdproto.MaxStringBytes
+)
+
+// Defaults for Options.
+const (
+	DefaultMaxInflightRequests = 128
+	DefaultMaxInflightBytes    = 64 << 20
+	DefaultHandshakeTimeout    = 30 * time.Second
+	DefaultReplyTimeout        = 2 * time.Minute
+)
+
+// Errors.
+var (
+	// ErrServerClosed is returned by Serve after Shutdown was called.
+	ErrServerClosed = errors.New("nbd: server closed")
+	// ErrExportExists is returned by ExportSet.Add when the name is taken.
+	ErrExportExists = errors.New("nbd: export exists")
+	// ErrInvalidExport is returned by ExportSet.Add when the name is empty,
+	// too long or not valid UTF-8, or the device is nil.
+	ErrInvalidExport = errors.New("nbd: invalid export")
+	// ErrInvalidOptions is returned by Options.Validate and NewServer when
+	// an option is missing or out of range.
+	ErrInvalidOptions = errors.New("nbd: invalid options")
+)
+
+// Export is one named device the server offers.
+type Export struct {
+	Name        string
+	Description string
+	Device      blockdev.Device
+}
+
+// ExportSource resolves export names; safe for concurrent use.
+type ExportSource interface {
+	Lookup(name string) (Export, bool)
+	List() []Export
+}
+
+// ExportSet is a concurrency-safe ExportSource the daemon adds to and removes
+// from at run time. Removing an export does not end connections already
+// attached to it; see Server.DisconnectExport.
+type ExportSet struct {
+	mu      sync.RWMutex
+	exports map[string]Export // guarded by mu
+}
+
+var _ ExportSource = (*ExportSet)(nil)
+
+// NewExportSet returns an empty set.
+func NewExportSet() *ExportSet {
+	return &ExportSet{exports: make(map[string]Export)}
+}
+
+// Add adds e. It returns ErrInvalidExport for an empty or over-long name or a
+// nil device and ErrExportExists when the name is taken.
+func (s *ExportSet) Add(e Export) error {
+	if e.Name == "" || len(e.Name) > MaxNameBytes || e.Device == nil {
+		return fmt.Errorf("%w: %q", ErrInvalidExport, e.Name)
+	}
+	if len(e.Description) > nbdproto.MaxStringBytes {
+		return fmt.Errorf("%w: description of %q too long", ErrInvalidExport, e.Name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.exports[e.Name]; ok {
+		return fmt.Errorf("%w: %q", ErrExportExists, e.Name)
+	}
+	s.exports[e.Name] = e
+	return nil
+}
+
+// Remove removes the export and reports whether it existed.
+func (s *ExportSet) Remove(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.exports[name]
+	delete(s.exports, name)
+	return ok
+}
+
+// Lookup returns the export called name.
+func (s *ExportSet) Lookup(name string) (Export, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	e, ok := s.exports[name]
+	return e, ok
+}
+
+// List returns every export sorted by name.
+func (s *ExportSet) List() []Export {
+	s.mu.RLock()
+	out := make([]Export, 0, len(s.exports))
+	for _, e := range s.exports {
+		out = append(out, e)
+	}
+	s.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// TLSMode says whether connections use TLS.
+type TLSMode int
+
+// TLS modes.
+const (
+	// TLSOff refuses NBD_OPT_STARTTLS.
+	TLSOff TLSMode = iota
+	// TLSOptional serves clients with and without TLS.
+	TLSOptional
+	// TLSRequired answers every option but STARTTLS and ABORT with
+	// NBD_REP_ERR_TLS_REQD until TLS is up.
+	TLSRequired
+)
+
+// Options configure a Server.
+type Options struct {
+	Exports   ExportSource // required
+	Logger    *slog.Logger // default: discard
+	TLSConfig *tls.Config  // required unless TLSMode == TLSOff
+	TLSMode   TLSMode
+	// MaxInflightRequests bounds requests in flight per connection; default 128.
+	MaxInflightRequests int
+	// MaxInflightBytes bounds read and write payload bytes in flight per
+	// connection; default 64 MiB. A single request larger than this still
+	// runs, alone.
+	MaxInflightBytes int64
+	// Metrics is optional; nil means no metrics.
+	Metrics *Metrics
+	// HandshakeTimeout bounds negotiation (including TLS); default 30 s.
+	HandshakeTimeout time.Duration
+	// ReplyTimeout bounds how long writing replies may block on a client
+	// that does not read them before the connection is dropped; default
+	// 2 min.
+	ReplyTimeout time.Duration
+}
+
+// EnsureDefaults fills zero fields with defaults.
+func (o *Options) EnsureDefaults() {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.MaxInflightRequests == 0 {
+		// Enough for fio/qemu queue depths of 32-128 on one connection.
+		o.MaxInflightRequests = DefaultMaxInflightRequests
+	}
+	if o.MaxInflightBytes == 0 {
+		// Two maximum-size requests, or 16k of 4 KiB ones.
+		o.MaxInflightBytes = DefaultMaxInflightBytes
+	}
+	if o.HandshakeTimeout == 0 {
+		// Long enough for a slow TLS handshake, short enough to drop
+		// idle half-open clients.
+		o.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if o.ReplyTimeout == 0 {
+		o.ReplyTimeout = DefaultReplyTimeout
+	}
+}
+
+// Validate checks the options after EnsureDefaults.
+func (o *Options) Validate() error {
+	switch {
+	case o.Exports == nil:
+		return fmt.Errorf("%w: Exports is required", ErrInvalidOptions)
+	case o.TLSMode < TLSOff || o.TLSMode > TLSRequired:
+		return fmt.Errorf("%w: unknown TLSMode %d", ErrInvalidOptions, o.TLSMode)
+	case o.TLSMode != TLSOff && o.TLSConfig == nil:
+		return fmt.Errorf("%w: TLSConfig is required with TLS", ErrInvalidOptions)
+	case o.MaxInflightRequests < 1 || o.MaxInflightRequests > 1<<16:
+		return fmt.Errorf("%w: MaxInflightRequests %d not in [1, 65536]", ErrInvalidOptions, o.MaxInflightRequests)
+	case o.MaxInflightBytes < 1:
+		return fmt.Errorf("%w: MaxInflightBytes %d < 1", ErrInvalidOptions, o.MaxInflightBytes)
+	case o.HandshakeTimeout < 0 || o.ReplyTimeout < 0:
+		return fmt.Errorf("%w: negative timeout", ErrInvalidOptions)
+	}
+	return nil
+}

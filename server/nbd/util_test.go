@@ -1,0 +1,62 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/blockdevtest"
+)
+
+// testServer is a server on a loopback listener, shut down by t.Cleanup.
+type testServer struct {
+	srv     *Server
+	addr    string
+	exports *ExportSet
+	mem     *blockdevtest.Mem
+}
+
+const testSizeBytes = 16 << 20
+
+// startServer serves a Mem device as export "disk" (and any extra exports).
+func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra ...Export) *testServer {
+	t.Helper()
+	mem := blockdevtest.NewMem(testSizeBytes, caps)
+	set := NewExportSet()
+	if err := set.Add(Export{Name: "disk", Description: "test disk", Device: mem}); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range extra {
+		if err := set.Add(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := Options{Exports: set}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	srv, err := NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	})
+	return &testServer{srv: srv, addr: l.Addr().String(), exports: set, mem: mem}
+}
