@@ -107,7 +107,7 @@ func Servers() []ServerSpec {
 			Notes: "lupool serve, one thin file LU (--kind file) in a temp data dir",
 			start: func(ctx context.Context, env Env) (*Running, error) { return startLupool(ctx, env, "file") }},
 		{Name: "lupool-2copies", Class: ClassFile, Subject: true,
-			Notes: "two lupool nodes on loopback, one file LU with --copies 2",
+			Notes: "two lupool nodes on loopback (the second joins the first), one file LU with --copies 2; fio talks to the first",
 			start: startLupoolCopies},
 		{Name: "nbdkit-memory", Class: ClassMemory,
 			Notes: "nbdkit memory plugin (sparse RAM array), default 16 threads",
@@ -193,8 +193,17 @@ func startQemuNbd(ctx context.Context, env Env) (*Running, error) {
 	return waitNBD(ctx, p, port, "bench")
 }
 
-// startLupool starts one lupool node and creates one LU of the given kind.
-func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
+// lupoolNode is one started lupool daemon.
+type lupoolNode struct {
+	proc    *proc
+	api     string // HOST:PORT of its HTTP API
+	nbdPort int
+}
+
+// startLupoolNode starts a lupool daemon with its data in env.Dir/id,
+// joining the cluster at join (an API address) unless join is empty, and
+// waits for /readyz.
+func startLupoolNode(ctx context.Context, env Env, id, join string) (*lupoolNode, error) {
 	if _, err := os.Stat(env.LupoolBin); err != nil {
 		return nil, fmt.Errorf("%w: no lupool binary at %s (run make build): %w", ErrServerUnavailable, env.LupoolBin, err)
 	}
@@ -202,35 +211,94 @@ func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
 	if err != nil {
 		return nil, err
 	}
-	nbdPort, apiPort, peerPort := ports[0], ports[1], ports[2]
-	api := fmt.Sprintf("127.0.0.1:%d", apiPort)
-	p, err := launch(ctx, env, "lupool", env.LupoolBin, "serve", "--data", filepath.Join(env.Dir, "data"),
-		"--nbd", fmt.Sprintf("127.0.0.1:%d", nbdPort), "--api", api,
-		"--peer", fmt.Sprintf("127.0.0.1:%d", peerPort), "--node-id", "bench1")
+	n := &lupoolNode{api: fmt.Sprintf("127.0.0.1:%d", ports[1]), nbdPort: ports[0]}
+	args := []string{"serve", "--data", filepath.Join(env.Dir, id),
+		"--nbd", fmt.Sprintf("127.0.0.1:%d", n.nbdPort), "--api", n.api,
+		"--peer", fmt.Sprintf("127.0.0.1:%d", ports[2]), "--node-id", id}
+	if join != "" {
+		args = append(args, "--join", join)
+	}
+	n.proc, err = launch(ctx, env, id, env.LupoolBin, args...)
 	if err != nil {
 		return nil, err
 	}
-	r := &Running{Commands: []string{p.commandLine()}, procs: []*proc{p}}
-	if err := waitHTTP(ctx, p, "http://"+api+"/readyz"); err != nil {
-		return nil, errors.Join(fmt.Errorf("%w: %w", ErrServerUnavailable, err), r.Stop())
+	if err := waitHTTP(ctx, n.proc, "http://"+n.api+"/readyz"); err != nil {
+		return nil, errors.Join(fmt.Errorf("%w: %w", ErrServerUnavailable, err), n.proc.stop())
 	}
-	create := exec.CommandContext(ctx, env.LupoolBin, "lu", "create", "bench", "--size", sizeArg(env.DeviceBytes), "--kind", kind)
-	create.Env = append(os.Environ(), "LUPOOL_API="+api)
-	r.Commands = append(r.Commands, "LUPOOL_API="+api+" "+strings.Join(create.Args, " "))
-	if out, err := create.CombinedOutput(); err != nil {
-		return nil, errors.Join(fmt.Errorf("%w: lupool lu create: %w: %s", ErrServerUnavailable, err, tail(out)), r.Stop())
+	return n, nil
+}
+
+// lupoolCreate runs `lupool lu create bench` against api, retrying while
+// the cluster settles (a joining node) until retryFor has passed.
+func lupoolCreate(ctx context.Context, env Env, api string, retryFor time.Duration, flags ...string) (string, error) {
+	args := append([]string{"lu", "create", "bench", "--size", sizeArg(env.DeviceBytes)}, flags...)
+	line := "LUPOOL_API=" + api + " " + env.LupoolBin + " " + strings.Join(args, " ")
+	deadline := time.Now().Add(retryFor)
+	for {
+		create := exec.CommandContext(ctx, env.LupoolBin, args...)
+		create.Env = append(os.Environ(), "LUPOOL_API="+api)
+		out, err := create.CombinedOutput()
+		if err == nil {
+			return line, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return line, fmt.Errorf("%w: %s: %w: %s", ErrServerUnavailable, line, err, tail(out))
+		}
+		env.Logger.Debug("lu create failed; retrying", "err", err, "out", tail(out))
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
-	if err := waitTCP(ctx, p, nbdPort); err != nil {
+}
+
+// startLupool starts one lupool node and creates one LU of the given kind.
+func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
+	n, err := startLupoolNode(ctx, env, "bench1", "")
+	if err != nil {
+		return nil, err
+	}
+	r := &Running{Commands: []string{n.proc.commandLine()}, procs: []*proc{n.proc}}
+	line, err := lupoolCreate(ctx, env, n.api, 0, "--kind", kind)
+	r.Commands = append(r.Commands, line)
+	if err != nil {
 		return nil, errors.Join(err, r.Stop())
 	}
-	r.URI = fmt.Sprintf("nbd://127.0.0.1:%d/bench", nbdPort)
+	if err := waitTCP(ctx, n.proc, n.nbdPort); err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.URI = fmt.Sprintf("nbd://127.0.0.1:%d/bench", n.nbdPort)
 	return r, nil
 }
 
-// startLupoolCopies is the two-node configuration. It needs a cluster join
-// command and LUs with copies, which lupool does not have yet.
+// copiesSettle bounds how long a two-node pool may take before it accepts
+// an LU with two copies.
+const copiesSettle = 30 * time.Second
+
+// startLupoolCopies starts two lupool nodes on loopback, the second joining
+// the first, and creates a file LU with two copies; fio talks to the first.
 func startLupoolCopies(ctx context.Context, env Env) (*Running, error) {
-	return nil, fmt.Errorf("%w: two-node copies are not wired into the suite yet (needs lupool's cluster join and lu create --copies)", ErrServerUnavailable)
+	first, err := startLupoolNode(ctx, env, "bench1", "")
+	if err != nil {
+		return nil, err
+	}
+	r := &Running{Commands: []string{first.proc.commandLine()}, procs: []*proc{first.proc}}
+	second, err := startLupoolNode(ctx, env, "bench2", first.api)
+	if err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.Commands = append(r.Commands, second.proc.commandLine())
+	r.procs = append(r.procs, second.proc)
+	line, err := lupoolCreate(ctx, env, first.api, copiesSettle, "--kind", "file", "--copies", "2")
+	r.Commands = append(r.Commands, line)
+	if err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	if err := waitTCP(ctx, first.proc, first.nbdPort); err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.URI = fmt.Sprintf("nbd://127.0.0.1:%d/bench", first.nbdPort)
+	return r, nil
 }
 
 // sizeArg renders a byte count for lupool's --size flag (binary units).

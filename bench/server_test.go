@@ -83,8 +83,9 @@ func TestLupoolUnavailable(t *testing.T) {
 	if !errors.Is(err, ErrServerUnavailable) || !strings.Contains(err.Error(), "unknown command: serve") {
 		t.Errorf("exiting binary: err = %v, want ErrServerUnavailable with its output", err)
 	}
-	if _, err := specs[1].Start(context.Background(), env); !errors.Is(err, ErrServerUnavailable) {
-		t.Errorf("2 copies: err = %v, want ErrServerUnavailable", err)
+	if _, err := specs[1].Start(context.Background(), env); !errors.Is(err, ErrServerUnavailable) ||
+		!strings.Contains(err.Error(), "unknown command: serve") {
+		t.Errorf("2 copies: err = %v, want ErrServerUnavailable with its output", err)
 	}
 	if _, err := SelectServers([]string{"nbdkit-memory", "nope"}); err == nil {
 		t.Error("SelectServers accepted an unknown server")
