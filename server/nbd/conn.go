@@ -170,9 +170,11 @@ func (c *conn) start(sess *session) {
 }
 
 // finish waits for the workers after the reader stopped. On a clean end
-// (DISC or EOF) in-flight requests complete and are answered first.
+// (DISC or EOF) and on a protocol violation, in-flight requests complete and
+// are answered first (bounded by ReplyTimeout); on a broken connection they
+// are cancelled.
 func (c *conn) finish(err error) {
-	if err != nil && !errors.Is(err, io.EOF) {
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errProtocol) {
 		c.close()
 	}
 	close(c.work)
