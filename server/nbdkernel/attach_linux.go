@@ -18,10 +18,11 @@ import (
 // nbdMajor is the block major number of the kernel nbd driver.
 const nbdMajor = 43
 
-// CheckAvailable reports whether device can be attached on this machine: it
-// returns ErrInvalidOptions when device is not /dev/nbdN, ErrModuleNotLoaded
-// when the nbd module is not loaded, ErrNoDevice when the node is missing or
-// not an nbd block device, and ErrNotRoot when the process is not root.
+// CheckAvailable reports whether device can be attached on this machine. It
+// returns, checking in this order, ErrInvalidOptions when device is not
+// /dev/nbdN, ErrModuleNotLoaded when the nbd module is not loaded, ErrNotRoot
+// when the process is not root, and ErrNoDevice when the node is missing or
+// not an nbd block device.
 func CheckAvailable(device string) error {
 	return host{sysModuleDir: "/sys/module", euid: os.Geteuid()}.check(device)
 }
@@ -42,15 +43,15 @@ func (h host) check(device string) error {
 		}
 		return fmt.Errorf("nbdkernel: look for the nbd module: %w", err)
 	}
+	if h.euid != 0 {
+		return fmt.Errorf("%w (running as uid %d)", ErrNotRoot, h.euid)
+	}
 	var st unix.Stat_t
 	if err := unix.Stat(device, &st); err != nil {
 		return fmt.Errorf("%w: %s: %w", ErrNoDevice, device, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK || unix.Major(st.Rdev) != nbdMajor {
 		return fmt.Errorf("%w: %s is not an nbd block device", ErrNoDevice, device)
-	}
-	if h.euid != 0 {
-		return fmt.Errorf("%w (running as uid %d)", ErrNotRoot, h.euid)
 	}
 	return nil
 }

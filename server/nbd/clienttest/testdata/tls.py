@@ -1,0 +1,12 @@
+# Data over TLS: nbds:// URI with tls-certificates (the Go test made a CA).
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_uri_allow_local_file(True)
+h.connect_uri(URI)
+check(h.get_tls_negotiated(), "TLS not negotiated")
+check(h.get_size() == int(os.environ["NBD_SIZE"]), "size %d" % h.get_size())
+data = pattern(8192, 5)
+h.pwrite(data, 4096, nbd.CMD_FLAG_FUA)
+check(h.pread(8192, 4096) == data, "read back over TLS")
+h.flush()
+h.shutdown()
+print("OK")
