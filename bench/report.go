@@ -418,7 +418,7 @@ func firstResults(r *Report, family string) []ServerResult {
 // plotScript renders the gnuplot script for one metric, to run in the
 // directory holding the .dat files: a panel per family,
 // queue depth on a log axis, one line per server with min–max error bars.
-func plotScript(png, title, ylabel string, column int, logY bool, families []string, servers map[string][]string) string {
+func plotScript(png, title, ylabel string, column int, scale float64, logY bool, families []string, servers map[string][]string) string {
 	var b strings.Builder
 	cols, rows := 2, (len(families)+1)/2
 	if len(families) == 1 {
@@ -429,16 +429,16 @@ func plotScript(png, title, ylabel string, column int, logY bool, families []str
 	b.WriteString("set logscale x 2\nset xtics (1,2,4,8,16,32,64)\nset xrange [0.8:45]\nset offsets 0,0,graph 0.2,0\nset grid\nset key top left box opaque\nset xlabel 'queue depth (iodepth)'\n")
 	fmt.Fprintf(&b, "set ylabel '%s'\n", ylabel)
 	if logY {
-		b.WriteString("set logscale y\nset yrange [*:*]\n")
+		b.WriteString("set logscale y\nset yrange [*:*]\nset format y '%g'\n")
 	} else {
-		b.WriteString("set yrange [0:*]\n")
+		b.WriteString("set yrange [0:*]\nset format y '%.0s%c'\n")
 	}
 	for _, fam := range families {
 		fmt.Fprintf(&b, "set title '%s'\n", fam)
 		var parts []string
 		for i, s := range servers[fam] {
-			parts = append(parts, fmt.Sprintf("'%s' index %d using 1:%d:%d:%d with yerrorlines lw 2 pt 7 ps 1.2 lc rgb '%s' title '%s'",
-				fam+".dat", i, column, column+1, column+2, plotColor(s), s))
+			parts = append(parts, fmt.Sprintf("'%s' index %d using 1:($%d/%g):($%d/%g):($%d/%g) with yerrorlines lw 2 pt 7 ps 1.2 lc rgb '%s' title '%s'",
+				fam+".dat", i, column, scale, column+1, scale, column+2, scale, plotColor(s), s))
 		}
 		fmt.Fprintf(&b, "plot %s\n", strings.Join(parts, ", \\\n     "))
 	}
@@ -473,12 +473,13 @@ func writePlots(ctx context.Context, dir string, r *Report) ([]string, error) {
 	for _, p := range []struct {
 		png, title, ylabel string
 		column             int
+		scale              float64
 		logY               bool
 	}{
-		{"iops_by_qd.png", "IOPS by queue depth (median of rounds, bars min–max)", "IOPS", 2, false},
-		{"p99_by_qd.png", "p99 latency by queue depth (median of rounds, bars min–max)", "p99 latency (µs, log)", 5, true},
+		{"iops_by_qd.png", "IOPS by queue depth (median of rounds, bars min–max; higher is better)", "IOPS", 2, 1, false},
+		{"p99_by_qd.png", "p99 latency by queue depth (median of rounds, bars min–max; lower is better)", "p99 latency (ms, log scale)", 5, 1000, true},
 	} {
-		script := plotScript(p.png, p.title, p.ylabel, p.column, p.logY, families, servers)
+		script := plotScript(p.png, p.title, p.ylabel, p.column, p.scale, p.logY, families, servers)
 		scriptPath := filepath.Join(plotDir, strings.TrimSuffix(p.png, ".png")+".gp")
 		if err := os.WriteFile(scriptPath, []byte(script), 0o644); err != nil {
 			return written, err

@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -51,6 +52,7 @@ func run(args []string) error {
 	lupoolBin := fs.String("lupool", "bin/lupool", "lupool binary")
 	keepRaw := fs.Bool("keep-raw", false, "keep every fio JSON report under OUT/raw")
 	verbose := fs.Bool("v", false, "debug logging")
+	render := fs.String("render", "", "re-render results.md and the plots from this results.json into --out, running nothing")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -68,6 +70,9 @@ func run(args []string) error {
 		level = slog.LevelDebug
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *render != "" {
+		return rerender(*render, *out, logger)
+	}
 
 	opts := bench.Options{Rounds: *rounds, OutDir: *out, LupoolBin: *lupoolBin, KeepRaw: *keepRaw,
 		Logger: logger, CommandLine: "nbdbench " + strings.Join(args, " ")}
@@ -119,6 +124,23 @@ func run(args []string) error {
 	}
 	logger.Info("done", "elapsed", time.Since(started).Round(time.Second))
 	return errors.Join(runErr, err)
+}
+
+// rerender rewrites the report in out from an earlier results.json.
+func rerender(path, out string, logger *slog.Logger) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var report bench.Report
+	if err := json.Unmarshal(data, &report); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	written, err := bench.WriteReport(context.Background(), out, &report)
+	for _, p := range written {
+		logger.Info("wrote", "path", p)
+	}
+	return err
 }
 
 func serverNames() string {
