@@ -13,8 +13,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -163,6 +165,9 @@ func splitList(s string) []string {
 
 // parseSize reads a byte count with an optional K, M or G (binary) suffix.
 func parseSize(s string) (int64, error) {
+	if s == "" {
+		return 0, errors.New("empty --size: want e.g. 256M or 1G")
+	}
 	mult := int64(1)
 	switch strings.ToUpper(s[len(s)-1:]) {
 	case "K":
@@ -175,8 +180,8 @@ func parseSize(s string) (int64, error) {
 	if mult != 1 {
 		s = s[:len(s)-1]
 	}
-	var n int64
-	if _, err := fmt.Sscan(s, &n); err != nil || n <= 0 {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 || n > math.MaxInt64/mult {
 		return 0, fmt.Errorf("bad --size %q: want e.g. 256M or 1G", s)
 	}
 	return n * mult, nil
