@@ -17,6 +17,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/server/nbd"
+	"github.com/lupool/lupool/server/nbdproto"
 )
 
 // tlsFiles makes a CA and a server certificate for 127.0.0.1, writes them
@@ -112,6 +113,19 @@ func TestTLS(t *testing.T) {
 			runNbdsh(t, "tls.py", "NBD_URI="+tlsURI, "NBD_SIZE=4194304")
 			if got := dev.Bytes()[4*kiB : 12*kiB]; string(got) != string(pattern(8*kiB, 5)) {
 				t.Error("data written over TLS is not on the device")
+			}
+
+			// Option by option: without STARTTLS, LIST is refused with
+			// TLS_REQD in the required mode and answered in the optional one.
+			c := dialRaw(t, srv.addr)
+			greet(t, c, nbdproto.ClientFlagFixedNewstyle)
+			writeRaw(t, c, optionHeader(nbdproto.OptList, 0))
+			r, _ := readOptionReply(t, c)
+			if mode.plainWorks && r.Type != nbdproto.RepServer {
+				t.Errorf("LIST without TLS in optional mode: reply %#x, want NBD_REP_SERVER", r.Type)
+			}
+			if !mode.plainWorks && r.Type != nbdproto.RepErrTLSReqd {
+				t.Errorf("LIST without TLS in required mode: reply %#x, want NBD_REP_ERR_TLS_REQD", r.Type)
 			}
 
 			plain := runTool(t, nil, "nbdinfo", "--json", srv.uri("mem"))
