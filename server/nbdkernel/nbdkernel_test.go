@@ -15,6 +15,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -542,4 +543,44 @@ func TestAttachSequence(t *testing.T) {
 			t.Errorf("ioctls %v issued for an unknown export", fd.calls())
 		}
 	})
+}
+
+// TestNegotiateWithNbdkit checks the handshake against an independent
+// server, nbdkit's memory plugin.
+func TestNegotiateWithNbdkit(t *testing.T) {
+	nbdkit, err := exec.LookPath("nbdkit")
+	if err != nil {
+		t.Skipf("nbdkit not installed: %v", err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_, port, _ := net.SplitHostPort(addr)
+	l.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, nbdkit, "-f", "-i", "127.0.0.1", "-p", port, "memory", "3M")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
+	var c net.Conn
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err = net.Dial("tcp", addr); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nbdkit did not listen on %s: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	defer c.Close()
+	_, info, err := Negotiate(ctx, c, "", nil)
+	if err != nil {
+		t.Fatalf("Negotiate with nbdkit: %v", err)
+	}
+	if info.SizeBytes != 3<<20 || info.TransmissionFlags&nbdproto.TxFlagHasFlags == 0 || info.ExportName {
+		t.Errorf("nbdkit export: %+v", info)
+	}
 }
