@@ -281,6 +281,14 @@ func RenderMarkdown(r *Report) string {
 		}
 		b.WriteString("\n")
 	}
+	if lines := targetLines(r); len(lines) > 0 {
+		b.WriteString("NBD engine target (issue 2): lupool-mem reaches at least 0.90 of nbdkit-memory's IOPS " +
+			"at 4 KiB random read and write, iodepth 32 (median ratio):\n\n")
+		for _, l := range lines {
+			fmt.Fprintf(&b, "- %s\n", l)
+		}
+		b.WriteString("\n")
+	}
 	if len(r.Workloads) > 0 {
 		b.WriteString("## Summary: median IOPS\n\n| workload |")
 		for _, res := range r.Workloads[0].Results {
@@ -318,6 +326,35 @@ func RenderMarkdown(r *Report) string {
 		}
 	}
 	return b.String()
+}
+
+// Target of the NBD engine issue: lupool-mem / nbdkit-memory IOPS at
+// 4 KiB random read and write, iodepth 32.
+const (
+	targetSubject = "lupool-mem"
+	targetPeer    = "nbdkit-memory"
+	targetRatio   = 0.9
+)
+
+// targetLines checks the NBD engine's target on the workloads that have it.
+func targetLines(r *Report) []string {
+	var lines []string
+	for _, w := range r.Workloads {
+		if w.Name != "randread-qd32" && w.Name != "randwrite-qd32" {
+			continue
+		}
+		for _, ra := range w.Ratios {
+			if ra.Subject != targetSubject || ra.Peer != targetPeer || math.IsNaN(ra.IOPS.Median) {
+				continue
+			}
+			verdict := "met"
+			if ra.IOPS.Median < targetRatio {
+				verdict = "NOT met"
+			}
+			lines = append(lines, fmt.Sprintf("%s: %s, %s", w.Name, fmtRatio(ra.IOPS), verdict))
+		}
+	}
+	return lines
 }
 
 func mdCell(s string) string {
