@@ -66,10 +66,17 @@ func createFileVolume(fs lufs.FS, path string, sizeBytes int64) (*FileVolume, er
 		}
 		return nil, ioError("create", path, err)
 	}
+	// The size is metadata a crash could lose: sync it now so that a
+	// created volume never comes back shorter.
 	if err := f.Truncate(sizeBytes); err != nil {
 		_ = f.Close()
 		_ = fs.Remove(path)
 		return nil, ioError("truncate", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		_ = fs.Remove(path)
+		return nil, ioError("sync", path, err)
 	}
 	v := &FileVolume{path: path, f: f}
 	v.size.Store(sizeBytes)

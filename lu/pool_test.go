@@ -1,0 +1,303 @@
+package lu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/lu/lufs"
+)
+
+func openMemPool(t *testing.T, fs lufs.FS, mutate func(*PoolOptions)) *Pool {
+	t.Helper()
+	opts := PoolOptions{Dirs: []string{"/d0", "/d1"}, FS: fs}
+	if mutate != nil {
+		mutate(&opts)
+	}
+	p, err := OpenPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	return p
+}
+
+func TestValidateName(t *testing.T) {
+	good := []string{"a", "lu-1", "A.b_c-9", strings.Repeat("x", 128), "..."}
+	bad := []string{"", ".", "..", "a/b", "a b", "é", strings.Repeat("x", 129), "a\x00"}
+	for _, n := range good {
+		if err := ValidateName(n); err != nil {
+			t.Errorf("ValidateName(%q) = %v, want nil", n, err)
+		}
+	}
+	for _, n := range bad {
+		if err := ValidateName(n); !errors.Is(err, ErrInvalidName) {
+			t.Errorf("ValidateName(%q) = %v, want ErrInvalidName", n, err)
+		}
+	}
+}
+
+func TestPoolOptionsValidate(t *testing.T) {
+	cases := map[string]PoolOptions{
+		"no dirs":       {},
+		"ratio":         {Dirs: []string{"/a"}, OvercommitRatio: -1},
+		"warn":          {Dirs: []string{"/a"}, WarnPercent: 120},
+		"critical<warn": {Dirs: []string{"/a"}, WarnPercent: 90, CriticalPercent: 80},
+		"duplicate":     {Dirs: []string{"/a", "/a/"}},
+	}
+	for name, o := range cases {
+		o.EnsureDefaults()
+		if err := o.Validate(); err == nil {
+			t.Errorf("%s: Validate accepted %+v", name, o)
+		}
+	}
+	o := PoolOptions{Dirs: []string{"/a"}}
+	o.EnsureDefaults()
+	if err := o.Validate(); err != nil || o.OvercommitRatio != 4 || o.WarnPercent != 80 || o.CriticalPercent != 90 {
+		t.Fatalf("defaults: %+v, %v", o, err)
+	}
+}
+
+func TestPoolCreateGetDelete(t *testing.T) {
+	ctx := context.Background()
+	p := openMemPool(t, lufs.NewMemFS(lufs.MemFSOptions{}), nil)
+	v, err := p.Create("vm1", 1<<30, KindFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Create("vm1", 1<<20, KindMemory); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate create: %v, want ErrExists", err)
+	}
+	if _, err := p.Create("bad/name", 1, KindFile); !errors.Is(err, ErrInvalidName) {
+		t.Fatalf("bad name: %v", err)
+	}
+	if _, err := p.Create("m1", 1<<20, KindMemory); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Names(); fmt.Sprint(got) != "[m1 vm1]" {
+		t.Fatalf("Names = %v", got)
+	}
+	got, ok := p.Get("vm1")
+	if !ok || got != v || got.Kind() != KindFile || got.Size() != 1<<30 {
+		t.Fatalf("Get(vm1) = %v, %v", got, ok)
+	}
+	if err := v.WriteAt(ctx, []byte("hello"), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Delete("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(ctx, []byte("x"), 0, 0); !errors.Is(err, blockdev.ErrShutdown) {
+		t.Fatalf("write after delete: %v, want ErrShutdown", err)
+	}
+	if _, ok := p.Get("vm1"); ok {
+		t.Fatal("vm1 still there after Delete")
+	}
+	if err := p.Delete("vm1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second delete: %v, want ErrNotFound", err)
+	}
+	if err := p.Resize("nope", 1); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("resize unknown: %v", err)
+	}
+}
+
+func TestPoolOvercommit(t *testing.T) {
+	fs := lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: 1 << 30})
+	p := openMemPool(t, fs, func(o *PoolOptions) { o.Dirs = []string{"/d"}; o.OvercommitRatio = 2 })
+	if _, err := p.Create("a", 3<<29, KindFile); err != nil { // 1.5 GiB of 2 GiB
+		t.Fatal(err)
+	}
+	_, err := p.Create("b", 1<<30, KindFile)
+	if !errors.Is(err, ErrOvercommit) {
+		t.Fatalf("create beyond the limit: %v, want ErrOvercommit", err)
+	}
+	for _, n := range []string{"2684354560", "1073741824", "limit 2"} {
+		if !strings.Contains(err.Error(), n) {
+			t.Errorf("overcommit message %q does not name %s", err, n)
+		}
+	}
+	// Memory volumes use RAM and are not limited by the disks.
+	if _, err := p.Create("m", 10<<30, KindMemory); err != nil {
+		t.Fatalf("memory volume: %v", err)
+	}
+	if err := p.Resize("a", 5<<29); !errors.Is(err, ErrOvercommit) {
+		t.Fatalf("grow beyond the limit: %v", err)
+	}
+	if err := p.Resize("a", 1<<29); err != nil {
+		t.Fatalf("shrink: %v", err)
+	}
+	if _, err := p.Create("b", 1<<30, KindFile); err != nil {
+		t.Fatalf("create after shrink: %v", err)
+	}
+	st := p.Status()
+	if st.ProvisionedBytes != 3<<29 || st.MemoryProvisionedBytes != 10<<30 || st.OvercommitRatio != 1.5 {
+		t.Fatalf("status %+v", st)
+	}
+}
+
+func TestPoolReopen(t *testing.T) {
+	ctx := context.Background()
+	fs := lufs.NewMemFS(lufs.MemFSOptions{})
+	p := openMemPool(t, fs, nil)
+	want := map[string][]byte{}
+	for i := range 5 {
+		name := fmt.Sprintf("lu%d", i)
+		v, err := p.Create(name, int64(1<<20+i), KindFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[name] = bytes.Repeat([]byte{byte(i + 1)}, 1000+i)
+		if err := v.WriteAt(ctx, want[name], int64(i*4096), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := p.Create("mem", 1<<20, KindMemory); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Create("x", 1, KindFile); !errors.Is(err, ErrPoolClosed) {
+		t.Fatalf("create after close: %v", err)
+	}
+	q := openMemPool(t, fs, nil)
+	if got := q.Names(); fmt.Sprint(got) != "[lu0 lu1 lu2 lu3 lu4]" {
+		t.Fatalf("reopened names %v", got)
+	}
+	for i := range 5 {
+		name := fmt.Sprintf("lu%d", i)
+		v, _ := q.Get(name)
+		if v.Size() != int64(1<<20+i) {
+			t.Fatalf("%s size %d", name, v.Size())
+		}
+		got := make([]byte, len(want[name]))
+		if err := v.ReadAt(ctx, got, int64(i*4096)); err != nil || !bytes.Equal(got, want[name]) {
+			t.Fatalf("%s data lost across reopen: %v", name, err)
+		}
+	}
+	// The same name in two directories is refused rather than guessed.
+	f, err := fs.OpenFile("/d1/lu0.lu", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	if _, err := OpenPool(PoolOptions{Dirs: []string{"/d0", "/d1"}, FS: fs}); err == nil || !strings.Contains(err.Error(), "lu0") {
+		t.Fatalf("duplicate volume across dirs: %v", err)
+	}
+}
+
+func TestPoolThresholds(t *testing.T) {
+	ctx := context.Background()
+	fs := lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: 100 * BlockSizeBytes})
+	var levels []PoolLevel
+	p := openMemPool(t, fs, func(o *PoolOptions) {
+		o.Dirs = []string{"/d"}
+		o.OnThreshold = func(l PoolLevel) { levels = append(levels, l) }
+	})
+	v, err := p.Create("a", 400*BlockSizeBytes, KindFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(blocks int64) {
+		if err := v.WriteAt(ctx, make([]byte, blocks*BlockSizeBytes), 0, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(79)
+	if l := p.CheckThresholds(); l != LevelOK {
+		t.Fatalf("79%% used: level %s", l)
+	}
+	write(85)
+	if st := p.Status(); st.Level != LevelWarn || st.Dirs[0].Level != LevelWarn {
+		t.Fatalf("85%% used: %+v", st)
+	}
+	write(95)
+	if l := p.CheckThresholds(); l != LevelCritical {
+		t.Fatalf("95%% used: level %s", l)
+	}
+	if err := v.Trim(ctx, 0, 95*BlockSizeBytes, 0); err != nil {
+		t.Fatal(err)
+	}
+	if l := p.CheckThresholds(); l != LevelOK {
+		t.Fatalf("after trim: level %s", l)
+	}
+	if fmt.Sprint(levels) != "[warn critical ok]" {
+		t.Fatalf("OnThreshold saw %v", levels)
+	}
+}
+
+func TestPoolMemoryAccounting(t *testing.T) {
+	ctx := context.Background()
+	p := openMemPool(t, lufs.NewMemFS(lufs.MemFSOptions{}), nil)
+	m, err := p.Create("m", 1<<30, KindMemory)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.WriteAt(ctx, make([]byte, 10*BlockSizeBytes+1), 5, 0); err != nil {
+		t.Fatal(err)
+	}
+	st := p.Status()
+	if st.MemoryAllocatedBytes != 11*BlockSizeBytes || st.AllocatedBytes != 0 || st.ProvisionedBytes != 0 {
+		t.Fatalf("status %+v", st)
+	}
+	if err := p.Delete("m"); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Status(); st.MemoryAllocatedBytes != 0 || st.MemoryProvisionedBytes != 0 {
+		t.Fatalf("after delete %+v", st)
+	}
+}
+
+// TestPoolConcurrent runs creates, deletes, status and I/O together under
+// the race detector; each goroutine checks its own volume's data.
+func TestPoolConcurrent(t *testing.T) {
+	ctx := context.Background()
+	p := openMemPool(t, lufs.NewMemFS(lufs.MemFSOptions{}), nil)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Go(func() {
+			kind := KindFile
+			if g%2 == 1 {
+				kind = KindMemory
+			}
+			for i := range 20 {
+				name := fmt.Sprintf("g%d-%d", g, i)
+				v, err := p.Create(name, 1<<20, kind)
+				if err != nil {
+					errs <- err
+					return
+				}
+				data := bytes.Repeat([]byte{byte(g), byte(i)}, 3000)
+				got := make([]byte, len(data))
+				if err := v.WriteAt(ctx, data, int64(i*100), 0); err != nil {
+					errs <- err
+					return
+				}
+				_ = p.Status()
+				if err := v.ReadAt(ctx, got, int64(i*100)); err != nil || !bytes.Equal(got, data) {
+					errs <- fmt.Errorf("%s: read back: %v", name, err)
+					return
+				}
+				if err := p.Delete(name); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := len(p.Names()); n != 0 {
+		t.Fatalf("%d volumes left", n)
+	}
+}
