@@ -331,6 +331,18 @@ func TestRawTransmission(t *testing.T) {
 			t.Fatalf("read after unknown command: %+v", rep)
 		}
 	})
+	t.Run("block status without structured replies", func(t *testing.T) {
+		c, _ := openRaw(t, srv.addr, "slow")
+		c.send(nbdproto.CmdBlockStatus, 0, 5, 0, 4096, nil)
+		if rep, _ := c.reply(dataLen); rep.Handle != 5 || rep.Error != nbdproto.EINVAL {
+			t.Fatalf("BLOCK_STATUS without a negotiated context: %+v, want EINVAL", rep)
+		}
+		sizes[6] = 512
+		c.send(nbdproto.CmdRead, 0, 6, 0, 512, nil)
+		if rep, _ := c.reply(dataLen); rep.Handle != 6 || rep.Error != 0 {
+			t.Fatalf("read after refused BLOCK_STATUS: %+v", rep)
+		}
+	})
 	t.Run("read over the maximum", func(t *testing.T) {
 		c, _ := openRaw(t, srv.addr, "slow")
 		c.send(nbdproto.CmdRead, 0, 3, 0, 64*miB, nil)

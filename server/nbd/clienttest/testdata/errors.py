@@ -45,6 +45,20 @@ for what, want, fn, *args in cases:
     except AssertionError as e:
         failures.append(str(e))
     still_usable(what)
+
+# FUA is valid on every command once SEND_FUA is negotiated: the server
+# MUST accept it, even by ignoring it (proto.md, "Command flags").
+accepted = [
+    ("read with FUA", h.pread, 4096, 0, nbd.CMD_FLAG_FUA),
+    ("flush with FUA", h.flush, nbd.CMD_FLAG_FUA),
+    ("cache with FUA", h.cache, 4096, 0, nbd.CMD_FLAG_FUA),
+]
+for what, fn, *args in accepted:
+    try:
+        fn(*args)
+    except nbd.Error as e:
+        failures.append("%s: refused: %s" % (what, e))
+    still_usable(what)
 check(not failures, "\n".join(failures))
 
 check(h.pread(4096, 0) == good, "the failed writes changed data at 0")
