@@ -77,9 +77,11 @@ type request struct {
 	errCode uint32  // set by validation: reply with this, do not run
 	buf     *buffer // write payload or read data; nil otherwise
 	budget  int64   // bytes acquired from the budget
-	start   time.Time
-	extents []blockdev.Extent // scratch for block status
-	scratch [nbdproto.StructuredReplySize + 8]byte
+	// payloadBytes is the encoded block status payload in buf.
+	payloadBytes int
+	start        time.Time
+	extents      []blockdev.Extent // scratch for block status
+	scratch      [nbdproto.StructuredReplySize + 8]byte
 }
 
 func newConn(s *Server, nc net.Conn) *conn {

@@ -2,22 +2,31 @@ package nbd
 
 import (
 	"encoding/binary"
+	"errors"
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/server/nbdproto"
 )
 
-// handle runs one request and answers it.
+// handle runs one request and answers it. Counters are updated before the
+// reply is written, so a client that has its reply sees them.
 func (c *conn) handle(r *request) {
 	code, err := r.errCode, error(nil)
 	if code == 0 {
 		code, err = c.execute(r)
 	}
-	if code != 0 {
-		c.replyError(r, code, err)
-	}
 	c.account(r, code)
+	switch {
+	case code != 0:
+		c.replyError(r, code, err)
+	case r.hdr.Type == nbdproto.CmdRead && r.hdr.Length > 0:
+		c.replyRead(r)
+	case r.hdr.Type == nbdproto.CmdBlockStatus:
+		c.replyBlockStatus(r)
+	default:
+		c.replyOK(r)
+	}
 	c.release(r)
 	c.inflight.Add(-1)
 	if c.metrics != nil {
@@ -55,8 +64,9 @@ func (c *conn) account(r *request, code uint32) {
 	m.duration.Observe(time.Since(r.start).Seconds())
 }
 
-// execute calls the device for a validated request. Successful requests are
-// answered here; a non-zero code is answered by the caller.
+// execute calls the device for a validated request and returns the NBD
+// error code (0 on success). Reads leave their data in r.buf, block status
+// its encoded payload in r.buf[:r.payloadBytes].
 func (c *conn) execute(r *request) (uint32, error) {
 	h := &r.hdr
 	ctx := c.ctx
@@ -86,11 +96,7 @@ func (c *conn) execute(r *request) (uint32, error) {
 			err = c.cacher.Cache(ctx, off, n)
 		}
 	}
-	if code := errorCode(h.Type, err); code != 0 {
-		return code, err
-	}
-	c.replyOK(r)
-	return 0, nil
+	return errorCode(h.Type, err), err
 }
 
 func fuaFlag(f uint16) blockdev.Flags {
@@ -126,18 +132,22 @@ func (c *conn) writeZeroes(off, n int64, wire uint16) error {
 	return nil
 }
 
-// read answers a read only after the device call succeeded.
+// read fills r.buf; the reply is sent only after the read succeeded.
 func (c *conn) read(r *request) (uint32, error) {
 	n := int(r.hdr.Length)
 	if n == 0 {
-		c.replyOK(r)
 		return 0, nil
 	}
 	r.buf = c.srv.pools.get(n)
-	data := r.buf.b[:n]
-	if err := c.dev.ReadAt(c.ctx, data, int64(r.hdr.Offset)); err != nil {
+	if err := c.dev.ReadAt(c.ctx, r.buf.b[:n], int64(r.hdr.Offset)); err != nil {
 		return errorCode(r.hdr.Type, err), err
 	}
+	return 0, nil
+}
+
+// replyRead answers a successful read with its data.
+func (c *conn) replyRead(r *request) {
+	n := int(r.hdr.Length)
 	c.beginReply()
 	if c.sess.structured {
 		b := r.scratch[:nbdproto.StructuredReplySize+nbdproto.OffsetDataHeaderSize]
@@ -152,9 +162,8 @@ func (c *conn) read(r *request) (uint32, error) {
 		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
 		c.write(b)
 	}
-	c.write(data)
+	c.write(r.buf.b[:n])
 	c.endReply()
-	return 0, nil
 }
 
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
@@ -185,9 +194,8 @@ func (c *conn) blockStatus(r *request) (uint32, error) {
 	r.extents = ext
 	// Merge, clamp to the request and encode.
 	count := 0
-	buf := c.srv.pools.get(4 + 8*MaxBlockStatusExtents)
-	defer c.srv.pools.put(buf)
-	p := buf.b[:4]
+	r.buf = c.srv.pools.get(4 + 8*MaxBlockStatusExtents)
+	p := r.buf.b[:4]
 	binary.BigEndian.PutUint32(p, contextIDAllocation)
 	covered := int64(0)
 	for i := 0; i < len(ext) && covered < length && count < MaxBlockStatusExtents; i++ {
@@ -213,18 +221,25 @@ func (c *conn) blockStatus(r *request) (uint32, error) {
 		}
 	}
 	if count == 0 {
-		return nbdproto.EIO, nil
+		return nbdproto.EIO, errNoExtents
 	}
+	r.payloadBytes = len(p)
+	return 0, nil
+}
+
+var errNoExtents = errors.New("nbd: device returned no extents")
+
+// replyBlockStatus sends the payload blockStatus encoded.
+func (c *conn) replyBlockStatus(r *request) {
 	c.beginReply()
 	hb := r.scratch[:nbdproto.StructuredReplySize]
 	nbdproto.PutStructuredReply(hb, nbdproto.StructuredReply{
 		Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeBlockStatus,
-		Handle: r.hdr.Handle, Length: uint32(len(p)),
+		Handle: r.hdr.Handle, Length: uint32(r.payloadBytes),
 	})
 	c.write(hb)
-	c.write(p)
+	c.write(r.buf.b[:r.payloadBytes])
 	c.endReply()
-	return 0, nil
 }
 
 // replyOK answers a successful request without payload.
