@@ -1,0 +1,156 @@
+package bench
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// fakeLupoolEnv makes the test binary act as a stand-in for bin/lupool, so
+// the runner's lupool path (serve, /readyz, lu create over LUPOOL_API, two
+// nodes with --join, SIGTERM) is exercised before the real daemon exists.
+// Its NBD export is nbdkit memory on the --nbd port.
+const fakeLupoolEnv = "BENCH_FAKE_LUPOOL"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(fakeLupoolEnv) == "1" {
+		os.Exit(fakeLupool(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+func fakeLupool(args []string) int {
+	switch {
+	case len(args) > 0 && args[0] == "serve":
+		return fakeServe(args[1:])
+	case len(args) > 2 && args[0] == "lu" && args[1] == "create":
+		fs := flag.NewFlagSet("create", flag.ContinueOnError)
+		size := fs.String("size", "", "")
+		kind := fs.String("kind", "file", "")
+		copies := fs.Int("copies", 1, "")
+		if err := fs.Parse(args[3:]); err != nil {
+			return 2
+		}
+		q := url.Values{"size": {*size}, "kind": {*kind}, "copies": {fmt.Sprint(*copies)}}
+		resp, err := http.Get("http://" + os.Getenv("LUPOOL_API") + "/create?" + q.Encode())
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			fmt.Fprintf(os.Stderr, "lu create: %s\n", body)
+			return 1
+		}
+		return 0
+	}
+	fmt.Fprintf(os.Stderr, "fake lupool: unknown command %q\n", args)
+	return 2
+}
+
+func fakeServe(args []string) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	nbd := fs.String("nbd", "", "")
+	api := fs.String("api", "", "")
+	join := fs.String("join", "", "")
+	fs.String("data", "", "")
+	fs.String("peer", "", "")
+	fs.String("node-id", "", "")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var mu sync.Mutex
+	nodes := 1 // guarded by mu
+	var server *exec.Cmd
+	mux := http.NewServeMux()
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {})
+	mux.HandleFunc("/join", func(w http.ResponseWriter, _ *http.Request) {
+		mu.Lock()
+		nodes++
+		mu.Unlock()
+	})
+	mux.HandleFunc("/create", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.FormValue("copies") != "1" && nodes < 2 {
+			http.Error(w, "not enough nodes for 2 copies", http.StatusConflict)
+			return
+		}
+		_, port, _ := strings.Cut(*nbd, ":")
+		server = exec.Command("nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", port, "memory", r.FormValue("size"))
+		if err := server.Start(); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+		}
+	})
+	go http.ListenAndServe(*api, mux)
+	if *join != "" {
+		// Join late, so that lu create --copies 2 has to be retried.
+		go func() {
+			time.Sleep(time.Second)
+			http.Get("http://" + *join + "/join")
+		}()
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	<-sig
+	mu.Lock()
+	if server != nil {
+		server.Process.Kill()
+		server.Wait()
+	}
+	return 0
+}
+
+func TestRunWithFakeLupool(t *testing.T) {
+	needTools(t, "fio", "nbdkit")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(fakeLupoolEnv, "1")
+	ws, err := SelectWorkloads([]string{"randread-qd1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	servers, err := SelectServers([]string{"lupool-mem", "lupool-2copies", "nbdkit-memory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Run(context.Background(), Options{Servers: servers, Workloads: ws, Runtime: 300 * time.Millisecond,
+		SizeBytes: 8 << 20, Rounds: 1, OutDir: t.TempDir(), LupoolBin: self, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for _, s := range r.Servers {
+		if s.Skipped != "" {
+			t.Errorf("%s skipped: %s", s.Name, s.Skipped)
+		}
+	}
+	copies := strings.Join(r.Servers[1].Commands, "\n")
+	for _, want := range []string{"--node-id bench1", "--node-id bench2", "--join 127.0.0.1:", "lu create bench --size 1G --kind file --copies 2"} {
+		if !strings.Contains(copies, want) {
+			t.Errorf("lupool-2copies commands lack %q:\n%s", want, copies)
+		}
+	}
+	if !strings.Contains(strings.Join(r.Servers[0].Commands, "\n"), "lu create bench --size 1G --kind memory") {
+		t.Errorf("lupool-mem commands: %q", r.Servers[0].Commands)
+	}
+	w := r.Workloads[0]
+	if len(w.Ratios) != 2 || w.Ratios[0].Subject != "lupool-mem" || w.Ratios[1].Subject != "lupool-2copies" ||
+		!w.Ratios[0].SameClass || w.Ratios[1].SameClass || w.Ratios[0].Pairs != 1 {
+		t.Errorf("ratios = %+v", w.Ratios)
+	}
+}
