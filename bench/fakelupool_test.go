@@ -28,6 +28,14 @@ func TestMain(m *testing.M) {
 	if os.Getenv(fakeLupoolEnv) == "1" {
 		os.Exit(fakeLupool(os.Args[1:]))
 	}
+	// The runner re-executes its own binary for the engine servers.
+	if len(os.Args) > 1 && os.Args[1] == EngineCommand {
+		if err := EngineMain(os.Args[2:], slog.New(slog.DiscardHandler)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 

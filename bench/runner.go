@@ -37,6 +37,8 @@ type Options struct {
 	KeepRaw bool
 	// LupoolBin is the lupool binary.
 	LupoolBin string
+	// EngineBin handles EngineCommand; default: the running binary.
+	EngineBin string
 	// FioBin is the fio binary.
 	FioBin string
 	// CommandLine is recorded in the report (how to reproduce the run).
@@ -72,6 +74,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.LupoolBin == "" {
 		o.LupoolBin = defaultLupoolBin
+	}
+	if o.EngineBin == "" {
+		o.EngineBin = defaultEngineBin()
 	}
 	if o.FioBin == "" {
 		o.FioBin = defaultFioBin
@@ -158,7 +163,7 @@ func Run(ctx context.Context, o Options) (report *Report, err error) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, err
 		}
-		r, err := s.Start(ctx, Env{Dir: dir, DeviceBytes: o.DeviceBytes, LupoolBin: o.LupoolBin, Logger: o.Logger})
+		r, err := s.Start(ctx, Env{Dir: dir, DeviceBytes: o.DeviceBytes, LupoolBin: o.LupoolBin, EngineBin: o.EngineBin, Logger: o.Logger})
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}

@@ -50,6 +50,8 @@ type Env struct {
 	DeviceBytes int64
 	// LupoolBin is the path of the lupool binary.
 	LupoolBin string
+	// EngineBin is a binary that handles EngineCommand (nbdbench itself).
+	EngineBin string
 	// Logger receives progress; never nil.
 	Logger *slog.Logger
 }
@@ -109,6 +111,12 @@ func Servers() []ServerSpec {
 		{Name: "lupool-2copies", Class: ClassFile, Subject: true,
 			Notes: "two lupool nodes on loopback (the second joins the first), one file LU with --copies 2; fio talks to the first",
 			start: startLupoolCopies},
+		{Name: "engine-mem", Class: ClassMemory, Subject: true,
+			Notes: "lupool's NBD engine (server/nbd) over an lu memory volume, without the daemon (nbdbench-engine)",
+			start: startEngine("memory")},
+		{Name: "engine-file", Class: ClassFile, Subject: true,
+			Notes: "lupool's NBD engine (server/nbd) over an lu thin file volume, without the daemon (nbdbench-engine)",
+			start: startEngine("file")},
 		{Name: "nbdkit-memory", Class: ClassMemory,
 			Notes: "nbdkit memory plugin (sparse RAM array), default 16 threads",
 			start: startNbdkitMemory},

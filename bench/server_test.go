@@ -26,12 +26,12 @@ func needTools(t *testing.T, tools ...string) {
 
 func testEnv(t *testing.T) Env {
 	return Env{Dir: t.TempDir(), DeviceBytes: 64 << 20, LupoolBin: filepath.Join(t.TempDir(), "lupool"),
-		Logger: slog.New(slog.DiscardHandler)}
+		EngineBin: defaultEngineBin(), Logger: slog.New(slog.DiscardHandler)}
 }
 
 func TestStartStopPeers(t *testing.T) {
 	needTools(t, "nbdkit", "qemu-nbd")
-	specs, err := SelectServers([]string{"nbdkit-memory", "nbdkit-file", "qemu-nbd"})
+	specs, err := SelectServers([]string{"nbdkit-memory", "nbdkit-file", "qemu-nbd", "engine-mem", "engine-file"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,6 +89,40 @@ func TestLupoolUnavailable(t *testing.T) {
 	}
 	if _, err := SelectServers([]string{"nbdkit-memory", "nope"}); err == nil {
 		t.Error("SelectServers accepted an unknown server")
+	}
+}
+
+// TestRunEngine measures lupool's NBD engine (re-executed test binary)
+// against nbdkit memory on the paging profile, which sends trims.
+func TestRunEngine(t *testing.T) {
+	needTools(t, "fio", "nbdkit")
+	ws, err := SelectWorkloads([]string{"paging-qd4"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	servers, err := SelectServers([]string{"engine-mem", "engine-file", "nbdkit-memory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Run(context.Background(), Options{Servers: servers, Workloads: ws, Runtime: 300 * time.Millisecond,
+		SizeBytes: 8 << 20, Rounds: 1, OutDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for _, s := range r.Servers {
+		if s.Skipped != "" {
+			t.Fatalf("%s skipped: %s", s.Name, s.Skipped)
+		}
+	}
+	w := r.Workloads[0]
+	for _, res := range w.Results {
+		if s := res.Rounds[0].Sample; s == nil || s.Ops["trim"] == 0 || s.Ops["write"] == 0 {
+			t.Errorf("%s: %+v, want writes and trims", res.Server, res.Rounds[0])
+		}
+	}
+	if len(w.Ratios) != 2 || w.Ratios[0].Subject != "engine-mem" || w.Ratios[0].Peer != "nbdkit-memory" ||
+		!w.Ratios[0].SameClass || w.Ratios[1].SameClass || w.Ratios[0].Pairs != 1 {
+		t.Errorf("ratios = %+v", w.Ratios)
 	}
 }
 

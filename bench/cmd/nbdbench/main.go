@@ -25,6 +25,14 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == bench.EngineCommand {
+		logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		if err := bench.EngineMain(os.Args[2:], logger); err != nil {
+			fmt.Fprintln(os.Stderr, "nbdbench-engine:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "nbdbench:", err)
 		os.Exit(1)
@@ -120,7 +128,8 @@ func run(args []string) error {
 	if report == nil {
 		return runErr
 	}
-	written, err := bench.WriteReport(ctx, *out, report)
+	// Write what was measured even after an interrupt.
+	written, err := bench.WriteReport(context.Background(), *out, report)
 	for _, p := range written {
 		logger.Info("wrote", "path", p)
 	}
