@@ -100,7 +100,7 @@ func TestRenderMarkdown(t *testing.T) {
 		"| nbdkit-file | 5.0k (5.0k–5.0k) | 19.5 | 52 | 210 | 420 |",
 		"| lupool-mem / nbdkit-file (other class) | 2.10 (2.00–2.20) | 0.50 (0.50–0.50) |",
 		"| lupool-mem / nbdkit-memory | 0.95 (0.90–1.00) | 0.90 (0.80–1.00) |",
-		"- randread-qd32: 0.95 (0.90–1.00), met",
+		"- randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met",
 	} {
 		if !strings.Contains(got, line+"\n") {
 			t.Errorf("markdown lacks line %q", line)
@@ -123,11 +123,11 @@ func TestRenderMarkdown(t *testing.T) {
 
 func TestTargetLines(t *testing.T) {
 	r := cannedReport(t)
-	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32: 0.95 (0.90–1.00), met" {
+	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met" {
 		t.Errorf("target = %q", got)
 	}
 	r.Workloads[1].Ratios[0].IOPS = Spread{Median: 0.89, Min: 0.8, Max: 0.95}
-	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32: 0.89 (0.80–0.95), NOT met" {
+	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.89 (0.80–0.95), NOT met" {
 		t.Errorf("target = %q", got)
 	}
 	r.Workloads = r.Workloads[:1]
