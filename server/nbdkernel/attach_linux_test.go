@@ -3,12 +3,20 @@
 package nbdkernel
 
 import (
+	"context"
+	"crypto/tls"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"testing"
 	"time"
 
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/server/nbd"
+	"github.com/lupool/lupool/server/nbdproto"
 	"golang.org/x/sys/unix"
 )
 
@@ -78,5 +86,118 @@ func TestKernelSocketTCP(t *testing.T) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
 		t.Errorf("kernel file is not a socket: mode %#o %v", st.Mode, err)
+	}
+}
+
+// kernelTwin stands in for the kernel driver: it records the ioctls and, in
+// NBD_DO_IT, speaks the transmission phase over the socket it was given in
+// NBD_SET_SOCK, as the kernel would: a WRITE, a READ, then NBD_CMD_DISC.
+type kernelTwin struct {
+	t        *testing.T
+	sockFD   int
+	sizeBlks uintptr
+	blkBytes uintptr
+	readBack []byte
+}
+
+var _ kernelDevice = (*kernelTwin)(nil)
+
+func (k *kernelTwin) ioctl(req uint, arg uintptr) error {
+	switch req {
+	case nbdSetSock:
+		fd, err := unix.Dup(int(arg))
+		if err != nil {
+			return err
+		}
+		k.sockFD = fd
+	case nbdSetBlockSize:
+		k.blkBytes = arg
+	case nbdSetSizeBlocks:
+		k.sizeBlks = arg
+	case nbdDoIt:
+		return k.serve()
+	}
+	return nil
+}
+
+func (k *kernelTwin) serve() error {
+	f := os.NewFile(uintptr(k.sockFD), "twin")
+	defer f.Close()
+	send := func(cmd uint16, handle, off uint64, payload []byte, length uint32) error {
+		b := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(b, nbdproto.Request{Type: cmd, Handle: handle, Offset: off, Length: length})
+		_, err := f.Write(append(b, payload...))
+		return err
+	}
+	reply := func(handle uint64, data int) ([]byte, error) {
+		b := make([]byte, nbdproto.SimpleReplySize+data)
+		if _, err := io.ReadFull(f, b); err != nil {
+			return nil, err
+		}
+		r, err := nbdproto.ParseSimpleReply(b)
+		if err != nil || r.Handle != handle || r.Error != 0 {
+			return nil, fmt.Errorf("reply %+v %v", r, err)
+		}
+		return b[nbdproto.SimpleReplySize:], nil
+	}
+	payload := []byte("written by the kernel twin")
+	if err := send(nbdproto.CmdWrite, 1, 8192, payload, uint32(len(payload))); err != nil {
+		return err
+	}
+	if _, err := reply(1, 0); err != nil {
+		return err
+	}
+	if err := send(nbdproto.CmdRead, 2, 8192, nil, uint32(len(payload))); err != nil {
+		return err
+	}
+	got, err := reply(2, len(payload))
+	if err != nil {
+		return err
+	}
+	k.readBack = got
+	return send(nbdproto.CmdDisc, 3, 0, nil, 0)
+}
+
+func (k *kernelTwin) Close() error { return nil }
+
+// TestAttachHandsOverSocket runs Attach with the real socket handover
+// (plain TCP, and the TLS proxy) and a kernel twin that does I/O through
+// the handed-over socket.
+func TestAttachHandsOverSocket(t *testing.T) {
+	serverCfg, pool := testCert(t)
+	for _, tc := range []struct {
+		name string
+		mode nbd.TLSMode
+		cfg  *tls.Config
+	}{
+		{"tcp", nbd.TLSOff, nil},
+		{"tls", nbd.TLSRequired, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := blockdevtest.NewMem(6<<20, blockdev.Caps{})
+			addr := startEngine(t, tc.mode, serverCfg, nbd.Export{Name: "mem", Device: dev})
+			twin := &kernelTwin{t: t}
+			p := platform{
+				check:  func(string) error { return nil },
+				open:   func(string) (kernelDevice, error) { return twin, nil },
+				socket: kernelSocket,
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			opts := Options{Addr: addr, Export: "mem", Device: "/dev/nbd1", TLSConfig: tc.cfg}
+			if err := attach(ctx, opts, p); err != nil {
+				t.Fatalf("attach: %v", err)
+			}
+			want := "written by the kernel twin"
+			if string(twin.readBack) != want {
+				t.Errorf("twin read back %q", twin.readBack)
+			}
+			if got := dev.Bytes()[8192 : 8192+len(want)]; string(got) != want {
+				t.Errorf("device holds %q", got)
+			}
+			if twin.blkBytes != 4096 || twin.sizeBlks != (6<<20)/4096 {
+				t.Errorf("block size %d, %d blocks", twin.blkBytes, twin.sizeBlks)
+			}
+		})
 	}
 }
