@@ -186,6 +186,56 @@ func TestHostileHandshake(t *testing.T) {
 			t.Errorf("LIST after an unknown option: %d exports, want 1", names)
 		}
 	})
+	t.Run("GO without info requests", func(t *testing.T) {
+		// nbd-client asks for nothing; the server sends every info anyway.
+		c := dialRaw(t, srv.addr)
+		greet(t, c, nbdproto.ClientFlagFixedNewstyle|nbdproto.ClientFlagNoZeroes)
+		payload := binary.BigEndian.AppendUint16(nbdproto.AppendString(nil, "mem"), 0)
+		writeRaw(t, c, append(optionHeader(nbdproto.OptGo, uint32(len(payload))), payload...))
+		infos := map[uint16][]byte{}
+		for {
+			r, p := readOptionReply(t, c)
+			if r.Type == nbdproto.RepAck {
+				break
+			}
+			if r.Type != nbdproto.RepInfo || len(p) < 2 {
+				t.Fatalf("reply to GO: %+v", r)
+			}
+			infos[binary.BigEndian.Uint16(p)] = p[2:]
+		}
+		if e := infos[nbdproto.InfoExport]; len(e) != 10 || binary.BigEndian.Uint64(e) != 4*miB {
+			t.Errorf("NBD_INFO_EXPORT %x", e)
+		}
+		if n := infos[nbdproto.InfoName]; string(n) != "mem" {
+			t.Errorf("NBD_INFO_NAME %q, want mem", n)
+		}
+		if d := infos[nbdproto.InfoDescription]; string(d) != "memory export mem" {
+			t.Errorf("NBD_INFO_DESCRIPTION %q", d)
+		}
+		if b := infos[nbdproto.InfoBlockSize]; len(b) != 12 || binary.BigEndian.Uint32(b[4:]) != 4096 || binary.BigEndian.Uint32(b[8:]) != 32*miB {
+			t.Errorf("NBD_INFO_BLOCK_SIZE %x", b)
+		}
+		// Now in transmission: a read of the first block.
+		req := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(req, nbdproto.Request{Type: nbdproto.CmdRead, Handle: 1, Length: 512})
+		writeRaw(t, c, req)
+		rep := make([]byte, nbdproto.SimpleReplySize+512)
+		if _, err := io.ReadFull(c, rep); err != nil {
+			t.Fatalf("read after GO: %v", err)
+		}
+		if r, err := nbdproto.ParseSimpleReply(rep); err != nil || r.Error != 0 || r.Handle != 1 {
+			t.Errorf("read after GO: %+v %v", r, err)
+		}
+	})
+	t.Run("abort", func(t *testing.T) {
+		c := dialRaw(t, srv.addr)
+		greet(t, c, nbdproto.ClientFlagFixedNewstyle)
+		writeRaw(t, c, optionHeader(nbdproto.OptAbort, 0))
+		if r, _ := readOptionReply(t, c); r.Type != nbdproto.RepAck || r.Option != nbdproto.OptAbort {
+			t.Errorf("reply to ABORT: %+v, want NBD_REP_ACK", r)
+		}
+		expectClosed(t, c)
+	})
 	t.Run("too many options", func(t *testing.T) {
 		c := dialRaw(t, srv.addr)
 		greet(t, c, nbdproto.ClientFlagFixedNewstyle)
