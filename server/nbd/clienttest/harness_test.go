@@ -50,6 +50,7 @@ type serverConfig struct {
 // server is an engine running on a loopback listener for one test.
 type server struct {
 	srv     *nbd.Server
+	exports *nbd.ExportSet
 	addr    string // host:port
 	port    string
 	metrics *nbd.Metrics
@@ -94,7 +95,7 @@ func startServer(t *testing.T, cfg serverConfig) *server {
 		}
 	})
 	_, port, _ := net.SplitHostPort(l.Addr().String())
-	return &server{srv: srv, addr: l.Addr().String(), port: port, metrics: metrics}
+	return &server{srv: srv, exports: es, addr: l.Addr().String(), port: port, metrics: metrics}
 }
 
 // uri returns the nbd:// URI of an export.
