@@ -85,10 +85,48 @@ type osFile struct {
 	noPwritev2 atomic.Bool
 }
 
-func (f *osFile) ReadAt(p []byte, off int64) (int, error)  { return f.f.ReadAt(p, off) }
-func (f *osFile) WriteAt(p []byte, off int64) (int, error) { return f.f.WriteAt(p, off) }
-func (f *osFile) Truncate(size int64) error                { return f.f.Truncate(size) }
-func (f *osFile) Close() error                             { return f.f.Close() }
+func (f *osFile) Truncate(size int64) error { return f.f.Truncate(size) }
+func (f *osFile) Close() error              { return f.f.Close() }
+
+// ReadAt calls pread on the descriptor directly: the caller's exclusion of
+// Close (see the package doc) replaces os.File's per-call reference count.
+func (f *osFile) ReadAt(p []byte, off int64) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pread(f.fd, p[done:], off+int64(done))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, f.pathErr("pread", err)
+		}
+		if n == 0 {
+			return done, io.EOF
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// WriteAt calls pwrite on the descriptor directly, until all of p is
+// written or an error (ENOSPC after a short write) stops it.
+func (f *osFile) WriteAt(p []byte, off int64) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pwrite(f.fd, p[done:], off+int64(done))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, f.pathErr("pwrite", err)
+		}
+		if n == 0 {
+			return done, f.pathErr("pwrite", io.ErrShortWrite)
+		}
+		done += n
+	}
+	return done, nil
+}
 
 func (f *osFile) WriteAtSync(p []byte, off int64) (int, error) {
 	if !f.noPwritev2.Load() {
@@ -114,7 +152,7 @@ func (f *osFile) WriteAtSync(p []byte, off int64) (int, error) {
 			return done, nil
 		}
 	}
-	n, err := f.f.WriteAt(p, off)
+	n, err := f.WriteAt(p, off)
 	if err != nil {
 		return n, err
 	}
