@@ -1,6 +1,10 @@
 package clienttest
 
 import (
+	"bytes"
+	"context"
+	"os/exec"
+	"runtime"
 	"testing"
 	"time"
 
@@ -61,4 +65,48 @@ func TestExportRemoval(t *testing.T) {
 	if r := runTool(t, nil, "nbdinfo", srv.uri("gone")); r.err == nil {
 		t.Error("a new client attached to the removed export")
 	}
+}
+
+// TestShutdownUnderLoad shuts the server down while fio drives it at
+// iodepth 32: Shutdown lets in-flight requests finish and returns nil
+// promptly, fio sees the server go away long before its run time, and the
+// server's goroutines are gone.
+func TestShutdownUnderLoad(t *testing.T) {
+	fio := needTool(t, "fio")
+	base := runtime.NumGoroutine()
+	e, _ := memExport("mem", 16*miB, blockdev.Caps{})
+	srv := startServer(t, serverConfig{exports: []nbd.Export{e}})
+	ctx, cancel := context.WithTimeout(context.Background(), clientTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, fio, "--ioengine=nbd", "--uri="+srv.uri("mem"), "--name=load",
+		"--rw=randrw", "--bs=4k", "--iodepth=32", "--size=16m", "--time_based", "--runtime=30", "--output-format=json")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	waitFor(t, "fio to connect", 10*time.Second, func() bool { return srv.srv.Connections("mem") == 1 })
+	time.Sleep(500 * time.Millisecond)
+
+	start := time.Now()
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	if err := srv.srv.Shutdown(sctx); err != nil {
+		t.Errorf("Shutdown under load: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Shutdown took %v with only 4 KiB requests in flight", d)
+	}
+	select {
+	case err := <-exited:
+		t.Logf("fio after shutdown: %v", err)
+	case <-time.After(15 * time.Second):
+		t.Fatalf("fio still running 15 s after Shutdown:\n%s", out.String())
+	}
+	if n := srv.srv.Connections("mem"); n != 0 {
+		t.Errorf("%d connections after Shutdown", n)
+	}
+	waitGoroutines(t, base)
 }
