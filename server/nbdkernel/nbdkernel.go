@@ -148,8 +148,9 @@ type ExportInfo struct {
 // returns the connection to use for the transmission phase (conn itself, or
 // the TLS connection wrapping it) and what the server said about the export.
 // It asks for no structured replies and no metadata context, as the kernel
-// client cannot use them. ctx bounds the handshake (30 s
-// when it has no deadline). On error the caller still owns and closes conn.
+// client cannot use them. ctx bounds the handshake (30 s when it has no
+// deadline); a deadline set on conn is cleared on success. On error the
+// caller still owns and closes conn.
 func Negotiate(ctx context.Context, conn net.Conn, export string, tlsConfig *tls.Config) (net.Conn, ExportInfo, error) {
 	deadline, ok := ctx.Deadline()
 	if !ok {
