@@ -447,6 +447,27 @@ func TestRawTransmission(t *testing.T) {
 		}
 		c.c.Close()
 	})
+	t.Run("write length over the limit", func(t *testing.T) {
+		// A 2 GiB WRITE header without its payload: the server may answer
+		// with an error, wait for the payload or close, but must not
+		// allocate for it.
+		before := heapInUse()
+		for h := uint64(200); h < 205; h++ {
+			c, _ := openRaw(t, srv.addr, "slow")
+			c.send(nbdproto.CmdWrite, 0, h, 0, 1<<31, make([]byte, 4096))
+			_ = c.c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			var b [nbdproto.SimpleReplySize]byte
+			if _, err := io.ReadFull(c.c, b[:]); err == nil {
+				if rep, err := nbdproto.ParseSimpleReply(b[:]); err != nil || rep.Handle != h || rep.Error == 0 {
+					t.Errorf("reply to a 2 GiB write: %+v %v, want an error", rep, err)
+				}
+			}
+			c.c.Close()
+		}
+		if grown := int64(heapInUse()) - int64(before); grown > 64*miB {
+			t.Errorf("heap grew by %d MiB for five 2 GiB write headers", grown/miB)
+		}
+	})
 	t.Run("bad request magic", func(t *testing.T) {
 		c, _ := openRaw(t, srv.addr, "slow")
 		writeRaw(t, c.c, bytes.Repeat([]byte{0xee}, nbdproto.RequestSize))
