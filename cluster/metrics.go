@@ -1,0 +1,78 @@
+package cluster
+
+import (
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// collector reads Stats on every scrape. It is built unregistered: the
+// daemon registers it on its own registry.
+type collector struct {
+	n        *Node // immutable; never nil
+	state    *prometheus.Desc
+	term     *prometheus.Desc
+	applied  *prometheus.Desc
+	commit   *prometheus.Desc
+	last     *prometheus.Desc
+	rejected *prometheus.Desc
+	lus      *prometheus.Desc
+	nodes    *prometheus.Desc
+}
+
+var _ prometheus.Collector = (*collector)(nil)
+
+// Collectors returns the node's Prometheus collectors, unregistered:
+//
+//	lupool_raft_state              gauge: 0 follower, 1 candidate, 2 leader, 3 shutdown
+//	lupool_raft_term               gauge
+//	lupool_raft_applied_index      gauge (the state machine's recorded index)
+//	lupool_raft_commit_index       gauge
+//	lupool_raft_last_log_index     gauge
+//	lupool_raft_rejected_commands_total counter
+//	lupool_raft_nodes              gauge: members in the raft configuration
+//	lupool_lus                     gauge: LUs in the table
+func (n *Node) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{&collector{
+		n:        n,
+		state:    prometheus.NewDesc("lupool_raft_state", "Raft state of this node: 0 follower, 1 candidate, 2 leader, 3 shutdown.", nil, nil),
+		term:     prometheus.NewDesc("lupool_raft_term", "Current raft term.", nil, nil),
+		applied:  prometheus.NewDesc("lupool_raft_applied_index", "Last raft index applied to the metadata state machine.", nil, nil),
+		commit:   prometheus.NewDesc("lupool_raft_commit_index", "Last raft index known committed.", nil, nil),
+		last:     prometheus.NewDesc("lupool_raft_last_log_index", "Last raft index in the local log.", nil, nil),
+		rejected: prometheus.NewDesc("lupool_raft_rejected_commands_total", "Commands the state machine refused (invalid or unknown).", nil, nil),
+		lus:      prometheus.NewDesc("lupool_lus", "Number of LUs in the metadata table.", nil, nil),
+		nodes:    prometheus.NewDesc("lupool_raft_nodes", "Members of the raft configuration.", nil, nil),
+	}}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	s := c.n.Stats()
+	var state float64
+	switch c.n.raft.State() {
+	case raft.Follower:
+		state = 0
+	case raft.Candidate:
+		state = 1
+	case raft.Leader:
+		state = 2
+	default:
+		state = 3
+	}
+	gauge := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
+	}
+	gauge(c.state, state)
+	gauge(c.term, float64(s.Term))
+	gauge(c.applied, float64(s.FSMIndex))
+	gauge(c.commit, float64(s.CommitIndex))
+	gauge(c.last, float64(s.LastLogIndex))
+	ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected))
+	gauge(c.lus, float64(s.LUs))
+	gauge(c.nodes, float64(s.NodeCount))
+}

@@ -1,0 +1,665 @@
+// Package cluster keeps lupool's replicated metadata: the LU table, the
+// node records and pool settings, changed only through a hashicorp/raft log
+// and applied to Pebble on every node (DESIGN.md, decision 3).
+//
+// A Node owns one Pebble instance under Options.Dir/pebble holding both the
+// raft log and stable store (package raftpebble, keys "raft/") and the state
+// machine (keys "meta/", see fsm.go), plus raft snapshots under
+// Options.Dir/snapshots. A fresh node with Options.Bootstrap becomes a
+// one-member cluster; other nodes start without Bootstrap and are added by
+// the leader's AddVoter.
+//
+// Writes (CreateLU, ResizeLU, DeleteLU, UpdateLU, AddVoter, RegisterSelf,
+// SetSetting) run on the leader only and return ErrNotLeader elsewhere;
+// reads (GetLU, ListLUs, Nodes, Setting) read the local applied state,
+// which on a follower may lag the leader by a few entries.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/hashicorp/raft"
+	"github.com/lupool/lupool/cluster/raftpebble"
+)
+
+// Options configures a Node.
+type Options struct {
+	// Dir is where the node's state lives; created if missing.
+	Dir string
+	// NodeID is the stable raft server id; the daemon persists it.
+	NodeID string
+	// PeerAddr is the raft transport bind address, e.g. 127.0.0.1:10811.
+	// Port 0 picks a free port (tests); PeerAddress reports the result.
+	PeerAddr string
+	// PeerAdvertise is the address other nodes dial; empty means the bound
+	// PeerAddr (which must then not be a wildcard address).
+	PeerAdvertise string
+	// APIAddr and NBDAddr are stored in this node's record for clients.
+	APIAddr string
+	NBDAddr string
+	// Bootstrap makes a node without any raft state a one-member cluster.
+	Bootstrap bool
+	// Logger receives the node's and raft's logs; nil means discard.
+	Logger *slog.Logger
+	// FS is where Pebble keeps its files; nil means the OS file system.
+	// Tests pass vfs.NewCrashableMem(). Snapshots always use the OS.
+	FS vfs.FS
+
+	// Raft timing. Defaults suit loopback and tests (elections in well
+	// under a second); raise them for real networks.
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+	// SnapshotInterval and SnapshotThreshold: raft checks every interval
+	// and snapshots when more than threshold entries were applied since the
+	// last snapshot; TrailingLogs entries stay in the log after compaction.
+	SnapshotInterval  time.Duration
+	SnapshotThreshold uint64
+	TrailingLogs      uint64
+	// ApplyTimeout bounds a write when the context has no deadline.
+	ApplyTimeout time.Duration
+}
+
+// EnsureDefaults fills unset fields.
+func (o *Options) EnsureDefaults() {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.FS == nil {
+		o.FS = vfs.Default
+	}
+	if o.HeartbeatTimeout == 0 {
+		// Loopback round trips are microseconds; 500 ms leaves room for
+		// GC pauses and -race on a loaded 2-core machine, and still elects
+		// a leader within about a second.
+		o.HeartbeatTimeout = 500 * time.Millisecond
+	}
+	if o.ElectionTimeout == 0 {
+		o.ElectionTimeout = o.HeartbeatTimeout
+	}
+	if o.LeaderLeaseTimeout == 0 {
+		// Must not exceed HeartbeatTimeout (raft.ValidateConfig).
+		o.LeaderLeaseTimeout = o.HeartbeatTimeout / 2
+	}
+	if o.CommitTimeout == 0 {
+		o.CommitTimeout = 20 * time.Millisecond
+	}
+	if o.SnapshotInterval == 0 {
+		o.SnapshotInterval = 30 * time.Second
+	}
+	if o.SnapshotThreshold == 0 {
+		// Metadata entries are small; 8192 keeps the log under a few MiB.
+		o.SnapshotThreshold = 8192
+	}
+	if o.TrailingLogs == 0 {
+		// Enough for a briefly absent follower to catch up from the log
+		// instead of a snapshot.
+		o.TrailingLogs = 1024
+	}
+	if o.ApplyTimeout == 0 {
+		o.ApplyTimeout = 10 * time.Second
+	}
+}
+
+// Validate reports the first unusable setting.
+func (o *Options) Validate() error {
+	switch {
+	case o.Dir == "":
+		return errors.New("cluster: Options.Dir is empty")
+	case o.NodeID == "":
+		return errors.New("cluster: Options.NodeID is empty")
+	case o.PeerAddr == "":
+		return errors.New("cluster: Options.PeerAddr is empty")
+	case o.LeaderLeaseTimeout > o.HeartbeatTimeout:
+		return fmt.Errorf("cluster: LeaderLeaseTimeout %v exceeds HeartbeatTimeout %v", o.LeaderLeaseTimeout, o.HeartbeatTimeout)
+	case o.ElectionTimeout < o.HeartbeatTimeout:
+		return fmt.Errorf("cluster: ElectionTimeout %v is below HeartbeatTimeout %v", o.ElectionTimeout, o.HeartbeatTimeout)
+	}
+	if _, _, err := net.SplitHostPort(o.PeerAddr); err != nil {
+		return fmt.Errorf("cluster: PeerAddr %q: %w", o.PeerAddr, err)
+	}
+	return nil
+}
+
+// Node is one member of the metadata cluster. Its methods are safe for
+// concurrent use.
+type Node struct {
+	opts  Options                 // immutable after Open
+	log   *slog.Logger            // immutable; never nil
+	db    *pebble.DB              // immutable; closed by Close
+	fsm   *fsm                    // immutable
+	trans *raft.NetworkTransport  // immutable; closed by Close
+	raft  *raft.Raft              // immutable
+	snaps *raft.FileSnapshotStore // immutable
+
+	closeOnce sync.Once
+	closeErr  error // written once by Close
+	closed    chan struct{}
+}
+
+// Open opens (or creates) the node's state and starts raft.
+func Open(opts Options) (*Node, error) {
+	opts.EnsureDefaults()
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	log := opts.Logger.With("component", "cluster", "node", opts.NodeID)
+	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("cluster: create %s: %w", opts.Dir, err)
+	}
+	pebbleDir := filepath.Join(opts.Dir, "pebble")
+	if err := mkdirAllSynced(opts.FS, pebbleDir); err != nil {
+		return nil, err
+	}
+	db, err := pebble.Open(pebbleDir, &pebble.Options{FS: opts.FS, Logger: pebbleLogger{log}})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: open pebble in %s: %w", pebbleDir, err)
+	}
+	n := &Node{opts: opts, log: log, db: db, closed: make(chan struct{})}
+	if err := n.start(); err != nil {
+		if n.trans != nil {
+			_ = n.trans.Close()
+		}
+		_ = db.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+func (n *Node) start() error {
+	opts := &n.opts
+	store, err := raftpebble.New(n.db)
+	if err != nil {
+		return err
+	}
+	if n.fsm, err = newFSM(n.db, n.log); err != nil {
+		return err
+	}
+	hlog := newHclog(n.log)
+	n.snaps, err = raft.NewFileSnapshotStoreWithLogger(opts.Dir, 2 /* retain */, hlog.Named("snapshots"))
+	if err != nil {
+		return fmt.Errorf("cluster: snapshot store in %s: %w", opts.Dir, err)
+	}
+	var advertise net.Addr
+	if opts.PeerAdvertise != "" {
+		if advertise, err = net.ResolveTCPAddr("tcp", opts.PeerAdvertise); err != nil {
+			return fmt.Errorf("cluster: PeerAdvertise %q: %w", opts.PeerAdvertise, err)
+		}
+	}
+	n.trans, err = raft.NewTCPTransportWithLogger(opts.PeerAddr, advertise, 3 /* maxPool */, 10*time.Second, hlog.Named("transport"))
+	if err != nil {
+		return fmt.Errorf("cluster: raft transport on %s: %w", opts.PeerAddr, err)
+	}
+	cfg := raft.DefaultConfig()
+	cfg.LocalID = raft.ServerID(opts.NodeID)
+	cfg.HeartbeatTimeout = opts.HeartbeatTimeout
+	cfg.ElectionTimeout = opts.ElectionTimeout
+	cfg.LeaderLeaseTimeout = opts.LeaderLeaseTimeout
+	cfg.CommitTimeout = opts.CommitTimeout
+	cfg.SnapshotInterval = opts.SnapshotInterval
+	cfg.SnapshotThreshold = opts.SnapshotThreshold
+	cfg.TrailingLogs = opts.TrailingLogs
+	// The state in Pebble is at least as new as any snapshot: restoring
+	// one on start would roll it back and re-apply entries.
+	cfg.NoSnapshotRestoreOnStart = true
+	cfg.Logger = hlog
+	if err := raft.ValidateConfig(cfg); err != nil {
+		return fmt.Errorf("cluster: raft config: %w", err)
+	}
+	has, err := raft.HasExistingState(store, store, n.snaps)
+	if err != nil {
+		return fmt.Errorf("cluster: read raft state: %w", err)
+	}
+	if !has && opts.Bootstrap {
+		conf := raft.Configuration{Servers: []raft.Server{{
+			Suffrage: raft.Voter, ID: cfg.LocalID, Address: n.trans.LocalAddr(),
+		}}}
+		if err := raft.BootstrapCluster(cfg, store, store, n.snaps, n.trans, conf); err != nil {
+			return fmt.Errorf("cluster: bootstrap: %w", err)
+		}
+		n.log.Info("bootstrapped a one-member cluster", "peer", n.trans.LocalAddr())
+	}
+	n.raft, err = raft.NewRaft(cfg, n.fsm, store, store, n.snaps, n.trans)
+	if err != nil {
+		return fmt.Errorf("cluster: start raft: %w", err)
+	}
+	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
+		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
+	return nil
+}
+
+// Close shuts raft down, then the transport, then Pebble. It is safe to
+// call more than once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		close(n.closed)
+		var errs []error
+		if err := n.raft.Shutdown().Error(); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: raft shutdown: %w", err))
+		}
+		if err := n.trans.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: transport close: %w", err))
+		}
+		if err := n.db.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: pebble close: %w", err))
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+func (n *Node) isClosed() bool {
+	select {
+	case <-n.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// ID returns this node's id.
+func (n *Node) ID() string { return n.opts.NodeID }
+
+// PeerAddress returns the raft transport's address (useful with port 0).
+func (n *Node) PeerAddress() string { return string(n.trans.LocalAddr()) }
+
+// WaitLeader waits until the cluster has a leader known to this node.
+func (n *Node) WaitLeader(ctx context.Context) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if n.isClosed() {
+			return ErrClosed
+		}
+		if addr, _ := n.raft.LeaderWithID(); addr != "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cluster: waiting for a leader: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// IsLeader reports whether this node is the raft leader.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's node id and API address; empty when unknown
+// (the API address is empty until the leader's record is written, see
+// RegisterSelf).
+func (n *Node) Leader() (id, apiAddr string) {
+	_, sid := n.raft.LeaderWithID()
+	if sid == "" {
+		return "", ""
+	}
+	var rec nodeRecord
+	if found, err := getJSON(n.db, nodePrefix+string(sid), &rec); err == nil && found {
+		apiAddr = rec.APIAddr
+	}
+	return string(sid), apiAddr
+}
+
+// propose runs a command through the log and returns its result. On a
+// context error the command may still be applied later.
+func (n *Node) propose(ctx context.Context, c *command) (*Change, error) {
+	if n.isClosed() {
+		return nil, ErrClosed
+	}
+	if n.raft.State() != raft.Leader {
+		return nil, ErrNotLeader
+	}
+	c.At = time.Now().UTC()
+	data, err := encodeCommand(c)
+	if err != nil {
+		return nil, err
+	}
+	timeout := n.opts.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	f := n.raft.Apply(data, timeout)
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case <-ctx.Done():
+		return nil, fmt.Errorf("cluster: %s: %w (it may still be applied)", c.Type, ctx.Err())
+	case err := <-done:
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
+			errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			return nil, fmt.Errorf("%w: %s: %v", ErrNotLeader, c.Type, err)
+		}
+		if errors.Is(err, raft.ErrRaftShutdown) {
+			return nil, ErrClosed
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cluster: %s: %w", c.Type, err)
+		}
+	}
+	res, ok := f.Response().(applyResult)
+	if !ok {
+		return nil, fmt.Errorf("cluster: %s: unexpected apply response %T", c.Type, f.Response())
+	}
+	return res.change, res.err
+}
+
+// CreateLU adds lu to the table. Zero fields get defaults: Kind "file",
+// Copies 1, CreatedOn and Writer this node, Epoch 1; CreatedAt is set by
+// the leader. Returns ErrExists, ErrInvalid or ErrNotLeader.
+func (n *Node) CreateLU(ctx context.Context, lu LU) error {
+	lu = withDefaults(lu, n.opts.NodeID)
+	if err := validateLU(&lu); err != nil {
+		return err
+	}
+	if _, err := n.GetLU(lu.Name); err == nil {
+		return fmt.Errorf("%w: %q", ErrExists, lu.Name)
+	}
+	_, err := n.propose(ctx, &command{Type: cmdCreateLU, LU: &lu})
+	return err
+}
+
+// ResizeLU sets the size of an LU. Returns ErrNotFound, ErrInvalid or
+// ErrNotLeader. Shrinking is allowed here; the caller decides policy.
+func (n *Node) ResizeLU(ctx context.Context, name string, sizeBytes int64) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if err := ValidateSize(sizeBytes); err != nil {
+		return err
+	}
+	if _, err := n.GetLU(name); err != nil {
+		return err
+	}
+	_, err := n.propose(ctx, &command{Type: cmdResizeLU, Name: name, SizeBytes: sizeBytes})
+	return err
+}
+
+// DeleteLU removes an LU from the table. Returns ErrNotFound or
+// ErrNotLeader.
+func (n *Node) DeleteLU(ctx context.Context, name string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if _, err := n.GetLU(name); err != nil {
+		return err
+	}
+	_, err := n.propose(ctx, &command{Type: cmdDeleteLU, Name: name})
+	return err
+}
+
+// UpdateLU replaces an LU's Description, Copies, Writer, Epoch and
+// Replicas (name, size, kind and creation fields are kept). lu.Epoch must
+// not be below the recorded epoch. Returns ErrNotFound, ErrInvalid or
+// ErrNotLeader. Meant for the replication layer.
+func (n *Node) UpdateLU(ctx context.Context, lu LU) error {
+	if err := ValidateName(lu.Name); err != nil {
+		return err
+	}
+	if _, err := n.GetLU(lu.Name); err != nil {
+		return err
+	}
+	_, err := n.propose(ctx, &command{Type: cmdUpdateLU, LU: &lu})
+	return err
+}
+
+// GetLU reads one LU from the local applied state. Returns ErrNotFound.
+func (n *Node) GetLU(name string) (LU, error) {
+	if n.isClosed() {
+		return LU{}, ErrClosed
+	}
+	return n.fsm.mustGetLU(name)
+}
+
+// ListLUs returns the local applied LU table sorted by name.
+func (n *Node) ListLUs() ([]LU, error) {
+	if n.isClosed() {
+		return nil, ErrClosed
+	}
+	return listLUs(n.db) // key order is name order
+}
+
+// SetSetting stores a pool setting through the log (leader only).
+func (n *Node) SetSetting(ctx context.Context, key, value string) error {
+	if key == "" {
+		return fmt.Errorf("%w: empty setting name", ErrInvalid)
+	}
+	_, err := n.propose(ctx, &command{Type: cmdSetSetting, Name: key, Value: value})
+	return err
+}
+
+// Setting reads a pool setting from the local applied state.
+func (n *Node) Setting(key string) (value string, found bool, err error) {
+	if n.isClosed() {
+		return "", false, ErrClosed
+	}
+	v, c, err := n.db.Get([]byte(settingPrefix + key))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("cluster: read setting %q: %w", key, err)
+	}
+	defer c.Close()
+	return string(v), true, nil
+}
+
+// RegisterSelf records this node's addresses in the node table. Call it on
+// the leader after WaitLeader (and again whenever addresses change).
+func (n *Node) RegisterSelf(ctx context.Context) error {
+	rec := nodeRecord{ID: n.opts.NodeID, PeerAddr: n.PeerAddress(), APIAddr: n.opts.APIAddr, NBDAddr: n.opts.NBDAddr}
+	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec})
+	return err
+}
+
+// AddVoter adds a node to the raft configuration as a voter and records its
+// addresses. Leader only. Adding a node that is already a voter at the same
+// address only updates its record.
+func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr string) error {
+	if id == "" || peerAddr == "" {
+		return fmt.Errorf("%w: AddVoter needs a node id and a peer address", ErrInvalid)
+	}
+	if n.isClosed() {
+		return ErrClosed
+	}
+	if n.raft.State() != raft.Leader {
+		return ErrNotLeader
+	}
+	timeout := n.opts.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(peerAddr), 0, timeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+			return fmt.Errorf("%w: add voter %s: %v", ErrNotLeader, id, err)
+		}
+		return fmt.Errorf("cluster: add voter %s at %s: %w", id, peerAddr, err)
+	}
+	rec := nodeRecord{ID: id, PeerAddr: peerAddr, APIAddr: apiAddr, NBDAddr: nbdAddr}
+	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec})
+	return err
+}
+
+// RemoveServer removes a node from the raft configuration and deletes its
+// record. Leader only.
+func (n *Node) RemoveServer(ctx context.Context, id string) error {
+	if n.isClosed() {
+		return ErrClosed
+	}
+	if n.raft.State() != raft.Leader {
+		return ErrNotLeader
+	}
+	timeout := n.opts.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if err := n.raft.RemoveServer(raft.ServerID(id), 0, timeout).Error(); err != nil {
+		return fmt.Errorf("cluster: remove server %s: %w", id, err)
+	}
+	_, err := n.propose(ctx, &command{Type: cmdRemoveNode, Name: id})
+	return err
+}
+
+// Nodes lists the raft configuration's members merged with their records,
+// sorted by id; nodes with a record but no longer in the configuration
+// are listed with Suffrage "none".
+func (n *Node) Nodes() ([]NodeInfo, error) {
+	if n.isClosed() {
+		return nil, ErrClosed
+	}
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, fmt.Errorf("cluster: raft configuration: %w", err)
+	}
+	recs, err := listNodeRecords(n.db)
+	if err != nil {
+		return nil, err
+	}
+	_, leader := n.raft.LeaderWithID()
+	var out []NodeInfo
+	for _, s := range f.Configuration().Servers {
+		info := NodeInfo{ID: string(s.ID), PeerAddr: string(s.Address), Leader: s.ID == leader}
+		switch s.Suffrage {
+		case raft.Voter:
+			info.Suffrage = suffrageVoter
+		case raft.Nonvoter:
+			info.Suffrage = suffrageNonvoter
+		default:
+			info.Suffrage = suffrageStaging
+		}
+		if rec, ok := recs[info.ID]; ok {
+			info.APIAddr, info.NBDAddr, info.UpdatedAt = rec.APIAddr, rec.NBDAddr, rec.UpdatedAt
+			delete(recs, info.ID)
+		}
+		out = append(out, info)
+	}
+	for _, rec := range recs {
+		out = append(out, NodeInfo{ID: rec.ID, PeerAddr: rec.PeerAddr, APIAddr: rec.APIAddr,
+			NBDAddr: rec.NBDAddr, Suffrage: suffrageUnlisted, UpdatedAt: rec.UpdatedAt})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// Stats returns raft's state and indexes.
+func (n *Node) Stats() Stats {
+	s := Stats{
+		State:        n.raft.State().String(),
+		Term:         n.raft.CurrentTerm(),
+		LastLogIndex: n.raft.LastIndex(),
+		CommitIndex:  n.raft.CommitIndex(),
+		AppliedIndex: n.raft.AppliedIndex(),
+		FSMIndex:     n.fsm.applied.Load(),
+		Rejected:     n.fsm.rejected.Load(),
+		LUs:          n.fsm.luCount.Load(),
+
+		AppliedSinceOpen: n.fsm.appliedSinceOpen.Load(),
+		SkippedSinceOpen: n.fsm.skippedSinceOpen.Load(),
+	}
+	_, leader := n.raft.LeaderWithID()
+	s.LeaderID = string(leader)
+	if !n.isClosed() {
+		if f := n.raft.GetConfiguration(); f.Error() == nil {
+			s.NodeCount = len(f.Configuration().Servers)
+		}
+	}
+	return s
+}
+
+// Watch registers fn, called in apply order after each applied LU change
+// (and with the differences after a snapshot restore), from raft's apply
+// goroutine: fn must not block for long and must not call write methods
+// of this Node. The returned func unregisters fn.
+func (n *Node) Watch(fn func(Change)) (cancel func()) {
+	return n.fsm.watch(fn)
+}
+
+// ListAndWatch returns the LU table and registers fn for every change
+// applied after that table, with nothing missed or seen twice: call it once
+// after Open to build the exports, then follow the changes. fn runs like a
+// Watch callback and must not call ListAndWatch or Watch.
+func (n *Node) ListAndWatch(fn func(Change)) (lus []LU, cancel func(), err error) {
+	if n.isClosed() {
+		return nil, nil, ErrClosed
+	}
+	return n.fsm.listAndWatch(fn)
+}
+
+// Barrier waits until every entry committed before the call is applied on
+// this node. Leader only (ErrNotLeader otherwise); after a new leader is
+// elected it makes local reads reflect all earlier writes.
+func (n *Node) Barrier(ctx context.Context) error {
+	if n.isClosed() {
+		return ErrClosed
+	}
+	timeout := n.opts.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if err := n.raft.Barrier(timeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+			return fmt.Errorf("%w: barrier: %v", ErrNotLeader, err)
+		}
+		return fmt.Errorf("cluster: barrier: %w", err)
+	}
+	return nil
+}
+
+// Snapshot asks raft for a snapshot now (and so a log compaction). Tests
+// and operators use it; raft also snapshots on its own schedule.
+func (n *Node) Snapshot() error {
+	if err := n.raft.Snapshot().Error(); err != nil {
+		return fmt.Errorf("cluster: snapshot: %w", err)
+	}
+	return nil
+}
+
+// mkdirAllSynced creates dir and its parents and syncs every directory on
+// the way up, so that after a crash the new directory entries exist (Pebble
+// syncs what it creates inside dir, not dir's own entry in its parent).
+func mkdirAllSynced(fs vfs.FS, dir string) error {
+	if err := fs.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("cluster: create %s: %w", dir, err)
+	}
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		f, err := fs.OpenDir(d)
+		if err != nil {
+			return fmt.Errorf("cluster: open directory %s: %w", d, err)
+		}
+		err = f.Sync()
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("cluster: sync directory %s: %w", d, err)
+		}
+		if parent := filepath.Dir(d); parent == d {
+			return nil
+		}
+	}
+}
+
+// pebbleLogger sends Pebble's logs to slog (info lines at debug).
+type pebbleLogger struct{ log *slog.Logger }
+
+func (l pebbleLogger) Infof(format string, args ...any) {
+	l.log.Debug(fmt.Sprintf(format, args...), "component", "pebble")
+}
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.log.Error(fmt.Sprintf(format, args...), "component", "pebble")
+}
+func (l pebbleLogger) Fatalf(format string, args ...any) {
+	l.log.Error(fmt.Sprintf(format, args...), "component", "pebble")
+	os.Exit(1)
+}

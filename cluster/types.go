@@ -1,0 +1,266 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+var (
+	// ErrNotLeader is returned by the write methods (CreateLU, ResizeLU,
+	// DeleteLU, UpdateLU, AddVoter, RemoveServer, RegisterSelf) when this
+	// node is not the raft leader, or lost leadership before the command
+	// committed. Leader tells where to send the request instead.
+	ErrNotLeader = errors.New("cluster: not the leader")
+
+	// ErrExists is returned by CreateLU when an LU with that name exists.
+	ErrExists = errors.New("cluster: LU already exists")
+
+	// ErrNotFound is returned by GetLU, ResizeLU, DeleteLU and UpdateLU when
+	// no LU has that name.
+	ErrNotFound = errors.New("cluster: LU not found")
+
+	// ErrInvalid is returned (wrapped, with the reason) by the write methods
+	// when the request breaks a rule: a bad name, a size that is not a
+	// positive multiple of 512, a copy count below 1, a stale epoch. The same
+	// checks run again in Apply; a command that fails them there is
+	// recorded as rejected and changes nothing.
+	ErrInvalid = errors.New("cluster: invalid request")
+
+	// ErrUnknownCommand is returned by the write methods when a log entry
+	// carries a command version or type this binary does not know (a newer
+	// node proposed it). Apply logs it at error level and records it as
+	// rejected.
+	ErrUnknownCommand = errors.New("cluster: unknown command")
+
+	// ErrClosed is returned by the methods of a Node after Close.
+	ErrClosed = errors.New("cluster: node closed")
+)
+
+// Limits on LU records.
+const (
+	// NameLengthMax is the longest LU name.
+	NameLengthMax = 128
+	// SectorBytes is the unit of LU sizes: sizes are multiples of it.
+	SectorBytes = 512
+	// DescriptionLengthMax bounds the free-text description.
+	DescriptionLengthMax = 1024
+	// CopiesMax bounds the copy count of one LU.
+	CopiesMax = 16
+)
+
+// Replica states, as stored in Replica.State.
+const (
+	ReplicaInSync     = "in-sync"
+	ReplicaResyncing  = "resyncing"
+	ReplicaOutOfSync  = "out-of-sync"
+	KindFile          = "file"
+	KindMemory        = "memory"
+	defaultKind       = KindFile
+	defaultCopies     = 1
+	suffrageVoter     = "voter"
+	suffrageNonvoter  = "nonvoter"
+	suffrageStaging   = "staging"
+	suffrageUnlisted  = "none"
+	raftStateShutdown = "Shutdown"
+)
+
+// LU is one logical unit's record in the replicated table.
+type LU struct {
+	Name        string `json:"name"`
+	Description string `json:"description,omitempty"`
+	SizeBytes   int64  `json:"size_bytes"`
+	// Kind is KindFile (durable) or KindMemory (ephemeral); empty means
+	// KindFile.
+	Kind string `json:"kind"`
+	// Copies is the number of copies wanted; 0 on create means 1.
+	Copies int `json:"copies"`
+	// CreatedOn is the id of the node whose API created the LU.
+	CreatedOn string `json:"created_on,omitempty"`
+	// Writer is the id of the node that applies writes; empty means
+	// CreatedOn.
+	Writer string `json:"writer,omitempty"`
+	// Epoch changes whenever the in-sync copy set or the writer changes.
+	// It starts at 1.
+	Epoch    uint64    `json:"epoch"`
+	Replicas []Replica `json:"replicas,omitempty"`
+	// CreatedAt is the leader's clock when it proposed the create.
+	CreatedAt time.Time `json:"created_at"`
+	// UpdatedAt is the leader's clock when it proposed the last change.
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Replica is one copy of an LU on one node.
+type Replica struct {
+	NodeID string `json:"node_id"`
+	// State is ReplicaInSync, ReplicaResyncing or ReplicaOutOfSync.
+	State string `json:"state"`
+}
+
+// NodeInfo describes one member of the cluster.
+type NodeInfo struct {
+	ID       string `json:"id"`
+	PeerAddr string `json:"peer_addr"`
+	APIAddr  string `json:"api_addr,omitempty"`
+	NBDAddr  string `json:"nbd_addr,omitempty"`
+	// Suffrage is "voter", "nonvoter", "staging", or "none" for a node
+	// with a record that is no longer in the raft configuration.
+	Suffrage string `json:"suffrage"`
+	Leader   bool   `json:"leader"`
+	// UpdatedAt is the leader's clock when the record was last written;
+	// zero for a member without a record yet.
+	UpdatedAt time.Time `json:"updated_at,omitempty"`
+}
+
+// ChangeKind says what an applied command did to an LU.
+type ChangeKind int
+
+// Change kinds.
+const (
+	Created ChangeKind = iota + 1
+	Resized
+	Deleted
+	// Updated: writer, epoch, replicas or description changed (UpdateLU).
+	Updated
+)
+
+func (k ChangeKind) String() string {
+	switch k {
+	case Created:
+		return "created"
+	case Resized:
+		return "resized"
+	case Deleted:
+		return "deleted"
+	case Updated:
+		return "updated"
+	default:
+		return fmt.Sprintf("ChangeKind(%d)", int(k))
+	}
+}
+
+// Change is one applied LU change, delivered to Watch callbacks.
+type Change struct {
+	Kind ChangeKind
+	// LU is the record after the change; for Deleted, the record before.
+	LU LU
+	// Index is the raft log index of the command (for a snapshot restore,
+	// the snapshot's last applied index).
+	Index uint64
+}
+
+// Stats is a point-in-time view of the raft node.
+type Stats struct {
+	// State is "Follower", "Candidate", "Leader" or "Shutdown".
+	State        string `json:"state"`
+	Term         uint64 `json:"term"`
+	LastLogIndex uint64 `json:"last_log_index"`
+	CommitIndex  uint64 `json:"commit_index"`
+	// AppliedIndex is raft's applied index; FSMIndex is the last index the
+	// state machine recorded in Pebble (they differ briefly after a restart
+	// while raft walks past entries the state machine already holds).
+	AppliedIndex uint64 `json:"applied_index"`
+	FSMIndex     uint64 `json:"fsm_index"`
+	// Rejected counts commands Apply refused (invalid or unknown).
+	Rejected  uint64 `json:"rejected_commands"`
+	LeaderID  string `json:"leader_id,omitempty"`
+	LUs       int64  `json:"lus"`
+	NodeCount int    `json:"nodes"`
+	// AppliedSinceOpen counts commands this process applied; after a
+	// restart, entries the state already held count in SkippedSinceOpen
+	// instead (they are never applied twice).
+	AppliedSinceOpen uint64 `json:"applied_since_open"`
+	SkippedSinceOpen uint64 `json:"skipped_since_open"`
+}
+
+// ValidateName checks the LU name rule: 1–128 characters of
+// [A-Za-z0-9._-]. The error wraps ErrInvalid and says what to fix.
+func ValidateName(name string) error {
+	if len(name) == 0 || len(name) > NameLengthMax {
+		return fmt.Errorf("%w: LU name must be 1 to %d characters, got %d", ErrInvalid, NameLengthMax, len(name))
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '.' || c == '_' || c == '-'
+		if !ok {
+			return fmt.Errorf("%w: LU name %q has %q at byte %d; use only A-Z a-z 0-9 . _ -", ErrInvalid, name, c, i)
+		}
+	}
+	if name == "." || name == ".." {
+		return fmt.Errorf("%w: LU name %q is reserved", ErrInvalid, name)
+	}
+	return nil
+}
+
+// ValidateSize checks that sizeBytes is positive and a multiple of 512.
+func ValidateSize(sizeBytes int64) error {
+	if sizeBytes <= 0 {
+		return fmt.Errorf("%w: size must be positive, got %d bytes", ErrInvalid, sizeBytes)
+	}
+	if sizeBytes%SectorBytes != 0 {
+		return fmt.Errorf("%w: size %d bytes is not a multiple of %d; round it up to %d",
+			ErrInvalid, sizeBytes, SectorBytes, (sizeBytes/SectorBytes+1)*SectorBytes)
+	}
+	return nil
+}
+
+// validateLU checks a complete record (after defaults were filled in).
+func validateLU(lu *LU) error {
+	if err := ValidateName(lu.Name); err != nil {
+		return err
+	}
+	if err := ValidateSize(lu.SizeBytes); err != nil {
+		return err
+	}
+	if lu.Kind != KindFile && lu.Kind != KindMemory {
+		return fmt.Errorf("%w: LU kind %q; use %q or %q", ErrInvalid, lu.Kind, KindFile, KindMemory)
+	}
+	if lu.Copies < 1 || lu.Copies > CopiesMax {
+		return fmt.Errorf("%w: copies must be 1 to %d, got %d", ErrInvalid, CopiesMax, lu.Copies)
+	}
+	if len(lu.Description) > DescriptionLengthMax {
+		return fmt.Errorf("%w: description is %d bytes, at most %d", ErrInvalid, len(lu.Description), DescriptionLengthMax)
+	}
+	if lu.Epoch == 0 {
+		return fmt.Errorf("%w: epoch must be at least 1", ErrInvalid)
+	}
+	seen := map[string]bool{}
+	for _, r := range lu.Replicas {
+		if r.NodeID == "" {
+			return fmt.Errorf("%w: replica with an empty node id", ErrInvalid)
+		}
+		if seen[r.NodeID] {
+			return fmt.Errorf("%w: two replicas on node %q", ErrInvalid, r.NodeID)
+		}
+		seen[r.NodeID] = true
+		switch r.State {
+		case ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync:
+		default:
+			return fmt.Errorf("%w: replica on %q has state %q; use %q, %q or %q", ErrInvalid,
+				r.NodeID, r.State, ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync)
+		}
+	}
+	return nil
+}
+
+// withDefaults returns lu with the create-time defaults filled in.
+func withDefaults(lu LU, nodeID string) LU {
+	if lu.Kind == "" {
+		lu.Kind = defaultKind
+	}
+	if lu.Copies == 0 {
+		lu.Copies = defaultCopies
+	}
+	if lu.CreatedOn == "" {
+		lu.CreatedOn = nodeID
+	}
+	if lu.Writer == "" {
+		lu.Writer = lu.CreatedOn
+	}
+	if lu.Epoch == 0 {
+		lu.Epoch = 1
+	}
+	lu.Replicas = append([]Replica(nil), lu.Replicas...)
+	return lu
+}
