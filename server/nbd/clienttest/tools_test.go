@@ -170,6 +170,30 @@ func TestNbdinfoMap(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("nbdinfo --map:\n got %v\nwant %v", got, want)
 	}
+
+	// qemu's NBD client reads the same map through its own block status code.
+	t.Run("qemu-img map", func(t *testing.T) {
+		out := mustRun(t, "qemu-img", "map", "--output=json", "-f", "raw", srv.uri("mem"))
+		var qm []struct {
+			Start  int64 `json:"start"`
+			Length int64 `json:"length"`
+			Data   bool  `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(out), &qm); err != nil {
+			t.Fatalf("qemu-img map: %v\n%s", err, out)
+		}
+		var data []mapEntry
+		for _, e := range qm {
+			if e.Data {
+				data = append(data, mapEntry{Offset: e.Start, Length: e.Length})
+			}
+		}
+		data = mergeMap(data)
+		wantData := []mapEntry{{1 * miB, 64 * kiB, 0}, {8 * miB, 1 * miB, 0}, {10 * miB, 1 * miB, 0}}
+		if fmt.Sprint(data) != fmt.Sprint(wantData) {
+			t.Errorf("qemu-img map data ranges %v, want %v", data, wantData)
+		}
+	})
 }
 
 // mergeMap joins adjacent entries of the same type: a server may split the
