@@ -39,6 +39,7 @@ type conn struct {
 
 	wmu            sync.Mutex
 	bw             *bufio.Writer // guarded by wmu once transmission starts
+	deadlineSet    time.Time     // guarded by wmu; when the write deadline was last moved
 	pendingReplies atomic.Int32  // replies queued for or holding wmu
 	broken         atomic.Bool   // a reply write failed
 
@@ -64,7 +65,7 @@ type conn struct {
 	free      chan *request // request structs not in flight
 	work      chan *request // requests for the workers
 	workers   int           // started workers; serve goroutine only
-	idle      atomic.Int32  // workers waiting on work
+	idle      atomic.Int32  // workers waiting on work and not yet claimed by dispatch
 	workerWG  sync.WaitGroup
 	budget    byteBudget
 	headerBuf [nbdproto.RequestSize]byte // serve goroutine only
@@ -208,27 +209,39 @@ func (c *conn) transmit() error {
 			// Skipping up to 4 GiB of payload is not worth it.
 			return errors.Join(errProtocol, errWriteTooLarge)
 		}
-		var r *request
-		select {
-		case r = <-c.free:
-		case <-c.ctx.Done():
-			return c.ctx.Err()
-		}
-		r.hdr, r.start, r.buf, r.budget = hdr, time.Now(), nil, 0
-		r.errCode = c.validate(&hdr)
-		if r.errCode == 0 && c.srv.closing.Load() {
-			r.errCode = nbdproto.ESHUTDOWN
-		}
-		if err := c.readPayload(r); err != nil {
-			c.release(r)
+		// Counted from here so that Shutdown waits for this request.
+		c.inflight.Add(1)
+		r, err := c.take(hdr)
+		if err != nil {
+			c.inflight.Add(-1)
 			return err
 		}
-		c.inflight.Add(1)
 		if c.metrics != nil {
 			c.metrics.inflight.Inc()
 		}
 		c.dispatch(r)
 	}
+}
+
+// take gets a free request struct for hdr, validates it and reads its
+// payload. On error the struct is back on the free list.
+func (c *conn) take(hdr nbdproto.Request) (*request, error) {
+	var r *request
+	select {
+	case r = <-c.free:
+	case <-c.ctx.Done():
+		return nil, c.ctx.Err()
+	}
+	r.hdr, r.start, r.buf, r.budget, r.payloadBytes = hdr, time.Now(), nil, 0, 0
+	r.errCode = c.validate(&hdr)
+	if r.errCode == 0 && c.srv.closing.Load() {
+		r.errCode = nbdproto.ESHUTDOWN
+	}
+	if err := c.readPayload(r); err != nil {
+		c.release(r)
+		return nil, err
+	}
+	return r, nil
 }
 
 var errWriteTooLarge = errors.New("nbd: write larger than the maximum block size")
@@ -250,26 +263,45 @@ func (c *conn) readPayload(r *request) error {
 	case r.hdr.Type == nbdproto.CmdRead && r.errCode == 0 && n > 0:
 		c.budget.acquire(n)
 		r.budget = n
+	case r.hdr.Type == nbdproto.CmdBlockStatus && r.errCode == 0:
+		c.budget.acquire(blockStatusPayloadBytes)
+		r.budget = blockStatusPayloadBytes
 	}
 	return nil
 }
 
-// dispatch hands r to a worker, starting one when none is idle.
+// dispatch hands r to an idle worker, or starts one when none is idle.
+// Every request in c.work has a worker committed to receive it (one that
+// was claimed from idle or just started), so a slow request never holds up
+// a later one.
 func (c *conn) dispatch(r *request) {
-	if c.idle.Load() == 0 && c.workers < c.srv.opts.MaxInflightRequests {
+	for {
+		n := c.idle.Load()
+		if n == 0 {
+			break
+		}
+		if c.idle.CompareAndSwap(n, n-1) {
+			c.work <- r // never blocks: cap(work) == number of request structs
+			return
+		}
+	}
+	if c.workers < c.srv.opts.MaxInflightRequests {
 		c.workers++
 		c.workerWG.Add(1)
-		go c.worker()
+		go c.worker(r)
+		return
 	}
-	c.work <- r // never blocks: cap(work) == number of request structs
+	c.work <- r // unreachable in practice: busy workers < requests in flight
 }
 
-func (c *conn) worker() {
+// worker runs first, then requests from c.work until it is closed. It counts
+// itself idle before each wait; dispatch un-counts it when it claims it.
+func (c *conn) worker(first *request) {
 	defer c.workerWG.Done()
+	c.handle(first)
 	for {
 		c.idle.Add(1)
 		r, ok := <-c.work
-		c.idle.Add(-1)
 		if !ok {
 			return
 		}

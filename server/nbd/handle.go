@@ -194,7 +194,7 @@ func (c *conn) blockStatus(r *request) (uint32, error) {
 	r.extents = ext
 	// Merge, clamp to the request and encode.
 	count := 0
-	r.buf = c.srv.pools.get(4 + 8*MaxBlockStatusExtents)
+	r.buf = c.srv.pools.get(blockStatusPayloadBytes)
 	p := r.buf.b[:4]
 	binary.BigEndian.PutUint32(p, contextIDAllocation)
 	covered := int64(0)
@@ -228,6 +228,10 @@ func (c *conn) blockStatus(r *request) (uint32, error) {
 }
 
 var errNoExtents = errors.New("nbd: device returned no extents")
+
+// blockStatusPayloadBytes is the largest block status payload: the context
+// id and MaxBlockStatusExtents descriptors.
+const blockStatusPayloadBytes = 4 + nbdproto.BlockStatusDescSize*MaxBlockStatusExtents
 
 // replyBlockStatus sends the payload blockStatus encoded.
 func (c *conn) replyBlockStatus(r *request) {
@@ -297,8 +301,14 @@ func (c *conn) replyError(r *request, code uint32, err error) {
 func (c *conn) beginReply() {
 	c.pendingReplies.Add(1)
 	c.wmu.Lock()
+	// Moving the deadline on every reply costs a timer update; moving it
+	// when an eighth of the timeout has passed keeps it within 7/8..1 of
+	// ReplyTimeout ahead of any write.
 	if t := c.srv.opts.ReplyTimeout; t > 0 && !c.broken.Load() {
-		_ = c.nc.SetWriteDeadline(time.Now().Add(t))
+		if now := time.Now(); now.Sub(c.deadlineSet) > t/8 {
+			_ = c.nc.SetWriteDeadline(now.Add(t))
+			c.deadlineSet = now
+		}
 	}
 }
 

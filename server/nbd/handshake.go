@@ -132,7 +132,7 @@ func (c *conn) option(n *negotiation) (*session, error) {
 	}
 }
 
-// optReply writes one option reply with the concatenated payload parts.
+// optReply writes one option reply with its payload.
 func (c *conn) optReply(opt, typ uint32, payload []byte) error {
 	var b [nbdproto.OptionReplyHeaderSize]byte
 	nbdproto.PutOptionReply(b[:], nbdproto.OptionReply{Option: opt, Type: typ, Length: uint32(len(payload))})
