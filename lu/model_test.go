@@ -200,7 +200,7 @@ func firstDiff(a, b []byte) int {
 
 func runModel(t *testing.T, vol Volume, exactAlloc bool) {
 	seed := testSeed(t)
-	ops := 2000
+	ops := 1500
 	if testing.Short() {
 		ops = 300
 	}
