@@ -100,7 +100,7 @@ func TestRenderMarkdown(t *testing.T) {
 		"| nbdkit-file | 5.0k (5.0k–5.0k) | 19.5 | 52 | 210 | 420 |",
 		"| lupool-mem / nbdkit-file (other class) | 2.10 (2.00–2.20) | 0.50 (0.50–0.50) |",
 		"| lupool-mem / nbdkit-memory | 0.95 (0.90–1.00) | 0.90 (0.80–1.00) |",
-		"- randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met",
+		"- randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met in every round",
 	} {
 		if !strings.Contains(got, line+"\n") {
 			t.Errorf("markdown lacks line %q", line)
@@ -123,12 +123,24 @@ func TestRenderMarkdown(t *testing.T) {
 
 func TestTargetLines(t *testing.T) {
 	r := cannedReport(t)
-	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met" {
+	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.95 (0.90–1.00), met in every round" {
 		t.Errorf("target = %q", got)
 	}
 	r.Workloads[1].Ratios[0].IOPS = Spread{Median: 0.89, Min: 0.8, Max: 0.95}
-	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.89 (0.80–0.95), NOT met" {
+	if got := strings.Join(targetLines(r), "; "); got != "randread-qd32, lupool-mem / nbdkit-memory: 0.89 (0.80–0.95), NOT met by the median (some rounds above)" {
 		t.Errorf("target = %q", got)
+	}
+	for _, tc := range []struct {
+		in   Spread
+		want string
+	}{
+		{Spread{Median: 0.9, Min: 0.9, Max: 0.9}, "met in every round"},
+		{Spread{Median: 1.2, Min: 0.5, Max: 1.3}, "met by the median (some rounds below)"},
+		{Spread{Median: 0.5, Min: 0.4, Max: 0.89}, "NOT met in any round"},
+	} {
+		if got := targetVerdict(tc.in); got != tc.want {
+			t.Errorf("targetVerdict(%+v) = %q, want %q", tc.in, got, tc.want)
+		}
 	}
 	r.Workloads = r.Workloads[:1]
 	if got := targetLines(r); got != nil {

@@ -42,7 +42,7 @@ func main() {
 // Modes: quick must finish under 2 minutes and full under 15 on the 2-core
 // build machine with five servers.
 const (
-	quickRuntime = time.Second
+	quickRuntime = 750 * time.Millisecond
 	quickSize    = 256 << 20
 	fullRuntime  = 2 * time.Second
 	fullSize     = 1 << 30
@@ -50,7 +50,7 @@ const (
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("nbdbench", flag.ContinueOnError)
-	quick := fs.Bool("quick", false, "quick mode: 1s runs over 256 MiB, workloads "+strings.Join(bench.QuickNames(), ","))
+	quick := fs.Bool("quick", false, "quick mode: 0.75s runs over 256 MiB, workloads "+strings.Join(bench.QuickNames(), ","))
 	full := fs.Bool("full", false, "full mode: 2s runs over 1 GiB, every workload")
 	servers := fs.String("servers", "", "comma-separated servers in alternation order (default: lupool-mem,lupool-file,nbdkit-memory,nbdkit-file,qemu-nbd; known: "+serverNames()+")")
 	workloads := fs.String("workloads", "", "comma-separated workloads (default: by mode; 'list' prints them)")
