@@ -1,0 +1,307 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"sync/atomic"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/units"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/server/api"
+	"github.com/lupool/lupool/server/nbd"
+)
+
+// daemonBackend serves the HTTP API from the metadata, the pool, the
+// replication manager and the NBD engine of this node.
+type daemonBackend struct {
+	node       *cluster.Node
+	pool       *lu.Pool
+	mgr        *replication.Manager
+	nbd        *nbd.Server
+	nodeID     string
+	overcommit float64
+	ready      atomic.Bool
+}
+
+var _ api.Backend = (*daemonBackend)(nil)
+
+var luNameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
+
+func checkName(name string) error {
+	if !luNameRE.MatchString(name) || name == "." || name == ".." {
+		return fmt.Errorf("%w: LU name %q: use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..)", api.ErrInvalid, name)
+	}
+	return nil
+}
+
+func checkSize(size int64) error {
+	if size <= 0 || size%512 != 0 {
+		return fmt.Errorf("%w: size_bytes %d: must be a positive multiple of 512 (the CLI rounds up for you)", api.ErrInvalid, size)
+	}
+	return nil
+}
+
+// apiError maps metadata errors onto the API's sentinels.
+func (b *daemonBackend) apiError(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, cluster.ErrNotLeader):
+		_, leaderAPI := b.node.Leader()
+		return &api.NotLeaderError{LeaderAPI: leaderAPI}
+	case errors.Is(err, cluster.ErrExists):
+		return fmt.Errorf("%w: %v", api.ErrExists, err)
+	case errors.Is(err, cluster.ErrNotFound):
+		return fmt.Errorf("%w: %v", api.ErrNotFound, err)
+	case errors.Is(err, cluster.ErrInvalid):
+		return fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	}
+	return err
+}
+
+// checkOvercommit refuses growing the local pool's provisioned bytes by
+// more than its overcommit limit allows, naming the numbers.
+func (b *daemonBackend) checkOvercommit(kind lu.Kind, growBytes int64) error {
+	if kind != lu.KindFile || growBytes <= 0 {
+		return nil
+	}
+	st := b.pool.Status()
+	limit := int64(float64(st.CapacityBytes) * b.overcommit)
+	if st.ProvisionedBytes+growBytes > limit {
+		return fmt.Errorf("%w: pool would be provisioned to %s (%d bytes) but its limit is %s (%.1f x capacity %s); free space, add a data directory, or raise --overcommit",
+			api.ErrNoSpace, units.Format(st.ProvisionedBytes+growBytes), st.ProvisionedBytes+growBytes,
+			units.Format(limit), b.overcommit, units.Format(st.CapacityBytes))
+	}
+	return nil
+}
+
+func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, error) {
+	if err := checkName(req.Name); err != nil {
+		return api.LU{}, err
+	}
+	if err := checkSize(req.SizeBytes); err != nil {
+		return api.LU{}, err
+	}
+	if req.Kind == "" {
+		req.Kind = string(lu.KindFile)
+	}
+	if req.Kind != string(lu.KindFile) && req.Kind != string(lu.KindMemory) {
+		return api.LU{}, fmt.Errorf("%w: kind %q: use file or memory", api.ErrInvalid, req.Kind)
+	}
+	if req.Copies == 0 {
+		req.Copies = 1
+	}
+	if req.Copies < 1 {
+		return api.LU{}, fmt.Errorf("%w: copies %d: must be 1 or more", api.ErrInvalid, req.Copies)
+	}
+	if req.Node == "" {
+		req.Node = b.nodeID
+	}
+	nodes, err := b.node.Nodes()
+	if err != nil {
+		return api.LU{}, err
+	}
+	if !knownNode(nodes, req.Node) && req.Node != b.nodeID {
+		return api.LU{}, fmt.Errorf("%w: node %q is not a member of this cluster (see lupool node list)", api.ErrInvalid, req.Node)
+	}
+	if req.Copies > 1 {
+		return api.LU{}, fmt.Errorf("%w: copies %d: synchronous copies on other nodes are not available yet in this version; use --copies 1", api.ErrInvalid, req.Copies)
+	}
+	if _, err := b.node.GetLU(req.Name); err == nil {
+		return api.LU{}, fmt.Errorf("%w: an LU named %q exists; pick another name or delete it first", api.ErrExists, req.Name)
+	}
+	if req.Node == b.nodeID {
+		if err := b.checkOvercommit(lu.Kind(req.Kind), req.SizeBytes); err != nil {
+			return api.LU{}, err
+		}
+	}
+	rec := cluster.LU{
+		Name:        req.Name,
+		Description: req.Description,
+		SizeBytes:   req.SizeBytes,
+		Kind:        req.Kind,
+		Copies:      req.Copies,
+		CreatedOn:   req.Node,
+		Writer:      req.Node,
+		Epoch:       1,
+		Replicas:    []cluster.Replica{{NodeID: req.Node, State: cluster.ReplicaInSync}},
+		CreatedAt:   time.Now().UTC(),
+	}
+	if err := b.node.CreateLU(ctx, rec); err != nil {
+		return api.LU{}, b.apiError(err)
+	}
+	return b.afterChange(ctx, req.Name)
+}
+
+// afterChange waits until this node's volumes follow the change just
+// applied, then returns the LU as recorded.
+func (b *daemonBackend) afterChange(ctx context.Context, name string) (api.LU, error) {
+	if err := b.mgr.Sync(ctx); err != nil {
+		return api.LU{}, err
+	}
+	return b.GetLU(ctx, name)
+}
+
+func knownNode(nodes []cluster.NodeInfo, id string) bool {
+	for _, n := range nodes {
+		if n.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *daemonBackend) toAPI(rec cluster.LU) api.LU {
+	out := api.LU{
+		Name:        rec.Name,
+		Description: rec.Description,
+		SizeBytes:   rec.SizeBytes,
+		Copies:      rec.Copies,
+		Kind:        rec.Kind,
+		Writer:      rec.Writer,
+		Epoch:       rec.Epoch,
+		CreatedAt:   rec.CreatedAt,
+		Replicas:    []api.Replica{},
+	}
+	for _, r := range rec.Replicas {
+		out.Replicas = append(out.Replicas, api.Replica{Node: r.NodeID, State: r.State})
+	}
+	if vol, ok := b.mgr.Volume(rec.Name); ok {
+		out.AllocatedBytes = vol.AllocatedBytes()
+		out.Connections = b.nbd.Connections(rec.Name)
+	}
+	return out
+}
+
+func (b *daemonBackend) ListLUs(context.Context) ([]api.LU, error) {
+	recs, err := b.node.ListLUs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.LU, 0, len(recs))
+	for _, rec := range recs {
+		out = append(out, b.toAPI(rec))
+	}
+	return out, nil
+}
+
+func (b *daemonBackend) GetLU(_ context.Context, name string) (api.LU, error) {
+	rec, err := b.node.GetLU(name)
+	if err != nil {
+		if errors.Is(err, cluster.ErrNotFound) {
+			return api.LU{}, fmt.Errorf("%w: no LU named %q (see lupool lu list)", api.ErrNotFound, name)
+		}
+		return api.LU{}, b.apiError(err)
+	}
+	return b.toAPI(rec), nil
+}
+
+func (b *daemonBackend) ResizeLU(ctx context.Context, name string, size int64) (api.LU, error) {
+	if err := checkSize(size); err != nil {
+		return api.LU{}, err
+	}
+	rec, err := b.node.GetLU(name)
+	if err != nil {
+		return b.GetLU(ctx, name)
+	}
+	if vol, ok := b.mgr.Volume(name); ok {
+		if size < rec.SizeBytes {
+			if err := checkTailUnallocated(ctx, vol, size, rec.SizeBytes); err != nil {
+				return api.LU{}, err
+			}
+		}
+		if err := b.checkOvercommit(lu.Kind(rec.Kind), size-rec.SizeBytes); err != nil {
+			return api.LU{}, err
+		}
+	}
+	if err := b.node.ResizeLU(ctx, name, size); err != nil {
+		return api.LU{}, b.apiError(err)
+	}
+	return b.afterChange(ctx, name)
+}
+
+// checkTailUnallocated refuses a shrink that would cut off written data.
+func checkTailUnallocated(ctx context.Context, vol lu.Volume, newSize, oldSize int64) error {
+	var ext []blockdev.Extent
+	for off := newSize; off < oldSize; {
+		var err error
+		ext, err = vol.Extents(ctx, off, oldSize-off, ext[:0])
+		if err != nil {
+			return err
+		}
+		for _, e := range ext {
+			if e.Flags&blockdev.ExtentHole == 0 {
+				return fmt.Errorf("%w: cannot shrink to %d bytes: data is allocated at offset %d in the part that would be cut off; trim it first (for example with blkdiscard or nbdsh h.trim)", api.ErrInvalid, newSize, off)
+			}
+			off += e.LengthBytes
+		}
+	}
+	return nil
+}
+
+func (b *daemonBackend) DeleteLU(ctx context.Context, name string, force bool) error {
+	if _, err := b.GetLU(ctx, name); err != nil {
+		return err
+	}
+	if n := b.nbd.Connections(name); n > 0 && !force {
+		return fmt.Errorf("%w: LU %q has %d client connection(s) attached; detach them, or delete with --force to end their I/O", api.ErrBusy, name, n)
+	}
+	if err := b.node.DeleteLU(ctx, name); err != nil {
+		return b.apiError(err)
+	}
+	return b.mgr.Sync(ctx)
+}
+
+func (b *daemonBackend) PoolStatus(context.Context) (api.PoolStatus, error) {
+	st := b.pool.Status()
+	out := api.PoolStatus{
+		Node:                   b.nodeID,
+		CapacityBytes:          st.CapacityBytes,
+		FreeBytes:              st.FreeBytes,
+		AllocatedBytes:         st.AllocatedBytes,
+		ProvisionedBytes:       st.ProvisionedBytes,
+		MemoryAllocatedBytes:   st.MemoryAllocatedBytes,
+		MemoryProvisionedBytes: st.MemoryProvisionedBytes,
+		OvercommitRatio:        b.overcommit,
+		Level:                  string(st.Level),
+		LUs:                    len(b.pool.Names()),
+		Dirs:                   []api.PoolDir{},
+	}
+	for _, d := range st.Dirs {
+		out.Dirs = append(out.Dirs, api.PoolDir{Path: d.Path, CapacityBytes: d.CapacityBytes, FreeBytes: d.FreeBytes,
+			AllocatedBytes: d.AllocatedBytes, ProvisionedBytes: d.ProvisionedBytes, Volumes: d.Volumes})
+	}
+	return out, nil
+}
+
+func (b *daemonBackend) Nodes(context.Context) ([]api.Node, error) {
+	nodes, err := b.node.Nodes()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Node, 0, len(nodes))
+	for _, n := range nodes {
+		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter", Leader: n.Leader})
+	}
+	return out, nil
+}
+
+func (b *daemonBackend) Join(ctx context.Context, req api.JoinRequest) error {
+	return b.apiError(b.node.AddVoter(ctx, req.ID, req.PeerAddr, req.APIAddr, req.NBDAddr))
+}
+
+func (b *daemonBackend) Ready() error {
+	if !b.ready.Load() {
+		return fmt.Errorf("%w: node is starting or stopping", api.ErrUnavailable)
+	}
+	if id, _ := b.node.Leader(); id == "" {
+		return fmt.Errorf("%w: no metadata leader", api.ErrUnavailable)
+	}
+	return nil
+}

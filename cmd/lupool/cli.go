@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lupool/lupool/internal/units"
+	"github.com/lupool/lupool/server/api"
+)
+
+const defaultAPI = "127.0.0.1:10810"
+
+// clientFlags are shared by every command that talks to the API.
+type clientFlags struct {
+	api    string
+	output string
+}
+
+func newClientFlagSet(name string, out io.Writer) (*flag.FlagSet, *clientFlags) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(out)
+	cf := &clientFlags{}
+	def := os.Getenv("LUPOOL_API")
+	if def == "" {
+		def = defaultAPI
+	}
+	fs.StringVar(&cf.api, "api", def, "lupool API address HOST:PORT (env LUPOOL_API)")
+	fs.StringVar(&cf.output, "o", "table", "output format: table or json")
+	return fs, cf
+}
+
+func (cf *clientFlags) client() (*api.Client, error) {
+	if cf.output != "table" && cf.output != "json" {
+		return nil, usageErrorf("-o %q: use table or json", cf.output)
+	}
+	return api.NewClient(cf.api)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// parseLUSize parses a --size value and rounds it up to 512 bytes, saying so.
+func parseLUSize(s string, notice io.Writer) (int64, error) {
+	if s == "" {
+		return 0, usageErrorf("--size is required, e.g. --size 10G")
+	}
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, usageErrorf("--size: %s", strings.TrimPrefix(err.Error(), "units: "))
+	}
+	if n == 0 {
+		return 0, usageErrorf("--size must be larger than zero")
+	}
+	rounded, changed := units.RoundUp(n, 512)
+	if changed {
+		fmt.Fprintf(notice, "note: size %s rounded up to %d bytes (a multiple of 512)\n", s, rounded)
+	}
+	return rounded, nil
+}
+
+func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return usageErrorf("lu needs a subcommand: create, list, show, resize or delete")
+	}
+	sub, args := args[0], args[1:]
+	fs, cf := newClientFlagSet("lu "+sub, os.Stderr)
+	var size, kind, description string
+	var copies int
+	var force bool
+	switch sub {
+	case "create":
+		fs.StringVar(&size, "size", "", "size with a unit: 512, 64K, 10G, 1T (rounded up to 512 bytes)")
+		fs.IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
+		fs.StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
+		fs.StringVar(&description, "description", "", "free text shown in NBD export lists")
+	case "resize":
+		fs.StringVar(&size, "size", "", "new size with a unit")
+	case "delete":
+		fs.BoolVar(&force, "force", false, "delete even while clients are attached (their I/O ends with an error)")
+	case "list", "show":
+	default:
+		return usageErrorf("unknown lu subcommand %q: use create, list, show, resize or delete", sub)
+	}
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	wantArgs := 1
+	if sub == "list" {
+		wantArgs = 0
+	}
+	if len(pos) != wantArgs {
+		if wantArgs == 0 {
+			return usageErrorf("lu list takes no arguments, got %q", strings.Join(pos, " "))
+		}
+		return usageErrorf("lu %s needs exactly one LU name, got %d arguments", sub, len(pos))
+	}
+	c, err := cf.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	switch sub {
+	case "create":
+		n, err := parseLUSize(size, os.Stderr)
+		if err != nil {
+			return err
+		}
+		if copies < 1 {
+			return usageErrorf("--copies must be 1 or more, got %d", copies)
+		}
+		lu, err := c.CreateLU(ctx, api.CreateLURequest{Name: pos[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
+		if err != nil {
+			return err
+		}
+		return printLUs(stdout, cf.output, []api.LU{lu}, true)
+	case "list":
+		lus, err := c.ListLUs(ctx)
+		if err != nil {
+			return err
+		}
+		return printLUs(stdout, cf.output, lus, false)
+	case "show":
+		lu, err := c.GetLU(ctx, pos[0])
+		if err != nil {
+			return err
+		}
+		return printLUs(stdout, cf.output, []api.LU{lu}, true)
+	case "resize":
+		n, err := parseLUSize(size, os.Stderr)
+		if err != nil {
+			return err
+		}
+		lu, err := c.ResizeLU(ctx, pos[0], n)
+		if err != nil {
+			return err
+		}
+		return printLUs(stdout, cf.output, []api.LU{lu}, true)
+	default: // delete
+		if err := c.DeleteLU(ctx, pos[0], force); err != nil {
+			return err
+		}
+		if cf.output == "json" {
+			return printJSON(stdout, map[string]string{"deleted": pos[0]})
+		}
+		fmt.Fprintf(stdout, "deleted %s\n", pos[0])
+		return nil
+	}
+}
+
+func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
+	if output == "json" {
+		if single && len(lus) == 1 {
+			return printJSON(w, lus[0])
+		}
+		if lus == nil {
+			lus = []api.LU{}
+		}
+		return printJSON(w, lus)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSIZE\tALLOCATED\tKIND\tCOPIES\tWRITER\tEPOCH\tCLIENTS")
+	for _, lu := range lus {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\n", lu.Name, units.Format(lu.SizeBytes),
+			units.Format(lu.AllocatedBytes), lu.Kind, lu.Copies, lu.Writer, lu.Epoch, lu.Connections)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if single && len(lus) == 1 {
+		lu := lus[0]
+		if lu.Description != "" {
+			fmt.Fprintf(w, "\ndescription: %s\n", lu.Description)
+		}
+		fmt.Fprintln(w, "\nCOPY NODE\tSTATE")
+		for _, r := range lu.Replicas {
+			fmt.Fprintf(w, "%s\t%s\n", r.Node, r.State)
+		}
+	}
+	return nil
+}
+
+func poolCommand(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 || args[0] != "status" {
+		return usageErrorf("pool needs the subcommand status")
+	}
+	fs, cf := newClientFlagSet("pool status", os.Stderr)
+	pos, err := parseInterspersed(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(pos) != 0 {
+		return usageErrorf("pool status takes no arguments")
+	}
+	c, err := cf.client()
+	if err != nil {
+		return err
+	}
+	st, err := c.PoolStatus(ctx)
+	if err != nil {
+		return err
+	}
+	if cf.output == "json" {
+		return printJSON(stdout, st)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "node\t%s\n", st.Node)
+	fmt.Fprintf(tw, "level\t%s\n", st.Level)
+	fmt.Fprintf(tw, "capacity\t%s\n", units.Format(st.CapacityBytes))
+	fmt.Fprintf(tw, "free\t%s\n", units.Format(st.FreeBytes))
+	fmt.Fprintf(tw, "allocated (LU data)\t%s\n", units.Format(st.AllocatedBytes))
+	fmt.Fprintf(tw, "provisioned (LU sizes)\t%s (overcommit limit %.1fx capacity)\n", units.Format(st.ProvisionedBytes), st.OvercommitRatio)
+	fmt.Fprintf(tw, "memory LUs\t%s allocated of %s provisioned\n", units.Format(st.MemoryAllocatedBytes), units.Format(st.MemoryProvisionedBytes))
+	fmt.Fprintf(tw, "LUs\t%d\n", st.LUs)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	tw = tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nDIRECTORY\tCAPACITY\tFREE\tALLOCATED\tPROVISIONED\tVOLUMES")
+	for _, d := range st.Dirs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", d.Path, units.Format(d.CapacityBytes), units.Format(d.FreeBytes),
+			units.Format(d.AllocatedBytes), units.Format(d.ProvisionedBytes), d.Volumes)
+	}
+	return tw.Flush()
+}
+
+func nodeCommand(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 || args[0] != "list" {
+		return usageErrorf("node needs the subcommand list")
+	}
+	fs, cf := newClientFlagSet("node list", os.Stderr)
+	pos, err := parseInterspersed(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(pos) != 0 {
+		return usageErrorf("node list takes no arguments")
+	}
+	c, err := cf.client()
+	if err != nil {
+		return err
+	}
+	nodes, err := c.Nodes(ctx)
+	if err != nil {
+		return err
+	}
+	if cf.output == "json" {
+		if nodes == nil {
+			nodes = []api.Node{}
+		}
+		return printJSON(stdout, nodes)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
+	for _, n := range nodes {
+		role := "follower"
+		if n.Leader {
+			role = "leader"
+		}
+		if !n.Voter {
+			role += " (non-voter)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, role, n.APIAddr, n.NBDAddr, n.PeerAddr)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,198 @@
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// serveConfig is every setting of `lupool serve`. Precedence: flag, then
+// environment variable (LUPOOL_<NAME>), then config file (--config, JSON
+// with the same names), then the default.
+type serveConfig struct {
+	Data       string   `json:"data"`
+	PoolDirs   []string `json:"pool_dirs"`
+	NBD        string   `json:"nbd"`
+	API        string   `json:"api"`
+	Peer       string   `json:"peer"`
+	NodeID     string   `json:"node_id"`
+	Join       string   `json:"join"`
+	TLS        string   `json:"tls"`
+	TLSCert    string   `json:"tls_cert"`
+	TLSKey     string   `json:"tls_key"`
+	Overcommit float64  `json:"overcommit"`
+	LogLevel   string   `json:"log_level"`
+	LogFormat  string   `json:"log_format"`
+}
+
+func defaultServeConfig() serveConfig {
+	return serveConfig{
+		Data:       "./lupool-data",
+		NBD:        "127.0.0.1:10809",
+		API:        "127.0.0.1:10810",
+		Peer:       "127.0.0.1:10811",
+		TLS:        "off",
+		Overcommit: 4,
+		LogLevel:   "info",
+		LogFormat:  "text",
+	}
+}
+
+// setting names one configurable value: its flag, environment variable and
+// help text, and a pointer to the string form of it.
+type setting struct {
+	name, help string
+	get        func(*serveConfig) string
+	set        func(*serveConfig, string) error
+}
+
+func settings() []setting {
+	str := func(name, help string, field func(*serveConfig) *string) setting {
+		return setting{name: name, help: help,
+			get: func(c *serveConfig) string { return *field(c) },
+			set: func(c *serveConfig, v string) error { *field(c) = v; return nil }}
+	}
+	return []setting{
+		str("data", "data directory (metadata, lock, node id; volumes unless --pool-dirs)", func(c *serveConfig) *string { return &c.Data }),
+		{name: "pool-dirs", help: "comma-separated data directories for LU volumes, one per disk (default DATA/volumes)",
+			get: func(c *serveConfig) string { return strings.Join(c.PoolDirs, ",") },
+			set: func(c *serveConfig, v string) error {
+				c.PoolDirs = nil
+				for _, d := range strings.Split(v, ",") {
+					if d = strings.TrimSpace(d); d != "" {
+						c.PoolDirs = append(c.PoolDirs, d)
+					}
+				}
+				return nil
+			}},
+		str("nbd", "NBD listen address HOST:PORT", func(c *serveConfig) *string { return &c.NBD }),
+		str("api", "HTTP API listen address HOST:PORT", func(c *serveConfig) *string { return &c.API }),
+		str("peer", "peer (raft) listen address HOST:PORT", func(c *serveConfig) *string { return &c.Peer }),
+		str("node-id", "this node's id (default: kept in DATA/node-id, generated once)", func(c *serveConfig) *string { return &c.NodeID }),
+		str("join", "API address of a node of the cluster to join (first start only)", func(c *serveConfig) *string { return &c.Join }),
+		str("tls", "NBD TLS mode: off, optional or required", func(c *serveConfig) *string { return &c.TLS }),
+		str("tls-cert", "PEM certificate file for NBD TLS", func(c *serveConfig) *string { return &c.TLSCert }),
+		str("tls-key", "PEM private key file for NBD TLS", func(c *serveConfig) *string { return &c.TLSKey }),
+		{name: "overcommit", help: "limit of provisioned LU bytes over pool capacity",
+			get: func(c *serveConfig) string { return strconv.FormatFloat(c.Overcommit, 'g', -1, 64) },
+			set: func(c *serveConfig, v string) error {
+				f, err := strconv.ParseFloat(v, 64)
+				if err != nil || f <= 0 {
+					return fmt.Errorf("overcommit %q: want a positive number such as 4", v)
+				}
+				c.Overcommit = f
+				return nil
+			}},
+		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
+		str("log-format", "text or json", func(c *serveConfig) *string { return &c.LogFormat }),
+	}
+}
+
+func envName(flagName string) string {
+	return "LUPOOL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// loadServeConfig resolves the configuration from args, the environment
+// (getenv) and an optional config file.
+func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (serveConfig, error) {
+	cfg := defaultServeConfig()
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(out)
+	configFile := fs.String("config", getenv("LUPOOL_CONFIG"), "optional JSON config file with the same names (env LUPOOL_CONFIG)")
+	flagValues := map[string]*string{}
+	for _, s := range settings() {
+		flagValues[s.name] = fs.String(s.name, "", fmt.Sprintf("%s (env %s, default %q)", s.help, envName(s.name), s.get(&cfg)))
+	}
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			return cfg, err
+		}
+		return cfg, &usageError{msg: err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return cfg, usageErrorf("serve takes no arguments, got %q", strings.Join(fs.Args(), " "))
+	}
+	if *configFile != "" {
+		data, err := os.ReadFile(*configFile)
+		if err != nil {
+			return cfg, fmt.Errorf("config file: %w", err)
+		}
+		dec := json.NewDecoder(strings.NewReader(string(data)))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&cfg); err != nil {
+			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format)", *configFile, err)
+		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, s := range settings() {
+		v, from := "", ""
+		if set[s.name] {
+			v, from = *flagValues[s.name], "--"+s.name
+		} else if e := getenv(envName(s.name)); e != "" {
+			v, from = e, envName(s.name)
+		} else {
+			continue
+		}
+		if err := s.set(&cfg, v); err != nil {
+			return cfg, fmt.Errorf("%s: %w", from, err)
+		}
+	}
+	return cfg, cfg.validate()
+}
+
+func (c *serveConfig) validate() error {
+	if c.Data == "" {
+		return fmt.Errorf("--data is empty: give a data directory")
+	}
+	for name, addr := range map[string]string{"--nbd": c.NBD, "--api": c.API, "--peer": c.Peer} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return fmt.Errorf("%s %q: want HOST:PORT, e.g. 127.0.0.1:10809", name, addr)
+		}
+	}
+	switch c.TLS {
+	case "off", "optional", "required":
+	default:
+		return fmt.Errorf("--tls %q: use off, optional or required", c.TLS)
+	}
+	if c.TLS != "off" && (c.TLSCert == "" || c.TLSKey == "") {
+		return fmt.Errorf("--tls %s needs --tls-cert and --tls-key", c.TLS)
+	}
+	if c.Overcommit <= 0 {
+		return fmt.Errorf("--overcommit must be positive")
+	}
+	if _, err := parseLogLevel(c.LogLevel); err != nil {
+		return err
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("--log-format %q: use text or json", c.LogFormat)
+	}
+	return nil
+}
+
+func parseLogLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return l, fmt.Errorf("--log-level %q: use debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// isLoopback reports whether addr's host is a loopback address or name.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

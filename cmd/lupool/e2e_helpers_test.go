@@ -1,0 +1,285 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// lupoolBin is the binary under test, built once by TestMain.
+var lupoolBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "lupool-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	lupoolBin = filepath.Join(dir, "lupool")
+	args := []string{"build", "-o", lupoolBin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, ".")...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building lupool:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func needTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (run ./scripts/install-test-deps.sh): %v", tool, err)
+		}
+	}
+}
+
+// daemon is one running `lupool serve` process.
+type daemon struct {
+	t       *testing.T
+	data    string
+	nbd     string
+	api     string
+	peer    string
+	id      string
+	extra   []string
+	cmd     *exec.Cmd
+	logMu   sync.Mutex
+	log     bytes.Buffer
+	exited  chan struct{}
+	exitErr error
+}
+
+func newDaemon(t *testing.T, id string, extra ...string) *daemon {
+	t.Helper()
+	return &daemon{t: t, data: t.TempDir(), nbd: freePort(t), api: freePort(t), peer: freePort(t), id: id, extra: extra}
+}
+
+type lockedWriter struct{ d *daemon }
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.d.logMu.Lock()
+	defer w.d.logMu.Unlock()
+	return w.d.log.Write(p)
+}
+
+func (d *daemon) logs() string {
+	d.logMu.Lock()
+	defer d.logMu.Unlock()
+	return d.log.String()
+}
+
+// start runs the daemon and waits until /readyz answers 200.
+func (d *daemon) start() {
+	d.t.Helper()
+	args := append([]string{"serve", "--data", d.data, "--nbd", d.nbd, "--api", d.api, "--peer", d.peer, "--node-id", d.id}, d.extra...)
+	d.cmd = exec.Command(lupoolBin, args...)
+	d.cmd.Stdout, d.cmd.Stderr = lockedWriter{d}, lockedWriter{d}
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	d.exited = make(chan struct{})
+	go func() {
+		d.exitErr = d.cmd.Wait()
+		close(d.exited)
+	}()
+	d.t.Cleanup(func() {
+		if d.cmd.ProcessState == nil {
+			_ = d.cmd.Process.Kill()
+			<-d.exited
+		}
+		if d.t.Failed() {
+			d.t.Logf("daemon %s log:\n%s", d.id, d.logs())
+		}
+	})
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		resp, err := http.Get("http://" + d.api + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		select {
+		case <-d.exited:
+			d.t.Fatalf("daemon %s exited during start (%v):\n%s", d.id, d.exitErr, d.logs())
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("daemon %s not ready after 60s:\n%s", d.id, d.logs())
+		}
+	}
+}
+
+// stop sends sig and waits for the process to exit.
+func (d *daemon) stop(sig syscall.Signal) {
+	d.t.Helper()
+	if err := d.cmd.Process.Signal(sig); err != nil {
+		d.t.Fatal(err)
+	}
+	select {
+	case <-d.exited:
+	case <-time.After(60 * time.Second):
+		d.t.Fatalf("daemon %s did not stop on %v:\n%s", d.id, sig, d.logs())
+	}
+	if sig == syscall.SIGTERM && d.exitErr != nil {
+		d.t.Fatalf("daemon %s exited with %v after SIGTERM:\n%s", d.id, d.exitErr, d.logs())
+	}
+}
+
+// cli runs a lupool client command against this daemon's API and returns
+// stdout, stderr and the exit code.
+func (d *daemon) cli(args ...string) (string, string, int) {
+	d.t.Helper()
+	cmd := exec.Command(lupoolBin, args...)
+	cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		d.t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+// mustCLI runs a client command that must succeed.
+func (d *daemon) mustCLI(args ...string) string {
+	d.t.Helper()
+	out, errOut, code := d.cli(args...)
+	if code != 0 {
+		d.t.Fatalf("lupool %s: exit %d: %s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+type luJSON struct {
+	Name           string `json:"name"`
+	SizeBytes      int64  `json:"size_bytes"`
+	AllocatedBytes int64  `json:"allocated_bytes"`
+	Copies         int    `json:"copies"`
+	Kind           string `json:"kind"`
+	Writer         string `json:"writer"`
+}
+
+func (d *daemon) listLUs() []luJSON {
+	d.t.Helper()
+	var lus []luJSON
+	if err := json.Unmarshal([]byte(d.mustCLI("lu", "list", "-o", "json")), &lus); err != nil {
+		d.t.Fatal(err)
+	}
+	return lus
+}
+
+func (d *daemon) uri(name string) string { return "nbd://" + d.nbd + "/" + name }
+
+// metrics returns the /metrics text.
+func (d *daemon) metrics() string {
+	d.t.Helper()
+	resp, err := http.Get("http://" + d.api + "/metrics")
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return string(b)
+}
+
+// metricValue finds the sample line that starts with name{ and contains
+// every label in labels; it returns -1 when there is none.
+func metricValue(text, name string, labels ...string) float64 {
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(line, l) {
+				ok = false
+			}
+		}
+		if !ok {
+			continue
+		}
+		var v float64
+		if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err == nil {
+			return v
+		}
+	}
+	return -1
+}
+
+func runTool(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func randomFile(t *testing.T, size int) (string, string) {
+	t.Helper()
+	buf := make([]byte, size)
+	if _, err := rand.Read(buf); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "image.raw")
+	if err := os.WriteFile(path, buf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path, sha(buf)
+}
+
+func sha(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func fileSHA(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha(b)
+}
