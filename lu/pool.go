@@ -1,6 +1,7 @@
 package lu
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -526,8 +527,9 @@ func (p *Pool) noteLevel(level PoolLevel) {
 	}
 }
 
-// Close closes every volume. Later calls return ErrPoolClosed; the files
-// stay for the next OpenPool.
+// Close flushes and closes every volume (I/O still in flight is waited
+// for; later I/O returns blockdev.ErrShutdown). Later Pool calls return
+// ErrPoolClosed; the files stay for the next OpenPool.
 func (p *Pool) Close() error {
 	p.mu.Lock()
 	if p.mu.closed {
@@ -540,7 +542,7 @@ func (p *Pool) Close() error {
 	p.mu.Unlock()
 	var errs []error
 	for _, e := range vols {
-		errs = append(errs, e.vol.Close())
+		errs = append(errs, e.vol.Flush(context.Background()), e.vol.Close())
 	}
 	return errors.Join(errs...)
 }
