@@ -127,8 +127,11 @@ func (m *Manager) push(w work) {
 // Sync waits until every item queued before the call has been applied.
 func (m *Manager) Sync(ctx context.Context) error {
 	m.mu.Lock()
-	target := m.mu.queued
+	target, closed := m.mu.queued, m.mu.closed
 	m.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
 	stop := context.AfterFunc(ctx, func() {
 		m.mu.Lock()
 		m.mu.cond.Broadcast()
