@@ -305,7 +305,7 @@ func TestOptionsValidate(t *testing.T) {
 // TestRaftRejectsBadEntry sends an undecodable command through the real
 // log: the proposer gets the error and the node keeps working.
 func TestRaftRejectsBadEntry(t *testing.T) {
-	n := openNode(t, testOptions(t.TempDir(), "n1", true))
+	n := openNode(t, testOptions(t, t.TempDir(), "n1", true))
 	waitLeaderIs(t, n)
 	f := n.raft.Apply([]byte(`{"v":1,"type":"lu.frobnicate"}`), testTimeout)
 	if err := f.Error(); err != nil {

@@ -145,8 +145,9 @@ type Node struct {
 	snaps *raft.FileSnapshotStore // immutable
 
 	closeOnce sync.Once
-	closeErr  error // written once by Close
-	closed    chan struct{}
+	closeErr  error         // written once by Close
+	closed    chan struct{} // closed by Close
+	wg        sync.WaitGroup
 }
 
 // Open opens (or creates) the node's state and starts raft.
@@ -215,6 +216,8 @@ func (n *Node) start() error {
 	// one on start would roll it back and re-apply entries.
 	cfg.NoSnapshotRestoreOnStart = true
 	cfg.Logger = hlog
+	notify := make(chan bool, 1)
+	cfg.NotifyCh = notify
 	if err := raft.ValidateConfig(cfg); err != nil {
 		return fmt.Errorf("cluster: raft config: %w", err)
 	}
@@ -235,6 +238,8 @@ func (n *Node) start() error {
 	if err != nil {
 		return fmt.Errorf("cluster: start raft: %w", err)
 	}
+	n.wg.Add(1)
+	go n.leaderLoop(notify)
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil
@@ -249,6 +254,7 @@ func (n *Node) Close() error {
 		if err := n.raft.Shutdown().Error(); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: raft shutdown: %w", err))
 		}
+		n.wg.Wait()
 		if err := n.trans.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: transport close: %w", err))
 		}
@@ -267,6 +273,50 @@ func (n *Node) isClosed() bool {
 	default:
 		return false
 	}
+}
+
+// leaderLoop keeps the leader's own node record current: whenever this
+// node becomes leader it writes its addresses if the record differs, so
+// Leader() on every node can name the leader's API address.
+func (n *Node) leaderLoop(notify <-chan bool) {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.closed:
+			return
+		case isLeader := <-notify:
+			if !isLeader {
+				continue
+			}
+			if err := n.ensureSelfRecord(); err != nil && !errors.Is(err, ErrClosed) {
+				n.log.Warn("could not record this node's addresses as leader", "err", err)
+			}
+		}
+	}
+}
+
+func (n *Node) ensureSelfRecord() error {
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.ApplyTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-n.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := n.Barrier(ctx); err != nil {
+		return err
+	}
+	var rec nodeRecord
+	found, err := getJSON(n.db, nodePrefix+n.opts.NodeID, &rec)
+	if err != nil {
+		return err
+	}
+	if found && rec.PeerAddr == n.PeerAddress() && rec.APIAddr == n.opts.APIAddr && rec.NBDAddr == n.opts.NBDAddr {
+		return nil
+	}
+	return n.RegisterSelf(ctx)
 }
 
 // ID returns this node's id.
@@ -312,8 +362,9 @@ func (n *Node) Leader() (id, apiAddr string) {
 	return string(sid), apiAddr
 }
 
-// propose runs a command through the log and returns its result. On a
-// context error the command may still be applied later.
+// propose runs a command through the log and returns its result. When the
+// context ends or leadership is lost after the command was appended, the
+// error wraps ErrOutcomeUnknown: the command may still be applied.
 func (n *Node) propose(ctx context.Context, c *command) (*Change, error) {
 	if n.isClosed() {
 		return nil, ErrClosed
@@ -335,11 +386,13 @@ func (n *Node) propose(ctx context.Context, c *command) (*Change, error) {
 	go func() { done <- f.Error() }()
 	select {
 	case <-ctx.Done():
-		return nil, fmt.Errorf("cluster: %s: %w (it may still be applied)", c.Type, ctx.Err())
+		return nil, fmt.Errorf("%w: %s: %w", ErrOutcomeUnknown, c.Type, ctx.Err())
 	case err := <-done:
-		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
-			errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			return nil, fmt.Errorf("%w: %s: %v", ErrNotLeader, c.Type, err)
+		}
+		if errors.Is(err, raft.ErrLeadershipLost) {
+			return nil, fmt.Errorf("%w: %s: %v", ErrOutcomeUnknown, c.Type, err)
 		}
 		if errors.Is(err, raft.ErrRaftShutdown) {
 			return nil, ErrClosed

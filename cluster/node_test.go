@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"sync"
 	"testing"
@@ -17,11 +18,23 @@ import (
 // second even under -race on a loaded machine.
 const testTimeout = 20 * time.Second
 
-func testOptions(dir, id string, bootstrap bool) Options {
+// freePort returns a loopback address that was free a moment ago, so that
+// a node keeps its peer address across restarts in one test.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func testOptions(t *testing.T, dir, id string, bootstrap bool) Options {
 	return Options{
 		Dir:       dir,
 		NodeID:    id,
-		PeerAddr:  "127.0.0.1:0",
+		PeerAddr:  freePort(t),
 		APIAddr:   "127.0.0.1:1" + id[len(id)-1:],
 		NBDAddr:   "127.0.0.1:2" + id[len(id)-1:],
 		Bootstrap: bootstrap,
@@ -77,6 +90,12 @@ func waitLeaderIs(t *testing.T, n *Node) {
 		t.Fatal(err)
 	}
 	waitFor(t, n.ID()+" to lead", n.IsLeader)
+	// The new leader writes its own record (leaderLoop); wait for it so
+	// that tests count only their own commands.
+	waitFor(t, n.ID()+" to record itself", func() bool {
+		id, api := n.Leader()
+		return id == n.ID() && api == n.opts.APIAddr
+	})
 }
 
 // changeLog collects Watch callbacks.
@@ -107,7 +126,7 @@ func names(lus []LU) []string {
 
 func TestSingleNodeLifecycleAndRestart(t *testing.T) {
 	dir := t.TempDir()
-	opts := testOptions(dir, "n1", true)
+	opts := testOptions(t, dir, "n1", true)
 	n := openNode(t, opts)
 	ctx := ctxT(t)
 	waitLeaderIs(t, n)
@@ -245,7 +264,7 @@ func TestSingleNodeLifecycleAndRestart(t *testing.T) {
 // then restarts: the table survives and nothing is re-applied.
 func TestSnapshotCompactionRestart(t *testing.T) {
 	dir := t.TempDir()
-	opts := testOptions(dir, "n1", true)
+	opts := testOptions(t, dir, "n1", true)
 	opts.SnapshotThreshold = 4
 	opts.TrailingLogs = 2
 	n := openNode(t, opts)
@@ -298,7 +317,7 @@ func TestSnapshotCompactionRestart(t *testing.T) {
 func TestCrashWhileWriting(t *testing.T) {
 	fs := vfs.NewCrashableMem()
 	dir := t.TempDir()
-	opts := testOptions(dir, "n1", true)
+	opts := testOptions(t, dir, "n1", true)
 	opts.FS = fs
 	n := openNode(t, opts)
 	ctx := ctxT(t)
@@ -337,6 +356,7 @@ func TestCrashWhileWriting(t *testing.T) {
 		copts := opts
 		copts.FS = clone
 		copts.Dir = dir // same paths inside the image; snapshots are on the OS and unused here
+		copts.PeerAddr = "127.0.0.1:0" // the original still holds its port
 		c := openNode(t, copts)
 		for _, name := range want {
 			if _, err := c.GetLU(name); err != nil {
@@ -360,7 +380,7 @@ func TestCrashWhileWriting(t *testing.T) {
 func TestAppendedNotApplied(t *testing.T) {
 	fs := vfs.NewCrashableMem()
 	dir := t.TempDir()
-	opts := testOptions(dir, "n1", true)
+	opts := testOptions(t, dir, "n1", true)
 	opts.FS = fs
 	n := openNode(t, opts)
 	ctx := ctxT(t)
@@ -407,7 +427,7 @@ func TestAppendedNotApplied(t *testing.T) {
 
 func TestThreeNodes(t *testing.T) {
 	ctx := ctxT(t)
-	o1 := testOptions(t.TempDir(), "n1", true)
+	o1 := testOptions(t, t.TempDir(), "n1", true)
 	o1.SnapshotThreshold = 4
 	o1.TrailingLogs = 2
 	n1 := openNode(t, o1)
@@ -415,8 +435,8 @@ func TestThreeNodes(t *testing.T) {
 	if err := n1.RegisterSelf(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n2 := openNode(t, testOptions(t.TempDir(), "n2", false))
-	n3 := openNode(t, testOptions(t.TempDir(), "n3", false))
+	n2 := openNode(t, testOptions(t, t.TempDir(), "n2", false))
+	n3 := openNode(t, testOptions(t, t.TempDir(), "n3", false))
 	if err := n1.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr); err != nil {
 		t.Fatal(err)
 	}

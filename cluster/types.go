@@ -33,6 +33,12 @@ var (
 	// rejected.
 	ErrUnknownCommand = errors.New("cluster: unknown command")
 
+	// ErrOutcomeUnknown is returned by the write methods when the context
+	// ended or this node lost leadership after the command was appended:
+	// it may or may not be applied. Read the state (GetLU) before retrying;
+	// a blind retry may meet ErrExists or ErrNotFound.
+	ErrOutcomeUnknown = errors.New("cluster: outcome unknown")
+
 	// ErrClosed is returned by the methods of a Node after Close.
 	ErrClosed = errors.New("cluster: node closed")
 )
