@@ -355,7 +355,7 @@ func TestCrashWhileWriting(t *testing.T) {
 		clone := fs.CrashClone(vfs.CrashCloneCfg{})
 		copts := opts
 		copts.FS = clone
-		copts.Dir = dir // same paths inside the image; snapshots are on the OS and unused here
+		copts.Dir = dir                // same paths inside the image; snapshots are on the OS and unused here
 		copts.PeerAddr = "127.0.0.1:0" // the original still holds its port
 		c := openNode(t, copts)
 		for _, name := range want {
