@@ -326,19 +326,19 @@ func (c *conn) release(r *request) {
 // validate checks a request before the device sees it and returns the NBD
 // error code to answer with, or 0.
 func (c *conn) validate(h *nbdproto.Request) uint32 {
-	var allowed uint16
+	// FUA is valid on every command (the server ignores it where nothing
+	// is written); the others only where the spec documents them.
+	allowed := nbdproto.CmdFlagFUA
 	switch h.Type {
 	case nbdproto.CmdRead:
 		if c.sess.structured {
-			allowed = nbdproto.CmdFlagDF
+			allowed |= nbdproto.CmdFlagDF
 		}
-	case nbdproto.CmdWrite, nbdproto.CmdTrim:
-		allowed = nbdproto.CmdFlagFUA
 	case nbdproto.CmdWriteZeroes:
-		allowed = nbdproto.CmdFlagFUA | nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero
+		allowed |= nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero
 	case nbdproto.CmdBlockStatus:
-		allowed = nbdproto.CmdFlagReqOne
-	case nbdproto.CmdFlush, nbdproto.CmdCache:
+		allowed |= nbdproto.CmdFlagReqOne
+	case nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdFlush, nbdproto.CmdCache:
 	default:
 		return nbdproto.EINVAL
 	}
@@ -374,10 +374,7 @@ func (c *conn) validate(h *nbdproto.Request) uint32 {
 	}
 	size := uint64(max(c.dev.Size(), 0))
 	if h.Offset > size || uint64(h.Length) > size-h.Offset {
-		if write {
-			return nbdproto.ENOSPC
-		}
-		return nbdproto.EINVAL
+		return outOfRangeCode(h.Type)
 	}
 	return 0
 }

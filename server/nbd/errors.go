@@ -44,17 +44,13 @@ type errorMapping struct {
 }
 
 // errorCode maps err from a device call for command cmd to an NBD error
-// code (0 for nil). A range beyond the end is ENOSPC for commands that write
-// and EINVAL for the others, as the NBD spec recommends.
+// code (0 for nil).
 func errorCode(cmd uint16, err error) uint32 {
 	if err == nil {
 		return 0
 	}
 	if errors.Is(err, blockdev.ErrOutOfRange) {
-		if isWriteCommand(cmd) {
-			return nbdproto.ENOSPC
-		}
-		return nbdproto.EINVAL
+		return outOfRangeCode(cmd)
 	}
 	for _, e := range errorTable() {
 		if errors.Is(err, e.err) {
@@ -67,4 +63,14 @@ func errorCode(cmd uint16, err error) uint32 {
 // isWriteCommand reports whether cmd changes data.
 func isWriteCommand(cmd uint16) bool {
 	return cmd == nbdproto.CmdWrite || cmd == nbdproto.CmdTrim || cmd == nbdproto.CmdWriteZeroes
+}
+
+// outOfRangeCode is the answer to a request beyond the end of the device:
+// ENOSPC for WRITE and WRITE_ZEROES, EINVAL for the others (read, trim,
+// cache, block status), as the NBD spec recommends.
+func outOfRangeCode(cmd uint16) uint32 {
+	if cmd == nbdproto.CmdWrite || cmd == nbdproto.CmdWriteZeroes {
+		return nbdproto.ENOSPC
+	}
+	return nbdproto.EINVAL
 }
