@@ -33,6 +33,11 @@ type Meta struct {
 	DeviceBytes int64             `json:"device_bytes"`
 	Rounds      int               `json:"rounds"`
 	CommandLine string            `json:"command_line"`
+	// LoadAverageStart and LoadAverageEnd are /proc/loadavg's 1, 5 and 15
+	// minute figures when the run started and ended: how busy the machine
+	// was with other work.
+	LoadAverageStart string `json:"load_average_start,omitempty"`
+	LoadAverageEnd   string `json:"load_average_end,omitempty"`
 }
 
 // ServerReport says how a server ran, or why it was skipped.
@@ -237,6 +242,9 @@ func RenderMarkdown(r *Report) string {
 		m.Host, m.CPUs, m.CPUModel, m.Kernel, m.Runtime, fmtBytes(m.SizeBytes), fmtBytes(m.DeviceBytes), m.Rounds)
 	if m.CommandLine != "" {
 		fmt.Fprintf(&b, "Command: `%s`\n\n", m.CommandLine)
+	}
+	if m.LoadAverageStart != "" {
+		fmt.Fprintf(&b, "Load average (1, 5, 15 min) at the start: %s; at the end: %s.\n\n", m.LoadAverageStart, m.LoadAverageEnd)
 	}
 	var tools []string
 	for _, t := range []string{"fio", "nbdkit", "qemu-nbd"} {

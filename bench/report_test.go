@@ -45,7 +45,8 @@ func cannedReport(t *testing.T) *Report {
 	return &Report{
 		Meta: Meta{Date: "2026-11-22T03:00:00Z", Host: "vm", CPUs: 2, CPUModel: "Xeon", Kernel: "6.1",
 			Versions: map[string]string{"fio": "fio-3.33"}, Runtime: "1s", SizeBytes: 256 << 20,
-			DeviceBytes: 1 << 30, Rounds: 3, CommandLine: "nbdbench --quick"},
+			DeviceBytes: 1 << 30, Rounds: 3, CommandLine: "nbdbench --quick",
+			LoadAverageStart: "1.50 1.20 0.90", LoadAverageEnd: "2.00 1.40 1.00"},
 		Servers: []ServerReport{
 			{Name: "lupool-mem", Class: ClassMemory, Subject: true, Notes: "memory LU"},
 			{Name: "lupool-file", Class: ClassFile, Subject: true, Notes: "file LU", Skipped: "no lupool binary"},
@@ -91,6 +92,7 @@ func TestSummarizeWorkload(t *testing.T) {
 func TestRenderMarkdown(t *testing.T) {
 	got := RenderMarkdown(cannedReport(t))
 	for _, line := range []string{
+		"Load average (1, 5, 15 min) at the start: 1.50 1.20 0.90; at the end: 2.00 1.40 1.00.",
 		"| lupool-file | file | skipped: no lupool binary | file LU |",
 		"| workload | lupool-mem / nbdkit-memory |",
 		"| randread-qd1 | 1.10 (0.90–1.25) |",

@@ -192,6 +192,7 @@ func Run(ctx context.Context, o Options) (report *Report, err error) {
 	if len(live) == 0 {
 		return report, errors.New("bench: no server could start (see the skip reasons above)")
 	}
+	defer func() { report.Meta.LoadAverageEnd = loadAverage() }()
 	for _, w := range o.Workloads {
 		wr, err := runWorkload(ctx, &o, w, live, running, rawDir)
 		if err != nil {
@@ -200,6 +201,20 @@ func Run(ctx context.Context, o Options) (report *Report, err error) {
 		report.Workloads = append(report.Workloads, wr)
 	}
 	return report, nil
+}
+
+// loadAverage returns the 1, 5 and 15 minute load averages, or "" where
+// /proc/loadavg does not exist.
+func loadAverage() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	fields := strings.Fields(string(data))
+	if len(fields) < 3 {
+		return ""
+	}
+	return strings.Join(fields[:3], " ")
 }
 
 // runWorkload runs w for every round against every live server, rotating
@@ -289,6 +304,7 @@ func collectMeta(ctx context.Context, o *Options) Meta {
 		Versions:    map[string]string{},
 	}
 	m.Host, _ = os.Hostname()
+	m.LoadAverageStart = loadAverage()
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(data))
 	}

@@ -153,6 +153,9 @@ func TestRunAgainstNbdkit(t *testing.T) {
 	if len(r.Workloads) != 2 {
 		t.Fatalf("workloads = %d, want 2", len(r.Workloads))
 	}
+	if len(strings.Fields(r.Meta.LoadAverageStart)) != 3 || len(strings.Fields(r.Meta.LoadAverageEnd)) != 3 {
+		t.Errorf("load averages %q, %q", r.Meta.LoadAverageStart, r.Meta.LoadAverageEnd)
+	}
 	for _, w := range r.Workloads {
 		if len(w.Results) != 2 {
 			t.Fatalf("%s: %d results, want 2 (the skipped server has none)", w.Name, len(w.Results))
