@@ -529,3 +529,76 @@ func TestThreeNodes(t *testing.T) {
 		t.Fatalf("lu05 on n3 = %+v, %v", lu, err)
 	}
 }
+
+// TestFollowerRestartAfterCompaction stops a follower, changes the table
+// while the leader compacts its log past the follower's index, and restarts
+// the follower: it installs a snapshot over its existing state, and its
+// watchers see exactly the difference.
+func TestFollowerRestartAfterCompaction(t *testing.T) {
+	ctx := ctxT(t)
+	o1 := testOptions(t, t.TempDir(), "n1", true)
+	o1.SnapshotThreshold = 4
+	o1.TrailingLogs = 2
+	n1 := openNode(t, o1)
+	waitLeaderIs(t, n1)
+	n2 := openNode(t, testOptions(t, t.TempDir(), "n2", false))
+	o3 := testOptions(t, t.TempDir(), "n3", false)
+	n3 := openNode(t, o3)
+	for _, f := range []*Node{n2, n3} {
+		if err := n1.AddVoter(ctx, f.ID(), f.PeerAddress(), f.opts.APIAddr, f.opts.NBDAddr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"keep", "grow", "drop"} {
+		if err := n1.CreateLU(ctx, LU{Name: name, SizeBytes: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "n3 to see 3 LUs", func() bool { lus, _ := n3.ListLUs(); return len(lus) == 3 })
+	if err := n3.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n1.ResizeLU(ctx, "grow", 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := n1.DeleteLU(ctx, "drop"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 8; i++ {
+		if err := n1.CreateLU(ctx, LU{Name: fmt.Sprintf("new%d", i), SizeBytes: 512}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := n1.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	if first, err := n1.storeFirstIndex(); err != nil || first <= n3.fsm.applied.Load() {
+		t.Fatalf("leader log starts at %d (%v); n3 stopped at %d: no snapshot would be needed", first, err, n3.fsm.applied.Load())
+	}
+
+	n3 = openNode(t, o3)
+	var seen changeLog
+	_, cancel, err := n3.ListAndWatch(seen.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	waitFor(t, "n3 to catch up", func() bool {
+		lus, _ := n3.ListLUs()
+		return len(lus) == 10 && n3.fsm.applied.Load() >= n1.fsm.applied.Load()
+	})
+	if lu, err := n3.GetLU("grow"); err != nil || lu.SizeBytes != 2<<20 {
+		t.Fatalf("grow on n3 = %+v, %v", lu, err)
+	}
+	waitFor(t, "n3's watch to see 10 changes", func() bool { return len(seen.get()) >= 10 })
+	kinds := map[string]ChangeKind{}
+	for _, c := range seen.get() {
+		kinds[c.LU.Name] = c.Kind
+	}
+	if kinds["grow"] != Resized || kinds["drop"] != Deleted || kinds["new7"] != Created || len(kinds) != 10 {
+		t.Fatalf("n3 changes: %v", kinds)
+	}
+	if _, ok := kinds["keep"]; ok {
+		t.Fatalf("unchanged LU reported: %v", kinds)
+	}
+}
