@@ -121,10 +121,15 @@ var (
 
 // ioError maps an error of the file system to the blockdev sentinels,
 // keeping the original (errno) in the chain.
+// Its nil fast path is inlined on the data path.
 func ioError(op, path string, err error) error {
 	if err == nil {
 		return nil
 	}
+	return mapIOError(op, path, err)
+}
+
+func mapIOError(op, path string, err error) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 		return fmt.Errorf("lu: %s %s: %w: %w", op, path, blockdev.ErrNoSpace, err)
 	}
