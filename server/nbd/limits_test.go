@@ -1,0 +1,166 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// TestLimitRelationships asserts how the limits depend on each other.
+func TestLimitRelationships(t *testing.T) {
+	checks := []struct {
+		what string
+		ok   bool
+	}{
+		{"the largest pooled buffer holds the largest request", 1<<maxBufferShift == MaxRequestBytes},
+		{"the smallest pooled buffer is the preferred block", 1<<minBufferShift == PreferredBlockBytes},
+		{"preferred block is a multiple of the minimum", PreferredBlockBytes%MinBlockBytes == 0},
+		{"maximum block is a multiple of the preferred", MaxRequestBytes%PreferredBlockBytes == 0},
+		{"a block status payload fits a pooled buffer", blockStatusPayloadBytes <= 1<<maxBufferShift},
+		{"a block status payload fits its 32-bit chunk length", blockStatusPayloadBytes < 1<<32},
+		{"an option holds the longest name and one longest query",
+			MaxOptionBytes >= 4+nbdproto.MaxStringBytes+4+4+nbdproto.MaxStringBytes},
+		{"default byte budget holds a maximum request", DefaultMaxInflightBytes >= MaxRequestBytes},
+		{"default byte budget holds a full queue of preferred blocks",
+			DefaultMaxInflightBytes >= DefaultMaxInflightRequests*PreferredBlockBytes},
+		{"export names obey the spec string limit", MaxNameBytes <= nbdproto.MaxStringBytes},
+		{"the zero buffer is a whole number of preferred blocks", zeroBufferBytes%PreferredBlockBytes == 0},
+		{"commands counted fit the stats array", int(nbdproto.CmdBlockStatus) < numCommands},
+	}
+	for _, c := range checks {
+		if !c.ok {
+			t.Errorf("violated: %s", c.what)
+		}
+	}
+}
+
+func TestBufferPools(t *testing.T) {
+	for _, tc := range []struct{ n, class int }{
+		{1, 0}, {4096, 0}, {4097, 1}, {8192, 1}, {1 << 20, 8}, {MaxRequestBytes - 1, numBufferPools - 1}, {MaxRequestBytes, numBufferPools - 1},
+	} {
+		if got := sizeClass(tc.n); got != tc.class {
+			t.Errorf("sizeClass(%d) = %d, want %d", tc.n, got, tc.class)
+		}
+	}
+	var p bufferPools
+	b := p.get(5000)
+	if len(b.b) != 8192 {
+		t.Fatalf("get(5000) gave %d bytes", len(b.b))
+	}
+	p.put(b)
+	p.put(&buffer{b: make([]byte, 5000)}) // foreign size: dropped, must not be handed out
+	for range 10 {
+		if got := p.get(5000); len(got.b) != 8192 {
+			t.Fatalf("pool handed out a %d-byte buffer", len(got.b))
+		}
+	}
+}
+
+func TestByteBudget(t *testing.T) {
+	var b byteBudget
+	b.init(10)
+	b.acquire(6)
+	acquired := make(chan struct{})
+	go func() {
+		b.acquire(6) // waits: 12 > 10
+		close(acquired)
+	}()
+	time.Sleep(20 * time.Millisecond) // let it try
+	select {
+	case <-acquired:
+		t.Fatal("budget over-committed")
+	default:
+	}
+	b.release(6)
+	<-acquired
+	b.release(6)
+	b.acquire(100) // larger than the budget, alone: allowed
+	b.release(100)
+}
+
+func TestExportSet(t *testing.T) {
+	s := NewExportSet()
+	dev := blockdevtest.NewMem(4096, blockdev.Caps{})
+	for _, e := range []Export{{Name: "", Device: dev}, {Name: "x"}, {Name: string(make([]byte, MaxNameBytes+1)), Device: dev}} {
+		if err := s.Add(e); !errors.Is(err, ErrInvalidExport) {
+			t.Errorf("Add(%.10q) = %v, want ErrInvalidExport", e.Name, err)
+		}
+	}
+	for _, n := range []string{"b", "a", "c"} {
+		if err := s.Add(Export{Name: n, Device: dev}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Add(Export{Name: "a", Device: dev}); !errors.Is(err, ErrExportExists) {
+		t.Fatalf("duplicate: %v", err)
+	}
+	if !s.Remove("b") || s.Remove("b") {
+		t.Fatal("Remove")
+	}
+	l := s.List()
+	if len(l) != 2 || l[0].Name != "a" || l[1].Name != "c" {
+		t.Fatalf("List %+v", l)
+	}
+	if _, ok := s.Lookup("c"); !ok {
+		t.Fatal("Lookup c")
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	bad := []Options{
+		{},
+		{Exports: NewExportSet(), TLSMode: TLSOptional},
+		{Exports: NewExportSet(), TLSMode: 7},
+		{Exports: NewExportSet(), MaxInflightRequests: -1},
+		{Exports: NewExportSet(), MaxInflightBytes: -1},
+	}
+	for i, o := range bad {
+		o.EnsureDefaults()
+		if err := o.Validate(); !errors.Is(err, ErrInvalidOptions) {
+			t.Errorf("case %d: %v, want ErrInvalidOptions", i, err)
+		}
+		if _, err := NewServer(o); err == nil {
+			t.Errorf("case %d: NewServer accepted bad options", i)
+		}
+	}
+	o := Options{Exports: NewExportSet()}
+	o.EnsureDefaults()
+	if err := o.Validate(); err != nil || o.MaxInflightRequests != 128 || o.MaxInflightBytes != 64<<20 || o.Logger == nil {
+		t.Fatalf("defaults: %+v, %v", o, err)
+	}
+}
+
+func TestServeSeveralListenersAndClose(t *testing.T) {
+	ts := startServer(t, blockdev.Caps{}, nil)
+	l2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ts.srv.Serve(l2) }()
+	c := dialRaw(t, l2.Addr().String())
+	c.attach("disk", false)
+	if code := c.do(nbdproto.CmdFlush, 0, 0, 0, nil); code != 0 {
+		t.Fatal(errName(code))
+	}
+	if err := ts.srv.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("second Serve: %v", err)
+	}
+	l3, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.srv.Serve(l3); !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("Serve after Shutdown: %v", err)
+	}
+	c.expectClosed()
+}
