@@ -65,6 +65,25 @@ func needTools(t *testing.T, tools ...string) {
 	}
 }
 
+// syncBuffer is a bytes.Buffer safe for a child process to write while
+// the test reads it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // daemon is one running `lupool serve` process.
 type daemon struct {
 	t       *testing.T
@@ -75,8 +94,7 @@ type daemon struct {
 	id      string
 	extra   []string
 	cmd     *exec.Cmd
-	logMu   sync.Mutex
-	log     bytes.Buffer
+	log     syncBuffer
 	exited  chan struct{}
 	exitErr error
 }
@@ -86,26 +104,14 @@ func newDaemon(t *testing.T, id string, extra ...string) *daemon {
 	return &daemon{t: t, data: t.TempDir(), nbd: freePort(t), api: freePort(t), peer: freePort(t), id: id, extra: extra}
 }
 
-type lockedWriter struct{ d *daemon }
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.d.logMu.Lock()
-	defer w.d.logMu.Unlock()
-	return w.d.log.Write(p)
-}
-
-func (d *daemon) logs() string {
-	d.logMu.Lock()
-	defer d.logMu.Unlock()
-	return d.log.String()
-}
+func (d *daemon) logs() string { return d.log.String() }
 
 // start runs the daemon and waits until /readyz answers 200.
 func (d *daemon) start() {
 	d.t.Helper()
 	args := append([]string{"serve", "--data", d.data, "--nbd", d.nbd, "--api", d.api, "--peer", d.peer, "--node-id", d.id}, d.extra...)
 	d.cmd = exec.Command(lupoolBin, args...)
-	d.cmd.Stdout, d.cmd.Stderr = lockedWriter{d}, lockedWriter{d}
+	d.cmd.Stdout, d.cmd.Stderr = &d.log, &d.log
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
 	}

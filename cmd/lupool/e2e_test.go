@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
 )
 
 const imageBytes = 16 << 20
@@ -230,5 +232,80 @@ func TestJoinSeesLUTable(t *testing.T) {
 	}
 	if len(nodes) != 2 {
 		t.Fatalf("node list on n2: %+v, want 2 nodes", nodes)
+	}
+}
+
+// TestDeleteAndResizeWithAttachedClient: delete is refused while a client
+// is attached, --force ends the client's I/O with an error; resize grows
+// online and refuses to cut off data.
+func TestDeleteAndResizeWithAttachedClient(t *testing.T) {
+	d := newDaemon(t, "del")
+	d.start()
+	d.mustCLI("lu", "create", "held", "--size", "1M")
+
+	// The client writes, says "ready", waits for a line on stdin, then
+	// tries to read and prints what happened.
+	script := `
+import sys
+h.pwrite(b"x" * 4096, 0)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(4096, 0)
+    print("read-ok", flush=True)
+except nbd.Error as e:
+    print("read-error", e.errno, flush=True)
+`
+	cmd := realclient.Nbdsh(t, d.uri("held"), script)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(out.String(), "ready") {
+		if time.Now().After(deadline) {
+			t.Fatalf("nbdsh client never got ready: %s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	var held luJSON
+	if err := json.Unmarshal([]byte(d.mustCLI("lu", "show", "held", "-o", "json")), &held); err != nil {
+		t.Fatal(err)
+	}
+	// Grow online; shrinking below written data is refused.
+	d.mustCLI("lu", "resize", "held", "--size", "2M")
+	if _, errOut, code := d.cli("lu", "resize", "held", "--size", "512"); code != 1 || !strings.Contains(errOut, "allocated") {
+		t.Errorf("shrink over data: exit %d %q, want a refusal naming allocated data", code, errOut)
+	}
+
+	if _, errOut, code := d.cli("lu", "delete", "held"); code != 1 || !strings.Contains(errOut, "client connection(s) attached") {
+		t.Fatalf("delete with a client attached: exit %d %q, want refused", code, errOut)
+	}
+	if lus := d.listLUs(); len(lus) != 1 || lus[0].SizeBytes != 2<<20 {
+		t.Fatalf("after refused delete: %+v, want held at 2 MiB", lus)
+	}
+	d.mustCLI("lu", "delete", "held", "--force")
+	if _, err := stdin.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("client hung after forced delete")
+	}
+	if got := out.String(); strings.Contains(got, "read-ok") || !(strings.Contains(got, "read-error") || strings.Contains(got, "disconnect") || strings.Contains(got, "Error")) {
+		t.Fatalf("client after forced delete: %q, want its I/O to fail", got)
+	}
+	if lus := d.listLUs(); len(lus) != 0 {
+		t.Fatalf("after forced delete: %+v, want none", lus)
 	}
 }
