@@ -183,10 +183,12 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 		if lu.Description != "" {
 			fmt.Fprintf(w, "\ndescription: %s\n", lu.Description)
 		}
-		fmt.Fprintln(w, "\nCOPY NODE\tSTATE")
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE")
 		for _, r := range lu.Replicas {
-			fmt.Fprintf(w, "%s\t%s\n", r.Node, r.State)
+			fmt.Fprintf(tw, "%s\t%s\n", r.Node, r.State)
 		}
+		return tw.Flush()
 	}
 	return nil
 }
