@@ -19,12 +19,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -32,6 +34,10 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/lupool/lupool/cluster/raftpebble"
 )
+
+// lockFileName is the file under Options.Dir that one Node at a time holds
+// locked (fcntl), so a second process on the same directory fails fast.
+const lockFileName = "cluster.lock"
 
 // Options configures a Node.
 type Options struct {
@@ -90,8 +96,10 @@ func (o *Options) EnsureDefaults() {
 		o.ElectionTimeout = o.HeartbeatTimeout
 	}
 	if o.LeaderLeaseTimeout == 0 {
-		// Must not exceed HeartbeatTimeout (raft.ValidateConfig).
-		o.LeaderLeaseTimeout = o.HeartbeatTimeout / 2
+		// The most raft.ValidateConfig allows: a leader that cannot reach a
+		// quorum for this long steps down. Shorter makes a loaded machine
+		// (CPU starvation under -race) flap leadership.
+		o.LeaderLeaseTimeout = o.HeartbeatTimeout
 	}
 	if o.CommitTimeout == 0 {
 		o.CommitTimeout = 20 * time.Millisecond
@@ -139,6 +147,7 @@ type Node struct {
 	opts  Options                 // immutable after Open
 	log   *slog.Logger            // immutable; never nil
 	db    *pebble.DB              // immutable; closed by Close
+	lock  io.Closer               // immutable; held on Dir/cluster.lock until Close
 	fsm   *fsm                    // immutable
 	trans *raft.NetworkTransport  // immutable; closed by Close
 	raft  *raft.Raft              // immutable
@@ -148,6 +157,9 @@ type Node struct {
 	closeErr  error         // written once by Close
 	closed    chan struct{} // closed by Close
 	wg        sync.WaitGroup
+	// registering is set while a goroutine writes this node's record
+	// after an election (at most one at a time).
+	registering atomic.Bool
 }
 
 // Open opens (or creates) the node's state and starts raft.
@@ -164,16 +176,23 @@ func Open(opts Options) (*Node, error) {
 	if err := mkdirAllSynced(opts.FS, pebbleDir); err != nil {
 		return nil, err
 	}
+	lockPath := filepath.Join(opts.Dir, lockFileName)
+	lock, err := opts.FS.Lock(lockPath)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v; is another lupool running on %s?", ErrLocked, lockPath, err, opts.Dir)
+	}
 	db, err := pebble.Open(pebbleDir, &pebble.Options{FS: opts.FS, Logger: pebbleLogger{log}})
 	if err != nil {
+		_ = lock.Close()
 		return nil, fmt.Errorf("cluster: open pebble in %s: %w", pebbleDir, err)
 	}
-	n := &Node{opts: opts, log: log, db: db, closed: make(chan struct{})}
+	n := &Node{opts: opts, log: log, db: db, lock: lock, closed: make(chan struct{})}
 	if err := n.start(); err != nil {
 		if n.trans != nil {
 			_ = n.trans.Close()
 		}
 		_ = db.Close()
+		_ = lock.Close()
 		return nil, err
 	}
 	return n, nil
@@ -261,6 +280,9 @@ func (n *Node) Close() error {
 		if err := n.db.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: pebble close: %w", err))
 		}
+		if err := n.lock.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: unlock: %w", err))
+		}
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
@@ -285,12 +307,18 @@ func (n *Node) leaderLoop(notify <-chan bool) {
 		case <-n.closed:
 			return
 		case isLeader := <-notify:
-			if !isLeader {
+			// Never block here: raft's main loop waits for this receive.
+			if !isLeader || !n.registering.CompareAndSwap(false, true) {
 				continue
 			}
-			if err := n.ensureSelfRecord(); err != nil && !errors.Is(err, ErrClosed) {
-				n.log.Warn("could not record this node's addresses as leader", "err", err)
-			}
+			n.wg.Add(1) // safe: this goroutine's own count keeps wg above zero
+			go func() {
+				defer n.wg.Done()
+				defer n.registering.Store(false)
+				if err := n.ensureSelfRecord(); err != nil && !errors.Is(err, ErrClosed) {
+					n.log.Warn("could not record this node's addresses as leader", "err", err)
+				}
+			}()
 		}
 	}
 }

@@ -98,6 +98,41 @@ func waitLeaderIs(t *testing.T, n *Node) {
 	})
 }
 
+// onLeader runs a write on whichever node leads, retrying when leadership
+// moves (a loaded machine can starve heartbeats). After an unknown outcome,
+// the error okAfterUnknown (e.g. ErrExists for a create) counts as success.
+func onLeader(t *testing.T, nodes []*Node, okAfterUnknown error, fn func(*Node) error) {
+	t.Helper()
+	unknown := false
+	deadline := time.Now().Add(testTimeout)
+	for time.Now().Before(deadline) {
+		var leader *Node
+		for _, n := range nodes {
+			if !n.isClosed() && n.IsLeader() {
+				leader = n
+			}
+		}
+		if leader == nil {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		err := fn(leader)
+		switch {
+		case err == nil:
+			return
+		case unknown && okAfterUnknown != nil && errors.Is(err, okAfterUnknown):
+			return
+		case errors.Is(err, ErrOutcomeUnknown):
+			unknown = true
+		case errors.Is(err, ErrNotLeader):
+		default:
+			t.Fatalf("on leader %s: %v", leader.ID(), err)
+		}
+		t.Logf("retrying after %v", err)
+	}
+	t.Fatal("no leader accepted the write in time")
+}
+
 // changeLog collects Watch callbacks.
 type changeLog struct {
 	mu      sync.Mutex
@@ -437,13 +472,14 @@ func TestThreeNodes(t *testing.T) {
 	}
 	n2 := openNode(t, testOptions(t, t.TempDir(), "n2", false))
 	n3 := openNode(t, testOptions(t, t.TempDir(), "n3", false))
-	if err := n1.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr); err != nil {
-		t.Fatal(err)
-	}
+	all := []*Node{n1, n2, n3}
+	onLeader(t, all, nil, func(l *Node) error {
+		return l.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr)
+	})
 	for i := 0; i < 12; i++ {
-		if err := n1.CreateLU(ctx, LU{Name: fmt.Sprintf("lu%02d", i), SizeBytes: 1 << 20, Copies: 2}); err != nil {
-			t.Fatal(err)
-		}
+		onLeader(t, all, ErrExists, func(l *Node) error {
+			return l.CreateLU(ctx, LU{Name: fmt.Sprintf("lu%02d", i), SizeBytes: 1 << 20, Copies: 2})
+		})
 	}
 	// n3 joins after a compaction, so it catches up from a snapshot.
 	if err := n1.Snapshot(); err != nil {
@@ -455,14 +491,17 @@ func TestThreeNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cancel3()
-	if err := n1.AddVoter(ctx, "n3", n3.PeerAddress(), n3.opts.APIAddr, n3.opts.NBDAddr); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []*Node{n2, n3} {
+	onLeader(t, all, nil, func(l *Node) error {
+		return l.AddVoter(ctx, "n3", n3.PeerAddress(), n3.opts.APIAddr, n3.opts.NBDAddr)
+	})
+	for _, f := range all {
 		waitFor(t, f.ID()+" to see 12 LUs", func() bool {
 			lus, err := f.ListLUs()
 			return err == nil && len(lus) == 12
 		})
+		if f.IsLeader() {
+			continue
+		}
 		if err := f.CreateLU(ctx, LU{Name: "x", SizeBytes: 512}); !errors.Is(err, ErrNotLeader) {
 			t.Fatalf("CreateLU on follower %s: %v", f.ID(), err)
 		}
@@ -500,33 +539,36 @@ func TestThreeNodes(t *testing.T) {
 	}
 
 	// Kill the leader: one of the others takes over with the table intact.
-	if err := n1.Close(); err != nil {
-		t.Fatal(err)
-	}
-	var leader *Node
-	waitFor(t, "a new leader", func() bool {
-		for _, f := range []*Node{n2, n3} {
+	var old *Node
+	waitFor(t, "a leader", func() bool {
+		for _, f := range all {
 			if f.IsLeader() {
-				leader = f
+				old = f
 				return true
 			}
 		}
 		return false
 	})
-	if err := leader.Barrier(ctx); err != nil {
+	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := leader.CreateLU(ctx, LU{Name: "after-failover", SizeBytes: 512}); err != nil {
-		t.Fatal(err)
+	var rest []*Node
+	for _, f := range all {
+		if f != old {
+			rest = append(rest, f)
+		}
 	}
-	for _, f := range []*Node{n2, n3} {
+	onLeader(t, rest, ErrExists, func(l *Node) error {
+		return l.CreateLU(ctx, LU{Name: "after-failover", SizeBytes: 512})
+	})
+	for _, f := range rest {
 		waitFor(t, f.ID()+" to see 13 LUs", func() bool {
 			lus, err := f.ListLUs()
 			return err == nil && len(lus) == 13
 		})
 	}
-	if lu, err := n3.GetLU("lu05"); err != nil || lu.Copies != 2 {
-		t.Fatalf("lu05 on n3 = %+v, %v", lu, err)
+	if lu, err := rest[1].GetLU("lu05"); err != nil || lu.Copies != 2 {
+		t.Fatalf("lu05 on %s = %+v, %v", rest[1].ID(), lu, err)
 	}
 }
 
@@ -544,30 +586,26 @@ func TestFollowerRestartAfterCompaction(t *testing.T) {
 	n2 := openNode(t, testOptions(t, t.TempDir(), "n2", false))
 	o3 := testOptions(t, t.TempDir(), "n3", false)
 	n3 := openNode(t, o3)
+	all := []*Node{n1, n2, n3}
 	for _, f := range []*Node{n2, n3} {
-		if err := n1.AddVoter(ctx, f.ID(), f.PeerAddress(), f.opts.APIAddr, f.opts.NBDAddr); err != nil {
-			t.Fatal(err)
-		}
+		onLeader(t, all, nil, func(l *Node) error {
+			return l.AddVoter(ctx, f.ID(), f.PeerAddress(), f.opts.APIAddr, f.opts.NBDAddr)
+		})
 	}
 	for _, name := range []string{"keep", "grow", "drop"} {
-		if err := n1.CreateLU(ctx, LU{Name: name, SizeBytes: 1 << 20}); err != nil {
-			t.Fatal(err)
-		}
+		onLeader(t, all, ErrExists, func(l *Node) error { return l.CreateLU(ctx, LU{Name: name, SizeBytes: 1 << 20}) })
 	}
 	waitFor(t, "n3 to see 3 LUs", func() bool { lus, _ := n3.ListLUs(); return len(lus) == 3 })
 	if err := n3.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := n1.ResizeLU(ctx, "grow", 2<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := n1.DeleteLU(ctx, "drop"); err != nil {
-		t.Fatal(err)
-	}
+	up := []*Node{n1, n2}
+	onLeader(t, up, nil, func(l *Node) error { return l.ResizeLU(ctx, "grow", 2<<20) })
+	onLeader(t, up, ErrNotFound, func(l *Node) error { return l.DeleteLU(ctx, "drop") })
 	for i := 0; i < 8; i++ {
-		if err := n1.CreateLU(ctx, LU{Name: fmt.Sprintf("new%d", i), SizeBytes: 512}); err != nil {
-			t.Fatal(err)
-		}
+		onLeader(t, up, ErrExists, func(l *Node) error {
+			return l.CreateLU(ctx, LU{Name: fmt.Sprintf("new%d", i), SizeBytes: 512})
+		})
 	}
 	if err := n1.Snapshot(); err != nil {
 		t.Fatal(err)
@@ -585,7 +623,7 @@ func TestFollowerRestartAfterCompaction(t *testing.T) {
 	defer cancel()
 	waitFor(t, "n3 to catch up", func() bool {
 		lus, _ := n3.ListLUs()
-		return len(lus) == 10 && n3.fsm.applied.Load() >= n1.fsm.applied.Load()
+		return len(lus) == 10 && n3.fsm.applied.Load() >= max(n1.fsm.applied.Load(), n2.fsm.applied.Load())
 	})
 	if lu, err := n3.GetLU("grow"); err != nil || lu.SizeBytes != 2<<20 {
 		t.Fatalf("grow on n3 = %+v, %v", lu, err)

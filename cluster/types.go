@@ -39,6 +39,10 @@ var (
 	// a blind retry may meet ErrExists or ErrNotFound.
 	ErrOutcomeUnknown = errors.New("cluster: outcome unknown")
 
+	// ErrLocked is returned by Open when another Node (in this or another
+	// process) holds Options.Dir.
+	ErrLocked = errors.New("cluster: metadata directory in use")
+
 	// ErrClosed is returned by the methods of a Node after Close.
 	ErrClosed = errors.New("cluster: node closed")
 )
