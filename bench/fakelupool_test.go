@@ -24,6 +24,10 @@ import (
 // Its NBD export is nbdkit memory on the --nbd port.
 const fakeLupoolEnv = "BENCH_FAKE_LUPOOL"
 
+// fakeLupoolDieEnv, a duration, makes the fake daemon exit that long after
+// its LU is created.
+const fakeLupoolDieEnv = "BENCH_FAKE_LUPOOL_DIE_AFTER"
+
 func TestMain(m *testing.M) {
 	if os.Getenv(fakeLupoolEnv) == "1" {
 		os.Exit(fakeLupool(os.Args[1:]))
@@ -102,6 +106,13 @@ func fakeServe(args []string) int {
 		if err := server.Start(); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 		}
+		if after, err := time.ParseDuration(os.Getenv(fakeLupoolDieEnv)); err == nil {
+			// Crash mid-run: the runner must notice and report it.
+			time.AfterFunc(after, func() {
+				fmt.Fprintln(os.Stderr, "fake crash")
+				os.Exit(3)
+			})
+		}
 	})
 	go http.ListenAndServe(*api, mux)
 	if *join != "" {
@@ -160,5 +171,49 @@ func TestRunWithFakeLupool(t *testing.T) {
 	if len(w.Ratios) != 2 || w.Ratios[0].Subject != "lupool-mem" || w.Ratios[1].Subject != "lupool-2copies" ||
 		!w.Ratios[0].SameClass || w.Ratios[1].SameClass || w.Ratios[0].Pairs != 1 {
 		t.Errorf("ratios = %+v", w.Ratios)
+	}
+}
+
+// TestServerDiesMidRun: a daemon that exits during the run is reported as
+// dead with its log, its later rounds are gaps, and the run goes on.
+func TestServerDiesMidRun(t *testing.T) {
+	needTools(t, "fio", "nbdkit")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(fakeLupoolEnv, "1")
+	t.Setenv(fakeLupoolDieEnv, "3s")
+	ws, err := SelectWorkloads([]string{"randread-qd1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	servers, err := SelectServers([]string{"lupool-mem", "nbdkit-memory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Run(context.Background(), Options{Servers: servers, Workloads: ws, Runtime: 500 * time.Millisecond,
+		SizeBytes: 8 << 20, Rounds: 6, OutDir: t.TempDir(), LupoolBin: self,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if d := r.Servers[0].Died; !strings.Contains(d, "fake crash") || !strings.Contains(d, "exit status 3") {
+		t.Errorf("lupool-mem Died = %q, want its exit status and log", d)
+	}
+	if r.Servers[1].Died != "" {
+		t.Errorf("nbdkit-memory Died = %q", r.Servers[1].Died)
+	}
+	res := r.Workloads[0].Results
+	if last := res[0].Rounds[5]; last.Sample != nil || !strings.Contains(last.Error, "server not running") {
+		t.Errorf("lupool-mem last round = %+v, want a gap", last)
+	}
+	for i, round := range res[1].Rounds {
+		if round.Sample == nil {
+			t.Errorf("nbdkit-memory round %d failed: %s", i+1, round.Error)
+		}
+	}
+	if !strings.Contains(RenderMarkdown(r), "| lupool-mem | memory | DIED during the run: ") {
+		t.Error("markdown does not show the death")
 	}
 }

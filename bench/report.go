@@ -49,6 +49,9 @@ type ServerReport struct {
 	Commands []string `json:"commands,omitempty"`
 	// Skipped is empty if the server ran, else the reason it did not.
 	Skipped string `json:"skipped,omitempty"`
+	// Died is set when the server ran but exited before the runner
+	// stopped it: which process, how, and the end of its log.
+	Died string `json:"died,omitempty"`
 }
 
 // WorkloadReport is one workload's results on every server that ran.
@@ -261,8 +264,11 @@ func RenderMarkdown(r *Report) string {
 	b.WriteString("## Servers\n\n| server | class | status | configuration |\n|---|---|---|---|\n")
 	for _, s := range r.Servers {
 		status := "ran"
-		if s.Skipped != "" {
+		switch {
+		case s.Skipped != "":
 			status = "skipped: " + s.Skipped
+		case s.Died != "":
+			status = "DIED during the run: " + s.Died
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", s.Name, s.Class, mdCell(status), mdCell(s.Notes))
 	}

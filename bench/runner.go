@@ -192,7 +192,17 @@ func Run(ctx context.Context, o Options) (report *Report, err error) {
 	if len(live) == 0 {
 		return report, errors.New("bench: no server could start (see the skip reasons above)")
 	}
-	defer func() { report.Meta.LoadAverageEnd = loadAverage() }()
+	defer func() {
+		report.Meta.LoadAverageEnd = loadAverage()
+		for i, s := range live {
+			exited := running[i].Exited()
+			for j := range report.Servers {
+				if report.Servers[j].Name == s.Name && exited != "" {
+					report.Servers[j].Died = exited
+				}
+			}
+		}
+	}()
 	for _, w := range o.Workloads {
 		wr, err := runWorkload(ctx, &o, w, live, running, rawDir)
 		if err != nil {
@@ -229,6 +239,11 @@ func runWorkload(ctx context.Context, o *Options, w Workload, live []ServerSpec,
 		for k := range live {
 			i := (r + k) % len(live)
 			s := live[i]
+			if exited := running[i].Exited(); exited != "" {
+				// Record the gap so that rounds stay paired; don't wait on fio.
+				rounds[s.Name] = append(rounds[s.Name], Round{Error: "server not running: " + exited})
+				continue
+			}
 			base := filepath.Join(rawDir, fmt.Sprintf("%s-%s-r%d", w.Name, s.Name, r+1))
 			sample, err := runSample(ctx, o, w.JobFile(running[i].URI, o.Runtime, o.SizeBytes), base)
 			if ctx.Err() != nil {
@@ -238,6 +253,9 @@ func runWorkload(ctx context.Context, o *Options, w Workload, live []ServerSpec,
 			if err != nil {
 				round = Round{Error: err.Error()}
 				o.Logger.Warn("fio run failed", "workload", w.Name, "server", s.Name, "round", r+1, "err", err)
+				if exited := running[i].Exited(); exited != "" {
+					o.Logger.Error("server died", "server", s.Name, "exit", exited)
+				}
 			} else {
 				o.Logger.Info("run", "workload", w.Name, "server", s.Name, "round", r+1,
 					"iops", math.Round(sample.IOPS), "p99_us", sample.LatencyP99Microsecond)

@@ -88,6 +88,17 @@ func (r *Running) Stop() error {
 	return errors.Join(errs...)
 }
 
+// Exited returns "" while every process of the server runs, else which one
+// exited, how, and the end of its log.
+func (r *Running) Exited() string {
+	for _, p := range r.procs {
+		if p.exited() {
+			return fmt.Sprintf("%s exited (%v): %s", filepath.Base(p.cmd.Path), p.waitErr, p.logTail())
+		}
+	}
+	return ""
+}
+
 // Start starts the server in env.Dir and returns once its export accepts
 // connections. On failure nothing it started is left running.
 func (s ServerSpec) Start(ctx context.Context, env Env) (*Running, error) {
@@ -281,7 +292,7 @@ func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
 
 // copiesSettle bounds how long a two-node pool may take before it accepts
 // an LU with two copies.
-const copiesSettle = 30 * time.Second
+const copiesSettle = 10 * time.Second
 
 // startLupoolCopies starts two lupool nodes on loopback, the second joining
 // the first, and creates a file LU with two copies; fio talks to the first.
