@@ -467,42 +467,13 @@ var crcTable = crc32.MakeTable(crc32.Castagnoli)
 // state and writes the new. Watchers see the difference as changes.
 func (f *fsm) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
-	br := &hashingReader{r: bufio.NewReader(rc), h: crc32.New(crcTable)}
-	magic := make([]byte, len(snapshotMagic))
-	if _, err := io.ReadFull(br, magic); err != nil || string(magic) != snapshotMagic {
-		return fmt.Errorf("cluster: restore: not a lupool metadata snapshot (magic %q, %v)", magic, err)
-	}
 	b := f.db.NewBatch()
 	defer b.Close()
 	if err := b.DeleteRange([]byte(metaPrefix), metaEnd(), nil); err != nil {
 		return fmt.Errorf("cluster: restore: %w", err)
 	}
-	for {
-		k, err := readField(br, snapshotKeyMax)
-		if err != nil {
-			return fmt.Errorf("cluster: restore: key: %w", err)
-		}
-		if len(k) == 0 {
-			break
-		}
-		v, err := readField(br, snapshotValMax)
-		if err != nil {
-			return fmt.Errorf("cluster: restore: value of %q: %w", k, err)
-		}
-		if !bytes.HasPrefix(k, []byte(metaPrefix)) {
-			return fmt.Errorf("cluster: restore: key %q outside %q", k, metaPrefix)
-		}
-		if err := b.Set(k, v, nil); err != nil {
-			return fmt.Errorf("cluster: restore: %w", err)
-		}
-	}
-	want := br.h.Sum32() // of everything up to and including the end marker
-	var sum [4]byte
-	if _, err := io.ReadFull(br.r, sum[:]); err != nil {
-		return fmt.Errorf("cluster: restore: checksum: %w", err)
-	}
-	if got := binary.BigEndian.Uint32(sum[:]); got != want {
-		return fmt.Errorf("cluster: restore: checksum %08x, computed %08x", got, want)
+	if err := readSnapshot(rc, func(k, v []byte) error { return b.Set(k, v, nil) }); err != nil {
+		return fmt.Errorf("cluster: restore: %w", err)
 	}
 	f.applyMu.Lock()
 	defer f.applyMu.Unlock()
@@ -521,6 +492,45 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		return err
 	}
 	f.notify(diffLUs(before, after, f.applied.Load()))
+	return nil
+}
+
+// readSnapshot checks a snapshot stream and calls fn for every record. fn
+// runs before the checksum at the end is verified: callers stage records
+// and apply them only when readSnapshot returns nil.
+func readSnapshot(r io.Reader, fn func(k, v []byte) error) error {
+	br := &hashingReader{r: bufio.NewReader(r), h: crc32.New(crcTable)}
+	magic := make([]byte, len(snapshotMagic))
+	if _, err := io.ReadFull(br, magic); err != nil || string(magic) != snapshotMagic {
+		return fmt.Errorf("not a lupool metadata snapshot (magic %q, %v)", magic, err)
+	}
+	for {
+		k, err := readField(br, snapshotKeyMax)
+		if err != nil {
+			return fmt.Errorf("key: %w", err)
+		}
+		if len(k) == 0 {
+			break
+		}
+		v, err := readField(br, snapshotValMax)
+		if err != nil {
+			return fmt.Errorf("value of %q: %w", k, err)
+		}
+		if !bytes.HasPrefix(k, []byte(metaPrefix)) {
+			return fmt.Errorf("key %q outside %q", k, metaPrefix)
+		}
+		if err := fn(k, v); err != nil {
+			return err
+		}
+	}
+	want := br.h.Sum32() // of everything up to and including the end marker
+	var sum [4]byte
+	if _, err := io.ReadFull(br.r, sum[:]); err != nil {
+		return fmt.Errorf("checksum: %w", err)
+	}
+	if got := binary.BigEndian.Uint32(sum[:]); got != want {
+		return fmt.Errorf("checksum %08x, computed %08x", got, want)
+	}
 	return nil
 }
 
@@ -558,6 +568,22 @@ func readField(r *hashingReader, max uint64) ([]byte, error) {
 		return nil, err
 	}
 	return buf, nil
+}
+
+// snapshotAppliedIndex returns the state machine index recorded in a
+// snapshot stream, after checking the whole stream.
+func snapshotAppliedIndex(data []byte) (uint64, error) {
+	var applied uint64
+	err := readSnapshot(bytes.NewReader(data), func(k, v []byte) error {
+		if string(k) == keyApplied {
+			if len(v) != 8 {
+				return fmt.Errorf("cluster: snapshot %s holds %d bytes", keyApplied, len(v))
+			}
+			applied = binary.BigEndian.Uint64(v)
+		}
+		return nil
+	})
+	return applied, err
 }
 
 // diffLUs turns two sorted LU tables into the changes between them.

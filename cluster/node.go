@@ -16,6 +16,7 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -212,6 +213,9 @@ func (n *Node) start() error {
 	if err != nil {
 		return fmt.Errorf("cluster: snapshot store in %s: %w", opts.Dir, err)
 	}
+	if err := n.catchUpFromSnapshot(); err != nil {
+		return err
+	}
 	var advertise net.Addr
 	if opts.PeerAdvertise != "" {
 		if advertise, err = net.ResolveTCPAddr("tcp", opts.PeerAdvertise); err != nil {
@@ -262,6 +266,40 @@ func (n *Node) start() error {
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil
+}
+
+// catchUpFromSnapshot restores the newest local snapshot into the state
+// machine when the state in Pebble is older than it. Raft does not restore
+// on start (NoSnapshotRestoreOnStart) and may have deleted the log entries
+// the snapshot covers, so a crash after a follower stored an installed
+// snapshot but before it applied it would otherwise lose those entries.
+func (n *Node) catchUpFromSnapshot() error {
+	metas, err := n.snaps.List()
+	if err != nil {
+		return fmt.Errorf("cluster: list snapshots: %w", err)
+	}
+	if len(metas) == 0 {
+		return nil
+	}
+	meta, rc, err := n.snaps.Open(metas[0].ID)
+	if err != nil {
+		return fmt.Errorf("cluster: open snapshot %s: %w", metas[0].ID, err)
+	}
+	data, err := io.ReadAll(rc)
+	_ = rc.Close()
+	if err != nil {
+		return fmt.Errorf("cluster: read snapshot %s: %w", meta.ID, err)
+	}
+	snapApplied, err := snapshotAppliedIndex(data)
+	if err != nil {
+		return fmt.Errorf("cluster: snapshot %s: %w", meta.ID, err)
+	}
+	if snapApplied <= n.fsm.applied.Load() {
+		return nil
+	}
+	n.log.Warn("metadata state is older than the latest snapshot; restoring the snapshot",
+		"snapshot", meta.ID, "snapshot_fsm_index", snapApplied, "fsm_index", n.fsm.applied.Load())
+	return n.fsm.Restore(io.NopCloser(bytes.NewReader(data)))
 }
 
 // Close shuts raft down, then the transport, then Pebble. It is safe to
