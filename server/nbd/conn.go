@@ -22,8 +22,8 @@ const (
 
 // conn is one client connection.
 //
-// The serve goroutine owns negotiation and the request reader; workers run
-// requests and write replies under wmu.
+// The serve goroutine owns negotiation; in transmission workers take turns
+// reading requests (under readMu), run them and write replies under wmu.
 type conn struct {
 	srv    *Server
 	raw    net.Conn // the accepted connection; closing it ends everything
@@ -35,7 +35,7 @@ type conn struct {
 	// nc is raw or the TLS connection over it; br and bw wrap it. Set during
 	// negotiation by the serve goroutine only, then immutable.
 	nc net.Conn
-	br *bufio.Reader // serve goroutine only
+	br *bufio.Reader // serve goroutine, then guarded by readMu
 
 	wmu            sync.Mutex
 	bw             *bufio.Writer // guarded by wmu once transmission starts
@@ -62,13 +62,22 @@ type conn struct {
 	inflight atomic.Int32
 	stats    [numCommands]struct{ requests, errors, bytes atomic.Uint64 }
 
-	free      chan *request // request structs not in flight
-	work      chan *request // requests for the workers
-	workers   int           // started workers; serve goroutine only
-	idle      atomic.Int32  // workers waiting on work and not yet claimed by dispatch
-	workerWG  sync.WaitGroup
-	budget    byteBudget
-	headerBuf [nbdproto.RequestSize]byte // serve goroutine only
+	free   chan *request // request structs not in flight
+	budget byteBudget
+
+	// Workers take turns as the reader (leader/follower): the one holding
+	// readMu reads and validates the next request, makes sure another
+	// worker is waiting to read after it, releases readMu and runs the
+	// request itself. The request's own goroutine thus answers it, and
+	// handing over the reader role is off the request's critical path.
+	readMu    sync.Mutex
+	stopped   bool                       // guarded by readMu; reading has ended
+	readErr   error                      // guarded by readMu; why reading ended (nil after DISC)
+	headerBuf [nbdproto.RequestSize]byte // guarded by readMu
+	// br (above) is also guarded by readMu during transmission.
+	workers  atomic.Int32 // started workers
+	waiting  atomic.Int32 // workers waiting for readMu
+	workerWG sync.WaitGroup
 }
 
 // request is one request in flight. Owned by the reader until dispatched,
@@ -140,8 +149,14 @@ func (c *conn) serve() {
 	c.start(sess)
 	log = log.With("export", sess.export.Name)
 	log.Debug("nbd: transmission", "structured", sess.structured, "size", c.dev.Size())
-	err = c.transmit()
-	c.finish(err)
+	c.workers.Store(1)
+	c.workerWG.Add(1)
+	c.worker() // returns when reading has ended
+	c.workerWG.Wait()
+	c.readMu.Lock()
+	err = c.readErr
+	c.readMu.Unlock()
+	c.finish()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		log.Info("nbd: connection ended", "err", err)
 	}
@@ -162,7 +177,6 @@ func (c *conn) start(sess *session) {
 	}
 	n := c.srv.opts.MaxInflightRequests
 	c.free = make(chan *request, n)
-	c.work = make(chan *request, n)
 	for range n {
 		c.free <- &request{}
 	}
@@ -172,16 +186,8 @@ func (c *conn) start(sess *session) {
 	c.srv.mu.Unlock()
 }
 
-// finish waits for the workers after the reader stopped. On a clean end
-// (DISC or EOF) and on a protocol violation, in-flight requests complete and
-// are answered first (bounded by ReplyTimeout); on a broken connection they
-// are cancelled.
-func (c *conn) finish(err error) {
-	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errProtocol) {
-		c.close()
-	}
-	close(c.work)
-	c.workerWG.Wait()
+// finish runs after every worker has ended: it flushes the last replies.
+func (c *conn) finish() {
 	c.wmu.Lock()
 	if !c.broken.Load() {
 		_ = c.bw.Flush()
@@ -192,39 +198,79 @@ func (c *conn) finish(err error) {
 	}
 }
 
-// transmit is the request reader. It returns nil after NBD_CMD_DISC.
-func (c *conn) transmit() error {
+// worker alternates between reading one request (as the leader) and running
+// it, until reading ends.
+func (c *conn) worker() {
+	defer c.workerWG.Done()
 	for {
-		if _, err := io.ReadFull(c.br, c.headerBuf[:]); err != nil {
-			return err
+		c.waiting.Add(1)
+		c.readMu.Lock()
+		c.waiting.Add(-1)
+		if c.stopped {
+			c.readMu.Unlock()
+			return
 		}
-		hdr, err := nbdproto.ParseRequest(c.headerBuf[:])
-		if err != nil {
-			return errors.Join(errProtocol, err)
+		r, err := c.next()
+		if r == nil {
+			c.stopLocked(err)
+			c.readMu.Unlock()
+			return
 		}
-		if hdr.Type == nbdproto.CmdDisc {
-			return nil
+		// Make sure someone reads the next request while this one runs.
+		if c.waiting.Load() == 0 && int(c.workers.Load()) <= c.srv.opts.MaxInflightRequests {
+			c.workers.Add(1)
+			c.workerWG.Add(1)
+			go c.worker()
 		}
-		if hdr.Type == nbdproto.CmdWrite && hdr.Length > MaxRequestBytes {
-			// Skipping up to 4 GiB of payload is not worth it.
-			return errors.Join(errProtocol, errWriteTooLarge)
-		}
-		// Counted from here so that Shutdown waits for this request.
-		c.inflight.Add(1)
-		r, err := c.take(hdr)
-		if err != nil {
-			c.inflight.Add(-1)
-			return err
-		}
-		if c.metrics != nil {
-			c.metrics.inflight.Inc()
-		}
-		c.dispatch(r)
+		c.readMu.Unlock()
+		c.handle(r)
 	}
 }
 
+// stopLocked ends reading. On a clean end (DISC or EOF) and on a protocol
+// violation, requests in flight complete and are answered (bounded by
+// ReplyTimeout); on a broken connection they are cancelled. c.readMu must
+// be held.
+func (c *conn) stopLocked(err error) {
+	c.stopped, c.readErr = true, err
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errProtocol) {
+		c.close()
+	}
+}
+
+// next reads the next request. It returns nil and the reason when reading
+// must end: nil error after NBD_CMD_DISC. c.readMu must be held.
+func (c *conn) next() (*request, error) {
+	if _, err := io.ReadFull(c.br, c.headerBuf[:]); err != nil {
+		return nil, err
+	}
+	hdr, err := nbdproto.ParseRequest(c.headerBuf[:])
+	if err != nil {
+		return nil, errors.Join(errProtocol, err)
+	}
+	if hdr.Type == nbdproto.CmdDisc {
+		return nil, nil
+	}
+	if hdr.Type == nbdproto.CmdWrite && hdr.Length > MaxRequestBytes {
+		// Skipping up to 4 GiB of payload is not worth it.
+		return nil, errors.Join(errProtocol, errWriteTooLarge)
+	}
+	// Counted from here so that Shutdown waits for this request.
+	c.inflight.Add(1)
+	r, err := c.take(hdr)
+	if err != nil {
+		c.inflight.Add(-1)
+		return nil, err
+	}
+	if c.metrics != nil {
+		c.metrics.inflight.Inc()
+	}
+	return r, nil
+}
+
 // take gets a free request struct for hdr, validates it and reads its
-// payload. On error the struct is back on the free list.
+// payload. On error the struct is back on the free list. c.readMu must be
+// held.
 func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 	var r *request
 	select {
@@ -247,7 +293,7 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 var errWriteTooLarge = errors.New("nbd: write larger than the maximum block size")
 
 // readPayload takes the budget for r and reads a write's payload (or skips
-// it when the write was refused).
+// it when the write was refused). c.readMu must be held.
 func (c *conn) readPayload(r *request) error {
 	n := int64(r.hdr.Length)
 	switch {
@@ -268,45 +314,6 @@ func (c *conn) readPayload(r *request) error {
 		r.budget = blockStatusPayloadBytes
 	}
 	return nil
-}
-
-// dispatch hands r to an idle worker, or starts one when none is idle.
-// Every request in c.work has a worker committed to receive it (one that
-// was claimed from idle or just started), so a slow request never holds up
-// a later one.
-func (c *conn) dispatch(r *request) {
-	for {
-		n := c.idle.Load()
-		if n == 0 {
-			break
-		}
-		if c.idle.CompareAndSwap(n, n-1) {
-			c.work <- r // never blocks: cap(work) == number of request structs
-			return
-		}
-	}
-	if c.workers < c.srv.opts.MaxInflightRequests {
-		c.workers++
-		c.workerWG.Add(1)
-		go c.worker(r)
-		return
-	}
-	c.work <- r // unreachable in practice: busy workers < requests in flight
-}
-
-// worker runs first, then requests from c.work until it is closed. It counts
-// itself idle before each wait; dispatch un-counts it when it claims it.
-func (c *conn) worker(first *request) {
-	defer c.workerWG.Done()
-	c.handle(first)
-	for {
-		c.idle.Add(1)
-		r, ok := <-c.work
-		if !ok {
-			return
-		}
-		c.handle(r)
-	}
 }
 
 // release frees r's buffer and budget and returns it to the free list.

@@ -9,14 +9,17 @@
 // Every option is bounded (MaxOptionBytes, MaxOptions, a handshake deadline)
 // so a hostile client cannot make the server allocate without bound.
 //
-// In transmission one reader goroutine decodes and validates requests, reads
-// write payloads into pooled buffers and hands each request to a small
-// per-connection worker set; workers call the device and write the reply as
-// soon as the request completes, in any order, under one writer mutex that
-// flushes when no other reply is queued. At most MaxInflightRequests
-// requests and MaxInflightBytes payload bytes are in flight per connection;
-// when either limit is reached the reader stops reading, so a client that
-// stops reading replies blocks only itself.
+// In transmission a per-connection set of worker goroutines takes turns as
+// the reader (leader/follower): the leader decodes and validates the next
+// request, reads a write's payload into a pooled buffer, makes sure another
+// worker waits to read after it, and then runs the request itself, writing
+// the reply as soon as it completes, in any order, under one writer mutex
+// that flushes when no other reply is queued. The next request is read
+// while earlier ones run, and no goroutine hand-off sits between a request
+// and its reply. At most MaxInflightRequests requests and MaxInflightBytes
+// payload bytes are in flight per connection; when either limit is reached
+// the reader stops reading, so a client that stops reading replies blocks
+// only itself.
 //
 // # Validation and errors
 //
