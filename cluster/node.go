@@ -154,6 +154,9 @@ type Node struct {
 	raft  *raft.Raft              // immutable
 	snaps *raft.FileSnapshotStore // immutable
 
+	// dbMu keeps Pebble open while a read method uses it: readers hold it
+	// shared and check closed; Close holds it exclusively to close Pebble.
+	dbMu      sync.RWMutex
 	closeOnce sync.Once
 	closeErr  error         // written once by Close
 	closed    chan struct{} // closed by Close
@@ -315,7 +318,10 @@ func (n *Node) Close() error {
 		if err := n.trans.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: transport close: %w", err))
 		}
-		if err := n.db.Close(); err != nil {
+		n.dbMu.Lock()
+		err := n.db.Close()
+		n.dbMu.Unlock()
+		if err != nil {
 			errs = append(errs, fmt.Errorf("cluster: pebble close: %w", err))
 		}
 		if err := n.lock.Close(); err != nil {
@@ -324,6 +330,16 @@ func (n *Node) Close() error {
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
+}
+
+// readDB runs fn with Pebble guaranteed open, or returns ErrClosed.
+func (n *Node) readDB(fn func() error) error {
+	n.dbMu.RLock()
+	defer n.dbMu.RUnlock()
+	if n.isClosed() {
+		return ErrClosed
+	}
+	return fn()
 }
 
 func (n *Node) isClosed() bool {
@@ -421,10 +437,13 @@ func (n *Node) Leader() (id, apiAddr string) {
 	if sid == "" {
 		return "", ""
 	}
-	var rec nodeRecord
-	if found, err := getJSON(n.db, nodePrefix+string(sid), &rec); err == nil && found {
-		apiAddr = rec.APIAddr
-	}
+	_ = n.readDB(func() error {
+		var rec nodeRecord
+		if found, err := getJSON(n.db, nodePrefix+string(sid), &rec); err == nil && found {
+			apiAddr = rec.APIAddr
+		}
+		return nil
+	})
 	return string(sid), apiAddr
 }
 
@@ -534,19 +553,21 @@ func (n *Node) UpdateLU(ctx context.Context, lu LU) error {
 }
 
 // GetLU reads one LU from the local applied state. Returns ErrNotFound.
-func (n *Node) GetLU(name string) (LU, error) {
-	if n.isClosed() {
-		return LU{}, ErrClosed
-	}
-	return n.fsm.mustGetLU(name)
+func (n *Node) GetLU(name string) (lu LU, err error) {
+	err = n.readDB(func() error {
+		lu, err = n.fsm.mustGetLU(name)
+		return err
+	})
+	return lu, err
 }
 
 // ListLUs returns the local applied LU table sorted by name.
-func (n *Node) ListLUs() ([]LU, error) {
-	if n.isClosed() {
-		return nil, ErrClosed
-	}
-	return listLUs(n.db) // key order is name order
+func (n *Node) ListLUs() (lus []LU, err error) {
+	err = n.readDB(func() error {
+		lus, err = listLUs(n.db) // key order is name order
+		return err
+	})
+	return lus, err
 }
 
 // SetSetting stores a pool setting through the log (leader only).
@@ -560,18 +581,19 @@ func (n *Node) SetSetting(ctx context.Context, key, value string) error {
 
 // Setting reads a pool setting from the local applied state.
 func (n *Node) Setting(key string) (value string, found bool, err error) {
-	if n.isClosed() {
-		return "", false, ErrClosed
-	}
-	v, c, err := n.db.Get([]byte(settingPrefix + key))
-	if errors.Is(err, pebble.ErrNotFound) {
-		return "", false, nil
-	}
-	if err != nil {
-		return "", false, fmt.Errorf("cluster: read setting %q: %w", key, err)
-	}
-	defer c.Close()
-	return string(v), true, nil
+	err = n.readDB(func() error {
+		v, c, err := n.db.Get([]byte(settingPrefix + key))
+		if errors.Is(err, pebble.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("cluster: read setting %q: %w", key, err)
+		}
+		defer c.Close()
+		value, found = string(v), true
+		return nil
+	})
+	return value, found, err
 }
 
 // RegisterSelf records this node's addresses in the node table. Call it on
@@ -641,7 +663,11 @@ func (n *Node) Nodes() ([]NodeInfo, error) {
 	if err := f.Error(); err != nil {
 		return nil, fmt.Errorf("cluster: raft configuration: %w", err)
 	}
-	recs, err := listNodeRecords(n.db)
+	var recs map[string]nodeRecord
+	err := n.readDB(func() (err error) {
+		recs, err = listNodeRecords(n.db)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -709,10 +735,11 @@ func (n *Node) Watch(fn func(Change)) (cancel func()) {
 // after Open to build the exports, then follow the changes. fn runs like a
 // Watch callback and must not call ListAndWatch or Watch.
 func (n *Node) ListAndWatch(fn func(Change)) (lus []LU, cancel func(), err error) {
-	if n.isClosed() {
-		return nil, nil, ErrClosed
-	}
-	return n.fsm.listAndWatch(fn)
+	err = n.readDB(func() error {
+		lus, cancel, err = n.fsm.listAndWatch(fn)
+		return err
+	})
+	return lus, cancel, err
 }
 
 // Barrier waits until every entry committed before the call is applied on
