@@ -43,6 +43,9 @@ type command struct {
 	SizeBytes int64       `json:"size_bytes,omitempty"`
 	Node      *nodeRecord `json:"node,omitempty"`
 	Value     string      `json:"value,omitempty"`
+	// IfEpoch, when non-zero on lu.update, makes the update conditional:
+	// it applies only if the recorded epoch equals IfEpoch.
+	IfEpoch uint64 `json:"if_epoch,omitempty"`
 }
 
 // nodeRecord is what the state machine stores per node; raft's

@@ -345,6 +345,9 @@ func (f *fsm) applyCommand(b *pebble.Batch, l *raft.Log) applyResult {
 		if err != nil {
 			return applyResult{err: err}
 		}
+		if c.IfEpoch != 0 && c.IfEpoch != old.Epoch {
+			return applyResult{err: fmt.Errorf("%w: %q is at epoch %d, not %d", ErrEpochChanged, old.Name, old.Epoch, c.IfEpoch)}
+		}
 		if c.LU.Epoch < old.Epoch {
 			return applyResult{err: fmt.Errorf("%w: epoch %d is older than the recorded %d", ErrInvalid, c.LU.Epoch, old.Epoch)}
 		}

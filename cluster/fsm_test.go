@@ -357,3 +357,45 @@ func TestRaftRejectsBadEntry(t *testing.T) {
 		t.Error("lupool_raft_commit_index missing")
 	}
 }
+
+func TestUpdateLUIfEpoch(t *testing.T) {
+	n := openNode(t, testOptions(t, t.TempDir(), "n1", true))
+	ctx := ctxT(t)
+	waitLeaderIs(t, n)
+	if err := n.CreateLU(ctx, LU{Name: "m", SizeBytes: 1 << 20, Copies: 2,
+		Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaInSync}}}); err != nil {
+		t.Fatal(err)
+	}
+	var seen changeLog
+	_, cancel, err := n.ListAndWatch(seen.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	lu, err := n.GetLU("m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two proposers start from epoch 1; only the first wins.
+	a, b := lu, lu
+	a.Epoch, a.Replicas = 2, []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaOutOfSync}}
+	b.Epoch, b.Writer = 2, "n2"
+	if err := n.UpdateLUIfEpoch(ctx, a, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.UpdateLUIfEpoch(ctx, b, 1); !errors.Is(err, ErrEpochChanged) {
+		t.Fatalf("second update from epoch 1: %v, want ErrEpochChanged", err)
+	}
+	got, err := n.GetLU("m")
+	if err != nil || got.Epoch != 2 || got.Writer != "n1" || got.Replicas[1].State != ReplicaOutOfSync || got.SizeBytes != 1<<20 {
+		t.Fatalf("after updates: %+v, %v", got, err)
+	}
+	// A plain UpdateLU may not move the epoch back.
+	b.Epoch = 1
+	if err := n.UpdateLU(ctx, b); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("UpdateLU to an older epoch: %v", err)
+	}
+	if c := seen.get(); len(c) != 1 || c[0].Kind != Updated || c[0].LU.Epoch != 2 {
+		t.Fatalf("changes: %+v", c)
+	}
+}

@@ -552,6 +552,21 @@ func (n *Node) UpdateLU(ctx context.Context, lu LU) error {
 	return err
 }
 
+// UpdateLUIfEpoch is UpdateLU applied only if the recorded epoch is still
+// expectedEpoch (checked in Apply, so two racing proposers cannot both
+// win). Returns ErrEpochChanged otherwise. The replication layer uses it
+// to move the writer or the in-sync set from a state it has seen.
+func (n *Node) UpdateLUIfEpoch(ctx context.Context, lu LU, expectedEpoch uint64) error {
+	if err := ValidateName(lu.Name); err != nil {
+		return err
+	}
+	if expectedEpoch == 0 {
+		return fmt.Errorf("%w: expected epoch must be at least 1", ErrInvalid)
+	}
+	_, err := n.propose(ctx, &command{Type: cmdUpdateLU, LU: &lu, IfEpoch: expectedEpoch})
+	return err
+}
+
 // GetLU reads one LU from the local applied state. Returns ErrNotFound.
 func (n *Node) GetLU(name string) (lu LU, err error) {
 	err = n.readDB(func() error {

@@ -39,6 +39,11 @@ var (
 	// a blind retry may meet ErrExists or ErrNotFound.
 	ErrOutcomeUnknown = errors.New("cluster: outcome unknown")
 
+	// ErrEpochChanged is returned by UpdateLUIfEpoch when the LU's recorded
+	// epoch is not the expected one (someone else changed the copy set or
+	// the writer first).
+	ErrEpochChanged = errors.New("cluster: LU epoch changed")
+
 	// ErrLocked is returned by Open when another Node (in this or another
 	// process) holds Options.Dir.
 	ErrLocked = errors.New("cluster: metadata directory in use")
