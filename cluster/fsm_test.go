@@ -342,16 +342,21 @@ func TestRaftRejectsBadEntry(t *testing.T) {
 	}
 	st := n.Stats()
 	for name, want := range map[string]float64{
-		"lupool_raft_state":                   2,
-		"lupool_lus":                          1,
-		"lupool_raft_rejected_commands_total": 1,
-		"lupool_raft_applied_index":           float64(st.FSMIndex),
-		"lupool_raft_term":                    float64(st.Term),
-		"lupool_raft_nodes":                   1,
+		"lupool_raft_state":                     2,
+		"lupool_lus":                            1,
+		"lupool_raft_rejected_commands_total":   1,
+		"lupool_raft_applied_index":             float64(st.FSMIndex),
+		"lupool_raft_term":                      float64(st.Term),
+		"lupool_raft_nodes":                     1,
+		"lupool_raft_applied_since_start_total": float64(st.AppliedSinceOpen),
+		"lupool_raft_skipped_since_start_total": 0,
 	} {
 		if got[name] != want {
 			t.Errorf("%s = %v, want %v (all: %v)", name, got[name], want, got)
 		}
+	}
+	if st.AppliedSinceOpen < 3 { // self record, the rejected entry, the create
+		t.Errorf("applied since open = %d", st.AppliedSinceOpen)
 	}
 	if _, ok := got["lupool_raft_commit_index"]; !ok {
 		t.Error("lupool_raft_commit_index missing")

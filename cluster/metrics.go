@@ -17,6 +17,8 @@ type collector struct {
 	rejected *prometheus.Desc
 	lus      *prometheus.Desc
 	nodes    *prometheus.Desc
+	applies  *prometheus.Desc
+	skips    *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*collector)(nil)
@@ -31,6 +33,8 @@ var _ prometheus.Collector = (*collector)(nil)
 //	lupool_raft_rejected_commands_total counter
 //	lupool_raft_nodes              gauge: members in the raft configuration
 //	lupool_lus                     gauge: LUs in the table
+//	lupool_raft_applied_since_start_total counter: commands applied by this process
+//	lupool_raft_skipped_since_start_total counter: entries skipped as applied before a restart
 func (n *Node) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{&collector{
 		n:        n,
@@ -42,11 +46,15 @@ func (n *Node) Collectors() []prometheus.Collector {
 		rejected: prometheus.NewDesc("lupool_raft_rejected_commands_total", "Commands the state machine refused (invalid or unknown).", nil, nil),
 		lus:      prometheus.NewDesc("lupool_lus", "Number of LUs in the metadata table.", nil, nil),
 		nodes:    prometheus.NewDesc("lupool_raft_nodes", "Members of the raft configuration.", nil, nil),
+		applies: prometheus.NewDesc("lupool_raft_applied_since_start_total",
+			"Commands applied to the metadata state machine by this process.", nil, nil),
+		skips: prometheus.NewDesc("lupool_raft_skipped_since_start_total",
+			"Log entries skipped because the state already held them (after a restart).", nil, nil),
 	}}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes} {
+	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes, c.applies, c.skips} {
 		ch <- d
 	}
 }
@@ -75,4 +83,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected))
 	gauge(c.lus, float64(s.LUs))
 	gauge(c.nodes, float64(s.NodeCount))
+	ch <- prometheus.MustNewConstMetric(c.applies, prometheus.CounterValue, float64(s.AppliedSinceOpen))
+	ch <- prometheus.MustNewConstMetric(c.skips, prometheus.CounterValue, float64(s.SkippedSinceOpen))
 }
