@@ -19,8 +19,14 @@
 // ran next to each other in time. The report gives the median of those
 // per-round ratios with their min and max.
 //
+// A server that exits during the run is reported as dead with the end of
+// its log; its remaining rounds are recorded as gaps so that the pairing by
+// round still holds for the others.
+//
 // The package is layered as: fio.go (parse fio JSON into a Sample),
 // stats.go (medians and paired ratios), workload.go (the fio job catalog),
-// server.go (launching and stopping servers), runner.go (the rounds),
-// report.go (markdown, JSON, gnuplot). cmd/nbdbench is the command line.
+// server.go (launching and stopping servers), engine.go (lupool's NBD
+// engine over an lu volume, served by the re-executed runner binary),
+// runner.go (the rounds), report.go (markdown, JSON, gnuplot).
+// cmd/nbdbench is the command line; run.sh builds and runs it.
 package bench
