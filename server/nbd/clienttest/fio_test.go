@@ -60,7 +60,7 @@ func TestFioVerify(t *testing.T) {
 	}
 	srv, dev := startMem(t, int64(size), blockdev.Caps{})
 	common := []string{"--name=randwrite", "--rw=randwrite", "--bs=4k", "--iodepth=32",
-		fmt.Sprintf("--size=%d", size), "--verify=crc32c", "--randseed=42"}
+		fmt.Sprintf("--size=%d", size), "--verify=crc32c", "--verify_state_save=0", "--randseed=42"}
 
 	w := runFio(t, srv.uri("mem"), append(common, "--do_verify=0")...)
 	if got := w.Jobs[0].Write.IOBytes; got != int64(size) {
@@ -111,7 +111,7 @@ func TestFioMultiConn(t *testing.T) {
 	}()
 	r := runFio(t, srv.uri("mem"), "--name=mc", "--rw=randwrite", "--bs=4k", "--iodepth=32",
 		"--numjobs=2", fmt.Sprintf("--size=%d", half), fmt.Sprintf("--offset_increment=%d", half),
-		"--verify=crc32c", "--do_verify=1", "--randseed=7")
+		"--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--randseed=7")
 	close(done)
 	<-stopped
 	if len(r.Jobs) != 2 {

@@ -147,6 +147,7 @@ func runTool(t *testing.T, env []string, name string, args ...string) result {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Env = append(os.Environ(), env...)
+	cmd.Dir = t.TempDir() // clients that leave files (fio state) leave them there
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()

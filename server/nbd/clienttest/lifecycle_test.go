@@ -82,6 +82,7 @@ func TestShutdownUnderLoad(t *testing.T) {
 		"--rw=randrw", "--bs=4k", "--iodepth=32", "--size=16m", "--time_based", "--runtime=30", "--output-format=json")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.Dir = t.TempDir()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
