@@ -286,11 +286,18 @@ func TestOptionsValidate(t *testing.T) {
 	if err := base.Validate(); err != nil {
 		t.Fatal(err)
 	}
+	wild := base
+	wild.PeerAddr, wild.PeerAdvertise = "0.0.0.0:10811", "10.0.0.5:10811"
+	if err := wild.Validate(); err != nil {
+		t.Fatalf("wildcard bind with an advertise address: %v", err)
+	}
 	for _, mut := range []func(o *Options){
 		func(o *Options) { o.Dir = "" },
 		func(o *Options) { o.NodeID = "" },
 		func(o *Options) { o.PeerAddr = "" },
 		func(o *Options) { o.PeerAddr = "nohostport" },
+		func(o *Options) { o.PeerAddr = "0.0.0.0:10811" },
+		func(o *Options) { o.PeerAddr = ":10811" },
 		func(o *Options) { o.LeaderLeaseTimeout = o.HeartbeatTimeout + 1 },
 		func(o *Options) { o.ElectionTimeout = o.HeartbeatTimeout - 1 },
 	} {

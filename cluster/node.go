@@ -136,8 +136,12 @@ func (o *Options) Validate() error {
 	case o.ElectionTimeout < o.HeartbeatTimeout:
 		return fmt.Errorf("cluster: ElectionTimeout %v is below HeartbeatTimeout %v", o.ElectionTimeout, o.HeartbeatTimeout)
 	}
-	if _, _, err := net.SplitHostPort(o.PeerAddr); err != nil {
+	host, _, err := net.SplitHostPort(o.PeerAddr)
+	if err != nil {
 		return fmt.Errorf("cluster: PeerAddr %q: %w", o.PeerAddr, err)
+	}
+	if ip := net.ParseIP(host); (host == "" || ip != nil && ip.IsUnspecified()) && o.PeerAdvertise == "" {
+		return fmt.Errorf("cluster: PeerAddr %q listens on every address; set PeerAdvertise to the address other nodes should dial", o.PeerAddr)
 	}
 	return nil
 }
