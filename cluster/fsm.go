@@ -62,6 +62,9 @@ func prefixEnd(prefix string) []byte {
 type applyResult struct {
 	err    error
 	change *Change
+	// skipped: the entry was at or below the applied index (a restart
+	// handed it over again) and changed nothing.
+	skipped bool
 }
 
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
@@ -260,7 +263,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if l.Index <= f.applied.Load() {
 		f.skippedSinceOpen.Add(1)
 		f.log.Debug("skipping an entry applied before restart", "index", l.Index, "applied", f.applied.Load())
-		return applyResult{}
+		return applyResult{skipped: true}
 	}
 	f.applyMu.Lock()
 	defer f.applyMu.Unlock()

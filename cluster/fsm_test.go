@@ -211,7 +211,7 @@ func TestRejectedCommands(t *testing.T) {
 	}
 	// Entries at or below the applied index are skipped.
 	res, _ := f.Apply(entry(t, 3, &command{Type: cmdCreateLU, LU: newLU("late", 512)})).(applyResult)
-	if res.err != nil || res.change != nil || f.skippedSinceOpen.Load() != 1 {
+	if res.err != nil || res.change != nil || !res.skipped || f.skippedSinceOpen.Load() != 1 {
 		t.Fatalf("re-delivered entry: %+v, skipped %d", res, f.skippedSinceOpen.Load())
 	}
 	if _, err := f.mustGetLU("late"); !errors.Is(err, ErrNotFound) {
