@@ -6,6 +6,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/lupool/lupool/blockdev"
 )
@@ -16,6 +17,38 @@ const memShardCount = 64
 
 type memPage [BlockSizeBytes]byte
 
+// memBudget caps the pages that all memory volumes of a pool may hold, so
+// that a full pool fails writes with ENOSPC instead of the process running
+// out of memory. A nil *memBudget is unlimited.
+type memBudget struct {
+	limitPages int64        // immutable
+	usedPages  atomic.Int64 // pages held by every volume sharing the budget
+}
+
+// take reserves one page; false when the budget is spent.
+func (b *memBudget) take() bool {
+	if b == nil {
+		return true
+	}
+	if b.usedPages.Add(1) > b.limitPages {
+		b.usedPages.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (b *memBudget) give(pages int64) {
+	if b != nil {
+		b.usedPages.Add(-pages)
+	}
+}
+
+// errMemoryFull is wrapped by writes refused by the memory budget.
+func errMemoryFull(op string) error {
+	return fmt.Errorf("lu: memory volume %s: memory limit of the pool reached: %w: %w",
+		op, blockdev.ErrNoSpace, syscall.ENOSPC)
+}
+
 type memShard struct {
 	mu    sync.Mutex
 	pages map[int64]*memPage // guarded by mu; page index -> contents
@@ -25,10 +58,14 @@ type memShard struct {
 // first write that touches them and freed by Trim and WriteZeroes. Its
 // trim, zero and allocation semantics are those of FileVolume (and of
 // blockdevtest.Mem). Nothing survives the process; see the package doc.
+// Volumes made by a Pool with MemoryLimitBytes share that budget: a write
+// that needs a page beyond it fails with blockdev.ErrNoSpace and
+// syscall.ENOSPC, exactly like a full disk.
 type MemVolume struct {
 	// size changes only with mu held for writing.
 	size      atomic.Int64
 	heldPages atomic.Int64 // pages allocated in all shards
+	budget    *memBudget   // immutable; nil means unlimited
 
 	shards [memShardCount]memShard
 
@@ -48,10 +85,12 @@ var (
 	_ blockdev.Extenter = (*MemVolume)(nil)
 )
 
-// NewMemVolume returns an empty (all holes) memory volume of sizeBytes.
-// A negative size is treated as 0.
-func NewMemVolume(sizeBytes int64) *MemVolume {
-	v := &MemVolume{}
+// NewMemVolume returns an empty (all holes) memory volume of sizeBytes,
+// with no memory limit. A negative size is treated as 0.
+func NewMemVolume(sizeBytes int64) *MemVolume { return newMemVolume(sizeBytes, nil) }
+
+func newMemVolume(sizeBytes int64, budget *memBudget) *MemVolume {
+	v := &MemVolume{budget: budget}
 	v.size.Store(max(0, sizeBytes))
 	for i := range v.shards {
 		v.shards[i].pages = map[int64]*memPage{}
@@ -116,15 +155,28 @@ func (v *MemVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// pageLocked returns page index, allocating it. s.mu must be held.
+// pageLocked returns page index, allocating it; nil when the memory
+// budget is spent. s.mu must be held.
 func (v *MemVolume) pageLocked(s *memShard, index int64) *memPage {
 	pg, ok := s.pages[index]
 	if !ok {
+		if !v.budget.take() {
+			return nil
+		}
 		pg = new(memPage)
 		s.pages[index] = pg
 		v.heldPages.Add(1)
 	}
 	return pg
+}
+
+// dropLocked frees page index if held. s.mu must be held.
+func (v *MemVolume) dropLocked(s *memShard, index int64) {
+	if _, ok := s.pages[index]; ok {
+		delete(s.pages, index)
+		v.heldPages.Add(-1)
+		v.budget.give(1)
+	}
 }
 
 // WriteAt implements blockdev.Device. FUA only orders.
@@ -137,12 +189,23 @@ func (v *MemVolume) WriteAt(ctx context.Context, p []byte, off int64, flags bloc
 	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
 		return err
 	}
+	full := false
 	forChunks(off, int64(len(p)), func(index, in, chunk, done int64) {
+		if full {
+			return
+		}
 		s := v.shard(index)
 		s.mu.Lock()
-		copy(v.pageLocked(s, index)[in:in+chunk], p[done:])
+		if pg := v.pageLocked(s, index); pg != nil {
+			copy(pg[in:in+chunk], p[done:])
+		} else {
+			full = true
+		}
 		s.mu.Unlock()
 	})
+	if full {
+		return errMemoryFull("write")
+	}
 	return nil
 }
 
@@ -180,10 +243,7 @@ func (v *MemVolume) freePages(first, end int64) {
 		for i := first; i < end; i++ {
 			s := v.shard(i)
 			s.mu.Lock()
-			if _, ok := s.pages[i]; ok {
-				delete(s.pages, i)
-				v.heldPages.Add(-1)
-			}
+			v.dropLocked(s, i)
 			s.mu.Unlock()
 		}
 		return
@@ -193,8 +253,7 @@ func (v *MemVolume) freePages(first, end int64) {
 		s.mu.Lock()
 		for index := range s.pages {
 			if index >= first && index < end {
-				delete(s.pages, index)
-				v.heldPages.Add(-1)
+				v.dropLocked(s, index)
 			}
 		}
 		s.mu.Unlock()
@@ -228,12 +287,23 @@ func (v *MemVolume) WriteZeroes(ctx context.Context, off, length int64, flags bl
 		return err
 	}
 	if flags&blockdev.NoHole != 0 {
+		full := false
 		forChunks(off, length, func(index, in, chunk, _ int64) {
+			if full {
+				return
+			}
 			s := v.shard(index)
 			s.mu.Lock()
-			clear(v.pageLocked(s, index)[in : in+chunk])
+			if pg := v.pageLocked(s, index); pg != nil {
+				clear(pg[in : in+chunk])
+			} else {
+				full = true
+			}
 			s.mu.Unlock()
 		})
+		if full {
+			return errMemoryFull("write zeroes")
+		}
 		return nil
 	}
 	end := off + length
@@ -350,6 +420,7 @@ func (v *MemVolume) Close() error {
 		s := &v.shards[i]
 		s.mu.Lock()
 		v.heldPages.Add(-int64(len(s.pages)))
+		v.budget.give(int64(len(s.pages)))
 		s.pages = map[int64]*memPage{}
 		s.mu.Unlock()
 	}

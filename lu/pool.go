@@ -48,6 +48,10 @@ type PoolOptions struct {
 	// call) changes.
 	// It runs on the caller's goroutine with no pool lock held.
 	OnThreshold func(PoolLevel)
+	// MemoryLimitBytes caps the RAM that all memory volumes may hold
+	// (allocated pages, not sizes); a write beyond it fails with ENOSPC.
+	// 0 means no limit.
+	MemoryLimitBytes int64
 	// Logger receives pool events; nil discards them.
 	Logger *slog.Logger
 }
@@ -79,6 +83,8 @@ func (o *PoolOptions) Validate() error {
 	switch {
 	case len(o.Dirs) == 0:
 		return errors.New("lu: pool options: no data directories")
+	case o.MemoryLimitBytes < 0:
+		return fmt.Errorf("lu: pool options: memory limit %d bytes must be >= 0", o.MemoryLimitBytes)
 	case o.OvercommitRatio <= 0:
 		return fmt.Errorf("lu: pool options: overcommit ratio %g must be > 0", o.OvercommitRatio)
 	case o.WarnPercent <= 0 || o.WarnPercent > 100:
@@ -127,6 +133,7 @@ type PoolStatus struct {
 	Dirs                   []DirStatus
 	MemoryAllocatedBytes   int64
 	MemoryProvisionedBytes int64
+	MemoryLimitBytes       int64 // 0: no limit
 	Volumes                int
 }
 
@@ -140,8 +147,9 @@ type poolEntry struct {
 // is safe for concurrent use. Its lock guards the name table only; volumes'
 // I/O never takes it.
 type Pool struct {
-	opts PoolOptions // immutable after OpenPool
-	dirs []string    // immutable; cleaned opts.Dirs
+	opts   PoolOptions // immutable after OpenPool
+	dirs   []string    // immutable; cleaned opts.Dirs
+	memory *memBudget  // immutable; shared by the memory volumes, nil = unlimited
 
 	mu struct {
 		sync.Mutex
@@ -159,6 +167,9 @@ func OpenPool(opts PoolOptions) (*Pool, error) {
 		return nil, err
 	}
 	p := &Pool{opts: opts}
+	if opts.MemoryLimitBytes > 0 {
+		p.memory = &memBudget{limitPages: opts.MemoryLimitBytes / BlockSizeBytes}
+	}
 	p.mu.vols = map[string]poolEntry{}
 	p.mu.level = LevelOK
 	for _, d := range opts.Dirs {
@@ -251,7 +262,7 @@ func (p *Pool) create(name string, sizeBytes int64, kind Kind) (Volume, error) {
 		return nil, fmt.Errorf("%w: %q", ErrExists, name)
 	}
 	if kind == KindMemory {
-		v := NewMemVolume(sizeBytes)
+		v := newMemVolume(sizeBytes, p.memory)
 		p.mu.vols[name] = poolEntry{vol: v, dir: -1}
 		return v, nil
 	}
@@ -429,7 +440,8 @@ func (p *Pool) Status() PoolStatus {
 	}
 	p.mu.Unlock()
 
-	st := PoolStatus{Dirs: make([]DirStatus, len(p.dirs)), Level: LevelOK, Volumes: len(entries)}
+	st := PoolStatus{Dirs: make([]DirStatus, len(p.dirs)), Level: LevelOK, Volumes: len(entries),
+		MemoryLimitBytes: p.opts.MemoryLimitBytes}
 	stats := p.statfsBestEffort()
 	for i, d := range p.dirs {
 		ds := &st.Dirs[i]

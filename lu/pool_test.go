@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
@@ -333,5 +334,47 @@ func TestPoolCloseFlushes(t *testing.T) {
 			t.Fatalf("seed %d: unflushed data lost despite a clean Close (%v)", seed, err)
 		}
 		_ = q.Close()
+	}
+}
+
+// TestPoolMemoryLimit: memory volumes share the pool's memory budget and
+// fail writes beyond it with ENOSPC, recovering after trim or delete.
+func TestPoolMemoryLimit(t *testing.T) {
+	ctx := context.Background()
+	p := openMemPool(t, lufs.NewMemFS(lufs.MemFSOptions{}), func(o *PoolOptions) {
+		o.MemoryLimitBytes = 10 * BlockSizeBytes
+	})
+	a, err := p.Create("a", 1<<30, KindMemory)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := p.Create("b", 1<<30, KindMemory)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WriteAt(ctx, make([]byte, 6*BlockSizeBytes), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	err = b.WriteAt(ctx, make([]byte, 6*BlockSizeBytes), 0, 0)
+	if !errors.Is(err, blockdev.ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("write beyond the memory limit: %v", err)
+	}
+	if err := b.WriteZeroes(ctx, 1<<20, 6*BlockSizeBytes, blockdev.NoHole); !errors.Is(err, blockdev.ErrNoSpace) {
+		t.Fatalf("NoHole zero beyond the memory limit: %v", err)
+	}
+	if err := a.Trim(ctx, 0, 4*BlockSizeBytes, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.WriteAt(ctx, make([]byte, 6*BlockSizeBytes), 0, 0); err != nil {
+		t.Fatalf("write after trim: %v", err)
+	}
+	if err := p.Delete("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.WriteAt(ctx, make([]byte, 4*BlockSizeBytes), 1<<20, 0); err != nil {
+		t.Fatalf("write after delete: %v", err)
+	}
+	if st := p.Status(); st.MemoryAllocatedBytes != 10*BlockSizeBytes || st.MemoryLimitBytes != 10*BlockSizeBytes {
+		t.Fatalf("status %+v", st)
 	}
 }
