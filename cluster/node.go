@@ -9,10 +9,13 @@
 // one-member cluster; other nodes start without Bootstrap and are added by
 // the leader's AddVoter.
 //
-// Writes (CreateLU, ResizeLU, DeleteLU, UpdateLU, AddVoter, RegisterSelf,
-// SetSetting) run on the leader only and return ErrNotLeader elsewhere;
-// reads (GetLU, ListLUs, Nodes, Setting) read the local applied state,
-// which on a follower may lag the leader by a few entries.
+// Writes (CreateLU, ResizeLU, DeleteLU, UpdateLU, UpdateLUIfEpoch,
+// AddVoter, RemoveServer, RegisterSelf, SetSetting) run on the leader only
+// and return ErrNotLeader elsewhere, or ErrOutcomeUnknown when the command
+// may or may not have been applied; reads (GetLU, ListLUs, Nodes, Setting)
+// read the local applied state, which on a follower may lag the leader by
+// a few entries (Barrier on the leader waits for everything committed).
+// ListAndWatch gives the table and then every applied change, in order.
 package cluster
 
 import (

@@ -570,6 +570,23 @@ func TestThreeNodes(t *testing.T) {
 	if lu, err := rest[1].GetLU("lu05"); err != nil || lu.Copies != 2 {
 		t.Fatalf("lu05 on %s = %+v, %v", rest[1].ID(), lu, err)
 	}
+
+	// Remove the dead node: membership and records shrink to the two left.
+	onLeader(t, rest, nil, func(l *Node) error { return l.RemoveServer(ctx, old.ID()) })
+	for _, f := range rest {
+		waitFor(t, f.ID()+" to list 2 nodes", func() bool {
+			nodes, err := f.Nodes()
+			if err != nil || len(nodes) != 2 {
+				return false
+			}
+			for _, ni := range nodes {
+				if ni.ID == old.ID() {
+					return false
+				}
+			}
+			return true
+		})
+	}
 }
 
 // TestFollowerRestartAfterCompaction stops a follower, changes the table
