@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/lupool/lupool/lu"
@@ -138,5 +139,93 @@ func TestFileFio(t *testing.T) {
 		fmt.Sprintf("--size=%d", size), "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--randseed=3")
 	if j := r.Jobs[0]; j.Write.IOBytes != int64(size) || j.Read.IOBytes != int64(size) {
 		t.Errorf("fio wrote %d and verified %d bytes, want %d", j.Write.IOBytes, j.Read.IOBytes, size)
+	}
+}
+
+// TestFileQemuAndNbdinfo runs the tools TestNbdinfo, TestQemuImg and
+// TestQemuIO run over memory, against a sparse-file volume: nbdinfo's
+// flags, qemu-img info/convert/compare (including a byte changed in the
+// file behind the server's back), qemu-io patterns, and nbd-client -l.
+func TestFileQemuAndNbdinfo(t *testing.T) {
+	const size = 8 * miB
+	srv, vol, path := startFile(t, size)
+	uri := srv.uri("file")
+
+	info := parseNbdinfo(t, mustRun(t, "nbdinfo", "--json", uri))
+	if len(info.Exports) != 1 {
+		t.Fatalf("nbdinfo listed %d exports, want 1", len(info.Exports))
+	}
+	e := info.Exports[0]
+	if e.SizeBytes != size || e.ReadOnly || !e.CanFlush || !e.CanFUA || !e.CanTrim || !e.CanZero ||
+		e.CanMultiConn != vol.Caps().MultiConn {
+		t.Errorf("file export: %+v", e)
+	}
+	if out := mustRun(t, "nbd-client", "-l", "127.0.0.1", srv.port); !strings.Contains(out, "file: sparse file") {
+		t.Errorf("nbd-client -l output lacks the file export:\n%s", out)
+	}
+
+	src := filepath.Join(t.TempDir(), "src.img")
+	data := make([]byte, size)
+	if _, err := rand.Read(data[:5*miB]); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var qi struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, "qemu-img", "info", "--output=json", uri)), &qi); err != nil || qi.VirtualSize != size {
+		t.Errorf("qemu-img info: size %d (%v), want %d", qi.VirtualSize, err, size)
+	}
+	mustRun(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, uri)
+	if err := vol.Flush(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	onDisk, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256.Sum256(onDisk) != sha256.Sum256(data) {
+		t.Fatal("file differs from the image qemu-img convert wrote")
+	}
+	mustRun(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri)
+	// Change one byte in the file itself: compare through the server must fail.
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{data[3*miB+11] ^ 0xff}, 3*miB+11); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if r := runTool(t, nil, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri); r.err == nil {
+		t.Errorf("qemu-img compare missed a byte changed in the file:\n%s", r.stdout)
+	}
+
+	out := mustRun(t, "qemu-io", "-f", "raw", uri,
+		"-c", "write -P 0x3c 6M 64k",
+		"-c", "write -f -P 0x4d 7M 128k",
+		"-c", "write -z 7M 32k",
+		"-c", "read -P 0x3c 6M 64k",
+		"-c", "read -P 0 7M 32k",
+		"-c", "read -P 0x4d 7200k 96k",
+		"-c", "flush")
+	if strings.Contains(out, "Pattern verification failed") {
+		t.Fatalf("qemu-io pattern verification failed:\n%s", out)
+	}
+	if out := runTool(t, nil, "qemu-io", "-f", "raw", uri, "-c", "read -P 0x3c 7M 4k").stdout; !strings.Contains(out, "Pattern verification failed") {
+		t.Errorf("qemu-io did not report a wrong pattern:\n%s", out)
+	}
+	onDisk, err = os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(onDisk[6*miB:6*miB+64*kiB], bytes.Repeat([]byte{0x3c}, 64*kiB)) ||
+		!bytes.Equal(onDisk[7*miB:7*miB+32*kiB], make([]byte, 32*kiB)) ||
+		!bytes.Equal(onDisk[7*miB+32*kiB:7*miB+128*kiB], bytes.Repeat([]byte{0x4d}, 96*kiB)) {
+		t.Error("file bytes differ from what qemu-io wrote")
 	}
 }
