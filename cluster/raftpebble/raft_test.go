@@ -158,8 +158,7 @@ func leaderOf(nodes []*raftNode, among func(*raftNode) bool) *raftNode {
 // that every node ends with the same history holding each acknowledged
 // command exactly once.
 func TestRaftOnPebbleUnderFaults(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 11))
 	var nodes []*raftNode
 	var conf raft.Configuration

@@ -107,8 +107,7 @@ func compareStores(t *testing.T, step int, got *Store, want *raft.InmemStore) {
 // install, stable keys, restarts) on a Store and raft.InmemStore and
 // compares every read.
 func TestRandomizedAgainstInmem(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	steps := 3000
 	if testing.Short() {
@@ -303,8 +302,7 @@ func TestDeleteRangeEdges(t *testing.T) {
 // each acknowledged call takes a crash image of the file system (unsynced
 // data kept by chance). Every acknowledged change must be in the image.
 func TestCrashKeepsAcknowledged(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
 	fs := vfs.NewCrashableMem()
 	db := openDB(t, fs)
