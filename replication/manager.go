@@ -3,8 +3,23 @@
 // metadata (package cluster) and hands each LU that has a copy here to the
 // front end as a blockdev.Device.
 //
-// Today every LU has one copy, on its writer; the synchronous fan-out of
-// writes to further copies, dirty-region tracking and resync grow here.
+// Every node exports every LU. The LU's writer serves it through a
+// [Mirror] (local volume plus synchronous copies on other nodes; with one
+// copy, the local volume itself); every other node serves it through a
+// [Forwarder], which reads its own copy while that copy is in sync and
+// sends everything else to the writer. Copies talk over replication
+// streams (package replproto) that ride on each node's API address
+// (StreamPath, an HTTP upgrade).
+//
+// # Durability
+//
+// A write acknowledged by a Mirror is in the writer's volume and in every
+// copy recorded in sync: for file LUs in each node's page cache, for memory
+// LUs in each node's memory. FUA and Flush reach every in-sync copy: for
+// file LUs the data is then on disk on every one of them. A copy that fails
+// is recorded out of sync through the metadata log before the operation
+// that it missed is acknowledged, and the missed range is recorded (synced)
+// in the writer's dirty-region store.
 //
 // # Ordering
 //
@@ -24,6 +39,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -45,6 +61,67 @@ type ManagerOptions struct {
 	// Unexport is called before an LU's local volume is closed; it must
 	// end the front end's use of the device (forcibly: the LU is going).
 	Unexport func(name string)
+
+	// UpdateLU records a change of an LU's epoch and copy states through
+	// the metadata leader, applied only if the recorded epoch is still
+	// expectedEpoch (else an error matching cluster.ErrEpochChanged).
+	// Required for LUs with more than one copy.
+	UpdateLU func(ctx context.Context, rec cluster.LU, expectedEpoch uint64) error
+	// NodeAPI returns the API address of a node (where its replication
+	// streams are served). Required for LUs with more than one copy.
+	NodeAPI func(nodeID string) (string, bool)
+	// Dirty persists dirty regions of file LUs; nil keeps them in memory
+	// only (a writer restart then forgets which regions a copy lacks).
+	Dirty *DirtyStore
+	// RegionBytes is the dirty-region size (default 1 MiB); inside a region
+	// the writer tracks 4 KiB blocks in memory.
+	RegionBytes int64
+	// AckTimeout bounds the wait for a copy's answer (default 5 s); a copy
+	// that does not answer in time is recorded out of sync.
+	AckTimeout time.Duration
+	// MetadataTimeout bounds recording a copy state change (default 10 s).
+	MetadataTimeout time.Duration
+	// RetryInterval is how often a writer tries to reach copies it has no
+	// stream to (default 500 ms).
+	RetryInterval time.Duration
+	// ResyncBytesPerSecond throttles resync; 0 means unthrottled.
+	ResyncBytesPerSecond int64
+}
+
+// EnsureDefaults fills unset fields.
+func (o *ManagerOptions) EnsureDefaults() {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Export == nil {
+		o.Export = func(string, string, blockdev.Device) {}
+	}
+	if o.Unexport == nil {
+		o.Unexport = func(string) {}
+	}
+	if o.UpdateLU == nil {
+		o.UpdateLU = func(context.Context, cluster.LU, uint64) error {
+			return errors.New("replication: no metadata writer configured")
+		}
+	}
+	if o.NodeAPI == nil {
+		o.NodeAPI = func(string) (string, bool) { return "", false }
+	}
+	if o.RegionBytes == 0 {
+		o.RegionBytes = defaultRegionLen
+	}
+	if o.AckTimeout == 0 {
+		// A killed copy resets its connections at once; the timeout only
+		// matters for a copy that hangs. Long enough for a GC pause or a
+		// busy disk, short enough that a client's I/O does not time out.
+		o.AckTimeout = 5 * time.Second
+	}
+	if o.MetadataTimeout == 0 {
+		o.MetadataTimeout = 10 * time.Second
+	}
+	if o.RetryInterval == 0 {
+		o.RetryInterval = 500 * time.Millisecond
+	}
 }
 
 // Manager keeps local volumes in step with the LU table.
@@ -58,9 +135,19 @@ type Manager struct {
 		queued    uint64               // guarded by mu; work items ever queued
 		done      uint64               // guarded by mu; work items ever finished
 		closed    bool                 // guarded by mu
-		volumes   map[string]lu.Volume // guarded by mu; LUs served from this node
+		volumes   map[string]lu.Volume // guarded by mu; local copies
+		devices   map[string]device    // guarded by mu; what each LU is exported as
 		lastError error                // guarded by mu; the last failure, for status
 	}
+	// recs is the latest record of every LU, updated from the metadata's
+	// apply goroutine (Enqueue) so that streams check epochs against the
+	// newest applied state.
+	recs struct {
+		sync.Mutex
+		m map[string]cluster.LU // guarded by recs
+	}
+	bufs    bufPool
+	metrics *metrics
 	stopped chan struct{}
 	// changes counts metadata changes applied to local volumes by kind
 	// (created, resized, deleted) since this process started; after a
@@ -79,22 +166,19 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if opts.NodeID == "" || opts.Pool == nil {
 		return nil, errors.New("replication: ManagerOptions needs NodeID and Pool")
 	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
+	opts.EnsureDefaults()
+	if opts.RegionBytes <= 0 || opts.RegionBytes > regionBytesMax || opts.RegionBytes%dirtyBlockBytes != 0 {
+		return nil, fmt.Errorf("replication: dirty region size %d: use a multiple of 4096 up to %d", opts.RegionBytes, regionBytesMax)
 	}
-	if opts.Export == nil {
-		opts.Export = func(string, string, blockdev.Device) {}
-	}
-	if opts.Unexport == nil {
-		opts.Unexport = func(string) {}
-	}
-	m := &Manager{opts: opts, stopped: make(chan struct{})}
+	m := &Manager{opts: opts, stopped: make(chan struct{}), metrics: newMetrics()}
+	m.recs.m = map[string]cluster.LU{}
 	m.changes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_lu_changes_applied_total",
 		Help: "LU metadata changes applied to this node's volumes since the process started.",
 	}, []string{"change"})
 	m.mu.cond = sync.NewCond(&m.mu.Mutex)
 	m.mu.volumes = map[string]lu.Volume{}
+	m.mu.devices = map[string]device{}
 	go m.loop()
 	return m, nil
 }
@@ -102,13 +186,39 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 // Enqueue queues a metadata change; it never blocks on volume work, so it
 // is safe to call from the cluster's apply goroutine (Node.Watch).
 func (m *Manager) Enqueue(ch cluster.Change) {
+	m.noteRecord(ch)
 	m.push(work{change: &ch})
+}
+
+func (m *Manager) noteRecord(ch cluster.Change) {
+	m.recs.Lock()
+	defer m.recs.Unlock()
+	if ch.Kind == cluster.Deleted {
+		delete(m.recs.m, ch.LU.Name)
+		return
+	}
+	m.recs.m[ch.LU.Name] = ch.LU
+}
+
+// record returns the latest applied record of an LU.
+func (m *Manager) record(name string) (cluster.LU, bool) {
+	m.recs.Lock()
+	defer m.recs.Unlock()
+	rec, ok := m.recs.m[name]
+	return rec, ok
 }
 
 // Reconcile queues a full pass over lus (the whole table) and waits for it.
 // With cluster.Node.ListAndWatch the table and the changes that follow it
 // line up exactly; a plain Watch registered before ListLUs also converges.
 func (m *Manager) Reconcile(ctx context.Context, lus []cluster.LU) error {
+	m.recs.Lock()
+	for _, rec := range lus {
+		if old, ok := m.recs.m[rec.Name]; !ok || old.Epoch <= rec.Epoch {
+			m.recs.m[rec.Name] = rec
+		}
+	}
+	m.recs.Unlock()
 	m.push(work{reconcile: lus})
 	return m.Sync(ctx)
 }
@@ -197,10 +307,10 @@ func (m *Manager) do(w work) {
 	default:
 		err = fmt.Errorf("unknown change kind %v", ch.Kind)
 	}
-	m.record(ch.LU.Name, err)
+	m.recordErr(ch.LU.Name, err)
 }
 
-func (m *Manager) record(name string, err error) {
+func (m *Manager) recordErr(name string, err error) {
 	if err == nil {
 		return
 	}
@@ -210,25 +320,41 @@ func (m *Manager) record(name string, err error) {
 	m.mu.Unlock()
 }
 
-// holdsCopy reports whether rec has a copy on this node.
-func (m *Manager) holdsCopy(rec cluster.LU) bool {
+// holdsCopy reports whether rec has a copy on node.
+func holdsCopy(rec cluster.LU, node string) bool {
 	for _, r := range rec.Replicas {
-		if r.NodeID == m.opts.NodeID {
+		if r.NodeID == node {
 			return true
 		}
 	}
 	return false
 }
 
-// ensure makes the local volume match rec: created (or reopened) and
-// exported, at the recorded size. reconciling marks a start-up pass, where a
-// missing file volume means its data is gone (or it was never created
-// because the node stopped right after the metadata change): it is created
-// empty, and said loudly.
-func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
-	if !m.holdsCopy(rec) {
-		return nil
+// writerOf returns the node that applies rec's writes.
+func writerOf(rec cluster.LU) string {
+	switch {
+	case rec.Writer != "":
+		return rec.Writer
+	case rec.CreatedOn != "":
+		return rec.CreatedOn
+	case len(rec.Replicas) > 0:
+		return rec.Replicas[0].NodeID
 	}
+	return ""
+}
+
+// device is what an LU is exported as on this node: the local volume
+// (writer, one copy), a *Mirror (writer, more copies) or a *Forwarder.
+type device interface {
+	blockdev.Device
+}
+
+// ensureVolume makes the local volume match rec: created (or reopened) at
+// the recorded size. reconciling marks a start-up pass, where a missing
+// file volume means its data is gone (or it was never created because the
+// node stopped right after the metadata change): it is created empty, and
+// said loudly.
+func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (lu.Volume, error) {
 	m.mu.Lock()
 	vol, ok := m.mu.volumes[rec.Name]
 	m.mu.Unlock()
@@ -240,33 +366,109 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 			}
 			vol, err = m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
 			if err != nil {
-				return fmt.Errorf("create volume: %w", err)
+				return nil, fmt.Errorf("create volume: %w", err)
 			}
 		} else if vol.Kind() != lu.Kind(rec.Kind) {
-			return fmt.Errorf("volume kind %s does not match metadata kind %s", vol.Kind(), rec.Kind)
+			return nil, fmt.Errorf("volume kind %s does not match metadata kind %s", vol.Kind(), rec.Kind)
 		}
 		m.mu.Lock()
 		m.mu.volumes[rec.Name] = vol
 		m.mu.Unlock()
-		defer m.opts.Export(rec.Name, rec.Description, vol)
 	}
 	if vol.Size() != rec.SizeBytes {
 		if err := m.opts.Pool.Resize(rec.Name, rec.SizeBytes); err != nil {
-			return fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
+			return vol, fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
 		}
 	}
+	return vol, nil
+}
+
+// ensure makes this node hold rec's copy if rec places one here, and
+// exports the LU as the device its role calls for.
+func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
+	var vol lu.Volume
+	if holdsCopy(rec, m.opts.NodeID) {
+		var err error
+		if vol, err = m.ensureVolume(rec, reconciling); err != nil {
+			return err
+		}
+	} else if err := m.removeVolume(rec.Name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	old := m.mu.devices[rec.Name]
+	m.mu.Unlock()
+	writer := writerOf(rec) == m.opts.NodeID && vol != nil
+	switch d := old.(type) {
+	case lu.Volume:
+		if writer && len(rec.Replicas) == 1 && d == vol {
+			return nil
+		}
+	case *Mirror:
+		if writer && d.local == vol && d.sameCopies(rec) {
+			d.observe(rec)
+			return nil
+		}
+	case *Forwarder:
+		if !writer && d.local == vol {
+			d.observe(rec)
+			return nil
+		}
+	}
+	var next device
+	switch {
+	case writer && len(rec.Replicas) == 1:
+		next = vol
+	case writer:
+		mir, err := m.newMirror(rec, vol)
+		if err != nil {
+			return err
+		}
+		next = mir
+	default:
+		next = m.newForwarder(rec, vol)
+	}
+	if old != nil {
+		m.unexport(rec.Name, old)
+	}
+	m.mu.Lock()
+	m.mu.devices[rec.Name] = next
+	m.mu.Unlock()
+	m.opts.Export(rec.Name, rec.Description, next)
 	return nil
 }
 
-// remove unexports and deletes the local volume of name, if any.
-func (m *Manager) remove(name string) error {
+// unexport ends the front end's use of dev and stops it.
+func (m *Manager) unexport(name string, dev device) {
+	m.opts.Unexport(name)
 	m.mu.Lock()
-	_, ok := m.mu.volumes[name]
+	if m.mu.devices[name] == dev {
+		delete(m.mu.devices, name)
+	}
+	m.mu.Unlock()
+	switch d := dev.(type) {
+	case *Mirror:
+		d.close()
+	case *Forwarder:
+		d.close()
+	}
+}
+
+// removeVolume deletes the local volume of name, if any.
+func (m *Manager) removeVolume(name string) error {
+	m.mu.Lock()
+	vol, ok := m.mu.volumes[name]
+	dev := m.mu.devices[name]
+	m.mu.Unlock()
+	if ok && dev != nil {
+		// The exported device uses the volume: stop it first.
+		if d, isFwd := dev.(*Forwarder); !isFwd || d.local == vol {
+			m.unexport(name, dev)
+		}
+	}
+	m.mu.Lock()
 	delete(m.mu.volumes, name)
 	m.mu.Unlock()
-	if ok {
-		m.opts.Unexport(name)
-	}
 	if _, exists := m.opts.Pool.Get(name); !exists {
 		return nil
 	}
@@ -276,12 +478,26 @@ func (m *Manager) remove(name string) error {
 	return nil
 }
 
-// follow makes this node hold rec's volume if rec places a copy here, and
-// not hold it otherwise.
-func (m *Manager) follow(rec cluster.LU) error {
-	if !m.holdsCopy(rec) {
-		return m.remove(rec.Name)
+// remove unexports name and deletes its local volume and dirty records.
+func (m *Manager) remove(name string) error {
+	m.mu.Lock()
+	dev := m.mu.devices[name]
+	m.mu.Unlock()
+	if dev != nil {
+		m.unexport(name, dev)
 	}
+	if mir, ok := dev.(*Mirror); ok {
+		for _, l := range mir.links {
+			if err := l.dirty.reset(); err != nil {
+				m.opts.Logger.Warn("cannot drop dirty regions of a deleted LU", "lu", name, "copy", l.node, "err", err)
+			}
+		}
+	}
+	return m.removeVolume(name)
+}
+
+// follow makes this node serve rec as its role calls for.
+func (m *Manager) follow(rec cluster.LU) error {
 	return m.ensure(rec, false)
 }
 
@@ -292,13 +508,7 @@ func (m *Manager) reconcile(lus []cluster.LU) {
 	known := map[string]bool{}
 	for _, rec := range lus {
 		known[rec.Name] = true
-		if !m.holdsCopy(rec) {
-			if err := m.remove(rec.Name); err != nil {
-				m.record(rec.Name, err)
-			}
-			continue
-		}
-		m.record(rec.Name, m.ensure(rec, true))
+		m.recordErr(rec.Name, m.ensure(rec, true))
 	}
 	for _, name := range m.opts.Pool.Names() {
 		if !known[name] {
@@ -309,15 +519,31 @@ func (m *Manager) reconcile(lus []cluster.LU) {
 
 // Collectors returns the manager's metrics, unregistered.
 func (m *Manager) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.changes}
+	cc := copyCollector{m: m, state: prometheus.NewDesc("lupool_replication_copy_state",
+		"1 for the state each copy of an LU this node writes is in (in-sync, resyncing, out-of-sync), else 0.",
+		[]string{"lu", "copy", "state"}, nil)}
+	return append([]prometheus.Collector{m.changes, cc}, m.metrics.collectors()...)
 }
 
-// Volume returns the local volume of an LU served from this node.
+// Volume returns the local volume (copy) of an LU on this node.
 func (m *Manager) Volume(name string) (lu.Volume, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v, ok := m.mu.volumes[name]
 	return v, ok
+}
+
+// mirror returns the LU's device if this node is its writer.
+func (m *Manager) mirror(name string) (blockdev.Device, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch d := m.mu.devices[name].(type) {
+	case *Mirror:
+		return d, true
+	case lu.Volume:
+		return d, true
+	}
+	return nil, false
 }
 
 // LastError returns the most recent failure to follow the metadata, or nil.
@@ -344,14 +570,27 @@ func (m *Manager) Flush(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// Close stops the manager's goroutine; queued work is dropped (the next
-// start reconciles from the metadata). Volumes stay open: the pool owns them.
+// Close stops the manager's goroutines and every writer's streams; queued
+// work is dropped (the next start reconciles from the metadata). Volumes
+// stay open: the pool owns them.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	m.mu.closed = true
 	m.mu.queue = nil
 	m.mu.cond.Broadcast()
+	devs := make([]device, 0, len(m.mu.devices))
+	for _, d := range m.mu.devices {
+		devs = append(devs, d)
+	}
 	m.mu.Unlock()
 	<-m.stopped
+	for _, d := range devs {
+		switch d := d.(type) {
+		case *Mirror:
+			d.close()
+		case *Forwarder:
+			d.close()
+		}
+	}
 	return nil
 }

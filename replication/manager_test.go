@@ -85,8 +85,14 @@ func TestManagerFollowsChanges(t *testing.T) {
 		t.Fatal("LU whose copy is on another node got a pool volume")
 	}
 	log.mu.Lock()
-	if len(log.exported) != 2 || log.exported["f"] == nil || log.exported["mem"] == nil {
-		t.Fatalf("exports = %v, want f and mem", log.exported)
+	if len(log.exported) != 3 || log.exported["f"] == nil || log.exported["mem"] == nil {
+		t.Fatalf("exports = %v, want f, mem and elsewhere", log.exported)
+	}
+	if _, ok := log.exported["elsewhere"].(*Forwarder); !ok {
+		t.Fatalf("LU written elsewhere exported as %T, want *Forwarder", log.exported["elsewhere"])
+	}
+	if _, ok := log.exported["f"].(lu.Volume); !ok {
+		t.Fatalf("single-copy LU written here exported as %T, want its volume", log.exported["f"])
 	}
 	log.mu.Unlock()
 
@@ -110,7 +116,8 @@ func TestManagerFollowsChanges(t *testing.T) {
 		t.Fatalf("data after duplicate create: %q %v", buf, err)
 	}
 
-	// The copy moves away: unexported and deleted here.
+	// The copy moves away: its volume is unexported and deleted here, and
+	// the LU is served by forwarding to its new writer.
 	m.Enqueue(cluster.Change{Kind: cluster.Updated, LU: rec("mem", 1<<20, "memory", "other"), Index: 6})
 	m.Enqueue(cluster.Change{Kind: cluster.Deleted, LU: rec("f", 4<<20, "file", "me"), Index: 7})
 	sync1(t, m)
@@ -122,8 +129,11 @@ func TestManagerFollowsChanges(t *testing.T) {
 	}
 	log.mu.Lock()
 	defer log.mu.Unlock()
-	if len(log.exported) != 0 || len(log.removed) != 2 {
-		t.Fatalf("exports %v removed %v; want none left and two removals", log.exported, log.removed)
+	if len(log.exported) != 2 || len(log.removed) != 2 {
+		t.Fatalf("exports %v removed %v; want mem and elsewhere forwarded, and two removals", log.exported, log.removed)
+	}
+	if _, ok := log.exported["mem"].(*Forwarder); !ok {
+		t.Fatalf("moved LU exported as %T, want *Forwarder", log.exported["mem"])
 	}
 	if err := v.ReadAt(context.Background(), buf, 0); !errors.Is(err, blockdev.ErrShutdown) {
 		t.Fatalf("I/O on a deleted LU's volume: %v, want ErrShutdown", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"sort"
 	"sync/atomic"
 	"time"
 
@@ -110,8 +111,8 @@ func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (
 	if !knownNode(nodes, req.Node) && req.Node != b.nodeID {
 		return api.LU{}, fmt.Errorf("%w: node %q is not a member of this cluster (see lupool node list)", api.ErrInvalid, req.Node)
 	}
-	if req.Copies > 1 {
-		return api.LU{}, fmt.Errorf("%w: copies %d: synchronous copies on other nodes are not available yet in this version; use --copies 1", api.ErrInvalid, req.Copies)
+	if req.Copies > cluster.CopiesMax {
+		return api.LU{}, fmt.Errorf("%w: copies %d: at most %d", api.ErrInvalid, req.Copies, cluster.CopiesMax)
 	}
 	if _, err := b.node.GetLU(req.Name); err == nil {
 		return api.LU{}, fmt.Errorf("%w: an LU named %q exists; pick another name or delete it first", api.ErrExists, req.Name)
@@ -120,6 +121,10 @@ func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (
 		if err := b.checkOvercommit(lu.Kind(req.Kind), req.SizeBytes); err != nil {
 			return api.LU{}, err
 		}
+	}
+	replicas, err := b.place(nodes, req.Node, req.Copies)
+	if err != nil {
+		return api.LU{}, err
 	}
 	rec := cluster.LU{
 		Name:        req.Name,
@@ -130,13 +135,75 @@ func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (
 		CreatedOn:   req.Node,
 		Writer:      req.Node,
 		Epoch:       1,
-		Replicas:    []cluster.Replica{{NodeID: req.Node, State: cluster.ReplicaInSync}},
+		Replicas:    replicas,
 		CreatedAt:   time.Now().UTC(),
 	}
 	if err := b.node.CreateLU(ctx, rec); err != nil {
 		return api.LU{}, b.apiError(err)
 	}
 	return b.afterChange(ctx, req.Name)
+}
+
+// place picks copies distinct nodes for a new LU: the writer first, then
+// the members holding the fewest copies (ties by id). Every copy starts in
+// sync: a new LU reads as zeros everywhere. Runs on the metadata leader
+// (creates are forwarded there), the pool's primary node.
+func (b *daemonBackend) place(nodes []cluster.NodeInfo, writer string, copies int) ([]cluster.Replica, error) {
+	replicas := []cluster.Replica{{NodeID: writer, State: cluster.ReplicaInSync}}
+	if copies == 1 {
+		return replicas, nil
+	}
+	load := map[string]int{}
+	lus, err := b.node.ListLUs()
+	if err != nil {
+		return nil, err
+	}
+	for _, rec := range lus {
+		for _, r := range rec.Replicas {
+			load[r.NodeID]++
+		}
+	}
+	var candidates []cluster.NodeInfo
+	for _, n := range nodes {
+		if n.ID != writer && n.APIAddr != "" && (n.Suffrage == "voter" || n.Suffrage == "nonvoter") {
+			candidates = append(candidates, n)
+		}
+	}
+	if len(candidates) < copies-1 {
+		return nil, fmt.Errorf("%w: copies %d needs %d nodes, but the cluster has %d usable (see lupool node list); add nodes or ask for fewer copies",
+			api.ErrInvalid, copies, copies, len(candidates)+1)
+	}
+	sort.Slice(candidates, func(i, j int) bool {
+		if load[candidates[i].ID] != load[candidates[j].ID] {
+			return load[candidates[i].ID] < load[candidates[j].ID]
+		}
+		return candidates[i].ID < candidates[j].ID
+	})
+	for _, n := range candidates[:copies-1] {
+		replicas = append(replicas, cluster.Replica{NodeID: n.ID, State: cluster.ReplicaInSync})
+	}
+	return replicas, nil
+}
+
+// UpdateReplicas records a writer's change of copy states (leader only;
+// the API forwards it there).
+func (b *daemonBackend) UpdateReplicas(ctx context.Context, name string, req api.UpdateReplicasRequest) (api.LU, error) {
+	rec, err := b.node.GetLU(name)
+	if err != nil {
+		return b.GetLU(ctx, name)
+	}
+	rec.Epoch, rec.Writer = req.Epoch, req.Writer
+	rec.Replicas = rec.Replicas[:0]
+	for _, r := range req.Replicas {
+		rec.Replicas = append(rec.Replicas, cluster.Replica{NodeID: r.Node, State: r.State})
+	}
+	if err := b.node.UpdateLUIfEpoch(ctx, rec, req.ExpectedEpoch); err != nil {
+		if errors.Is(err, cluster.ErrEpochChanged) {
+			return api.LU{}, fmt.Errorf("%w: %v", api.ErrStale, err)
+		}
+		return api.LU{}, b.apiError(err)
+	}
+	return b.GetLU(ctx, name)
 }
 
 // afterChange waits until this node's volumes follow the change just

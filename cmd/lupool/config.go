@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/lupool/lupool/internal/units"
 )
 
 // serveConfig is every setting of `lupool serve`. Precedence: flag, then
@@ -29,6 +31,10 @@ type serveConfig struct {
 	Overcommit float64  `json:"overcommit"`
 	LogLevel   string   `json:"log_level"`
 	LogFormat  string   `json:"log_format"`
+	// DirtyRegionBytes is the writer's dirty-region size for copies that
+	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
+	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
+	ResyncRateBytes  int64 `json:"resync_rate_bytes"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -41,6 +47,8 @@ func defaultServeConfig() serveConfig {
 		Overcommit: 4,
 		LogLevel:   "info",
 		LogFormat:  "text",
+
+		DirtyRegionBytes: 1 << 20,
 	}
 }
 
@@ -89,9 +97,27 @@ func settings() []setting {
 				c.Overcommit = f
 				return nil
 			}},
+		sizeSetting("dirty-region", "dirty-region size the writer records for a copy that falls behind (4K to 4M, a multiple of 4K)",
+			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
+		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
+			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
 		str("log-format", "text or json", func(c *serveConfig) *string { return &c.LogFormat }),
 	}
+}
+
+// sizeSetting is a byte count given with units (4K, 1M, 10G).
+func sizeSetting(name, help string, field func(*serveConfig) *int64) setting {
+	return setting{name: name, help: help,
+		get: func(c *serveConfig) string { return strconv.FormatInt(*field(c), 10) },
+		set: func(c *serveConfig, v string) error {
+			n, err := units.ParseSize(v)
+			if err != nil {
+				return fmt.Errorf("%s %q: want a byte count such as 1M: %v", name, v, err)
+			}
+			*field(c) = n
+			return nil
+		}}
 }
 
 func envName(flagName string) string {
@@ -126,7 +152,7 @@ func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (
 		dec := json.NewDecoder(strings.NewReader(string(data)))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&cfg); err != nil {
-			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format)", *configFile, err)
+			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes)", *configFile, err)
 		}
 	}
 	set := map[string]bool{}
@@ -163,6 +189,12 @@ func (c *serveConfig) validate() error {
 	}
 	if c.TLS != "off" && (c.TLSCert == "" || c.TLSKey == "") {
 		return fmt.Errorf("--tls %s needs --tls-cert and --tls-key", c.TLS)
+	}
+	if c.DirtyRegionBytes < 4096 || c.DirtyRegionBytes > 4<<20 || c.DirtyRegionBytes%4096 != 0 {
+		return fmt.Errorf("--dirty-region %d: use a multiple of 4K from 4K to 4M", c.DirtyRegionBytes)
+	}
+	if c.ResyncRateBytes < 0 {
+		return fmt.Errorf("--resync-rate must not be negative")
 	}
 	if c.Overcommit <= 0 {
 		return fmt.Errorf("--overcommit must be positive")

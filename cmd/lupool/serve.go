@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -200,10 +201,33 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	dirty, err := replication.OpenDirtyStore(filepath.Join(cfg.Data, "dirty"), nil)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, dirty.Close()) }()
 	mgr, err := replication.NewManager(replication.ManagerOptions{
-		NodeID: id,
-		Pool:   pool,
-		Logger: log.With("part", "replication"),
+		NodeID:               id,
+		Pool:                 pool,
+		Logger:               log.With("part", "replication"),
+		Dirty:                dirty,
+		RegionBytes:          cfg.DirtyRegionBytes,
+		ResyncBytesPerSecond: cfg.ResyncRateBytes,
+		UpdateLU: func(ctx context.Context, rec cluster.LU, expected uint64) error {
+			return updateLUViaLeader(ctx, node, rec, expected)
+		},
+		NodeAPI: func(nodeID string) (string, bool) {
+			nodes, err := node.Nodes()
+			if err != nil {
+				return "", false
+			}
+			for _, n := range nodes {
+				if n.ID == nodeID && n.APIAddr != "" {
+					return n.APIAddr, true
+				}
+			}
+			return "", false
+		},
 		Export: func(name, description string, dev blockdev.Device) {
 			if err := exports.Add(nbd.Export{Name: name, Description: description, Device: dev}); err != nil {
 				log.Error("cannot export LU", "lu", name, "err", err)
@@ -232,6 +256,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		NodeID:  id,
 		Metrics: promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}),
 		Logger:  log.With("part", "api"),
+		Upgrades: map[string]func(net.Conn, *bufio.Reader){
+			replication.StreamPath: mgr.ServeStream,
+		},
 	})
 	if err != nil {
 		return err
@@ -296,6 +323,33 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	_ = httpServer.Shutdown(sctx)
 	log.Info("stopped")
 	return nil
+}
+
+// updateLUViaLeader records a copy-state change of rec: directly when this
+// node leads the metadata log, else through the leader's API.
+func updateLUViaLeader(ctx context.Context, node *cluster.Node, rec cluster.LU, expected uint64) error {
+	err := node.UpdateLUIfEpoch(ctx, rec, expected)
+	if !errors.Is(err, cluster.ErrNotLeader) {
+		return err
+	}
+	_, leaderAPI := node.Leader()
+	if leaderAPI == "" {
+		return err
+	}
+	c, cerr := api.NewClient(leaderAPI)
+	if cerr != nil {
+		return cerr
+	}
+	req := api.UpdateReplicasRequest{ExpectedEpoch: expected, Epoch: rec.Epoch, Writer: rec.Writer}
+	for _, r := range rec.Replicas {
+		req.Replicas = append(req.Replicas, api.Replica{Node: r.NodeID, State: r.State})
+	}
+	_, err = c.UpdateReplicas(ctx, rec.Name, req)
+	var se *api.StatusError
+	if errors.As(err, &se) && se.StatusCode == http.StatusPreconditionFailed {
+		return fmt.Errorf("%w: %v", cluster.ErrEpochChanged, err)
+	}
+	return err
 }
 
 // waitLeader waits until the metadata log has a leader.

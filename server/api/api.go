@@ -9,6 +9,7 @@
 //	ErrNotFound    404  no such LU or node
 //	ErrExists      409  the name is taken
 //	ErrBusy        409  clients are attached (delete without force)
+//	ErrStale       412  a conditional change met a newer state (epoch)
 //	ErrNoSpace     507  the pool's overcommit limit would be exceeded
 //	ErrUnavailable 503  no leader, not ready, shutting down
 //
@@ -38,6 +39,9 @@ var (
 	ErrNoSpace = errors.New("api: insufficient storage")
 	// ErrUnavailable is returned while the node cannot serve the request.
 	ErrUnavailable = errors.New("api: unavailable")
+	// ErrStale is returned by a conditional change (UpdateReplicas) whose
+	// expected epoch is no longer the recorded one.
+	ErrStale = errors.New("api: changed meanwhile")
 )
 
 // NotLeaderError is returned by a Backend asked to change metadata on a node
@@ -68,6 +72,10 @@ type Backend interface {
 	PoolStatus(ctx context.Context) (PoolStatus, error)
 	Nodes(ctx context.Context) ([]Node, error)
 	Join(ctx context.Context, req JoinRequest) error
+	// UpdateReplicas records a new epoch, writer and copy states of an LU
+	// if its epoch is still req.ExpectedEpoch (else ErrStale). The
+	// replication layer of an LU's writer calls it through its own node.
+	UpdateReplicas(ctx context.Context, name string, req UpdateReplicasRequest) (LU, error)
 	// Ready returns nil when the node can serve LU requests.
 	Ready() error
 }
@@ -82,6 +90,14 @@ type CreateLURequest struct {
 	// Node is where the LU's writer should live; empty means the node that
 	// received the request (filled in before forwarding to the leader).
 	Node string `json:"node,omitempty"`
+}
+
+// UpdateReplicasRequest is the body of POST /v1/lus/{name}/replicas.
+type UpdateReplicasRequest struct {
+	ExpectedEpoch uint64    `json:"expected_epoch"`
+	Epoch         uint64    `json:"epoch"`
+	Writer        string    `json:"writer"`
+	Replicas      []Replica `json:"replicas"`
 }
 
 // ResizeLURequest is the body of POST /v1/lus/{name}/resize.

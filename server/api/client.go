@@ -87,6 +87,15 @@ func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) 
 	return lu, err
 }
 
+// UpdateReplicas records a new epoch, writer and copy states of an LU if
+// its epoch is still req.ExpectedEpoch; a StatusError with status 412
+// says it moved on.
+func (c *Client) UpdateReplicas(ctx context.Context, name string, req UpdateReplicasRequest) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/replicas", req, &lu)
+	return lu, err
+}
+
 // ListLUs lists every LU.
 func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
 	var lus []LU

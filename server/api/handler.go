@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -36,6 +38,11 @@ type Options struct {
 	Logger  *slog.Logger
 	// Client forwards requests to the leader; default has a 30 s timeout.
 	Client *http.Client
+	// Upgrades maps a path to the handler of a raw stream that replaces
+	// HTTP on the connection after "101 Switching Protocols" (the
+	// replication streams between nodes). The handler owns conn; br may
+	// hold bytes already read from it.
+	Upgrades map[string]func(conn net.Conn, br *bufio.Reader)
 }
 
 // Handler serves the API.
@@ -66,6 +73,10 @@ func NewHandler(opts Options) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/pool", h.poolStatus)
 	h.mux.HandleFunc("GET /v1/nodes", h.nodes)
 	h.mux.HandleFunc("POST /v1/nodes", h.mutating(h.join))
+	h.mux.HandleFunc("POST /v1/lus/{name}/replicas", h.mutating(h.updateReplicas))
+	for path, fn := range opts.Upgrades {
+		h.mux.HandleFunc("GET "+path, upgrade(fn))
+	}
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
@@ -205,6 +216,44 @@ func (h *Handler) join(ctx context.Context, _ *http.Request, body []byte) (int, 
 	return http.StatusOK, nodes, err
 }
 
+func (h *Handler) updateReplicas(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req UpdateReplicasRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.ExpectedEpoch == 0 || req.Epoch < req.ExpectedEpoch || len(req.Replicas) == 0 {
+		return 0, nil, fmt.Errorf("%w: replicas update needs expected_epoch >= 1, epoch >= expected_epoch and at least one replica", ErrInvalid)
+	}
+	lu, err := h.opts.Backend.UpdateReplicas(ctx, r.PathValue("name"), req)
+	return http.StatusOK, lu, err
+}
+
+// upgrade hands the connection of an "Upgrade" request to fn.
+func upgrade(fn func(net.Conn, *bufio.Reader)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		token := r.Header.Get("Upgrade")
+		if token == "" || !strings.EqualFold(r.Header.Get("Connection"), "Upgrade") {
+			writeError(w, http.StatusUpgradeRequired, "this endpoint carries a node-to-node stream; send Connection: Upgrade")
+			return
+		}
+		hj, ok := w.(http.Hijacker)
+		if !ok {
+			writeError(w, http.StatusInternalServerError, "connection cannot be taken over")
+			return
+		}
+		conn, brw, err := hj.Hijack()
+		if err != nil {
+			return
+		}
+		_ = conn.SetDeadline(time.Time{})
+		if _, err := io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "+token+"\r\n\r\n"); err != nil {
+			conn.Close()
+			return
+		}
+		fn(conn, brw.Reader)
+	}
+}
+
 func (h *Handler) listLUs(w http.ResponseWriter, r *http.Request) {
 	lus, err := h.opts.Backend.ListLUs(r.Context())
 	h.reply(w, lus, err)
@@ -252,6 +301,8 @@ func statusOf(err error) int {
 		return http.StatusConflict
 	case errors.Is(err, ErrNoSpace):
 		return http.StatusInsufficientStorage
+	case errors.Is(err, ErrStale):
+		return http.StatusPreconditionFailed
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable
 	default:

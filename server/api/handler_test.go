@@ -109,6 +109,21 @@ func (b *memBackend) Join(context.Context, JoinRequest) error {
 }
 func (b *memBackend) Ready() error { return nil }
 
+func (b *memBackend) UpdateReplicas(_ context.Context, name string, req UpdateReplicasRequest) (LU, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	lu, ok := b.lus[name]
+	if !ok {
+		return LU{}, fmt.Errorf("%w: no LU %q", ErrNotFound, name)
+	}
+	if lu.Epoch != req.ExpectedEpoch {
+		return LU{}, fmt.Errorf("%w: %q is at epoch %d", ErrStale, name, lu.Epoch)
+	}
+	lu.Epoch, lu.Writer, lu.Replicas = req.Epoch, req.Writer, req.Replicas
+	b.lus[name] = lu
+	return lu, nil
+}
+
 func newTestServer(t *testing.T, b Backend, nodeID string) (*httptest.Server, *Client) {
 	t.Helper()
 	h, err := NewHandler(Options{Backend: b, NodeID: nodeID})

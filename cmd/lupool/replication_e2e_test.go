@@ -1,0 +1,340 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
+	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/replication/replproto"
+)
+
+// cluster3 starts three nodes: n1 bootstraps, n2 and n3 join it.
+func cluster3(t *testing.T, extra ...string) (n1, n2, n3 *daemon) {
+	t.Helper()
+	n1 = newDaemon(t, "n1", extra...)
+	n1.start()
+	n2 = newDaemon(t, "n2", append([]string{"--join", n1.api}, extra...)...)
+	n2.start()
+	n3 = newDaemon(t, "n3", append([]string{"--join", n1.api}, extra...)...)
+	n3.start()
+	return n1, n2, n3
+}
+
+type replicaJSON struct {
+	Node  string `json:"node"`
+	State string `json:"state"`
+}
+
+type luDetail struct {
+	luJSON
+	Epoch    uint64        `json:"epoch"`
+	Replicas []replicaJSON `json:"replicas"`
+}
+
+func (d *daemon) showLU(name string) luDetail {
+	d.t.Helper()
+	var lu luDetail
+	if err := json.Unmarshal([]byte(d.mustCLI("lu", "show", name, "-o", "json")), &lu); err != nil {
+		d.t.Fatal(err)
+	}
+	return lu
+}
+
+func (l luDetail) state(node string) string {
+	for _, r := range l.Replicas {
+		if r.Node == node {
+			return r.State
+		}
+	}
+	return ""
+}
+
+// waitState polls until node's copy of name is in state (as d sees it).
+func (d *daemon) waitState(name, node, state string, within time.Duration) luDetail {
+	d.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		lu := d.showLU(name)
+		if lu.state(node) == state {
+			return lu
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("copy of %s on %s is %q after %v, want %q (%+v)", name, node, lu.state(node), within, state, lu)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func volumeSHA(t *testing.T, d *daemon, name string) string {
+	t.Helper()
+	return fileSHA(t, filepath.Join(d.data, "volumes", name+".lu"))
+}
+
+func fio(t *testing.T, args ...string) string {
+	t.Helper()
+	base := []string{"--ioengine=nbd", "--output-format=normal", "--verify_state_save=0"}
+	cmd := exec.Command("fio", append(base, args...)...)
+	cmd.Dir = t.TempDir()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("fio %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// TestReplicatedWritesReadLocally: an LU with two copies written through
+// its writer reads back through the other copy's node from that node's own
+// copy, with no read traffic to the writer; both copies are identical.
+func TestReplicatedWritesReadLocally(t *testing.T) {
+	needTools(t, "fio")
+	n1, n2, _ := cluster3(t)
+	n1.mustCLI("lu", "create", "r", "--size", "64M", "--copies", "2")
+	lu := n1.showLU("r")
+	if lu.Writer != "n1" || len(lu.Replicas) != 2 || lu.state("n1") != "in-sync" || lu.state("n2") != "in-sync" {
+		t.Fatalf("placement: %+v; want writer n1 and in-sync copies on n1 and n2", lu)
+	}
+	job := []string{"--name=pages", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M",
+		"--verify=crc32c", "--randseed=7"}
+	fio(t, append(job, "--uri="+n1.uri("r"), "--do_verify=0")...)
+	fio(t, append(job, "--uri="+n2.uri("r"), "--verify_only=1")...)
+
+	m2 := n2.metrics()
+	local := metricValue(m2, "lupool_replication_read_bytes_total", `lu="r"`, `source="local"`)
+	remote := metricValue(m2, "lupool_replication_read_bytes_total", `lu="r"`, `source="writer"`)
+	if local < 32<<20 || remote > 0 {
+		t.Errorf("n2 read %v bytes locally and %v from the writer; want >= 32 MiB locally and none remote", local, remote)
+	}
+	if served := metricValue(n1.metrics(), "lupool_replication_served_read_bytes_total", `lu="r"`); served > 0 {
+		t.Errorf("writer n1 served %v read bytes to other nodes; want 0", served)
+	}
+	if received := metricValue(m2, "lupool_replication_received_bytes_total", `lu="r"`, `kind="live"`); received < 32<<20 {
+		t.Errorf("n2's copy received %v live bytes, want >= 32 MiB", received)
+	}
+	if a, b := volumeSHA(t, n1, "r"), volumeSHA(t, n2, "r"); a != b {
+		t.Errorf("copies differ: n1 %s, n2 %s", a, b)
+	}
+	// n3 holds no copy: it forwards reads to the writer and sees the same.
+	fio(t, append(job, "--uri="+n3uri(t, n1, "r"), "--verify_only=1", "--size=4M")...)
+}
+
+func n3uri(t *testing.T, n1 *daemon, name string) string {
+	t.Helper()
+	var nodes []struct {
+		ID      string `json:"id"`
+		NBDAddr string `json:"nbd_addr"`
+	}
+	if err := json.Unmarshal([]byte(n1.mustCLI("node", "list", "-o", "json")), &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.ID == "n3" {
+			return "nbd://" + n.NBDAddr + "/" + name
+		}
+	}
+	t.Fatal("n3 not in node list")
+	return ""
+}
+
+// TestCopyKilledThenResynced: kill -9 of the non-writer copy's node during
+// writes; writes go on, the copy is out of sync; after a restart the resync
+// sends about what was written meanwhile, the copy is in sync again and
+// both copies are identical. Then a stale-epoch stream is refused.
+func TestCopyKilledThenResynced(t *testing.T) {
+	needTools(t, "fio")
+	n1, n2, _ := cluster3(t)
+	n1.mustCLI("lu", "create", "k", "--size", "64M", "--copies", "2")
+	fio(t, "--name=base", "--uri="+n1.uri("k"), "--rw=write", "--bs=1M", "--size=16M")
+
+	// Kill n2 while a write load runs through n1: the load finishes clean.
+	load := exec.Command("fio", "--ioengine=nbd", "--verify_state_save=0", "--name=during", "--uri="+n1.uri("k"),
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=16M", "--size=8M", "--time_based", "--runtime=3")
+	load.Dir = t.TempDir()
+	var loadOut syncBuffer
+	load.Stdout, load.Stderr = &loadOut, &loadOut
+	if err := load.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	n2.stop(syscall.SIGKILL)
+	if err := load.Wait(); err != nil {
+		t.Fatalf("writes through the writer failed while a copy died: %v\n%s", err, loadOut.String())
+	}
+	// A known amount more while n2 is down: 8 MiB of distinct 4 KiB blocks.
+	fio(t, "--name=outage", "--uri="+n1.uri("k"), "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=32M", "--size=8M")
+	lu := n1.showLU("k")
+	if lu.state("n2") != "out-of-sync" || lu.Epoch < 2 {
+		t.Fatalf("after n2 died: %+v; want n2 out-of-sync at epoch >= 2", lu)
+	}
+	m1 := n1.metrics()
+	dirty := metricValue(m1, "lupool_replication_dirty_bytes", `lu="k"`, `copy="n2"`)
+	if dirty < 8<<20 || dirty > 16<<20 {
+		t.Fatalf("dirty bytes for n2 = %v; want between 8 MiB (the outage write) and 16 MiB (plus the 8 MiB range of the load)", dirty)
+	}
+
+	n2.start()
+	n1.waitState("k", "n2", "in-sync", 60*time.Second)
+	m1 = n1.metrics()
+	sent := metricValue(m1, "lupool_replication_sent_bytes_total", `lu="k"`, `copy="n2"`, `kind="resync"`)
+	t.Logf("resync: %v bytes dirty, %v bytes sent (%.3fx)", dirty, sent, sent/dirty)
+	if sent < dirty || sent > 1.1*dirty {
+		t.Errorf("resync sent %v bytes for %v dirty bytes; want between 1x and 1.1x", sent, dirty)
+	}
+	if left := metricValue(m1, "lupool_replication_dirty_bytes", `lu="k"`, `copy="n2"`); left != 0 {
+		t.Errorf("dirty bytes after resync = %v, want 0", left)
+	}
+	if a, b := volumeSHA(t, n1, "k"), volumeSHA(t, n2, "k"); a != b {
+		t.Errorf("copies differ after resync: n1 %s, n2 %s", a, b)
+	}
+
+	// A writer at an old epoch is refused by the copy.
+	stale := n1.showLU("k").Epoch - 1
+	status := helloStatus(t, n2.api, "k", stale)
+	if status != replproto.StatusStaleEpoch {
+		t.Errorf("hello at stale epoch %d answered %v, want StaleEpoch", stale, status)
+	}
+	if v := metricValue(n2.metrics(), "lupool_replication_stale_epoch_refused_total", `lu="k"`); v < 1 {
+		t.Errorf("stale refusals on n2 = %v, want >= 1", v)
+	}
+}
+
+// helloStatus opens a replication stream to a node as a copy writer at
+// epoch and returns the hello's answer.
+func helloStatus(t *testing.T, api, name string, epoch uint64) replproto.Status {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", api, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", replication.StreamPath, replication.StreamUpgrade)
+	br := bufio.NewReader(conn)
+	line, err := br.ReadString('\n')
+	if err != nil || !strings.Contains(line, "101") {
+		t.Fatalf("upgrade answered %q %v", line, err)
+	}
+	for {
+		l, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l == "\r\n" {
+			break
+		}
+	}
+	hello := replproto.AppendHello(nil, replproto.Hello{Role: replproto.RoleCopy, LU: name, Node: "impostor"})
+	if _, err := conn.Write(replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypeHello, Epoch: epoch}, hello)); err != nil {
+		t.Fatal(err)
+	}
+	var hb [replproto.HeaderBytes]byte
+	h, err := replproto.ReadHeader(br, &hb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.CopyN(io.Discard, br, int64(h.PayloadLen))
+	return h.Status
+}
+
+// ledgerScript writes versioned 4 KiB blocks through nbd and appends
+// "block version" to the ledger after each acknowledged write, until the
+// server goes away.
+const ledgerScript = `
+import os, random, struct, sys
+ledger = open(os.environ["LEDGER"], "a", buffering=1)
+blocks = int(os.environ["BLOCKS"])
+version = 0
+try:
+    while True:
+        version += 1
+        b = random.randrange(blocks)
+        page = struct.pack(">QQ", b, version) * 256
+        h.pwrite(page, b * 4096)
+        ledger.write("%d %d\n" % (b, version))
+except Exception as e:
+    print("stopped after version", version, e, file=sys.stderr)
+`
+
+// TestWriterKilledLedger: every write the writer acknowledged before it
+// was killed is on the surviving copy, read through that copy's node.
+func TestWriterKilledLedger(t *testing.T) {
+	realclient.NbdshPython(t)
+	n1, n2, _ := cluster3(t)
+	n1.mustCLI("lu", "create", "l", "--size", "16M", "--copies", "2")
+	dir := t.TempDir()
+	script, ledger := filepath.Join(dir, "ledger.py"), filepath.Join(dir, "ledger.txt")
+	if err := os.WriteFile(script, []byte(ledgerScript), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const blocks = 1024
+	writer := realclient.Nbdsh(t, n1.uri("l"), "exec(open("+strconv.Quote(script)+").read())")
+	writer.Env = append(os.Environ(), "LEDGER="+ledger, "BLOCKS="+strconv.Itoa(blocks))
+	var wout syncBuffer
+	writer.Stdout, writer.Stderr = &wout, &wout
+	if err := writer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	n1.stop(syscall.SIGKILL)
+	_ = writer.Wait()
+
+	data, err := os.ReadFile(ledger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acked := map[int]int{}
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var b, v int
+		if _, err := fmt.Sscan(line, &b, &v); err == nil {
+			acked[b] = v
+		}
+	}
+	if len(acked) < 50 {
+		t.Fatalf("only %d blocks acknowledged before the kill; the test needs more (writer said: %s)", len(acked), wout.String())
+	}
+	// Read every block back through n2, from n2's own copy.
+	reader := realclient.Nbdsh(t, n2.uri("l"), fmt.Sprintf(`
+import struct
+for b in range(%d):
+    page = h.pread(4096, b * 4096)
+    blk, ver = struct.unpack(">QQ", page[:16])
+    print(b, blk, ver)
+`, blocks))
+	outBytes, err := reader.CombinedOutput()
+	if err != nil {
+		t.Fatalf("reading through n2: %v\n%s", err, outBytes)
+	}
+	out := string(outBytes)
+	missing := 0
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var b, blk, v int
+		if _, err := fmt.Sscan(line, &b, &blk, &v); err != nil {
+			t.Fatalf("bad nbdsh line %q", line)
+		}
+		want, ok := acked[b]
+		if !ok {
+			continue
+		}
+		if blk != b || v < want {
+			missing++
+			if missing < 5 {
+				t.Errorf("block %d on n2 holds (block %d, version %d); acknowledged version %d", b, blk, v, want)
+			}
+		}
+	}
+	if missing > 0 {
+		t.Fatalf("%d of %d acknowledged blocks missing on the surviving copy", missing, len(acked))
+	}
+	t.Logf("%d blocks, %d acknowledged writes, all on n2's copy", len(acked), len(strings.Split(string(data), "\n"))-1)
+}

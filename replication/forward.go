@@ -1,0 +1,212 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication/replproto"
+)
+
+// Forwarder is the device of an LU on a node that is not its writer. Reads
+// come from the local copy while this node's copy is in sync, else from the
+// writer; writes, trims, zeroes and flushes always go to the writer, which
+// applies them to every in-sync copy (this node's included) before it
+// answers, so a read here after an acknowledged write sees it.
+type Forwarder struct {
+	name  string
+	m     *Manager
+	local lu.Volume // nil when this node holds no copy
+
+	// localReads is true while this node's copy is in sync.
+	localReads atomic.Bool
+	// sizeBytes and writer follow the metadata; guarded by mu.
+	mu struct {
+		sync.Mutex
+		sizeBytes int64
+		writer    string
+		epoch     uint64
+	}
+	connMu sync.Mutex // serializes dialing
+	conn   atomic.Pointer[peerConn]
+}
+
+var (
+	_ blockdev.Device   = (*Forwarder)(nil)
+	_ blockdev.Trimmer  = (*Forwarder)(nil)
+	_ blockdev.Zeroer   = (*Forwarder)(nil)
+	_ blockdev.Extenter = (*Forwarder)(nil)
+)
+
+func (m *Manager) newForwarder(rec cluster.LU, local lu.Volume) *Forwarder {
+	f := &Forwarder{name: rec.Name, m: m, local: local}
+	f.observe(rec)
+	return f
+}
+
+// observe follows a new record of the LU.
+func (f *Forwarder) observe(rec cluster.LU) {
+	inSync := false
+	for _, r := range rec.Replicas {
+		if r.NodeID == f.m.opts.NodeID && r.State == cluster.ReplicaInSync {
+			inSync = true
+		}
+	}
+	f.localReads.Store(inSync && f.local != nil)
+	f.mu.Lock()
+	writerMoved := f.mu.writer != "" && f.mu.writer != writerOf(rec)
+	f.mu.sizeBytes, f.mu.writer, f.mu.epoch = rec.SizeBytes, writerOf(rec), rec.Epoch
+	f.mu.Unlock()
+	if writerMoved {
+		f.dropConn()
+	}
+}
+
+func (f *Forwarder) close() { f.dropConn() }
+
+func (f *Forwarder) dropConn() {
+	if c := f.conn.Swap(nil); c != nil {
+		c.Close()
+	}
+}
+
+// client returns a stream to the LU's writer, dialing if needed.
+func (f *Forwarder) client(ctx context.Context) (*peerConn, error) {
+	if c := f.conn.Load(); c != nil && !c.broken() {
+		return c, nil
+	}
+	f.connMu.Lock()
+	defer f.connMu.Unlock()
+	if c := f.conn.Load(); c != nil && !c.broken() {
+		return c, nil
+	}
+	f.mu.Lock()
+	writer, epoch, size := f.mu.writer, f.mu.epoch, f.mu.sizeBytes
+	f.mu.Unlock()
+	addr, ok := f.m.opts.NodeAPI(writer)
+	if !ok {
+		return nil, fmt.Errorf("%w: writer %s of %s has no known address", blockdev.ErrIO, writer, f.name)
+	}
+	hello := replproto.Hello{Role: replproto.RoleClient, LU: f.name, Node: f.m.opts.NodeID}
+	c, _, err := dialStream(ctx, addr, hello, epoch, size, f.m.opts.AckTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("%w: reach writer %s of %s: %v", blockdev.ErrIO, writer, f.name, err)
+	}
+	f.conn.Store(c)
+	return c, nil
+}
+
+// forward sends one request to the writer and waits for its answer.
+func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, dst []byte) error {
+	c, err := f.client(ctx)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	h.Epoch = f.mu.epoch
+	f.mu.Unlock()
+	_, err = c.do(h, payload, dst)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrPeerDown), errors.Is(err, replproto.ErrNotWriter):
+		f.conn.CompareAndSwap(c, nil)
+		c.Close()
+		return fmt.Errorf("%w: %v", blockdev.ErrIO, err)
+	}
+	return err
+}
+
+// Size implements blockdev.Device.
+func (f *Forwarder) Size() int64 {
+	if f.local != nil {
+		return f.local.Size()
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.mu.sizeBytes
+}
+
+// Caps implements blockdev.Device. A flush goes to the writer, which
+// flushes every copy whoever wrote: multi-conn holds.
+func (f *Forwarder) Caps() blockdev.Caps {
+	c := blockdev.Caps{MultiConn: true, BlockSizeBytes: lu.BlockSizeBytes}
+	if f.local != nil {
+		c = f.local.Caps()
+		c.MultiConn = true
+	}
+	return c
+}
+
+// ReadAt implements blockdev.Device.
+func (f *Forwarder) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if f.localReads.Load() {
+		f.m.metrics.reads.WithLabelValues(f.name, "local").Add(float64(len(p)))
+		return f.local.ReadAt(ctx, p, off)
+	}
+	for done := 0; done < len(p); {
+		n := min(len(p)-done, replproto.LengthMax)
+		h := replproto.Header{Type: replproto.TypeRead, Offset: uint64(off) + uint64(done), Length: uint32(n)}
+		if err := f.forward(ctx, h, nil, p[done:done+n]); err != nil {
+			return err
+		}
+		done += n
+	}
+	f.m.metrics.reads.WithLabelValues(f.name, "writer").Add(float64(len(p)))
+	return nil
+}
+
+// WriteAt implements blockdev.Device.
+func (f *Forwarder) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
+	h := replproto.Header{Type: replproto.TypeWrite, Flags: wireFlags(flags), Offset: uint64(off), Length: uint32(len(p))}
+	if err := f.forward(ctx, h, p, nil); err != nil {
+		return err
+	}
+	f.m.metrics.forwardedWrites.WithLabelValues(f.name).Add(float64(len(p)))
+	return nil
+}
+
+func (f *Forwarder) rangeOp(ctx context.Context, typ replproto.Type, off, length int64, flags blockdev.Flags) error {
+	for done := int64(0); done < length || length == 0; {
+		n := min(length-done, replproto.LengthMax)
+		h := replproto.Header{Type: typ, Flags: wireFlags(flags), Offset: uint64(off + done), Length: uint32(n)}
+		if err := f.forward(ctx, h, nil, nil); err != nil {
+			return err
+		}
+		done += n
+		if length == 0 {
+			break
+		}
+	}
+	return nil
+}
+
+// Trim implements blockdev.Trimmer.
+func (f *Forwarder) Trim(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	return f.rangeOp(ctx, replproto.TypeTrim, off, length, flags)
+}
+
+// WriteZeroes implements blockdev.Zeroer.
+func (f *Forwarder) WriteZeroes(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	return f.rangeOp(ctx, replproto.TypeZero, off, length, flags)
+}
+
+// Flush implements blockdev.Device.
+func (f *Forwarder) Flush(ctx context.Context) error {
+	return f.forward(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, nil)
+}
+
+// Extents implements blockdev.Extenter: the local copy's allocation while
+// it is in sync; otherwise the whole range is reported allocated (the
+// stream carries no allocation queries).
+func (f *Forwarder) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	if f.localReads.Load() {
+		return f.local.Extents(ctx, off, length, dst)
+	}
+	return append(dst, blockdev.Extent{LengthBytes: length}), nil
+}

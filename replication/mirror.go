@@ -1,0 +1,527 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication/replproto"
+)
+
+// copyState is a copy's state as the writer acts on it.
+type copyState int32
+
+const (
+	stInSync copyState = iota
+	stResyncing
+	stOutOfSync
+)
+
+func (s copyState) replicaState() string {
+	switch s {
+	case stInSync:
+		return cluster.ReplicaInSync
+	case stResyncing:
+		return cluster.ReplicaResyncing
+	}
+	return cluster.ReplicaOutOfSync
+}
+
+func stateOf(replicaState string) copyState {
+	switch replicaState {
+	case cluster.ReplicaInSync:
+		return stInSync
+	case cluster.ReplicaResyncing:
+		// A resync that was running when the writer stopped starts over.
+		return stOutOfSync
+	}
+	return stOutOfSync
+}
+
+// stripeCount is the number of region locks of a Mirror; region r uses
+// stripe r % stripeCount.
+const stripeCount = 256
+
+// resyncChunkBytes is the largest write a resync pass sends in one frame.
+const resyncChunkBytes = 1 << 20
+
+// copyLink is the writer's view of one other copy.
+type copyLink struct {
+	node string
+	// state is written only with Mirror.stateMu held; read anywhere.
+	state atomic.Int32
+	conn  atomic.Pointer[peerConn]
+	dirty *dirtyMap
+	// resyncing is true while a resync goroutine runs for this copy.
+	resyncing atomic.Bool
+	// lastDialErr avoids logging the same dial failure every retry.
+	lastDialErr atomic.Pointer[string]
+}
+
+// Mirror is the writer's device of an LU with copies on other nodes. A
+// write, trim or write-zeroes is applied to the local volume first, then
+// sent to every copy in sync (or resyncing), and returns once each of them
+// applied it. A copy that fails is recorded out of sync in the metadata
+// before the operation returns, and the range is recorded in its
+// dirty-region map; a later resync sends only those ranges. FUA and Flush
+// complete once every copy in sync made the data durable.
+//
+// # Locks
+//
+// Operations hold gate shared and the stripes of the regions they touch
+// shared. A resync pass holds one region's stripe exclusively while it
+// reads and sends that region, so a client write to the region cannot
+// interleave with it. The resync → in-sync step holds gate exclusively:
+// no operation is between deciding to skip a copy and marking its range
+// dirty. stateMu serializes metadata changes and guards rec. Lock order:
+// gate, stripes, dirty maps, stateMu.
+type Mirror struct {
+	name        string
+	self        string
+	local       lu.Volume
+	m           *Manager
+	regionBytes int64
+	links       []*copyLink // immutable: the copies on other nodes
+
+	gate    sync.RWMutex
+	stripes [stripeCount]sync.RWMutex
+	epoch   atomic.Uint64
+
+	stateMu sync.Mutex
+	rec     cluster.LU // guarded by stateMu
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+var (
+	_ blockdev.Device   = (*Mirror)(nil)
+	_ blockdev.Trimmer  = (*Mirror)(nil)
+	_ blockdev.Zeroer   = (*Mirror)(nil)
+	_ blockdev.Extenter = (*Mirror)(nil)
+)
+
+// newMirror builds the writer's device for rec over the local volume and
+// starts connecting to the other copies.
+func (m *Manager) newMirror(rec cluster.LU, local lu.Volume) (*Mirror, error) {
+	mi := &Mirror{name: rec.Name, self: m.opts.NodeID, local: local, m: m,
+		regionBytes: m.opts.RegionBytes, rec: cloneLU(rec), stop: make(chan struct{})}
+	mi.epoch.Store(rec.Epoch)
+	var store *DirtyStore
+	if lu.Kind(rec.Kind) == lu.KindFile {
+		store = m.opts.Dirty
+	}
+	for _, r := range rec.Replicas {
+		if r.NodeID == m.opts.NodeID {
+			continue
+		}
+		d, err := newDirtyMap(store, rec.Name, r.NodeID, mi.regionBytes)
+		if err != nil {
+			return nil, err
+		}
+		l := &copyLink{node: r.NodeID, dirty: d}
+		l.state.Store(int32(stateOf(r.State)))
+		mi.links = append(mi.links, l)
+	}
+	mi.wg.Add(1)
+	go mi.run()
+	return mi, nil
+}
+
+func cloneLU(rec cluster.LU) cluster.LU {
+	rec.Replicas = append([]cluster.Replica(nil), rec.Replicas...)
+	return rec
+}
+
+// sameCopies reports whether rec places copies on exactly the nodes this
+// mirror streams to.
+func (mi *Mirror) sameCopies(rec cluster.LU) bool {
+	others := 0
+	for _, r := range rec.Replicas {
+		if r.NodeID == mi.self {
+			continue
+		}
+		others++
+		found := false
+		for _, l := range mi.links {
+			found = found || l.node == r.NodeID
+		}
+		if !found {
+			return false
+		}
+	}
+	return others == len(mi.links)
+}
+
+// observe takes a record applied by the metadata log. Changes this mirror
+// proposed itself are already in effect; a newer epoch from elsewhere (an
+// operator, the primary) replaces the copy states.
+func (mi *Mirror) observe(rec cluster.LU) {
+	mi.stateMu.Lock()
+	defer mi.stateMu.Unlock()
+	if rec.Epoch <= mi.rec.Epoch {
+		mi.rec.SizeBytes, mi.rec.Description = rec.SizeBytes, rec.Description
+		return
+	}
+	mi.rec = cloneLU(rec)
+	mi.epoch.Store(rec.Epoch)
+	for _, r := range rec.Replicas {
+		if l := mi.link(r.NodeID); l != nil {
+			l.state.Store(int32(stateOf(r.State)))
+		}
+	}
+}
+
+func (mi *Mirror) link(node string) *copyLink {
+	for _, l := range mi.links {
+		if l.node == node {
+			return l
+		}
+	}
+	return nil
+}
+
+// close stops the mirror's goroutines and streams. The local volume stays
+// open (the pool owns it).
+func (mi *Mirror) close() {
+	select {
+	case <-mi.stop:
+		return
+	default:
+	}
+	close(mi.stop)
+	for _, l := range mi.links {
+		if c := l.conn.Swap(nil); c != nil {
+			c.Close()
+		}
+	}
+	mi.wg.Wait()
+	for _, l := range mi.links {
+		if c := l.conn.Swap(nil); c != nil {
+			c.Close()
+		}
+	}
+}
+
+// Size implements blockdev.Device.
+func (mi *Mirror) Size() int64 { return mi.local.Size() }
+
+// Caps implements blockdev.Device: the local volume's, and multi-conn,
+// since a Flush flushes the local volume and every copy whoever wrote.
+func (mi *Mirror) Caps() blockdev.Caps {
+	c := mi.local.Caps()
+	c.MultiConn = true
+	return c
+}
+
+// ReadAt implements blockdev.Device from the local volume.
+func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return mi.local.ReadAt(ctx, p, off)
+}
+
+// Extents implements blockdev.Extenter from the local volume.
+func (mi *Mirror) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	return mi.local.Extents(ctx, off, length, dst)
+}
+
+// WriteAt implements blockdev.Device.
+func (mi *Mirror) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
+	return mi.mutate(ctx, replproto.TypeWrite, p, off, int64(len(p)), flags)
+}
+
+// Trim implements blockdev.Trimmer.
+func (mi *Mirror) Trim(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	return mi.mutate(ctx, replproto.TypeTrim, nil, off, length, flags)
+}
+
+// WriteZeroes implements blockdev.Zeroer.
+func (mi *Mirror) WriteZeroes(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	return mi.mutate(ctx, replproto.TypeZero, nil, off, length, flags)
+}
+
+// Flush implements blockdev.Device: the local volume, then every copy.
+func (mi *Mirror) Flush(ctx context.Context) error {
+	mi.gate.RLock()
+	defer mi.gate.RUnlock()
+	if err := mi.local.Flush(ctx); err != nil {
+		return err
+	}
+	return mi.fanOut(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0)
+}
+
+func wireFlags(f blockdev.Flags) replproto.Flags {
+	var w replproto.Flags
+	if f&blockdev.FUA != 0 {
+		w |= replproto.FlagFUA
+	}
+	if f&blockdev.NoHole != 0 {
+		w |= replproto.FlagNoHole
+	}
+	if f&blockdev.FastZero != 0 {
+		w |= replproto.FlagFastZero
+	}
+	return w
+}
+
+func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off, length int64, flags blockdev.Flags) error {
+	mi.gate.RLock()
+	defer mi.gate.RUnlock()
+	unlock := mi.lockRange(off, length)
+	defer unlock()
+	var err error
+	switch typ {
+	case replproto.TypeWrite:
+		err = mi.local.WriteAt(ctx, p, off, flags)
+	case replproto.TypeTrim:
+		err = mi.local.Trim(ctx, off, length, flags)
+	case replproto.TypeZero:
+		err = mi.local.WriteZeroes(ctx, off, length, flags)
+	}
+	if err != nil {
+		// Nothing was sent: the copies still match the local volume
+		// wherever the failed operation did not land.
+		return err
+	}
+	// Trims and zeroes may exceed one frame; writes never do (the NBD
+	// engine bounds them at 32 MiB).
+	for done := int64(0); done < length || length == 0; {
+		n := min(length-done, replproto.LengthMax)
+		h := replproto.Header{Type: typ, Flags: wireFlags(flags), Offset: uint64(off + done), Length: uint32(n)}
+		var payload []byte
+		if typ == replproto.TypeWrite {
+			payload = p[done : done+n]
+		}
+		if err := mi.fanOut(ctx, h, payload, off+done, n); err != nil {
+			return err
+		}
+		done += n
+		if length == 0 {
+			break
+		}
+	}
+	return nil
+}
+
+// fanOut sends one request to every copy that takes live traffic and waits
+// for all of them. A copy that is skipped or fails has [off, off+length)
+// recorded dirty, and an in-sync copy is recorded out of sync, before
+// fanOut returns.
+func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte, off, length int64) error {
+	h.Epoch = mi.epoch.Load()
+	var calls [cluster.CopiesMax]*call
+	var conns [cluster.CopiesMax]*peerConn
+	for i, l := range mi.links {
+		if copyState(l.state.Load()) == stOutOfSync {
+			continue
+		}
+		c := l.conn.Load()
+		if c == nil {
+			continue
+		}
+		cl, err := c.start(h, payload, nil)
+		if err != nil {
+			continue
+		}
+		calls[i], conns[i] = cl, c
+	}
+	var errs []error
+	for i, l := range mi.links {
+		var cause error = ErrPeerDown
+		if calls[i] != nil {
+			_, err := conns[i].wait(calls[i])
+			if err == nil {
+				if h.Type == replproto.TypeWrite {
+					mi.m.metrics.sent.WithLabelValues(mi.name, l.node, "live").Add(float64(len(payload)))
+				}
+				continue
+			}
+			cause = err
+		}
+		if err := mi.copyMissed(l, off, length, cause); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w: %v", blockdev.ErrIO, errors.Join(errs...))
+	}
+	return nil
+}
+
+// copyMissed records that copy l lacks [off, off+length) and, if it was
+// in sync, records it out of sync in the metadata. It returns an error only
+// when that record could not be made: then the operation must not be
+// acknowledged as complete.
+func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error {
+	if err := l.dirty.mark(off, length); err != nil {
+		return err
+	}
+	if copyState(l.state.Load()) == stOutOfSync {
+		return nil
+	}
+	mi.stateMu.Lock()
+	defer mi.stateMu.Unlock()
+	switch copyState(l.state.Load()) {
+	case stOutOfSync:
+		return nil
+	case stResyncing:
+		l.state.Store(int32(stOutOfSync))
+		mi.dropConn(l)
+		mi.m.opts.Logger.Warn("copy failed during resync; back to out-of-sync", "lu", mi.name, "copy", l.node, "err", cause)
+		if err := mi.proposeLocked(l.node, stOutOfSync, false); err != nil {
+			mi.m.opts.Logger.Warn("cannot record copy out of sync (it is not in sync either)", "lu", mi.name, "copy", l.node, "err", err)
+		}
+		return nil
+	}
+	if err := mi.proposeLocked(l.node, stOutOfSync, true); err != nil {
+		return fmt.Errorf("copy %s of %s failed (%v) and cannot be recorded out of sync: %w", l.node, mi.name, cause, err)
+	}
+	l.state.Store(int32(stOutOfSync))
+	mi.dropConn(l)
+	mi.m.opts.Logger.Warn("copy out of sync", "lu", mi.name, "copy", l.node, "epoch", mi.rec.Epoch, "err", cause)
+	return nil
+}
+
+func (mi *Mirror) dropConn(l *copyLink) {
+	if c := l.conn.Swap(nil); c != nil {
+		c.Close()
+	}
+}
+
+// proposeLocked records copy node in state through the metadata leader;
+// bump raises the epoch (the in-sync set changes). mi.stateMu must be held.
+func (mi *Mirror) proposeLocked(node string, state copyState, bump bool) error {
+	ctx, cancel := context.WithTimeout(context.Background(), mi.m.opts.MetadataTimeout)
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		rec := cloneLU(mi.rec)
+		for i := range rec.Replicas {
+			if rec.Replicas[i].NodeID == node {
+				rec.Replicas[i].State = state.replicaState()
+			}
+		}
+		expected := rec.Epoch
+		if bump {
+			rec.Epoch++
+		}
+		err := mi.m.opts.UpdateLU(ctx, rec, expected)
+		if err == nil {
+			mi.rec = rec
+			mi.epoch.Store(rec.Epoch)
+			return nil
+		}
+		if !errors.Is(err, cluster.ErrEpochChanged) || attempt >= 3 {
+			return err
+		}
+		// Someone else changed the LU: take their record and try again.
+		time.Sleep(50 * time.Millisecond)
+		if fresh, ok := mi.m.record(mi.name); ok && fresh.Epoch > mi.rec.Epoch {
+			mi.rec = cloneLU(fresh)
+			mi.epoch.Store(fresh.Epoch)
+		}
+	}
+}
+
+// lockRange takes the stripes of the regions [off, off+length) touches,
+// shared, in stripe order; it returns the unlock.
+func (mi *Mirror) lockRange(off, length int64) func() {
+	if len(mi.links) == 0 {
+		return func() {}
+	}
+	first := off / mi.regionBytes
+	last := first
+	if length > 0 {
+		last = (off + length - 1) / mi.regionBytes
+	}
+	if last-first+1 >= stripeCount {
+		for i := range mi.stripes {
+			mi.stripes[i].RLock()
+		}
+		return func() {
+			for i := range mi.stripes {
+				mi.stripes[i].RUnlock()
+			}
+		}
+	}
+	if first == last {
+		s := &mi.stripes[first%stripeCount]
+		s.RLock()
+		return s.RUnlock
+	}
+	var held [stripeCount]bool
+	for r := first; r <= last; r++ {
+		held[r%stripeCount] = true
+	}
+	for i := range held {
+		if held[i] {
+			mi.stripes[i].RLock()
+		}
+	}
+	return func() {
+		for i := range held {
+			if held[i] {
+				mi.stripes[i].RUnlock()
+			}
+		}
+	}
+}
+
+// run keeps a stream open to every copy and starts a resync for a copy
+// that is out of sync and reachable.
+func (mi *Mirror) run() {
+	defer mi.wg.Done()
+	tick := time.NewTicker(mi.m.opts.RetryInterval)
+	defer tick.Stop()
+	for {
+		for _, l := range mi.links {
+			mi.tend(l)
+		}
+		select {
+		case <-mi.stop:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (mi *Mirror) tend(l *copyLink) {
+	if c := l.conn.Load(); c == nil || c.broken() {
+		if c != nil {
+			l.conn.CompareAndSwap(c, nil)
+		}
+		addr, ok := mi.m.opts.NodeAPI(l.node)
+		if !ok {
+			return
+		}
+		hello := replproto.Hello{Role: replproto.RoleCopy, LU: mi.name, Node: mi.self}
+		ctx, cancel := context.WithTimeout(context.Background(), mi.m.opts.AckTimeout)
+		c, _, err := dialStream(ctx, addr, hello, mi.epoch.Load(), mi.local.Size(), mi.m.opts.AckTimeout)
+		cancel()
+		if err != nil {
+			msg := err.Error()
+			if last := l.lastDialErr.Load(); last == nil || *last != msg {
+				mi.m.opts.Logger.Info("copy not reachable", "lu", mi.name, "copy", l.node, "err", err)
+				l.lastDialErr.Store(&msg)
+			}
+			return
+		}
+		l.lastDialErr.Store(nil)
+		l.conn.Store(c)
+		mi.m.opts.Logger.Info("stream to copy open", "lu", mi.name, "copy", l.node, "state", copyState(l.state.Load()).replicaState())
+	}
+	if copyState(l.state.Load()) == stOutOfSync && l.resyncing.CompareAndSwap(false, true) {
+		mi.wg.Add(1)
+		go func() {
+			defer mi.wg.Done()
+			defer l.resyncing.Store(false)
+			if err := mi.resync(l); err != nil {
+				mi.m.opts.Logger.Warn("resync interrupted; it resumes when the copy is reachable", "lu", mi.name, "copy", l.node, "err", err)
+			}
+		}()
+	}
+}

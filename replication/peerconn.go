@@ -1,0 +1,270 @@
+package replication
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/lupool/lupool/replication/replproto"
+)
+
+// StreamPath is the HTTP path on every node's API address that upgrades to
+// a replication stream (replproto). The API front end hands the hijacked
+// connection to Manager.ServeStream.
+const StreamPath = "/v1/internal/stream"
+
+// StreamUpgrade is the HTTP Upgrade token of the replication stream.
+const StreamUpgrade = "lupool-repl/1"
+
+// ErrPeerDown is returned (wrapped with the cause) by a stream whose
+// connection failed or whose peer did not answer within the ack timeout.
+// A write that failed with it may or may not have landed on the peer.
+var ErrPeerDown = errors.New("replication: peer connection down")
+
+// peerConn is the requesting side of one replication stream: requests are
+// pipelined, replies are matched by handle. Safe for concurrent use.
+type peerConn struct {
+	conn    net.Conn
+	br      *bufio.Reader
+	timeout time.Duration
+
+	wmu  sync.Mutex // serializes frame writes
+	hbuf [replproto.HeaderBytes]byte
+
+	mu struct {
+		sync.Mutex
+		pending map[uint64]*call // guarded by mu
+		next    uint64           // guarded by mu; last handle used
+		err     error            // guarded by mu; set once, when the stream fails
+	}
+	done  chan struct{} // closed when the stream fails or is closed
+	calls sync.Pool     // of *call
+}
+
+// call is one request waiting for its reply.
+type call struct {
+	dst   []byte // where a Read or Hash reply's payload goes
+	start time.Time
+	reply replproto.Header
+	err   error
+	done  chan struct{}
+}
+
+// dialStream connects to a node's API address, upgrades to a replication
+// stream and introduces itself with hello at epoch. It returns the peer's
+// epoch from the hello reply.
+func dialStream(ctx context.Context, apiAddr string, hello replproto.Hello, epoch uint64, sizeBytes int64, timeout time.Duration) (*peerConn, uint64, error) {
+	d := net.Dialer{Timeout: timeout}
+	conn, err := d.DialContext(ctx, "tcp", apiAddr)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%w: dial %s: %v", ErrPeerDown, apiAddr, err)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	fail := func(err error) (*peerConn, uint64, error) {
+		conn.Close()
+		return nil, 0, err
+	}
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	req := "GET " + StreamPath + " HTTP/1.1\r\nHost: " + apiAddr +
+		"\r\nConnection: Upgrade\r\nUpgrade: " + StreamUpgrade + "\r\n\r\n"
+	if _, err := io.WriteString(conn, req); err != nil {
+		return fail(fmt.Errorf("%w: %s: %v", ErrPeerDown, apiAddr, err))
+	}
+	br := bufio.NewReaderSize(conn, 64<<10)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return fail(fmt.Errorf("%w: %s: upgrade: %v", ErrPeerDown, apiAddr, err))
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		resp.Body.Close()
+		return fail(fmt.Errorf("%w: %s refused the replication stream: %s %s", ErrPeerDown, apiAddr, resp.Status, body))
+	}
+	payload := replproto.AppendHello(nil, hello)
+	h := replproto.Header{Type: replproto.TypeHello, Epoch: epoch, Offset: uint64(sizeBytes)}
+	if _, err := conn.Write(replproto.AppendFrame(nil, h, payload)); err != nil {
+		return fail(fmt.Errorf("%w: %s: hello: %v", ErrPeerDown, apiAddr, err))
+	}
+	var hb [replproto.HeaderBytes]byte
+	rh, err := replproto.ReadHeader(br, &hb)
+	if err != nil {
+		return fail(fmt.Errorf("%w: %s: hello reply: %v", ErrPeerDown, apiAddr, err))
+	}
+	if rh.Type != replproto.TypeReply|replproto.TypeHello {
+		return fail(fmt.Errorf("%w: %s: hello answered with %v", ErrPeerDown, apiAddr, rh.Type))
+	}
+	if rh.Status != replproto.StatusOK {
+		msg := make([]byte, rh.PayloadLen)
+		_, _ = io.ReadFull(br, msg)
+		return fail(fmt.Errorf("%s: hello for %s: %w: %s", apiAddr, hello.LU, rh.Status.Err(), msg))
+	}
+	_ = conn.SetDeadline(time.Time{})
+	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{})}
+	c.mu.pending = map[uint64]*call{}
+	go c.readLoop()
+	go c.watchdog()
+	return c, rh.Epoch, nil
+}
+
+// fail ends the stream once; every pending and later call gets err.
+func (c *peerConn) fail(err error) {
+	c.mu.Lock()
+	if c.mu.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.mu.err = err
+	pending := c.mu.pending
+	c.mu.pending = map[uint64]*call{}
+	close(c.done)
+	c.mu.Unlock()
+	c.conn.Close()
+	for _, cl := range pending {
+		cl.err = err
+		cl.done <- struct{}{}
+	}
+}
+
+// Close ends the stream; calls in flight fail with ErrPeerDown.
+func (c *peerConn) Close() { c.fail(fmt.Errorf("%w: closed", ErrPeerDown)) }
+
+// broken reports whether the stream has failed.
+func (c *peerConn) broken() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (c *peerConn) readLoop() {
+	var hb [replproto.HeaderBytes]byte
+	for {
+		h, err := replproto.ReadHeader(c.br, &hb)
+		if err != nil {
+			c.fail(fmt.Errorf("%w: read reply: %v", ErrPeerDown, err))
+			return
+		}
+		c.mu.Lock()
+		cl := c.mu.pending[h.Handle]
+		delete(c.mu.pending, h.Handle)
+		c.mu.Unlock()
+		if cl == nil {
+			c.fail(fmt.Errorf("%w: reply for unknown handle %d", ErrPeerDown, h.Handle))
+			return
+		}
+		cl.reply = h
+		if h.PayloadLen > 0 {
+			var dst []byte
+			if h.Status == replproto.StatusOK && int(h.PayloadLen) <= len(cl.dst) {
+				dst = cl.dst[:h.PayloadLen]
+			} else {
+				dst = make([]byte, h.PayloadLen)
+			}
+			if _, err := io.ReadFull(c.br, dst); err != nil {
+				cl.err = fmt.Errorf("%w: read reply payload: %v", ErrPeerDown, err)
+				cl.done <- struct{}{}
+				c.fail(cl.err)
+				return
+			}
+			if h.Status != replproto.StatusOK {
+				cl.err = fmt.Errorf("%w: %s", h.Status.Err(), dst)
+			}
+		} else if h.Status != replproto.StatusOK {
+			cl.err = h.Status.Err()
+		}
+		cl.done <- struct{}{}
+	}
+}
+
+// watchdog fails the stream when the oldest pending call has waited
+// longer than the ack timeout: a peer that stops answering is down.
+func (c *peerConn) watchdog() {
+	tick := time.NewTicker(c.timeout / 4)
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.done:
+			return
+		case now := <-tick.C:
+			c.mu.Lock()
+			late := false
+			for _, cl := range c.mu.pending {
+				if now.Sub(cl.start) > c.timeout {
+					late = true
+					break
+				}
+			}
+			c.mu.Unlock()
+			if late {
+				c.fail(fmt.Errorf("%w: no reply within %v", ErrPeerDown, c.timeout))
+				return
+			}
+		}
+	}
+}
+
+// start sends one request and returns the call to wait on. dst receives a
+// Read's data or a Hash's digest.
+func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error) {
+	cl, _ := c.calls.Get().(*call)
+	if cl == nil {
+		cl = &call{done: make(chan struct{}, 1)}
+	}
+	cl.dst, cl.err, cl.reply, cl.start = dst, nil, replproto.Header{}, time.Now()
+	c.mu.Lock()
+	if c.mu.err != nil {
+		err := c.mu.err
+		c.mu.Unlock()
+		c.calls.Put(cl)
+		return nil, err
+	}
+	c.mu.next++
+	h.Handle = c.mu.next
+	c.mu.pending[h.Handle] = cl
+	c.mu.Unlock()
+
+	h.PayloadLen = uint32(len(payload))
+	c.wmu.Lock()
+	h.Marshal(c.hbuf[:])
+	_ = c.conn.SetWriteDeadline(time.Now().Add(c.timeout))
+	var err error
+	if len(payload) == 0 {
+		_, err = c.conn.Write(c.hbuf[:])
+	} else {
+		bufs := net.Buffers{c.hbuf[:], payload}
+		_, err = bufs.WriteTo(c.conn)
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(fmt.Errorf("%w: send: %v", ErrPeerDown, err))
+	}
+	return cl, nil
+}
+
+// wait waits for cl's reply (or the stream's failure) and recycles cl.
+func (c *peerConn) wait(cl *call) (replproto.Header, error) {
+	<-cl.done
+	h, err := cl.reply, cl.err
+	cl.dst = nil
+	c.calls.Put(cl)
+	return h, err
+}
+
+// do sends a request and waits for its reply.
+func (c *peerConn) do(h replproto.Header, payload, dst []byte) (replproto.Header, error) {
+	cl, err := c.start(h, payload, dst)
+	if err != nil {
+		return replproto.Header{}, err
+	}
+	return c.wait(cl)
+}

@@ -1,0 +1,299 @@
+package replication
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/replication/replproto"
+)
+
+// streamInflightMax bounds the requests one stream runs at once; the
+// stream stops reading (and so pushes back on its sender) beyond it.
+const streamInflightMax = 64
+
+// epochWaitMax bounds how long a copy waits for its metadata to reach the
+// epoch a request carries (the writer committed a change this node has not
+// applied yet).
+const epochWaitMax = 2 * time.Second
+
+// target is what one accepted stream applies its requests to.
+type target struct {
+	dev  blockdev.Device
+	role replproto.Role
+	name string
+}
+
+// ServeStream runs the receiving side of one replication stream on conn,
+// whose buffered reader br may hold bytes already read. It returns when the
+// stream ends. The API front end calls it for StreamPath upgrades.
+func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
+	defer conn.Close()
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	var wmu sync.Mutex
+	reply := func(h replproto.Header, payload []byte) error {
+		h.PayloadLen = uint32(len(payload))
+		var hb [replproto.HeaderBytes]byte
+		h.Marshal(hb[:])
+		wmu.Lock()
+		defer wmu.Unlock()
+		_ = conn.SetWriteDeadline(time.Now().Add(m.opts.AckTimeout))
+		if len(payload) == 0 {
+			_, err := conn.Write(hb[:])
+			return err
+		}
+		bufs := net.Buffers{hb[:], payload}
+		_, err := bufs.WriteTo(conn)
+		return err
+	}
+	fail := func(h replproto.Header, err error, epoch uint64) error {
+		msg := err.Error()
+		if len(msg) > replproto.MessageBytesMax {
+			msg = msg[:replproto.MessageBytesMax]
+		}
+		return reply(replproto.Header{Type: replproto.TypeReply | h.Type, Status: replproto.StatusOf(err),
+			Handle: h.Handle, Epoch: epoch, Offset: h.Offset, Length: h.Length}, []byte(msg))
+	}
+
+	var hb [replproto.HeaderBytes]byte
+	_ = conn.SetReadDeadline(time.Now().Add(m.opts.AckTimeout))
+	h, err := replproto.ReadHeader(br, &hb)
+	if err != nil || h.Type != replproto.TypeHello {
+		m.opts.Logger.Warn("replication stream without hello", "remote", conn.RemoteAddr(), "err", err, "type", h.Type)
+		return
+	}
+	payload := make([]byte, h.PayloadLen)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return
+	}
+	hello, err := replproto.ParseHello(payload)
+	if err != nil {
+		_ = fail(h, fmt.Errorf("%w: %v", blockdev.ErrInvalid, err), 0)
+		return
+	}
+	tgt, epoch, err := m.streamTarget(hello, h.Epoch)
+	if err != nil {
+		if errors.Is(err, replproto.ErrStaleEpoch) {
+			m.metrics.staleRefused.WithLabelValues(hello.LU).Inc()
+		}
+		m.opts.Logger.Warn("replication stream refused", "lu", hello.LU, "from", hello.Node, "role", hello.Role, "err", err)
+		_ = fail(h, err, epoch)
+		return
+	}
+	if err := reply(replproto.Header{Type: replproto.TypeReply | replproto.TypeHello, Handle: h.Handle, Epoch: epoch}, nil); err != nil {
+		return
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	m.opts.Logger.Debug("replication stream open", "lu", hello.LU, "from", hello.Node, "role", hello.Role)
+
+	sem := make(chan struct{}, streamInflightMax)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		h, err := replproto.ReadHeader(br, &hb)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				m.opts.Logger.Debug("replication stream ends", "lu", hello.LU, "from", hello.Node, "err", err)
+			}
+			return
+		}
+		var data []byte
+		if h.Type == replproto.TypeWrite {
+			data = m.bufs.get(int(h.Length))
+			if _, err := io.ReadFull(br, data); err != nil {
+				m.bufs.put(data)
+				return
+			}
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(h replproto.Header, data []byte) {
+			defer func() { <-sem; wg.Done() }()
+			defer m.bufs.put(data)
+			out, epoch, err := m.applyStream(tgt, h, data)
+			if err != nil {
+				if fail(h, err, epoch) != nil {
+					conn.Close()
+				}
+				return
+			}
+			if reply(replproto.Header{Type: replproto.TypeReply | h.Type, Handle: h.Handle, Epoch: epoch,
+				Offset: h.Offset, Length: h.Length}, out) != nil {
+				conn.Close()
+			}
+			if h.Type == replproto.TypeRead {
+				m.bufs.put(out)
+			}
+		}(h, data)
+	}
+}
+
+// streamTarget resolves a hello to the device its requests apply to.
+func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uint64, error) {
+	rec, err := m.waitRecord(hello.LU, epoch)
+	if err != nil {
+		return target{}, rec.Epoch, err
+	}
+	switch hello.Role {
+	case replproto.RoleCopy:
+		if rec.Writer == m.opts.NodeID {
+			return target{}, rec.Epoch, fmt.Errorf("%w: this node is the writer of %s", blockdev.ErrInvalid, rec.Name)
+		}
+		vol, ok := m.Volume(hello.LU)
+		if !ok || !holdsCopy(rec, m.opts.NodeID) {
+			return target{}, rec.Epoch, fmt.Errorf("%w: no copy of %s on %s", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
+		}
+		return target{dev: vol, role: hello.Role, name: hello.LU}, rec.Epoch, nil
+	case replproto.RoleClient:
+		mir, ok := m.mirror(hello.LU)
+		if !ok {
+			return target{}, rec.Epoch, fmt.Errorf("%w: %s's writer is %s, not %s", replproto.ErrNotWriter, hello.LU, rec.Writer, m.opts.NodeID)
+		}
+		return target{dev: mir, role: hello.Role, name: hello.LU}, rec.Epoch, nil
+	}
+	return target{}, rec.Epoch, fmt.Errorf("%w: role %d", blockdev.ErrInvalid, hello.Role)
+}
+
+// waitRecord returns the LU's record once this node has applied epoch (or
+// a later one); a request from a newer writer may arrive before this node
+// applied the change that made it the writer.
+func (m *Manager) waitRecord(name string, epoch uint64) (cluster.LU, error) {
+	deadline := time.Now().Add(epochWaitMax)
+	for {
+		rec, ok := m.record(name)
+		if !ok {
+			if time.Now().After(deadline) {
+				return cluster.LU{}, fmt.Errorf("%w: no LU %s on %s", replproto.ErrNotFound, name, m.opts.NodeID)
+			}
+		} else {
+			if epoch < rec.Epoch {
+				return rec, fmt.Errorf("%w: request epoch %d, LU %s is at epoch %d", replproto.ErrStaleEpoch, epoch, name, rec.Epoch)
+			}
+			if epoch == rec.Epoch || time.Now().After(deadline) {
+				if epoch > rec.Epoch {
+					return rec, fmt.Errorf("%w: request epoch %d is ahead of this node's metadata (epoch %d)", blockdev.ErrIO, epoch, rec.Epoch)
+				}
+				return rec, nil
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// applyStream runs one request against the stream's target.
+func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out []byte, epoch uint64, err error) {
+	ctx := context.Background()
+	if tgt.role == replproto.RoleCopy {
+		rec, err := m.waitRecord(tgt.name, h.Epoch)
+		if err != nil {
+			if errors.Is(err, replproto.ErrStaleEpoch) {
+				m.metrics.staleRefused.WithLabelValues(tgt.name).Inc()
+			}
+			return nil, rec.Epoch, err
+		}
+		epoch = rec.Epoch
+		kind := "live"
+		if h.Flags&replproto.FlagResync != 0 {
+			kind = "resync"
+		}
+		if h.Type == replproto.TypeWrite {
+			m.metrics.copyReceived.WithLabelValues(tgt.name, kind).Add(float64(len(data)))
+		}
+	} else if rec, ok := m.record(tgt.name); ok {
+		epoch = rec.Epoch
+	}
+	off, length := int64(h.Offset), int64(h.Length)
+	flags := blockdev.Flags(0)
+	if h.Flags&replproto.FlagFUA != 0 {
+		flags |= blockdev.FUA
+	}
+	if h.Flags&replproto.FlagNoHole != 0 {
+		flags |= blockdev.NoHole
+	}
+	if h.Flags&replproto.FlagFastZero != 0 {
+		flags |= blockdev.FastZero
+	}
+	dev := tgt.dev
+	switch h.Type {
+	case replproto.TypeWrite:
+		err = dev.WriteAt(ctx, data, off, flags)
+	case replproto.TypeTrim:
+		if t, ok := dev.(blockdev.Trimmer); ok {
+			err = t.Trim(ctx, off, length, flags)
+		}
+	case replproto.TypeZero:
+		if z, ok := dev.(blockdev.Zeroer); ok {
+			err = z.WriteZeroes(ctx, off, length, flags)
+		} else {
+			err = blockdev.ErrNotSupported
+		}
+	case replproto.TypeFlush:
+		err = dev.Flush(ctx)
+	case replproto.TypeRead:
+		out = m.bufs.get(int(length))
+		if err = dev.ReadAt(ctx, out, off); err != nil {
+			m.bufs.put(out)
+			out = nil
+		} else if tgt.role == replproto.RoleClient {
+			m.metrics.servedReads.WithLabelValues(tgt.name).Add(float64(length))
+		}
+	case replproto.TypeHash:
+		buf := m.bufs.get(int(length))
+		if err = dev.ReadAt(ctx, buf, off); err == nil {
+			sum := sha256.Sum256(buf)
+			out = sum[:]
+		}
+		m.bufs.put(buf)
+	case replproto.TypePing:
+	default:
+		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
+	}
+	return out, epoch, err
+}
+
+// bufPool recycles stream payload buffers by power-of-two size class,
+// 1 B to 32 MiB.
+type bufPool struct {
+	classes [26]sync.Pool
+}
+
+func sizeClass(n int) int {
+	c := 0
+	for 1<<c < n {
+		c++
+	}
+	return c
+}
+
+func (bp *bufPool) get(n int) []byte {
+	if n == 0 {
+		return nil
+	}
+	c := sizeClass(n)
+	if p, ok := bp.classes[c].Get().(*[]byte); ok {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+func (bp *bufPool) put(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
+	c := sizeClass(cap(b))
+	if 1<<c != cap(b) {
+		return
+	}
+	b = b[:cap(b)]
+	bp.classes[c].Put(&b)
+}
