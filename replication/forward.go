@@ -143,9 +143,16 @@ func (f *Forwarder) Caps() blockdev.Caps {
 	return c
 }
 
+// readsLocally reports whether reads may come from the local copy: the
+// metadata says it is in sync and the writer was heard within the lease
+// (so the writer has not yet acknowledged a write this copy missed).
+func (f *Forwarder) readsLocally() bool {
+	return f.localReads.Load() && f.m.leaseValid(f.name)
+}
+
 // ReadAt implements blockdev.Device.
 func (f *Forwarder) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if f.localReads.Load() {
+	if f.readsLocally() {
 		f.m.metrics.reads.WithLabelValues(f.name, "local").Add(float64(len(p)))
 		return f.local.ReadAt(ctx, p, off)
 	}
@@ -205,7 +212,7 @@ func (f *Forwarder) Flush(ctx context.Context) error {
 // it is in sync; otherwise the whole range is reported allocated (the
 // stream carries no allocation queries).
 func (f *Forwarder) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
-	if f.localReads.Load() {
+	if f.readsLocally() {
 		return f.local.Extents(ctx, off, length, dst)
 	}
 	return append(dst, blockdev.Extent{LengthBytes: length}), nil

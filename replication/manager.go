@@ -39,6 +39,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -86,6 +87,12 @@ type ManagerOptions struct {
 	RetryInterval time.Duration
 	// ResyncBytesPerSecond throttles resync; 0 means unthrottled.
 	ResyncBytesPerSecond int64
+	// ReadLease is how long a copy may serve reads from its own volume
+	// after it last heard from the writer (default 1 s). A writer that
+	// loses a copy waits this long after its last exchange with it before
+	// it acknowledges a write the copy missed, so no node reads stale data
+	// from a copy that has not yet learnt it is out of sync.
+	ReadLease time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -122,6 +129,9 @@ func (o *ManagerOptions) EnsureDefaults() {
 	if o.RetryInterval == 0 {
 		o.RetryInterval = 500 * time.Millisecond
 	}
+	if o.ReadLease == 0 {
+		o.ReadLease = time.Second
+	}
 }
 
 // Manager keeps local volumes in step with the LU table.
@@ -146,6 +156,11 @@ type Manager struct {
 		sync.Mutex
 		m map[string]cluster.LU // guarded by recs
 	}
+	// leases maps an LU name to the time (clock.Since, ns) this node's
+	// copy last heard from the writer at the current epoch (*atomic.Int64).
+	leases sync.Map
+	// clock is the base of monotonic times kept as integers.
+	clock   time.Time
 	bufs    bufPool
 	metrics *metrics
 	stopped chan struct{}
@@ -170,7 +185,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if opts.RegionBytes <= 0 || opts.RegionBytes > regionBytesMax || opts.RegionBytes%dirtyBlockBytes != 0 {
 		return nil, fmt.Errorf("replication: dirty region size %d: use a multiple of 4096 up to %d", opts.RegionBytes, regionBytesMax)
 	}
-	m := &Manager{opts: opts, stopped: make(chan struct{}), metrics: newMetrics()}
+	m := &Manager{opts: opts, stopped: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
 	m.recs.m = map[string]cluster.LU{}
 	m.changes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_lu_changes_applied_total",
@@ -198,6 +213,22 @@ func (m *Manager) noteRecord(ch cluster.Change) {
 		return
 	}
 	m.recs.m[ch.LU.Name] = ch.LU
+}
+
+// now is the monotonic time since the manager started.
+func (m *Manager) now() int64 { return int64(time.Since(m.clock)) }
+
+// renewLease notes that this node's copy of name just heard from the writer.
+func (m *Manager) renewLease(name string) {
+	v, _ := m.leases.LoadOrStore(name, new(atomic.Int64))
+	v.(*atomic.Int64).Store(m.now())
+}
+
+// leaseValid reports whether this node's copy of name heard from the
+// writer within the read lease.
+func (m *Manager) leaseValid(name string) bool {
+	v, ok := m.leases.Load(name)
+	return ok && m.now()-v.(*atomic.Int64).Load() < int64(m.opts.ReadLease)
 }
 
 // record returns the latest applied record of an LU.

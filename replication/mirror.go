@@ -60,6 +60,9 @@ type copyLink struct {
 	dirty *dirtyMap
 	// resyncing is true while a resync goroutine runs for this copy.
 	resyncing atomic.Bool
+	// lastAck is when (Manager.now) the copy last answered a request: its
+	// read lease may run until lastAck + ReadLease.
+	lastAck atomic.Int64
 	// lastDialErr avoids logging the same dial failure every retry.
 	lastDialErr atomic.Pointer[string]
 }
@@ -128,6 +131,11 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume) (*Mirror, error) {
 		l := &copyLink{node: r.NodeID, dirty: d}
 		l.state.Store(int32(stateOf(r.State)))
 		mi.links = append(mi.links, l)
+	}
+	// A first attempt to reach every copy before the mirror takes writes,
+	// so a writer restart does not record reachable copies out of sync.
+	for _, l := range mi.links {
+		mi.dial(l, min(mi.m.opts.AckTimeout, time.Second))
 	}
 	mi.wg.Add(1)
 	go mi.run()
@@ -336,6 +344,7 @@ func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte
 		if calls[i] != nil {
 			_, err := conns[i].wait(calls[i])
 			if err == nil {
+				l.lastAck.Store(mi.m.now())
 				if h.Type == replproto.TypeWrite {
 					mi.m.metrics.sent.WithLabelValues(mi.name, l.node, "live").Add(float64(len(payload)))
 				}
@@ -383,6 +392,11 @@ func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error 
 	}
 	l.state.Store(int32(stOutOfSync))
 	mi.dropConn(l)
+	// The copy may still serve reads until its lease runs out: wait for
+	// that before acknowledging anything it missed.
+	if wait := l.lastAck.Load() + int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
+		time.Sleep(time.Duration(wait))
+	}
 	mi.m.opts.Logger.Warn("copy out of sync", "lu", mi.name, "copy", l.node, "epoch", mi.rec.Epoch, "err", cause)
 	return nil
 }
@@ -475,7 +489,7 @@ func (mi *Mirror) lockRange(off, length int64) func() {
 // that is out of sync and reachable.
 func (mi *Mirror) run() {
 	defer mi.wg.Done()
-	tick := time.NewTicker(mi.m.opts.RetryInterval)
+	tick := time.NewTicker(min(mi.m.opts.RetryInterval, mi.m.opts.ReadLease/4))
 	defer tick.Stop()
 	for {
 		for _, l := range mi.links {
@@ -489,30 +503,60 @@ func (mi *Mirror) run() {
 	}
 }
 
+// dial opens a stream to copy l unless one is open.
+func (mi *Mirror) dial(l *copyLink, timeout time.Duration) {
+	c := l.conn.Load()
+	if c != nil && !c.broken() {
+		return
+	}
+	if c != nil {
+		l.conn.CompareAndSwap(c, nil)
+	}
+	addr, ok := mi.m.opts.NodeAPI(l.node)
+	if !ok {
+		return
+	}
+	hello := replproto.Hello{Role: replproto.RoleCopy, LU: mi.name, Node: mi.self}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	c, _, err := dialStream(ctx, addr, hello, mi.epoch.Load(), mi.local.Size(), mi.m.opts.AckTimeout)
+	if err != nil {
+		msg := err.Error()
+		if last := l.lastDialErr.Load(); last == nil || *last != msg {
+			mi.m.opts.Logger.Info("copy not reachable", "lu", mi.name, "copy", l.node, "err", err)
+			l.lastDialErr.Store(&msg)
+		}
+		return
+	}
+	l.lastDialErr.Store(nil)
+	l.conn.Store(c)
+	mi.m.opts.Logger.Info("stream to copy open", "lu", mi.name, "copy", l.node, "state", copyState(l.state.Load()).replicaState())
+}
+
+// ping keeps an in-sync copy's read lease alive on an idle LU, and finds a
+// copy that stopped answering.
+func (mi *Mirror) ping(l *copyLink) {
+	c := l.conn.Load()
+	if c == nil || copyState(l.state.Load()) != stInSync {
+		return
+	}
+	if mi.m.now()-l.lastAck.Load() < int64(mi.m.opts.ReadLease)/4 {
+		return
+	}
+	if _, err := c.do(replproto.Header{Type: replproto.TypePing, Epoch: mi.epoch.Load()}, nil, nil); err != nil {
+		if err := mi.copyMissed(l, 0, 0, err); err != nil {
+			mi.m.opts.Logger.Warn("copy unreachable and not recorded out of sync", "lu", mi.name, "copy", l.node, "err", err)
+		}
+		return
+	}
+	l.lastAck.Store(mi.m.now())
+}
+
 func (mi *Mirror) tend(l *copyLink) {
-	if c := l.conn.Load(); c == nil || c.broken() {
-		if c != nil {
-			l.conn.CompareAndSwap(c, nil)
-		}
-		addr, ok := mi.m.opts.NodeAPI(l.node)
-		if !ok {
-			return
-		}
-		hello := replproto.Hello{Role: replproto.RoleCopy, LU: mi.name, Node: mi.self}
-		ctx, cancel := context.WithTimeout(context.Background(), mi.m.opts.AckTimeout)
-		c, _, err := dialStream(ctx, addr, hello, mi.epoch.Load(), mi.local.Size(), mi.m.opts.AckTimeout)
-		cancel()
-		if err != nil {
-			msg := err.Error()
-			if last := l.lastDialErr.Load(); last == nil || *last != msg {
-				mi.m.opts.Logger.Info("copy not reachable", "lu", mi.name, "copy", l.node, "err", err)
-				l.lastDialErr.Store(&msg)
-			}
-			return
-		}
-		l.lastDialErr.Store(nil)
-		l.conn.Store(c)
-		mi.m.opts.Logger.Info("stream to copy open", "lu", mi.name, "copy", l.node, "state", copyState(l.state.Load()).replicaState())
+	mi.dial(l, mi.m.opts.AckTimeout)
+	mi.ping(l)
+	if c := l.conn.Load(); c == nil {
+		return
 	}
 	if copyState(l.state.Load()) == stOutOfSync && l.resyncing.CompareAndSwap(false, true) {
 		mi.wg.Add(1)

@@ -202,6 +202,11 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 			return nil, rec.Epoch, err
 		}
 		epoch = rec.Epoch
+		defer func() {
+			if err == nil {
+				m.renewLease(tgt.name)
+			}
+		}()
 		kind := "live"
 		if h.Flags&replproto.FlagResync != 0 {
 			kind = "resync"
