@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lupool/lupool/replication/replproto"
@@ -36,6 +37,10 @@ type peerConn struct {
 
 	wmu  sync.Mutex // serializes frame writes
 	hbuf [replproto.HeaderBytes]byte
+	bw   *bufio.Writer // guarded by wmu
+	// writers counts goroutines waiting for wmu: the last one of a burst
+	// flushes bw, so concurrent requests share a system call.
+	writers atomic.Int32
 
 	mu struct {
 		sync.Mutex
@@ -107,7 +112,7 @@ func dialStream(ctx context.Context, apiAddr string, hello replproto.Hello, epoc
 		return fail(fmt.Errorf("%s: hello for %s: %w: %s", apiAddr, hello.LU, rh.Status.Err(), msg))
 	}
 	_ = conn.SetDeadline(time.Time{})
-	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{})}
+	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{}), bw: bufio.NewWriterSize(conn, 64<<10)}
 	c.mu.pending = map[uint64]*call{}
 	go c.readLoop()
 	go c.watchdog()
@@ -234,15 +239,17 @@ func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error)
 	c.mu.Unlock()
 
 	h.PayloadLen = uint32(len(payload))
+	c.writers.Add(1)
 	c.wmu.Lock()
+	c.writers.Add(-1)
 	h.Marshal(c.hbuf[:])
 	_ = c.conn.SetWriteDeadline(time.Now().Add(c.timeout))
-	var err error
-	if len(payload) == 0 {
-		_, err = c.conn.Write(c.hbuf[:])
-	} else {
-		bufs := net.Buffers{c.hbuf[:], payload}
-		_, err = bufs.WriteTo(c.conn)
+	_, err := c.bw.Write(c.hbuf[:])
+	if err == nil {
+		_, err = c.bw.Write(payload)
+	}
+	if err == nil && c.writers.Load() == 0 {
+		err = c.bw.Flush()
 	}
 	c.wmu.Unlock()
 	if err != nil {

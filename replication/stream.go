@@ -40,30 +40,41 @@ func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
 	if tc, ok := conn.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	// Replies go through one buffered writer. A copy applies its requests
+	// in order on this goroutine (a page-cache write takes microseconds) and
+	// flushes replies once no further request is waiting in the read
+	// buffer; forwarded client I/O runs on its own goroutines (it waits for
+	// the network) and flushes each reply.
 	var wmu sync.Mutex
-	reply := func(h replproto.Header, payload []byte) error {
+	bw := bufio.NewWriterSize(conn, 64<<10)
+	send := func(h replproto.Header, payload []byte, flush bool) error {
 		h.PayloadLen = uint32(len(payload))
 		var hb [replproto.HeaderBytes]byte
 		h.Marshal(hb[:])
 		wmu.Lock()
 		defer wmu.Unlock()
 		_ = conn.SetWriteDeadline(time.Now().Add(m.opts.AckTimeout))
-		if len(payload) == 0 {
-			_, err := conn.Write(hb[:])
+		if _, err := bw.Write(hb[:]); err != nil {
 			return err
 		}
-		bufs := net.Buffers{hb[:], payload}
-		_, err := bufs.WriteTo(conn)
-		return err
+		if _, err := bw.Write(payload); err != nil {
+			return err
+		}
+		if flush {
+			return bw.Flush()
+		}
+		return nil
 	}
-	fail := func(h replproto.Header, err error, epoch uint64) error {
+	reply := func(h replproto.Header, payload []byte) error { return send(h, payload, true) }
+	failWith := func(h replproto.Header, err error, epoch uint64, flush bool) error {
 		msg := err.Error()
 		if len(msg) > replproto.MessageBytesMax {
 			msg = msg[:replproto.MessageBytesMax]
 		}
-		return reply(replproto.Header{Type: replproto.TypeReply | h.Type, Status: replproto.StatusOf(err),
-			Handle: h.Handle, Epoch: epoch, Offset: h.Offset, Length: h.Length}, []byte(msg))
+		return send(replproto.Header{Type: replproto.TypeReply | h.Type, Status: replproto.StatusOf(err),
+			Handle: h.Handle, Epoch: epoch, Offset: h.Offset, Length: h.Length}, []byte(msg), flush)
 	}
+	fail := func(h replproto.Header, err error, epoch uint64) error { return failWith(h, err, epoch, true) }
 
 	var hb [replproto.HeaderBytes]byte
 	_ = conn.SetReadDeadline(time.Now().Add(m.opts.AckTimeout))
@@ -114,6 +125,24 @@ func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
 				m.bufs.put(data)
 				return
 			}
+		}
+		if tgt.role == replproto.RoleCopy {
+			out, epoch, err := m.applyStream(tgt, h, data)
+			m.bufs.put(data)
+			flush := br.Buffered() < replproto.HeaderBytes
+			if err != nil {
+				err = failWith(h, err, epoch, flush)
+			} else {
+				err = send(replproto.Header{Type: replproto.TypeReply | h.Type, Handle: h.Handle, Epoch: epoch,
+					Offset: h.Offset, Length: h.Length}, out, flush)
+				if h.Type == replproto.TypeRead {
+					m.bufs.put(out)
+				}
+			}
+			if err != nil {
+				return
+			}
+			continue
 		}
 		sem <- struct{}{}
 		wg.Add(1)
