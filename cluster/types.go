@@ -66,9 +66,13 @@ const (
 
 // Replica states, as stored in Replica.State.
 const (
-	ReplicaInSync     = "in-sync"
-	ReplicaResyncing  = "resyncing"
-	ReplicaOutOfSync  = "out-of-sync"
+	ReplicaInSync    = "in-sync"
+	ReplicaResyncing = "resyncing"
+	ReplicaOutOfSync = "out-of-sync"
+	// ReplicaNew is a copy that holds nothing usable yet (just added, or
+	// its data was lost): the writer rebuilds it from every allocated
+	// extent, then resyncs it like an out-of-sync copy.
+	ReplicaNew        = "new"
 	KindFile          = "file"
 	KindMemory        = "memory"
 	defaultKind       = KindFile
@@ -108,7 +112,8 @@ type LU struct {
 // Replica is one copy of an LU on one node.
 type Replica struct {
 	NodeID string `json:"node_id"`
-	// State is ReplicaInSync, ReplicaResyncing or ReplicaOutOfSync.
+	// State is ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync or
+	// ReplicaNew.
 	State string `json:"state"`
 }
 
@@ -250,10 +255,10 @@ func validateLU(lu *LU) error {
 		}
 		seen[r.NodeID] = true
 		switch r.State {
-		case ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync:
+		case ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync, ReplicaNew:
 		default:
-			return fmt.Errorf("%w: replica on %q has state %q; use %q, %q or %q", ErrInvalid,
-				r.NodeID, r.State, ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync)
+			return fmt.Errorf("%w: replica on %q has state %q; use %q, %q, %q or %q", ErrInvalid,
+				r.NodeID, r.State, ReplicaInSync, ReplicaResyncing, ReplicaOutOfSync, ReplicaNew)
 		}
 	}
 	return nil

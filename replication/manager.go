@@ -52,6 +52,10 @@ import (
 // ErrClosed is returned by Sync and Reconcile after Close.
 var ErrClosed = errors.New("replication: manager closed")
 
+// ErrNoCopy is returned by RegionHashes when this node holds no copy of the
+// LU.
+var ErrNoCopy = errors.New("replication: no copy of the LU on this node")
+
 // ManagerOptions configure a Manager.
 type ManagerOptions struct {
 	NodeID string   // required: this node's id
@@ -140,14 +144,17 @@ type Manager struct {
 
 	mu struct {
 		sync.Mutex
-		cond      *sync.Cond
-		queue     []work               // guarded by mu; pending work in order
-		queued    uint64               // guarded by mu; work items ever queued
-		done      uint64               // guarded by mu; work items ever finished
-		closed    bool                 // guarded by mu
-		volumes   map[string]lu.Volume // guarded by mu; local copies
-		devices   map[string]device    // guarded by mu; what each LU is exported as
-		lastError error                // guarded by mu; the last failure, for status
+		cond    *sync.Cond
+		queue   []work               // guarded by mu; pending work in order
+		queued  uint64               // guarded by mu; work items ever queued
+		done    uint64               // guarded by mu; work items ever finished
+		closed  bool                 // guarded by mu
+		volumes map[string]lu.Volume // guarded by mu; local copies
+		devices map[string]device    // guarded by mu; what each LU is exported as
+		// lost names LUs whose copy here lost its data at start and waits
+		// to be recorded new (then rebuilt); it refuses the writer's stream.
+		lost      map[string]bool // guarded by mu
+		lastError error           // guarded by mu; the last failure, for status
 	}
 	// recs is the latest record of every LU, updated from the metadata's
 	// apply goroutine (Enqueue) so that streams check epochs against the
@@ -194,6 +201,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	m.mu.cond = sync.NewCond(&m.mu.Mutex)
 	m.mu.volumes = map[string]lu.Volume{}
 	m.mu.devices = map[string]device{}
+	m.mu.lost = map[string]bool{}
 	go m.loop()
 	return m, nil
 }
@@ -385,22 +393,24 @@ type device interface {
 // file volume means its data is gone (or it was never created because the
 // node stopped right after the metadata change): it is created empty, and
 // said loudly.
-func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (lu.Volume, error) {
+func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume, lost bool, err error) {
 	m.mu.Lock()
 	vol, ok := m.mu.volumes[rec.Name]
 	m.mu.Unlock()
 	if !ok {
-		var err error
 		if vol, ok = m.opts.Pool.Get(rec.Name); !ok {
 			if reconciling && lu.Kind(rec.Kind) == lu.KindFile {
 				m.opts.Logger.Error("volume file of LU missing at start; creating it empty", "lu", rec.Name)
 			}
+			// At start, a copy that the metadata says holds data but whose
+			// volume is gone (a memory LU, or a lost file) is lost.
+			lost = reconciling && len(rec.Replicas) > 1 && replicaState(rec, m.opts.NodeID) != cluster.ReplicaNew
 			vol, err = m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
 			if err != nil {
-				return nil, fmt.Errorf("create volume: %w", err)
+				return nil, false, fmt.Errorf("create volume: %w", err)
 			}
 		} else if vol.Kind() != lu.Kind(rec.Kind) {
-			return nil, fmt.Errorf("volume kind %s does not match metadata kind %s", vol.Kind(), rec.Kind)
+			return nil, false, fmt.Errorf("volume kind %s does not match metadata kind %s", vol.Kind(), rec.Kind)
 		}
 		m.mu.Lock()
 		m.mu.volumes[rec.Name] = vol
@@ -408,19 +418,30 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (lu.Volume, err
 	}
 	if vol.Size() != rec.SizeBytes {
 		if err := m.opts.Pool.Resize(rec.Name, rec.SizeBytes); err != nil {
-			return vol, fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
+			return vol, lost, fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
 		}
 	}
-	return vol, nil
+	return vol, lost, nil
+}
+
+// replicaState returns node's copy state in rec, or "".
+func replicaState(rec cluster.LU, node string) string {
+	for _, r := range rec.Replicas {
+		if r.NodeID == node {
+			return r.State
+		}
+	}
+	return ""
 }
 
 // ensure makes this node hold rec's copy if rec places one here, and
 // exports the LU as the device its role calls for.
 func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	var vol lu.Volume
+	lost := false
 	if holdsCopy(rec, m.opts.NodeID) {
 		var err error
-		if vol, err = m.ensureVolume(rec, reconciling); err != nil {
+		if vol, lost, err = m.ensureVolume(rec, reconciling); err != nil {
 			return err
 		}
 	} else if err := m.removeVolume(rec.Name); err != nil {
@@ -428,15 +449,16 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	}
 	m.mu.Lock()
 	old := m.mu.devices[rec.Name]
+	if lost {
+		m.mu.lost[rec.Name] = true
+	} else if m.mu.lost[rec.Name] && replicaState(rec, m.opts.NodeID) == cluster.ReplicaNew {
+		delete(m.mu.lost, rec.Name)
+	}
 	m.mu.Unlock()
 	writer := writerOf(rec) == m.opts.NodeID && vol != nil
 	switch d := old.(type) {
-	case lu.Volume:
-		if writer && len(rec.Replicas) == 1 && d == vol {
-			return nil
-		}
 	case *Mirror:
-		if writer && d.local == vol && d.sameCopies(rec) {
+		if writer && d.local == vol {
 			d.observe(rec)
 			return nil
 		}
@@ -448,15 +470,17 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	}
 	var next device
 	switch {
-	case writer && len(rec.Replicas) == 1:
-		next = vol
 	case writer:
-		mir, err := m.newMirror(rec, vol)
+		mir, err := m.newMirror(rec, vol, lost)
 		if err != nil {
 			return err
 		}
 		next = mir
 	default:
+		if lost {
+			m.opts.Logger.Warn("copy lost at start (its volume is gone); asking for a rebuild", "lu", rec.Name)
+			go m.recordLost(rec)
+		}
 		next = m.newForwarder(rec, vol)
 	}
 	if old != nil {
@@ -518,7 +542,7 @@ func (m *Manager) remove(name string) error {
 		m.unexport(name, dev)
 	}
 	if mir, ok := dev.(*Mirror); ok {
-		for _, l := range mir.links {
+		for _, l := range mir.linkSet() {
 			if err := l.dirty.reset(); err != nil {
 				m.opts.Logger.Warn("cannot drop dirty regions of a deleted LU", "lu", name, "copy", l.node, "err", err)
 			}
@@ -568,13 +592,52 @@ func (m *Manager) Volume(name string) (lu.Volume, bool) {
 func (m *Manager) mirror(name string) (blockdev.Device, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	switch d := m.mu.devices[name].(type) {
-	case *Mirror:
-		return d, true
-	case lu.Volume:
-		return d, true
+	d, ok := m.mu.devices[name].(*Mirror)
+	return d, ok
+}
+
+// isLost reports whether this node's copy of name lost its data at start
+// and is not yet recorded new.
+func (m *Manager) isLost(name string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.mu.lost[name]
+}
+
+// recordLost records this node's lost copy of rec as new (epoch + 1), so
+// that the writer rebuilds it; it retries until the record says so, the
+// LU is gone, or the manager closes.
+func (m *Manager) recordLost(rec cluster.LU) {
+	for attempt := 0; ; attempt++ {
+		cur, ok := m.record(rec.Name)
+		if !ok || !m.isLost(rec.Name) {
+			return
+		}
+		if replicaState(cur, m.opts.NodeID) == cluster.ReplicaNew {
+			return
+		}
+		next := cloneLU(cur)
+		for i := range next.Replicas {
+			if next.Replicas[i].NodeID == m.opts.NodeID {
+				next.Replicas[i].State = cluster.ReplicaNew
+			}
+		}
+		next.Epoch++
+		ctx, cancel := context.WithTimeout(context.Background(), m.opts.MetadataTimeout)
+		err := m.opts.UpdateLU(ctx, next, cur.Epoch)
+		cancel()
+		if err == nil {
+			return
+		}
+		m.opts.Logger.Warn("cannot record lost copy as new; retrying", "lu", rec.Name, "err", err)
+		m.mu.Lock()
+		closed := m.mu.closed
+		m.mu.Unlock()
+		if closed {
+			return
+		}
+		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 5*time.Second))
 	}
-	return nil, false
 }
 
 // LastError returns the most recent failure to follow the metadata, or nil.

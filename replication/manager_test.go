@@ -91,8 +91,8 @@ func TestManagerFollowsChanges(t *testing.T) {
 	if _, ok := log.exported["elsewhere"].(*Forwarder); !ok {
 		t.Fatalf("LU written elsewhere exported as %T, want *Forwarder", log.exported["elsewhere"])
 	}
-	if _, ok := log.exported["f"].(lu.Volume); !ok {
-		t.Fatalf("single-copy LU written here exported as %T, want its volume", log.exported["f"])
+	if _, ok := log.exported["f"].(*Mirror); !ok {
+		t.Fatalf("single-copy LU written here exported as %T, want *Mirror (copies can be added online)", log.exported["f"])
 	}
 	log.mu.Unlock()
 

@@ -81,10 +81,10 @@ func (c copyCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.m.mu.Unlock()
 	for _, mi := range mirrors {
-		for _, l := range mi.links {
+		for _, l := range mi.linkSet() {
 			ch <- prometheus.MustNewConstMetric(c.m.metrics.dirty, prometheus.GaugeValue, float64(l.dirty.dirtyBytes()), mi.name, l.node)
 			st := copyState(l.state.Load())
-			for _, s := range []copyState{stInSync, stResyncing, stOutOfSync} {
+			for _, s := range []copyState{stInSync, stResyncing, stOutOfSync, stNew} {
 				v := 0.0
 				if s == st {
 					v = 1

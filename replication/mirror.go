@@ -21,6 +21,9 @@ const (
 	stInSync copyState = iota
 	stResyncing
 	stOutOfSync
+	// stNew: the copy holds nothing usable; it is rebuilt from every
+	// allocated extent.
+	stNew
 )
 
 func (s copyState) replicaState() string {
@@ -29,6 +32,8 @@ func (s copyState) replicaState() string {
 		return cluster.ReplicaInSync
 	case stResyncing:
 		return cluster.ReplicaResyncing
+	case stNew:
+		return cluster.ReplicaNew
 	}
 	return cluster.ReplicaOutOfSync
 }
@@ -37,12 +42,17 @@ func stateOf(replicaState string) copyState {
 	switch replicaState {
 	case cluster.ReplicaInSync:
 		return stInSync
+	case cluster.ReplicaNew:
+		return stNew
 	case cluster.ReplicaResyncing:
 		// A resync that was running when the writer stopped starts over.
 		return stOutOfSync
 	}
 	return stOutOfSync
 }
+
+// live reports whether a copy in state s takes client writes.
+func (s copyState) live() bool { return s == stInSync || s == stResyncing }
 
 // stripeCount is the number of region locks of a Mirror; region r uses
 // stripe r % stripeCount.
@@ -90,7 +100,11 @@ type Mirror struct {
 	local       lu.Volume
 	m           *Manager
 	regionBytes int64
-	links       []*copyLink // immutable: the copies on other nodes
+	store       *DirtyStore
+	// links are the copies on other nodes. Replaced (never changed in
+	// place) with gate held exclusively, so an operation sees one set
+	// from start to end.
+	links atomic.Pointer[[]*copyLink]
 
 	gate    sync.RWMutex
 	stripes [stripeCount]sync.RWMutex
@@ -112,29 +126,37 @@ var (
 
 // newMirror builds the writer's device for rec over the local volume and
 // starts connecting to the other copies.
-func (m *Manager) newMirror(rec cluster.LU, local lu.Volume) (*Mirror, error) {
+//
+// lost says the local volume lost its data at start (a memory LU after a
+// restart): every other copy is then treated as new (it takes no live
+// writes and gets no pings, so its read lease lapses) and recorded new, to
+// be rebuilt from this volume.
+func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror, error) {
 	mi := &Mirror{name: rec.Name, self: m.opts.NodeID, local: local, m: m,
 		regionBytes: m.opts.RegionBytes, rec: cloneLU(rec), stop: make(chan struct{})}
 	mi.epoch.Store(rec.Epoch)
-	var store *DirtyStore
 	if lu.Kind(rec.Kind) == lu.KindFile {
-		store = m.opts.Dirty
+		mi.store = m.opts.Dirty
 	}
-	for _, r := range rec.Replicas {
-		if r.NodeID == m.opts.NodeID {
-			continue
+	links, err := mi.linksFor(rec, nil)
+	if err != nil {
+		return nil, err
+	}
+	mi.links.Store(&links)
+	if lost {
+		for _, l := range links {
+			l.state.Store(int32(stNew))
 		}
-		d, err := newDirtyMap(store, rec.Name, r.NodeID, mi.regionBytes)
-		if err != nil {
-			return nil, err
-		}
-		l := &copyLink{node: r.NodeID, dirty: d}
-		l.state.Store(int32(stateOf(r.State)))
-		mi.links = append(mi.links, l)
+		m.opts.Logger.Warn("writer's volume lost at start; every other copy will be rebuilt from it", "lu", rec.Name)
+		mi.wg.Add(1)
+		go func() {
+			defer mi.wg.Done()
+			mi.recordAllNew()
+		}()
 	}
 	// A first attempt to reach every copy before the mirror takes writes,
 	// so a writer restart does not record reachable copies out of sync.
-	for _, l := range mi.links {
+	for _, l := range links {
 		mi.dial(l, min(mi.m.opts.AckTimeout, time.Second))
 	}
 	mi.wg.Add(1)
@@ -147,52 +169,116 @@ func cloneLU(rec cluster.LU) cluster.LU {
 	return rec
 }
 
-// sameCopies reports whether rec places copies on exactly the nodes this
-// mirror streams to.
-func (mi *Mirror) sameCopies(rec cluster.LU) bool {
-	others := 0
+// linksFor returns a link for every copy of rec on another node, reusing
+// those in old.
+func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error) {
+	var links []*copyLink
 	for _, r := range rec.Replicas {
 		if r.NodeID == mi.self {
 			continue
 		}
-		others++
-		found := false
-		for _, l := range mi.links {
-			found = found || l.node == r.NodeID
+		var l *copyLink
+		for _, o := range old {
+			if o.node == r.NodeID {
+				l = o
+			}
 		}
-		if !found {
-			return false
+		if l == nil {
+			d, err := newDirtyMap(mi.store, rec.Name, r.NodeID, mi.regionBytes)
+			if err != nil {
+				return nil, err
+			}
+			l = &copyLink{node: r.NodeID, dirty: d}
+			l.state.Store(int32(stateOf(r.State)))
+		}
+		links = append(links, l)
+	}
+	return links, nil
+}
+
+// recordAllNew records every other copy new (epoch + 1), retrying until it
+// lands or the mirror closes.
+func (mi *Mirror) recordAllNew() {
+	for attempt := 0; ; attempt++ {
+		mi.stateMu.Lock()
+		rec := cloneLU(mi.rec)
+		for i := range rec.Replicas {
+			if rec.Replicas[i].NodeID != mi.self {
+				rec.Replicas[i].State = cluster.ReplicaNew
+			}
+		}
+		expected := rec.Epoch
+		rec.Epoch++
+		ctx, cancel := context.WithTimeout(context.Background(), mi.m.opts.MetadataTimeout)
+		err := mi.m.opts.UpdateLU(ctx, rec, expected)
+		cancel()
+		if err == nil {
+			mi.rec = rec
+			mi.epoch.Store(rec.Epoch)
+		} else if fresh, ok := mi.m.record(mi.name); ok && fresh.Epoch > mi.rec.Epoch {
+			mi.rec = cloneLU(fresh)
+			mi.epoch.Store(fresh.Epoch)
+		}
+		mi.stateMu.Unlock()
+		if err == nil {
+			return
+		}
+		mi.m.opts.Logger.Warn("cannot record copies new; retrying", "lu", mi.name, "err", err)
+		select {
+		case <-mi.stop:
+			return
+		case <-time.After(min(time.Duration(attempt+1)*200*time.Millisecond, 5*time.Second)):
 		}
 	}
-	return others == len(mi.links)
 }
+
+// linkSet returns the current copies on other nodes.
+func (mi *Mirror) linkSet() []*copyLink { return *mi.links.Load() }
 
 // observe takes a record applied by the metadata log. Changes this mirror
 // proposed itself are already in effect; a newer epoch from elsewhere (an
-// operator, the primary) replaces the copy states.
+// operator, the primary) replaces the copy states, and copies added or
+// removed there are added or dropped here, between two operations.
 func (mi *Mirror) observe(rec cluster.LU) {
 	mi.stateMu.Lock()
-	defer mi.stateMu.Unlock()
 	if rec.Epoch <= mi.rec.Epoch {
 		mi.rec.SizeBytes, mi.rec.Description = rec.SizeBytes, rec.Description
+		mi.stateMu.Unlock()
 		return
 	}
+	mi.stateMu.Unlock()
+	mi.gate.Lock()
+	defer mi.gate.Unlock()
+	mi.stateMu.Lock()
+	defer mi.stateMu.Unlock()
+	old := mi.linkSet()
+	links, err := mi.linksFor(rec, old)
+	if err != nil {
+		mi.m.opts.Logger.Error("cannot follow the copy set", "lu", mi.name, "err", err)
+		return
+	}
+	for _, o := range old {
+		kept := false
+		for _, l := range links {
+			kept = kept || l == o
+		}
+		if !kept {
+			mi.dropConn(o)
+			if err := o.dirty.reset(); err != nil {
+				mi.m.opts.Logger.Warn("cannot drop dirty regions of a removed copy", "lu", mi.name, "copy", o.node, "err", err)
+			}
+		}
+	}
+	mi.links.Store(&links)
 	mi.rec = cloneLU(rec)
 	mi.epoch.Store(rec.Epoch)
 	for _, r := range rec.Replicas {
-		if l := mi.link(r.NodeID); l != nil {
-			l.state.Store(int32(stateOf(r.State)))
+		for _, l := range links {
+			if l.node == r.NodeID {
+				l.state.Store(int32(stateOf(r.State)))
+			}
 		}
 	}
-}
-
-func (mi *Mirror) link(node string) *copyLink {
-	for _, l := range mi.links {
-		if l.node == node {
-			return l
-		}
-	}
-	return nil
 }
 
 // close stops the mirror's goroutines and streams. The local volume stays
@@ -204,13 +290,13 @@ func (mi *Mirror) close() {
 	default:
 	}
 	close(mi.stop)
-	for _, l := range mi.links {
+	for _, l := range mi.linkSet() {
 		if c := l.conn.Swap(nil); c != nil {
 			c.Close()
 		}
 	}
 	mi.wg.Wait()
-	for _, l := range mi.links {
+	for _, l := range mi.linkSet() {
 		if c := l.conn.Swap(nil); c != nil {
 			c.Close()
 		}
@@ -322,10 +408,11 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 // fanOut returns.
 func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte, off, length int64) error {
 	h.Epoch = mi.epoch.Load()
+	links := mi.linkSet()
 	var calls [cluster.CopiesMax]*call
 	var conns [cluster.CopiesMax]*peerConn
-	for i, l := range mi.links {
-		if copyState(l.state.Load()) == stOutOfSync {
+	for i, l := range links {
+		if !copyState(l.state.Load()).live() {
 			continue
 		}
 		c := l.conn.Load()
@@ -339,7 +426,7 @@ func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte
 		calls[i], conns[i] = cl, c
 	}
 	var errs []error
-	for i, l := range mi.links {
+	for i, l := range links {
 		var cause error = ErrPeerDown
 		if calls[i] != nil {
 			_, err := conns[i].wait(calls[i])
@@ -370,13 +457,13 @@ func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error 
 	if err := l.dirty.mark(off, length); err != nil {
 		return err
 	}
-	if copyState(l.state.Load()) == stOutOfSync {
+	if !copyState(l.state.Load()).live() {
 		return nil
 	}
 	mi.stateMu.Lock()
 	defer mi.stateMu.Unlock()
 	switch copyState(l.state.Load()) {
-	case stOutOfSync:
+	case stOutOfSync, stNew:
 		return nil
 	case stResyncing:
 		l.state.Store(int32(stOutOfSync))
@@ -444,7 +531,7 @@ func (mi *Mirror) proposeLocked(node string, state copyState, bump bool) error {
 // lockRange takes the stripes of the regions [off, off+length) touches,
 // shared, in stripe order; it returns the unlock.
 func (mi *Mirror) lockRange(off, length int64) func() {
-	if len(mi.links) == 0 {
+	if len(mi.linkSet()) == 0 {
 		return func() {}
 	}
 	first := off / mi.regionBytes
@@ -492,7 +579,7 @@ func (mi *Mirror) run() {
 	tick := time.NewTicker(min(mi.m.opts.RetryInterval, mi.m.opts.ReadLease/4))
 	defer tick.Stop()
 	for {
-		for _, l := range mi.links {
+		for _, l := range mi.linkSet() {
 			mi.tend(l)
 		}
 		select {
@@ -558,11 +645,15 @@ func (mi *Mirror) tend(l *copyLink) {
 	if c := l.conn.Load(); c == nil {
 		return
 	}
-	if copyState(l.state.Load()) == stOutOfSync && l.resyncing.CompareAndSwap(false, true) {
+	if st := copyState(l.state.Load()); (st == stOutOfSync || st == stNew) && l.resyncing.CompareAndSwap(false, true) {
 		mi.wg.Add(1)
 		go func() {
 			defer mi.wg.Done()
 			defer l.resyncing.Store(false)
+			if err := mi.rebuild(l); err != nil {
+				mi.m.opts.Logger.Warn("rebuild interrupted; it starts over when the copy is reachable", "lu", mi.name, "copy", l.node, "err", err)
+				return
+			}
 			if err := mi.resync(l); err != nil {
 				mi.m.opts.Logger.Warn("resync interrupted; it resumes when the copy is reachable", "lu", mi.name, "copy", l.node, "err", err)
 			}

@@ -254,7 +254,7 @@ func TestMirrorCopyFailsResyncs(t *testing.T) {
 	if !ok {
 		t.Fatalf("writer exports %T, want *Mirror", exported(t, a.m, "x"))
 	}
-	waitFor(t, "stream to b", func() bool { return mir.links[0].conn.Load() != nil })
+	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
 
 	model := make([]byte, size)
 	ctx := context.Background()
@@ -310,7 +310,7 @@ func TestMirrorCopyFailsResyncs(t *testing.T) {
 	for i := 0; i < 200; i++ {
 		step(200 + i)
 	}
-	dirty := mir.links[0].dirty.dirtyBytes()
+	dirty := mir.linkSet()[0].dirty.dirtyBytes()
 	if dirty == 0 || dirty > size {
 		t.Fatalf("dirty bytes %d", dirty)
 	}
@@ -344,7 +344,7 @@ func TestMirrorNoLeaderFailsWrite(t *testing.T) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("y", 1<<20, "memory"))
 	mir := exported(t, nodes["a"].m, "y").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.links[0].conn.Load() != nil })
+	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
 	mt.mu.Lock()
 	mt.refuse = true
 	mt.mu.Unlock()
@@ -363,7 +363,7 @@ func TestForwarderWritesThroughWriter(t *testing.T) {
 	mt.create(t, twoCopies("z", 1<<20, "file"))
 	fb := exported(t, nodes["b"].m, "z").(*Forwarder)
 	mir := exported(t, nodes["a"].m, "z").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.links[0].conn.Load() != nil })
+	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
 	ctx := context.Background()
 	p := bytes.Repeat([]byte("lupool!!"), 512)
 	if err := fb.WriteAt(ctx, p, 8192, blockdev.FUA); err != nil {

@@ -71,6 +71,62 @@ func (mi *Mirror) resync(l *copyLink) error {
 	}
 }
 
+// rebuild prepares a new copy (state new): every allocated extent of the
+// local volume is recorded dirty for it, then it is recorded out of sync,
+// and resync sends those extents. Writes during the scan that land in a
+// range already scanned are recorded dirty by the write path (a new copy
+// takes no live writes), so nothing is missed. A copy in any other state is
+// left alone.
+func (mi *Mirror) rebuild(l *copyLink) error {
+	if copyState(l.state.Load()) != stNew {
+		return nil
+	}
+	start := time.Now()
+	ctx := context.Background()
+	var ext []blockdev.Extent
+	var allocated int64
+	for off, size := int64(0), mi.local.Size(); off < size; {
+		var err error
+		ext, err = mi.local.Extents(ctx, off, size-off, ext[:0])
+		if err != nil {
+			return err
+		}
+		for _, e := range ext {
+			if e.Flags&blockdev.ExtentHole == 0 {
+				if err := l.dirty.mark(off, e.LengthBytes); err != nil {
+					return err
+				}
+				allocated += e.LengthBytes
+			}
+			off += e.LengthBytes
+		}
+		if err := mi.resyncCheckStop(); err != nil {
+			return err
+		}
+	}
+	mi.stateMu.Lock()
+	defer mi.stateMu.Unlock()
+	if copyState(l.state.Load()) != stNew {
+		return errResyncStopped
+	}
+	if err := mi.proposeLocked(l.node, stOutOfSync, false); err != nil {
+		return fmt.Errorf("record new copy out of sync: %w", err)
+	}
+	l.state.Store(int32(stOutOfSync))
+	mi.m.opts.Logger.Info("rebuild: allocated extents recorded for the new copy", "lu", mi.name, "copy", l.node,
+		"allocated_bytes", allocated, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+func (mi *Mirror) resyncCheckStop() error {
+	select {
+	case <-mi.stop:
+		return errResyncStopped
+	default:
+		return nil
+	}
+}
+
 func (mi *Mirror) resyncCheck(l *copyLink) error {
 	select {
 	case <-mi.stop:

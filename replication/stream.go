@@ -182,6 +182,9 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uin
 		if !ok || !holdsCopy(rec, m.opts.NodeID) {
 			return target{}, rec.Epoch, fmt.Errorf("%w: no copy of %s on %s", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
 		}
+		if m.isLost(hello.LU) {
+			return target{}, rec.Epoch, fmt.Errorf("%w: the copy of %s on %s lost its data at start and waits to be recorded new", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
+		}
 		return target{dev: vol, role: hello.Role, name: hello.LU}, rec.Epoch, nil
 	case replproto.RoleClient:
 		mir, ok := m.mirror(hello.LU)

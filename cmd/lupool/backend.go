@@ -372,3 +372,170 @@ func (b *daemonBackend) Ready() error {
 	}
 	return nil
 }
+
+// AddCopy places a new copy of an LU on a node (leader only; the API
+// forwards it there). The copy starts "new": the writer rebuilds it from
+// the allocated extents, then it goes out-of-sync → resyncing → in-sync.
+func (b *daemonBackend) AddCopy(ctx context.Context, name string, req api.AddCopyRequest) (api.LU, error) {
+	rec, err := b.node.GetLU(name)
+	if err != nil {
+		return b.GetLU(ctx, name)
+	}
+	nodes, err := b.node.Nodes()
+	if err != nil {
+		return api.LU{}, err
+	}
+	if !knownNode(nodes, req.Node) {
+		return api.LU{}, fmt.Errorf("%w: node %q is not a member of this cluster (see lupool node list)", api.ErrInvalid, req.Node)
+	}
+	for _, r := range rec.Replicas {
+		if r.NodeID == req.Node {
+			return api.LU{}, fmt.Errorf("%w: LU %q already has a copy on %s", api.ErrExists, name, req.Node)
+		}
+	}
+	if len(rec.Replicas) >= cluster.CopiesMax {
+		return api.LU{}, fmt.Errorf("%w: LU %q has %d copies, the most allowed", api.ErrInvalid, name, len(rec.Replicas))
+	}
+	expected := rec.Epoch
+	rec.Replicas = append(rec.Replicas, cluster.Replica{NodeID: req.Node, State: cluster.ReplicaNew})
+	rec.Copies = len(rec.Replicas)
+	rec.Epoch++
+	if err := b.node.UpdateLUIfEpoch(ctx, rec, expected); err != nil {
+		if errors.Is(err, cluster.ErrEpochChanged) {
+			return api.LU{}, fmt.Errorf("%w: %v; try again", api.ErrStale, err)
+		}
+		return api.LU{}, b.apiError(err)
+	}
+	return b.afterChange(ctx, name)
+}
+
+// RegionHashes hashes regions of this node's copy of an LU.
+func (b *daemonBackend) RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) (api.RegionHashes, error) {
+	if _, err := b.GetLU(ctx, name); err != nil {
+		return api.RegionHashes{}, err
+	}
+	hashes, err := b.mgr.RegionHashes(ctx, name, offsetBytes, regionBytes, count)
+	switch {
+	case errors.Is(err, replication.ErrNoCopy):
+		return api.RegionHashes{}, fmt.Errorf("%w: %v", api.ErrNotFound, err)
+	case errors.Is(err, blockdev.ErrInvalid):
+		return api.RegionHashes{}, fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	case err != nil:
+		return api.RegionHashes{}, err
+	}
+	return api.RegionHashes{Node: b.nodeID, OffsetBytes: offsetBytes, RegionBytes: regionBytes, Hashes: hashes}, nil
+}
+
+// verifyRechecks is how many times a region that differs is hashed again
+// before it is reported: a write in flight while the copies were hashed
+// makes them differ for a moment.
+const verifyRechecks = 3
+
+// VerifyLU compares every copy of an LU region by region, asking each
+// copy's node for the hashes of its own copy.
+func (b *daemonBackend) VerifyLU(ctx context.Context, name string, req api.VerifyRequest) (api.VerifyReport, error) {
+	rec, err := b.node.GetLU(name)
+	if err != nil {
+		_, err := b.GetLU(ctx, name)
+		return api.VerifyReport{}, err
+	}
+	region := req.RegionBytes
+	if region == 0 {
+		region = 1 << 20
+	}
+	if region < 4096 || region > 64<<20 || region%4096 != 0 {
+		return api.VerifyReport{}, fmt.Errorf("%w: region %d bytes: use a multiple of 4K from 4K to 64M", api.ErrInvalid, region)
+	}
+	nodes, err := b.node.Nodes()
+	if err != nil {
+		return api.VerifyReport{}, err
+	}
+	report := api.VerifyReport{Name: name, RegionBytes: region, Mismatches: []api.RegionMismatch{}, Skipped: map[string]string{}}
+	hashesOf := func(node string, off int64, count int) ([]string, error) {
+		if node == b.nodeID {
+			h, err := b.RegionHashes(ctx, name, off, region, count)
+			return h.Hashes, err
+		}
+		addr := ""
+		for _, n := range nodes {
+			if n.ID == node {
+				addr = n.APIAddr
+			}
+		}
+		c, err := api.NewClient(addr)
+		if err != nil {
+			return nil, err
+		}
+		h, err := c.RegionHashes(ctx, name, off, region, count)
+		return h.Hashes, err
+	}
+	var copies []string
+	for _, r := range rec.Replicas {
+		if r.State == cluster.ReplicaInSync {
+			copies = append(copies, r.NodeID)
+		} else {
+			report.Skipped[r.NodeID] = "copy is " + r.State + ": it is known to lack data"
+		}
+	}
+	report.Copies = copies
+	const batch = replication.RegionHashesMax
+	for off := int64(0); off < rec.SizeBytes; off += batch * region {
+		all := map[string][]string{}
+		for _, node := range copies {
+			if _, skipped := report.Skipped[node]; skipped {
+				continue
+			}
+			h, err := hashesOf(node, off, batch)
+			if err != nil {
+				report.Skipped[node] = err.Error()
+				continue
+			}
+			all[node] = h
+		}
+		n := (min(off+batch*region, rec.SizeBytes) - off + region - 1) / region
+		report.Regions += n
+		for i := int64(0); i < n; i++ {
+			if m, ok := b.regionDiffers(all, i, off+i*region, hashesOf); ok {
+				report.Mismatches = append(report.Mismatches, m)
+			}
+		}
+	}
+	report.Equal = len(report.Mismatches) == 0 && len(report.Skipped) == 0
+	if len(report.Skipped) == 0 {
+		report.Skipped = nil
+	}
+	return report, nil
+}
+
+// regionDiffers compares region i of every copy's hashes; a region that
+// differs is hashed again (up to verifyRechecks times) and reported only if
+// it still differs.
+func (b *daemonBackend) regionDiffers(all map[string][]string, i, off int64, hashesOf func(string, int64, int) ([]string, error)) (api.RegionMismatch, bool) {
+	hashes := map[string]string{}
+	for node, h := range all {
+		if int(i) < len(h) {
+			hashes[node] = h[i]
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		first, same := "", true
+		for _, h := range hashes {
+			if first == "" {
+				first = h
+			}
+			same = same && h == first
+		}
+		if same {
+			return api.RegionMismatch{}, false
+		}
+		if attempt == verifyRechecks {
+			return api.RegionMismatch{OffsetBytes: off, Hashes: hashes}, true
+		}
+		time.Sleep(100 * time.Millisecond)
+		for node := range hashes {
+			if h, err := hashesOf(node, off, 1); err == nil && len(h) == 1 {
+				hashes[node] = h[0]
+			}
+		}
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -70,11 +71,11 @@ func parseLUSize(s string, notice io.Writer) (int64, error) {
 
 func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) == 0 {
-		return usageErrorf("lu needs a subcommand: create, list, show, resize or delete")
+		return usageErrorf("lu needs a subcommand: create, list, show, resize, delete, add-copy or verify")
 	}
 	sub, args := args[0], args[1:]
 	fs, cf := newClientFlagSet("lu "+sub, os.Stderr)
-	var size, kind, description string
+	var size, kind, description, node, region string
 	var copies int
 	var force bool
 	switch sub {
@@ -87,9 +88,13 @@ func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 		fs.StringVar(&size, "size", "", "new size with a unit")
 	case "delete":
 		fs.BoolVar(&force, "force", false, "delete even while clients are attached (their I/O ends with an error)")
+	case "add-copy":
+		fs.StringVar(&node, "node", "", "node to place the new copy on (see lupool node list)")
+	case "verify":
+		fs.StringVar(&region, "region", "1M", "comparison unit, 4K to 64M")
 	case "list", "show":
 	default:
-		return usageErrorf("unknown lu subcommand %q: use create, list, show, resize or delete", sub)
+		return usageErrorf("unknown lu subcommand %q: use create, list, show, resize, delete, add-copy or verify", sub)
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -137,6 +142,25 @@ func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 			return err
 		}
 		return printLUs(stdout, cf.output, []api.LU{lu}, true)
+	case "add-copy":
+		if node == "" {
+			return usageErrorf("lu add-copy needs --node NODE (see lupool node list)")
+		}
+		lu, err := c.AddCopy(ctx, pos[0], node)
+		if err != nil {
+			return err
+		}
+		return printLUs(stdout, cf.output, []api.LU{lu}, true)
+	case "verify":
+		n, err := units.ParseSize(region)
+		if err != nil {
+			return usageErrorf("--region: %s", strings.TrimPrefix(err.Error(), "units: "))
+		}
+		report, err := c.VerifyLU(ctx, pos[0], n)
+		if err != nil {
+			return err
+		}
+		return printVerify(stdout, cf.output, report)
 	case "resize":
 		n, err := parseLUSize(size, os.Stderr)
 		if err != nil {
@@ -157,6 +181,44 @@ func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 		fmt.Fprintf(stdout, "deleted %s\n", pos[0])
 		return nil
 	}
+}
+
+// errDiverged is returned by lu verify when copies differ or could not be
+// compared; the report was printed.
+var errDiverged = errors.New("copies differ or could not all be compared")
+
+func printVerify(w io.Writer, output string, r api.VerifyReport) error {
+	if output == "json" {
+		if err := printJSON(w, r); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(w, "%s: %d regions of %s compared on copies %s\n", r.Name, r.Regions, units.Format(r.RegionBytes), strings.Join(r.Copies, ", "))
+		for node, why := range r.Skipped {
+			fmt.Fprintf(w, "skipped %s: %s\n", node, why)
+		}
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		if len(r.Mismatches) > 0 {
+			fmt.Fprintln(tw, "DIFFERS AT OFFSET\tNODE\tSHA-256")
+		}
+		for _, m := range r.Mismatches {
+			for _, node := range r.Copies {
+				if h, ok := m.Hashes[node]; ok {
+					fmt.Fprintf(tw, "%d\t%s\t%s\n", m.OffsetBytes, node, h)
+				}
+			}
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if r.Equal {
+			fmt.Fprintln(w, "all copies equal")
+		}
+	}
+	if !r.Equal {
+		return errDiverged
+	}
+	return nil
 }
 
 func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {

@@ -76,6 +76,13 @@ type Backend interface {
 	// if its epoch is still req.ExpectedEpoch (else ErrStale). The
 	// replication layer of an LU's writer calls it through its own node.
 	UpdateReplicas(ctx context.Context, name string, req UpdateReplicasRequest) (LU, error)
+	// AddCopy places a new copy of an LU on req.Node; the writer rebuilds
+	// it from the allocated extents while writes go on.
+	AddCopy(ctx context.Context, name string, req AddCopyRequest) (LU, error)
+	// RegionHashes hashes regions of this node's own copy of an LU.
+	RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) (RegionHashes, error)
+	// VerifyLU compares every copy of an LU region by region by hash.
+	VerifyLU(ctx context.Context, name string, req VerifyRequest) (VerifyReport, error)
 	// Ready returns nil when the node can serve LU requests.
 	Ready() error
 }
@@ -98,6 +105,46 @@ type UpdateReplicasRequest struct {
 	Epoch         uint64    `json:"epoch"`
 	Writer        string    `json:"writer"`
 	Replicas      []Replica `json:"replicas"`
+}
+
+// AddCopyRequest is the body of POST /v1/lus/{name}/copies.
+type AddCopyRequest struct {
+	Node string `json:"node"`
+}
+
+// RegionHashes is the answer of GET /v1/lus/{name}/hashes: the SHA-256 of
+// consecutive regions of one node's copy, from OffsetBytes.
+type RegionHashes struct {
+	Node        string   `json:"node"`
+	OffsetBytes int64    `json:"offset_bytes"`
+	RegionBytes int64    `json:"region_bytes"`
+	Hashes      []string `json:"hashes"`
+}
+
+// VerifyRequest is the body of POST /v1/lus/{name}/verify.
+type VerifyRequest struct {
+	// RegionBytes is the comparison unit; 0 means 1 MiB.
+	RegionBytes int64 `json:"region_bytes,omitempty"`
+}
+
+// VerifyReport says whether an LU's copies hold the same bytes.
+type VerifyReport struct {
+	Name        string   `json:"name"`
+	RegionBytes int64    `json:"region_bytes"`
+	Regions     int64    `json:"regions"`
+	Copies      []string `json:"copies"`
+	// Equal is true when every compared region matched on every copy and
+	// no copy was skipped.
+	Equal      bool             `json:"equal"`
+	Mismatches []RegionMismatch `json:"mismatches"`
+	// Skipped names copies that could not be compared, with the reason.
+	Skipped map[string]string `json:"skipped,omitempty"`
+}
+
+// RegionMismatch is one region whose copies differ, with each copy's hash.
+type RegionMismatch struct {
+	OffsetBytes int64             `json:"offset_bytes"`
+	Hashes      map[string]string `json:"hashes"`
 }
 
 // ResizeLURequest is the body of POST /v1/lus/{name}/resize.

@@ -96,6 +96,28 @@ func (c *Client) UpdateReplicas(ctx context.Context, name string, req UpdateRepl
 	return lu, err
 }
 
+// AddCopy places a new copy of an LU on a node.
+func (c *Client) AddCopy(ctx context.Context, name, node string) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/copies", AddCopyRequest{Node: node}, &lu)
+	return lu, err
+}
+
+// RegionHashes hashes count regions of the node's own copy of an LU.
+func (c *Client) RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) (RegionHashes, error) {
+	var out RegionHashes
+	path := fmt.Sprintf("/v1/lus/%s/hashes?offset=%d&region=%d&count=%d", url.PathEscape(name), offsetBytes, regionBytes, count)
+	err := c.do(ctx, http.MethodGet, path, nil, &out)
+	return out, err
+}
+
+// VerifyLU compares an LU's copies region by region.
+func (c *Client) VerifyLU(ctx context.Context, name string, regionBytes int64) (VerifyReport, error) {
+	var out VerifyReport
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/verify", VerifyRequest{RegionBytes: regionBytes}, &out)
+	return out, err
+}
+
 // ListLUs lists every LU.
 func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
 	var lus []LU

@@ -74,6 +74,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/nodes", h.nodes)
 	h.mux.HandleFunc("POST /v1/nodes", h.mutating(h.join))
 	h.mux.HandleFunc("POST /v1/lus/{name}/replicas", h.mutating(h.updateReplicas))
+	h.mux.HandleFunc("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
+	h.mux.HandleFunc("GET /v1/lus/{name}/hashes", h.regionHashes)
+	h.mux.HandleFunc("POST /v1/lus/{name}/verify", h.verifyLU)
 	for path, fn := range opts.Upgrades {
 		h.mux.HandleFunc("GET "+path, upgrade(fn))
 	}
@@ -226,6 +229,58 @@ func (h *Handler) updateReplicas(ctx context.Context, r *http.Request, body []by
 	}
 	lu, err := h.opts.Backend.UpdateReplicas(ctx, r.PathValue("name"), req)
 	return http.StatusOK, lu, err
+}
+
+func (h *Handler) addCopy(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req AddCopyRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Node == "" {
+		return 0, nil, fmt.Errorf("%w: add-copy needs the node to place the copy on (see lupool node list)", ErrInvalid)
+	}
+	lu, err := h.opts.Backend.AddCopy(ctx, r.PathValue("name"), req)
+	return http.StatusOK, lu, err
+}
+
+func (h *Handler) regionHashes(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	num := func(key string, def int64) (int64, error) {
+		v := q.Get(key)
+		if v == "" {
+			return def, nil
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("%w: %s=%q: want a non-negative integer", ErrInvalid, key, v)
+		}
+		return n, nil
+	}
+	offset, err1 := num("offset", 0)
+	region, err2 := num("region", 1<<20)
+	count, err3 := num("count", 1024)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		h.fail(w, err)
+		return
+	}
+	hashes, err := h.opts.Backend.RegionHashes(r.Context(), r.PathValue("name"), offset, region, int(count))
+	h.reply(w, hashes, err)
+}
+
+// verifyLU runs on the node that received it (it reads, it changes
+// nothing), so it is not forwarded to the leader.
+func (h *Handler) verifyLU(w http.ResponseWriter, r *http.Request) {
+	var req VerifyRequest
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err == nil && len(bytes.TrimSpace(body)) > 0 {
+		err = decode(body, &req)
+	}
+	if err != nil {
+		h.fail(w, err)
+		return
+	}
+	report, err := h.opts.Backend.VerifyLU(r.Context(), r.PathValue("name"), req)
+	h.reply(w, report, err)
 }
 
 // upgrade hands the connection of an "Upgrade" request to fn.

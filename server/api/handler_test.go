@@ -109,6 +109,30 @@ func (b *memBackend) Join(context.Context, JoinRequest) error {
 }
 func (b *memBackend) Ready() error { return nil }
 
+func (b *memBackend) AddCopy(_ context.Context, name string, req AddCopyRequest) (LU, error) {
+	if err := b.follower(); err != nil {
+		return LU{}, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	lu, ok := b.lus[name]
+	if !ok {
+		return LU{}, fmt.Errorf("%w: no LU %q", ErrNotFound, name)
+	}
+	lu.Copies++
+	lu.Replicas = append(lu.Replicas, Replica{Node: req.Node, State: "new"})
+	b.lus[name] = lu
+	return lu, nil
+}
+
+func (b *memBackend) RegionHashes(_ context.Context, name string, off, region int64, count int) (RegionHashes, error) {
+	return RegionHashes{Node: "n1", OffsetBytes: off, RegionBytes: region, Hashes: make([]string, count)}, nil
+}
+
+func (b *memBackend) VerifyLU(_ context.Context, name string, req VerifyRequest) (VerifyReport, error) {
+	return VerifyReport{Name: name, RegionBytes: req.RegionBytes, Equal: true}, nil
+}
+
 func (b *memBackend) UpdateReplicas(_ context.Context, name string, req UpdateReplicasRequest) (LU, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -1,0 +1,49 @@
+package replication
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+
+	"github.com/lupool/lupool/blockdev"
+)
+
+// RegionHashesMax bounds the regions one RegionHashes call hashes.
+const RegionHashesMax = 4096
+
+// RegionHashes returns the SHA-256 (hex) of up to count regions of
+// regionBytes of this node's copy of name, starting at offsetBytes; the
+// last region may be shorter (the LU's end). A region wholly unallocated
+// is hashed as zeros without reading it. It returns an error wrapping
+// replproto.ErrNotFound when this node holds no copy.
+func (m *Manager) RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) ([]string, error) {
+	if regionBytes < 4096 || regionBytes > 64<<20 || regionBytes%4096 != 0 || offsetBytes < 0 ||
+		offsetBytes%regionBytes != 0 || count < 1 || count > RegionHashesMax {
+		return nil, fmt.Errorf("%w: region %d bytes (a multiple of 4096 up to 64 MiB), offset %d (a multiple of it), count %d (1 to %d)",
+			blockdev.ErrInvalid, regionBytes, offsetBytes, count, RegionHashesMax)
+	}
+	vol, ok := m.Volume(name)
+	if !ok {
+		return nil, fmt.Errorf("%w: no copy of %s on %s", ErrNoCopy, name, m.opts.NodeID)
+	}
+	size := vol.Size()
+	buf := make([]byte, regionBytes)
+	var ext []blockdev.Extent
+	var out []string
+	for i, off := 0, offsetBytes; i < count && off < size; i, off = i+1, off+regionBytes {
+		n := min(regionBytes, size-off)
+		var err error
+		if ext, err = vol.Extents(ctx, off, n, ext[:0]); err != nil {
+			return nil, err
+		}
+		if len(ext) == 1 && ext[0].LengthBytes >= n && ext[0].Flags&blockdev.ExtentHole != 0 {
+			clear(buf[:n])
+		} else if err := vol.ReadAt(ctx, buf[:n], off); err != nil {
+			return nil, err
+		}
+		sum := sha256.Sum256(buf[:n])
+		out = append(out, hex.EncodeToString(sum[:]))
+	}
+	return out, nil
+}
