@@ -80,6 +80,9 @@ type Options struct {
 	TrailingLogs      uint64
 	// ApplyTimeout bounds a write when the context has no deadline.
 	ApplyTimeout time.Duration
+	// ReplaceAfter, when positive, makes the leader replace a copy that
+	// stayed out of sync (or new) this long by a new copy on another node.
+	ReplaceAfter time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -273,6 +276,10 @@ func (n *Node) start() error {
 	}
 	n.wg.Add(1)
 	go n.leaderLoop(notify)
+	if n.opts.ReplaceAfter > 0 {
+		n.wg.Add(1)
+		go n.replaceLoop()
+	}
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil

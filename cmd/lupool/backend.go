@@ -5,8 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
-	"sort"
-	"sync/atomic"
+		"sync/atomic"
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
@@ -153,34 +152,17 @@ func (b *daemonBackend) place(nodes []cluster.NodeInfo, writer string, copies in
 	if copies == 1 {
 		return replicas, nil
 	}
-	load := map[string]int{}
 	lus, err := b.node.ListLUs()
 	if err != nil {
 		return nil, err
 	}
-	for _, rec := range lus {
-		for _, r := range rec.Replicas {
-			load[r.NodeID]++
-		}
+	picked, err := cluster.PickNodes(nodes, lus, map[string]bool{writer: true}, copies-1)
+	if err != nil {
+		return nil, fmt.Errorf("%w: copies %d needs %d nodes (%v); add nodes or ask for fewer copies (see lupool node list)",
+			api.ErrInvalid, copies, copies, err)
 	}
-	var candidates []cluster.NodeInfo
-	for _, n := range nodes {
-		if n.ID != writer && n.APIAddr != "" && (n.Suffrage == "voter" || n.Suffrage == "nonvoter") {
-			candidates = append(candidates, n)
-		}
-	}
-	if len(candidates) < copies-1 {
-		return nil, fmt.Errorf("%w: copies %d needs %d nodes, but the cluster has %d usable (see lupool node list); add nodes or ask for fewer copies",
-			api.ErrInvalid, copies, copies, len(candidates)+1)
-	}
-	sort.Slice(candidates, func(i, j int) bool {
-		if load[candidates[i].ID] != load[candidates[j].ID] {
-			return load[candidates[i].ID] < load[candidates[j].ID]
-		}
-		return candidates[i].ID < candidates[j].ID
-	})
-	for _, n := range candidates[:copies-1] {
-		replicas = append(replicas, cluster.Replica{NodeID: n.ID, State: cluster.ReplicaInSync})
+	for _, id := range picked {
+		replicas = append(replicas, cluster.Replica{NodeID: id, State: cluster.ReplicaInSync})
 	}
 	return replicas, nil
 }
@@ -384,6 +366,21 @@ func (b *daemonBackend) AddCopy(ctx context.Context, name string, req api.AddCop
 	nodes, err := b.node.Nodes()
 	if err != nil {
 		return api.LU{}, err
+	}
+	if req.Node == "" {
+		lus, err := b.node.ListLUs()
+		if err != nil {
+			return api.LU{}, err
+		}
+		exclude := map[string]bool{}
+		for _, r := range rec.Replicas {
+			exclude[r.NodeID] = true
+		}
+		picked, err := cluster.PickNodes(nodes, lus, exclude, 1)
+		if err != nil {
+			return api.LU{}, fmt.Errorf("%w: no node without a copy of %q to place one on (%v)", api.ErrInvalid, name, err)
+		}
+		req.Node = picked[0]
 	}
 	if !knownNode(nodes, req.Node) {
 		return api.LU{}, fmt.Errorf("%w: node %q is not a member of this cluster (see lupool node list)", api.ErrInvalid, req.Node)

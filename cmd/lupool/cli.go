@@ -89,7 +89,7 @@ func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 	case "delete":
 		fs.BoolVar(&force, "force", false, "delete even while clients are attached (their I/O ends with an error)")
 	case "add-copy":
-		fs.StringVar(&node, "node", "", "node to place the new copy on (see lupool node list)")
+		fs.StringVar(&node, "node", "", "node to place the new copy on (default: the node holding the fewest copies)")
 	case "verify":
 		fs.StringVar(&region, "region", "1M", "comparison unit, 4K to 64M")
 	case "list", "show":
@@ -143,9 +143,6 @@ func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		return printLUs(stdout, cf.output, []api.LU{lu}, true)
 	case "add-copy":
-		if node == "" {
-			return usageErrorf("lu add-copy needs --node NODE (see lupool node list)")
-		}
 		lu, err := c.AddCopy(ctx, pos[0], node)
 		if err != nil {
 			return err

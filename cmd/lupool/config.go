@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/lupool/lupool/internal/units"
 )
@@ -35,6 +36,9 @@ type serveConfig struct {
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
 	ResyncRateBytes  int64 `json:"resync_rate_bytes"`
+	// ReplaceAfter: the primary replaces a copy out of sync this long
+	// (a Go duration such as 10m; 0 never).
+	ReplaceAfter string `json:"replace_after"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -49,6 +53,7 @@ func defaultServeConfig() serveConfig {
 		LogFormat:  "text",
 
 		DirtyRegionBytes: 1 << 20,
+		ReplaceAfter:     "10m",
 	}
 }
 
@@ -101,6 +106,8 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
 		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
+		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
+			func(c *serveConfig) *string { return &c.ReplaceAfter }),
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
 		str("log-format", "text or json", func(c *serveConfig) *string { return &c.LogFormat }),
 	}
@@ -152,7 +159,7 @@ func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (
 		dec := json.NewDecoder(strings.NewReader(string(data)))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&cfg); err != nil {
-			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes)", *configFile, err)
+			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes, replace_after)", *configFile, err)
 		}
 	}
 	set := map[string]bool{}
@@ -192,6 +199,9 @@ func (c *serveConfig) validate() error {
 	}
 	if c.DirtyRegionBytes < 4096 || c.DirtyRegionBytes > 4<<20 || c.DirtyRegionBytes%4096 != 0 {
 		return fmt.Errorf("--dirty-region %d: use a multiple of 4K from 4K to 4M", c.DirtyRegionBytes)
+	}
+	if d, err := time.ParseDuration(c.ReplaceAfter); err != nil || d < 0 {
+		return fmt.Errorf("--replace-after %q: want a duration such as 10m, 90s or 0 (never)", c.ReplaceAfter)
 	}
 	if c.ResyncRateBytes < 0 {
 		return fmt.Errorf("--resync-rate must not be negative")

@@ -42,6 +42,11 @@ func TestServeConfigErrors(t *testing.T) {
 		{[]string{"--bogus"}, "flag provided but not defined"},
 		{[]string{"extra"}, "serve takes no arguments"},
 		{[]string{"--config", "/nonexistent/lupool.json"}, "config file"},
+		{[]string{"--dirty-region", "6K"}, "use a multiple of 4K from 4K to 4M"},
+		{[]string{"--dirty-region", "lots"}, "want a byte count such as 1M"},
+		{[]string{"--resync-rate", "fast"}, "want a byte count such as 1M"},
+		{[]string{"--replace-after", "soon"}, "want a duration such as 10m"},
+		{[]string{"--replace-after", "-5m"}, "want a duration such as 10m"},
 	} {
 		_, err := loadServeConfig(tc.args, noenv, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -4,7 +4,7 @@
 //	lupool serve [--data DIR] [--nbd ADDR] [--api ADDR] [--peer ADDR] [--join API_ADDR]
 //	lupool lu create NAME --size SIZE [--copies N] [--kind file|memory] [--description TEXT]
 //	lupool lu list | show NAME | resize NAME --size SIZE | delete NAME [--force]
-//	lupool lu add-copy NAME --node NODE | verify NAME [--region SIZE]
+//	lupool lu add-copy NAME [--node NODE] | verify NAME [--region SIZE]
 //	lupool pool status
 //	lupool node list
 //	lupool attach EXPORT /dev/nbdX [--nbd ADDR]
@@ -33,7 +33,7 @@ Usage:
   lupool lu show NAME
   lupool lu resize NAME --size SIZE
   lupool lu delete NAME [--force]
-  lupool lu add-copy NAME --node NODE  add a copy on NODE (rebuilt while writes go on)
+  lupool lu add-copy NAME [--node NODE]  add a copy (rebuilt while writes go on)
   lupool lu verify NAME [--region 1M]  compare the in-sync copies by hash; exit 1 if they differ
   lupool pool status
   lupool node list

@@ -404,8 +404,8 @@ func TestAddCopyAndVerify(t *testing.T) {
 	if _, _, code := n1.cli("lu", "add-copy", "v", "--node", "n3"); code != 1 {
 		t.Errorf("add-copy on a node that has a copy: exit %d, want 1", code)
 	}
-	if _, errOut, code := n1.cli("lu", "add-copy", "v"); code != 2 || !strings.Contains(errOut, "--node") {
-		t.Errorf("add-copy without --node: exit %d %q, want 2 naming --node", code, errOut)
+	if _, errOut, code := n1.cli("lu", "add-copy", "v"); code != 1 || !strings.Contains(errOut, "no node without a copy") {
+		t.Errorf("add-copy with every node holding a copy: exit %d %q, want 1 saying no node is left", code, errOut)
 	}
 
 	// Corrupt n2's copy behind lupool's back: verify names the region.
@@ -458,4 +458,28 @@ func TestMemoryCopyRestartRebuilt(t *testing.T) {
 	}
 	// Reads through n2 see the data written before its restart.
 	fio(t, "--name=fill", "--uri="+n2.uri("m"), "--rw=write", "--bs=64k", "--size=8M", "--verify=crc32c", "--verify_only=1")
+}
+
+// TestLaggingCopyReplaced: a copy whose node stays down is replaced, after
+// --replace-after, by a new copy on another node, rebuilt from the writer.
+func TestLaggingCopyReplaced(t *testing.T) {
+	needTools(t, "fio")
+	n1, n2, n3 := cluster3(t, "--replace-after", "2s")
+	n1.mustCLI("lu", "create", "p", "--size", "16M", "--copies", "2")
+	if lu := n1.showLU("p"); lu.state("n2") != "in-sync" {
+		t.Fatalf("placement %+v, want a copy on n2", lu)
+	}
+	fio(t, "--name=fill", "--uri="+n1.uri("p"), "--rw=write", "--bs=64k", "--size=8M")
+	n2.stop(syscall.SIGKILL)
+	fio(t, "--name=more", "--uri="+n1.uri("p"), "--rw=randwrite", "--bs=4k", "--offset=8M", "--size=2M")
+	lu := n1.waitState("p", "n3", "in-sync", 60*time.Second)
+	if lu.state("n2") != "" || len(lu.Replicas) != 2 {
+		t.Fatalf("after replacement: %+v; want copies on n1 and n3 only", lu)
+	}
+	if a, c := volumeSHA(t, n1, "p"), volumeSHA(t, n3, "p"); a != c {
+		t.Fatalf("replacement copy differs: n1 %s n3 %s", a, c)
+	}
+	if !strings.Contains(n1.logs()+n3.logs(), "replaced a copy that stayed out of sync") {
+		t.Error("the leader did not log the replacement")
+	}
 }

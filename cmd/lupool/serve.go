@@ -175,14 +175,16 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	metaDir := filepath.Join(cfg.Data, "meta")
 	_, statErr := os.Stat(metaDir)
 	firstStart := errors.Is(statErr, os.ErrNotExist)
+	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter) // validated with the config
 	node, err := cluster.Open(cluster.Options{
-		Dir:       metaDir,
-		NodeID:    id,
-		PeerAddr:  cfg.Peer,
-		APIAddr:   cfg.API,
-		NBDAddr:   cfg.NBD,
-		Bootstrap: cfg.Join == "",
-		Logger:    log.With("part", "cluster"),
+		ReplaceAfter: replaceAfter,
+		Dir:          metaDir,
+		NodeID:       id,
+		PeerAddr:     cfg.Peer,
+		APIAddr:      cfg.API,
+		NBDAddr:      cfg.NBD,
+		Bootstrap:    cfg.Join == "",
+		Logger:       log.With("part", "cluster"),
 	})
 	if err != nil {
 		return fmt.Errorf("metadata: %w", err)

@@ -107,7 +107,8 @@ type UpdateReplicasRequest struct {
 	Replicas      []Replica `json:"replicas"`
 }
 
-// AddCopyRequest is the body of POST /v1/lus/{name}/copies.
+// AddCopyRequest is the body of POST /v1/lus/{name}/copies. An empty Node
+// lets the primary pick the node holding the fewest copies.
 type AddCopyRequest struct {
 	Node string `json:"node"`
 }

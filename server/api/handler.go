@@ -236,9 +236,6 @@ func (h *Handler) addCopy(ctx context.Context, r *http.Request, body []byte) (in
 	if err := decode(body, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.Node == "" {
-		return 0, nil, fmt.Errorf("%w: add-copy needs the node to place the copy on (see lupool node list)", ErrInvalid)
-	}
 	lu, err := h.opts.Backend.AddCopy(ctx, r.PathValue("name"), req)
 	return http.StatusOK, lu, err
 }
