@@ -37,6 +37,9 @@ type EngineOptions struct {
 	Logger *slog.Logger
 }
 
+// The engine runs a memory volume's small requests inline.
+var _ nbd.InlineDevice = (*lu.MemVolume)(nil)
+
 // ServeEngine serves one LU named "bench" with server/nbd until ctx ends,
 // then shuts the server down and closes the volume. It is lupool's data
 // path without the daemon: no cluster metadata, no API, no replication.

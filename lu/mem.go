@@ -111,6 +111,12 @@ func (v *MemVolume) Caps() blockdev.Caps {
 	return blockdev.Caps{MultiConn: true, Volatile: true, BlockSizeBytes: BlockSizeBytes}
 }
 
+// InlineIO reports that ReadAt, WriteAt and Flush never block: they copy
+// memory under short locks (a Resize or Close in progress is the only
+// wait). Front ends may run them on the goroutine that received the request
+// (server/nbd.InlineDevice).
+func (v *MemVolume) InlineIO() bool { return true }
+
 // AllocatedBytes implements Volume: the pages held.
 func (v *MemVolume) AllocatedBytes() int64 { return v.heldPages.Load() * BlockSizeBytes }
 

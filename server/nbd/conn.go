@@ -37,11 +37,14 @@ type conn struct {
 	nc net.Conn
 	br *bufio.Reader // serve goroutine, then guarded by readMu
 
-	wmu            sync.Mutex
-	bw             *bufio.Writer // guarded by wmu once transmission starts
-	deadlineSet    time.Time     // guarded by wmu; when the write deadline was last moved
-	pendingReplies atomic.Int32  // replies queued for or holding wmu
-	broken         atomic.Bool   // a reply write failed
+	wmu         sync.Mutex
+	bw          *bufio.Writer // guarded by wmu once transmission starts
+	deadlineSet time.Time     // guarded by wmu; when the write deadline was last moved
+	// pendingReplies counts the replies queued for or holding wmu, plus one
+	// while the reader holds a batch open (batchOpen); whoever brings it to
+	// zero flushes bw.
+	pendingReplies atomic.Int32
+	broken         atomic.Bool // a reply write failed
 
 	// Guarded by srv.mu.
 	attached   bool
@@ -57,6 +60,7 @@ type conn struct {
 	extenter blockdev.Extenter // nil if unsupported
 	cacher   blockdev.Cacher   // nil if unsupported
 	readOnly bool
+	inline   bool           // dev is an InlineDevice that reported true
 	metrics  *exportMetrics // nil without Metrics
 
 	inflight atomic.Int32
@@ -74,6 +78,11 @@ type conn struct {
 	stopped   bool                       // guarded by readMu; reading has ended
 	readErr   error                      // guarded by readMu; why reading ended (nil after DISC)
 	headerBuf [nbdproto.RequestSize]byte // guarded by readMu
+	// batchOpen is true while the reader has written replies of inline
+	// requests and holds their flush back (one count in pendingReplies),
+	// because more requests are already buffered. Guarded by readMu; the
+	// reader closes the batch before anything that may block.
+	batchOpen bool
 	// br (above) is also guarded by readMu during transmission.
 	workers  atomic.Int32 // started workers
 	waiting  atomic.Int32 // workers waiting for readMu
@@ -171,6 +180,9 @@ func (c *conn) start(sess *session) {
 	c.extenter, _ = c.dev.(blockdev.Extenter)
 	c.cacher, _ = c.dev.(blockdev.Cacher)
 	c.readOnly = c.dev.Caps().ReadOnly
+	if d, ok := c.dev.(InlineDevice); ok {
+		c.inline = d.InlineIO()
+	}
 	if m := c.srv.opts.Metrics; m != nil {
 		c.metrics = m.forExport(sess.export.Name)
 		c.metrics.connections.Inc()
@@ -198,21 +210,16 @@ func (c *conn) finish() {
 	}
 }
 
-// worker alternates between reading one request (as the leader) and running
-// it, until reading ends.
+// worker alternates between reading requests (as the leader) and running
+// one, until reading ends.
 func (c *conn) worker() {
 	defer c.workerWG.Done()
 	for {
 		c.waiting.Add(1)
 		c.readMu.Lock()
 		c.waiting.Add(-1)
-		if c.stopped {
-			c.readMu.Unlock()
-			return
-		}
-		r, err := c.next()
+		r := c.lead()
 		if r == nil {
-			c.stopLocked(err)
 			c.readMu.Unlock()
 			return
 		}
@@ -225,6 +232,81 @@ func (c *conn) worker() {
 		c.readMu.Unlock()
 		c.handle(r)
 	}
+}
+
+// lead reads requests and runs the inline ones itself until it reads one
+// that must run apart, which it returns, or until reading ends (nil). The
+// replies of inline requests are flushed together when no further request
+// is buffered. c.readMu must be held.
+func (c *conn) lead() *request {
+	for !c.stopped {
+		r, err := c.next()
+		if r == nil {
+			c.closeBatchLocked()
+			c.stopLocked(err)
+			return nil
+		}
+		if !c.runsInline(r) {
+			c.closeBatchLocked()
+			return r
+		}
+		c.openBatchLocked()
+		c.handle(r)
+	}
+	return nil
+}
+
+// InlineMaxBytes is the largest read or write that runs inline on an
+// InlineDevice. Larger ones go to a worker, so that copying them overlaps
+// with reading the next request.
+const InlineMaxBytes = 128 << 10
+
+// runsInline reports whether the reader runs r itself: requests refused by
+// validation (their reply is all there is to do) and, on an InlineDevice,
+// reads, writes and flushes of at most InlineMaxBytes.
+func (c *conn) runsInline(r *request) bool {
+	if r.errCode != 0 {
+		return true
+	}
+	if !c.inline {
+		return false
+	}
+	switch r.hdr.Type {
+	case nbdproto.CmdRead, nbdproto.CmdWrite:
+		return r.hdr.Length <= InlineMaxBytes
+	case nbdproto.CmdFlush:
+		return true
+	}
+	return false
+}
+
+// openBatchLocked holds back the flush of the replies written from now on
+// until closeBatchLocked. c.readMu must be held.
+func (c *conn) openBatchLocked() {
+	if !c.batchOpen {
+		c.batchOpen = true
+		c.pendingReplies.Add(1)
+	}
+}
+
+// closeBatchLocked ends the batch: the replies written during it are
+// flushed now, or by the last reply still pending. The reader calls it
+// before anything that may block. c.readMu must be held.
+func (c *conn) closeBatchLocked() {
+	if !c.batchOpen {
+		return
+	}
+	c.batchOpen = false
+	if c.pendingReplies.Add(-1) != 0 {
+		return
+	}
+	c.wmu.Lock()
+	if !c.broken.Load() {
+		if err := c.bw.Flush(); err != nil {
+			c.fail()
+		}
+	}
+	c.wmu.Unlock()
 }
 
 // stopLocked ends reading. On a clean end (DISC or EOF) and on a protocol
@@ -241,6 +323,9 @@ func (c *conn) stopLocked(err error) {
 // next reads the next request. It returns nil and the reason when reading
 // must end: nil error after NBD_CMD_DISC. c.readMu must be held.
 func (c *conn) next() (*request, error) {
+	if c.br.Buffered() < nbdproto.RequestSize {
+		c.closeBatchLocked()
+	}
 	if _, err := io.ReadFull(c.br, c.headerBuf[:]); err != nil {
 		return nil, err
 	}
@@ -275,8 +360,13 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 	var r *request
 	select {
 	case r = <-c.free:
-	case <-c.ctx.Done():
-		return nil, c.ctx.Err()
+	default:
+		c.closeBatchLocked()
+		select {
+		case r = <-c.free:
+		case <-c.ctx.Done():
+			return nil, c.ctx.Err()
+		}
 	}
 	r.hdr, r.start, r.buf, r.budget, r.payloadBytes = hdr, time.Now(), nil, 0, 0
 	r.errCode = c.validate(&hdr)
@@ -296,24 +386,34 @@ var errWriteTooLarge = errors.New("nbd: write larger than the maximum block size
 // it when the write was refused). c.readMu must be held.
 func (c *conn) readPayload(r *request) error {
 	n := int64(r.hdr.Length)
+	if r.hdr.Type == nbdproto.CmdWrite && int64(c.br.Buffered()) < n {
+		c.closeBatchLocked() // reading the payload may block
+	}
 	switch {
 	case r.hdr.Type == nbdproto.CmdWrite && r.errCode != 0:
 		_, err := io.CopyN(io.Discard, c.br, n)
 		return err
 	case r.hdr.Type == nbdproto.CmdWrite && n > 0:
-		c.budget.acquire(n)
-		r.budget = n
+		c.acquireLocked(r, n)
 		r.buf = c.srv.pools.get(int(n))
 		_, err := io.ReadFull(c.br, r.buf.b[:n])
 		return err
 	case r.hdr.Type == nbdproto.CmdRead && r.errCode == 0 && n > 0:
-		c.budget.acquire(n)
-		r.budget = n
+		c.acquireLocked(r, n)
 	case r.hdr.Type == nbdproto.CmdBlockStatus && r.errCode == 0:
-		c.budget.acquire(blockStatusPayloadBytes)
-		r.budget = blockStatusPayloadBytes
+		c.acquireLocked(r, blockStatusPayloadBytes)
 	}
 	return nil
+}
+
+// acquireLocked takes n bytes of the budget for r, closing the batch first
+// if it has to wait. c.readMu must be held.
+func (c *conn) acquireLocked(r *request, n int64) {
+	if !c.budget.tryAcquire(n) {
+		c.closeBatchLocked()
+		c.budget.acquire(n)
+	}
+	r.budget = n
 }
 
 // release frees r's buffer and budget and returns it to the free list.

@@ -32,6 +32,9 @@ func TestLimitRelationships(t *testing.T) {
 		{"export names obey the spec string limit", MaxNameBytes <= nbdproto.MaxStringBytes},
 		{"the zero buffer is a whole number of preferred blocks", zeroBufferBytes%PreferredBlockBytes == 0},
 		{"commands counted fit the stats array", int(nbdproto.CmdBlockStatus) < numCommands},
+		{"an inline request is a valid request", InlineMaxBytes <= MaxRequestBytes},
+		{"a full queue of inline requests fits the default byte budget",
+			DefaultMaxInflightRequests*InlineMaxBytes <= DefaultMaxInflightBytes},
 	}
 	for _, c := range checks {
 		if !c.ok {

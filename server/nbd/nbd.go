@@ -16,7 +16,11 @@
 // the reply as soon as it completes, in any order, under one writer mutex
 // that flushes when no other reply is queued. The next request is read
 // while earlier ones run, and no goroutine hand-off sits between a request
-// and its reply. At most MaxInflightRequests requests and MaxInflightBytes
+// and its reply. On an [InlineDevice] (memory) the leader runs small reads,
+// writes and flushes itself, without handing the reader role over, and
+// flushes their replies together once no further request is buffered: one
+// read and one write system call per burst instead of one per request.
+// At most MaxInflightRequests requests and MaxInflightBytes
 // payload bytes are in flight per connection; when either limit is reached
 // the reader stops reading, so a client that stops reading replies blocks
 // only itself.
@@ -96,6 +100,21 @@ type Export struct {
 	Name        string
 	Description string
 	Device      blockdev.Device
+}
+
+// InlineDevice is an optional interface of a blockdev.Device whose ReadAt,
+// WriteAt and Flush finish in memory, without waiting on I/O or on other
+// callers for more than a moment (lu.MemVolume). The engine then runs those
+// requests, up to InlineMaxBytes, on the goroutine that reads them and
+// batches their replies: on such a device handing a request to another
+// goroutine costs more than running it. A device whose calls may block must
+// not report true, since while an inline request runs its connection reads
+// nothing else.
+type InlineDevice interface {
+	blockdev.Device
+	// InlineIO reports whether ReadAt, WriteAt and Flush never block. It
+	// is asked once per connection.
+	InlineIO() bool
 }
 
 // ExportSource resolves export names; safe for concurrent use.

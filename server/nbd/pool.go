@@ -76,6 +76,20 @@ func (b *byteBudget) acquire(n int64) {
 	b.mu.Unlock()
 }
 
+// tryAcquire is acquire without waiting: false if n bytes do not fit now.
+func (b *byteBudget) tryAcquire(n int64) bool {
+	if n == 0 {
+		return true
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.used > 0 && b.used+n > b.max {
+		return false
+	}
+	b.used += n
+	return true
+}
+
 // release returns n bytes.
 func (b *byteBudget) release(n int64) {
 	if n == 0 {

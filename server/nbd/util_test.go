@@ -21,12 +21,27 @@ type testServer struct {
 
 const testSizeBytes = 16 << 20
 
+// inlineMem is a Mem that the engine runs inline (InlineDevice).
+type inlineMem struct{ *blockdevtest.Mem }
+
+func (inlineMem) InlineIO() bool { return true }
+
+var _ InlineDevice = inlineMem{}
+
+// testInline makes startServer serve "disk" as an InlineDevice. Set only by
+// TestInline, which runs tests in sequence.
+var testInline bool
+
 // startServer serves a Mem device as export "disk" (and any extra exports).
 func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra ...Export) *testServer {
 	t.Helper()
 	mem := blockdevtest.NewMem(testSizeBytes, caps)
+	var disk blockdev.Device = mem
+	if testInline {
+		disk = inlineMem{mem}
+	}
 	set := NewExportSet()
-	if err := set.Add(Export{Name: "disk", Description: "test disk", Device: mem}); err != nil {
+	if err := set.Add(Export{Name: "disk", Description: "test disk", Device: disk}); err != nil {
 		t.Fatal(err)
 	}
 	for _, e := range extra {

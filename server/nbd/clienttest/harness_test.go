@@ -109,10 +109,18 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// memExport returns an export over a new memory device.
+// inlineMem is a memory device the engine runs inline, like lu.MemVolume.
+type inlineMem struct{ *blockdevtest.Mem }
+
+func (inlineMem) InlineIO() bool { return true }
+
+var _ nbd.InlineDevice = inlineMem{}
+
+// memExport returns an export over a new memory device, served inline as
+// lupool's memory volumes are (the file tests cover the worker path).
 func memExport(name string, sizeBytes int64, caps blockdev.Caps) (nbd.Export, *blockdevtest.Mem) {
 	dev := blockdevtest.NewMem(sizeBytes, caps)
-	return nbd.Export{Name: name, Description: "memory export " + name, Device: dev}, dev
+	return nbd.Export{Name: name, Description: "memory export " + name, Device: inlineMem{dev}}, dev
 }
 
 // startMem starts a server with one memory export called "mem".

@@ -1,0 +1,211 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// TestInline runs the transmission tests again with "disk" served as an
+// InlineDevice, so that the reader runs its requests itself.
+func TestInline(t *testing.T) {
+	tests := []struct {
+		name string
+		fn   func(*testing.T)
+	}{
+		{"ReadWriteSimple", TestReadWriteSimple},
+		{"Validation", TestValidation},
+		{"WriteTooLargeClosesOnlyThatConnection", TestWriteTooLargeClosesOnlyThatConnection},
+		{"StructuredReplies", TestStructuredReplies},
+		{"DeviceErrorsKeepConnection", TestDeviceErrorsKeepConnection},
+		{"DisconnectExport", TestDisconnectExport},
+		{"HostileTransmission", TestHostileTransmission},
+		{"NoGoroutineGrowth", TestNoGoroutineGrowth},
+		{"HotPathAllocations", TestHotPathAllocations},
+		{"MetricsAndConnStats", TestMetricsAndConnStats},
+	}
+	testInline = true
+	t.Cleanup(func() { testInline = false })
+	for _, tc := range tests {
+		t.Run(tc.name, tc.fn)
+	}
+}
+
+// TestInlineFlushesBeforeBlocking checks that the reader sends the replies
+// it holds back before it waits for the rest of a request: a client that
+// waits for a reply before finishing the next request must get it.
+func TestInlineFlushesBeforeBlocking(t *testing.T) {
+	testInline = true
+	ts := startServer(t, blockdev.Caps{}, nil)
+	testInline = false
+	data := pattern(4096, 5)
+	header := func(typ uint16, handle, off uint64, length uint32) []byte {
+		b := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(b, nbdproto.Request{Type: typ, Handle: handle, Offset: off, Length: length})
+		return b
+	}
+	for _, tc := range []struct {
+		name        string
+		first, rest []byte // the second request, split
+	}{
+		{"partial header", header(nbdproto.CmdWrite, 2, 8192, 4096)[:10],
+			append(header(nbdproto.CmdWrite, 2, 8192, 4096)[10:], data...)},
+		{"partial payload", append(header(nbdproto.CmdWrite, 2, 8192, 4096), data[:1000]...), data[1000:]},
+		{"no payload yet", header(nbdproto.CmdWrite, 2, 8192, 4096), data},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.attach("disk", false)
+			c.send(header(nbdproto.CmdWrite, 1, 0, 4096), data, tc.first)
+			_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if h, code, _ := c.simpleReply(0); h != 1 || code != 0 {
+				t.Fatalf("first write: handle %d %s", h, errName(code))
+			}
+			c.send(tc.rest)
+			if h, code, _ := c.simpleReply(0); h != 2 || code != 0 {
+				t.Fatalf("second write: handle %d %s", h, errName(code))
+			}
+			if !bytes.Equal(ts.mem.Bytes()[8192:8192+4096], data) {
+				t.Fatal("second write did not land")
+			}
+		})
+	}
+}
+
+// countingConn counts the writes of replies.
+type countingConn struct {
+	net.Conn
+	writes *atomic.Int64
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
+type countingListener struct {
+	net.Listener
+	writes atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return countingConn{Conn: c, writes: &l.writes}, nil
+}
+
+// TestInlineBatchesReplies sends bursts of pipelined requests, small and
+// large (large ones go to workers), to an InlineDevice: every reply must
+// come back with the right data, and the replies of a burst of small reads
+// must share a few writes instead of one each.
+func TestInlineBatchesReplies(t *testing.T) {
+	mem := blockdevtest.NewMem(testSizeBytes, blockdev.Caps{})
+	set := NewExportSet()
+	if err := set.Add(Export{Name: "disk", Device: inlineMem{mem}}); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := NewServer(Options{Exports: set})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l0, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &countingListener{Listener: l0}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+	})
+	c := dialRaw(t, l0.Addr().String())
+	c.attach("disk", false)
+
+	// Writes of 4 KiB and of 256 KiB (above InlineMaxBytes) in one burst.
+	const burst = 32
+	if 256<<10 <= InlineMaxBytes {
+		t.Fatal("the large writes must be above InlineMaxBytes")
+	}
+	sizes := func(i int) int {
+		if i%8 == 7 {
+			return 256 << 10
+		}
+		return 4096
+	}
+	offset := func(i int) uint64 { return uint64(i) * (512 << 10) }
+	var req bytes.Buffer
+	want := map[uint64][]byte{}
+	for i := range burst {
+		data := pattern(sizes(i), byte(i))
+		b := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(b, nbdproto.Request{Type: nbdproto.CmdWrite, Handle: uint64(i), Offset: offset(i), Length: uint32(len(data))})
+		req.Write(b)
+		req.Write(data)
+		want[uint64(i)] = data
+	}
+	go func() { _, _ = c.conn.Write(req.Bytes()) }()
+	for range burst {
+		h, code, _ := c.simpleReply(0)
+		if code != 0 || want[h] == nil {
+			t.Fatalf("write reply: handle %d %s", h, errName(code))
+		}
+		delete(want, h)
+	}
+
+	// Reads of the same ranges, in one burst.
+	req.Reset()
+	for i := range burst {
+		b := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(b, nbdproto.Request{Type: nbdproto.CmdRead, Handle: uint64(i), Offset: offset(i), Length: uint32(sizes(i))})
+		req.Write(b)
+	}
+	c.send(req.Bytes())
+	for range burst {
+		r, err := nbdproto.ParseSimpleReply(c.read(nbdproto.SimpleReplySize))
+		if err != nil || r.Error != 0 || r.Handle >= burst {
+			t.Fatalf("read reply %+v: %v", r, err)
+		}
+		i := int(r.Handle)
+		if got := c.read(sizes(i)); !bytes.Equal(got, pattern(sizes(i), byte(i))) {
+			t.Fatalf("read %d: wrong data", i)
+		}
+	}
+
+	// A burst of small reads only: a handful of writes carry the replies.
+	req.Reset()
+	for i := range burst {
+		b := make([]byte, nbdproto.RequestSize)
+		nbdproto.PutRequest(b, nbdproto.Request{Type: nbdproto.CmdRead, Handle: uint64(i), Offset: uint64(i) * 4096, Length: 4096})
+		req.Write(b)
+	}
+	before := l.writes.Load()
+	c.send(req.Bytes())
+	for i := range burst {
+		h, code, _ := c.simpleReply(4096)
+		if h != uint64(i) || code != 0 {
+			t.Fatalf("small read reply: handle %d %s, want handle %d in order", h, errName(code), i)
+		}
+	}
+	// 32 replies of 4 KiB fill the 64 KiB writer about twice; allow for
+	// the burst arriving in pieces.
+	if n := l.writes.Load() - before; n > burst/4 {
+		t.Errorf("%d writes for %d small read replies, want at most %d", n, burst, burst/4)
+	}
+}
