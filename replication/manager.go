@@ -228,7 +228,10 @@ func (m *Manager) now() int64 { return int64(time.Since(m.clock)) }
 
 // renewLease notes that this node's copy of name just heard from the writer.
 func (m *Manager) renewLease(name string) {
-	v, _ := m.leases.LoadOrStore(name, new(atomic.Int64))
+	v, ok := m.leases.Load(name)
+	if !ok {
+		v, _ = m.leases.LoadOrStore(name, new(atomic.Int64))
+	}
 	v.(*atomic.Int64).Store(m.now())
 }
 

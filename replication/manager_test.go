@@ -56,7 +56,7 @@ func rec(name string, size int64, kind string, nodes ...string) cluster.LU {
 	return r
 }
 
-func sync1(t *testing.T, m *Manager) {
+func sync1(t testing.TB, m *Manager) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
@@ -73,6 +75,9 @@ type copyLink struct {
 	// lastAck is when (Manager.now) the copy last answered a request: its
 	// read lease may run until lastAck + ReadLease.
 	lastAck atomic.Int64
+	// sentLive counts live write bytes sent to this copy (a child of
+	// metrics.sent, resolved once).
+	sentLive prometheus.Counter
 	// lastDialErr avoids logging the same dial failure every retry.
 	lastDialErr atomic.Pointer[string]
 }
@@ -188,7 +193,7 @@ func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error)
 			if err != nil {
 				return nil, err
 			}
-			l = &copyLink{node: r.NodeID, dirty: d}
+			l = &copyLink{node: r.NodeID, dirty: d, sentLive: mi.m.metrics.sent.WithLabelValues(rec.Name, r.NodeID, "live")}
 			l.state.Store(int32(stateOf(r.State)))
 		}
 		links = append(links, l)
@@ -343,10 +348,7 @@ func (mi *Mirror) WriteZeroes(ctx context.Context, off, length int64, flags bloc
 func (mi *Mirror) Flush(ctx context.Context) error {
 	mi.gate.RLock()
 	defer mi.gate.RUnlock()
-	if err := mi.local.Flush(ctx); err != nil {
-		return err
-	}
-	return mi.fanOut(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0)
+	return mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0)
 }
 
 func wireFlags(f blockdev.Flags) replproto.Flags {
@@ -368,20 +370,6 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 	defer mi.gate.RUnlock()
 	unlock := mi.lockRange(off, length)
 	defer unlock()
-	var err error
-	switch typ {
-	case replproto.TypeWrite:
-		err = mi.local.WriteAt(ctx, p, off, flags)
-	case replproto.TypeTrim:
-		err = mi.local.Trim(ctx, off, length, flags)
-	case replproto.TypeZero:
-		err = mi.local.WriteZeroes(ctx, off, length, flags)
-	}
-	if err != nil {
-		// Nothing was sent: the copies still match the local volume
-		// wherever the failed operation did not land.
-		return err
-	}
 	// Trims and zeroes may exceed one frame; writes never do (the NBD
 	// engine bounds them at 32 MiB).
 	for done := int64(0); done < length || length == 0; {
@@ -391,7 +379,7 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 		if typ == replproto.TypeWrite {
 			payload = p[done : done+n]
 		}
-		if err := mi.fanOut(ctx, h, payload, off+done, n); err != nil {
+		if err := mi.apply(ctx, h, payload, off+done, n, flags); err != nil {
 			return err
 		}
 		done += n
@@ -402,16 +390,41 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 	return nil
 }
 
-// fanOut sends one request to every copy that takes live traffic and waits
-// for all of them. A copy that is skipped or fails has [off, off+length)
-// recorded dirty, and an in-sync copy is recorded out of sync, before
-// fanOut returns.
-func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte, off, length int64) error {
+// apply sends one operation to the copies, applies it to the local volume
+// while they work, and waits for them. When the local volume fails, every
+// copy the operation reached may now hold data the writer does not: each
+// is recorded dirty for the range (and out of sync), so a resync restores
+// the writer's content there, and the local error is returned.
+func (mi *Mirror) apply(ctx context.Context, h replproto.Header, payload []byte, off, length int64, flags blockdev.Flags) error {
+	f := mi.send(h, payload)
+	var err error
+	switch h.Type {
+	case replproto.TypeWrite:
+		err = mi.local.WriteAt(ctx, payload, off, flags)
+	case replproto.TypeTrim:
+		err = mi.local.Trim(ctx, off, length, flags)
+	case replproto.TypeZero:
+		err = mi.local.WriteZeroes(ctx, off, length, flags)
+	case replproto.TypeFlush:
+		err = mi.local.Flush(ctx)
+	}
+	return mi.collect(&f, off, length, err)
+}
+
+// fan is one operation in flight to the copies.
+type fan struct {
+	links   []*copyLink
+	calls   [cluster.CopiesMax]*call
+	conns   [cluster.CopiesMax]*peerConn
+	payload []byte
+	typ     replproto.Type
+}
+
+// send starts one request on every copy that takes live traffic.
+func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 	h.Epoch = mi.epoch.Load()
-	links := mi.linkSet()
-	var calls [cluster.CopiesMax]*call
-	var conns [cluster.CopiesMax]*peerConn
-	for i, l := range links {
+	f := fan{links: mi.linkSet(), payload: payload, typ: h.Type}
+	for i, l := range f.links {
 		if !copyState(l.state.Load()).live() {
 			continue
 		}
@@ -419,29 +432,43 @@ func (mi *Mirror) fanOut(ctx context.Context, h replproto.Header, payload []byte
 		if c == nil {
 			continue
 		}
-		cl, err := c.start(h, payload, nil)
-		if err != nil {
-			continue
+		if cl, err := c.start(h, payload, nil); err == nil {
+			f.calls[i], f.conns[i] = cl, c
 		}
-		calls[i], conns[i] = cl, c
 	}
+	return f
+}
+
+// collect waits for every copy of f. A copy that was skipped or failed, or
+// every copy reached when localErr is set, has [off, off+length) recorded
+// dirty, and an in-sync one is recorded out of sync, before collect
+// returns.
+func (mi *Mirror) collect(f *fan, off, length int64, localErr error) error {
 	var errs []error
-	for i, l := range links {
+	for i, l := range f.links {
 		var cause error = ErrPeerDown
-		if calls[i] != nil {
-			_, err := conns[i].wait(calls[i])
+		if f.calls[i] != nil {
+			_, err := f.conns[i].wait(f.calls[i])
 			if err == nil {
 				l.lastAck.Store(mi.m.now())
-				if h.Type == replproto.TypeWrite {
-					mi.m.metrics.sent.WithLabelValues(mi.name, l.node, "live").Add(float64(len(payload)))
+				if f.typ == replproto.TypeWrite {
+					l.sentLive.Add(float64(len(f.payload)))
 				}
-				continue
+				if localErr == nil {
+					continue
+				}
+				err = fmt.Errorf("the writer's own volume failed: %w", localErr)
 			}
 			cause = err
+		} else if localErr != nil {
+			continue // not reached: it still matches the local volume
 		}
 		if err := mi.copyMissed(l, off, length, cause); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if localErr != nil {
+		return localErr
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("%w: %v", blockdev.ErrIO, errors.Join(errs...))

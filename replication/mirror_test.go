@@ -58,7 +58,7 @@ func (mt *metaTwin) update(_ context.Context, rec cluster.LU, expected uint64) e
 	return nil
 }
 
-func (mt *metaTwin) create(t *testing.T, rec cluster.LU) {
+func (mt *metaTwin) create(t testing.TB, rec cluster.LU) {
 	t.Helper()
 	mt.mu.Lock()
 	mt.lus[rec.Name] = cloneLU(rec)
@@ -128,7 +128,7 @@ func (n *testNode) down() {
 	n.mu.Unlock()
 }
 
-func (n *testNode) up(t *testing.T) {
+func (n *testNode) up(t testing.TB) {
 	t.Helper()
 	for i := 0; i < 50; i++ {
 		ln, err := net.Listen("tcp", n.addr)
@@ -148,7 +148,7 @@ func (n *testNode) up(t *testing.T) {
 
 // newTestCluster builds nodes ids sharing one metaTwin; dirty stores live
 // on an in-memory FS.
-func newTestCluster(t *testing.T, ids ...string) (*metaTwin, map[string]*testNode) {
+func newTestCluster(t testing.TB, ids ...string) (*metaTwin, map[string]*testNode) {
 	t.Helper()
 	mt := &metaTwin{lus: map[string]cluster.LU{}}
 	nodes := map[string]*testNode{}
@@ -206,7 +206,7 @@ func twoCopies(name string, size int64, kind string) cluster.LU {
 		Replicas: []cluster.Replica{{NodeID: "a", State: cluster.ReplicaInSync}, {NodeID: "b", State: cluster.ReplicaInSync}}}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {
@@ -217,7 +217,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func exported(t *testing.T, m *Manager, name string) blockdev.Device {
+func exported(t testing.TB, m *Manager, name string) blockdev.Device {
 	t.Helper()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -228,7 +228,7 @@ func exported(t *testing.T, m *Manager, name string) blockdev.Device {
 	return d
 }
 
-func readAll(t *testing.T, dev blockdev.Device) []byte {
+func readAll(t testing.TB, dev blockdev.Device) []byte {
 	t.Helper()
 	buf := make([]byte, dev.Size())
 	if err := dev.ReadAt(context.Background(), buf, 0); err != nil {

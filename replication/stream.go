@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/replication/replproto"
@@ -30,6 +32,8 @@ type target struct {
 	dev  blockdev.Device
 	role replproto.Role
 	name string
+	// received counts write bytes by kind (live, resync) for a copy.
+	receivedLive, receivedResync prometheus.Counter
 }
 
 // ServeStream runs the receiving side of one replication stream on conn,
@@ -185,7 +189,9 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uin
 		if m.isLost(hello.LU) {
 			return target{}, rec.Epoch, fmt.Errorf("%w: the copy of %s on %s lost its data at start and waits to be recorded new", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
 		}
-		return target{dev: vol, role: hello.Role, name: hello.LU}, rec.Epoch, nil
+		return target{dev: vol, role: hello.Role, name: hello.LU,
+			receivedLive:   m.metrics.copyReceived.WithLabelValues(hello.LU, "live"),
+			receivedResync: m.metrics.copyReceived.WithLabelValues(hello.LU, "resync")}, rec.Epoch, nil
 	case replproto.RoleClient:
 		mir, ok := m.mirror(hello.LU)
 		if !ok {
@@ -239,12 +245,12 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 				m.renewLease(tgt.name)
 			}
 		}()
-		kind := "live"
-		if h.Flags&replproto.FlagResync != 0 {
-			kind = "resync"
-		}
 		if h.Type == replproto.TypeWrite {
-			m.metrics.copyReceived.WithLabelValues(tgt.name, kind).Add(float64(len(data)))
+			if h.Flags&replproto.FlagResync != 0 {
+				tgt.receivedResync.Add(float64(len(data)))
+			} else {
+				tgt.receivedLive.Add(float64(len(data)))
+			}
 		}
 	} else if rec, ok := m.record(tgt.name); ok {
 		epoch = rec.Epoch
