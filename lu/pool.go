@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/lupool/lupool/lu/lufs"
 )
@@ -156,7 +157,16 @@ type Pool struct {
 		vols   map[string]poolEntry // guarded by mu
 		level  PoolLevel            // guarded by mu; last level reported
 		closed bool                 // guarded by mu
+		// reserved holds provisioned bytes for file volumes about to be
+		// created (Reserve); guarded by mu.
+		reserved map[string]reservation
 	}
+}
+
+// reservation is provisioned room held for a volume not yet created.
+type reservation struct {
+	sizeBytes int64
+	expires   time.Time
 }
 
 // OpenPool opens (creating if needed) the data directories and rediscovers
@@ -171,6 +181,7 @@ func OpenPool(opts PoolOptions) (*Pool, error) {
 		p.memory = &memBudget{limitPages: opts.MemoryLimitBytes / BlockSizeBytes}
 	}
 	p.mu.vols = map[string]poolEntry{}
+	p.mu.reserved = map[string]reservation{}
 	p.mu.level = LevelOK
 	for _, d := range opts.Dirs {
 		p.dirs = append(p.dirs, filepath.Clean(d))
@@ -252,12 +263,49 @@ func (p *Pool) Create(name string, sizeBytes int64, kind Kind) (Volume, error) {
 	return v, nil
 }
 
+// Reserve holds room under the overcommit limit for a file volume of
+// sizeBytes that is about to be created under name (its LU is being
+// recorded in the metadata; the volume is created when the record is
+// applied). It fails with ErrOvercommit, naming the numbers, when the
+// volumes and every other reservation leave no room, so that creates racing
+// each other cannot all pass the check. Create(name) takes the room over;
+// Release(name) gives it back; otherwise it lapses after ttl. Memory
+// volumes need no reservation (it returns nil).
+func (p *Pool) Reserve(name string, sizeBytes int64, kind Kind, ttl time.Duration) error {
+	if kind != KindFile {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.mu.closed {
+		return ErrPoolClosed
+	}
+	delete(p.mu.reserved, name)
+	stats, err := p.statfsAll()
+	if err != nil {
+		return err
+	}
+	if err := p.checkOvercommitLocked(stats, name, sizeBytes); err != nil {
+		return err
+	}
+	p.mu.reserved[name] = reservation{sizeBytes: sizeBytes, expires: time.Now().Add(ttl)}
+	return nil
+}
+
+// Release gives back the room Reserve held for name, if any.
+func (p *Pool) Release(name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.mu.reserved, name)
+}
+
 func (p *Pool) create(name string, sizeBytes int64, kind Kind) (Volume, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.mu.closed {
 		return nil, ErrPoolClosed
 	}
+	delete(p.mu.reserved, name) // the volume takes the reserved room over
 	if _, ok := p.mu.vols[name]; ok {
 		return nil, fmt.Errorf("%w: %q", ErrExists, name)
 	}
@@ -334,6 +382,15 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 	for _, e := range p.mu.vols {
 		if e.dir >= 0 {
 			provisioned += e.vol.Size()
+		}
+	}
+	now := time.Now()
+	for other, r := range p.mu.reserved {
+		switch {
+		case now.After(r.expires):
+			delete(p.mu.reserved, other)
+		case other != name:
+			provisioned += r.sizeBytes
 		}
 	}
 	after := provisioned + addBytes

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/lu/lufs"
@@ -376,5 +377,40 @@ func TestPoolMemoryLimit(t *testing.T) {
 	}
 	if st := p.Status(); st.MemoryAllocatedBytes != 10*BlockSizeBytes || st.MemoryLimitBytes != 10*BlockSizeBytes {
 		t.Fatalf("status %+v", st)
+	}
+}
+
+// TestPoolReserve: reservations count against the overcommit limit, so two
+// creates racing each other cannot both pass; Create takes its own
+// reservation over, Release and expiry give the room back.
+func TestPoolReserve(t *testing.T) {
+	fs := lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: 1 << 30})
+	p := openMemPool(t, fs, func(o *PoolOptions) { o.Dirs = []string{"/d"}; o.OvercommitRatio = 1 })
+	if err := p.Reserve("a", 600<<20, KindFile, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Reserve("b", 600<<20, KindFile, time.Minute); !errors.Is(err, ErrOvercommit) {
+		t.Fatalf("second reservation past the limit: %v, want ErrOvercommit", err)
+	}
+	if err := p.Reserve("m", 10<<30, KindMemory, time.Minute); err != nil {
+		t.Fatalf("memory volumes need no room on disk: %v", err)
+	}
+	// a's own reservation does not count against it.
+	if _, err := p.Create("a", 600<<20, KindFile); err != nil {
+		t.Fatalf("create with its own reservation: %v", err)
+	}
+	if _, err := p.Create("b", 600<<20, KindFile); !errors.Is(err, ErrOvercommit) {
+		t.Fatalf("create past the limit after a: %v", err)
+	}
+	if err := p.Reserve("c", 300<<20, KindFile, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	p.Release("c")
+	if err := p.Reserve("d", 400<<20, KindFile, time.Nanosecond); err != nil {
+		t.Fatalf("after release: %v", err)
+	}
+	time.Sleep(time.Millisecond)
+	if err := p.Reserve("e", 400<<20, KindFile, time.Minute); err != nil {
+		t.Fatalf("an expired reservation still holds room: %v", err)
 	}
 }

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
-		"sync/atomic"
+	"sync/atomic"
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
@@ -74,11 +74,19 @@ func (b *daemonBackend) checkOvercommit(kind lu.Kind, growBytes int64) error {
 	st := b.pool.Status()
 	limit := int64(float64(st.CapacityBytes) * b.overcommit)
 	if st.ProvisionedBytes+growBytes > limit {
-		return fmt.Errorf("%w: pool would be provisioned to %s (%d bytes) but its limit is %s (%.1f x capacity %s); free space, add a data directory, or raise --overcommit",
-			api.ErrNoSpace, units.Format(st.ProvisionedBytes+growBytes), st.ProvisionedBytes+growBytes,
-			units.Format(limit), b.overcommit, units.Format(st.CapacityBytes))
+		return b.overcommitError(growBytes)
 	}
 	return nil
+}
+
+// overcommitError says by how much a create or grow of growBytes would
+// pass the overcommit limit and what to do.
+func (b *daemonBackend) overcommitError(growBytes int64) error {
+	st := b.pool.Status()
+	limit := int64(float64(st.CapacityBytes) * b.overcommit)
+	return fmt.Errorf("%w: pool would be provisioned to %s (%d bytes) but its limit is %s (%.1f x capacity %s); free space, add a data directory, or raise --overcommit",
+		api.ErrNoSpace, units.Format(st.ProvisionedBytes+growBytes), st.ProvisionedBytes+growBytes,
+		units.Format(limit), b.overcommit, units.Format(st.CapacityBytes))
 }
 
 func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, error) {
@@ -117,7 +125,12 @@ func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (
 		return api.LU{}, fmt.Errorf("%w: an LU named %q exists; pick another name or delete it first", api.ErrExists, req.Name)
 	}
 	if req.Node == b.nodeID {
-		if err := b.checkOvercommit(lu.Kind(req.Kind), req.SizeBytes); err != nil {
+		// Hold the room until the volume exists: creates racing each
+		// other cannot all pass the limit.
+		if err := b.pool.Reserve(req.Name, req.SizeBytes, lu.Kind(req.Kind), time.Minute); err != nil {
+			if errors.Is(err, lu.ErrOvercommit) {
+				return api.LU{}, b.overcommitError(req.SizeBytes)
+			}
 			return api.LU{}, err
 		}
 	}
@@ -138,9 +151,26 @@ func (b *daemonBackend) CreateLU(ctx context.Context, req api.CreateLURequest) (
 		CreatedAt:   time.Now().UTC(),
 	}
 	if err := b.node.CreateLU(ctx, rec); err != nil {
+		b.pool.Release(req.Name)
 		return api.LU{}, b.apiError(err)
 	}
-	return b.afterChange(ctx, req.Name)
+	out, err := b.afterChange(ctx, req.Name)
+	if err != nil || req.Node != b.nodeID {
+		return out, err
+	}
+	if _, ok := b.mgr.Volume(req.Name); !ok {
+		// The volume could not be made here after all: take the LU back
+		// out rather than leave one that no client can attach.
+		cause := b.mgr.LastError()
+		if derr := b.node.DeleteLU(ctx, req.Name); derr != nil {
+			return api.LU{}, fmt.Errorf("LU %q was recorded but its volume could not be created (%v), and removing it failed: %w", req.Name, cause, derr)
+		}
+		if errors.Is(cause, lu.ErrOvercommit) {
+			return api.LU{}, b.overcommitError(req.SizeBytes)
+		}
+		return api.LU{}, fmt.Errorf("LU %q: its volume could not be created, so it was not kept: %v", req.Name, cause)
+	}
+	return out, nil
 }
 
 // place picks copies distinct nodes for a new LU: the writer first, then
