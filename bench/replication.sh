@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Cost of a synchronous copy: the same fio jobs against an LU with 2 copies
 # (writer n1, copy n2, two lupool processes on loopback) and an LU with 1
-# copy on the same writer, alternating A B A B, then the ratios.
+# copy on the same writer, alternating A B A B, then the ratios; for file
+# LUs and memory LUs (memory isolates the stream from the second disk
+# write). It also measures one loopback TCP round trip, the yardstick of
+# the qd1 latency target.
 # Usage: bench/replication.sh [ROUNDS (default 3)] [RUNTIME_SECONDS (default 5)]
 # Needs bin/lupool (make build) and fio. Stops only what it started.
 set -euo pipefail
@@ -38,16 +41,37 @@ start() { # id data extra...
 
 read -r nbd1 api1 < <(start n1 "$tmp/n1")
 read -r _ _ < <(start n2 "$tmp/n2" --join "$api1")
-LUPOOL_API=$api1 bin/lupool lu create one --size 1G --copies 1 >/dev/null
-LUPOOL_API=$api1 bin/lupool lu create two --size 1G --copies 2 >/dev/null
-LUPOOL_API=$api1 bin/lupool lu show two
+for kind in file memory; do
+	LUPOOL_API=$api1 bin/lupool lu create "$kind-1" --size 1G --copies 1 --kind "$kind" >/dev/null
+	LUPOOL_API=$api1 bin/lupool lu create "$kind-2" --size 1G --copies 2 --kind "$kind" >/dev/null
+done
+LUPOOL_API=$api1 bin/lupool lu list
 
-# Lay out the first 256 MiB of both so that the runs measure overwrites,
+# Lay out the first 256 MiB of each so that the runs measure overwrites,
 # not first allocation.
-for lu in one two; do
+for lu in file-1 file-2 memory-1 memory-2; do
 	fio --ioengine=nbd --uri="nbd://$nbd1/$lu" --name=fill --rw=write --bs=1M --size=256M \
 		--iodepth=8 --output-format=terse >/dev/null
 done
+
+# One loopback TCP round trip (median of 2000 small ping-pongs).
+rtt_us=$(python3 - <<'PY'
+import socket, statistics, threading, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+def echo():
+    c, _ = srv.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while (b := c.recv(64)):
+        c.sendall(b)
+threading.Thread(target=echo, daemon=True).start()
+s = socket.create_connection(srv.getsockname()); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+t = []
+for _ in range(2000):
+    a = time.perf_counter(); s.sendall(b"x" * 40); s.recv(64); t.append(time.perf_counter() - a)
+print("%.1f" % (statistics.median(t) * 1e6))
+PY
+)
+echo "loopback TCP round trip: $rtt_us us (median)"
 
 job() { # lu name iodepth -> "iops p50_us p99_us"
 	fio --ioengine=nbd --uri="nbd://$nbd1/$1" --name=b --rw=randwrite --bs=4k --size=256M \
@@ -57,27 +81,32 @@ job() { # lu name iodepth -> "iops p50_us p99_us"
 }
 
 declare -A res
-for qd in 32 1; do
-	for r in $(seq "$rounds"); do
-		for lu in one two; do
-			out=$(job "$lu" "$qd")
-			res[$lu,$qd]+="$out;"
-			echo "round $r qd$qd $lu copies: iops p50_us p99_us = $out"
+for kind in file memory; do
+	for qd in 32 1; do
+		for r in $(seq "$rounds"); do
+			for copies in 1 2; do
+				out=$(job "$kind-$copies" "$qd")
+				res[$kind,$copies,$qd]+="$out;"
+				echo "round $r $kind qd$qd copies=$copies: iops p50_us p99_us = $out"
+			done
 		done
 	done
 done
 
-python3 - "${res[one,32]}" "${res[two,32]}" "${res[one,1]}" "${res[two,1]}" <<'EOF'
+python3 - "$rtt_us" "${res[file,1,32]}" "${res[file,2,32]}" "${res[file,1,1]}" "${res[file,2,1]}" \
+	"${res[memory,1,32]}" "${res[memory,2,32]}" "${res[memory,1,1]}" "${res[memory,2,1]}" <<'EOF'
 import statistics, sys
+rtt = float(sys.argv[1])
 def parse(s): return [tuple(map(float, x.split())) for x in s.strip(";").split(";")]
-one32, two32, one1, two1 = map(parse, sys.argv[1:])
-med = lambda rows, i: statistics.median(r[i] for r in rows)
+rows = list(map(parse, sys.argv[2:]))
+med = lambda r, i: statistics.median(x[i] for x in r)
 print()
-print("| workload | 1 copy | 2 copies | ratio (2/1) |")
-print("|---|---|---|---|")
-print("| 4K randwrite qd32 IOPS | %.0f | %.0f | %.2f |" % (med(one32,0), med(two32,0), med(two32,0)/med(one32,0)))
-print("| 4K randwrite qd1 IOPS | %.0f | %.0f | %.2f |" % (med(one1,0), med(two1,0), med(two1,0)/med(one1,0)))
-print("| 4K randwrite qd1 p50 latency us | %.1f | %.1f | +%.1f us |" % (med(one1,1), med(two1,1), med(two1,1)-med(one1,1)))
-print("| 4K randwrite qd1 p99 latency us | %.1f | %.1f | +%.1f us |" % (med(one1,2), med(two1,2), med(two1,2)-med(one1,2)))
-print("(median of %d alternating rounds each)" % len(one32))
+print("| LU kind | workload | 1 copy | 2 copies | 2 copies vs 1 | target |")
+print("|---|---|---|---|---|---|")
+for kind, (o32, t32, o1, t1) in (("file", rows[0:4]), ("memory", rows[4:8])):
+    print("| %s | 4K randwrite qd32 IOPS | %.0f | %.0f | %.2fx | >= 0.7x |" % (kind, med(o32,0), med(t32,0), med(t32,0)/med(o32,0)))
+    print("| %s | 4K randwrite qd1 p50 latency | %.1f us | %.1f us | +%.1f us | <= +%.1f us (RTT %.1f + 50) |" % (
+        kind, med(o1,1), med(t1,1), med(t1,1)-med(o1,1), rtt+50, rtt))
+    print("| %s | 4K randwrite qd1 p99 latency | %.1f us | %.1f us | +%.1f us | |" % (kind, med(o1,2), med(t1,2), med(t1,2)-med(o1,2)))
+print("(median of %d alternating rounds each)" % len(rows[0]))
 EOF
