@@ -599,6 +599,20 @@ func (m *Manager) mirror(name string) (blockdev.Device, bool) {
 	return d, ok
 }
 
+// DirtyBytes returns, for an LU this node writes, the bytes each other
+// copy lacks (what a resync still has to send); nil elsewhere.
+func (m *Manager) DirtyBytes(name string) map[string]int64 {
+	mir, ok := m.mirror(name)
+	if !ok {
+		return nil
+	}
+	out := map[string]int64{}
+	for _, l := range mir.(*Mirror).linkSet() {
+		out[l.node] = l.dirty.dirtyBytes()
+	}
+	return out
+}
+
 // isLost reports whether this node's copy of name lost its data at start
 // and is not yet recorded new.
 func (m *Manager) isLost(name string) bool {

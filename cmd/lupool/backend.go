@@ -248,8 +248,13 @@ func (b *daemonBackend) toAPI(rec cluster.LU) api.LU {
 		CreatedAt:   rec.CreatedAt,
 		Replicas:    []api.Replica{},
 	}
+	dirty := b.mgr.DirtyBytes(rec.Name)
 	for _, r := range rec.Replicas {
-		out.Replicas = append(out.Replicas, api.Replica{Node: r.NodeID, State: r.State})
+		rep := api.Replica{Node: r.NodeID, State: r.State}
+		if n, ok := dirty[r.NodeID]; ok {
+			rep.DirtyBytes = &n
+		}
+		out.Replicas = append(out.Replicas, rep)
 	}
 	if vol, ok := b.mgr.Volume(rec.Name); ok {
 		out.AllocatedBytes = vol.AllocatedBytes()

@@ -243,9 +243,13 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 			fmt.Fprintf(w, "\ndescription: %s\n", lu.Description)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE")
+		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE\tLACKS")
 		for _, r := range lu.Replicas {
-			fmt.Fprintf(tw, "%s\t%s\n", r.Node, r.State)
+			lacks := "-"
+			if r.DirtyBytes != nil {
+				lacks = units.Format(*r.DirtyBytes)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Node, r.State, lacks)
 		}
 		return tw.Flush()
 	}

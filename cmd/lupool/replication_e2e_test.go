@@ -33,8 +33,9 @@ func cluster3(t *testing.T, extra ...string) (n1, n2, n3 *daemon) {
 }
 
 type replicaJSON struct {
-	Node  string `json:"node"`
-	State string `json:"state"`
+	Node       string `json:"node"`
+	State      string `json:"state"`
+	DirtyBytes *int64 `json:"dirty_bytes"`
 }
 
 type luDetail struct {
@@ -181,6 +182,11 @@ func TestCopyKilledThenResynced(t *testing.T) {
 	dirty := metricValue(m1, "lupool_replication_dirty_bytes", `lu="k"`, `copy="n2"`)
 	if dirty < 8<<20 || dirty > 16<<20 {
 		t.Fatalf("dirty bytes for n2 = %v; want between 8 MiB (the outage write) and 16 MiB (plus the 8 MiB range of the load)", dirty)
+	}
+	for _, r := range n1.showLU("k").Replicas {
+		if r.Node == "n2" && (r.DirtyBytes == nil || float64(*r.DirtyBytes) != dirty) {
+			t.Errorf("lu show on the writer: n2 lacks %v bytes, metrics say %v", r.DirtyBytes, dirty)
+		}
 	}
 
 	n2.start()

@@ -172,6 +172,9 @@ type LU struct {
 type Replica struct {
 	Node  string `json:"node"`
 	State string `json:"state"`
+	// DirtyBytes is what the copy lacks, as its writer knows it (resync
+	// progress); only in answers from the writer's node.
+	DirtyBytes *int64 `json:"dirty_bytes,omitempty"`
 }
 
 // PoolStatus is this node's storage pool.
