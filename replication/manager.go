@@ -4,12 +4,40 @@
 // front end as a blockdev.Device.
 //
 // Every node exports every LU. The LU's writer serves it through a
-// [Mirror] (local volume plus synchronous copies on other nodes; with one
-// copy, the local volume itself); every other node serves it through a
-// [Forwarder], which reads its own copy while that copy is in sync and
-// sends everything else to the writer. Copies talk over replication
-// streams (package replproto) that ride on each node's API address
-// (StreamPath, an HTTP upgrade).
+// [Mirror] (local volume plus synchronous copies on other nodes, none for a
+// one-copy LU, so copies can be added online); every other node serves it
+// through a [Forwarder], which reads its own copy while that copy is in
+// sync and sends everything else to the writer. Copies talk over
+// replication streams (package replproto) that ride on each node's API
+// address (StreamPath, an HTTP upgrade).
+//
+// # Copy states
+//
+//	                 add-copy / lost at start
+//	                          │
+//	                          ▼
+//	   ┌─────────────────── new ──(writer records every allocated extent dirty)──┐
+//	   │                                                                        ▼
+//	in-sync ──(a write, flush or ping fails; epoch+1; before the ack)──▶ out-of-sync
+//	   ▲                                                                        │
+//	   │                                                    (stream reopens)    │
+//	   └──(no dirty block left; flushed; epoch+1)── resyncing ◀─────────────────┘
+//	                                                    │ fails: back to out-of-sync
+//
+// Only the writer moves a copy between states (and the copy itself, to new,
+// when it finds its data gone at start; and the primary, which replaces a
+// copy that stays out-of-sync or new for --replace-after). Every change goes
+// through the metadata log, conditional on the epoch it was decided from.
+//
+// # Read leases
+//
+// A copy serves reads from its own volume only while its record says in
+// sync and it heard from the writer within ReadLease (writes and pings
+// renew it). A writer that loses a copy records it out of sync and then
+// waits until ReadLease has passed since the copy last answered before it
+// acknowledges anything the copy missed: a copy cut off from the writer, or
+// one whose metadata lags, stops reading locally before it could return
+// stale data. This assumes the two nodes' clocks advance at the same rate.
 //
 // # Durability
 //

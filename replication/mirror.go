@@ -319,6 +319,16 @@ func (mi *Mirror) Caps() blockdev.Caps {
 	return c
 }
 
+// InlineIO reports whether the mirror's operations never block (the NBD
+// engine then runs them on the goroutine that reads the requests): true
+// while the local volume is memory and there is no other copy to wait for.
+// A copy added later makes operations wait on the network; front ends ask
+// again before each request.
+func (mi *Mirror) InlineIO() bool {
+	d, ok := mi.local.(interface{ InlineIO() bool })
+	return ok && d.InlineIO() && len(mi.linkSet()) == 0
+}
+
 // ReadAt implements blockdev.Device from the local volume.
 func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return mi.local.ReadAt(ctx, p, off)
