@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -248,6 +249,8 @@ func (b *daemonBackend) toAPI(rec cluster.LU) api.LU {
 		CreatedAt:   rec.CreatedAt,
 		Replicas:    []api.Replica{},
 	}
+	// Every node exports every LU: these are this node's clients.
+	out.Connections = b.nbd.Connections(rec.Name)
 	dirty := b.mgr.DirtyBytes(rec.Name)
 	for _, r := range rec.Replicas {
 		rep := api.Replica{Node: r.NodeID, State: r.State}
@@ -258,7 +261,6 @@ func (b *daemonBackend) toAPI(rec cluster.LU) api.LU {
 	}
 	if vol, ok := b.mgr.Volume(rec.Name); ok {
 		out.AllocatedBytes = vol.AllocatedBytes()
-		out.Connections = b.nbd.Connections(rec.Name)
 	}
 	return out
 }
@@ -333,13 +335,47 @@ func (b *daemonBackend) DeleteLU(ctx context.Context, name string, force bool) e
 	if _, err := b.GetLU(ctx, name); err != nil {
 		return err
 	}
-	if n := b.nbd.Connections(name); n > 0 && !force {
-		return fmt.Errorf("%w: LU %q has %d client connection(s) attached; detach them, or delete with --force to end their I/O", api.ErrBusy, name, n)
+	if !force {
+		if n, where := b.clusterConnections(ctx, name); n > 0 {
+			return fmt.Errorf("%w: LU %q has %d client connection(s) attached (%s); detach them, or delete with --force to end their I/O",
+				api.ErrBusy, name, n, strings.Join(where, ", "))
+		}
 	}
 	if err := b.node.DeleteLU(ctx, name); err != nil {
 		return b.apiError(err)
 	}
 	return b.mgr.Sync(ctx)
+}
+
+// clusterConnections counts the NBD clients attached to an LU through any
+// node (every node exports every LU); a node that does not answer within
+// 2 s is left out of the count.
+func (b *daemonBackend) clusterConnections(ctx context.Context, name string) (int, []string) {
+	total, where := 0, []string(nil)
+	if n := b.nbd.Connections(name); n > 0 {
+		total, where = n, append(where, fmt.Sprintf("%d on %s", n, b.nodeID))
+	}
+	nodes, err := b.node.Nodes()
+	if err != nil {
+		return total, where
+	}
+	for _, n := range nodes {
+		if n.ID == b.nodeID || n.APIAddr == "" {
+			continue
+		}
+		c, err := api.NewClient(n.APIAddr)
+		if err != nil {
+			continue
+		}
+		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		lu, err := c.GetLU(qctx, name)
+		cancel()
+		if err == nil && lu.Connections > 0 {
+			total += lu.Connections
+			where = append(where, fmt.Sprintf("%d on %s", lu.Connections, n.ID))
+		}
+	}
+	return total, where
 }
 
 func (b *daemonBackend) PoolStatus(context.Context) (api.PoolStatus, error) {

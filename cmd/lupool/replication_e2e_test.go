@@ -517,3 +517,36 @@ func TestWriterRestartKeepsDirtyRegions(t *testing.T) {
 		t.Errorf("resync after a writer restart sent %v bytes; want the 4 MiB of recorded regions (at most one more region each side)", sent)
 	}
 }
+
+// TestDeleteRefusedWhileAttachedElsewhere: a client attached through any
+// node (here one that holds no copy) keeps an LU from being deleted.
+func TestDeleteRefusedWhileAttachedElsewhere(t *testing.T) {
+	n1, _, n3 := cluster3(t)
+	n1.mustCLI("lu", "create", "busy", "--size", "4M", "--copies", "2")
+	client := realclient.Nbdsh(t, n3.uri("busy"), "import sys\nh.pwrite(b'x' * 4096, 0)\nprint('attached', flush=True)\nsys.stdin.read()")
+	stdin, err := client.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out syncBuffer
+	client.Stdout, client.Stderr = &out, &out
+	if err := client.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); _ = client.Wait() }()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(out.String(), "attached") {
+		if time.Now().After(deadline) {
+			t.Fatalf("nbdsh did not attach through n3: %s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_, errOut, code := n1.cli("lu", "delete", "busy")
+	if code != 1 || !strings.Contains(errOut, "1 on n3") {
+		t.Fatalf("delete with a client on n3: exit %d %q; want 1 naming n3", code, errOut)
+	}
+	if len(n1.listLUs()) != 1 {
+		t.Fatal("refused delete removed the LU")
+	}
+	n1.mustCLI("lu", "delete", "busy", "--force")
+}
