@@ -83,6 +83,9 @@ type conn struct {
 	// because more requests are already buffered. Guarded by readMu; the
 	// reader closes the batch before anything that may block.
 	batchOpen bool
+	// peekedBytes is the payload of the inline write running now, left in
+	// br (request.payload) and discarded once it has run. Guarded by readMu.
+	peekedBytes int
 	// br (above) is also guarded by readMu during transmission.
 	workers  atomic.Int32 // started workers
 	waiting  atomic.Int32 // workers waiting for readMu
@@ -95,7 +98,10 @@ type request struct {
 	hdr     nbdproto.Request
 	errCode uint32  // set by validation: reply with this, do not run
 	buf     *buffer // write payload or read data; nil otherwise
-	budget  int64   // bytes acquired from the budget
+	// payload is a write's payload: in buf, or in the reader's buffer for
+	// an inline write (valid only until the reader reads on).
+	payload []byte
+	budget  int64 // bytes acquired from the budget
 	// payloadBytes is the encoded block status payload in buf.
 	payloadBytes int
 	start        time.Time
@@ -252,6 +258,10 @@ func (c *conn) lead() *request {
 		}
 		c.openBatchLocked()
 		c.handle(r)
+		if c.peekedBytes > 0 {
+			_, _ = c.br.Discard(c.peekedBytes) // buffered: cannot fail
+			c.peekedBytes = 0
+		}
 	}
 	return nil
 }
@@ -368,7 +378,11 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 			return nil, c.ctx.Err()
 		}
 	}
-	r.hdr, r.start, r.buf, r.budget, r.payloadBytes = hdr, time.Now(), nil, 0, 0
+	r.hdr, r.buf, r.payload, r.budget, r.payloadBytes = hdr, nil, nil, 0, 0
+	r.start = time.Time{}
+	if c.metrics != nil {
+		r.start = time.Now() // only the latency histogram needs it
+	}
 	r.errCode = c.validate(&hdr)
 	if r.errCode == 0 && c.srv.closing.Load() {
 		r.errCode = nbdproto.ESHUTDOWN
@@ -393,10 +407,20 @@ func (c *conn) readPayload(r *request) error {
 	case r.hdr.Type == nbdproto.CmdWrite && r.errCode != 0:
 		_, err := io.CopyN(io.Discard, c.br, n)
 		return err
+	case r.hdr.Type == nbdproto.CmdWrite && n > 0 && n <= int64(c.br.Size()) && c.runsInline(r):
+		// The reader runs the write before it reads on, so the payload
+		// can stay in br: no copy, no buffer, no budget.
+		p, err := c.br.Peek(int(n))
+		if err != nil {
+			return errors.Join(io.ErrUnexpectedEOF, err)
+		}
+		r.payload, c.peekedBytes = p, int(n)
+		return nil
 	case r.hdr.Type == nbdproto.CmdWrite && n > 0:
 		c.acquireLocked(r, n)
 		r.buf = c.srv.pools.get(int(n))
-		_, err := io.ReadFull(c.br, r.buf.b[:n])
+		r.payload = r.buf.b[:n]
+		_, err := io.ReadFull(c.br, r.payload)
 		return err
 	case r.hdr.Type == nbdproto.CmdRead && r.errCode == 0 && n > 0:
 		c.acquireLocked(r, n)
@@ -422,6 +446,7 @@ func (c *conn) release(r *request) {
 		c.srv.pools.put(r.buf)
 		r.buf = nil
 	}
+	r.payload = nil
 	c.budget.release(r.budget)
 	r.budget = 0
 	if cap(r.extents) > 1024 {

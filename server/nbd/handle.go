@@ -12,20 +12,22 @@ import (
 // handle runs one request and answers it. Counters are updated before the
 // reply is written, so a client that has its reply sees them.
 func (c *conn) handle(r *request) {
-	code, err := r.errCode, error(nil)
-	if code == 0 {
-		code, err = c.execute(r)
-	}
-	c.account(r, code)
-	switch {
-	case code != 0:
-		c.replyError(r, code, err)
-	case r.hdr.Type == nbdproto.CmdRead && r.hdr.Length > 0:
-		c.replyRead(r)
-	case r.hdr.Type == nbdproto.CmdBlockStatus:
-		c.replyBlockStatus(r)
-	default:
-		c.replyOK(r)
+	if !c.readIntoReply(r) {
+		code, err := r.errCode, error(nil)
+		if code == 0 {
+			code, err = c.execute(r)
+		}
+		c.account(r, code)
+		switch {
+		case code != 0:
+			c.replyError(r, code, err)
+		case r.hdr.Type == nbdproto.CmdRead && r.hdr.Length > 0:
+			c.replyRead(r)
+		case r.hdr.Type == nbdproto.CmdBlockStatus:
+			c.replyBlockStatus(r)
+		default:
+			c.replyOK(r)
+		}
 	}
 	c.release(r)
 	c.inflight.Add(-1)
@@ -79,7 +81,7 @@ func (c *conn) execute(r *request) (uint32, error) {
 		return c.blockStatus(r)
 	case nbdproto.CmdWrite:
 		if n > 0 {
-			err = c.dev.WriteAt(ctx, r.buf.b[:n], off, fuaFlag(h.Flags))
+			err = c.dev.WriteAt(ctx, r.payload, off, fuaFlag(h.Flags))
 		}
 	case nbdproto.CmdFlush:
 		err = c.dev.Flush(ctx)
@@ -143,6 +145,56 @@ func (c *conn) read(r *request) (uint32, error) {
 		return errorCode(r.hdr.Type, err), err
 	}
 	return 0, nil
+}
+
+// readIntoReply runs an inline read straight into the free space of the
+// reply writer, and puts the reply header in front of the data once the
+// read has succeeded: one copy less than reading into a buffer. It reports
+// false, having done nothing, when r is not an inline read or the reply
+// does not fit the writer.
+func (c *conn) readIntoReply(r *request) bool {
+	n := int(r.hdr.Length)
+	if r.errCode != 0 || r.hdr.Type != nbdproto.CmdRead || n == 0 || !c.runsInline(r) {
+		return false
+	}
+	head := nbdproto.SimpleReplySize
+	if c.sess.structured {
+		head = nbdproto.StructuredReplySize + nbdproto.OffsetDataHeaderSize
+	}
+	if head+n > c.bw.Size() {
+		return false
+	}
+	c.beginReply()
+	if c.bw.Available() < head+n && !c.broken.Load() {
+		if err := c.bw.Flush(); err != nil {
+			c.fail()
+		}
+	}
+	if c.broken.Load() || c.bw.Available() < head+n {
+		c.endReply()
+		return false
+	}
+	b := c.bw.AvailableBuffer()[:head+n]
+	if err := c.dev.ReadAt(c.ctx, b[head:], int64(r.hdr.Offset)); err != nil {
+		c.endReply()
+		code := errorCode(r.hdr.Type, err)
+		c.account(r, code)
+		c.replyError(r, code, err)
+		return true
+	}
+	c.account(r, 0)
+	if c.sess.structured {
+		nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
+			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeOffsetData,
+			Handle: r.hdr.Handle, Length: uint32(nbdproto.OffsetDataHeaderSize + n),
+		})
+		binary.BigEndian.PutUint64(b[nbdproto.StructuredReplySize:], r.hdr.Offset)
+	} else {
+		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
+	}
+	c.write(b) // copies b onto itself: no move
+	c.endReply()
+	return true
 }
 
 // replyRead answers a successful read with its data.

@@ -138,13 +138,18 @@ func TestInlineBatchesReplies(t *testing.T) {
 	c := dialRaw(t, l0.Addr().String())
 	c.attach("disk", false)
 
-	// Writes of 4 KiB and of 256 KiB (above InlineMaxBytes) in one burst.
+	// Writes of 4 KiB, of 100 KiB (inline, but larger than the reader's
+	// and the writer's buffers) and of 256 KiB (above InlineMaxBytes, run
+	// by a worker) in one burst.
 	const burst = 32
-	if 256<<10 <= InlineMaxBytes {
-		t.Fatal("the large writes must be above InlineMaxBytes")
+	if 256<<10 <= InlineMaxBytes || 100<<10 > InlineMaxBytes || 100<<10 <= readBufferBytes || 100<<10 <= writeBufferBytes {
+		t.Fatal("the request sizes no longer cover every path")
 	}
 	sizes := func(i int) int {
-		if i%8 == 7 {
+		switch i % 8 {
+		case 3:
+			return 100 << 10
+		case 7:
 			return 256 << 10
 		}
 		return 4096
