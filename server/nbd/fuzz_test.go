@@ -61,9 +61,14 @@ func runConn(t *testing.T, srv *Server, in []byte) []byte {
 	return bytes.Clone(sc.out.Bytes())
 }
 
-func fuzzServer(t testing.TB) *Server {
+// fuzzServer serves a 1 MiB "disk", run inline (InlineDevice) if inline.
+func fuzzServer(t testing.TB, inline bool) *Server {
+	var dev blockdev.Device = blockdevtest.NewMem(1<<20, blockdev.Caps{})
+	if inline {
+		dev = inlineMem{dev.(*blockdevtest.Mem)}
+	}
 	set := NewExportSet()
-	if err := set.Add(Export{Name: "disk", Device: blockdevtest.NewMem(1<<20, blockdev.Caps{})}); err != nil {
+	if err := set.Add(Export{Name: "disk", Device: dev}); err != nil {
 		t.Fatal(err)
 	}
 	srv, err := NewServer(Options{Exports: set, MaxInflightRequests: 4, MaxInflightBytes: 1 << 20})
@@ -90,7 +95,7 @@ func FuzzNegotiation(f *testing.F) {
 	f.Add(append(append([]byte(nil), flags...), optionBytes(nbdproto.OptStructuredReply, nil)...))
 	f.Add(append(append([]byte(nil), flags...), optionBytes(77, []byte("xyz"))...))
 	f.Add([]byte("garbage"))
-	srv := fuzzServer(f)
+	srv := fuzzServer(f, false)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		out := runConn(t, srv, in)
 		if len(out) < nbdproto.GreetingSize || string(out[:8]) != "NBDMAGIC" {
@@ -100,8 +105,8 @@ func FuzzNegotiation(f *testing.F) {
 }
 
 // FuzzTransmission feeds arbitrary request streams to an attached
-// connection: it must never panic or hang, and every reply must be well
-// formed.
+// connection, once with requests run by workers and once inline: it must
+// never panic or hang, and every reply must be well formed.
 func FuzzTransmission(f *testing.F) {
 	var prefix []byte
 	prefix = binary.BigEndian.AppendUint32(prefix, nbdproto.ClientFlagFixedNewstyle|nbdproto.ClientFlagNoZeroes)
@@ -119,34 +124,41 @@ func FuzzTransmission(f *testing.F) {
 	f.Add(req(nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole|nbdproto.CmdFlagFastZero, 0, 8192, nil))
 	f.Add(append(req(nbdproto.CmdTrim, 0, 0, 4096, nil), req(nbdproto.CmdDisc, 0, 0, 0, nil)...))
 	f.Add(req(nbdproto.CmdRead, 0, ^uint64(0), ^uint32(0), nil))
-	srv := fuzzServer(f)
+	srvs := []*Server{fuzzServer(f, false), fuzzServer(f, true)}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		out := runConn(t, srv, append(append([]byte(nil), prefix...), in...))
-		// Skip greeting and option replies up to GO's ACK.
-		p := out[nbdproto.GreetingSize:]
-		for {
-			r, err := nbdproto.ParseOptionReply(p)
-			if err != nil {
-				t.Fatalf("option reply: %v", err)
-			}
-			p = p[nbdproto.OptionReplyHeaderSize+int(r.Length):]
-			if r.Option == nbdproto.OptGo && r.Type == nbdproto.RepAck {
-				break
-			}
-		}
-		// Every chunk must parse (the stream may be cut at the end).
-		for len(p) >= nbdproto.StructuredReplySize {
-			ch, err := nbdproto.ParseStructuredReply(p)
-			if err != nil {
-				t.Fatalf("chunk: %v", err)
-			}
-			if ch.Flags != nbdproto.ReplyFlagDone {
-				t.Fatalf("chunk without DONE: %+v", ch)
-			}
-			if int(ch.Length) > len(p)-nbdproto.StructuredReplySize {
-				break
-			}
-			p = p[nbdproto.StructuredReplySize+int(ch.Length):]
+		for _, srv := range srvs {
+			checkTransmission(t, runConn(t, srv, append(append([]byte(nil), prefix...), in...)))
 		}
 	})
+}
+
+// checkTransmission checks the output of a FuzzTransmission connection.
+func checkTransmission(t *testing.T, out []byte) {
+	t.Helper()
+	// Skip greeting and option replies up to GO's ACK.
+	p := out[nbdproto.GreetingSize:]
+	for {
+		r, err := nbdproto.ParseOptionReply(p)
+		if err != nil {
+			t.Fatalf("option reply: %v", err)
+		}
+		p = p[nbdproto.OptionReplyHeaderSize+int(r.Length):]
+		if r.Option == nbdproto.OptGo && r.Type == nbdproto.RepAck {
+			break
+		}
+	}
+	// Every chunk must parse (the stream may be cut at the end).
+	for len(p) >= nbdproto.StructuredReplySize {
+		ch, err := nbdproto.ParseStructuredReply(p)
+		if err != nil {
+			t.Fatalf("chunk: %v", err)
+		}
+		if ch.Flags != nbdproto.ReplyFlagDone {
+			t.Fatalf("chunk without DONE: %+v", ch)
+		}
+		if int(ch.Length) > len(p)-nbdproto.StructuredReplySize {
+			break
+		}
+		p = p[nbdproto.StructuredReplySize+int(ch.Length):]
+	}
 }
