@@ -31,13 +31,16 @@ func (c *conn) handle(r *request) {
 	}
 	c.release(r)
 	c.inflight.Add(-1)
+}
+
+// account updates counters for a finished request, once, before its reply
+// is written. The in-flight gauge drops here too, so that a client that has
+// its reply sees it (ConnStat.InflightRequests, which Shutdown waits on,
+// drops only after the reply).
+func (c *conn) account(r *request, code uint32) {
 	if c.metrics != nil {
 		c.metrics.inflight.Dec()
 	}
-}
-
-// account updates counters for a finished request.
-func (c *conn) account(r *request, code uint32) {
 	t := r.hdr.Type
 	if int(t) >= numCommands {
 		return
