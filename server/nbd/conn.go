@@ -24,6 +24,9 @@ const (
 //
 // The serve goroutine owns negotiation; in transmission workers take turns
 // reading requests (under readMu), run them and write replies under wmu.
+// The reader runs inline requests (see runsInline) itself, without letting
+// go of readMu, and holds their replies' flush back while more requests are
+// buffered (batchOpen).
 type conn struct {
 	srv    *Server
 	raw    net.Conn // the accepted connection; closing it ends everything
