@@ -24,7 +24,7 @@ const (
 //
 // The serve goroutine owns negotiation; in transmission workers take turns
 // reading requests (under readMu), run them and write replies under wmu.
-// The reader runs inline requests (see runsInline) itself, without letting
+// The reader runs inline requests (see inlineRequest) itself, without letting
 // go of readMu, and holds their replies' flush back while more requests are
 // buffered (batchOpen).
 type conn struct {
@@ -63,7 +63,7 @@ type conn struct {
 	extenter blockdev.Extenter // nil if unsupported
 	cacher   blockdev.Cacher   // nil if unsupported
 	readOnly bool
-	inline   bool           // dev is an InlineDevice that reported true
+	inliner  InlineDevice   // dev if it implements InlineDevice, else nil
 	metrics  *exportMetrics // nil without Metrics
 
 	inflight atomic.Int32
@@ -100,6 +100,7 @@ type conn struct {
 type request struct {
 	hdr     nbdproto.Request
 	errCode uint32  // set by validation: reply with this, do not run
+	inline  bool    // the reader runs it (inlineRequest); set with errCode
 	buf     *buffer // write payload or read data; nil otherwise
 	// payload is a write's payload: in buf, or in the reader's buffer for
 	// an inline write (valid only until the reader reads on).
@@ -189,9 +190,7 @@ func (c *conn) start(sess *session) {
 	c.extenter, _ = c.dev.(blockdev.Extenter)
 	c.cacher, _ = c.dev.(blockdev.Cacher)
 	c.readOnly = c.dev.Caps().ReadOnly
-	if d, ok := c.dev.(InlineDevice); ok {
-		c.inline = d.InlineIO()
-	}
+	c.inliner, _ = c.dev.(InlineDevice)
 	if m := c.srv.opts.Metrics; m != nil {
 		c.metrics = m.forExport(sess.export.Name)
 		c.metrics.connections.Inc()
@@ -255,7 +254,7 @@ func (c *conn) lead() *request {
 			c.stopLocked(err)
 			return nil
 		}
-		if !c.runsInline(r) {
+		if !r.inline {
 			c.closeBatchLocked()
 			return r
 		}
@@ -274,23 +273,27 @@ func (c *conn) lead() *request {
 // with reading the next request.
 const InlineMaxBytes = 128 << 10
 
-// runsInline reports whether the reader runs r itself: requests refused by
-// validation (their reply is all there is to do) and, on an InlineDevice,
-// reads, writes and flushes of at most InlineMaxBytes.
-func (c *conn) runsInline(r *request) bool {
+// inlineRequest decides, once per request, whether the reader runs r
+// itself: requests refused by validation (their reply is all there is to
+// do) and, on an InlineDevice that says so now, reads, writes and flushes of
+// at most InlineMaxBytes.
+func (c *conn) inlineRequest(r *request) bool {
 	if r.errCode != 0 {
 		return true
 	}
-	if !c.inline {
+	if c.inliner == nil {
 		return false
 	}
 	switch r.hdr.Type {
 	case nbdproto.CmdRead, nbdproto.CmdWrite:
-		return r.hdr.Length <= InlineMaxBytes
+		if r.hdr.Length > InlineMaxBytes {
+			return false
+		}
 	case nbdproto.CmdFlush:
-		return true
+	default:
+		return false
 	}
-	return false
+	return c.inliner.InlineIO()
 }
 
 // openBatchLocked holds back the flush of the replies written from now on
@@ -390,6 +393,7 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 	if r.errCode == 0 && c.srv.closing.Load() {
 		r.errCode = nbdproto.ESHUTDOWN
 	}
+	r.inline = c.inlineRequest(r)
 	if err := c.readPayload(r); err != nil {
 		c.release(r)
 		return nil, err
@@ -410,7 +414,7 @@ func (c *conn) readPayload(r *request) error {
 	case r.hdr.Type == nbdproto.CmdWrite && r.errCode != 0:
 		_, err := io.CopyN(io.Discard, c.br, n)
 		return err
-	case r.hdr.Type == nbdproto.CmdWrite && n > 0 && n <= int64(c.br.Size()) && c.runsInline(r):
+	case r.hdr.Type == nbdproto.CmdWrite && n > 0 && n <= int64(c.br.Size()) && r.inline:
 		// The reader runs the write before it reads on, so the payload
 		// can stay in br: no copy, no buffer, no budget.
 		p, err := c.br.Peek(int(n))

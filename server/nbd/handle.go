@@ -157,7 +157,7 @@ func (c *conn) read(r *request) (uint32, error) {
 // does not fit the writer.
 func (c *conn) readIntoReply(r *request) bool {
 	n := int(r.hdr.Length)
-	if r.errCode != 0 || r.hdr.Type != nbdproto.CmdRead || n == 0 || !c.runsInline(r) {
+	if r.errCode != 0 || r.hdr.Type != nbdproto.CmdRead || n == 0 || !r.inline {
 		return false
 	}
 	head := nbdproto.SimpleReplySize

@@ -214,3 +214,47 @@ func TestInlineBatchesReplies(t *testing.T) {
 		t.Errorf("%d writes for %d small read replies, want at most %d", n, burst, burst/4)
 	}
 }
+
+// switchDevice is a gateDevice whose InlineIO answer can change.
+type switchDevice struct {
+	*gateDevice
+	inline atomic.Bool
+	asked  atomic.Int64
+}
+
+func (d *switchDevice) InlineIO() bool {
+	d.asked.Add(1)
+	return d.inline.Load()
+}
+
+// TestInlineAskedPerRequest checks that the engine asks InlineIO for each
+// request, so that a device that starts to block (a mirror that gains a
+// remote copy) gets its requests run by workers from then on.
+func TestInlineAskedPerRequest(t *testing.T) {
+	dev := &switchDevice{gateDevice: &gateDevice{Mem: blockdevtest.NewMem(1<<20, blockdev.Caps{}), gate: make(chan struct{})}}
+	dev.inline.Store(true)
+	ts := startServer(t, blockdev.Caps{}, nil, Export{Name: "switch", Device: dev})
+	c := dialRaw(t, ts.addr)
+	c.attach("switch", false)
+	for i := range 4 {
+		c.request(nbdproto.CmdRead, 0, uint64(i), 4096, 4096, nil)
+		if h, code, _ := c.simpleReply(4096); h != uint64(i) || code != 0 {
+			t.Fatalf("inline read: handle %d %s", h, errName(code))
+		}
+	}
+	if n := dev.asked.Load(); n != 4 {
+		t.Fatalf("InlineIO asked %d times for 4 reads", n)
+	}
+	// Now the device blocks: a read held at the gate must not hold up the
+	// next one.
+	dev.inline.Store(false)
+	c.request(nbdproto.CmdRead, 0, 10, 0, 4096, nil)    // waits for the gate
+	c.request(nbdproto.CmdRead, 0, 11, 4096, 4096, nil) // answered first
+	if h, code, _ := c.simpleReply(4096); h != 11 || code != 0 {
+		t.Fatalf("first reply: handle %d %s, want 11", h, errName(code))
+	}
+	close(dev.gate)
+	if h, code, _ := c.simpleReply(4096); h != 10 || code != 0 {
+		t.Fatalf("gated read: handle %d %s", h, errName(code))
+	}
+}

@@ -112,8 +112,10 @@ type Export struct {
 // nothing else.
 type InlineDevice interface {
 	blockdev.Device
-	// InlineIO reports whether ReadAt, WriteAt and Flush never block. It
-	// is asked once per connection.
+	// InlineIO reports whether ReadAt, WriteAt and Flush never block now.
+	// It is asked for every read, write and flush that may run inline, so
+	// the answer may change over the device's life (a mirror that gains a
+	// remote copy); it must be cheap.
 	InlineIO() bool
 }
 
