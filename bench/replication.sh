@@ -24,23 +24,27 @@ cleanup() {
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start() { # id data extra...
+# start ID DATA [flags...]: runs a node in this shell (not a subshell, so
+# its pid is recorded for cleanup) and sets NODE_NBD and NODE_API.
+start() {
 	local id=$1 data=$2; shift 2
-	local nbd api peer
-	nbd=127.0.0.1:$(port) api=127.0.0.1:$(port) peer=127.0.0.1:$(port)
-	bin/lupool serve --node-id "$id" --data "$data" --nbd "$nbd" --api "$api" --peer "$peer" "$@" \
+	NODE_NBD=127.0.0.1:$(port) NODE_API=127.0.0.1:$(port)
+	local peer=127.0.0.1:$(port)
+	bin/lupool serve --node-id "$id" --data "$data" --nbd "$NODE_NBD" --api "$NODE_API" --peer "$peer" "$@" \
 		>"$tmp/$id.log" 2>&1 &
 	pids+=($!)
 	for _ in $(seq 300); do
-		curl -fs "http://$api/readyz" >/dev/null 2>&1 && break
+		curl -fs "http://$NODE_API/readyz" >/dev/null 2>&1 && break
 		sleep 0.1
 	done
-	curl -fs "http://$api/readyz" >/dev/null || { echo "node $id did not start:"; cat "$tmp/$id.log"; exit 1; }
-	echo "$nbd $api"
+	curl -fs "http://$NODE_API/readyz" >/dev/null || { echo "node $id did not start:"; cat "$tmp/$id.log"; exit 1; }
 }
 
-read -r nbd1 api1 < <(start n1 "$tmp/n1")
-read -r _ _ < <(start n2 "$tmp/n2" --join "$api1")
+start n1 "$tmp/n1"
+nbd1=$NODE_NBD api1=$NODE_API
+pid1=${pids[0]}
+start n2 "$tmp/n2" --join "$api1"
+pid2=${pids[1]}
 for kind in file memory; do
 	LUPOOL_API=$api1 bin/lupool lu create "$kind-1" --size 1G --copies 1 --kind "$kind" >/dev/null
 	LUPOOL_API=$api1 bin/lupool lu create "$kind-2" --size 1G --copies 2 --kind "$kind" >/dev/null
@@ -73,11 +77,26 @@ PY
 )
 echo "loopback TCP round trip: $rtt_us us (median)"
 
-job() { # lu name iodepth -> "iops p50_us p99_us"
+# cpu PID: user+system clock ticks the process has used.
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+job() { # lu iodepth -> "iops p50_us p99_us cpu_us_per_write(n1) (n2) (fio)"
+	local a1 a2 b1 b2
+	a1=$(cpu "$pid1") a2=$(cpu "$pid2")
 	fio --ioengine=nbd --uri="nbd://$nbd1/$1" --name=b --rw=randwrite --bs=4k --size=256M \
-		--iodepth="$2" --time_based --runtime="$runtime" --ramp_time=1 --output-format=json \
+		--iodepth="$2" --time_based --runtime="$runtime" --output-format=json \
 		--output="$tmp/fio.json" >/dev/null
-	python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["write"]; p=j["clat_ns"]["percentile"]; print("%.0f %.1f %.1f" % (j["iops"], p["50.000000"]/1e3, p["99.000000"]/1e3))' "$tmp/fio.json"
+	b1=$(cpu "$pid1") b2=$(cpu "$pid2")
+	python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+w = j["write"]; p = w["clat_ns"]["percentile"]
+ops = max(w["total_ios"], 1)
+hz, d1, d2 = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+fio_cpu_s = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["elapsed"]
+print("%.0f %.1f %.1f %.1f %.1f %.1f" % (w["iops"], p["50.000000"]/1e3, p["99.000000"]/1e3,
+      d1 / hz / ops * 1e6, d2 / hz / ops * 1e6, fio_cpu_s / ops * 1e6))' "$tmp/fio.json" "$hz" $((b1 - a1)) $((b2 - a2))
 }
 
 declare -A res
@@ -87,7 +106,7 @@ for kind in file memory; do
 			for copies in 1 2; do
 				out=$(job "$kind-$copies" "$qd")
 				res[$kind,$copies,$qd]+="$out;"
-				echo "round $r $kind qd$qd copies=$copies: iops p50_us p99_us = $out"
+				echo "round $r $kind qd$qd copies=$copies: iops p50_us p99_us cpu_us/write(n1 n2 fio) = $out"
 			done
 		done
 	done
@@ -108,5 +127,7 @@ for kind, (o32, t32, o1, t1) in (("file", rows[0:4]), ("memory", rows[4:8])):
     print("| %s | 4K randwrite qd1 p50 latency | %.1f us | %.1f us | +%.1f us | <= +%.1f us (RTT %.1f + 50) |" % (
         kind, med(o1,1), med(t1,1), med(t1,1)-med(o1,1), rtt+50, rtt))
     print("| %s | 4K randwrite qd1 p99 latency | %.1f us | %.1f us | +%.1f us | |" % (kind, med(o1,2), med(t1,2), med(t1,2)-med(o1,2)))
-print("(median of %d alternating rounds each)" % len(rows[0]))
+    cpu = lambda r: (med(r,3), med(r,4), med(r,5), med(r,3)+med(r,4)+med(r,5))
+    print("| %s | CPU per write at qd32 (writer + copy + fio) | %.1f+%.1f+%.1f = %.1f us | %.1f+%.1f+%.1f = %.1f us | %.2fx | |" % ((kind,) + cpu(o32) + cpu(t32) + (cpu(t32)[3]/cpu(o32)[3],)))
+print("(median of %d alternating rounds each; both nodes and fio share this machine's %s cores)" % (len(rows[0]), __import__("os").cpu_count()))
 EOF

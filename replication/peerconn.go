@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/lupool/lupool/replication/replproto"
@@ -35,12 +34,15 @@ type peerConn struct {
 	br      *bufio.Reader
 	timeout time.Duration
 
-	wmu  sync.Mutex // serializes frame writes
-	hbuf [replproto.HeaderBytes]byte
-	bw   *bufio.Writer // guarded by wmu
-	// writers counts goroutines waiting for wmu: the last one of a burst
-	// flushes bw, so concurrent requests share a system call.
-	writers atomic.Int32
+	// Outgoing frames are appended to out. The requester that finds no
+	// write in progress becomes the writer: it writes everything queued,
+	// including frames other requesters append meanwhile, until the queue
+	// is empty. Under load many requests share one system call; alone, a
+	// request is written by its own goroutine with no hand-off.
+	qmu     sync.Mutex
+	out     []byte // guarded by qmu; frames not yet written
+	spare   []byte // guarded by qmu; the other buffer, owned by the writer while writing
+	writing bool   // guarded by qmu
 
 	mu struct {
 		sync.Mutex
@@ -112,7 +114,7 @@ func dialStream(ctx context.Context, apiAddr string, hello replproto.Hello, epoc
 		return fail(fmt.Errorf("%s: hello for %s: %w: %s", apiAddr, hello.LU, rh.Status.Err(), msg))
 	}
 	_ = conn.SetDeadline(time.Time{})
-	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{}), bw: bufio.NewWriterSize(conn, 64<<10)}
+	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{})}
 	c.mu.pending = map[uint64]*call{}
 	go c.readLoop()
 	go c.watchdog()
@@ -238,24 +240,37 @@ func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error)
 	c.mu.pending[h.Handle] = cl
 	c.mu.Unlock()
 
-	h.PayloadLen = uint32(len(payload))
-	c.writers.Add(1)
-	c.wmu.Lock()
-	c.writers.Add(-1)
-	h.Marshal(c.hbuf[:])
-	_ = c.conn.SetWriteDeadline(time.Now().Add(c.timeout))
-	_, err := c.bw.Write(c.hbuf[:])
-	if err == nil {
-		_, err = c.bw.Write(payload)
+	c.qmu.Lock()
+	c.out = replproto.AppendFrame(c.out, h, payload)
+	if c.writing {
+		c.qmu.Unlock()
+		return cl, nil
 	}
-	if err == nil && c.writers.Load() == 0 {
-		err = c.bw.Flush()
+	c.writing = true
+	for {
+		buf := c.out
+		c.out = c.spare[:0]
+		c.qmu.Unlock()
+		_ = c.conn.SetWriteDeadline(time.Now().Add(c.timeout))
+		_, err := c.conn.Write(buf)
+		if cap(buf) > 4<<20 {
+			buf = nil // do not keep a resync burst's buffer
+		}
+		c.qmu.Lock()
+		c.spare = buf
+		if err != nil {
+			c.writing = false
+			c.out = c.out[:0]
+			c.qmu.Unlock()
+			c.fail(fmt.Errorf("%w: send: %v", ErrPeerDown, err))
+			return cl, nil
+		}
+		if len(c.out) == 0 {
+			c.writing = false
+			c.qmu.Unlock()
+			return cl, nil
+		}
 	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.fail(fmt.Errorf("%w: send: %v", ErrPeerDown, err))
-	}
-	return cl, nil
 }
 
 // wait waits for cl's reply (or the stream's failure) and recycles cl.

@@ -215,7 +215,7 @@ func (mi *Mirror) resyncRegion(l *copyLink, r uint64) (int64, error) {
 							return err
 						}
 						h.Type, h.Length = replproto.TypeWrite, uint32(n)
-						// start has written the frame when it returns.
+						// start has copied the frame into the send queue when it returns.
 						cl, err := c.start(h, buf, nil)
 						mi.m.bufs.put(buf)
 						if err != nil {

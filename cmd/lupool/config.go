@@ -39,6 +39,8 @@ type serveConfig struct {
 	// ReplaceAfter: the primary replaces a copy out of sync this long
 	// (a Go duration such as 10m; 0 never).
 	ReplaceAfter string `json:"replace_after"`
+	// DebugPprof serves Go's profiler under /debug/pprof/ on the API.
+	DebugPprof bool `json:"debug_pprof"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -108,6 +110,16 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
+		{name: "debug-pprof", help: "serve Go's profiler under /debug/pprof/ on the API address (true or false)",
+			get: func(c *serveConfig) string { return strconv.FormatBool(c.DebugPprof) },
+			set: func(c *serveConfig, v string) error {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return fmt.Errorf("debug-pprof %q: use true or false", v)
+				}
+				c.DebugPprof = b
+				return nil
+			}},
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
 		str("log-format", "text or json", func(c *serveConfig) *string { return &c.LogFormat }),
 	}
@@ -159,7 +171,7 @@ func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (
 		dec := json.NewDecoder(strings.NewReader(string(data)))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&cfg); err != nil {
-			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes, replace_after)", *configFile, err)
+			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes, replace_after, debug_pprof)", *configFile, err)
 		}
 	}
 	set := map[string]bool{}

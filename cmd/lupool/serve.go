@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -252,12 +253,23 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 
+	var debug http.Handler
+	if cfg.DebugPprof {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		debug = mux
+	}
 	backend := &daemonBackend{node: node, pool: pool, mgr: mgr, nbd: nbdServer, nodeID: id, overcommit: cfg.Overcommit}
 	handler, err := api.NewHandler(api.Options{
 		Backend: backend,
 		NodeID:  id,
 		Metrics: promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}),
 		Logger:  log.With("part", "api"),
+		Debug:   debug,
 		Upgrades: map[string]func(net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
 		},

@@ -35,7 +35,10 @@ type Options struct {
 	// Metrics, when set, is served at /metrics (for example
 	// promhttp.HandlerFor(registry, ...)); the caller owns the registry.
 	Metrics http.Handler
-	Logger  *slog.Logger
+	// Debug, when set, is served under /debug/ (the daemon puts Go's
+	// profiler there with --debug-pprof).
+	Debug  http.Handler
+	Logger *slog.Logger
 	// Client forwards requests to the leader; default has a 30 s timeout.
 	Client *http.Client
 	// Upgrades maps a path to the handler of a raw stream that replaces
@@ -86,6 +89,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	h.mux.HandleFunc("GET /readyz", h.ready)
 	if opts.Metrics != nil {
 		h.mux.Handle("GET /metrics", opts.Metrics)
+	}
+	if opts.Debug != nil {
+		h.mux.Handle("/debug/", opts.Debug)
 	}
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s (see README.md, HTTP API)", r.Method, r.URL.Path))
