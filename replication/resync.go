@@ -128,10 +128,8 @@ func (mi *Mirror) resyncCheckStop() error {
 }
 
 func (mi *Mirror) resyncCheck(l *copyLink) error {
-	select {
-	case <-mi.stop:
-		return errResyncStopped
-	default:
+	if err := mi.resyncCheckStop(); err != nil {
+		return err
 	}
 	if copyState(l.state.Load()) != stResyncing {
 		return errResyncStopped
