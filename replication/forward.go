@@ -101,25 +101,34 @@ func (f *Forwarder) client(ctx context.Context) (*peerConn, error) {
 	return c, nil
 }
 
-// forward sends one request to the writer and waits for its answer.
+// forward sends one request to the writer and waits for its answer. A
+// stream that broke (the writer restarted, or moved) is dialed again and
+// the request sent once more: every request is idempotent on a block
+// device (a write that may have landed lands again with the same bytes,
+// and concurrent unacknowledged writes have no order to keep).
 func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, dst []byte) error {
-	c, err := f.client(ctx)
-	if err != nil {
-		return err
-	}
-	f.mu.Lock()
-	h.Epoch = f.mu.epoch
-	f.mu.Unlock()
-	_, err = c.do(h, payload, dst)
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, ErrPeerDown), errors.Is(err, replproto.ErrNotWriter):
+	var err error
+	for attempt := 0; attempt < 2; attempt++ {
+		var c *peerConn
+		if c, err = f.client(ctx); err != nil {
+			continue
+		}
+		f.mu.Lock()
+		h.Epoch = f.mu.epoch
+		f.mu.Unlock()
+		if _, err = c.do(h, payload, dst); err == nil {
+			return nil
+		}
+		if !errors.Is(err, ErrPeerDown) && !errors.Is(err, replproto.ErrNotWriter) {
+			return err
+		}
 		f.conn.CompareAndSwap(c, nil)
 		c.Close()
-		return fmt.Errorf("%w: %v", blockdev.ErrIO, err)
 	}
-	return err
+	if errors.Is(err, blockdev.ErrIO) {
+		return err
+	}
+	return fmt.Errorf("%w: %v", blockdev.ErrIO, err)
 }
 
 // Size implements blockdev.Device.
