@@ -85,14 +85,29 @@ func volumeSHA(t *testing.T, d *daemon, name string) string {
 
 func fio(t *testing.T, args ...string) string {
 	t.Helper()
-	base := []string{"--ioengine=nbd", "--output-format=normal", "--verify_state_save=0"}
-	cmd := exec.Command("fio", append(base, args...)...)
-	cmd.Dir = t.TempDir()
-	out, err := cmd.CombinedOutput()
+	out, err := startFio(t, args...)()
 	if err != nil {
 		t.Fatalf("fio %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	return string(out)
+	return out
+}
+
+// startFio starts fio over NBD in the background; the returned wait gives
+// its output and error.
+func startFio(t *testing.T, args ...string) (wait func() (string, error)) {
+	t.Helper()
+	base := []string{"--ioengine=nbd", "--output-format=normal", "--verify_state_save=0"}
+	cmd := exec.Command("fio", append(base, args...)...)
+	cmd.Dir = t.TempDir()
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return func() (string, error) {
+		err := cmd.Wait()
+		return out.String(), err
+	}
 }
 
 // TestReplicatedWritesReadLocally: an LU with two copies written through
@@ -159,18 +174,12 @@ func TestCopyKilledThenResynced(t *testing.T) {
 	fio(t, "--name=base", "--uri="+n1.uri("k"), "--rw=write", "--bs=1M", "--size=16M")
 
 	// Kill n2 while a write load runs through n1: the load finishes clean.
-	load := exec.Command("fio", "--ioengine=nbd", "--verify_state_save=0", "--name=during", "--uri="+n1.uri("k"),
+	wait := startFio(t, "--name=during", "--uri="+n1.uri("k"),
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=16M", "--size=8M", "--time_based", "--runtime=3")
-	load.Dir = t.TempDir()
-	var loadOut syncBuffer
-	load.Stdout, load.Stderr = &loadOut, &loadOut
-	if err := load.Start(); err != nil {
-		t.Fatal(err)
-	}
 	time.Sleep(time.Second)
 	n2.stop(syscall.SIGKILL)
-	if err := load.Wait(); err != nil {
-		t.Fatalf("writes through the writer failed while a copy died: %v\n%s", err, loadOut.String())
+	if out, err := wait(); err != nil {
+		t.Fatalf("writes through the writer failed while a copy died: %v\n%s", err, out)
 	}
 	// A known amount more while n2 is down: 8 MiB of distinct 4 KiB blocks.
 	fio(t, "--name=outage", "--uri="+n1.uri("k"), "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=32M", "--size=8M")
@@ -378,14 +387,8 @@ func TestAddCopyAndVerify(t *testing.T) {
 		t.Fatalf("verify of two equal copies: exit %d %+v", code, v)
 	}
 
-	load := exec.Command("fio", "--ioengine=nbd", "--verify_state_save=0", "--name=during", "--uri="+n1.uri("v"),
+	wait := startFio(t, "--name=during", "--uri="+n1.uri("v"),
 		"--rw=randwrite", "--bs=4k", "--iodepth=8", "--offset=8M", "--size=16M", "--time_based", "--runtime=3")
-	load.Dir = t.TempDir()
-	var loadOut syncBuffer
-	load.Stdout, load.Stderr = &loadOut, &loadOut
-	if err := load.Start(); err != nil {
-		t.Fatal(err)
-	}
 	time.Sleep(500 * time.Millisecond)
 	lu := luDetail{}
 	if err := json.Unmarshal([]byte(n2.mustCLI("lu", "add-copy", "v", "--node", "n3", "-o", "json")), &lu); err != nil {
@@ -394,8 +397,8 @@ func TestAddCopyAndVerify(t *testing.T) {
 	if lu.Copies != 3 || lu.state("n3") == "" || lu.state("n3") == "in-sync" {
 		t.Fatalf("after add-copy: %+v; want 3 copies with n3 not yet in sync", lu)
 	}
-	if err := load.Wait(); err != nil {
-		t.Fatalf("writes during add-copy failed: %v\n%s", err, loadOut.String())
+	if out, err := wait(); err != nil {
+		t.Fatalf("writes during add-copy failed: %v\n%s", err, out)
 	}
 	n1.waitState("v", "n3", "in-sync", 60*time.Second)
 	if a, c := volumeSHA(t, n1, "v"), volumeSHA(t, n3, "v"); a != c {
