@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
@@ -34,6 +36,9 @@ type Forwarder struct {
 	}
 	connMu sync.Mutex // serializes dialing
 	conn   atomic.Pointer[peerConn]
+
+	// Children of the manager's counters, resolved once.
+	readLocal, readWriter, writesForwarded prometheus.Counter
 }
 
 var (
@@ -44,7 +49,10 @@ var (
 )
 
 func (m *Manager) newForwarder(rec cluster.LU, local lu.Volume) *Forwarder {
-	f := &Forwarder{name: rec.Name, m: m, local: local}
+	f := &Forwarder{name: rec.Name, m: m, local: local,
+		readLocal:       m.metrics.reads.WithLabelValues(rec.Name, "local"),
+		readWriter:      m.metrics.reads.WithLabelValues(rec.Name, "writer"),
+		writesForwarded: m.metrics.forwardedWrites.WithLabelValues(rec.Name)}
 	f.observe(rec)
 	return f
 }
@@ -162,7 +170,7 @@ func (f *Forwarder) readsLocally() bool {
 // ReadAt implements blockdev.Device.
 func (f *Forwarder) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if f.readsLocally() {
-		f.m.metrics.reads.WithLabelValues(f.name, "local").Add(float64(len(p)))
+		f.readLocal.Add(float64(len(p)))
 		return f.local.ReadAt(ctx, p, off)
 	}
 	for done := 0; done < len(p); {
@@ -173,7 +181,7 @@ func (f *Forwarder) ReadAt(ctx context.Context, p []byte, off int64) error {
 		}
 		done += n
 	}
-	f.m.metrics.reads.WithLabelValues(f.name, "writer").Add(float64(len(p)))
+	f.readWriter.Add(float64(len(p)))
 	return nil
 }
 
@@ -183,7 +191,7 @@ func (f *Forwarder) WriteAt(ctx context.Context, p []byte, off int64, flags bloc
 	if err := f.forward(ctx, h, p, nil); err != nil {
 		return err
 	}
-	f.m.metrics.forwardedWrites.WithLabelValues(f.name).Add(float64(len(p)))
+	f.writesForwarded.Add(float64(len(p)))
 	return nil
 }
 

@@ -34,6 +34,8 @@ type target struct {
 	name string
 	// received counts write bytes by kind (live, resync) for a copy.
 	receivedLive, receivedResync prometheus.Counter
+	// servedReads counts bytes read for a forwarding node (RoleClient).
+	servedReads prometheus.Counter
 }
 
 // ServeStream runs the receiving side of one replication stream on conn,
@@ -197,7 +199,8 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uin
 		if !ok {
 			return target{}, rec.Epoch, fmt.Errorf("%w: %s's writer is %s, not %s", replproto.ErrNotWriter, hello.LU, rec.Writer, m.opts.NodeID)
 		}
-		return target{dev: mir, role: hello.Role, name: hello.LU}, rec.Epoch, nil
+		return target{dev: mir, role: hello.Role, name: hello.LU,
+			servedReads: m.metrics.servedReads.WithLabelValues(hello.LU)}, rec.Epoch, nil
 	}
 	return target{}, rec.Epoch, fmt.Errorf("%w: role %d", blockdev.ErrInvalid, hello.Role)
 }
@@ -288,7 +291,7 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 			m.bufs.put(out)
 			out = nil
 		} else if tgt.role == replproto.RoleClient {
-			m.metrics.servedReads.WithLabelValues(tgt.name).Add(float64(length))
+			tgt.servedReads.Add(float64(length))
 		}
 	case replproto.TypeHash:
 		buf := m.bufs.get(int(length))
