@@ -2,8 +2,6 @@ package nbd
 
 import (
 	"bytes"
-	"context"
-	"errors"
 	"net"
 	"sync/atomic"
 	"testing"
@@ -123,18 +121,7 @@ func TestInlineBatchesReplies(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := &countingListener{Listener: l0}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("Shutdown: %v", err)
-		}
-		if err := <-done; !errors.Is(err, ErrServerClosed) {
-			t.Errorf("Serve returned %v", err)
-		}
-	})
+	serveUntilCleanup(t, srv, l)
 	c := dialRaw(t, l0.Addr().String())
 	c.attach("disk", false)
 

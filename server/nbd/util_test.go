@@ -61,6 +61,14 @@ func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra .
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveUntilCleanup(t, srv, l)
+	return &testServer{srv: srv, addr: l.Addr().String(), exports: set, mem: mem}
+}
+
+// serveUntilCleanup runs srv on l and, when the test ends, shuts it down
+// and checks that Serve returned ErrServerClosed.
+func serveUntilCleanup(t testing.TB, srv *Server, l net.Listener) {
+	t.Helper()
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
 	t.Cleanup(func() {
@@ -73,5 +81,4 @@ func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra .
 			t.Errorf("Serve returned %v, want ErrServerClosed", err)
 		}
 	})
-	return &testServer{srv: srv, addr: l.Addr().String(), exports: set, mem: mem}
 }
