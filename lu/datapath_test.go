@@ -20,12 +20,7 @@ import (
 // lock is held on the data path.
 func TestDataPathNoSharedLock(t *testing.T) {
 	ctx := context.Background()
-	ffs := lufs.NewFaultFS(lufs.NewMemFS(lufs.MemFSOptions{}))
-	p, err := OpenPool(PoolOptions{Dirs: []string{"/d"}, FS: ffs, OvercommitRatio: 1e6})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, ffs := openFaultPool(t)
 	a, err := p.Create("a", 1<<20, KindFile)
 	if err != nil {
 		t.Fatal(err)
@@ -95,12 +90,7 @@ func TestDataPathNoSharedLock(t *testing.T) {
 // sits on that path; FUA adds only the data sync.
 func TestDataPathCalls(t *testing.T) {
 	ctx := context.Background()
-	ffs := lufs.NewFaultFS(lufs.NewMemFS(lufs.MemFSOptions{}))
-	p, err := OpenPool(PoolOptions{Dirs: []string{"/d"}, FS: ffs, OvercommitRatio: 1e6})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, ffs := openFaultPool(t)
 	v, err := p.Create("v", 1<<20, KindFile)
 	if err != nil {
 		t.Fatal(err)
@@ -146,4 +136,17 @@ func TestDataPathCalls(t *testing.T) {
 		trace("read of an allocated block",
 			func() error { return v.ReadAt(ctx, make([]byte, 1000), off) }, []lufs.Op{read})
 	}
+}
+
+// openFaultPool opens a pool on a fault-injecting memory FS, closed when
+// the test ends.
+func openFaultPool(t *testing.T) (*Pool, *lufs.FaultFS) {
+	t.Helper()
+	ffs := lufs.NewFaultFS(lufs.NewMemFS(lufs.MemFSOptions{}))
+	p, err := OpenPool(PoolOptions{Dirs: []string{"/d"}, FS: ffs, OvercommitRatio: 1e6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, ffs
 }
