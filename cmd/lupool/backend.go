@@ -228,6 +228,16 @@ func (b *daemonBackend) afterChange(ctx context.Context, name string) (api.LU, e
 	return b.GetLU(ctx, name)
 }
 
+// nodeAPIAddr returns the API address recorded for node id.
+func nodeAPIAddr(nodes []cluster.NodeInfo, id string) (string, bool) {
+	for _, n := range nodes {
+		if n.ID == id && n.APIAddr != "" {
+			return n.APIAddr, true
+		}
+	}
+	return "", false
+}
+
 func knownNode(nodes []cluster.NodeInfo, id string) bool {
 	for _, n := range nodes {
 		if n.ID == id {
@@ -524,11 +534,9 @@ func (b *daemonBackend) VerifyLU(ctx context.Context, name string, req api.Verif
 			h, err := b.RegionHashes(ctx, name, off, region, count)
 			return h.Hashes, err
 		}
-		addr := ""
-		for _, n := range nodes {
-			if n.ID == node {
-				addr = n.APIAddr
-			}
+		addr, ok := nodeAPIAddr(nodes, node)
+		if !ok {
+			return nil, fmt.Errorf("node %s has no known API address", node)
 		}
 		c, err := api.NewClient(addr)
 		if err != nil {

@@ -224,12 +224,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			if err != nil {
 				return "", false
 			}
-			for _, n := range nodes {
-				if n.ID == nodeID && n.APIAddr != "" {
-					return n.APIAddr, true
-				}
-			}
-			return "", false
+			return nodeAPIAddr(nodes, nodeID)
 		},
 		Export: func(name, description string, dev blockdev.Device) {
 			if err := exports.Add(nbd.Export{Name: name, Description: description, Device: dev}); err != nil {
