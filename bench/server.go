@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/lupool/lupool/internal/freeport"
 )
 
 // Server classes: ratios are reported between a subject and the peers of
@@ -353,24 +355,20 @@ func freePort() (int, error) {
 	return ports[0], nil
 }
 
-// freePorts asks the kernel for n distinct free loopback ports. They are
-// released before use, so another program could take one in between; the
-// readiness check then fails loudly rather than measuring the wrong server.
+// freePorts returns n distinct loopback ports that were free a moment ago,
+// taken from below the kernel's ephemeral range so that no outgoing
+// connection takes one before the server binds it. They are released before
+// use, so another program could take one in between; the readiness check
+// then fails loudly rather than measuring the wrong server.
 func freePorts(n int) ([]int, error) {
-	var ports []int
-	var listeners []net.Listener
-	defer func() {
-		for _, l := range listeners {
-			l.Close()
-		}
-	}()
+	picker := freeport.New()
+	ports := make([]int, 0, n)
 	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		port, err := picker.Port()
 		if err != nil {
-			return nil, fmt.Errorf("bench: free port: %w", err)
+			return nil, fmt.Errorf("bench: %w", err)
 		}
-		listeners = append(listeners, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		ports = append(ports, port)
 	}
 	return ports, nil
 }

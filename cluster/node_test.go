@@ -5,29 +5,33 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/lupool/lupool/internal/freeport"
 )
 
 // testTimeout bounds every wait in these tests; elections take well under a
 // second even under -race on a loaded machine.
 const testTimeout = 20 * time.Second
 
+// ports hands out this test binary's peer addresses: distinct, and below
+// the ephemeral range so that no node's outgoing connection takes one.
+var ports = freeport.New()
+
 // freePort returns a loopback address that was free a moment ago, so that
 // a node keeps its peer address across restarts in one test.
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := ports.Addr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
 func testOptions(t *testing.T, dir, id string, bootstrap bool) Options {

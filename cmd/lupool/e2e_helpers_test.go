@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/internal/freeport"
 )
 
 // lupoolBin is the binary under test, built once by TestMain.
@@ -46,14 +47,18 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// ports hands out the loopback addresses of every daemon in this test
+// binary: never the same one twice, and never one that a daemon's own
+// outgoing connections could be given by the kernel.
+var ports = freeport.New()
+
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := ports.Addr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
 func needTools(t *testing.T, tools ...string) {
