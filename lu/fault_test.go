@@ -104,6 +104,75 @@ func TestFaultShortWrite(t *testing.T) {
 	}
 }
 
+// TestLargeWriteChunked: a buffered write larger than maxWriteChunkBytes
+// reaches the file in pieces no larger than that, in order, covering it
+// exactly; a FUA write stays one call; a failure in the middle stops the
+// rest and is reported.
+func TestLargeWriteChunked(t *testing.T) {
+	ctx := context.Background()
+	v, ffs := faultVolume(t)
+	var writes []lufs.Event
+	ffs.SetInjector(func(e lufs.Event) error {
+		if e.Op == lufs.OpWrite {
+			writes = append(writes, e)
+		}
+		return nil
+	})
+	p := make([]byte, 3*maxWriteChunkBytes+BlockSizeBytes+7)
+	for i := range p {
+		p[i] = byte(i * 7)
+	}
+	const base = 3*BlockSizeBytes + 5
+	if err := v.WriteAt(ctx, p, base, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(writes) != 4 {
+		t.Fatalf("%d write calls for %d bytes, want 4: %+v", len(writes), len(p), writes)
+	}
+	next := int64(base)
+	for _, w := range writes {
+		if w.Off != next || w.Length > maxWriteChunkBytes {
+			t.Fatalf("write call %+v: want offset %d and at most %d bytes", w, next, maxWriteChunkBytes)
+		}
+		next += w.Length
+	}
+	if next != base+int64(len(p)) {
+		t.Fatalf("calls end at %d, want %d", next, base+int64(len(p)))
+	}
+	got := make([]byte, len(p))
+	if err := v.ReadAt(ctx, got, base); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, p) {
+		t.Fatalf("read back differs at byte %d", firstDiff(got, p))
+	}
+
+	writes = nil
+	if err := v.WriteAt(ctx, p, 0, blockdev.FUA); err != nil {
+		t.Fatal(err)
+	}
+	if len(writes) != 1 || writes[0].Length != int64(len(p)) {
+		t.Fatalf("FUA write made calls %+v, want one of %d bytes", writes, len(p))
+	}
+
+	calls := 0
+	ffs.SetInjector(func(e lufs.Event) error {
+		if e.Op != lufs.OpWrite {
+			return nil
+		}
+		if calls++; calls == 2 {
+			return lufs.Errno(syscall.EIO)
+		}
+		return nil
+	})
+	if err := v.WriteAt(ctx, p, 0, 0); !errors.Is(err, blockdev.ErrIO) {
+		t.Fatalf("second piece failing: got %v, want ErrIO", err)
+	}
+	if calls != 2 {
+		t.Fatalf("%d write calls after the second failed, want the write to stop there", calls)
+	}
+}
+
 // TestFaultNth fails only the third write.
 func TestFaultNth(t *testing.T) {
 	ctx := context.Background()

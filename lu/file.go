@@ -17,6 +17,20 @@ import (
 // the file system cannot zero a range by itself.
 const zeroChunkBytes = 256 << 10
 
+// maxWriteChunkBytes bounds one buffered (non-FUA) write system call.
+//
+// Linux file systems with large folios (ext4 and XFS on 6.x kernels) size a
+// page-cache folio by the write that creates it, and a later small write
+// into a folio walks every block of it: on this project's test machine
+// (ext4, 6.18) a 4 KiB overwrite cost 7 us of CPU inside a region laid down
+// by 1 MiB writes, 2.0 us after 64 KiB writes and 1.6 us after 4 KiB
+// writes, while writing 1 GiB sequentially took the same time in 64 KiB
+// pieces as in 1 MiB ones. Paging traffic is 4 KiB overwrites of regions
+// that image copies and sequential writers laid down in large requests, so
+// large writes go to the file in 64 KiB pieces.
+// BenchmarkOverwrite4KAfterLargeWrites measures it.
+const maxWriteChunkBytes = 64 << 10
+
 // FileVolume is a thin volume backed by a sparse file. See the package doc.
 type FileVolume struct {
 	path string    // immutable
@@ -154,11 +168,25 @@ func (v *FileVolume) WriteAt(ctx context.Context, p []byte, off int64, flags blo
 	}
 	var err error
 	if flags&blockdev.FUA != 0 {
+		// One system call, so that one RWF_DSYNC covers all of it.
 		_, err = v.f.WriteAtSync(p, off)
 	} else {
-		_, err = v.f.WriteAt(p, off)
+		err = v.writeChunked(p, off)
 	}
 	return ioError("write", v.path, err)
+}
+
+// writeChunked writes p at off in pieces of at most maxWriteChunkBytes,
+// stopping at the first error.
+func (v *FileVolume) writeChunked(p []byte, off int64) error {
+	for len(p) > 0 {
+		n := min(len(p), maxWriteChunkBytes)
+		if _, err := v.f.WriteAt(p[:n], off); err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
 }
 
 // Flush implements blockdev.Device with fdatasync.
