@@ -167,6 +167,40 @@ type Cacher interface {
 	Cache(ctx context.Context, off, length int64) error
 }
 
+// AsyncWriter is implemented by devices that can start a write and finish
+// it later, when waiting for it would idle the caller: a mirror that has
+// written its local volume and waits only for its copies' acknowledgements.
+// A front end then starts writes on the goroutine that reads requests and
+// answers each when it completes, with no goroutine parked per write.
+type AsyncWriter interface {
+	Device
+	// AsyncWrites reports whether WriteAsync may be used now. It is asked
+	// for every write and must be cheap.
+	AsyncWrites() bool
+	// WriteAsync starts writing p at off (flags as for WriteAt) and calls
+	// done.Complete exactly once with the result, from any goroutine,
+	// possibly before WriteAsync returns. It returns once p is no longer
+	// needed. It may block briefly (local I/O, flow control), but must not
+	// wait for its own completion.
+	WriteAsync(ctx context.Context, p []byte, off int64, flags Flags, done Completion)
+}
+
+// Completion is how an AsyncWriter reports a finished write.
+type Completion interface {
+	// Complete records the result and answers the client. The answer may
+	// stay buffered: when Complete returns a non-nil ReplyFlusher, the
+	// caller must call its FlushReplies before it next waits for anything,
+	// and may first complete more writes, so that their answers go out
+	// together. Calling FlushReplies once for several identical
+	// ReplyFlushers (==) is enough.
+	Complete(err error) ReplyFlusher
+}
+
+// ReplyFlusher sends the answers that Complete left buffered.
+type ReplyFlusher interface {
+	FlushReplies()
+}
+
 // CheckRange validates off and length against size without overflow. It
 // returns ErrInvalid for negative values and ErrOutOfRange when the range
 // does not fit.

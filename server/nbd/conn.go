@@ -63,8 +63,9 @@ type conn struct {
 	extenter blockdev.Extenter // nil if unsupported
 	cacher   blockdev.Cacher   // nil if unsupported
 	readOnly bool
-	inliner  InlineDevice   // dev if it implements InlineDevice, else nil
-	metrics  *exportMetrics // nil without Metrics
+	inliner  InlineDevice         // dev if it implements InlineDevice, else nil
+	asyncw   blockdev.AsyncWriter // dev if it implements AsyncWriter, else nil
+	metrics  *exportMetrics       // nil without Metrics
 
 	inflight atomic.Int32
 	stats    [numCommands]struct{ requests, errors, bytes atomic.Uint64 }
@@ -93,14 +94,23 @@ type conn struct {
 	workers  atomic.Int32 // started workers
 	waiting  atomic.Int32 // workers waiting for readMu
 	workerWG sync.WaitGroup
+
+	// Asynchronous writes (see startAsync) are counted in asyncWG until
+	// their Complete. asyncHold is set while some completer holds the
+	// reply flush back (one count in pendingReplies) until its
+	// FlushReplies.
+	asyncWG   sync.WaitGroup
+	asyncHold atomic.Bool
 }
 
 // request is one request in flight. Owned by the reader until dispatched,
 // then by one worker until returned to free.
 type request struct {
+	c       *conn // immutable
 	hdr     nbdproto.Request
 	errCode uint32  // set by validation: reply with this, do not run
 	inline  bool    // the reader runs it (inlineRequest); set with errCode
+	async   bool    // the reader starts it on the AsyncWriter (asyncRequest)
 	buf     *buffer // write payload or read data; nil otherwise
 	// payload is a write's payload: in buf, or in the reader's buffer for
 	// an inline write (valid only until the reader reads on).
@@ -172,6 +182,7 @@ func (c *conn) serve() {
 	c.workerWG.Add(1)
 	c.worker() // returns when reading has ended
 	c.workerWG.Wait()
+	c.asyncWG.Wait()
 	c.readMu.Lock()
 	err = c.readErr
 	c.readMu.Unlock()
@@ -191,6 +202,7 @@ func (c *conn) start(sess *session) {
 	c.cacher, _ = c.dev.(blockdev.Cacher)
 	c.readOnly = c.dev.Caps().ReadOnly
 	c.inliner, _ = c.dev.(InlineDevice)
+	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
 	if m := c.srv.opts.Metrics; m != nil {
 		c.metrics = m.forExport(sess.export.Name)
 		c.metrics.connections.Inc()
@@ -198,7 +210,7 @@ func (c *conn) start(sess *session) {
 	n := c.srv.opts.MaxInflightRequests
 	c.free = make(chan *request, n)
 	for range n {
-		c.free <- &request{}
+		c.free <- &request{c: c}
 	}
 	c.budget.init(c.srv.opts.MaxInflightBytes)
 	c.srv.mu.Lock()
@@ -254,6 +266,15 @@ func (c *conn) lead() *request {
 			c.stopLocked(err)
 			return nil
 		}
+		if r.async {
+			c.closeBatchLocked() // WriteAsync may block briefly
+			c.startAsync(r)
+			if c.peekedBytes > 0 {
+				_, _ = c.br.Discard(c.peekedBytes) // buffered: cannot fail
+				c.peekedBytes = 0
+			}
+			continue
+		}
 		if !r.inline {
 			c.closeBatchLocked()
 			return r
@@ -294,6 +315,66 @@ func (c *conn) inlineRequest(r *request) bool {
 		return false
 	}
 	return c.inliner.InlineIO()
+}
+
+// asyncRequest decides, once per request, whether the reader starts r on
+// the device's AsyncWriter and reads on while it runs: writes of 1 to
+// InlineMaxBytes bytes without FUA (a FUA write waits for the disk, which
+// the reader must not), when the device says so now.
+func (c *conn) asyncRequest(r *request) bool {
+	return c.asyncw != nil && r.errCode == 0 && r.hdr.Type == nbdproto.CmdWrite &&
+		r.hdr.Length > 0 && r.hdr.Length <= InlineMaxBytes &&
+		r.hdr.Flags&nbdproto.CmdFlagFUA == 0 && c.asyncw.AsyncWrites()
+}
+
+// startAsync hands write r to the AsyncWriter; r belongs to the device
+// until its Complete, which may already have run when WriteAsync returns.
+// c.readMu must be held.
+func (c *conn) startAsync(r *request) {
+	c.asyncWG.Add(1)
+	p, off, flags := r.payload, int64(r.hdr.Offset), fuaFlag(r.hdr.Flags)
+	c.asyncw.WriteAsync(c.ctx, p, off, flags, r)
+}
+
+// Complete implements blockdev.Completion for an asynchronous write: it
+// answers r and returns r to the free list. The first completer to find
+// no flush held back holds it (and gets the connection as the
+// ReplyFlusher), so that the replies it completes in a burst go out in one
+// system call.
+func (r *request) Complete(err error) blockdev.ReplyFlusher {
+	c := r.c
+	var fl blockdev.ReplyFlusher
+	if c.asyncHold.CompareAndSwap(false, true) {
+		c.pendingReplies.Add(1)
+		fl = c
+	}
+	code := errorCode(nbdproto.CmdWrite, err)
+	c.account(r, code)
+	if code != 0 {
+		c.replyError(r, code, err)
+	} else {
+		c.replyOK(r)
+	}
+	c.release(r)
+	c.inflight.Add(-1)
+	c.asyncWG.Done()
+	return fl
+}
+
+// FlushReplies implements blockdev.ReplyFlusher: it ends the hold a
+// Complete took and flushes unless other replies are still pending.
+func (c *conn) FlushReplies() {
+	c.asyncHold.Store(false)
+	if c.pendingReplies.Add(-1) != 0 {
+		return
+	}
+	c.wmu.Lock()
+	if !c.broken.Load() {
+		if err := c.bw.Flush(); err != nil {
+			c.fail()
+		}
+	}
+	c.wmu.Unlock()
 }
 
 // openBatchLocked holds back the flush of the replies written from now on
@@ -394,6 +475,7 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 		r.errCode = nbdproto.ESHUTDOWN
 	}
 	r.inline = c.inlineRequest(r)
+	r.async = !r.inline && c.asyncRequest(r)
 	if err := c.readPayload(r); err != nil {
 		c.release(r)
 		return nil, err
@@ -414,9 +496,9 @@ func (c *conn) readPayload(r *request) error {
 	case r.hdr.Type == nbdproto.CmdWrite && r.errCode != 0:
 		_, err := io.CopyN(io.Discard, c.br, n)
 		return err
-	case r.hdr.Type == nbdproto.CmdWrite && n > 0 && n <= int64(c.br.Size()) && r.inline:
-		// The reader runs the write before it reads on, so the payload
-		// can stay in br: no copy, no buffer, no budget.
+	case r.hdr.Type == nbdproto.CmdWrite && n > 0 && n <= int64(c.br.Size()) && (r.inline || r.async):
+		// The reader runs (or starts) the write before it reads on, so
+		// the payload can stay in br: no copy, no buffer, no budget.
 		p, err := c.br.Peek(int(n))
 		if err != nil {
 			return errors.Join(io.ErrUnexpectedEOF, err)

@@ -17,6 +17,8 @@ type testServer struct {
 	addr    string
 	exports *ExportSet
 	mem     *blockdevtest.Mem
+	// asyncDev is the device behind "disk" when testAsync was set.
+	asyncDev *asyncMem
 }
 
 const testSizeBytes = 16 << 20
@@ -32,13 +34,22 @@ var _ InlineDevice = inlineMem{}
 // TestInline, which runs tests in sequence.
 var testInline bool
 
+// testAsync makes startServer serve "disk" as an AsyncWriter (asyncMem).
+// Set only by TestAsync and tests that run before any parallel test.
+var testAsync bool
+
 // startServer serves a Mem device as export "disk" (and any extra exports).
 func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra ...Export) *testServer {
 	t.Helper()
 	mem := blockdevtest.NewMem(testSizeBytes, caps)
 	var disk blockdev.Device = mem
-	if testInline {
+	var asyncDev *asyncMem
+	switch {
+	case testInline:
 		disk = inlineMem{mem}
+	case testAsync:
+		asyncDev = newAsyncMem(t, mem)
+		disk = asyncDev
 	}
 	set := NewExportSet()
 	if err := set.Add(Export{Name: "disk", Description: "test disk", Device: disk}); err != nil {
@@ -62,7 +73,7 @@ func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra .
 		t.Fatal(err)
 	}
 	serveUntilCleanup(t, srv, l)
-	return &testServer{srv: srv, addr: l.Addr().String(), exports: set, mem: mem}
+	return &testServer{srv: srv, addr: l.Addr().String(), exports: set, mem: mem, asyncDev: asyncDev}
 }
 
 // serveUntilCleanup runs srv on l and, when the test ends, shuts it down

@@ -1,0 +1,199 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/server/nbdproto"
+)
+
+// asyncMem is a Mem that the engine writes through AsyncWriter. Every
+// third write completes before WriteAsync returns; the others complete on
+// the device's completer goroutine, in bursts, with their replies flushed
+// once per burst, the way a replication stream's reader completes them.
+type asyncMem struct {
+	*blockdevtest.Mem
+	queue chan asyncDone
+	hold  chan struct{} // while non-nil, the completer waits for it to close
+	mu    sync.Mutex
+	n     int
+}
+
+type asyncDone struct {
+	done blockdev.Completion
+	err  error
+}
+
+func newAsyncMem(t testing.TB, mem *blockdevtest.Mem) *asyncMem {
+	a := &asyncMem{Mem: mem, queue: make(chan asyncDone, 1024)}
+	stop := make(chan struct{})
+	finished := make(chan struct{})
+	go a.completer(stop, finished)
+	t.Cleanup(func() { close(stop); <-finished })
+	return a
+}
+
+func (a *asyncMem) AsyncWrites() bool { return true }
+
+func (a *asyncMem) WriteAsync(ctx context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
+	err := a.Mem.WriteAt(ctx, p, off, flags)
+	a.mu.Lock()
+	a.n++
+	now := a.n%3 == 0
+	a.mu.Unlock()
+	if now {
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+		return
+	}
+	a.queue <- asyncDone{done, err}
+}
+
+func (a *asyncMem) completer(stop, finished chan struct{}) {
+	defer close(finished)
+	var flushers []blockdev.ReplyFlusher
+	complete := func(d asyncDone) {
+		if fl := d.done.Complete(d.err); fl != nil {
+			for _, f := range flushers {
+				if f == fl {
+					return
+				}
+			}
+			flushers = append(flushers, fl)
+		}
+	}
+	for {
+		select {
+		case <-stop:
+			return
+		case d := <-a.queue:
+			a.mu.Lock()
+			hold := a.hold
+			a.mu.Unlock()
+			if hold != nil {
+				<-hold
+			}
+			complete(d)
+			for more := true; more; {
+				select {
+				case d := <-a.queue:
+					complete(d)
+				default:
+					more = false
+				}
+			}
+			for _, f := range flushers {
+				f.FlushReplies()
+			}
+			flushers = flushers[:0]
+		}
+	}
+}
+
+var _ blockdev.AsyncWriter = (*asyncMem)(nil)
+
+// TestAsync runs the transmission tests again with "disk" served as an
+// AsyncWriter, so that the reader starts writes and other goroutines answer
+// them.
+func TestAsync(t *testing.T) {
+	tests := []struct {
+		name string
+		fn   func(*testing.T)
+	}{
+		{"ReadWriteSimple", TestReadWriteSimple},
+		{"Validation", TestValidation},
+		{"WriteTooLargeClosesOnlyThatConnection", TestWriteTooLargeClosesOnlyThatConnection},
+		{"StructuredReplies", TestStructuredReplies},
+		{"DeviceErrorsKeepConnection", TestDeviceErrorsKeepConnection},
+		{"DisconnectExport", TestDisconnectExport},
+		{"HostileTransmission", TestHostileTransmission},
+		{"NoGoroutineGrowth", TestNoGoroutineGrowth},
+		{"HotPathAllocations", TestHotPathAllocations},
+		{"MetricsAndConnStats", TestMetricsAndConnStats},
+	}
+	testAsync = true
+	t.Cleanup(func() { testAsync = false })
+	for _, tc := range tests {
+		t.Run(tc.name, tc.fn)
+	}
+}
+
+// TestAsyncDiscAnswersWritesInFlight: writes whose completion is still
+// pending when the client sends DISC are answered before the connection
+// closes, and land.
+func TestAsyncDiscAnswersWritesInFlight(t *testing.T) {
+	testAsync = true
+	ts := startServer(t, blockdev.Caps{}, nil)
+	testAsync = false
+	dev := ts.asyncDev
+	release := make(chan struct{})
+	dev.mu.Lock()
+	dev.hold = release
+	dev.n = 0 // writes 1 and 2 queue, write 3 completes at once
+	dev.mu.Unlock()
+
+	c := dialRaw(t, ts.addr)
+	c.attach("disk", false)
+	data := pattern(4096, 9)
+	for i := range 3 {
+		c.request(nbdproto.CmdWrite, 0, uint64(i+1), uint64(i)*4096, 4096, data)
+	}
+	c.request(nbdproto.CmdDisc, 0, 99, 0, 0, nil)
+	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Write 3 is answered while 1 and 2 are held.
+	if h, code, _ := c.simpleReply(0); h != 3 || code != 0 {
+		t.Fatalf("first reply: handle %d %s, want 3 OK", h, errName(code))
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(release)
+	got := map[uint64]bool{}
+	for range 2 {
+		h, code, _ := c.simpleReply(0)
+		if code != 0 {
+			t.Fatalf("handle %d: %s", h, errName(code))
+		}
+		got[h] = true
+	}
+	if !got[1] || !got[2] {
+		t.Fatalf("replies %v, want handles 1 and 2", got)
+	}
+	c.expectClosed()
+	for i := range 3 {
+		if !bytes.Equal(ts.mem.Bytes()[i*4096:(i+1)*4096], data) {
+			t.Fatalf("write %d did not land", i+1)
+		}
+	}
+}
+
+// TestAsyncFUAAndLargeWritesRunOnWorkers: only plain writes of at most
+// InlineMaxBytes are started asynchronously.
+func TestAsyncFUAAndLargeWritesRunOnWorkers(t *testing.T) {
+	testAsync = true
+	ts := startServer(t, blockdev.Caps{}, nil)
+	testAsync = false
+	dev := ts.asyncDev
+	c := dialRaw(t, ts.addr)
+	c.attach("disk", false)
+	count := func() int { dev.mu.Lock(); defer dev.mu.Unlock(); return dev.n }
+	if code := c.do(nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 0, 4096, pattern(4096, 1)); code != 0 {
+		t.Fatalf("FUA write: %s", errName(code))
+	}
+	if code := c.do(nbdproto.CmdWrite, 0, 0, InlineMaxBytes+4096, pattern(InlineMaxBytes+4096, 2)); code != 0 {
+		t.Fatalf("large write: %s", errName(code))
+	}
+	if n := count(); n != 0 {
+		t.Fatalf("%d writes went through WriteAsync, want 0", n)
+	}
+	if code := c.do(nbdproto.CmdWrite, 0, 0, InlineMaxBytes, pattern(InlineMaxBytes, 3)); code != 0 {
+		t.Fatalf("write: %s", errName(code))
+	}
+	if n := count(); n != 1 {
+		t.Fatalf("%d writes went through WriteAsync, want 1", n)
+	}
+}
