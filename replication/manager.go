@@ -195,10 +195,11 @@ type Manager struct {
 	// copy last heard from the writer at the current epoch (*atomic.Int64).
 	leases sync.Map
 	// clock is the base of monotonic times kept as integers.
-	clock   time.Time
-	bufs    bufPool
-	metrics *metrics
-	stopped chan struct{}
+	clock       time.Time
+	bufs        bufPool
+	asyncWrites sync.Pool // of *asyncWrite
+	metrics     *metrics
+	stopped     chan struct{}
 	// changes counts metadata changes applied to local volumes by kind
 	// (created, resized, deleted) since this process started; after a
 	// restart it shows whether old log entries were applied again.

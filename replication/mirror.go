@@ -339,6 +339,121 @@ func (mi *Mirror) Extents(ctx context.Context, off, length int64, dst []blockdev
 	return mi.local.Extents(ctx, off, length, dst)
 }
 
+// AsyncWrites implements blockdev.AsyncWriter: writes are started
+// asynchronously while the LU has copies to wait for.
+func (mi *Mirror) AsyncWrites() bool { return len(mi.linkSet()) > 0 }
+
+// asyncWrite is one write started by WriteAsync: it completes when the
+// local write and every copy it reached have answered.
+type asyncWrite struct {
+	mi     *Mirror
+	f      fan
+	off    int64
+	length int64
+	unlock func()
+	// remaining counts the answers still to come: one per copy reached
+	// and one for the local write.
+	remaining atomic.Int32
+	localErr  error
+	done      blockdev.Completion
+}
+
+// WriteAsync implements blockdev.AsyncWriter. It does what WriteAt does,
+// but returns once the local write is done and the copies' requests are
+// queued on their streams; the last answer completes the write on the
+// goroutine that delivers it. A write whose copies all answer OK completes
+// there at once; otherwise the settling (which may wait for the metadata
+// and a copy's read lease) runs on its own goroutine.
+func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
+	length := int64(len(p))
+	if length > replproto.LengthMax || length == 0 {
+		err := mi.WriteAt(ctx, p, off, flags) // the engine never sends these
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+		return
+	}
+	mi.gate.RLock()
+	w, _ := mi.m.asyncWrites.Get().(*asyncWrite)
+	if w == nil {
+		w = &asyncWrite{}
+	}
+	w.mi, w.off, w.length, w.done, w.localErr = mi, off, length, done, nil
+	w.unlock = mi.lockRange(off, length)
+	h := replproto.Header{Type: replproto.TypeWrite, Flags: wireFlags(flags), Offset: uint64(off), Length: uint32(length),
+		Epoch: mi.epoch.Load()}
+	w.f = fan{links: mi.linkSet(), bytes: len(p), typ: replproto.TypeWrite}
+	w.remaining.Store(1)
+	for i, l := range w.f.links {
+		if !copyState(l.state.Load()).live() {
+			continue
+		}
+		c := l.conn.Load()
+		if c == nil {
+			continue
+		}
+		w.f.sent[i] = true
+		w.remaining.Add(1)
+		if err := c.startAsync(h, p, w, i); err != nil {
+			w.f.sent[i] = false
+			w.remaining.Add(-1)
+		}
+	}
+	w.localErr = mi.local.WriteAt(ctx, p, off, flags)
+	if fl := w.answered(-1, nil); fl != nil {
+		fl.FlushReplies()
+	}
+}
+
+// answered records the answer of copy slot (-1: the local write) and, on
+// the last one, completes the write.
+func (w *asyncWrite) answered(slot int, err error) blockdev.ReplyFlusher {
+	if slot >= 0 {
+		w.f.errs[slot] = err
+	}
+	if w.remaining.Add(-1) != 0 {
+		return nil
+	}
+	mi := w.mi
+	if w.localErr == nil && w.allAnswered() {
+		for i, l := range w.f.links {
+			if w.f.sent[i] {
+				l.lastAck.Store(mi.m.now())
+				l.sentLive.Add(float64(w.f.bytes))
+			}
+		}
+		return w.finish(nil)
+	}
+	go func() {
+		err := mi.settle(&w.f, w.off, w.length, w.localErr)
+		if fl := w.finish(err); fl != nil {
+			fl.FlushReplies()
+		}
+	}()
+	return nil
+}
+
+// allAnswered reports whether every copy was reached and answered OK, so
+// that nothing needs settling.
+func (w *asyncWrite) allAnswered() bool {
+	for i := range w.f.links {
+		if !w.f.sent[i] || w.f.errs[i] != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// finish releases the write's locks, recycles w and completes the write.
+func (w *asyncWrite) finish(err error) blockdev.ReplyFlusher {
+	mi, done := w.mi, w.done
+	w.unlock()
+	mi.gate.RUnlock()
+	*w = asyncWrite{}
+	mi.m.asyncWrites.Put(w)
+	return done.Complete(err)
+}
+
 // WriteAt implements blockdev.Device.
 func (mi *Mirror) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
 	return mi.mutate(ctx, replproto.TypeWrite, p, off, int64(len(p)), flags)
@@ -423,17 +538,21 @@ func (mi *Mirror) apply(ctx context.Context, h replproto.Header, payload []byte,
 
 // fan is one operation in flight to the copies.
 type fan struct {
-	links   []*copyLink
-	calls   [cluster.CopiesMax]*call
-	conns   [cluster.CopiesMax]*peerConn
-	payload []byte
-	typ     replproto.Type
+	links []*copyLink
+	calls [cluster.CopiesMax]*call
+	conns [cluster.CopiesMax]*peerConn
+	// sent[i] says the request reached copy i's stream; errs[i] is its
+	// answer once it came.
+	sent  [cluster.CopiesMax]bool
+	errs  [cluster.CopiesMax]error
+	bytes int // a write's payload bytes
+	typ   replproto.Type
 }
 
 // send starts one request on every copy that takes live traffic.
 func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 	h.Epoch = mi.epoch.Load()
-	f := fan{links: mi.linkSet(), payload: payload, typ: h.Type}
+	f := fan{links: mi.linkSet(), bytes: len(payload), typ: h.Type}
 	for i, l := range f.links {
 		if !copyState(l.state.Load()).live() {
 			continue
@@ -443,7 +562,7 @@ func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 			continue
 		}
 		if cl, err := c.start(h, payload, nil); err == nil {
-			f.calls[i], f.conns[i] = cl, c
+			f.calls[i], f.conns[i], f.sent[i] = cl, c, true
 		}
 	}
 	return f
@@ -454,15 +573,27 @@ func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 // dirty, and an in-sync one is recorded out of sync, before collect
 // returns.
 func (mi *Mirror) collect(f *fan, off, length int64, localErr error) error {
+	for i := range f.links {
+		if f.calls[i] != nil {
+			_, f.errs[i] = f.conns[i].wait(f.calls[i])
+			f.calls[i] = nil
+		}
+	}
+	return mi.settle(f, off, length, localErr)
+}
+
+// settle concludes operation f once every copy it reached has answered
+// (f.errs): see collect.
+func (mi *Mirror) settle(f *fan, off, length int64, localErr error) error {
 	var errs []error
 	for i, l := range f.links {
 		var cause error = ErrPeerDown
-		if f.calls[i] != nil {
-			_, err := f.conns[i].wait(f.calls[i])
+		if f.sent[i] {
+			err := f.errs[i]
 			if err == nil {
 				l.lastAck.Store(mi.m.now())
 				if f.typ == replproto.TypeWrite {
-					l.sentLive.Add(float64(len(f.payload)))
+					l.sentLive.Add(float64(f.bytes))
 				}
 				if localErr == nil {
 					continue

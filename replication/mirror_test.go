@@ -32,10 +32,18 @@ type metaTwin struct {
 	updates  []cluster.LU // every accepted update, in order
 	// refuse makes UpdateLU fail (no metadata leader reachable).
 	refuse bool
+	// block, while non-nil, holds every UpdateLU until it is closed (a
+	// slow metadata leader).
+	block chan struct{}
 }
 
 func (mt *metaTwin) update(_ context.Context, rec cluster.LU, expected uint64) error {
 	mt.mu.Lock()
+	if block := mt.block; block != nil {
+		mt.mu.Unlock()
+		<-block
+		mt.mu.Lock()
+	}
 	old, ok := mt.lus[rec.Name]
 	switch {
 	case mt.refuse:

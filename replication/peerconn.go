@@ -6,11 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
@@ -37,12 +41,28 @@ type peerConn struct {
 	// Outgoing frames are appended to out. The requester that finds no
 	// write in progress becomes the writer: it writes everything queued,
 	// including frames other requesters append meanwhile, until the queue
-	// is empty. Under load many requests share one system call; alone, a
-	// request is written by its own goroutine with no hand-off.
-	qmu     sync.Mutex
-	out     []byte // guarded by qmu; frames not yet written
-	spare   []byte // guarded by qmu; the other buffer, owned by the writer while writing
-	writing bool   // guarded by qmu
+	// is empty. Alone, a request is written by its own goroutine with no
+	// hand-off.
+	//
+	// Under load, frames are held back the way Nagle's algorithm holds
+	// back small segments: while sendWindow batches (system calls' worth
+	// of frames) are unanswered, new frames wait in out, and the reader
+	// writes them as one batch when the oldest batch has been answered in
+	// full (or a requester does, if out has grown past holdMaxBytes). A
+	// lone request or two in flight are never held; at iodepth 32 a batch
+	// carries several writes, and the copy reads, applies and answers them
+	// with one system call each way instead of one per write.
+	qmu       sync.Mutex
+	out       []byte   // guarded by qmu; frames not yet written
+	outFrames uint64   // guarded by qmu; how many frames out holds
+	spare     []byte   // guarded by qmu; the other buffer, owned by the writer while writing
+	writing   bool     // guarded by qmu
+	sent      uint64   // guarded by qmu; frames handed to the connection so far
+	batchEnds []uint64 // guarded by qmu; for each unanswered batch, sent after it
+	// replied counts replies received; nextEnd is batchEnds[0] (or the
+	// maximum when none is unanswered), for the reader's check without qmu.
+	replied atomic.Uint64
+	nextEnd atomic.Uint64
 
 	mu struct {
 		sync.Mutex
@@ -54,6 +74,14 @@ type peerConn struct {
 	calls sync.Pool     // of *call
 }
 
+// sendWindow is how many batches may be unanswered before new frames are
+// held back; holdMaxBytes is how many bytes may be held back before a
+// requester writes them regardless.
+const (
+	sendWindow   = 2
+	holdMaxBytes = 256 << 10
+)
+
 // call is one request waiting for its reply.
 type call struct {
 	dst   []byte // where a Read or Hash reply's payload goes
@@ -61,6 +89,29 @@ type call struct {
 	reply replproto.Header
 	err   error
 	done  chan struct{}
+	// async, when set, is told of the answer instead of done (startAsync).
+	async asyncCaller
+	slot  int
+}
+
+// asyncCaller is told of the answer to a request started with startAsync,
+// on the stream's reader (or on whoever fails the stream). It must not
+// block; a ReplyFlusher it returns is flushed before the reader next waits.
+type asyncCaller interface {
+	answered(slot int, err error) blockdev.ReplyFlusher
+}
+
+// deliver hands cl's answer to its waiter. An asynchronous call is
+// recycled here; the ReplyFlusher its caller returned, if any, is returned.
+func (c *peerConn) deliver(cl *call) blockdev.ReplyFlusher {
+	if cl.async == nil {
+		cl.done <- struct{}{}
+		return nil
+	}
+	w, slot, err := cl.async, cl.slot, cl.err
+	cl.async, cl.dst = nil, nil
+	c.calls.Put(cl)
+	return w.answered(slot, err)
 }
 
 // dialStream connects to a node's API address, upgrades to a replication
@@ -116,6 +167,7 @@ func dialStream(ctx context.Context, apiAddr string, hello replproto.Hello, epoc
 	_ = conn.SetDeadline(time.Time{})
 	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{})}
 	c.mu.pending = map[uint64]*call{}
+	c.nextEnd.Store(math.MaxUint64)
 	go c.readLoop()
 	go c.watchdog()
 	return c, rh.Epoch, nil
@@ -136,7 +188,9 @@ func (c *peerConn) fail(err error) {
 	c.conn.Close()
 	for _, cl := range pending {
 		cl.err = err
-		cl.done <- struct{}{}
+		if fl := c.deliver(cl); fl != nil {
+			fl.FlushReplies()
+		}
 	}
 }
 
@@ -155,7 +209,21 @@ func (c *peerConn) broken() bool {
 
 func (c *peerConn) readLoop() {
 	var hb [replproto.HeaderBytes]byte
+	// The replies to asynchronous calls that one read brought in are all
+	// delivered before their clients' replies are flushed.
+	var flushers []blockdev.ReplyFlusher
+	flush := func() {
+		for i, fl := range flushers {
+			fl.FlushReplies()
+			flushers[i] = nil
+		}
+		flushers = flushers[:0]
+	}
+	defer flush()
 	for {
+		if len(flushers) > 0 && c.br.Buffered() < replproto.HeaderBytes {
+			flush()
+		}
 		h, err := replproto.ReadHeader(c.br, &hb)
 		if err != nil {
 			c.fail(fmt.Errorf("%w: read reply: %v", ErrPeerDown, err))
@@ -178,9 +246,12 @@ func (c *peerConn) readLoop() {
 				dst = make([]byte, h.PayloadLen)
 			}
 			if _, err := io.ReadFull(c.br, dst); err != nil {
-				cl.err = fmt.Errorf("%w: read reply payload: %v", ErrPeerDown, err)
-				cl.done <- struct{}{}
-				c.fail(cl.err)
+				err = fmt.Errorf("%w: read reply payload: %v", ErrPeerDown, err)
+				cl.err = err
+				if fl := c.deliver(cl); fl != nil {
+					flushers = append(flushers, fl)
+				}
+				c.fail(err)
 				return
 			}
 			if h.Status != replproto.StatusOK {
@@ -189,7 +260,18 @@ func (c *peerConn) readLoop() {
 		} else if h.Status != replproto.StatusOK {
 			cl.err = h.Status.Err()
 		}
-		cl.done <- struct{}{}
+		if fl := c.deliver(cl); fl != nil && !slices.Contains(flushers, fl) {
+			flushers = append(flushers, fl)
+		}
+		if c.replied.Add(1) >= c.nextEnd.Load() {
+			c.qmu.Lock()
+			if c.writing || len(c.out) == 0 || c.unansweredLocked() >= sendWindow {
+				c.qmu.Unlock()
+				continue
+			}
+			c.writing = true
+			c.writeQueuedLocked()
+		}
 	}
 }
 
@@ -223,11 +305,23 @@ func (c *peerConn) watchdog() {
 // start sends one request and returns the call to wait on. dst receives a
 // Read's data or a Hash's digest.
 func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error) {
+	return c.begin(h, payload, dst, nil, 0)
+}
+
+// startAsync sends one request whose answer goes to w.answered(slot, err).
+// If it returns an error, the request was not sent and w is not called.
+func (c *peerConn) startAsync(h replproto.Header, payload []byte, w asyncCaller, slot int) error {
+	_, err := c.begin(h, payload, nil, w, slot)
+	return err
+}
+
+func (c *peerConn) begin(h replproto.Header, payload, dst []byte, w asyncCaller, slot int) (*call, error) {
 	cl, _ := c.calls.Get().(*call)
 	if cl == nil {
 		cl = &call{done: make(chan struct{}, 1)}
 	}
 	cl.dst, cl.err, cl.reply, cl.start = dst, nil, replproto.Header{}, time.Now()
+	cl.async, cl.slot = w, slot
 	c.mu.Lock()
 	if c.mu.err != nil {
 		err := c.mu.err
@@ -242,14 +336,55 @@ func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error)
 
 	c.qmu.Lock()
 	c.out = replproto.AppendFrame(c.out, h, payload)
-	if c.writing {
+	c.outFrames++
+	if c.writing || c.holdLocked() {
 		c.qmu.Unlock()
 		return cl, nil
 	}
 	c.writing = true
+	c.writeQueuedLocked()
+	return cl, nil
+}
+
+// unansweredLocked drops the batches answered in full and returns how many
+// are left. c.qmu must be held.
+func (c *peerConn) unansweredLocked() int {
+	replied := c.replied.Load()
+	n := 0
+	for n < len(c.batchEnds) && replied >= c.batchEnds[n] {
+		n++
+	}
+	if n > 0 {
+		c.batchEnds = append(c.batchEnds[:0], c.batchEnds[n:]...)
+		c.setNextEndLocked()
+	}
+	return len(c.batchEnds)
+}
+
+func (c *peerConn) setNextEndLocked() {
+	if len(c.batchEnds) == 0 {
+		c.nextEnd.Store(math.MaxUint64)
+	} else {
+		c.nextEnd.Store(c.batchEnds[0])
+	}
+}
+
+// holdLocked reports whether the queued frames wait for an answer rather
+// than being written now. c.qmu must be held.
+func (c *peerConn) holdLocked() bool {
+	return len(c.out) < holdMaxBytes && c.unansweredLocked() >= sendWindow
+}
+
+// writeQueuedLocked writes the queued frames as batches until the queue is
+// empty or held back, then gives up the writer role and c.qmu. c.qmu must
+// be held and c.writing set by the caller.
+func (c *peerConn) writeQueuedLocked() {
 	for {
 		buf := c.out
-		c.out = c.spare[:0]
+		c.sent += c.outFrames
+		c.out, c.outFrames = c.spare[:0], 0
+		c.batchEnds = append(c.batchEnds, c.sent)
+		c.setNextEndLocked()
 		c.qmu.Unlock()
 		_ = c.conn.SetWriteDeadline(time.Now().Add(c.timeout))
 		_, err := c.conn.Write(buf)
@@ -260,15 +395,15 @@ func (c *peerConn) start(h replproto.Header, payload, dst []byte) (*call, error)
 		c.spare = buf
 		if err != nil {
 			c.writing = false
-			c.out = c.out[:0]
+			c.out, c.outFrames = c.out[:0], 0
 			c.qmu.Unlock()
 			c.fail(fmt.Errorf("%w: send: %v", ErrPeerDown, err))
-			return cl, nil
+			return
 		}
-		if len(c.out) == 0 {
+		if len(c.out) == 0 || c.holdLocked() {
 			c.writing = false
 			c.qmu.Unlock()
-			return cl, nil
+			return
 		}
 	}
 }

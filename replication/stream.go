@@ -2,6 +2,7 @@ package replication
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -43,6 +44,7 @@ type target struct {
 // stream ends. The API front end calls it for StreamPath upgrades.
 func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
 	defer conn.Close()
+	br = readerOfSize(conn, br, streamReadBufferBytes)
 	if tc, ok := conn.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
@@ -171,6 +173,21 @@ func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
 			}
 		}(h, data)
 	}
+}
+
+// streamReadBufferBytes is the read buffer of a served stream: a batch of
+// 4 KiB writes is read with one system call, not two per write as through
+// the 4 KiB buffer net/http hands over with the connection.
+const streamReadBufferBytes = 256 << 10
+
+// readerOfSize returns a reader of conn with at least size bytes of buffer
+// that first yields what br has already buffered.
+func readerOfSize(conn net.Conn, br *bufio.Reader, size int) *bufio.Reader {
+	if br.Size() >= size {
+		return br
+	}
+	pre, _ := br.Peek(br.Buffered()) // buffered: cannot fail
+	return bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(pre)), conn), size)
 }
 
 // streamTarget resolves a hello to the device its requests apply to.
