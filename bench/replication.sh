@@ -3,10 +3,10 @@
 # (writer n1, copy n2, two lupool processes on loopback) and an LU with 1
 # copy on the same writer, alternating A B A B, then the ratios; for file
 # LUs and memory LUs (memory isolates the stream from the second disk
-# write). It also measures one loopback TCP round trip, the yardstick of
-# the qd1 latency target.
+# write). It also measures one loopback TCP round trip between two Go
+# processes (bench/cmd/looprtt), the yardstick of the qd1 latency target.
 # Usage: bench/replication.sh [ROUNDS (default 3)] [RUNTIME_SECONDS (default 5)]
-# Needs bin/lupool (make build) and fio. Stops only what it started.
+# Needs bin/lupool (make build), go and fio. Stops only what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -58,23 +58,10 @@ for lu in file-1 file-2 memory-1 memory-2; do
 		--iodepth=8 --output-format=terse >/dev/null
 done
 
-# One loopback TCP round trip (median of 2000 small ping-pongs).
-rtt_us=$(python3 - <<'PY'
-import socket, statistics, threading, time
-srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
-def echo():
-    c, _ = srv.accept()
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while (b := c.recv(64)):
-        c.sendall(b)
-threading.Thread(target=echo, daemon=True).start()
-s = socket.create_connection(srv.getsockname()); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-t = []
-for _ in range(2000):
-    a = time.perf_counter(); s.sendall(b"x" * 40); s.recv(64); t.append(time.perf_counter() - a)
-print("%.1f" % (statistics.median(t) * 1e6))
-PY
-)
+# One loopback TCP round trip between two Go processes (median of 2000
+# 40-byte ping-pongs; bench/cmd/looprtt).
+go build -o "$tmp/looprtt" ./bench/cmd/looprtt
+rtt_us=$("$tmp/looprtt")
 echo "loopback TCP round trip: $rtt_us us (median)"
 
 # cpu PID: user+system clock ticks the process has used.
