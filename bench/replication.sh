@@ -6,6 +6,9 @@
 # write). It also measures one loopback TCP round trip between two Go
 # processes (bench/cmd/looprtt), the yardstick of the qd1 latency target.
 # Usage: bench/replication.sh [ROUNDS (default 3)] [RUNTIME_SECONDS (default 5)]
+# With PIN=1 the writer n1 and fio run on CPU 0 and the copy n2 on CPU 1
+# (taskset), as if the copy were on another machine: the copy's work no
+# longer takes CPU from the writer and its client. Needs 2 CPUs or more.
 # Needs bin/lupool (make build), go and fio. Stops only what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,14 +26,36 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# start ID DATA [flags...]: runs a node in this shell (not a subshell, so
+# port: a free loopback port below the ephemeral range, which the kernel
+# does not hand to the nodes' outgoing connections meanwhile.
+port() {
+	python3 -c '
+import random, socket
+while True:
+    p = random.randint(20000, 32000)
+    try:
+        socket.socket().bind(("127.0.0.1", p))
+        print(p)
+        break
+    except OSError:
+        pass'
+}
+pin1=() pin2=()
+if [[ ${PIN:-0} == 1 ]]; then
+	(( $(nproc) >= 2 )) || { echo "bench/replication.sh: PIN=1 needs 2 CPUs" >&2; exit 1; }
+	pin1=(taskset -c 0) pin2=(taskset -c 1)
+	echo "pinned: n1 and fio on CPU 0, n2 on CPU 1"
+fi
+# start ID DATA PIN [flags...]: runs a node in this shell (not a subshell, so
 # its pid is recorded for cleanup) and sets NODE_NBD and NODE_API.
 start() {
-	local id=$1 data=$2; shift 2
+	local id=$1 data=$2 pin=$3; shift 3
+	local pincmd=()
+	[[ $pin == 1 ]] && pincmd=("${pin1[@]}")
+	[[ $pin == 2 ]] && pincmd=("${pin2[@]}")
 	NODE_NBD=127.0.0.1:$(port) NODE_API=127.0.0.1:$(port)
 	local peer=127.0.0.1:$(port)
-	bin/lupool serve --node-id "$id" --data "$data" --nbd "$NODE_NBD" --api "$NODE_API" --peer "$peer" "$@" \
+	"${pincmd[@]}" bin/lupool serve --node-id "$id" --data "$data" --nbd "$NODE_NBD" --api "$NODE_API" --peer "$peer" "$@" \
 		>"$tmp/$id.log" 2>&1 &
 	pids+=($!)
 	for _ in $(seq 300); do
@@ -40,10 +65,10 @@ start() {
 	curl -fs "http://$NODE_API/readyz" >/dev/null || { echo "node $id did not start:"; cat "$tmp/$id.log"; exit 1; }
 }
 
-start n1 "$tmp/n1"
+start n1 "$tmp/n1" 1
 nbd1=$NODE_NBD api1=$NODE_API
 pid1=${pids[0]}
-start n2 "$tmp/n2" --join "$api1"
+start n2 "$tmp/n2" 2 --join "$api1"
 pid2=${pids[1]}
 for kind in file memory; do
 	LUPOOL_API=$api1 bin/lupool lu create "$kind-1" --size 1G --copies 1 --kind "$kind" >/dev/null
@@ -63,6 +88,11 @@ done
 go build -o "$tmp/looprtt" ./bench/cmd/looprtt
 rtt_us=$("$tmp/looprtt")
 echo "loopback TCP round trip: $rtt_us us (median)"
+# With guest halt polling off (0), every wake-up of an idle vCPU is a VM
+# exit: tens of microseconds that a qd1 request pays once per process it
+# crosses. The kernel's default is 200000.
+hp=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+[[ -r $hp ]] && echo "guest_halt_poll_ns: $(cat "$hp")"
 
 # cpu PID: user+system clock ticks the process has used.
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -71,7 +101,7 @@ hz=$(getconf CLK_TCK)
 job() { # lu iodepth -> "iops p50_us p99_us cpu_us_per_write(n1) (n2) (fio)"
 	local a1 a2 b1 b2
 	a1=$(cpu "$pid1") a2=$(cpu "$pid2")
-	fio --ioengine=nbd --uri="nbd://$nbd1/$1" --name=b --rw=randwrite --bs=4k --size=256M \
+	"${pin1[@]}" fio --ioengine=nbd --uri="nbd://$nbd1/$1" --name=b --rw=randwrite --bs=4k --size=256M \
 		--iodepth="$2" --time_based --runtime="$runtime" --output-format=json \
 		--output="$tmp/fio.json" >/dev/null
 	b1=$(cpu "$pid1") b2=$(cpu "$pid2")
