@@ -27,10 +27,12 @@ func main() {
 		serveEcho()
 		return
 	}
-	if err := run(*n); err != nil {
+	median, err := run(*n)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "looprtt:", err)
 		os.Exit(1)
 	}
+	fmt.Printf("%.1f\n", float64(median.Nanoseconds())/1e3)
 }
 
 // serveEcho answers every message on the connection inherited as fd 3.
@@ -52,38 +54,39 @@ func serveEcho() {
 	}
 }
 
-func run(n int) error {
+// run times n round trips and returns their median.
+func run(n int) (time.Duration, error) {
 	if n < 1 {
-		return fmt.Errorf("-n %d: give at least 1", n)
+		return 0, fmt.Errorf("-n %d: give at least 1", n)
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer l.Close()
 	client, err := net.Dial("tcp", l.Addr().String())
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer client.Close()
 	server, err := l.Accept()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	f, err := server.(*net.TCPConn).File()
 	server.Close()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	self, err := os.Executable()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	cmd := exec.Command(self, "-echo", "3")
 	cmd.ExtraFiles = []*os.File{f}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
-		return err
+		return 0, err
 	}
 	f.Close()
 	defer func() {
@@ -96,16 +99,15 @@ func run(n int) error {
 	for i := range n + 200 {
 		start := time.Now()
 		if _, err := client.Write(msg); err != nil {
-			return err
+			return 0, err
 		}
 		if _, err := io.ReadFull(client, buf); err != nil {
-			return err
+			return 0, err
 		}
 		if i >= 200 {
 			times = append(times, time.Since(start))
 		}
 	}
 	slices.Sort(times)
-	fmt.Printf("%.1f\n", float64(times[len(times)/2].Nanoseconds())/1e3)
-	return nil
+	return times[len(times)/2], nil
 }
