@@ -90,6 +90,11 @@ type copyLink struct {
 // dirty-region map; a later resync sends only those ranges. FUA and Flush
 // complete once every copy in sync made the data durable.
 //
+// The NBD engine sends small plain writes through WriteAsync instead
+// (blockdev.AsyncWriter): the same steps and guarantees, but the caller
+// does not wait; the copies' answers complete the write on the stream's
+// reader.
+//
 // # Locks
 //
 // Operations hold gate shared and the stripes of the regions they touch
