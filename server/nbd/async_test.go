@@ -197,3 +197,37 @@ func TestAsyncFUAAndLargeWritesRunOnWorkers(t *testing.T) {
 		t.Fatalf("%d writes went through WriteAsync, want 1", n)
 	}
 }
+
+// TestAsyncSlowClientDoesNotBlockCompleter: client A does not read the
+// reply to a 16 MiB read, so A's replies cannot be written. A write of A's
+// and then one of B's are completed by the same completer goroutine (as a
+// replication stream's reader completes writes of every client of an LU):
+// B's write is still answered at once.
+func TestAsyncSlowClientDoesNotBlockCompleter(t *testing.T) {
+	testAsync = true
+	ts := startServer(t, blockdev.Caps{}, nil)
+	testAsync = false
+	dev := ts.asyncDev
+	dev.mu.Lock()
+	dev.n = 0 // the next two writes go to the completer goroutine
+	dev.mu.Unlock()
+	a := dialRaw(t, ts.addr)
+	a.attach("disk", false)
+	b := dialRaw(t, ts.addr)
+	b.attach("disk", false)
+
+	a.request(nbdproto.CmdRead, 0, 1, 0, 16<<20, nil)
+	time.Sleep(300 * time.Millisecond) // A's read reply now fills the socket
+	a.request(nbdproto.CmdWrite, 0, 2, 0, 4096, pattern(4096, 1))
+	time.Sleep(100 * time.Millisecond)
+	b.request(nbdproto.CmdWrite, 0, 3, 8192, 4096, pattern(4096, 2))
+	_ = b.conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	start := time.Now()
+	if h, code, _ := b.simpleReply(0); h != 3 || code != 0 {
+		t.Fatalf("B's write: handle %d %s", h, errName(code))
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("B's write was answered after %v: the completer waited for A", d)
+	}
+	_ = a.conn.Close()
+}

@@ -96,11 +96,16 @@ type conn struct {
 	workerWG sync.WaitGroup
 
 	// Asynchronous writes (see startAsync) are counted in asyncWG until
-	// their Complete. asyncHold is set while some completer holds the
-	// reply flush back (one count in pendingReplies) until its
-	// FlushReplies.
-	asyncWG   sync.WaitGroup
-	asyncHold atomic.Bool
+	// they are answered. Complete queues a finished write in asyncDone and
+	// kicks the connection's replier goroutine, which writes the replies:
+	// a completer never waits for this client's socket.
+	asyncWG    sync.WaitGroup
+	asyncMu    sync.Mutex
+	asyncDone  []*request // guarded by asyncMu
+	asyncKick  chan struct{}
+	asyncStop  chan struct{}
+	replierWG  sync.WaitGroup
+	asyncSpare []*request // the replier's
 }
 
 // request is one request in flight. Owned by the reader until dispatched,
@@ -108,10 +113,12 @@ type conn struct {
 type request struct {
 	c       *conn // immutable
 	hdr     nbdproto.Request
-	errCode uint32  // set by validation: reply with this, do not run
-	inline  bool    // the reader runs it (inlineRequest); set with errCode
-	async   bool    // the reader starts it on the AsyncWriter (asyncRequest)
-	buf     *buffer // write payload or read data; nil otherwise
+	errCode uint32 // set by validation: reply with this, do not run
+	inline  bool   // the reader runs it (inlineRequest); set with errCode
+	async   bool   // the reader starts it on the AsyncWriter (asyncRequest)
+	// asyncErr is an asynchronous write's result, set by Complete.
+	asyncErr error
+	buf      *buffer // write payload or read data; nil otherwise
 	// payload is a write's payload: in buf, or in the reader's buffer for
 	// an inline write (valid only until the reader reads on).
 	payload []byte
@@ -183,6 +190,10 @@ func (c *conn) serve() {
 	c.worker() // returns when reading has ended
 	c.workerWG.Wait()
 	c.asyncWG.Wait()
+	if c.asyncStop != nil {
+		close(c.asyncStop)
+		c.replierWG.Wait()
+	}
 	c.readMu.Lock()
 	err = c.readErr
 	c.readMu.Unlock()
@@ -203,6 +214,11 @@ func (c *conn) start(sess *session) {
 	c.readOnly = c.dev.Caps().ReadOnly
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
+	if c.asyncw != nil {
+		c.asyncKick, c.asyncStop = make(chan struct{}, 1), make(chan struct{})
+		c.replierWG.Add(1)
+		go c.replier()
+	}
 	if m := c.srv.opts.Metrics; m != nil {
 		c.metrics = m.forExport(sess.export.Name)
 		c.metrics.connections.Inc()
@@ -337,34 +353,66 @@ func (c *conn) startAsync(r *request) {
 }
 
 // Complete implements blockdev.Completion for an asynchronous write: it
-// answers r and returns r to the free list. The first completer to find
-// no flush held back holds it (and gets the connection as the
-// ReplyFlusher), so that the replies it completes in a burst go out in one
-// system call.
+// queues r for the connection's replier and returns at once (nil: there is
+// nothing for the caller to flush). The completer is typically a
+// replication stream's reader, which must not wait for a slow client.
 func (r *request) Complete(err error) blockdev.ReplyFlusher {
 	c := r.c
-	var fl blockdev.ReplyFlusher
-	if c.asyncHold.CompareAndSwap(false, true) {
-		c.pendingReplies.Add(1)
-		fl = c
+	r.asyncErr = err
+	c.asyncMu.Lock()
+	c.asyncDone = append(c.asyncDone, r)
+	c.asyncMu.Unlock()
+	select {
+	case c.asyncKick <- struct{}{}:
+	default: // already kicked
 	}
-	code := errorCode(nbdproto.CmdWrite, err)
-	c.account(r, code)
-	if code != 0 {
-		c.replyError(r, code, err)
-	} else {
-		c.replyOK(r)
-	}
-	c.release(r)
-	c.inflight.Add(-1)
-	c.asyncWG.Done()
-	return fl
+	return nil
 }
 
-// FlushReplies implements blockdev.ReplyFlusher: it ends the hold a
-// Complete took and flushes unless other replies are still pending.
-func (c *conn) FlushReplies() {
-	c.asyncHold.Store(false)
+// replier answers the asynchronous writes that Complete queues, a burst at
+// a time with one flush, until asyncStop is closed (after every
+// asynchronous write was answered).
+func (c *conn) replier() {
+	defer c.replierWG.Done()
+	for {
+		select {
+		case <-c.asyncKick:
+		case <-c.asyncStop:
+			return
+		}
+		c.asyncMu.Lock()
+		batch := c.asyncDone
+		c.asyncDone = c.asyncSpare[:0]
+		c.asyncMu.Unlock()
+		// Hold the flush until the whole burst is written.
+		c.pendingReplies.Add(1)
+		for _, r := range batch {
+			code := errorCode(nbdproto.CmdWrite, r.asyncErr)
+			c.account(r, code)
+			if code != 0 {
+				c.replyError(r, code, r.asyncErr)
+			} else {
+				c.replyOK(r)
+			}
+		}
+		c.flushHeld()
+		// Only now do the writes leave the in-flight count, so that
+		// Shutdown, which waits for it, cannot close the connection
+		// between a reply and its flush.
+		for i, r := range batch {
+			r.asyncErr = nil
+			c.release(r)
+			c.inflight.Add(-1)
+			c.asyncWG.Done()
+			batch[i] = nil
+		}
+		c.asyncSpare = batch
+	}
+}
+
+// flushHeld ends a hold on the reply flush (one count in pendingReplies)
+// and flushes unless other replies are still pending.
+func (c *conn) flushHeld() {
 	if c.pendingReplies.Add(-1) != 0 {
 		return
 	}

@@ -22,9 +22,10 @@
 // read and one write system call per burst instead of one per request.
 // On a [blockdev.AsyncWriter] (a mirror waiting for its copies) the leader
 // starts small writes without FUA itself and reads on; the goroutine that
-// learns a write is complete (the replication stream's reader) writes its
-// reply, and flushes the replies of one burst together, so no goroutine is
-// parked per write in flight.
+// learns a write is complete (the replication stream's reader) queues it
+// for the connection's replier goroutine, which writes and flushes the
+// replies of a burst together. No goroutine is parked per write in flight,
+// and a client that stops reading delays only its own replies.
 // At most MaxInflightRequests requests and MaxInflightBytes
 // payload bytes are in flight per connection; when either limit is reached
 // the reader stops reading, so a client that stops reading replies blocks
