@@ -213,3 +213,26 @@ func TestMirrorAsyncNoLeaderFailsWrite(t *testing.T) {
 		t.Fatalf("write with a dead copy and no metadata leader: %v, want ErrIO", err)
 	}
 }
+
+// TestStreamForgetsAnsweredBatches: a stream that carries only frames of
+// holdMaxBytes or more (never held back) still drops the batches that were
+// answered, so its bookkeeping stays small.
+func TestStreamForgetsAnsweredBatches(t *testing.T) {
+	mt, nodes := newTestCluster(t, "a", "b")
+	mt.create(t, cluster.LU{Name: "g", SizeBytes: 16 << 20, Kind: "memory", Copies: 1, Writer: "a", CreatedOn: "a", Epoch: 1,
+		Replicas: []cluster.Replica{{NodeID: "a", State: cluster.ReplicaInSync}}})
+	fb := exported(t, nodes["b"].m, "g").(*Forwarder)
+	buf := make([]byte, 512<<10)
+	for i := range 200 {
+		if err := fb.WriteAt(context.Background(), buf, int64(i%16)*int64(len(buf)), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := fb.conn.Load()
+	c.qmu.Lock()
+	n := len(c.batchEnds)
+	c.qmu.Unlock()
+	if n > sendWindow+1 {
+		t.Fatalf("%d batches remembered after 200 answered writes of 512 KiB, want at most %d", n, sendWindow+1)
+	}
+}

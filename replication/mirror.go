@@ -371,8 +371,10 @@ type asyncWrite struct {
 // and a copy's read lease) runs on its own goroutine.
 func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
 	length := int64(len(p))
-	if length > replproto.LengthMax || length == 0 {
-		err := mi.WriteAt(ctx, p, off, flags) // the engine never sends these
+	if err := ctx.Err(); err != nil || length > replproto.LengthMax || length == 0 {
+		if err == nil {
+			err = mi.WriteAt(ctx, p, off, flags) // the engine never sends these
+		}
 		if fl := done.Complete(err); fl != nil {
 			fl.FlushReplies()
 		}
@@ -404,7 +406,10 @@ func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blo
 			w.remaining.Add(-1)
 		}
 	}
-	w.localErr = mi.local.WriteAt(ctx, p, off, flags)
+	// The copies have the write: the local volume must get it too, even if
+	// the client has gone meanwhile (a cancelled write here would mark
+	// every copy dirty and out of sync).
+	w.localErr = mi.local.WriteAt(context.Background(), p, off, flags)
 	if fl := w.answered(-1, nil); fl != nil {
 		fl.FlushReplies()
 	}
@@ -526,7 +531,14 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 // is recorded dirty for the range (and out of sync), so a resync restores
 // the writer's content there, and the local error is returned.
 func (mi *Mirror) apply(ctx context.Context, h replproto.Header, payload []byte, off, length int64, flags blockdev.Flags) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	f := mi.send(h, payload)
+	// The copies have the operation: the local volume must get it too,
+	// even if the client has gone meanwhile (a cancelled operation here
+	// would mark every copy dirty and out of sync).
+	ctx = context.Background()
 	var err error
 	switch h.Type {
 	case replproto.TypeWrite:

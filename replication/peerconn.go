@@ -240,6 +240,9 @@ func (c *peerConn) readLoop() {
 		cl.reply = h
 		if h.PayloadLen > 0 {
 			var dst []byte
+			if len(flushers) > 0 && c.br.Buffered() < int(h.PayloadLen) {
+				flush() // reading the payload may block
+			}
 			if h.Status == replproto.StatusOK && int(h.PayloadLen) <= len(cl.dst) {
 				dst = cl.dst[:h.PayloadLen]
 			} else {
@@ -265,12 +268,17 @@ func (c *peerConn) readLoop() {
 		}
 		if c.replied.Add(1) >= c.nextEnd.Load() {
 			c.qmu.Lock()
-			if c.writing || len(c.out) == 0 || c.unansweredLocked() >= sendWindow {
+			unanswered := c.unansweredLocked()
+			if c.writing || len(c.out) == 0 || unanswered >= sendWindow {
 				c.qmu.Unlock()
 				continue
 			}
+			// The held frames go out now, but not from this goroutine:
+			// a reader blocked in a write while the peer is blocked
+			// writing its answers to it would stall both.
 			c.writing = true
-			c.writeQueuedLocked()
+			c.qmu.Unlock()
+			go c.writeQueued()
 		}
 	}
 }
@@ -372,7 +380,15 @@ func (c *peerConn) setNextEndLocked() {
 // holdLocked reports whether the queued frames wait for an answer rather
 // than being written now. c.qmu must be held.
 func (c *peerConn) holdLocked() bool {
-	return len(c.out) < holdMaxBytes && c.unansweredLocked() >= sendWindow
+	unanswered := c.unansweredLocked() // always: it also trims batchEnds
+	return len(c.out) < holdMaxBytes && unanswered >= sendWindow
+}
+
+// writeQueued takes c.qmu and writes the queued frames; c.writing must
+// have been set by the caller.
+func (c *peerConn) writeQueued() {
+	c.qmu.Lock()
+	c.writeQueuedLocked()
 }
 
 // writeQueuedLocked writes the queued frames as batches until the queue is
