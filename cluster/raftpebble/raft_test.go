@@ -1,6 +1,7 @@
 package raftpebble
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -236,10 +237,19 @@ func TestRaftOnPebbleUnderFaults(t *testing.T) {
 			connectAll(nodes)
 		}
 	}
-	l := waitLeader(all)
-	apply(l, 5)
-	if err := l.raft.Barrier(10 * time.Second).Error(); err != nil {
-		t.Fatal(err)
+	// The reconnected nodes may still hold an election: retry the final
+	// barrier on whoever leads until one leader holds through it.
+	var l *raftNode
+	for attempt := 0; ; attempt++ {
+		l = waitLeader(all)
+		apply(l, 5)
+		err := l.raft.Barrier(10 * time.Second).Error()
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, raft.ErrNotLeader) && !errors.Is(err, raft.ErrLeadershipLost) || attempt == 10 {
+			t.Fatalf("final barrier on %s (attempt %d): %v", l.id, attempt+1, err)
+		}
 	}
 	want := l.fsm.list()
 	deadline := time.Now().Add(30 * time.Second)
