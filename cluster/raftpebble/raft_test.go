@@ -75,7 +75,10 @@ type raftNode struct {
 	fs    *vfs.MemFS
 	db    *pebble.DB
 	trans *raft.InmemTransport
-	snaps *raft.InmemSnapshotStore // survives restarts, as a disk would
+	// snaps survives restarts, as a disk would. raft's in-memory store is
+	// not used: it lets a leader read a snapshot that is still being
+	// written (a data race, and a follower that never catches up).
+	snaps raft.SnapshotStore
 	fsm   *listFSM
 	raft  *raft.Raft
 }
@@ -165,7 +168,12 @@ func TestRaftOnPebbleUnderFaults(t *testing.T) {
 	var conf raft.Configuration
 	for i := 0; i < 3; i++ {
 		n := &raftNode{id: raft.ServerID(fmt.Sprintf("r%d", i)), addr: raft.ServerAddress(fmt.Sprintf("r%d", i)),
-			fs: vfs.NewCrashableMem(), snaps: raft.NewInmemSnapshotStore()}
+			fs: vfs.NewCrashableMem()}
+		snaps, err := raft.NewFileSnapshotStore(t.TempDir(), 2, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.snaps = snaps
 		nodes = append(nodes, n)
 		conf.Servers = append(conf.Servers, raft.Server{Suffrage: raft.Voter, ID: n.id, Address: n.addr})
 	}
@@ -209,8 +217,17 @@ func TestRaftOnPebbleUnderFaults(t *testing.T) {
 			futures = append(futures, l.raft.Apply([]byte(cmd), time.Second))
 		}
 		for i, f := range futures {
-			if f.Error() == nil {
-				acked[cmds[i]] = true
+			// A future raft never resolves would hang the test until the
+			// package timeout; fail with the cause instead.
+			res := make(chan error, 1)
+			go func() { res <- f.Error() }()
+			select {
+			case err := <-res:
+				if err == nil {
+					acked[cmds[i]] = true
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("command %s on leader %s: no result after 30 s", cmds[i], l.id)
 			}
 		}
 	}
