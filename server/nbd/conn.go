@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
@@ -106,6 +107,21 @@ type conn struct {
 	asyncStop  chan struct{}
 	replierWG  sync.WaitGroup
 	asyncSpare []*request // the replier's
+	// rawWrite is the plain TCP connection's, for Complete's non-blocking
+	// write; nil over TLS. rawWriteFn writes rawBuf once and records the
+	// result in rawN and rawErr; made once, so that a write allocates
+	// nothing. The three are guarded by wmu.
+	rawWrite   syscall.RawConn
+	rawWriteFn func(fd uintptr) bool
+	rawBuf     []byte
+	rawN       int
+	rawErr     error
+	// fastMu is held by FlushReplies' direct path, which owns fastBatch,
+	// fastErrs and fastBuf while it runs.
+	fastMu    sync.Mutex
+	fastBatch []*request
+	fastErrs  []*request
+	fastBuf   []byte
 }
 
 // request is one request in flight. Owned by the reader until dispatched,
@@ -215,6 +231,13 @@ func (c *conn) start(sess *session) {
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
 	if c.asyncw != nil {
+		if sc, ok := c.nc.(syscall.Conn); ok {
+			c.rawWrite, _ = sc.SyscallConn()
+			c.rawWriteFn = func(fd uintptr) bool {
+				c.rawN, c.rawErr = syscall.Write(int(fd), c.rawBuf)
+				return true // one attempt; never wait for the socket
+			}
+		}
 		c.asyncKick, c.asyncStop = make(chan struct{}, 1), make(chan struct{})
 		c.replierWG.Add(1)
 		go c.replier()
@@ -353,25 +376,111 @@ func (c *conn) startAsync(r *request) {
 }
 
 // Complete implements blockdev.Completion for an asynchronous write: it
-// queues r for the connection's replier and returns at once (nil: there is
-// nothing for the caller to flush). The completer is typically a
-// replication stream's reader, which must not wait for a slow client.
+// queues r and returns the connection as the ReplyFlusher; the completer
+// calls FlushReplies once it has completed the writes it has, which
+// answers them together. Neither waits for the client.
 func (r *request) Complete(err error) blockdev.ReplyFlusher {
 	c := r.c
 	r.asyncErr = err
 	c.asyncMu.Lock()
 	c.asyncDone = append(c.asyncDone, r)
 	c.asyncMu.Unlock()
+	return c
+}
+
+// FlushReplies implements blockdev.ReplyFlusher: it answers the queued
+// asynchronous writes. When no reply is being written or buffered, their
+// replies go out in one non-blocking write on the completer's goroutine;
+// the rest (error replies, what the socket did not take, or everything
+// when the reply stream is busy) is left to the replier goroutine. So a
+// burst of completions costs one system call, and a client that stops
+// reading holds up only its own replier.
+func (c *conn) FlushReplies() {
+	if c.rawWrite == nil || !c.fastMu.TryLock() {
+		c.kickReplier()
+		return
+	}
+	defer c.fastMu.Unlock()
+	if !c.wmu.TryLock() {
+		c.kickReplier()
+		return
+	}
+	if c.broken.Load() || c.bw.Buffered() != 0 {
+		c.wmu.Unlock()
+		c.kickReplier()
+		return
+	}
+	c.asyncMu.Lock()
+	batch := c.asyncDone
+	c.asyncDone = c.fastBatch[:0]
+	c.asyncMu.Unlock()
+	buf, errs := c.fastBuf[:0], c.fastErrs[:0]
+	ok := batch[:0]
+	for _, r := range batch {
+		if r.asyncErr != nil {
+			errs = append(errs, r)
+			continue
+		}
+		c.account(r, 0)
+		n := len(buf)
+		if c.sess.structured {
+			buf = append(buf, make([]byte, nbdproto.StructuredReplySize)...)
+			nbdproto.PutStructuredReply(buf[n:], nbdproto.StructuredReply{
+				Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeNone, Handle: r.hdr.Handle,
+			})
+		} else {
+			buf = append(buf, make([]byte, nbdproto.SimpleReplySize)...)
+			nbdproto.PutSimpleReply(buf[n:], 0, r.hdr.Handle)
+		}
+		ok = append(ok, r)
+	}
+	rest := false
+	if len(buf) > 0 {
+		c.rawBuf = buf
+		werr := c.rawWrite.Write(c.rawWriteFn)
+		if werr == nil {
+			werr = c.rawErr
+		}
+		n := max(c.rawN, 0)
+		c.rawBuf, c.rawErr = nil, nil
+		switch {
+		case werr != nil && !errors.Is(werr, syscall.EAGAIN):
+			c.fail()
+		case n < len(buf):
+			_, _ = c.bw.Write(buf[n:]) // bw was empty; the replier flushes it
+			rest = true
+		}
+	}
+	c.wmu.Unlock()
+	if len(errs) > 0 {
+		c.asyncMu.Lock()
+		c.asyncDone = append(c.asyncDone, errs...)
+		c.asyncMu.Unlock()
+	}
+	if rest || len(errs) > 0 {
+		c.kickReplier()
+	}
+	for i, r := range ok {
+		c.release(r)
+		c.inflight.Add(-1)
+		c.asyncWG.Done()
+		ok[i] = nil
+	}
+	clear(errs)
+	c.fastBatch, c.fastErrs, c.fastBuf = ok[:0], errs[:0], buf[:0]
+}
+
+// kickReplier wakes the replier, unless it was already woken.
+func (c *conn) kickReplier() {
 	select {
 	case c.asyncKick <- struct{}{}:
-	default: // already kicked
+	default:
 	}
-	return nil
 }
 
 // replier answers the asynchronous writes that Complete queues, a burst at
-// a time with one flush, until asyncStop is closed (after every
-// asynchronous write was answered).
+// a time with one flush, and flushes what replyNow left buffered, until
+// asyncStop is closed (after every asynchronous write was answered).
 func (c *conn) replier() {
 	defer c.replierWG.Done()
 	for {
