@@ -101,28 +101,7 @@ var _ blockdev.AsyncWriter = (*asyncMem)(nil)
 // TestAsync runs the transmission tests again with "disk" served as an
 // AsyncWriter, so that the reader starts writes and other goroutines answer
 // them.
-func TestAsync(t *testing.T) {
-	tests := []struct {
-		name string
-		fn   func(*testing.T)
-	}{
-		{"ReadWriteSimple", TestReadWriteSimple},
-		{"Validation", TestValidation},
-		{"WriteTooLargeClosesOnlyThatConnection", TestWriteTooLargeClosesOnlyThatConnection},
-		{"StructuredReplies", TestStructuredReplies},
-		{"DeviceErrorsKeepConnection", TestDeviceErrorsKeepConnection},
-		{"DisconnectExport", TestDisconnectExport},
-		{"HostileTransmission", TestHostileTransmission},
-		{"NoGoroutineGrowth", TestNoGoroutineGrowth},
-		{"HotPathAllocations", TestHotPathAllocations},
-		{"MetricsAndConnStats", TestMetricsAndConnStats},
-	}
-	testAsync = true
-	t.Cleanup(func() { testAsync = false })
-	for _, tc := range tests {
-		t.Run(tc.name, tc.fn)
-	}
-}
+func TestAsync(t *testing.T) { rerunTransmissionTests(t, &testAsync) }
 
 // TestAsyncDiscAnswersWritesInFlight: writes whose completion is still
 // pending when the client sends DISC are answered before the connection

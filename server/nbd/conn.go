@@ -422,16 +422,7 @@ func (c *conn) FlushReplies() {
 			continue
 		}
 		c.account(r, 0)
-		n := len(buf)
-		if c.sess.structured {
-			buf = append(buf, make([]byte, nbdproto.StructuredReplySize)...)
-			nbdproto.PutStructuredReply(buf[n:], nbdproto.StructuredReply{
-				Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeNone, Handle: r.hdr.Handle,
-			})
-		} else {
-			buf = append(buf, make([]byte, nbdproto.SimpleReplySize)...)
-			nbdproto.PutSimpleReply(buf[n:], 0, r.hdr.Handle)
-		}
+		buf = c.appendOKReply(buf, r.hdr.Handle)
 		ok = append(ok, r)
 	}
 	rest := false
@@ -461,13 +452,19 @@ func (c *conn) FlushReplies() {
 		c.kickReplier()
 	}
 	for i, r := range ok {
-		c.release(r)
-		c.inflight.Add(-1)
-		c.asyncWG.Done()
+		c.answeredAsync(r)
 		ok[i] = nil
 	}
 	clear(errs)
 	c.fastBatch, c.fastErrs, c.fastBuf = ok[:0], errs[:0], buf[:0]
+}
+
+// answeredAsync ends asynchronous write r once its reply is written (and,
+// unless the socket did not take all of it, flushed).
+func (c *conn) answeredAsync(r *request) {
+	c.release(r)
+	c.inflight.Add(-1)
+	c.asyncWG.Done()
 }
 
 // kickReplier wakes the replier, unless it was already woken.
@@ -479,7 +476,7 @@ func (c *conn) kickReplier() {
 }
 
 // replier answers the asynchronous writes that Complete queues, a burst at
-// a time with one flush, and flushes what replyNow left buffered, until
+// a time with one flush, and flushes what FlushReplies left buffered, until
 // asyncStop is closed (after every asynchronous write was answered).
 func (c *conn) replier() {
 	defer c.replierWG.Done()
@@ -510,9 +507,7 @@ func (c *conn) replier() {
 		// between a reply and its flush.
 		for i, r := range batch {
 			r.asyncErr = nil
-			c.release(r)
-			c.inflight.Add(-1)
-			c.asyncWG.Done()
+			c.answeredAsync(r)
 			batch[i] = nil
 		}
 		c.asyncSpare = batch
@@ -551,16 +546,7 @@ func (c *conn) closeBatchLocked() {
 		return
 	}
 	c.batchOpen = false
-	if c.pendingReplies.Add(-1) != 0 {
-		return
-	}
-	c.wmu.Lock()
-	if !c.broken.Load() {
-		if err := c.bw.Flush(); err != nil {
-			c.fail()
-		}
-	}
-	c.wmu.Unlock()
+	c.flushHeld()
 }
 
 // stopLocked ends reading. On a clean end (DISC or EOF) and on a protocol

@@ -304,18 +304,24 @@ func (c *conn) replyBlockStatus(r *request) {
 // replyOK answers a successful request without payload.
 func (c *conn) replyOK(r *request) {
 	c.beginReply()
-	if c.sess.structured {
-		b := r.scratch[:nbdproto.StructuredReplySize]
-		nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
-			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeNone, Handle: r.hdr.Handle,
-		})
-		c.write(b)
-	} else {
-		b := r.scratch[:nbdproto.SimpleReplySize]
-		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
-		c.write(b)
-	}
+	c.write(c.appendOKReply(r.scratch[:0], r.hdr.Handle))
 	c.endReply()
+}
+
+// appendOKReply appends the reply of a successful request without payload
+// (simple, or a structured NBD_REPLY_TYPE_NONE chunk with the done flag).
+func (c *conn) appendOKReply(b []byte, handle uint64) []byte {
+	n := len(b)
+	if c.sess.structured {
+		b = append(b, make([]byte, nbdproto.StructuredReplySize)...)
+		nbdproto.PutStructuredReply(b[n:], nbdproto.StructuredReply{
+			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeNone, Handle: handle,
+		})
+	} else {
+		b = append(b, make([]byte, nbdproto.SimpleReplySize)...)
+		nbdproto.PutSimpleReply(b[n:], 0, handle)
+	}
+	return b
 }
 
 // maxErrorMessageBytes bounds the message in an error chunk.

@@ -14,7 +14,11 @@ import (
 
 // TestInline runs the transmission tests again with "disk" served as an
 // InlineDevice, so that the reader runs its requests itself.
-func TestInline(t *testing.T) {
+func TestInline(t *testing.T) { rerunTransmissionTests(t, &testInline) }
+
+// rerunTransmissionTests runs the transmission tests with *mode set, which
+// makes startServer serve "disk" another way.
+func rerunTransmissionTests(t *testing.T, mode *bool) {
 	tests := []struct {
 		name string
 		fn   func(*testing.T)
@@ -30,8 +34,8 @@ func TestInline(t *testing.T) {
 		{"HotPathAllocations", TestHotPathAllocations},
 		{"MetricsAndConnStats", TestMetricsAndConnStats},
 	}
-	testInline = true
-	t.Cleanup(func() { testInline = false })
+	*mode = true
+	t.Cleanup(func() { *mode = false })
 	for _, tc := range tests {
 		t.Run(tc.name, tc.fn)
 	}
