@@ -392,10 +392,7 @@ func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blo
 	w.f = fan{links: mi.linkSet(), bytes: len(p), typ: replproto.TypeWrite}
 	w.remaining.Store(1)
 	for i, l := range w.f.links {
-		if !copyState(l.state.Load()).live() {
-			continue
-		}
-		c := l.conn.Load()
+		c := l.liveConn()
 		if c == nil {
 			continue
 		}
@@ -426,13 +423,8 @@ func (w *asyncWrite) answered(slot int, err error) blockdev.ReplyFlusher {
 	}
 	mi := w.mi
 	if w.localErr == nil && w.allAnswered() {
-		for i, l := range w.f.links {
-			if w.f.sent[i] {
-				l.lastAck.Store(mi.m.now())
-				l.sentLive.Add(float64(w.f.bytes))
-			}
-		}
-		return w.finish(nil)
+		// Nothing to record: settle only notes the acks, without waiting.
+		return w.finish(mi.settle(&w.f, w.off, w.length, nil))
 	}
 	go func() {
 		err := mi.settle(&w.f, w.off, w.length, w.localErr)
@@ -566,15 +558,20 @@ type fan struct {
 	typ   replproto.Type
 }
 
+// liveConn returns the stream of a copy that takes live traffic, or nil.
+func (l *copyLink) liveConn() *peerConn {
+	if !copyState(l.state.Load()).live() {
+		return nil
+	}
+	return l.conn.Load()
+}
+
 // send starts one request on every copy that takes live traffic.
 func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 	h.Epoch = mi.epoch.Load()
 	f := fan{links: mi.linkSet(), bytes: len(payload), typ: h.Type}
 	for i, l := range f.links {
-		if !copyState(l.state.Load()).live() {
-			continue
-		}
-		c := l.conn.Load()
+		c := l.liveConn()
 		if c == nil {
 			continue
 		}

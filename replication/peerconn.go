@@ -212,6 +212,11 @@ func (c *peerConn) readLoop() {
 	// The replies to asynchronous calls that one read brought in are all
 	// delivered before their clients' replies are flushed.
 	var flushers []blockdev.ReplyFlusher
+	keep := func(fl blockdev.ReplyFlusher) {
+		if fl != nil && !slices.Contains(flushers, fl) {
+			flushers = append(flushers, fl)
+		}
+	}
 	flush := func() {
 		for i, fl := range flushers {
 			fl.FlushReplies()
@@ -251,9 +256,7 @@ func (c *peerConn) readLoop() {
 			if _, err := io.ReadFull(c.br, dst); err != nil {
 				err = fmt.Errorf("%w: read reply payload: %v", ErrPeerDown, err)
 				cl.err = err
-				if fl := c.deliver(cl); fl != nil {
-					flushers = append(flushers, fl)
-				}
+				keep(c.deliver(cl))
 				c.fail(err)
 				return
 			}
@@ -263,9 +266,7 @@ func (c *peerConn) readLoop() {
 		} else if h.Status != replproto.StatusOK {
 			cl.err = h.Status.Err()
 		}
-		if fl := c.deliver(cl); fl != nil && !slices.Contains(flushers, fl) {
-			flushers = append(flushers, fl)
-		}
+		keep(c.deliver(cl))
 		if c.replied.Add(1) >= c.nextEnd.Load() {
 			c.qmu.Lock()
 			unanswered := c.unansweredLocked()
