@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/testseed"
 	"github.com/lupool/lupool/lu/lufs"
 )
 
@@ -57,7 +58,7 @@ func TestCrash(t *testing.T) {
 	if testing.Short() {
 		rounds = 8
 	}
-	seed := testSeed(t)
+	seed := testseed.Seed(t, "./lu/")
 	for r := range rounds {
 		crashRound(t, seed+uint64(r))
 	}

@@ -2,28 +2,12 @@ package lu
 
 import (
 	"context"
-	"flag"
 	"os"
 	"os/exec"
 	"testing"
-	"time"
 
 	"github.com/lupool/lupool/blockdev"
 )
-
-var seedFlag = flag.Uint64("seed", 0, "seed for the randomized tests (0 picks one from the clock and logs it)")
-
-// testSeed returns the -seed flag or a fresh seed, logged so that a failing
-// run can be reproduced with -seed.
-func testSeed(t testing.TB) uint64 {
-	t.Helper()
-	seed := *seedFlag
-	if seed == 0 {
-		seed = uint64(time.Now().UnixNano())
-	}
-	t.Logf("seed %d (reproduce with: go test ./lu/ -run '%s' -seed=%d)", seed, t.Name(), seed)
-	return seed
-}
 
 // mountTmpfs mounts a fresh tmpfs of the given size (e.g. "64m") and
 // unmounts it when the test ends. It skips the test when mount is refused

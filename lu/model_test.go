@@ -11,6 +11,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/internal/testseed"
 	"github.com/lupool/lupool/lu/lufs"
 )
 
@@ -199,7 +200,7 @@ func firstDiff(a, b []byte) int {
 }
 
 func runModel(t *testing.T, vol Volume, exactAlloc bool) {
-	seed := testSeed(t)
+	seed := testseed.Seed(t, "./lu/")
 	ops := 1500
 	if testing.Short() {
 		ops = 300

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/testseed"
 )
 
 // TestAccountingTmpfs: a 1 TiB LU on a small real tmpfs; 64 MiB written
@@ -40,7 +41,7 @@ func TestAccountingTmpfs(t *testing.T) {
 	if fv := v.(*FileVolume); !strings.HasPrefix(fv.Path(), big+"/") {
 		t.Fatalf("volume placed in %s, want the directory with the most free space %s", fv.Path(), big)
 	}
-	rng := rand.New(rand.NewPCG(uint64(testSeed(t)), 2))
+	rng := rand.New(rand.NewPCG(uint64(testseed.Seed(t, "./lu/")), 2))
 	offsets := make([]int64, writes)
 	buf := bytes.Repeat([]byte{0xa5}, int(mib))
 	for i := range offsets {

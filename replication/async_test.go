@@ -12,6 +12,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/testseed"
 )
 
 // recorder is a blockdev.Completion for tests: results arrive on res, and
@@ -78,15 +79,12 @@ func (r *recorder) wait(t *testing.T, n int) []error {
 // out of sync before the first write it missed completes, and a resync
 // brings it back equal.
 func TestMirrorAsyncWrites(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
-	rng := rand.New(rand.NewSource(seed))
+	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
 	mt, nodes := newTestCluster(t, "a", "b")
 	const size = 4 << 20
 	mt.create(t, twoCopies("x", size, "file"))
 	a, b := nodes["a"], nodes["b"]
-	mir := exported(t, a.m, "x").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, a.m, "x")
 	if !mir.AsyncWrites() {
 		t.Fatal("a mirror with a copy does not take asynchronous writes")
 	}
@@ -162,8 +160,7 @@ func TestMirrorAsyncWrites(t *testing.T) {
 func TestMirrorAsyncRecordsLossBeforeCompleting(t *testing.T) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("y", 1<<20, "memory"))
-	mir := exported(t, nodes["a"].m, "y").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, nodes["a"].m, "y")
 	release := make(chan struct{})
 	mt.mu.Lock()
 	mt.block = release
@@ -201,8 +198,7 @@ func TestMirrorAsyncRecordsLossBeforeCompleting(t *testing.T) {
 func TestMirrorAsyncNoLeaderFailsWrite(t *testing.T) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("y", 1<<20, "memory"))
-	mir := exported(t, nodes["a"].m, "y").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, nodes["a"].m, "y")
 	mt.mu.Lock()
 	mt.refuse = true
 	mt.mu.Unlock()

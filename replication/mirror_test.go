@@ -18,6 +18,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/testseed"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication/replproto"
 )
@@ -247,6 +248,19 @@ func exported(t testing.TB, m *Manager, name string) blockdev.Device {
 	return d
 }
 
+// streamingMirror returns the Mirror that writer node m exports for name,
+// once its stream to the first copy is open.
+func streamingMirror(t testing.TB, m *Manager, name string) *Mirror {
+	t.Helper()
+	dev := exported(t, m, name)
+	mir, ok := dev.(*Mirror)
+	if !ok {
+		t.Fatalf("writer exports %T, want *Mirror", dev)
+	}
+	waitFor(t, "stream to the copy", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	return mir
+}
+
 func readAll(t testing.TB, dev blockdev.Device) []byte {
 	t.Helper()
 	buf := make([]byte, dev.Size())
@@ -262,18 +276,12 @@ func readAll(t testing.TB, dev blockdev.Device) []byte {
 // acknowledged, the resync sends only dirty blocks, and both copies end
 // equal to the model.
 func TestMirrorCopyFailsResyncs(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
-	rng := rand.New(rand.NewSource(seed))
+	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
 	mt, nodes := newTestCluster(t, "a", "b")
 	const size = 4 << 20
 	mt.create(t, twoCopies("x", size, "file"))
 	a, b := nodes["a"], nodes["b"]
-	mir, ok := exported(t, a.m, "x").(*Mirror)
-	if !ok {
-		t.Fatalf("writer exports %T, want *Mirror", exported(t, a.m, "x"))
-	}
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, a.m, "x")
 
 	model := make([]byte, size)
 	ctx := context.Background()
@@ -362,8 +370,7 @@ func sentBytes(m *Manager, name, copyNode, kind string) float64 {
 func TestMirrorNoLeaderFailsWrite(t *testing.T) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("y", 1<<20, "memory"))
-	mir := exported(t, nodes["a"].m, "y").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, nodes["a"].m, "y")
 	mt.mu.Lock()
 	mt.refuse = true
 	mt.mu.Unlock()
@@ -381,8 +388,7 @@ func TestForwarderWritesThroughWriter(t *testing.T) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("z", 1<<20, "file"))
 	fb := exported(t, nodes["b"].m, "z").(*Forwarder)
-	mir := exported(t, nodes["a"].m, "z").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	streamingMirror(t, nodes["a"].m, "z")
 	ctx := context.Background()
 	p := bytes.Repeat([]byte("lupool!!"), 512)
 	if err := fb.WriteAt(ctx, p, 8192, blockdev.FUA); err != nil {
@@ -512,8 +518,7 @@ func TestResyncResumes(t *testing.T) {
 	const size = 8 << 20
 	mt.create(t, twoCopies("r", size, "file"))
 	a, b := nodes["a"], nodes["b"]
-	mir := exported(t, a.m, "r").(*Mirror)
-	waitFor(t, "stream to b", func() bool { return mir.linkSet()[0].conn.Load() != nil })
+	mir := streamingMirror(t, a.m, "r")
 	b.down()
 	ctx := context.Background()
 	p := bytes.Repeat([]byte{0xab}, 64<<10)

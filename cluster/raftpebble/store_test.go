@@ -12,6 +12,8 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/hashicorp/raft"
+
+	"github.com/lupool/lupool/internal/testseed"
 )
 
 func openDB(t *testing.T, fs vfs.FS) *pebble.DB {
@@ -107,7 +109,7 @@ func compareStores(t *testing.T, step int, got *Store, want *raft.InmemStore) {
 // install, stable keys, restarts) on a Store and raft.InmemStore and
 // compares every read.
 func TestRandomizedAgainstInmem(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Seed(t, "./cluster/raftpebble/")
 	rng := rand.New(rand.NewPCG(seed, 0))
 	steps := 3000
 	if testing.Short() {
@@ -302,7 +304,7 @@ func TestDeleteRangeEdges(t *testing.T) {
 // each acknowledged call takes a crash image of the file system (unsynced
 // data kept by chance). Every acknowledged change must be in the image.
 func TestCrashKeepsAcknowledged(t *testing.T) {
-	seed := testSeed(t)
+	seed := testseed.Seed(t, "./cluster/raftpebble/")
 	rng := rand.New(rand.NewPCG(seed, 7))
 	fs := vfs.NewCrashableMem()
 	db := openDB(t, fs)
