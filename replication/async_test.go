@@ -75,9 +75,10 @@ func (r *recorder) wait(t *testing.T, n int) []error {
 // TestMirrorAsyncWrites drives WriteAsync the way the NBD engine does (one
 // goroutine starts writes, the stream's reader completes them) with many
 // writes in flight: both copies match the model; then the copy dies with
-// writes in flight: every write still completes without error, the copy is
-// out of sync before the first write it missed completes, and a resync
-// brings it back equal.
+// writes in flight: every write still completes without error, the copy
+// ends out of sync with the missed ranges dirty, and a resync brings it back
+// equal. (That the loss is recorded before a missed write completes is
+// TestMirrorAsyncRecordsLossBeforeCompleting's.)
 func TestMirrorAsyncWrites(t *testing.T) {
 	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
 	mt, nodes := newTestCluster(t, "a", "b")
