@@ -274,7 +274,7 @@ func (v *FileVolume) writeZeroBuffers(off, length int64) error {
 	zeros := make([]byte, min(length, zeroChunkBytes))
 	for done := int64(0); done < length; {
 		chunk := min(length-done, int64(len(zeros)))
-		if _, err := v.f.WriteAt(zeros[:chunk], off+done); err != nil {
+		if err := v.writeChunked(zeros[:chunk], off+done); err != nil {
 			return err
 		}
 		done += chunk
