@@ -1,0 +1,78 @@
+package peerlink
+
+import (
+	"crypto/tls"
+	"net"
+	"sync/atomic"
+	"time"
+)
+
+// Conn is a connection accepted on the peer port, after its TLS handshake,
+// with its first byte peeked and still to be read. It is safe for
+// concurrent use like any net.Conn (one reader and one writer at a time
+// keep the byte order meaningful).
+type Conn struct {
+	tc     *tls.Conn   // immutable; never nil for accepted conns
+	peerID string      // immutable; the verified node id of the peer
+	first  byte        // immutable; the peeked byte
+	peeked atomic.Bool // true while first has not been read
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+func newConn(tc *tls.Conn, peerID string, first byte) *Conn {
+	c := &Conn{tc: tc, peerID: peerID, first: first}
+	c.peeked.Store(true)
+	return c
+}
+
+// Read replays the peeked first byte, then reads from the TLS connection.
+// It does not allocate.
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.peeked.Load() {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		if c.peeked.CompareAndSwap(true, false) {
+			p[0] = c.first
+			return 1, nil
+		}
+	}
+	return c.tc.Read(p)
+}
+
+// Write writes to the TLS connection.
+func (c *Conn) Write(p []byte) (int, error) { return c.tc.Write(p) }
+
+// Close closes the TLS connection (sending close_notify, bounded by Go to
+// 5 seconds).
+func (c *Conn) Close() error { return c.tc.Close() }
+
+// CloseWrite shuts down the writing side (tls.Conn.CloseWrite).
+func (c *Conn) CloseWrite() error { return c.tc.CloseWrite() }
+
+// LocalAddr returns the local network address.
+func (c *Conn) LocalAddr() net.Addr { return c.tc.LocalAddr() }
+
+// RemoteAddr returns the peer's network address.
+func (c *Conn) RemoteAddr() net.Addr { return c.tc.RemoteAddr() }
+
+// SetDeadline sets the read and write deadlines.
+func (c *Conn) SetDeadline(t time.Time) error { return c.tc.SetDeadline(t) }
+
+// SetReadDeadline sets the read deadline.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.tc.SetReadDeadline(t) }
+
+// SetWriteDeadline sets the write deadline.
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
+
+// PeerID returns the node id from the peer's certificate, verified against
+// the cluster CA during the handshake.
+func (c *Conn) PeerID() string { return c.peerID }
+
+// ConnectionState returns the TLS state of the connection.
+func (c *Conn) ConnectionState() tls.ConnectionState { return c.tc.ConnectionState() }
+
+// NetConn returns the underlying *tls.Conn. Reading from it directly skips
+// the peeked byte if it was not read yet.
+func (c *Conn) NetConn() net.Conn { return c.tc }
