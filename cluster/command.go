@@ -12,13 +12,27 @@ import (
 // that meets a version or type it does not know refuses the entry
 // (ErrUnknownCommand) instead of guessing.
 //
-//	{"v":1,"type":"lu.create","at":"2026-11-22T03:00:00Z","lu":{...}}
-//	{"v":1,"type":"lu.resize","at":"...","name":"vm1","size_bytes":1073741824}
-//	{"v":1,"type":"lu.delete","at":"...","name":"vm1"}
-//	{"v":1,"type":"lu.update","at":"...","lu":{...}}
-//	{"v":1,"type":"node.upsert","at":"...","node":{...}}
-//	{"v":1,"type":"node.remove","at":"...","name":"node-id"}
-//	{"v":1,"type":"setting.set","at":"...","name":"key","value":"val"}
+//	{"v":1,"type":"lu.create","at":"2026-11-22T03:00:00Z","by":"n1","primary":true,"lu":{...}}
+//	{"v":1,"type":"lu.resize","at":"...","by":"n1","primary":true,"name":"vm1","size_bytes":1073741824}
+//	{"v":1,"type":"lu.delete","at":"...","by":"n1","primary":true,"name":"vm1"}
+//	{"v":1,"type":"lu.copies","at":"...","by":"n2","change":{"name":"vm1","expected_epoch":4,
+//	    "epoch":5,"writer":"n2","copies":2,"replicas":[{"node_id":"n2","state":"in-sync"},...]}}
+//	{"v":1,"type":"node.upsert","at":"...","by":"n2","node":{...}}
+//	{"v":1,"type":"node.upsert","at":"...","by":"n1","primary":true,"join":true,"node":{...}}
+//	{"v":1,"type":"node.remove","at":"...","by":"n1","primary":true,"name":"node-id"}
+//	{"v":1,"type":"setting.set","at":"...","by":"n1","primary":true,"name":"key","value":"val"}
+//
+// "by" and "primary" are the proposer (Proposer): the authenticated node id
+// of the requester and whether the primary proposes the command as the
+// pool's control plane. The leader sets them; they never come from a
+// request body. lu.copies is checked by CheckCopyChange; node.upsert is
+// applied only for the proposer's own record, or as a join (primary) of an
+// id without a record; node.remove needs the primary.
+//
+// Retired: {"v":1,"type":"lu.update","lu":{...},"if_epoch":N} replaced an
+// LU's writer, epoch and copies wholesale. It still decodes (old entries
+// sit in logs and were applied when they were new), but Apply rejects it
+// and nothing proposes it; lu.copies replaces it.
 const commandVersion = 1
 
 // Command types. Part of the on-disk format.
@@ -26,7 +40,8 @@ const (
 	cmdCreateLU   = "lu.create"
 	cmdResizeLU   = "lu.resize"
 	cmdDeleteLU   = "lu.delete"
-	cmdUpdateLU   = "lu.update"
+	cmdUpdateLU   = "lu.update" // retired: decoded, always rejected
+	cmdCopies     = "lu.copies"
 	cmdUpsertNode = "node.upsert"
 	cmdRemoveNode = "node.remove"
 	cmdSetSetting = "setting.set"
@@ -43,10 +58,21 @@ type command struct {
 	SizeBytes int64       `json:"size_bytes,omitempty"`
 	Node      *nodeRecord `json:"node,omitempty"`
 	Value     string      `json:"value,omitempty"`
-	// IfEpoch, when non-zero on lu.update, makes the update conditional:
-	// it applies only if the recorded epoch equals IfEpoch.
+	// IfEpoch belonged to the retired lu.update; kept so old entries decode.
 	IfEpoch uint64 `json:"if_epoch,omitempty"`
+	// By is the node id of the authenticated proposer; Primary says the
+	// primary (metadata leader) proposes it as the control plane. Set by the
+	// leader, never from a request body (see Proposer).
+	By      string `json:"by,omitempty"`
+	Primary bool   `json:"primary,omitempty"`
+	// Change is the body of lu.copies.
+	Change *CopyChange `json:"change,omitempty"`
+	// Join marks a node.upsert that adds a new member's record (proposed by
+	// the primary); it is applied only if no record with that id exists.
+	Join bool `json:"join,omitempty"`
 }
+
+func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
 
 // nodeRecord is what the state machine stores per node; raft's
 // configuration holds membership, this holds the addresses clients need.
@@ -81,6 +107,10 @@ func decodeCommand(data []byte) (*command, error) {
 	case cmdCreateLU, cmdUpdateLU:
 		if c.LU == nil {
 			return nil, fmt.Errorf("%w: %s without an LU", ErrInvalid, c.Type)
+		}
+	case cmdCopies:
+		if c.Change == nil {
+			return nil, fmt.Errorf("%w: %s without a change", ErrInvalid, c.Type)
 		}
 	case cmdUpsertNode:
 		if c.Node == nil || c.Node.ID == "" {

@@ -65,6 +65,8 @@ type applyResult struct {
 	// skipped: the entry was at or below the applied index (a restart
 	// handed it over again) and changed nothing.
 	skipped bool
+	// cmdType and by name the command and its proposer, for the log.
+	cmdType, by string
 }
 
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
@@ -273,7 +275,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if res.err != nil {
 		// Rejected: record that the entry was seen, change nothing else.
 		b.Reset()
-		f.log.Error("raft command rejected", "index", l.Index, "err", res.err)
+		f.log.Error("raft command rejected", "index", l.Index, "type", res.cmdType, "by", res.by, "err", res.err)
 		if err := b.Set([]byte(keyRejected), binary.BigEndian.AppendUint64(nil, f.rejected.Load()+1), nil); err != nil {
 			panic(fmt.Errorf("cluster: batch: %w", err))
 		}
@@ -311,6 +313,12 @@ func (f *fsm) applyCommand(b *pebble.Batch, l *raft.Log) applyResult {
 	if err != nil {
 		return applyResult{err: err}
 	}
+	res := f.applyDecoded(b, c, l)
+	res.cmdType, res.by = c.Type, c.By
+	return res
+}
+
+func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult {
 	switch c.Type {
 	case cmdCreateLU:
 		lu := *c.LU
@@ -321,6 +329,13 @@ func (f *fsm) applyCommand(b *pebble.Batch, l *raft.Log) applyResult {
 		if _, err := f.mustGetLU(lu.Name); err == nil {
 			return applyResult{err: fmt.Errorf("%w: %q", ErrExists, lu.Name)}
 		} else if !errors.Is(err, ErrNotFound) {
+			return applyResult{err: err}
+		}
+		members, err := memberSet(f.db)
+		if err != nil {
+			return applyResult{err: err}
+		}
+		if err := checkCreate(lu, members); err != nil {
 			return applyResult{err: err}
 		}
 		return f.putLU(b, lu, Created, l.Index)
@@ -344,29 +359,27 @@ func (f *fsm) applyCommand(b *pebble.Batch, l *raft.Log) applyResult {
 		}
 		return applyResult{change: &Change{Kind: Deleted, LU: lu, Index: l.Index}}
 	case cmdUpdateLU:
-		old, err := f.mustGetLU(c.LU.Name)
-		if err != nil {
-			return applyResult{err: err}
-		}
-		if c.IfEpoch != 0 && c.IfEpoch != old.Epoch {
-			return applyResult{err: fmt.Errorf("%w: %q is at epoch %d, not %d", ErrEpochChanged, old.Name, old.Epoch, c.IfEpoch)}
-		}
-		if c.LU.Epoch < old.Epoch {
-			return applyResult{err: fmt.Errorf("%w: epoch %d is older than the recorded %d", ErrInvalid, c.LU.Epoch, old.Epoch)}
-		}
-		lu := old
-		lu.Description, lu.Writer, lu.Epoch, lu.Copies = c.LU.Description, c.LU.Writer, c.LU.Epoch, c.LU.Copies
-		lu.Replicas = append([]Replica(nil), c.LU.Replicas...)
-		lu.UpdatedAt = c.At
-		if err := validateLU(&lu); err != nil {
-			return applyResult{err: err}
-		}
-		return f.putLU(b, lu, Updated, l.Index)
+		return applyResult{err: fmt.Errorf("%w: %s is retired (it replaced copy sets unchecked); propose %s",
+			ErrInvalid, cmdUpdateLU, cmdCopies)}
+	case cmdCopies:
+		return f.applyCopies(b, c, l.Index)
 	case cmdUpsertNode:
 		n := *c.Node
 		n.UpdatedAt = c.At
+		var existing nodeRecord
+		exists, err := getJSON(f.db, nodePrefix+n.ID, &existing)
+		if err != nil {
+			return applyResult{err: err}
+		}
+		if err := checkNodeUpsert(n, c.Join, c.proposer(), exists); err != nil {
+			return applyResult{err: err}
+		}
 		return applyResult{err: putJSON(b, nodePrefix+n.ID, n)}
 	case cmdRemoveNode:
+		if !c.Primary {
+			return applyResult{err: fmt.Errorf("%w: %q proposes removing %q; only the primary removes members",
+				ErrForeignRecord, c.By, c.Name)}
+		}
 		return applyResult{err: b.Delete([]byte(nodePrefix+c.Name), nil)}
 	case cmdSetSetting:
 		if c.Name == "" {
@@ -376,6 +389,44 @@ func (f *fsm) applyCommand(b *pebble.Batch, l *raft.Log) applyResult {
 	default:
 		return applyResult{err: fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)}
 	}
+}
+
+// applyCopies applies an lu.copies command if CheckCopyChange allows it
+// against the recorded LU and node records.
+func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult {
+	ch := *c.Change
+	old, err := f.mustGetLU(ch.Name)
+	if err != nil {
+		return applyResult{err: err}
+	}
+	members, err := memberSet(f.db)
+	if err != nil {
+		return applyResult{err: err}
+	}
+	if err := CheckCopyChange(old, ch, c.proposer(), members); err != nil {
+		return applyResult{err: err}
+	}
+	lu := old
+	lu.Writer, lu.Epoch, lu.Copies = ch.Writer, ch.Epoch, ch.Copies
+	lu.Replicas = append([]Replica(nil), ch.Replicas...)
+	lu.UpdatedAt = c.At
+	if err := validateLU(&lu); err != nil {
+		return applyResult{err: err}
+	}
+	return f.putLU(b, lu, Updated, index)
+}
+
+// memberSet returns the ids of the nodes with a record ("meta/node/").
+func memberSet(r reader) (map[string]bool, error) {
+	recs, err := listNodeRecords(r)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]bool, len(recs))
+	for id := range recs {
+		out[id] = true
+	}
+	return out, nil
 }
 
 func (f *fsm) mustGetLU(name string) (LU, error) {

@@ -53,6 +53,15 @@ func applyOK(t *testing.T, f *fsm, l *raft.Log) *Change {
 	return res.change
 }
 
+// registerNodes applies one self-registration per id from index first on.
+func registerNodes(t *testing.T, f *fsm, first uint64, ids ...string) {
+	t.Helper()
+	for i, id := range ids {
+		applyOK(t, f, entry(t, first+uint64(i), &command{Type: cmdUpsertNode, By: id,
+			Node: &nodeRecord{ID: id, PeerAddr: "peer-" + id, APIAddr: "api-" + id}}))
+	}
+}
+
 func newLU(name string, size int64) *LU {
 	lu := withDefaults(LU{Name: name, SizeBytes: size}, "n1")
 	return &lu
@@ -83,12 +92,11 @@ func (s *memSink) Cancel() error { s.cancelled = true; return nil }
 
 func fillFSM(t *testing.T, f *fsm) uint64 {
 	t.Helper()
-	var i uint64
-	for ; i < 5; i++ {
-		applyOK(t, f, entry(t, i+1, &command{Type: cmdCreateLU, LU: newLU(fmt.Sprintf("lu%d", i), 512*int64(i+1))}))
+	applyOK(t, f, entry(t, 1, &command{Type: cmdUpsertNode, By: "n1", Node: &nodeRecord{ID: "n1", PeerAddr: "p", APIAddr: "a"}}))
+	i := uint64(1)
+	for ; i < 6; i++ {
+		applyOK(t, f, entry(t, i+1, &command{Type: cmdCreateLU, LU: newLU(fmt.Sprintf("lu%d", i-1), 512*int64(i))}))
 	}
-	i++
-	applyOK(t, f, entry(t, i, &command{Type: cmdUpsertNode, Node: &nodeRecord{ID: "n1", PeerAddr: "p", APIAddr: "a"}}))
 	i++
 	applyOK(t, f, entry(t, i, &command{Type: cmdSetSetting, Name: "k", Value: "v"}))
 	return i
@@ -111,8 +119,9 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 
 	dst := newTestFSM(t)
 	// dst has state of its own that the restore must replace entirely.
-	applyOK(t, dst, entry(t, 1, &command{Type: cmdCreateLU, LU: newLU("stale", 512)}))
-	applyOK(t, dst, entry(t, 2, &command{Type: cmdCreateLU, LU: newLU("lu1", 4096)}))
+	registerNodes(t, dst, 1, "n1", "n9")
+	applyOK(t, dst, entry(t, 3, &command{Type: cmdCreateLU, LU: newLU("stale", 512)}))
+	applyOK(t, dst, entry(t, 4, &command{Type: cmdCreateLU, LU: newLU("lu1", 4096)}))
 	var seen changeLog
 	cancel := dst.watch(seen.add)
 	defer cancel()
@@ -163,7 +172,19 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 // applied index.
 func TestRejectedCommands(t *testing.T) {
 	f := newTestFSM(t)
-	applyOK(t, f, entry(t, 1, &command{Type: cmdCreateLU, LU: newLU("a", 512)}))
+	registerNodes(t, f, 1, "n1", "n2")
+	applyOK(t, f, entry(t, 3, &command{Type: cmdCreateLU, LU: newLU("a", 512)}))
+	two := newLU("two", 512)
+	two.Copies, two.Replicas = 2, []Replica{{NodeID: "n1", State: ReplicaInSync}}
+	stranger := newLU("stranger", 512)
+	stranger.Replicas = []Replica{{NodeID: "mallory", State: ReplicaInSync}}
+	stranger.Writer = "mallory"
+	notFirst := newLU("notfirst", 512)
+	notFirst.Copies, notFirst.Replicas = 2, []Replica{{NodeID: "n2", State: ReplicaInSync}, {NodeID: "n1", State: ReplicaInSync}}
+	fresh := newLU("fresh", 512)
+	fresh.Replicas[0].State = ReplicaNew
+	late := newLU("late", 512)
+	late.Epoch = 2
 	bad := []struct {
 		data []byte
 		err  error
@@ -180,11 +201,33 @@ func TestRejectedCommands(t *testing.T) {
 		{mustJSON(t, command{Version: 1, Type: cmdResizeLU, Name: "zz", SizeBytes: 512}), ErrNotFound},
 		{mustJSON(t, command{Version: 1, Type: cmdDeleteLU, Name: "zz"}), ErrNotFound},
 		{mustJSON(t, command{Version: 1, Type: cmdUpdateLU, LU: &LU{Name: "a", Epoch: 0, Copies: 1}}), ErrInvalid},
+		// lu.update is retired even when it would be legal as lu.copies.
+		{mustJSON(t, command{Version: 1, Type: cmdUpdateLU, IfEpoch: 1, LU: newLU("a", 512)}), ErrInvalid},
 		{mustJSON(t, command{Version: 1, Type: cmdSetSetting}), ErrInvalid},
+		// New LUs: every copy in sync on a member, the writer's first, epoch 1.
+		{mustJSON(t, command{Version: 1, Type: cmdCreateLU, LU: two}), ErrInvalid},
+		{mustJSON(t, command{Version: 1, Type: cmdCreateLU, LU: stranger}), ErrInvalid},
+		{mustJSON(t, command{Version: 1, Type: cmdCreateLU, LU: notFirst}), ErrInvalid},
+		{mustJSON(t, command{Version: 1, Type: cmdCreateLU, LU: fresh}), ErrInvalid},
+		{mustJSON(t, command{Version: 1, Type: cmdCreateLU, LU: late}), ErrInvalid},
+		// Copy changes go through the rules.
+		{[]byte(`{"v":1,"type":"lu.copies","by":"n1"}`), ErrInvalid},
+		{mustJSON(t, command{Version: 1, Type: cmdCopies, By: "n2", Change: &CopyChange{Name: "a", ExpectedEpoch: 1, Epoch: 2,
+			Writer: "n2", Copies: 1, Replicas: []Replica{{NodeID: "n2", State: ReplicaInSync}}}}), ErrIllegalChange},
+		{mustJSON(t, command{Version: 1, Type: cmdCopies, By: "n1", Primary: true, Change: &CopyChange{Name: "a", ExpectedEpoch: 7,
+			Epoch: 8, Writer: "n1", Copies: 1, Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}}}}), ErrEpochChanged},
+		{mustJSON(t, command{Version: 1, Type: cmdCopies, By: "n1", Primary: true, Change: &CopyChange{Name: "zz", ExpectedEpoch: 1,
+			Epoch: 1, Writer: "n1", Copies: 1, Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}}}}), ErrNotFound},
+		// Node records: only one's own, a join only where none exists.
+		{mustJSON(t, command{Version: 1, Type: cmdUpsertNode, By: "n2", Node: &nodeRecord{ID: "n1", PeerAddr: "evil"}}), ErrForeignRecord},
+		{mustJSON(t, command{Version: 1, Type: cmdUpsertNode, By: "n1", Primary: true, Join: true,
+			Node: &nodeRecord{ID: "n2", PeerAddr: "evil"}}), ErrMember},
+		{mustJSON(t, command{Version: 1, Type: cmdUpsertNode, By: "n2", Join: true, Node: &nodeRecord{ID: "n3", PeerAddr: "p"}}), ErrForeignRecord},
+		{mustJSON(t, command{Version: 1, Type: cmdRemoveNode, By: "n2", Name: "n1"}), ErrForeignRecord},
 	}
 	before := dump(t, f)
 	for i, b := range bad {
-		index := uint64(i + 2)
+		index := uint64(i + 4)
 		res, _ := f.Apply(&raft.Log{Index: index, Term: 1, Type: raft.LogCommand, Data: b.data}).(applyResult)
 		if !errors.Is(res.err, b.err) || res.change != nil {
 			t.Fatalf("bad command %d (%s): %+v, want %v", i, b.data, res, b.err)
@@ -232,17 +275,21 @@ func mustJSON(t *testing.T, v any) []byte {
 // checks byte-identical state (timestamps come from the commands).
 func TestApplyDeterministic(t *testing.T) {
 	var logs []*raft.Log
-	logs = append(logs, entry(t, 1, &command{Type: cmdCreateLU, LU: newLU("a", 512)}))
-	logs = append(logs, entry(t, 2, &command{Type: cmdResizeLU, Name: "a", SizeBytes: 1024}))
-	upd := *newLU("a", 0)
-	upd.Epoch, upd.Copies, upd.Writer = 2, 2, "n2"
-	upd.Replicas = []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaOutOfSync}}
-	logs = append(logs, entry(t, 3, &command{Type: cmdUpdateLU, LU: &upd}))
-	stale := upd
-	stale.Epoch = 1
-	logs = append(logs, entry(t, 4, &command{Type: cmdUpdateLU, LU: &stale}))
-	logs = append(logs, entry(t, 5, &command{Type: cmdCreateLU, LU: newLU("b", 512)}))
-	logs = append(logs, entry(t, 6, &command{Type: cmdDeleteLU, Name: "b"}))
+	for i, id := range []string{"n1", "n2"} {
+		logs = append(logs, entry(t, uint64(i+1), &command{Type: cmdUpsertNode, By: id, Node: &nodeRecord{ID: id, PeerAddr: "p-" + id}}))
+	}
+	logs = append(logs, entry(t, 3, &command{Type: cmdCreateLU, LU: newLU("a", 512)}))
+	logs = append(logs, entry(t, 4, &command{Type: cmdResizeLU, Name: "a", SizeBytes: 1024}))
+	add := CopyChange{Name: "a", ExpectedEpoch: 1, Epoch: 2, Writer: "n1", Copies: 2,
+		Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaNew}}}
+	logs = append(logs, entry(t, 5, &command{Type: cmdCopies, By: "n1", Primary: true, Change: &add}))
+	stale := add // the same change again, from the epoch it no longer has
+	logs = append(logs, entry(t, 6, &command{Type: cmdCopies, By: "n1", Primary: true, Change: &stale}))
+	built := CopyChange{Name: "a", ExpectedEpoch: 2, Epoch: 2, Writer: "n1", Copies: 2,
+		Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaOutOfSync}}}
+	logs = append(logs, entry(t, 7, &command{Type: cmdCopies, By: "n1", Change: &built}))
+	logs = append(logs, entry(t, 8, &command{Type: cmdCreateLU, LU: newLU("b", 512)}))
+	logs = append(logs, entry(t, 9, &command{Type: cmdDeleteLU, Name: "b"}))
 	var states []string
 	for run := 0; run < 2; run++ {
 		f := newTestFSM(t)
@@ -251,12 +298,13 @@ func TestApplyDeterministic(t *testing.T) {
 		}
 		states = append(states, dump(t, f))
 		lu, err := f.mustGetLU("a")
-		if err != nil || lu.Epoch != 2 || lu.Writer != "n2" || len(lu.Replicas) != 2 || lu.SizeBytes != 1024 ||
-			!lu.CreatedAt.Equal(fixedTime.Add(time.Second)) || !lu.UpdatedAt.Equal(fixedTime.Add(3*time.Second)) {
+		if err != nil || lu.Epoch != 2 || lu.Writer != "n1" || len(lu.Replicas) != 2 || lu.SizeBytes != 1024 ||
+			lu.Replicas[1] != (Replica{NodeID: "n2", State: ReplicaOutOfSync}) ||
+			!lu.CreatedAt.Equal(fixedTime.Add(3*time.Second)) || !lu.UpdatedAt.Equal(fixedTime.Add(7*time.Second)) {
 			t.Fatalf("run %d: a = %+v, %v", run, lu, err)
 		}
 		if f.rejected.Load() != 1 {
-			t.Fatalf("run %d: the stale-epoch update was not rejected", run)
+			t.Fatalf("run %d: rejected %d, want 1 (the stale-epoch change)", run, f.rejected.Load())
 		}
 	}
 	if states[0] != states[1] {
@@ -367,47 +415,5 @@ func TestRaftRejectsBadEntry(t *testing.T) {
 	}
 	if _, ok := got["lupool_raft_commit_index"]; !ok {
 		t.Error("lupool_raft_commit_index missing")
-	}
-}
-
-func TestUpdateLUIfEpoch(t *testing.T) {
-	n := openNode(t, testOptions(t, t.TempDir(), "n1", true))
-	ctx := ctxT(t)
-	waitLeaderIs(t, n)
-	if err := n.CreateLU(ctx, LU{Name: "m", SizeBytes: 1 << 20, Copies: 2,
-		Replicas: []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaInSync}}}); err != nil {
-		t.Fatal(err)
-	}
-	var seen changeLog
-	_, cancel, err := n.ListAndWatch(seen.add)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancel()
-	lu, err := n.GetLU("m")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Two proposers start from epoch 1; only the first wins.
-	a, b := lu, lu
-	a.Epoch, a.Replicas = 2, []Replica{{NodeID: "n1", State: ReplicaInSync}, {NodeID: "n2", State: ReplicaOutOfSync}}
-	b.Epoch, b.Writer = 2, "n2"
-	if err := n.UpdateLUIfEpoch(ctx, a, 1); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.UpdateLUIfEpoch(ctx, b, 1); !errors.Is(err, ErrEpochChanged) {
-		t.Fatalf("second update from epoch 1: %v, want ErrEpochChanged", err)
-	}
-	got, err := n.GetLU("m")
-	if err != nil || got.Epoch != 2 || got.Writer != "n1" || got.Replicas[1].State != ReplicaOutOfSync || got.SizeBytes != 1<<20 {
-		t.Fatalf("after updates: %+v, %v", got, err)
-	}
-	// A plain UpdateLU may not move the epoch back.
-	b.Epoch = 1
-	if err := n.UpdateLU(ctx, b); !errors.Is(err, ErrInvalid) {
-		t.Fatalf("UpdateLU to an older epoch: %v", err)
-	}
-	if c := seen.get(); len(c) != 1 || c[0].Kind != Updated || c[0].LU.Epoch != 2 {
-		t.Fatalf("changes: %+v", c)
 	}
 }

@@ -43,7 +43,7 @@ func (n *Node) Collectors() []prometheus.Collector {
 		applied:  prometheus.NewDesc("lupool_raft_applied_index", "Last raft index applied to the metadata state machine.", nil, nil),
 		commit:   prometheus.NewDesc("lupool_raft_commit_index", "Last raft index known committed.", nil, nil),
 		last:     prometheus.NewDesc("lupool_raft_last_log_index", "Last raft index in the local log.", nil, nil),
-		rejected: prometheus.NewDesc("lupool_raft_rejected_commands_total", "Commands the state machine refused (invalid or unknown).", nil, nil),
+		rejected: prometheus.NewDesc("lupool_raft_rejected_commands_total", "Commands the state machine refused (invalid, illegal or unknown).", nil, nil),
 		lus:      prometheus.NewDesc("lupool_lus", "Number of LUs in the metadata table.", nil, nil),
 		nodes:    prometheus.NewDesc("lupool_raft_nodes", "Members of the raft configuration.", nil, nil),
 		applies: prometheus.NewDesc("lupool_raft_applied_since_start_total",

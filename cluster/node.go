@@ -9,7 +9,7 @@
 // one-member cluster; other nodes start without Bootstrap and are added by
 // the leader's AddVoter.
 //
-// Writes (CreateLU, ResizeLU, DeleteLU, UpdateLU, UpdateLUIfEpoch,
+// Writes (CreateLU, ResizeLU, DeleteLU, ChangeCopies, RegisterNode,
 // AddVoter, RemoveServer, RegisterSelf, SetSetting) run on the leader only
 // and return ErrNotLeader elsewhere, or ErrOutcomeUnknown when the command
 // may or may not have been applied; reads (GetLU, ListLUs, Nodes, Setting)
@@ -43,6 +43,10 @@ import (
 // locked (fcntl), so a second process on the same directory fails fast.
 const lockFileName = "cluster.lock"
 
+// ErrNoState is returned by Open with Options.ExpectState when the node
+// holds no raft state (no log, no term, no snapshot).
+var ErrNoState = errors.New("cluster: no metadata state")
+
 // Options configures a Node.
 type Options struct {
 	// Dir is where the node's state lives; created if missing.
@@ -60,6 +64,15 @@ type Options struct {
 	NBDAddr string
 	// Bootstrap makes a node without any raft state a one-member cluster.
 	Bootstrap bool
+	// ExpectState makes Open fail with ErrNoState when the node has no
+	// raft state: the daemon sets it for a node that once belonged to a
+	// cluster, so an emptied or unreadable metadata directory is reported
+	// instead of starting over.
+	ExpectState bool
+	// StreamLayer, when set, carries raft's traffic (the daemon passes a
+	// mutual-TLS layer, package peerlink); nil means plain TCP on PeerAddr.
+	// With a StreamLayer, PeerAddr is only recorded, the layer listens.
+	StreamLayer raft.StreamLayer
 	// Logger receives the node's and raft's logs; nil means discard.
 	Logger *slog.Logger
 	// FS is where Pebble keeps its files; nil means the OS file system.
@@ -235,7 +248,13 @@ func (n *Node) start() error {
 			return fmt.Errorf("cluster: PeerAdvertise %q: %w", opts.PeerAdvertise, err)
 		}
 	}
-	n.trans, err = raft.NewTCPTransportWithLogger(opts.PeerAddr, advertise, 3 /* maxPool */, 10*time.Second, hlog.Named("transport"))
+	if opts.StreamLayer != nil {
+		n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+			Stream: opts.StreamLayer, MaxPool: 3, Timeout: 10 * time.Second, Logger: hlog.Named("transport"),
+		})
+	} else {
+		n.trans, err = raft.NewTCPTransportWithLogger(opts.PeerAddr, advertise, 3 /* maxPool */, 10*time.Second, hlog.Named("transport"))
+	}
 	if err != nil {
 		return fmt.Errorf("cluster: raft transport on %s: %w", opts.PeerAddr, err)
 	}
@@ -260,6 +279,9 @@ func (n *Node) start() error {
 	has, err := raft.HasExistingState(store, store, n.snaps)
 	if err != nil {
 		return fmt.Errorf("cluster: read raft state: %w", err)
+	}
+	if !has && opts.ExpectState {
+		return fmt.Errorf("%w in %s", ErrNoState, opts.Dir)
 	}
 	if !has && opts.Bootstrap {
 		conf := raft.Configuration{Servers: []raft.Server{{
@@ -508,8 +530,13 @@ func (n *Node) propose(ctx context.Context, c *command) (*Change, error) {
 }
 
 // CreateLU adds lu to the table. Zero fields get defaults: Kind "file",
-// Copies 1, CreatedOn and Writer this node, Epoch 1; CreatedAt is set by
-// the leader. Returns ErrExists, ErrInvalid or ErrNotLeader.
+// Copies 1, CreatedOn and Writer this node, Epoch 1, and for one copy the
+// writer's copy in sync; CreatedAt is set by the leader. Every copy must be
+// in sync on a member (a node with a record), the writer's first, and
+// Copies must equal the number of copies. When this node holds a copy and
+// has no record yet (a freshly bootstrapped node), its record is written
+// first. The primary proposes it (the admin operation it runs). Returns
+// ErrExists, ErrInvalid or ErrNotLeader.
 func (n *Node) CreateLU(ctx context.Context, lu LU) error {
 	lu = withDefaults(lu, n.opts.NodeID)
 	if err := validateLU(&lu); err != nil {
@@ -518,7 +545,17 @@ func (n *Node) CreateLU(ctx context.Context, lu LU) error {
 	if _, err := n.GetLU(lu.Name); err == nil {
 		return fmt.Errorf("%w: %q", ErrExists, lu.Name)
 	}
-	_, err := n.propose(ctx, &command{Type: cmdCreateLU, LU: &lu})
+	if len(lu.Replicas) == 0 {
+		return checkCreate(lu, nil) // says what to fix
+	}
+	members, err := n.membersWithSelf(ctx, lu.Replicas)
+	if err != nil {
+		return err
+	}
+	if err := checkCreate(lu, members); err != nil {
+		return err
+	}
+	_, err = n.propose(ctx, &command{Type: cmdCreateLU, LU: &lu, By: n.opts.NodeID, Primary: true})
 	return err
 }
 
@@ -534,7 +571,7 @@ func (n *Node) ResizeLU(ctx context.Context, name string, sizeBytes int64) error
 	if _, err := n.GetLU(name); err != nil {
 		return err
 	}
-	_, err := n.propose(ctx, &command{Type: cmdResizeLU, Name: name, SizeBytes: sizeBytes})
+	_, err := n.propose(ctx, &command{Type: cmdResizeLU, Name: name, SizeBytes: sizeBytes, By: n.opts.NodeID, Primary: true})
 	return err
 }
 
@@ -547,37 +584,47 @@ func (n *Node) DeleteLU(ctx context.Context, name string) error {
 	if _, err := n.GetLU(name); err != nil {
 		return err
 	}
-	_, err := n.propose(ctx, &command{Type: cmdDeleteLU, Name: name})
+	_, err := n.propose(ctx, &command{Type: cmdDeleteLU, Name: name, By: n.opts.NodeID, Primary: true})
 	return err
 }
 
-// UpdateLU replaces an LU's Description, Copies, Writer, Epoch and
-// Replicas (name, size, kind and creation fields are kept). lu.Epoch must
-// not be below the recorded epoch. Returns ErrNotFound, ErrInvalid or
-// ErrNotLeader. Meant for the replication layer.
-func (n *Node) UpdateLU(ctx context.Context, lu LU) error {
-	if err := ValidateName(lu.Name); err != nil {
+// ChangeCopies proposes c on behalf of by and waits until it is applied.
+// Leader only. The caller sets by from the requester's authenticated
+// identity (its certificate) or, for the primary's own control loops and
+// admin operations, Proposer{NodeID: n.ID(), Primary: true}; never from a
+// request body.
+//
+// Apply decides with CheckCopyChange against the committed state, so two
+// racing proposers from one epoch cannot both win. The same check runs
+// first against this node's applied state when that is at least at
+// c.ExpectedEpoch, to refuse an illegal change without a log entry.
+// Returns ErrEpochChanged (read the LU again, recompute, retry),
+// ErrIllegalChange (with the rule), ErrNotFound, ErrInvalid, ErrNotLeader
+// or ErrOutcomeUnknown.
+func (n *Node) ChangeCopies(ctx context.Context, by Proposer, c CopyChange) error {
+	if err := ValidateName(c.Name); err != nil {
 		return err
 	}
-	if _, err := n.GetLU(lu.Name); err != nil {
+	if by.NodeID == "" {
+		return fmt.Errorf("%w: a copy change needs the proposer's node id", ErrInvalid)
+	}
+	old, err := n.GetLU(c.Name)
+	if err != nil {
 		return err
 	}
-	_, err := n.propose(ctx, &command{Type: cmdUpdateLU, LU: &lu})
-	return err
-}
-
-// UpdateLUIfEpoch is UpdateLU applied only if the recorded epoch is still
-// expectedEpoch (checked in Apply, so two racing proposers cannot both
-// win). Returns ErrEpochChanged otherwise. The replication layer uses it
-// to move the writer or the in-sync set from a state it has seen.
-func (n *Node) UpdateLUIfEpoch(ctx context.Context, lu LU, expectedEpoch uint64) error {
-	if err := ValidateName(lu.Name); err != nil {
-		return err
+	c.Replicas = append([]Replica(nil), c.Replicas...)
+	// A local epoch below the expected one means this node has not applied
+	// everything committed yet: leave the verdict to Apply.
+	if old.Epoch >= c.ExpectedEpoch {
+		members, err := n.membersWithSelf(ctx, c.Replicas)
+		if err != nil {
+			return err
+		}
+		if err := CheckCopyChange(old, c, by, members); err != nil {
+			return err
+		}
 	}
-	if expectedEpoch == 0 {
-		return fmt.Errorf("%w: expected epoch must be at least 1", ErrInvalid)
-	}
-	_, err := n.propose(ctx, &command{Type: cmdUpdateLU, LU: &lu, IfEpoch: expectedEpoch})
+	_, err = n.propose(ctx, &command{Type: cmdCopies, Change: &c, By: by.NodeID, Primary: by.Primary})
 	return err
 }
 
@@ -604,7 +651,7 @@ func (n *Node) SetSetting(ctx context.Context, key, value string) error {
 	if key == "" {
 		return fmt.Errorf("%w: empty setting name", ErrInvalid)
 	}
-	_, err := n.propose(ctx, &command{Type: cmdSetSetting, Name: key, Value: value})
+	_, err := n.propose(ctx, &command{Type: cmdSetSetting, Name: key, Value: value, By: n.opts.NodeID, Primary: true})
 	return err
 }
 
@@ -625,17 +672,72 @@ func (n *Node) Setting(key string) (value string, found bool, err error) {
 	return value, found, err
 }
 
-// RegisterSelf records this node's addresses in the node table. Call it on
-// the leader after WaitLeader (and again whenever addresses change).
+// RegisterSelf records this node's addresses in the node table, proposed
+// by this node for its own record. Call it on the leader after WaitLeader
+// (and again whenever addresses change); a follower re-registers through
+// the leader, which calls RegisterNode. Returns ErrNotLeader.
 func (n *Node) RegisterSelf(ctx context.Context) error {
 	rec := nodeRecord{ID: n.opts.NodeID, PeerAddr: n.PeerAddress(), APIAddr: n.opts.APIAddr, NBDAddr: n.opts.NBDAddr}
-	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec})
+	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec, By: n.opts.NodeID})
 	return err
 }
 
-// AddVoter adds a node to the raft configuration as a voter and records its
-// addresses. Leader only. Adding a node that is already a voter at the same
-// address only updates its record.
+// RegisterNode records a member's own addresses, proposed on its behalf by
+// the leader: by is the requester's authenticated identity, and it may
+// write only its own record (by.NodeID == rec.ID; checked here and again
+// in Apply). Leader only. Returns ErrForeignRecord, ErrInvalid or
+// ErrNotLeader.
+func (n *Node) RegisterNode(ctx context.Context, by Proposer, rec NodeAddrs) error {
+	if rec.ID == "" || rec.PeerAddr == "" {
+		return fmt.Errorf("%w: a node record needs a node id and a peer address", ErrInvalid)
+	}
+	if by.NodeID != rec.ID {
+		return fmt.Errorf("%w: %q proposes addresses for %q", ErrForeignRecord, by.NodeID, rec.ID)
+	}
+	nr := nodeRecord{ID: rec.ID, PeerAddr: rec.PeerAddr, APIAddr: rec.APIAddr, NBDAddr: rec.NBDAddr}
+	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &nr, By: by.NodeID, Primary: by.Primary})
+	return err
+}
+
+// IsMember reports whether id has a node record in the local applied state
+// or is in the raft configuration. It is false after Close.
+func (n *Node) IsMember(id string) bool {
+	if id == "" || n.isClosed() {
+		return false
+	}
+	if _, in, err := n.configServer(id); err == nil && in {
+		return true
+	}
+	found := false
+	_ = n.readDB(func() (err error) {
+		var rec nodeRecord
+		found, err = getJSON(n.db, nodePrefix+id, &rec)
+		return err
+	})
+	return found
+}
+
+// configServer returns id's entry in the latest raft configuration.
+func (n *Node) configServer(id string) (raft.Server, bool, error) {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return raft.Server{}, false, fmt.Errorf("cluster: raft configuration: %w", err)
+	}
+	for _, s := range f.Configuration().Servers {
+		if string(s.ID) == id {
+			return s, true, nil
+		}
+	}
+	return raft.Server{}, false, nil
+}
+
+// AddVoter adds a new node to the raft configuration as a voter and records
+// its addresses (a join: the record is written only if none exists).
+// Leader only. An id that already belongs to a member (in the configuration
+// or with a record) is refused with ErrMember before raft is touched,
+// except for a retry of the same join (the same peer address), which
+// finishes whatever the first attempt left undone and is otherwise a
+// no-op. Returns ErrMember, ErrInvalid, ErrNotLeader or ErrOutcomeUnknown.
 func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr string) error {
 	if id == "" || peerAddr == "" {
 		return fmt.Errorf("%w: AddVoter needs a node id and a peer address", ErrInvalid)
@@ -646,23 +748,48 @@ func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr stri
 	if n.raft.State() != raft.Leader {
 		return ErrNotLeader
 	}
-	timeout := n.opts.ApplyTimeout
-	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
+	server, inConfig, err := n.configServer(id)
+	if err != nil {
+		return err
 	}
-	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(peerAddr), 0, timeout).Error(); err != nil {
-		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
-			return fmt.Errorf("%w: add voter %s: %v", ErrNotLeader, id, err)
+	var rec nodeRecord
+	var hasRecord bool
+	if err := n.readDB(func() (err error) {
+		hasRecord, err = getJSON(n.db, nodePrefix+id, &rec)
+		return err
+	}); err != nil {
+		return err
+	}
+	if inConfig && string(server.Address) != peerAddr {
+		return fmt.Errorf("%w: %q is in the raft configuration at %s, not %s; remove it first to rejoin it",
+			ErrMember, id, server.Address, peerAddr)
+	}
+	if hasRecord && rec.PeerAddr != peerAddr {
+		return fmt.Errorf("%w: %q is recorded at %s, not %s; remove it first to rejoin it",
+			ErrMember, id, rec.PeerAddr, peerAddr)
+	}
+	if !inConfig {
+		timeout := n.opts.ApplyTimeout
+		if d, ok := ctx.Deadline(); ok {
+			timeout = time.Until(d)
 		}
-		return fmt.Errorf("cluster: add voter %s at %s: %w", id, peerAddr, err)
+		if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(peerAddr), 0, timeout).Error(); err != nil {
+			if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+				return fmt.Errorf("%w: add voter %s: %v", ErrNotLeader, id, err)
+			}
+			return fmt.Errorf("cluster: add voter %s at %s: %w", id, peerAddr, err)
+		}
 	}
-	rec := nodeRecord{ID: id, PeerAddr: peerAddr, APIAddr: apiAddr, NBDAddr: nbdAddr}
-	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec})
+	if hasRecord {
+		return nil // the same join again: its record is there
+	}
+	nr := nodeRecord{ID: id, PeerAddr: peerAddr, APIAddr: apiAddr, NBDAddr: nbdAddr}
+	_, err = n.propose(ctx, &command{Type: cmdUpsertNode, Node: &nr, Join: true, By: n.opts.NodeID, Primary: true})
 	return err
 }
 
 // RemoveServer removes a node from the raft configuration and deletes its
-// record. Leader only.
+// record (proposed by the primary). Leader only.
 func (n *Node) RemoveServer(ctx context.Context, id string) error {
 	if n.isClosed() {
 		return ErrClosed
@@ -677,7 +804,7 @@ func (n *Node) RemoveServer(ctx context.Context, id string) error {
 	if err := n.raft.RemoveServer(raft.ServerID(id), 0, timeout).Error(); err != nil {
 		return fmt.Errorf("cluster: remove server %s: %w", id, err)
 	}
-	_, err := n.propose(ctx, &command{Type: cmdRemoveNode, Name: id})
+	_, err := n.propose(ctx, &command{Type: cmdRemoveNode, Name: id, By: n.opts.NodeID, Primary: true})
 	return err
 }
 

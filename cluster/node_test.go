@@ -482,7 +482,10 @@ func TestThreeNodes(t *testing.T) {
 	})
 	for i := 0; i < 12; i++ {
 		onLeader(t, all, ErrExists, func(l *Node) error {
-			return l.CreateLU(ctx, LU{Name: fmt.Sprintf("lu%02d", i), SizeBytes: 1 << 20, Copies: 2})
+			// The writer (the leader, which creates) first, then the other member.
+			other := map[string]string{"n1": "n2", "n2": "n1"}[l.ID()]
+			return l.CreateLU(ctx, LU{Name: fmt.Sprintf("lu%02d", i), SizeBytes: 1 << 20, Copies: 2,
+				Replicas: []Replica{{NodeID: l.ID(), State: ReplicaInSync}, {NodeID: other, State: ReplicaInSync}}})
 		})
 	}
 	// n3 joins after a compaction, so it catches up from a snapshot.

@@ -45,7 +45,8 @@ func PickNodes(nodes []NodeInfo, lus []LU, exclude map[string]bool, n int) ([]st
 // replacer is the primary's control loop that replaces a copy which stayed
 // out of sync (or new, never built) for Options.ReplaceAfter: the copy is
 // dropped and a new one placed on another node, which the writer then
-// rebuilds. A copy that is resyncing makes progress and is left alone; the
+// rebuilds. The loop proposes as the primary (Proposer.Primary), through
+// ChangeCopies, so the state machine's rules apply. A copy that is resyncing makes progress and is left alone; the
 // writer is never replaced here. The clock starts when this node, as
 // leader, first sees the copy in that state, so a leadership change only
 // delays a replacement.
@@ -129,18 +130,17 @@ func (r *replacer) replace(rec LU, old string, nodes []NodeInfo, lus []LU) error
 	if err != nil {
 		return err
 	}
-	next := rec
-	next.Replicas = nil
+	next := CopyChange{Name: rec.Name, ExpectedEpoch: rec.Epoch, Epoch: rec.Epoch + 1, Writer: rec.Writer}
 	for _, rep := range rec.Replicas {
 		if rep.NodeID == old {
 			rep = Replica{NodeID: picked[0], State: ReplicaNew}
 		}
 		next.Replicas = append(next.Replicas, rep)
 	}
-	next.Epoch++
+	next.Copies = len(next.Replicas)
 	ctx, cancel := context.WithTimeout(context.Background(), r.n.opts.ApplyTimeout)
 	defer cancel()
-	if err := r.n.UpdateLUIfEpoch(ctx, next, rec.Epoch); err != nil {
+	if err := r.n.ChangeCopies(ctx, Proposer{NodeID: r.n.opts.NodeID, Primary: true}, next); err != nil {
 		return err
 	}
 	r.n.log.Warn("replaced a copy that stayed out of sync", "lu", rec.Name, "old", old, "new", picked[0],

@@ -8,7 +8,8 @@ import (
 
 var (
 	// ErrNotLeader is returned by the write methods (CreateLU, ResizeLU,
-	// DeleteLU, UpdateLU, AddVoter, RemoveServer, RegisterSelf) when this
+	// DeleteLU, ChangeCopies, AddVoter, RemoveServer, RegisterSelf,
+	// RegisterNode, SetSetting) when this
 	// node is not the raft leader, or lost leadership before the command
 	// committed. Leader tells where to send the request instead.
 	ErrNotLeader = errors.New("cluster: not the leader")
@@ -16,13 +17,14 @@ var (
 	// ErrExists is returned by CreateLU when an LU with that name exists.
 	ErrExists = errors.New("cluster: LU already exists")
 
-	// ErrNotFound is returned by GetLU, ResizeLU, DeleteLU and UpdateLU when
+	// ErrNotFound is returned by GetLU, ResizeLU, DeleteLU and ChangeCopies when
 	// no LU has that name.
 	ErrNotFound = errors.New("cluster: LU not found")
 
 	// ErrInvalid is returned (wrapped, with the reason) by the write methods
 	// when the request breaks a rule: a bad name, a size that is not a
-	// positive multiple of 512, a copy count below 1, a stale epoch. The same
+	// positive multiple of 512, a copy count below 1, a new LU's copies
+	// not all in sync on members with the writer's first. The same
 	// checks run again in Apply; a command that fails them there is
 	// recorded as rejected and changes nothing.
 	ErrInvalid = errors.New("cluster: invalid request")
@@ -39,9 +41,9 @@ var (
 	// a blind retry may meet ErrExists or ErrNotFound.
 	ErrOutcomeUnknown = errors.New("cluster: outcome unknown")
 
-	// ErrEpochChanged is returned by UpdateLUIfEpoch when the LU's recorded
-	// epoch is not the expected one (someone else changed the copy set or
-	// the writer first).
+	// ErrEpochChanged is returned by ChangeCopies (and CheckCopyChange) when
+	// the LU's recorded epoch is not CopyChange.ExpectedEpoch (someone else
+	// changed the copy set or the writer first): read it again and retry.
 	ErrEpochChanged = errors.New("cluster: LU epoch changed")
 
 	// ErrLocked is returned by Open when another Node (in this or another
@@ -140,7 +142,7 @@ const (
 	Created ChangeKind = iota + 1
 	Resized
 	Deleted
-	// Updated: writer, epoch, replicas or description changed (UpdateLU).
+	// Updated: writer, epoch or copies changed (ChangeCopies).
 	Updated
 )
 
@@ -264,7 +266,8 @@ func validateLU(lu *LU) error {
 	return nil
 }
 
-// withDefaults returns lu with the create-time defaults filled in.
+// withDefaults returns lu with the create-time defaults filled in; a
+// one-copy LU without a copy list gets the writer's copy, in sync.
 func withDefaults(lu LU, nodeID string) LU {
 	if lu.Kind == "" {
 		lu.Kind = defaultKind
@@ -282,5 +285,9 @@ func withDefaults(lu LU, nodeID string) LU {
 		lu.Epoch = 1
 	}
 	lu.Replicas = append([]Replica(nil), lu.Replicas...)
+	if len(lu.Replicas) == 0 && lu.Copies == 1 {
+		// One copy: the writer's, in sync (a new LU reads as zeros).
+		lu.Replicas = []Replica{{NodeID: lu.Writer, State: ReplicaInSync}}
+	}
 	return lu
 }
