@@ -1,11 +1,14 @@
 package replication
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math/bits"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -25,43 +28,380 @@ import (
 //     without a restart in between sends exactly the blocks written. After
 //     a restart every block of a recorded region counts as dirty.
 //
-// Key layout (part of the on-disk format):
+// # On-disk format
 //
-//	"dirty/" + LU name + "\x00" + copy node id + "\x00" + region index (8, big-endian) -> empty
+// Keys (part of the on-disk format):
+//
+//	"dirty/" + LU name + "\x00" + copy node id + "\x00" + region index (8, big-endian)
+//	"unknown/" + LU name + "\x00" + copy node id
+//	"meta/state"
+//
+// A dirty key records a region the copy lacks. An unknown key says the
+// copy's dirty record was not trusted (the store was in doubt) and the copy
+// must be compared region by region by hash before it is in sync; it is
+// deleted once that compare is done. The state key is the shutdown marker.
+//
+// Every value (part of the on-disk format) is
+//
+//	+-------------+-------------+-------------------------+
+//	| version (1) | payload (n) | crc32c (4, big-endian)  |
+//	+-------------+-------------+-------------------------+
+//
+// where version is dirtyRecordVersion (1) and crc32c (Castagnoli) covers
+// key || version || payload. Dirty and unknown values have an empty
+// payload (5 bytes in all); the state's payload is "open", "clean" or
+// "doubt: " + the reason the store is in doubt.
+//
+// # Doubt
+//
+// A store whose records cannot all be trusted is in doubt (Doubt): a record
+// fails its checksum or Pebble reports corruption; the store was not closed
+// cleanly (state "open": a crash, kill -9; Pebble itself silently drops a
+// torn or corrupt record at the tail of its log, so a crash may lose what
+// no checksum can show); the state is missing in a store that has records;
+// the store is missing or empty although the caller expected it
+// (DirtyStoreOptions.ExpectExisting); or an earlier start was in doubt and
+// Trust was not called since (state "doubt: ..."). A Pebble store that does
+// not open for corruption is moved aside to dir + ".corrupt" and a fresh
+// one is created, in doubt. While in doubt the writer trusts no dirty
+// record: every copy not in sync is marked unknown and resynced by region
+// hashes. Close keeps the doubt on disk until Trust.
+//
+// Close writes the state "clean", flushes the log into a table (whose
+// blocks Pebble checksums on every read) and closes; open reads the state,
+// verifies every record, and records "open" (or the doubt), synced, before
+// it returns.
 const (
 	dirtyBlockBytes  = 4096
 	dirtyPrefix      = "dirty/"
+	unknownPrefix    = "unknown/"
+	stateKey         = "meta/state"
 	defaultRegionLen = 1 << 20
 	// regionBytesMax bounds the region size so that one region's mask of
 	// 4 KiB blocks stays a small fixed array.
 	regionBytesMax = 4 << 20
 	maskWords      = regionBytesMax / dirtyBlockBytes / 64
+
+	// dirtyRecordVersion is the version byte of every value. Part of the
+	// on-disk format.
+	dirtyRecordVersion = 1
+	// recordOverheadBytes is a value's size beyond its payload: version
+	// and crc32c.
+	recordOverheadBytes = 1 + 4
+
+	stateOpen  = "open"
+	stateClean = "clean"
+	stateDoubt = "doubt: "
 )
 
-// ErrDirtyStoreClosed is returned by DirtyStore methods after Close.
-var ErrDirtyStoreClosed = errors.New("replication: dirty-region store closed")
+var (
+	// ErrDirtyStoreClosed is returned by DirtyStore methods after Close.
+	ErrDirtyStoreClosed = errors.New("replication: dirty-region store closed")
+	// ErrDirtyCorrupt is returned (wrapped) when a dirty-region record does
+	// not check out: its key has the wrong shape, its value fails its
+	// checksum, or Pebble reports corruption reading it. Such a record is
+	// never skipped; the store is then in doubt.
+	ErrDirtyCorrupt = errors.New("replication: dirty-region store corrupt")
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// encodeRecord returns the value stored under key for payload.
+func encodeRecord(key, payload []byte) []byte {
+	v := make([]byte, 0, len(payload)+recordOverheadBytes)
+	v = append(v, dirtyRecordVersion)
+	v = append(v, payload...)
+	crc := crc32.Update(crc32.Checksum(key, castagnoli), castagnoli, v)
+	return binary.BigEndian.AppendUint32(v, crc)
+}
+
+// decodeRecord checks value against key and returns its payload (aliasing
+// value), or an error wrapping ErrDirtyCorrupt.
+func decodeRecord(key, value []byte) ([]byte, error) {
+	if len(value) < recordOverheadBytes {
+		return nil, fmt.Errorf("%w: key %q: value of %d bytes, want at least %d", ErrDirtyCorrupt, key, len(value), recordOverheadBytes)
+	}
+	body, sum := value[:len(value)-4], binary.BigEndian.Uint32(value[len(value)-4:])
+	if body[0] != dirtyRecordVersion {
+		return nil, fmt.Errorf("%w: key %q: record version %d, want %d", ErrDirtyCorrupt, key, body[0], dirtyRecordVersion)
+	}
+	if crc := crc32.Update(crc32.Checksum(key, castagnoli), castagnoli, body); crc != sum {
+		return nil, fmt.Errorf("%w: key %q: checksum %08x, recorded %08x", ErrDirtyCorrupt, key, crc, sum)
+	}
+	return body[1:], nil
+}
+
+// checkKey reports whether key has the shape of one of the store's keys.
+func checkKey(key []byte) error {
+	k := string(key)
+	switch {
+	case k == stateKey:
+		return nil
+	case strings.HasPrefix(k, dirtyPrefix):
+		// LU + NUL + node + NUL + region index (8 bytes of any value); LU
+		// and node are non-empty and NUL-free.
+		if rest := k[len(dirtyPrefix):]; len(rest) > 8 {
+			if parts := strings.Split(rest[:len(rest)-8], "\x00"); len(parts) == 3 && parts[0] != "" && parts[1] != "" && parts[2] == "" {
+				return nil
+			}
+		}
+	case strings.HasPrefix(k, unknownPrefix):
+		if parts := strings.Split(k[len(unknownPrefix):], "\x00"); len(parts) == 2 && parts[0] != "" && parts[1] != "" {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: key %q has no known shape", ErrDirtyCorrupt, key)
+}
+
+// markCorrupt wraps a Pebble corruption error as ErrDirtyCorrupt.
+func markCorrupt(err error) error {
+	if err != nil && pebble.IsCorruptionError(err) && !errors.Is(err, ErrDirtyCorrupt) {
+		return fmt.Errorf("%w: %w", ErrDirtyCorrupt, err)
+	}
+	return err
+}
+
+// DirtyStoreOptions configure OpenDirtyStoreOptions.
+type DirtyStoreOptions struct {
+	// FS is where the store lives; nil means the OS file system.
+	FS vfs.FS
+	// ExpectExisting says this is not the node's first start with its data
+	// directory: a missing or empty store then lost its records and is in
+	// doubt. False creates a missing store as a fresh, trusted one.
+	ExpectExisting bool
+}
 
 // DirtyStore persists dirty regions for every (LU, copy) pair of the
 // writer node. Safe for concurrent use.
 type DirtyStore struct {
-	db *pebble.DB
+	db  *pebble.DB
+	dir string
+
+	mu struct {
+		sync.RWMutex
+		// closed is set by Close; every operation checks it with mu held
+		// shared. Guarded by mu.
+		closed bool
+		// doubt is why the store is not trusted (nil: trusted); decided
+		// at open, cleared by Trust. Guarded by mu.
+		doubt error
+	}
 }
 
 // OpenDirtyStore opens (creating if needed) the store in dir on fs (nil
-// means the OS file system).
+// means the OS file system), as a first start would: a missing store is
+// created fresh and trusted. OpenDirtyStoreOptions with ExpectExisting is
+// the call for a node that started before.
 func OpenDirtyStore(dir string, fs vfs.FS) (*DirtyStore, error) {
+	return OpenDirtyStoreOptions(dir, DirtyStoreOptions{FS: fs})
+}
+
+// OpenDirtyStoreOptions opens (creating if needed) the store in dir,
+// verifies every record and the shutdown marker, and decides whether the
+// store is in doubt (see Doubt). A store that Pebble cannot open for
+// corruption is moved aside to dir + ".corrupt" (replacing an older one)
+// and created afresh, in doubt. It returns an error only when the store
+// cannot be opened, read or written at all (not for corruption).
+func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, error) {
+	fs := opts.FS
 	if fs == nil {
 		fs = vfs.Default
 	}
-	db, err := pebble.Open(dir, &pebble.Options{FS: fs, Logger: quietPebbleLogger{}})
+	var doubts []string
+	db, err := openPebble(dir, fs)
+	if err != nil && pebble.IsCorruptionError(err) {
+		aside := dir + ".corrupt"
+		if rmErr := fs.RemoveAll(aside); rmErr != nil {
+			return nil, fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and %s cannot be removed to move it aside: %w", dir, err, aside, rmErr)
+		}
+		if mvErr := fs.Rename(dir, aside); mvErr != nil {
+			return nil, fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and cannot be moved aside to %s: %w", dir, err, aside, mvErr)
+		}
+		doubts = append(doubts, fmt.Sprintf("store corrupt (%v), moved aside to %s", err, aside))
+		db, err = openPebble(dir, fs)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("replication: open dirty-region store %s: %w", dir, err)
 	}
-	return &DirtyStore{db: db}, nil
+	s := &DirtyStore{db: db, dir: dir}
+	why, err := s.check(opts.ExpectExisting && len(doubts) == 0)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("replication: check dirty-region store %s: %w", dir, err), db.Close())
+	}
+	if why != "" {
+		doubts = append(doubts, why)
+	}
+	state := stateOpen
+	if len(doubts) > 0 {
+		s.mu.doubt = fmt.Errorf("replication: dirty-region store %s in doubt: %s", dir, strings.Join(doubts, "; "))
+		state = stateDoubt + strings.Join(doubts, "; ")
+	}
+	if err := s.setState(state); err != nil {
+		return nil, errors.Join(fmt.Errorf("replication: record dirty-region store %s %s: %w", dir, state, err), db.Close())
+	}
+	return s, nil
 }
 
-// Close closes the store.
-func (s *DirtyStore) Close() error { return s.db.Close() }
+func openPebble(dir string, fs vfs.FS) (*pebble.DB, error) {
+	return pebble.Open(dir, &pebble.Options{FS: fs, Logger: quietPebbleLogger{},
+		// Pebble's default reports on-disk corruption through
+		// Logger.Fatalf; the read that found it returns the error too,
+		// and that is where the store handles it (doubt, ErrDirtyCorrupt).
+		EventListener: &pebble.EventListener{DataCorruption: func(pebble.DataCorruptionInfo) {}}})
+}
+
+// check reads the state and verifies every record; it returns why the
+// store is in doubt ("" when it is trusted), or an error other than
+// corruption.
+func (s *DirtyStore) check(expectExisting bool) (string, error) {
+	it, err := s.db.NewIter(nil)
+	if err != nil {
+		return "", err
+	}
+	var records, bad int
+	var firstBad error
+	state, haveState := "", false
+	for it.First(); it.Valid(); it.Next() {
+		records++
+		k := it.Key()
+		err := checkKey(k)
+		var payload []byte
+		if err == nil {
+			payload, err = decodeRecord(k, it.Value())
+		}
+		if err != nil {
+			bad++
+			if firstBad == nil {
+				firstBad = err
+			}
+			continue
+		}
+		if string(k) == stateKey {
+			state, haveState = string(payload), true
+		}
+	}
+	iterErr := errors.Join(it.Error(), it.Close())
+	var why []string
+	if iterErr != nil {
+		if !pebble.IsCorruptionError(iterErr) {
+			return "", iterErr
+		}
+		why = append(why, fmt.Sprintf("reading it: %v", iterErr))
+	}
+	if bad > 0 {
+		why = append(why, fmt.Sprintf("%d of %d records fail their check (first: %v)", bad, records, firstBad))
+	}
+	switch {
+	case records == 0 && iterErr == nil:
+		if expectExisting {
+			why = append(why, "store missing or empty on a node that started before")
+		}
+	case !haveState:
+		why = append(why, "no shutdown marker")
+	case state == stateOpen:
+		why = append(why, "not closed cleanly")
+	case strings.HasPrefix(state, stateDoubt):
+		why = append(why, "still in doubt from an earlier start ("+strings.TrimPrefix(state, stateDoubt)+")")
+	case state != stateClean:
+		why = append(why, fmt.Sprintf("unknown shutdown marker %q", state))
+	}
+	return strings.Join(why, "; "), nil
+}
+
+func (s *DirtyStore) setState(state string) error {
+	k := []byte(stateKey)
+	return s.db.Set(k, encodeRecord(k, []byte(state)), pebble.Sync)
+}
+
+// Doubt returns nil when the store's records can be trusted, else why not
+// (decided at open; see the Dirty-region tracking notes). Safe for
+// concurrent use; a nil store (dirty regions kept in memory only) is
+// trusted.
+func (s *DirtyStore) Doubt() error {
+	if s == nil {
+		return nil
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.mu.doubt
+}
+
+// Trust ends a doubt: the caller has marked every copy not in sync of
+// every LU this node writes unknown (each Mirror does so when it is
+// created while the store is in doubt), so the old records are no longer
+// needed. It deletes every record that fails its check and records the
+// store open. Until Trust, the doubt survives restarts. It returns an error
+// wrapping ErrDirtyCorrupt when the store cannot be read through (the doubt
+// then stays), or ErrDirtyStoreClosed after Close.
+func (s *DirtyStore) Trust() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mu.closed {
+		return ErrDirtyStoreClosed
+	}
+	if s.mu.doubt == nil {
+		return nil
+	}
+	it, err := s.db.NewIter(nil)
+	if err != nil {
+		return err
+	}
+	b := s.db.NewBatch()
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		err := checkKey(k)
+		if err == nil {
+			_, err = decodeRecord(k, it.Value())
+		}
+		if err != nil {
+			if err := b.Delete(k, nil); err != nil {
+				return errors.Join(err, it.Close(), b.Close())
+			}
+		}
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return errors.Join(markCorrupt(err), b.Close())
+	}
+	k := []byte(stateKey)
+	if err := b.Set(k, encodeRecord(k, []byte(stateOpen)), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return err
+	}
+	s.mu.doubt = nil
+	return nil
+}
+
+// Close records a clean shutdown (unless the store is in doubt: the doubt
+// is kept), flushes and closes the store. Operations must have ended; a
+// second Close returns ErrDirtyStoreClosed.
+func (s *DirtyStore) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mu.closed {
+		return ErrDirtyStoreClosed
+	}
+	s.mu.closed = true
+	var err error
+	if s.mu.doubt == nil {
+		err = s.setState(stateClean)
+	}
+	if err == nil {
+		err = s.db.Flush()
+	}
+	return errors.Join(err, s.db.Close())
+}
+
+// use takes the store for one operation; the returned func ends it.
+func (s *DirtyStore) use() (func(), error) {
+	s.mu.RLock()
+	if s.mu.closed {
+		s.mu.RUnlock()
+		return nil, ErrDirtyStoreClosed
+	}
+	return s.mu.RUnlock, nil
+}
 
 func dirtyKeyPrefix(luName, node string) []byte {
 	return []byte(dirtyPrefix + luName + "\x00" + node + "\x00")
@@ -72,11 +412,27 @@ func dirtyKey(luName, node string, region uint64) []byte {
 	return binary.BigEndian.AppendUint64(k, region)
 }
 
+func unknownKey(luName, node string) []byte {
+	return []byte(unknownPrefix + luName + "\x00" + node)
+}
+
+// prefixEnd is the smallest key above every key starting with prefix
+// (whose last byte is 0).
+func prefixEnd(prefix []byte) []byte {
+	return append(bytes.Clone(prefix[:len(prefix)-1]), 1)
+}
+
 // load returns the recorded regions of (luName, node) in ascending order.
+// A record that does not check out is reported as an error wrapping
+// ErrDirtyCorrupt, never skipped.
 func (s *DirtyStore) load(luName, node string) ([]uint64, error) {
+	done, err := s.use()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	prefix := dirtyKeyPrefix(luName, node)
-	upper := append(append([]byte(nil), prefix[:len(prefix)-1]...), 1)
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: upper})
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: prefixEnd(prefix)})
 	if err != nil {
 		return nil, err
 	}
@@ -84,19 +440,32 @@ func (s *DirtyStore) load(luName, node string) ([]uint64, error) {
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
 		if len(k) != len(prefix)+8 {
-			continue
+			err = fmt.Errorf("%w: key %q of %s/%s: %d bytes, want %d", ErrDirtyCorrupt, k, luName, node, len(k), len(prefix)+8)
+			break
+		}
+		if _, err = decodeRecord(k, it.Value()); err != nil {
+			break
 		}
 		out = append(out, binary.BigEndian.Uint64(k[len(prefix):]))
 	}
-	return out, errors.Join(it.Error(), it.Close())
+	if err = errors.Join(err, markCorrupt(it.Error()), it.Close()); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // mark records regions durably (one synced batch).
 func (s *DirtyStore) mark(luName, node string, regions []uint64) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	b := s.db.NewBatch()
 	for _, r := range regions {
-		if err := b.Set(dirtyKey(luName, node, r), nil, nil); err != nil {
-			return err
+		k := dirtyKey(luName, node, r)
+		if err := b.Set(k, encodeRecord(k, nil), nil); err != nil {
+			return errors.Join(err, b.Close())
 		}
 	}
 	return b.Commit(pebble.Sync)
@@ -105,14 +474,75 @@ func (s *DirtyStore) mark(luName, node string, regions []uint64) error {
 // clear forgets one region. Not synced: after a crash the region is sent
 // again, which is harmless.
 func (s *DirtyStore) clear(luName, node string, region uint64) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	return s.db.Delete(dirtyKey(luName, node, region), pebble.NoSync)
 }
 
-// drop forgets every region of (luName, node).
+// drop forgets every region of (luName, node), and its unknown mark.
 func (s *DirtyStore) drop(luName, node string) error {
+	return s.replace(luName, node, false)
+}
+
+// markUnknown durably replaces the record of (luName, node) by an unknown
+// mark: the copy must be compared by hashes.
+func (s *DirtyStore) markUnknown(luName, node string) error {
+	return s.replace(luName, node, true)
+}
+
+func (s *DirtyStore) replace(luName, node string, unknown bool) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	prefix := dirtyKeyPrefix(luName, node)
-	upper := append(append([]byte(nil), prefix[:len(prefix)-1]...), 1)
-	return s.db.DeleteRange(prefix, upper, pebble.Sync)
+	b := s.db.NewBatch()
+	err = b.DeleteRange(prefix, prefixEnd(prefix), nil)
+	if k := unknownKey(luName, node); err == nil && unknown {
+		err = b.Set(k, encodeRecord(k, nil), nil)
+	} else if err == nil {
+		err = b.Delete(k, nil)
+	}
+	if err != nil {
+		return errors.Join(err, b.Close())
+	}
+	return b.Commit(pebble.Sync)
+}
+
+// clearUnknown deletes the unknown mark of (luName, node), synced.
+func (s *DirtyStore) clearUnknown(luName, node string) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
+	return s.db.Delete(unknownKey(luName, node), pebble.Sync)
+}
+
+// isUnknown reports whether (luName, node) carries an unknown mark. A mark
+// that fails its check counts as present.
+func (s *DirtyStore) isUnknown(luName, node string) (bool, error) {
+	done, err := s.use()
+	if err != nil {
+		return false, err
+	}
+	defer done()
+	_, closer, err := s.db.Get(unknownKey(luName, node))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		if pebble.IsCorruptionError(err) {
+			return true, nil
+		}
+		return false, err
+	}
+	defer closer.Close()
+	return true, nil
 }
 
 type quietPebbleLogger struct{}
@@ -135,6 +565,10 @@ type dirtyMap struct {
 		// regions maps a region index to its mask of dirty 4 KiB blocks;
 		// a region is present iff it is recorded in the store. Guarded by mu.
 		regions map[uint64]*[maskWords]uint64
+		// unknown says the record cannot be trusted: the copy may lack any
+		// part of the LU and is compared by region hashes before it is in
+		// sync. Guarded by mu.
+		unknown bool
 	}
 }
 
@@ -144,16 +578,85 @@ func newDirtyMap(store *DirtyStore, luName, node string, regionBytes int64) (*di
 	}
 	d := &dirtyMap{store: store, luName: luName, node: node, regionBytes: regionBytes}
 	d.mu.regions = map[uint64]*[maskWords]uint64{}
-	if store != nil {
-		recorded, err := store.load(luName, node)
-		if err != nil {
-			return nil, err
-		}
-		for _, r := range recorded {
-			d.mu.regions[r] = d.fullMask()
-		}
+	if store == nil {
+		return d, nil
+	}
+	if store.Doubt() != nil {
+		d.mu.unknown = true
+		return d, nil
+	}
+	unknown, err := store.isUnknown(luName, node)
+	if err != nil {
+		return nil, err
+	}
+	if unknown {
+		d.mu.unknown = true
+		return d, nil
+	}
+	recorded, err := store.load(luName, node)
+	if errors.Is(err, ErrDirtyCorrupt) {
+		d.mu.unknown = true
+		return d, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range recorded {
+		d.mu.regions[r] = d.fullMask()
 	}
 	return d, nil
+}
+
+// settleStart applies the copy's recorded state to a map just built: a copy
+// that may lack data (mayLack: not in sync, not new) keeps an untrusted
+// record as unknown, made durable (the regions recorded are dropped: the
+// hash compare covers them); any other copy needs no record of the past,
+// so an untrusted one is dropped. It returns whether the copy is unknown.
+func (d *dirtyMap) settleStart(mayLack bool) (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.mu.unknown {
+		return false, nil
+	}
+	d.mu.regions = map[uint64]*[maskWords]uint64{}
+	d.mu.unknown = mayLack
+	if d.store == nil {
+		return mayLack, nil
+	}
+	var err error
+	if mayLack {
+		err = d.store.markUnknown(d.luName, d.node)
+	} else {
+		err = d.store.drop(d.luName, d.node)
+	}
+	if err != nil {
+		return mayLack, fmt.Errorf("replication: record the untrusted dirty regions of %s for %s: %w", d.luName, d.node, err)
+	}
+	return mayLack, nil
+}
+
+// isUnknown reports whether the copy must be compared by region hashes.
+func (d *dirtyMap) isUnknown() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.mu.unknown
+}
+
+// known records that the copy was compared by hashes: from now on the
+// regions in the map are all it lacks.
+func (d *dirtyMap) known() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.mu.unknown {
+		return nil
+	}
+	if d.store != nil {
+		if err := d.store.clearUnknown(d.luName, d.node); err != nil {
+			return fmt.Errorf("replication: record the hash compare of %s for %s: %w", d.luName, d.node, err)
+		}
+	}
+	d.mu.unknown = false
+	return nil
 }
 
 func (d *dirtyMap) blocksPerRegion() int64 { return d.regionBytes / dirtyBlockBytes }
@@ -278,11 +781,11 @@ func (d *dirtyMap) dirtyBytes() int64 {
 	return n * dirtyBlockBytes
 }
 
-// empty reports whether no region is dirty.
+// empty reports whether no region is dirty and the record is trusted.
 func (d *dirtyMap) empty() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return len(d.mu.regions) == 0
+	return len(d.mu.regions) == 0 && !d.mu.unknown
 }
 
 // reset forgets everything (the copy was dropped or rebuilt from scratch).
@@ -290,6 +793,7 @@ func (d *dirtyMap) reset() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.mu.regions = map[uint64]*[maskWords]uint64{}
+	d.mu.unknown = false
 	if d.store != nil {
 		return d.store.drop(d.luName, d.node)
 	}

@@ -101,7 +101,7 @@ func (f *Forwarder) client(ctx context.Context) (*peerConn, error) {
 		return nil, fmt.Errorf("%w: writer %s of %s has no known address", blockdev.ErrIO, writer, f.name)
 	}
 	hello := replproto.Hello{Role: replproto.RoleClient, LU: f.name, Node: f.m.opts.NodeID}
-	c, _, err := dialStream(ctx, addr, hello, epoch, size, f.m.opts.AckTimeout)
+	c, _, err := f.m.dialStream(ctx, writer, addr, hello, epoch, size)
 	if err != nil {
 		return nil, fmt.Errorf("%w: reach writer %s of %s: %v", blockdev.ErrIO, writer, f.name, err)
 	}

@@ -66,6 +66,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -100,9 +101,23 @@ type ManagerOptions struct {
 	// expectedEpoch (else an error matching cluster.ErrEpochChanged).
 	// Required for LUs with more than one copy.
 	UpdateLU func(ctx context.Context, rec cluster.LU, expectedEpoch uint64) error
-	// NodeAPI returns the API address of a node (where its replication
-	// streams are served). Required for LUs with more than one copy.
+	// NodeAPI returns the address where a node serves replication
+	// streams (in the daemon: its peer address, mutual TLS). Required for
+	// LUs with more than one copy.
 	NodeAPI func(nodeID string) (string, bool)
+	// Dial opens a connection to node nodeID at addr (from NodeAPI) that
+	// carries HTTP: in the daemon a mutual-TLS connection whose server
+	// certificate names nodeID. Nil means plain TCP (tests).
+	Dial func(ctx context.Context, nodeID, addr string) (net.Conn, error)
+	// IsMember reports whether a node id belongs to the cluster; a stream
+	// whose authenticated peer is not a member is refused. Nil means every
+	// peer is a member (tests).
+	IsMember func(nodeID string) bool
+	// PeerHashes returns the hex SHA-256 of count consecutive regions of
+	// regionBytes from offsetBytes of node's copy of LU lu (the
+	// region-hash resync compares them with the local copy). Nil means
+	// unavailable.
+	PeerHashes func(ctx context.Context, node, lu string, offsetBytes, regionBytes int64, count int) ([]string, error)
 	// Dirty persists dirty regions of file LUs; nil keeps them in memory
 	// only (a writer restart then forgets which regions a copy lacks).
 	Dirty *DirtyStore
@@ -145,6 +160,15 @@ func (o *ManagerOptions) EnsureDefaults() {
 	}
 	if o.NodeAPI == nil {
 		o.NodeAPI = func(string) (string, bool) { return "", false }
+	}
+	if o.Dial == nil {
+		o.Dial = func(ctx context.Context, _, addr string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr)
+		}
+	}
+	if o.IsMember == nil {
+		o.IsMember = func(string) bool { return true }
 	}
 	if o.RegionBytes == 0 {
 		o.RegionBytes = defaultRegionLen

@@ -198,8 +198,19 @@ func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error)
 			if err != nil {
 				return nil, err
 			}
+			// A copy not in sync whose record is not trusted (the
+			// store is in doubt) is compared by region hashes.
+			st := stateOf(r.State)
+			unknown, err := d.settleStart(st != stInSync && st != stNew)
+			if err != nil {
+				return nil, err
+			}
+			if unknown {
+				mi.m.opts.Logger.Warn("dirty regions of the copy not trusted; it will be resynced by region hashes",
+					"lu", rec.Name, "copy", r.NodeID, "doubt", mi.store.Doubt())
+			}
 			l = &copyLink{node: r.NodeID, dirty: d, sentLive: mi.m.metrics.sent.WithLabelValues(rec.Name, r.NodeID, "live")}
-			l.state.Store(int32(stateOf(r.State)))
+			l.state.Store(int32(st))
 		}
 		links = append(links, l)
 	}
@@ -788,7 +799,7 @@ func (mi *Mirror) dial(l *copyLink, timeout time.Duration) {
 	hello := replproto.Hello{Role: replproto.RoleCopy, LU: mi.name, Node: mi.self}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	c, _, err := dialStream(ctx, addr, hello, mi.epoch.Load(), mi.local.Size(), mi.m.opts.AckTimeout)
+	c, _, err := mi.m.dialStream(ctx, l.node, addr, hello, mi.epoch.Load(), mi.local.Size())
 	if err != nil {
 		msg := err.Error()
 		if last := l.lastDialErr.Load(); last == nil || *last != msg {

@@ -6,9 +6,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -114,13 +116,20 @@ func (n *testNode) serve() {
 		n.mu.Unlock()
 		go func() {
 			br := bufio.NewReader(conn)
+			// The test stand-in for a peer certificate: testDial sends
+			// the dialer's node id on the first line.
+			peer, err := br.ReadString('\n')
+			if err != nil {
+				conn.Close()
+				return
+			}
 			req, err := http.ReadRequest(br)
 			if err != nil || req.URL.Path != StreamPath {
 				conn.Close()
 				return
 			}
 			fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", StreamUpgrade)
-			n.m.ServeStream(conn, br)
+			n.m.ServeStream(strings.TrimSuffix(peer, "\n"), conn, br)
 		}()
 	}
 }
@@ -201,6 +210,7 @@ func newTestClusterOpts(t testing.TB, tune func(*ManagerOptions), ids ...string)
 				}
 				return other.addr, true
 			},
+			Dial: testDial(id),
 		}
 		if tune != nil {
 			tune(&opts)
@@ -219,6 +229,23 @@ func newTestClusterOpts(t testing.TB, tune func(*ManagerOptions), ids ...string)
 		})
 	}
 	return mt, nodes
+}
+
+// testDial dials addr and introduces the dialer as self on the first
+// line, the in-process stand-in for the certificate a peer presents.
+func testDial(self string) func(ctx context.Context, node, addr string) (net.Conn, error) {
+	return func(ctx context.Context, _, addr string) (net.Conn, error) {
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := io.WriteString(conn, self+"\n"); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		return conn, nil
+	}
 }
 
 func twoCopies(name string, size int64, kind string) cluster.LU {
@@ -422,12 +449,13 @@ func TestStaleEpochRefused(t *testing.T) {
 	rec.Epoch = 5
 	mt.create(t, rec)
 	addr := nodes["b"].addr
-	hello := replproto.Hello{Role: replproto.RoleCopy, LU: "s", Node: "old-writer"}
-	_, _, err := dialStream(context.Background(), addr, hello, 4, 1<<20, time.Second)
+	hello := replproto.Hello{Role: replproto.RoleCopy, LU: "s", Node: "a"}
+	a := nodes["a"].m
+	_, _, err := a.dialStream(context.Background(), "b", addr, hello, 4, 1<<20)
 	if !errors.Is(err, replproto.ErrStaleEpoch) {
 		t.Fatalf("hello at epoch 4 of 5: %v, want ErrStaleEpoch", err)
 	}
-	c, epoch, err := dialStream(context.Background(), addr, hello, 5, 1<<20, time.Second)
+	c, epoch, err := a.dialStream(context.Background(), "b", addr, hello, 5, 1<<20)
 	if err != nil || epoch != 5 {
 		t.Fatalf("hello at the current epoch: %v (epoch %d)", err, epoch)
 	}

@@ -114,17 +114,19 @@ func (c *peerConn) deliver(cl *call) blockdev.ReplyFlusher {
 	return w.answered(slot, err)
 }
 
-// dialStream connects to a node's API address, upgrades to a replication
-// stream and introduces itself with hello at epoch. It returns the peer's
-// epoch from the hello reply.
-func dialStream(ctx context.Context, apiAddr string, hello replproto.Hello, epoch uint64, sizeBytes int64, timeout time.Duration) (*peerConn, uint64, error) {
-	d := net.Dialer{Timeout: timeout}
-	conn, err := d.DialContext(ctx, "tcp", apiAddr)
+// dialStream connects to node at apiAddr through m's Dial, upgrades to a
+// replication stream and introduces itself with hello at epoch. It returns
+// the peer's epoch from the hello reply.
+func (m *Manager) dialStream(ctx context.Context, node, apiAddr string, hello replproto.Hello, epoch uint64, sizeBytes int64) (*peerConn, uint64, error) {
+	timeout := m.opts.AckTimeout
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	conn, err := m.opts.Dial(dctx, node, apiAddr)
+	cancel()
 	if err != nil {
 		return nil, 0, fmt.Errorf("%w: dial %s: %v", ErrPeerDown, apiAddr, err)
 	}
 	if tc, ok := conn.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(true)
+		_ = tc.SetNoDelay(true) // mutual-TLS dialers set it themselves
 	}
 	fail := func(err error) (*peerConn, uint64, error) {
 		conn.Close()

@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"time"
@@ -15,10 +16,12 @@ import (
 var errResyncStopped = errors.New("replication: resync stopped")
 
 // resync brings copy l from out of sync to in sync: it records the copy
-// resyncing (from then on live writes reach it too), sends every dirty
-// region from the local volume, flushes the copy, and records it in sync
-// once no region is dirty. An interruption leaves the regions not yet sent
-// in the dirty map (and on disk), so the next resync resumes there.
+// resyncing (from then on live writes reach it too), compares every region
+// by hash first if the copy's dirty record is not trusted (hashResync),
+// sends every dirty region from the local volume, flushes the copy, and
+// records it in sync once no region is dirty. An interruption leaves the
+// regions not yet sent in the dirty map (and on disk), so the next resync
+// resumes there; an interrupted hash compare starts over.
 func (mi *Mirror) resync(l *copyLink) error {
 	mi.stateMu.Lock()
 	if copyState(l.state.Load()) != stOutOfSync {
@@ -35,6 +38,13 @@ func (mi *Mirror) resync(l *copyLink) error {
 	mi.m.opts.Logger.Info("resync starts", "lu", mi.name, "copy", l.node, "dirty_bytes", l.dirty.dirtyBytes())
 
 	var sentBytes int64
+	if l.dirty.isUnknown() {
+		n, err := mi.hashResync(l)
+		sentBytes += n
+		if err != nil {
+			return err
+		}
+	}
 	for {
 		for _, r := range l.dirty.regionList() {
 			if err := mi.resyncCheck(l); err != nil {
@@ -166,26 +176,41 @@ func (mi *Mirror) resyncRegion(l *copyLink, r uint64) (int64, error) {
 	s.Lock()
 	defer s.Unlock()
 	runs := l.dirty.takeRegion(r)
+	sent, err := mi.sendRuns(l, runs)
+	if err != nil {
+		for _, run := range runs {
+			_ = l.dirty.mark(run[0], run[1])
+		}
+		return sent, err
+	}
+	return sent, l.dirty.doneRegion(r)
+}
+
+// sendRuns sends the byte ranges runs ([offset, length]) of the local
+// volume to copy l as resync frames and waits for every answer. The caller
+// holds the stripes of the ranges exclusively. It returns the data bytes
+// sent.
+func (mi *Mirror) sendRuns(l *copyLink, runs [][2]int64) (int64, error) {
+	c := l.conn.Load()
+	if c == nil {
+		return 0, fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
+	}
+	ctx := context.Background()
+	size := mi.local.Size()
 	var sent int64
-	err := func() error {
-		c := l.conn.Load()
-		if c == nil {
-			return fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
-		}
-		ctx := context.Background()
-		size := mi.local.Size()
-		var ext []blockdev.Extent
-		var pending []*call
-		wait := func() error {
-			var errs []error
-			for _, cl := range pending {
-				if _, err := c.wait(cl); err != nil {
-					errs = append(errs, err)
-				}
+	var ext []blockdev.Extent
+	var pending []*call
+	wait := func() error {
+		var errs []error
+		for _, cl := range pending {
+			if _, err := c.wait(cl); err != nil {
+				errs = append(errs, err)
 			}
-			pending = pending[:0]
-			return errors.Join(errs...)
 		}
+		pending = pending[:0]
+		return errors.Join(errs...)
+	}
+	send := func() error {
 		for _, run := range runs {
 			off, end := run[0], min(run[0]+run[1], size)
 			for off < end {
@@ -235,15 +260,140 @@ func (mi *Mirror) resyncRegion(l *copyLink, r uint64) (int64, error) {
 				}
 			}
 		}
-		return wait()
-	}()
-	if err != nil {
-		for _, run := range runs {
-			_ = l.dirty.mark(run[0], run[1])
+		return nil
+	}
+	err := send()
+	return sent, errors.Join(err, wait())
+}
+
+// hashResync compares every region of copy l with the local volume by
+// SHA-256 and sends the regions that differ (hashRegion), then flushes the
+// copy and records that its dirty map is again all it lacks. Copy l is
+// resyncing: live writes reach it meanwhile. It returns the data bytes
+// sent.
+func (mi *Mirror) hashResync(l *copyLink) (int64, error) {
+	start := time.Now()
+	regions := (mi.local.Size() + mi.regionBytes - 1) / mi.regionBytes
+	mi.m.opts.Logger.Info("hash resync starts: the copy's dirty record is not trusted", "lu", mi.name, "copy", l.node,
+		"regions", regions, "doubt", mi.store.Doubt())
+	var compared, differing, sent int64
+	for r := int64(0); r < regions; r++ {
+		if err := mi.resyncCheck(l); err != nil {
+			return sent, err
 		}
+		differs, n, err := mi.hashRegion(l, uint64(r))
+		compared++
+		sent += n
+		if differs {
+			differing++
+		}
+		mi.throttle(n)
+		if err != nil {
+			_ = mi.copyMissed(l, 0, 0, err)
+			return sent, err
+		}
+	}
+	if err := mi.resyncCheck(l); err != nil {
 		return sent, err
 	}
-	return sent, l.dirty.doneRegion(r)
+	c := l.conn.Load()
+	if c == nil {
+		return sent, fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
+	}
+	if _, err := c.do(replproto.Header{Type: replproto.TypeFlush, Epoch: mi.epoch.Load()}, nil, nil); err != nil {
+		_ = mi.copyMissed(l, 0, 0, err)
+		return sent, err
+	}
+	if err := l.dirty.known(); err != nil {
+		return sent, err
+	}
+	mi.m.opts.Logger.Info(fmt.Sprintf("hash resync done: compared %d regions, sent %d", compared, differing),
+		"lu", mi.name, "copy", l.node, "regions_compared", compared, "regions_sent", differing, "sent_bytes", sent,
+		"took", time.Since(start).Round(time.Millisecond))
+	return sent, nil
+}
+
+// errHashMismatch is returned by hashRegion when a copy's region still
+// differs from the writer's after it was sent.
+var errHashMismatch = errors.New("replication: copy's region differs from the writer's after resync")
+
+// hashRegion compares region r of copy l with the local volume by SHA-256
+// and, if they differ, sends the whole region (data as writes, holes as
+// write-zeroes) and checks the copy's hash again. It holds the region's
+// stripe exclusively, so no client write to the region runs between the
+// compare and the send; the region's dirty blocks are cleared, since the
+// copy now matches. It returns whether the region differed and the data
+// bytes sent.
+func (mi *Mirror) hashRegion(l *copyLink, r uint64) (bool, int64, error) {
+	s := &mi.stripes[r%stripeCount]
+	s.Lock()
+	defer s.Unlock()
+	off := int64(r) * mi.regionBytes
+	n := min(mi.regionBytes, mi.local.Size()-off)
+	if n <= 0 {
+		return false, 0, nil
+	}
+	equal, err := mi.regionEqual(l, off, n)
+	if err != nil {
+		return false, 0, err
+	}
+	if !equal {
+		runs := [][2]int64{{off, n}}
+		sent, err := mi.sendRuns(l, runs)
+		if err == nil {
+			equal, err = mi.regionEqual(l, off, n)
+			if err == nil && !equal {
+				err = fmt.Errorf("%w: %s, region %d (offset %d)", errHashMismatch, l.node, r, off)
+			}
+		}
+		if err != nil {
+			return true, sent, err
+		}
+		l.dirty.takeRegion(r)
+		return true, sent, l.dirty.doneRegion(r)
+	}
+	l.dirty.takeRegion(r)
+	return false, 0, l.dirty.doneRegion(r)
+}
+
+// regionEqual reports whether copy l's [off, off+n) has the SHA-256 of the
+// local volume's (asked over the stream with a Hash request).
+func (mi *Mirror) regionEqual(l *copyLink, off, n int64) (bool, error) {
+	c := l.conn.Load()
+	if c == nil {
+		return false, fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
+	}
+	var remote [sha256.Size]byte
+	cl, err := c.start(replproto.Header{Type: replproto.TypeHash, Epoch: mi.epoch.Load(), Offset: uint64(off), Length: uint32(n)}, nil, remote[:])
+	if err != nil {
+		return false, err
+	}
+	local, localErr := mi.localHash(off, n)
+	if _, err := c.wait(cl); err != nil {
+		return false, err
+	}
+	if localErr != nil {
+		return false, localErr
+	}
+	return local == remote, nil
+}
+
+// localHash returns the SHA-256 of the local volume's [off, off+n); a
+// range wholly unallocated is hashed as zeros without reading it.
+func (mi *Mirror) localHash(off, n int64) ([sha256.Size]byte, error) {
+	ctx := context.Background()
+	ext, err := mi.local.Extents(ctx, off, n, nil)
+	if err != nil {
+		return [sha256.Size]byte{}, err
+	}
+	buf := mi.m.bufs.get(int(n))
+	defer mi.m.bufs.put(buf)
+	if len(ext) == 1 && ext[0].LengthBytes >= n && ext[0].Flags&blockdev.ExtentHole != 0 {
+		clear(buf)
+	} else if err := mi.local.ReadAt(ctx, buf, off); err != nil {
+		return [sha256.Size]byte{}, err
+	}
+	return sha256.Sum256(buf), nil
 }
 
 // throttle sleeps long enough to keep a resync at the configured rate.

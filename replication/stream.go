@@ -33,6 +33,8 @@ type target struct {
 	dev  blockdev.Device
 	role replproto.Role
 	name string
+	// peer is the sender's node id, from its certificate.
+	peer string
 	// received counts write bytes by kind (live, resync) for a copy.
 	receivedLive, receivedResync prometheus.Counter
 	// servedReads counts bytes read for a forwarding node (RoleClient).
@@ -40,9 +42,13 @@ type target struct {
 }
 
 // ServeStream runs the receiving side of one replication stream on conn,
-// whose buffered reader br may hold bytes already read. It returns when the
-// stream ends. The API front end calls it for StreamPath upgrades.
-func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
+// whose buffered reader br may hold bytes already read, from the node peer.
+// peer is the sender's identity as its certificate proves it, never a
+// message field: a copy takes frames only from the node its record names
+// as writer at the frame's epoch, and a writer serves forwarded client I/O
+// only to members. It returns when the stream ends. The peer port's HTTP
+// server calls it for StreamPath upgrades.
+func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 	defer conn.Close()
 	br = readerOfSize(conn, br, streamReadBufferBytes)
 	if tc, ok := conn.(*net.TCPConn); ok {
@@ -100,12 +106,12 @@ func (m *Manager) ServeStream(conn net.Conn, br *bufio.Reader) {
 		_ = fail(h, fmt.Errorf("%w: %v", blockdev.ErrInvalid, err), 0)
 		return
 	}
-	tgt, epoch, err := m.streamTarget(hello, h.Epoch)
+	tgt, epoch, err := m.streamTarget(hello, h.Epoch, peer)
 	if err != nil {
 		if errors.Is(err, replproto.ErrStaleEpoch) {
 			m.metrics.staleRefused.WithLabelValues(hello.LU).Inc()
 		}
-		m.opts.Logger.Warn("replication stream refused", "lu", hello.LU, "from", hello.Node, "role", hello.Role, "err", err)
+		m.opts.Logger.Warn("replication stream refused", "lu", hello.LU, "peer", peer, "hello_node", hello.Node, "role", hello.Role, "err", err)
 		_ = fail(h, err, epoch)
 		return
 	}
@@ -191,13 +197,19 @@ func readerOfSize(conn net.Conn, br *bufio.Reader, size int) *bufio.Reader {
 }
 
 // streamTarget resolves a hello to the device its requests apply to.
-func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uint64, error) {
+func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64, peer string) (target, uint64, error) {
+	if peer == "" || hello.Node != peer {
+		return target{}, 0, fmt.Errorf("%w: hello names node %q but the sender's certificate is %q", replproto.ErrForbidden, hello.Node, peer)
+	}
 	rec, err := m.waitRecord(hello.LU, epoch)
 	if err != nil {
 		return target{}, rec.Epoch, err
 	}
 	switch hello.Role {
 	case replproto.RoleCopy:
+		if rec.Writer != peer {
+			return target{}, rec.Epoch, fmt.Errorf("%w: %s is not the writer of %s at epoch %d (%s is)", replproto.ErrForbidden, peer, rec.Name, rec.Epoch, rec.Writer)
+		}
 		if rec.Writer == m.opts.NodeID {
 			return target{}, rec.Epoch, fmt.Errorf("%w: this node is the writer of %s", blockdev.ErrInvalid, rec.Name)
 		}
@@ -208,15 +220,18 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64) (target, uin
 		if m.isLost(hello.LU) {
 			return target{}, rec.Epoch, fmt.Errorf("%w: the copy of %s on %s lost its data at start and waits to be recorded new", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
 		}
-		return target{dev: vol, role: hello.Role, name: hello.LU,
+		return target{dev: vol, role: hello.Role, name: hello.LU, peer: peer,
 			receivedLive:   m.metrics.copyReceived.WithLabelValues(hello.LU, "live"),
 			receivedResync: m.metrics.copyReceived.WithLabelValues(hello.LU, "resync")}, rec.Epoch, nil
 	case replproto.RoleClient:
+		if !m.opts.IsMember(peer) {
+			return target{}, rec.Epoch, fmt.Errorf("%w: %s is not a member of the cluster", replproto.ErrForbidden, peer)
+		}
 		mir, ok := m.mirror(hello.LU)
 		if !ok {
 			return target{}, rec.Epoch, fmt.Errorf("%w: %s's writer is %s, not %s", replproto.ErrNotWriter, hello.LU, rec.Writer, m.opts.NodeID)
 		}
-		return target{dev: mir, role: hello.Role, name: hello.LU,
+		return target{dev: mir, role: hello.Role, name: hello.LU, peer: peer,
 			servedReads: m.metrics.servedReads.WithLabelValues(hello.LU)}, rec.Epoch, nil
 	}
 	return target{}, rec.Epoch, fmt.Errorf("%w: role %d", blockdev.ErrInvalid, hello.Role)
@@ -260,6 +275,10 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 			return nil, rec.Epoch, err
 		}
 		epoch = rec.Epoch
+		if rec.Writer != tgt.peer {
+			// The writer moved since the hello: this sender is fenced.
+			return nil, epoch, fmt.Errorf("%w: %s is no longer the writer of %s at epoch %d", replproto.ErrStaleEpoch, tgt.peer, tgt.name, epoch)
+		}
 		defer func() {
 			if err == nil {
 				m.renewLease(tgt.name)

@@ -48,7 +48,7 @@ func FuzzServeStream(f *testing.F) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			m.ServeStream(server, bufio.NewReader(server))
+			m.ServeStream("w", server, bufio.NewReader(server))
 		}()
 		go func() {
 			_, _ = client.Write(append(append([]byte(nil), hello...), data...))

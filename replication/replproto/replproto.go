@@ -238,10 +238,14 @@ const (
 	// LU's writer.
 	StatusNotWriter Status = 9
 	StatusReadOnly  Status = 10
+	// StatusForbidden: the sender's identity (from its certificate) may
+	// not open this stream: a RoleCopy stream from a node that is not the
+	// LU's writer at the epoch, or a RoleClient stream from a non-member.
+	StatusForbidden Status = 11
 )
 
 // statusLast is the highest known status.
-const statusLast = StatusReadOnly
+const statusLast = StatusForbidden
 
 var statusNames = [...]string{
 	StatusOK:           "OK",
@@ -255,6 +259,7 @@ var statusNames = [...]string{
 	StatusNotSupported: "NotSupported",
 	StatusNotWriter:    "NotWriter",
 	StatusReadOnly:     "ReadOnly",
+	StatusForbidden:    "Forbidden",
 }
 
 // String returns the status's name, or "Status(n)" for an unknown one.
@@ -275,6 +280,8 @@ var (
 	ErrNotWriter = errors.New("replproto: not the writer")
 	// ErrNotFound is returned by Status.Err for StatusNotFound.
 	ErrNotFound = errors.New("replproto: LU not found on peer")
+	// ErrForbidden is returned by Status.Err for StatusForbidden.
+	ErrForbidden = errors.New("replproto: sender not allowed")
 	// ErrBadFrame is returned, wrapped with the reason, by ParseHeader,
 	// ReadHeader and ParseHello for bytes that are not a valid frame, and
 	// by Status.Err for an unknown status.
@@ -307,6 +314,8 @@ func (s Status) Err() error {
 		return ErrNotWriter
 	case StatusReadOnly:
 		return blockdev.ErrReadOnly
+	case StatusForbidden:
+		return ErrForbidden
 	default:
 		return fmt.Errorf("%w: unknown status %d", ErrBadFrame, uint16(s))
 	}
@@ -327,6 +336,8 @@ func StatusOf(err error) Status {
 		return StatusNotWriter
 	case errors.Is(err, ErrNotFound):
 		return StatusNotFound
+	case errors.Is(err, ErrForbidden):
+		return StatusForbidden
 	case errors.Is(err, blockdev.ErrNoSpace), errors.Is(err, syscall.ENOSPC):
 		return StatusNoSpace
 	case errors.Is(err, blockdev.ErrIO), errors.Is(err, syscall.EIO):

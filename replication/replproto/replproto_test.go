@@ -474,6 +474,7 @@ var statusErrors = []struct {
 	{StatusNotSupported, blockdev.ErrNotSupported},
 	{StatusNotWriter, ErrNotWriter},
 	{StatusReadOnly, blockdev.ErrReadOnly},
+	{StatusForbidden, ErrForbidden},
 }
 
 func TestStatusErr(t *testing.T) {
@@ -549,7 +550,8 @@ func TestStrings(t *testing.T) {
 		{StatusOK.String(), "OK"},
 		{StatusStaleEpoch.String(), "StaleEpoch"},
 		{StatusReadOnly.String(), "ReadOnly"},
-		{Status(11).String(), "Status(11)"},
+		{StatusForbidden.String(), "Forbidden"},
+		{Status(12).String(), "Status(12)"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got %q, want %q", tc.got, tc.want)
