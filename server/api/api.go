@@ -9,13 +9,29 @@
 //	ErrNotFound    404  no such LU or node
 //	ErrExists      409  the name is taken
 //	ErrBusy        409  clients are attached (delete without force)
+//	ErrUnauthorized 401 no admin token, or a wrong one
+//	ErrForbidden   403  the caller may not do this (not a member node, not the writer)
 //	ErrStale       412  a conditional change met a newer state (epoch)
 //	ErrNoSpace     507  the pool's overcommit limit would be exceeded
 //	ErrUnavailable 503  no leader, not ready, shutting down
 //
 // Mutating requests that reach a node which is not the metadata leader are
-// forwarded to the leader's API (the backend says who it is with a
+// forwarded to the leader (the backend says who it is with a
 // NotLeaderError), so any node can be used for every call.
+//
+// # Who may call what
+//
+// The handler serves two listeners. On a node's API port, callers are
+// operators and tools: every /v1 call needs the cluster's admin token
+// ("Authorization: Bearer TOKEN"), except POST /v1/join, whose credential
+// is the join token in its body. On the peer port (mutual TLS, see
+// cluster/peerlink) callers are member nodes, identified by the node id in
+// their certificate (Options.PeerNode), never by a message field: they may
+// call everything an admin may (a request forwarded to the leader), and
+// the node-only endpoints under /v1/internal/ (replication streams, copy
+// state changes proposed by an LU's writer, a node registering its own
+// addresses). /healthz, /readyz and /metrics stay open unless
+// Options.ProtectProbes.
 package api
 
 import (
@@ -39,23 +55,55 @@ var (
 	ErrNoSpace = errors.New("api: insufficient storage")
 	// ErrUnavailable is returned while the node cannot serve the request.
 	ErrUnavailable = errors.New("api: unavailable")
-	// ErrStale is returned by a conditional change (UpdateReplicas) whose
+	// ErrStale is returned by a conditional change (ChangeCopies) whose
 	// expected epoch is no longer the recorded one.
 	ErrStale = errors.New("api: changed meanwhile")
+	// ErrUnauthorized is returned when a request carries no valid
+	// credential (admin token, join token).
+	ErrUnauthorized = errors.New("api: unauthorized")
+	// ErrForbidden is returned when the authenticated caller may not make
+	// the request (a node that is not a member, not the LU's writer).
+	ErrForbidden = errors.New("api: forbidden")
 )
 
+// Caller is who sent a request, as the handler authenticated it.
+type Caller struct {
+	// Node is the member node id from the connection's certificate;
+	// empty for an operator.
+	Node string
+	// Admin is true when the request carried the admin token.
+	Admin bool
+}
+
+type callerKey struct{}
+
+// CallerFrom returns the authenticated caller of the request whose
+// context ctx is (the zero Caller outside the handler).
+func CallerFrom(ctx context.Context) Caller {
+	c, _ := ctx.Value(callerKey{}).(Caller)
+	return c
+}
+
+// WithCaller returns ctx carrying c (for backends called outside HTTP).
+func WithCaller(ctx context.Context, c Caller) context.Context {
+	return context.WithValue(ctx, callerKey{}, c)
+}
+
 // NotLeaderError is returned by a Backend asked to change metadata on a node
-// that is not the leader. LeaderAPI is the leader's API address, or empty
-// when no leader is known.
+// that is not the leader. LeaderID, LeaderAPI and LeaderPeer name the
+// leader, its API address and its peer address (where requests are
+// forwarded, over mutual TLS); empty when no leader is known.
 type NotLeaderError struct {
-	LeaderAPI string
+	LeaderID   string
+	LeaderAPI  string
+	LeaderPeer string
 }
 
 func (e *NotLeaderError) Error() string {
-	if e.LeaderAPI == "" {
+	if e.LeaderID == "" {
 		return "api: this node is not the metadata leader and no leader is known; retry shortly"
 	}
-	return fmt.Sprintf("api: this node is not the metadata leader (leader API: %s)", e.LeaderAPI)
+	return fmt.Sprintf("api: this node is not the metadata leader (leader %s, API %s)", e.LeaderID, e.LeaderAPI)
 }
 
 // Unwrap makes a NotLeaderError match ErrUnavailable.
@@ -71,11 +119,28 @@ type Backend interface {
 	DeleteLU(ctx context.Context, name string, force bool) error
 	PoolStatus(ctx context.Context) (PoolStatus, error)
 	Nodes(ctx context.Context) ([]Node, error)
-	Join(ctx context.Context, req JoinRequest) error
-	// UpdateReplicas records a new epoch, writer and copy states of an LU
-	// if its epoch is still req.ExpectedEpoch (else ErrStale). The
-	// replication layer of an LU's writer calls it through its own node.
-	UpdateReplicas(ctx context.Context, name string, req UpdateReplicasRequest) (LU, error)
+	// Join checks a join token and issues a node certificate to a node
+	// that is not a member yet (the first step of joining; ErrUnauthorized
+	// for a bad token, ErrExists for a member's id).
+	Join(ctx context.Context, req JoinRequest) (JoinResponse, error)
+	// RegisterNode adds the calling node (CallerFrom(ctx).Node, from its
+	// certificate) as a voter, or updates its own addresses (the second
+	// step of joining).
+	RegisterNode(ctx context.Context, req RegisterNodeRequest) ([]Node, error)
+	// RemoveNode removes a node from the cluster.
+	RemoveNode(ctx context.Context, id string) error
+	// ChangeCopies records a new epoch, writer and copy states of an LU
+	// proposed by the calling node (CallerFrom(ctx).Node), if its epoch is
+	// still req.ExpectedEpoch (else ErrStale) and the metadata rules allow
+	// it (else ErrForbidden).
+	ChangeCopies(ctx context.Context, name string, req CopyChangeRequest) (LU, error)
+	// CreateJoinToken, ListJoinTokens and RevokeJoinToken manage the
+	// tokens new nodes join with; RotateAdminToken replaces the admin
+	// token and returns the new one (the old one stops working).
+	CreateJoinToken(ctx context.Context, req JoinTokenRequest) (JoinTokenCreated, error)
+	ListJoinTokens(ctx context.Context) ([]JoinTokenInfo, error)
+	RevokeJoinToken(ctx context.Context, id string) error
+	RotateAdminToken(ctx context.Context) (AdminToken, error)
 	// AddCopy places a new copy of an LU on req.Node; the writer rebuilds
 	// it from the allocated extents while writes go on.
 	AddCopy(ctx context.Context, name string, req AddCopyRequest) (LU, error)
@@ -95,15 +160,18 @@ type CreateLURequest struct {
 	Kind        string `json:"kind,omitempty"`   // "file" (default) or "memory"
 	Description string `json:"description,omitempty"`
 	// Node is where the LU's writer should live; empty means the node that
-	// received the request (filled in before forwarding to the leader).
+	// received the request (on the leader: the member that forwarded it,
+	// as its certificate names it).
 	Node string `json:"node,omitempty"`
 }
 
-// UpdateReplicasRequest is the body of POST /v1/lus/{name}/replicas.
-type UpdateReplicasRequest struct {
+// CopyChangeRequest is the body of POST /v1/internal/lus/{name}/copy-change,
+// sent by an LU's writer (or a copy recording itself new) to the leader.
+type CopyChangeRequest struct {
 	ExpectedEpoch uint64    `json:"expected_epoch"`
 	Epoch         uint64    `json:"epoch"`
 	Writer        string    `json:"writer"`
+	Copies        int       `json:"copies"`
 	Replicas      []Replica `json:"replicas"`
 }
 
@@ -219,12 +287,63 @@ type Node struct {
 	Leader   bool   `json:"leader"`
 }
 
-// JoinRequest is the body of POST /v1/nodes: a node asking to join.
+// JoinRequest is the body of POST /v1/join: a node that is not a member
+// asks for a node certificate, proving the join token's secret.
 type JoinRequest struct {
-	ID       string `json:"id"`
+	Token string `json:"token"`
+	ID    string `json:"id"`
+	// PublicKeyPEM is the node's public key (PKIX PEM); the private key
+	// never leaves the node.
+	PublicKeyPEM string `json:"public_key_pem"`
+	// Hosts become the certificate's SANs (informational: peers check the
+	// node id, not host names).
+	Hosts []string `json:"hosts,omitempty"`
+}
+
+// JoinResponse is the answer to a JoinRequest. CAKeyPEM is the cluster
+// CA's key: every member can sign the certificates of later joiners.
+type JoinResponse struct {
+	ClusterID   string `json:"cluster_id"`
+	CACertPEM   string `json:"ca_cert_pem"`
+	CAKeyPEM    string `json:"ca_key_pem"`
+	NodeCertPEM string `json:"node_cert_pem"`
+	LeaderID    string `json:"leader_id"`
+	Members     []Node `json:"members"`
+}
+
+// RegisterNodeRequest is the body of POST /v1/internal/nodes: the calling
+// node's own addresses.
+type RegisterNodeRequest struct {
 	PeerAddr string `json:"peer_addr"`
 	APIAddr  string `json:"api_addr"`
 	NBDAddr  string `json:"nbd_addr"`
+}
+
+// JoinTokenRequest is the body of POST /v1/cluster/join-tokens.
+type JoinTokenRequest struct {
+	// TTLSeconds is how long the token may be used; 0 means 24 hours.
+	TTLSeconds int64 `json:"ttl_seconds,omitempty"`
+}
+
+// JoinTokenCreated is a new join token; Token is shown only here.
+type JoinTokenCreated struct {
+	ID        string    `json:"id"`
+	Token     string    `json:"token"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// JoinTokenInfo describes a join token (never its secret).
+type JoinTokenInfo struct {
+	ID        string    `json:"id"`
+	CreatedAt time.Time `json:"created_at"`
+	ExpiresAt time.Time `json:"expires_at"`
+	Revoked   bool      `json:"revoked"`
+	Expired   bool      `json:"expired"`
+}
+
+// AdminToken is the answer of POST /v1/cluster/admin-token.
+type AdminToken struct {
+	Token string `json:"token"`
 }
 
 // ErrorBody is the JSON shape of every error response.

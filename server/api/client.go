@@ -13,22 +13,42 @@ import (
 	"time"
 )
 
-// Client calls a lupool node's API. It is what the CLI uses.
+// Client calls a lupool node's API. It is what the CLI uses, and what
+// nodes use towards each other's peer ports.
 type Client struct {
-	base string
-	http *http.Client
+	base  string
+	http  *http.Client
+	token string
+}
+
+// ClientOptions configure a Client.
+type ClientOptions struct {
+	// Token is sent as "Authorization: Bearer Token" when not empty.
+	Token string
+	// HTTP is the client to use (for https: one that trusts the cluster
+	// CA, or a node's mutual-TLS client); nil means a plain client with a
+	// 60 s timeout.
+	HTTP *http.Client
 }
 
 // StatusError is an error response from the API.
 type StatusError struct {
 	StatusCode int
 	Message    string
+	// LeaderID and LeaderPeer are set on a 503 from a node-only endpoint
+	// that reached a follower: where to send the request instead.
+	LeaderID, LeaderPeer string
 }
 
 func (e *StatusError) Error() string { return e.Message }
 
-// NewClient returns a client for the API at addr ("host:port" or a URL).
-func NewClient(addr string) (*Client, error) {
+// NewClient returns a client for the API at addr ("host:port" or a URL)
+// without credentials.
+func NewClient(addr string) (*Client, error) { return NewClientWith(addr, ClientOptions{}) }
+
+// NewClientWith returns a client for the API at addr ("host:port", which
+// means http://, or an http:// or https:// URL).
+func NewClientWith(addr string, opts ClientOptions) (*Client, error) {
 	if addr == "" {
 		return nil, errors.New("api address is empty: pass --api HOST:PORT or set LUPOOL_API")
 	}
@@ -36,10 +56,14 @@ func NewClient(addr string) (*Client, error) {
 		addr = "http://" + addr
 	}
 	u, err := url.Parse(addr)
-	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("api address %q is not HOST:PORT or http://HOST:PORT", addr)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("api address %q is not HOST:PORT, http://HOST:PORT or https://HOST:PORT", addr)
 	}
-	return &Client{base: strings.TrimRight(u.String(), "/"), http: &http.Client{Timeout: 60 * time.Second}}, nil
+	hc := opts.HTTP
+	if hc == nil {
+		hc = &http.Client{Timeout: 60 * time.Second}
+	}
+	return &Client{base: strings.TrimRight(u.String(), "/"), http: hc, token: opts.Token}, nil
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
@@ -58,6 +82,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach the lupool API at %s (is `lupool serve` running? set --api or LUPOOL_API): %w", c.base, err)
@@ -68,9 +95,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return err
 	}
 	if resp.StatusCode >= 300 {
-		var eb ErrorBody
+		var eb NotLeaderBody
 		if json.Unmarshal(data, &eb) == nil && eb.Error != "" {
-			return &StatusError{StatusCode: resp.StatusCode, Message: eb.Error}
+			return &StatusError{StatusCode: resp.StatusCode, Message: eb.Error, LeaderID: eb.LeaderID, LeaderPeer: eb.LeaderPeer}
 		}
 		return &StatusError{StatusCode: resp.StatusCode, Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
 	}
@@ -87,13 +114,53 @@ func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) 
 	return lu, err
 }
 
-// UpdateReplicas records a new epoch, writer and copy states of an LU if
-// its epoch is still req.ExpectedEpoch; a StatusError with status 412
-// says it moved on.
-func (c *Client) UpdateReplicas(ctx context.Context, name string, req UpdateReplicasRequest) (LU, error) {
+// ChangeCopies proposes a new epoch, writer and copy states of an LU to
+// the leader (node-only: the caller's certificate is the proposer); a
+// StatusError with status 412 says the epoch moved on, 503 with LeaderPeer
+// names the leader to ask instead.
+func (c *Client) ChangeCopies(ctx context.Context, name string, req CopyChangeRequest) (LU, error) {
 	var lu LU
-	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/replicas", req, &lu)
+	err := c.do(ctx, http.MethodPost, "/v1/internal/lus/"+url.PathEscape(name)+"/copy-change", req, &lu)
 	return lu, err
+}
+
+// RegisterNode adds the calling node as a voter, or records its own new
+// addresses (node-only).
+func (c *Client) RegisterNode(ctx context.Context, req RegisterNodeRequest) ([]Node, error) {
+	var nodes []Node
+	err := c.do(ctx, http.MethodPost, "/v1/internal/nodes", req, &nodes)
+	return nodes, err
+}
+
+// RemoveNode removes a node from the cluster.
+func (c *Client) RemoveNode(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/nodes/"+url.PathEscape(id), nil, nil)
+}
+
+// CreateJoinToken makes a join token valid for ttlSeconds (0: 24 hours).
+func (c *Client) CreateJoinToken(ctx context.Context, ttlSeconds int64) (JoinTokenCreated, error) {
+	var out JoinTokenCreated
+	err := c.do(ctx, http.MethodPost, "/v1/cluster/join-tokens", JoinTokenRequest{TTLSeconds: ttlSeconds}, &out)
+	return out, err
+}
+
+// ListJoinTokens lists the join tokens (never their secrets).
+func (c *Client) ListJoinTokens(ctx context.Context) ([]JoinTokenInfo, error) {
+	var out []JoinTokenInfo
+	err := c.do(ctx, http.MethodGet, "/v1/cluster/join-tokens", nil, &out)
+	return out, err
+}
+
+// RevokeJoinToken revokes the join token with that id.
+func (c *Client) RevokeJoinToken(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/cluster/join-tokens/"+url.PathEscape(id), nil, nil)
+}
+
+// RotateAdminToken replaces the admin token and returns the new one.
+func (c *Client) RotateAdminToken(ctx context.Context) (AdminToken, error) {
+	var out AdminToken
+	err := c.do(ctx, http.MethodPost, "/v1/cluster/admin-token", nil, &out)
+	return out, err
 }
 
 // AddCopy places a new copy of an LU on a node.
@@ -162,11 +229,12 @@ func (c *Client) Nodes(ctx context.Context) ([]Node, error) {
 	return nodes, err
 }
 
-// Join asks the cluster to add a node.
-func (c *Client) Join(ctx context.Context, req JoinRequest) ([]Node, error) {
-	var nodes []Node
-	err := c.do(ctx, http.MethodPost, "/v1/nodes", req, &nodes)
-	return nodes, err
+// Join asks for a node certificate with a join token (the first step of
+// joining a cluster).
+func (c *Client) Join(ctx context.Context, req JoinRequest) (JoinResponse, error) {
+	var out JoinResponse
+	err := c.do(ctx, http.MethodPost, "/v1/join", req, &out)
+	return out, err
 }
 
 // Ready returns nil when the node answers /readyz with 200.

@@ -23,10 +23,6 @@ const maxBodyBytes = 1 << 20
 // changed in between does not forward it again (no loops).
 const forwardedHeader = "X-Lupool-Forwarded"
 
-// originHeader names the node that first received a forwarded request, so
-// the leader places a new LU's writer there and not on itself.
-const originHeader = "X-Lupool-Origin-Node"
-
 // Options configure a Handler.
 type Options struct {
 	Backend Backend // required
@@ -39,13 +35,29 @@ type Options struct {
 	// profiler there with --debug-pprof).
 	Debug  http.Handler
 	Logger *slog.Logger
-	// Client forwards requests to the leader; default has a 30 s timeout.
-	Client *http.Client
+	// CheckToken reports whether token is the cluster's admin token.
+	// Nil refuses every token.
+	CheckToken func(token string) bool
+	// PeerNode returns the node id the request's connection proved with a
+	// certificate (the peer port), if any.
+	PeerNode func(r *http.Request) (string, bool)
+	// IsMember reports whether a node id belongs to the cluster; a node
+	// certificate of a non-member gets 403. Nil means none is.
+	IsMember func(id string) bool
+	// PeerClient returns the client for requests to node id's peer port
+	// (mutual TLS; URLs are https://PEER_ADDR/...), used to forward
+	// mutating requests to the leader. Nil forwards over plain HTTP to the
+	// leader's API address with the caller's Authorization header (tests).
+	PeerClient func(nodeID string) *http.Client
+	// ProtectProbes requires the admin token (or a node certificate) on
+	// /healthz, /readyz and /metrics too.
+	ProtectProbes bool
 	// Upgrades maps a path to the handler of a raw stream that replaces
 	// HTTP on the connection after "101 Switching Protocols" (the
-	// replication streams between nodes). The handler owns conn; br may
-	// hold bytes already read from it.
-	Upgrades map[string]func(conn net.Conn, br *bufio.Reader)
+	// replication streams between nodes). Only member nodes may open one;
+	// peer is their node id. The handler owns conn; br may hold bytes
+	// already read from it.
+	Upgrades map[string]func(peer string, conn net.Conn, br *bufio.Reader)
 }
 
 // Handler serves the API.
@@ -64,34 +76,59 @@ func NewHandler(opts Options) (*Handler, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	if opts.Client == nil {
-		opts.Client = &http.Client{Timeout: 30 * time.Second}
+	if opts.CheckToken == nil {
+		opts.CheckToken = func(string) bool { return false }
+	}
+	if opts.PeerNode == nil {
+		opts.PeerNode = func(*http.Request) (string, bool) { return "", false }
+	}
+	if opts.IsMember == nil {
+		opts.IsMember = func(string) bool { return false }
 	}
 	h := &Handler{opts: opts, mux: http.NewServeMux()}
-	h.mux.HandleFunc("GET /v1/lus", h.listLUs)
-	h.mux.HandleFunc("POST /v1/lus", h.mutating(h.createLU))
-	h.mux.HandleFunc("GET /v1/lus/{name}", h.getLU)
-	h.mux.HandleFunc("POST /v1/lus/{name}/resize", h.mutating(h.resizeLU))
-	h.mux.HandleFunc("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
-	h.mux.HandleFunc("GET /v1/pool", h.poolStatus)
-	h.mux.HandleFunc("GET /v1/nodes", h.nodes)
-	h.mux.HandleFunc("POST /v1/nodes", h.mutating(h.join))
-	h.mux.HandleFunc("POST /v1/lus/{name}/replicas", h.mutating(h.updateReplicas))
-	h.mux.HandleFunc("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
-	h.mux.HandleFunc("GET /v1/lus/{name}/hashes", h.regionHashes)
-	h.mux.HandleFunc("POST /v1/lus/{name}/verify", h.verifyLU)
-	for path, fn := range opts.Upgrades {
-		h.mux.HandleFunc("GET "+path, upgrade(fn))
+	admin := func(pattern string, fn http.HandlerFunc) { h.mux.HandleFunc(pattern, h.authorize(accessAdmin, fn)) }
+	node := func(pattern string, fn http.HandlerFunc) { h.mux.HandleFunc(pattern, h.authorize(accessNode, fn)) }
+	probe := func(pattern string, fn http.HandlerFunc) {
+		if opts.ProtectProbes {
+			admin(pattern, fn)
+			return
+		}
+		h.mux.HandleFunc(pattern, h.authorize(accessOpen, fn))
 	}
-	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+	admin("GET /v1/lus", h.listLUs)
+	admin("POST /v1/lus", h.mutating(h.createLU))
+	admin("GET /v1/lus/{name}", h.getLU)
+	admin("POST /v1/lus/{name}/resize", h.mutating(h.resizeLU))
+	admin("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
+	admin("GET /v1/pool", h.poolStatus)
+	admin("GET /v1/nodes", h.nodes)
+	admin("DELETE /v1/nodes/{id}", h.mutating(h.removeNode))
+	admin("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
+	admin("GET /v1/lus/{name}/hashes", h.regionHashes)
+	admin("POST /v1/lus/{name}/verify", h.verifyLU)
+	admin("POST /v1/cluster/join-tokens", h.mutating(h.createJoinToken))
+	admin("GET /v1/cluster/join-tokens", h.listJoinTokens)
+	admin("DELETE /v1/cluster/join-tokens/{id}", h.mutating(h.revokeJoinToken))
+	admin("POST /v1/cluster/admin-token", h.mutating(h.rotateAdminToken))
+	// The join token in the body is the credential.
+	h.mux.HandleFunc("POST /v1/join", h.authorize(accessOpen, h.mutating(h.join)))
+	// Node-only: proposals whose proposer is the caller's certificate are
+	// never forwarded (the leader would see the forwarding node instead).
+	node("POST /v1/internal/lus/{name}/copy-change", h.local(h.changeCopies))
+	// A joining node is not a member yet: its certificate is its credential.
+	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))
+	for path, fn := range opts.Upgrades {
+		node("GET "+path, upgrade(fn))
+	}
+	probe("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
-	h.mux.HandleFunc("GET /readyz", h.ready)
+	probe("GET /readyz", h.ready)
 	if opts.Metrics != nil {
-		h.mux.Handle("GET /metrics", opts.Metrics)
+		probe("GET /metrics", opts.Metrics.ServeHTTP)
 	}
 	if opts.Debug != nil {
-		h.mux.Handle("/debug/", opts.Debug)
+		admin("/debug/", opts.Debug.ServeHTTP)
 	}
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s (see README.md, HTTP API)", r.Method, r.URL.Path))
@@ -118,8 +155,8 @@ func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc {
 		}
 		status, result, err := fn(r.Context(), r, body)
 		var nl *NotLeaderError
-		if errors.As(err, &nl) && nl.LeaderAPI != "" && r.Header.Get(forwardedHeader) == "" {
-			h.forward(w, r, nl.LeaderAPI, body)
+		if errors.As(err, &nl) && nl.LeaderID != "" && r.Header.Get(forwardedHeader) == "" {
+			h.forward(w, r, nl, body)
 			return
 		}
 		if err != nil {
@@ -135,19 +172,36 @@ func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc {
 }
 
 // forward replays the request against the leader and copies its answer.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, leaderAPI string, body []byte) {
-	u := "http://" + leaderAPI + r.URL.RequestURI()
+// Over the peer port the leader authenticates this node by its
+// certificate, and takes this node as the request's origin (a new LU's
+// writer is placed where the request arrived).
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, nl *NotLeaderError, body []byte) {
+	var u string
+	var client *http.Client
+	if h.opts.PeerClient != nil {
+		if nl.LeaderPeer != "" {
+			u, client = "https://"+nl.LeaderPeer+r.URL.RequestURI(), h.opts.PeerClient(nl.LeaderID)
+		}
+		if client == nil {
+			h.fail(w, fmt.Errorf("%w: no connection to the peer port of leader %s yet; retry shortly", ErrUnavailable, nl.LeaderID))
+			return
+		}
+	} else {
+		u, client = "http://"+nl.LeaderAPI+r.URL.RequestURI(), &http.Client{Timeout: 30 * time.Second}
+	}
 	req, err := http.NewRequestWithContext(r.Context(), r.Method, u, bytes.NewReader(body))
 	if err != nil {
-		h.fail(w, fmt.Errorf("%w: forwarding to leader %s: %v", ErrUnavailable, leaderAPI, err))
+		h.fail(w, fmt.Errorf("%w: forwarding to leader %s: %v", ErrUnavailable, nl.LeaderID, err))
 		return
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set(forwardedHeader, "1")
-	req.Header.Set(originHeader, h.opts.NodeID)
-	resp, err := h.opts.Client.Do(req)
+	if h.opts.PeerClient == nil {
+		req.Header.Set("Authorization", r.Header.Get("Authorization"))
+	}
+	resp, err := client.Do(req)
 	if err != nil {
-		h.fail(w, fmt.Errorf("%w: leader %s unreachable: %v", ErrUnavailable, leaderAPI, err))
+		h.fail(w, fmt.Errorf("%w: leader %s unreachable: %v", ErrUnavailable, nl.LeaderID, err))
 		return
 	}
 	defer resp.Body.Close()
@@ -181,7 +235,8 @@ func (h *Handler) createLU(ctx context.Context, r *http.Request, body []byte) (i
 		return 0, nil, err
 	}
 	if req.Node == "" {
-		req.Node = r.Header.Get(originHeader)
+		// A request forwarded by a member places the writer on that member.
+		req.Node = CallerFrom(ctx).Node
 	}
 	if req.Node == "" {
 		req.Node = h.opts.NodeID
@@ -215,26 +270,67 @@ func (h *Handler) join(ctx context.Context, _ *http.Request, body []byte) (int, 
 	if err := decode(body, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.ID == "" || req.PeerAddr == "" || req.APIAddr == "" {
-		return 0, nil, fmt.Errorf("%w: join needs id, peer_addr and api_addr", ErrInvalid)
+	if req.Token == "" || req.ID == "" || req.PublicKeyPEM == "" {
+		return 0, nil, fmt.Errorf("%w: join needs token, id and public_key_pem (lupool serve --join ADDR --join-token TOKEN sends them)", ErrInvalid)
 	}
-	if err := h.opts.Backend.Join(ctx, req); err != nil {
-		return 0, nil, err
-	}
-	nodes, err := h.opts.Backend.Nodes(ctx)
-	return http.StatusOK, nodes, err
+	resp, err := h.opts.Backend.Join(ctx, req)
+	return http.StatusOK, resp, err
 }
 
-func (h *Handler) updateReplicas(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
-	var req UpdateReplicasRequest
+func (h *Handler) registerNode(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {
+	var req RegisterNodeRequest
 	if err := decode(body, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.ExpectedEpoch == 0 || req.Epoch < req.ExpectedEpoch || len(req.Replicas) == 0 {
-		return 0, nil, fmt.Errorf("%w: replicas update needs expected_epoch >= 1, epoch >= expected_epoch and at least one replica", ErrInvalid)
+	if req.PeerAddr == "" || req.APIAddr == "" {
+		return 0, nil, fmt.Errorf("%w: register needs peer_addr and api_addr", ErrInvalid)
 	}
-	lu, err := h.opts.Backend.UpdateReplicas(ctx, r.PathValue("name"), req)
+	nodes, err := h.opts.Backend.RegisterNode(ctx, req)
+	return http.StatusOK, nodes, err
+}
+
+func (h *Handler) removeNode(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	return http.StatusNoContent, nil, h.opts.Backend.RemoveNode(ctx, r.PathValue("id"))
+}
+
+func (h *Handler) changeCopies(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req CopyChangeRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.ExpectedEpoch == 0 || len(req.Replicas) == 0 {
+		return 0, nil, fmt.Errorf("%w: a copy change needs expected_epoch >= 1 and at least one replica", ErrInvalid)
+	}
+	lu, err := h.opts.Backend.ChangeCopies(ctx, r.PathValue("name"), req)
 	return http.StatusOK, lu, err
+}
+
+func (h *Handler) createJoinToken(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {
+	var req JoinTokenRequest
+	if len(bytes.TrimSpace(body)) > 0 {
+		if err := decode(body, &req); err != nil {
+			return 0, nil, err
+		}
+	}
+	if req.TTLSeconds < 0 {
+		return 0, nil, fmt.Errorf("%w: ttl_seconds %d: must be 0 (24 hours) or more", ErrInvalid, req.TTLSeconds)
+	}
+	tok, err := h.opts.Backend.CreateJoinToken(ctx, req)
+	return http.StatusCreated, tok, err
+}
+
+func (h *Handler) listJoinTokens(w http.ResponseWriter, r *http.Request) {
+	toks, err := h.opts.Backend.ListJoinTokens(r.Context())
+	h.reply(w, toks, err)
+}
+
+func (h *Handler) revokeJoinToken(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	return http.StatusNoContent, nil, h.opts.Backend.RevokeJoinToken(ctx, r.PathValue("id"))
+}
+
+func (h *Handler) rotateAdminToken(ctx context.Context, _ *http.Request, _ []byte) (int, any, error) {
+	tok, err := h.opts.Backend.RotateAdminToken(ctx)
+	return http.StatusOK, tok, err
 }
 
 func (h *Handler) addCopy(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
@@ -286,9 +382,11 @@ func (h *Handler) verifyLU(w http.ResponseWriter, r *http.Request) {
 	h.reply(w, report, err)
 }
 
-// upgrade hands the connection of an "Upgrade" request to fn.
-func upgrade(fn func(net.Conn, *bufio.Reader)) http.HandlerFunc {
+// upgrade hands the connection of an "Upgrade" request to fn, with the
+// caller's node id.
+func upgrade(fn func(string, net.Conn, *bufio.Reader)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
+		peer := CallerFrom(r.Context()).Node
 		token := r.Header.Get("Upgrade")
 		if token == "" || !strings.EqualFold(r.Header.Get("Connection"), "Upgrade") {
 			writeError(w, http.StatusUpgradeRequired, "this endpoint carries a node-to-node stream; send Connection: Upgrade")
@@ -308,7 +406,7 @@ func upgrade(fn func(net.Conn, *bufio.Reader)) http.HandlerFunc {
 			conn.Close()
 			return
 		}
-		fn(conn, brw.Reader)
+		fn(peer, conn, brw.Reader)
 	}
 }
 
@@ -361,6 +459,10 @@ func statusOf(err error) int {
 		return http.StatusInsufficientStorage
 	case errors.Is(err, ErrStale):
 		return http.StatusPreconditionFailed
+	case errors.Is(err, ErrUnauthorized):
+		return http.StatusUnauthorized
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable
 	default:
