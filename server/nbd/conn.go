@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -15,10 +16,13 @@ import (
 	"github.com/lupool/lupool/server/nbdproto"
 )
 
-// Buffer sizes of a connection's reader and writer.
+// Buffer sizes of a connection's reader and writer. A connection
+// negotiates with small ones (a server at its connection cap holds
+// MaxConnections of them) and gets the large ones when transmission starts.
 const (
-	readBufferBytes  = 64 << 10
-	writeBufferBytes = 64 << 10
+	readBufferBytes      = 64 << 10
+	writeBufferBytes     = 64 << 10
+	handshakeBufferBytes = 4 << 10
 )
 
 // conn is one client connection.
@@ -55,6 +59,10 @@ type conn struct {
 	exportName string
 	tls        bool
 	structured bool
+	// reserved is set while the connection holds a place on
+	// reservedExport (Server.reserveExport).
+	reserved       bool
+	reservedExport string
 
 	// Set before transmission starts; immutable afterwards.
 	sess     *session
@@ -149,9 +157,24 @@ type request struct {
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{srv: s, raw: nc, nc: nc, remote: nc.RemoteAddr().String()}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	c.br = bufio.NewReaderSize(nc, readBufferBytes)
-	c.bw = bufio.NewWriterSize(nc, writeBufferBytes)
+	c.br = bufio.NewReaderSize(nc, handshakeBufferBytes)
+	c.bw = bufio.NewWriterSize(nc, handshakeBufferBytes)
 	return c
+}
+
+// growBuffers replaces the negotiation buffers by the transmission ones.
+// Requests the client sent right behind its last option may already sit in
+// br: they are carried over. Negotiation has flushed bw. Serve goroutine
+// only, before transmission starts.
+func (c *conn) growBuffers() {
+	var src io.Reader = c.nc
+	if n := c.br.Buffered(); n > 0 {
+		pending, _ := c.br.Peek(n) // buffered: cannot fail
+		src = io.MultiReader(bytes.NewReader(bytes.Clone(pending)), c.nc)
+	}
+	c.br = bufio.NewReaderSize(src, readBufferBytes)
+	c.bw = bufio.NewWriterSize(c.nc, writeBufferBytes)
+	c.srv.pools.allocatedBytes.Add(readBufferBytes + writeBufferBytes)
 }
 
 // close ends the connection at once: in-flight device calls see a cancelled
@@ -198,6 +221,7 @@ func (c *conn) serve() {
 		return
 	}
 	_ = c.raw.SetDeadline(time.Time{})
+	c.growBuffers()
 	c.start(sess)
 	log = log.With("export", sess.export.Name)
 	log.Debug("nbd: transmission", "structured", sess.structured, "size", c.dev.Size())
@@ -649,15 +673,17 @@ func (c *conn) readPayload(r *request) error {
 		r.payload, c.peekedBytes = p, int(n)
 		return nil
 	case r.hdr.Type == nbdproto.CmdWrite && n > 0:
-		c.acquireLocked(r, n)
+		c.acquireLocked(r, int64(bufferBytes(int(n))))
 		r.buf = c.srv.pools.get(int(n))
 		r.payload = r.buf.b[:n]
 		_, err := io.ReadFull(c.br, r.payload)
 		return err
 	case r.hdr.Type == nbdproto.CmdRead && r.errCode == 0 && n > 0:
-		c.acquireLocked(r, n)
+		// Charged before the buffer exists (the worker allocates it), so
+		// that a client whose read replies back up stops being read.
+		c.acquireLocked(r, int64(bufferBytes(int(n))))
 	case r.hdr.Type == nbdproto.CmdBlockStatus && r.errCode == 0:
-		c.acquireLocked(r, blockStatusPayloadBytes)
+		c.acquireLocked(r, int64(bufferBytes(blockStatusPayloadBytes)))
 	}
 	return nil
 }

@@ -19,6 +19,10 @@ var errAbort = errors.New("nbd: client aborted negotiation")
 // errProtocol marks a protocol violation that ends the connection.
 var errProtocol = errors.New("nbd: protocol violation")
 
+// errExportFull ends a negotiation whose NBD_OPT_EXPORT_NAME named an
+// export at its MaxConnectionsPerExport.
+var errExportFull = errors.New("nbd: export at its connection limit")
+
 // session is what negotiation agrees on; immutable afterwards.
 type session struct {
 	export     Export
@@ -148,6 +152,11 @@ func (c *conn) optExportName(n *negotiation, name string) (*session, error) {
 	if !ok {
 		return nil, fmt.Errorf("nbd: unknown export %q requested with EXPORT_NAME", name)
 	}
+	if !c.srv.reserveExport(c, e.Name) {
+		// EXPORT_NAME has no error reply: closing is all the spec allows.
+		c.srv.refuseExport(c.remote, e.Name, "EXPORT_NAME")
+		return nil, fmt.Errorf("%w: export %q", errExportFull, e.Name)
+	}
 	s := n.session(e)
 	var b [nbdproto.ExportNameReplySize + nbdproto.ExportNameZeroPadSize]byte
 	binary.BigEndian.PutUint64(b[0:8], uint64(e.Device.Size()))
@@ -227,6 +236,15 @@ func (c *conn) optInfo(n *negotiation, opt uint32, p []byte) (*session, error) {
 	e, ok := c.srv.lookup(req.Name)
 	if !ok {
 		return nil, c.optReply(opt, nbdproto.RepErrUnknown, []byte("unknown export"))
+	}
+	if opt == nbdproto.OptGo && !c.srv.reserveExport(c, e.Name) {
+		// POLICY ("server-side policy forbids the option") rather than
+		// UNKNOWN (the export exists) or SHUTDOWN (the server is not
+		// stopping); the message says which limit.
+		c.srv.refuseExport(c.remote, e.Name, "GO")
+		msg := fmt.Sprintf("export is at its limit of %d connections; retry later",
+			c.srv.opts.MaxConnectionsPerExport)
+		return nil, c.optReply(opt, nbdproto.RepErrPolicy, []byte(msg))
 	}
 	be := binary.BigEndian
 	// Every info is sent whether asked for or not (nbd-client never asks).

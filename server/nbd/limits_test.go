@@ -18,11 +18,25 @@ func TestLimitRelationships(t *testing.T) {
 		what string
 		ok   bool
 	}{
-		{"the largest pooled buffer holds the largest request", 1<<maxBufferShift == MaxRequestBytes},
+		{"pooled buffers are at most the largest request", maxPooledBytes <= MaxRequestBytes},
+		{"the largest request fits its buffer", bufferBytes(MaxRequestBytes) == MaxRequestBytes},
 		{"the smallest pooled buffer is the preferred block", 1<<minBufferShift == PreferredBlockBytes},
+		{"an inline request uses a pooled buffer", InlineMaxBytes <= maxPooledBytes},
+		{"negotiation buffers are smaller than transmission ones",
+			handshakeBufferBytes <= readBufferBytes && handshakeBufferBytes <= writeBufferBytes},
+		{"freeing memory waits for more than one largest request", freeMemoryMinBytes > MaxRequestBytes},
+		{"freeing memory waits for closing connections to be gone", freeMemoryDelay < freeMemoryInterval},
+		{"the per-export cap is within the server cap", DefaultMaxConnectionsPerExport <= DefaultMaxConnections},
+		{"the server cap is within what Validate accepts", DefaultMaxConnections <= MaxConnectionsLimit},
+		{"documented: refusals logged at most every 10 s", refusalLogInterval == 10*time.Second},
+		{"documented: memory freed at most every 10 s, a second after", freeMemoryInterval == 10*time.Second && freeMemoryDelay == time.Second},
+		{"documented: memory freed after 64 MiB of buffers", freeMemoryMinBytes == 64<<20},
+		{"documented: buffers up to 1 MiB pooled, 4 KiB negotiation buffers", maxPooledBytes == 1<<20 && handshakeBufferBytes == 4<<10},
+		{"a full server's negotiation buffers stay under 16 MiB",
+			DefaultMaxConnections*2*handshakeBufferBytes <= 16<<20},
 		{"preferred block is a multiple of the minimum", PreferredBlockBytes%MinBlockBytes == 0},
 		{"maximum block is a multiple of the preferred", MaxRequestBytes%PreferredBlockBytes == 0},
-		{"a block status payload fits a pooled buffer", blockStatusPayloadBytes <= 1<<maxBufferShift},
+		{"a block status payload fits a pooled buffer", blockStatusPayloadBytes <= maxPooledBytes},
 		{"a block status payload fits its 32-bit chunk length", blockStatusPayloadBytes < 1<<32},
 		{"an option holds the longest name and one longest query",
 			MaxOptionBytes >= 4+nbdproto.MaxStringBytes+4+4+nbdproto.MaxStringBytes},
@@ -45,10 +59,18 @@ func TestLimitRelationships(t *testing.T) {
 
 func TestBufferPools(t *testing.T) {
 	for _, tc := range []struct{ n, class int }{
-		{1, 0}, {4096, 0}, {4097, 1}, {8192, 1}, {1 << 20, 8}, {MaxRequestBytes - 1, numBufferPools - 1}, {MaxRequestBytes, numBufferPools - 1},
+		{1, 0}, {4096, 0}, {4097, 1}, {8192, 1}, {1 << 20, 8}, {maxPooledBytes - 1, numBufferPools - 1}, {maxPooledBytes, numBufferPools - 1},
 	} {
 		if got := sizeClass(tc.n); got != tc.class {
 			t.Errorf("sizeClass(%d) = %d, want %d", tc.n, got, tc.class)
+		}
+	}
+	for _, tc := range []struct{ n, bytes int }{
+		{1, 4096}, {4097, 8192}, {maxPooledBytes, maxPooledBytes}, {maxPooledBytes + 1, maxPooledBytes + 1},
+		{17 << 20, 17 << 20}, {MaxRequestBytes, MaxRequestBytes},
+	} {
+		if got := bufferBytes(tc.n); got != tc.bytes {
+			t.Errorf("bufferBytes(%d) = %d, want %d", tc.n, got, tc.bytes)
 		}
 	}
 	var p bufferPools
@@ -56,12 +78,31 @@ func TestBufferPools(t *testing.T) {
 	if len(b.b) != 8192 {
 		t.Fatalf("get(5000) gave %d bytes", len(b.b))
 	}
+	if got := p.allocatedBytes.Load(); got != 8192 {
+		t.Errorf("allocatedBytes = %d after one 8 KiB allocation", got)
+	}
 	p.put(b)
 	p.put(&buffer{b: make([]byte, 5000)}) // foreign size: dropped, must not be handed out
 	for range 10 {
 		if got := p.get(5000); len(got.b) != 8192 {
 			t.Fatalf("pool handed out a %d-byte buffer", len(got.b))
 		}
+	}
+	// Above maxPooledBytes: exact size, never pooled.
+	big := p.get(maxPooledBytes + 4096)
+	if len(big.b) != maxPooledBytes+4096 {
+		t.Fatalf("get(%d) gave %d bytes", maxPooledBytes+4096, len(big.b))
+	}
+	p.put(big)
+	if big.b != nil {
+		t.Fatal("put kept a reference to an unpooled buffer")
+	}
+	before := p.allocatedBytes.Load()
+	if again := p.get(maxPooledBytes + 4096); len(again.b) != maxPooledBytes+4096 {
+		t.Fatalf("get gave %d bytes", len(again.b))
+	}
+	if got := p.allocatedBytes.Load() - before; got != maxPooledBytes+4096 {
+		t.Errorf("a large buffer came from a pool (allocated %d bytes, want %d)", got, maxPooledBytes+4096)
 	}
 }
 
@@ -122,6 +163,10 @@ func TestOptionsValidate(t *testing.T) {
 		{Exports: NewExportSet(), TLSMode: 7},
 		{Exports: NewExportSet(), MaxInflightRequests: -1},
 		{Exports: NewExportSet(), MaxInflightBytes: -1},
+		{Exports: NewExportSet(), MaxConnections: -1},
+		{Exports: NewExportSet(), MaxConnections: MaxConnectionsLimit + 1},
+		{Exports: NewExportSet(), MaxConnectionsPerExport: -1},
+		{Exports: NewExportSet(), MaxConnections: 8, MaxConnectionsPerExport: 9},
 	}
 	for i, o := range bad {
 		o.EnsureDefaults()
@@ -134,8 +179,15 @@ func TestOptionsValidate(t *testing.T) {
 	}
 	o := Options{Exports: NewExportSet()}
 	o.EnsureDefaults()
-	if err := o.Validate(); err != nil || o.MaxInflightRequests != 128 || o.MaxInflightBytes != 64<<20 || o.Logger == nil {
+	if err := o.Validate(); err != nil || o.MaxInflightRequests != 128 || o.MaxInflightBytes != 64<<20 || o.Logger == nil ||
+		o.MaxConnections != DefaultMaxConnections || o.MaxConnectionsPerExport != DefaultMaxConnectionsPerExport || o.FreeMemory == nil {
 		t.Fatalf("defaults: %+v, %v", o, err)
+	}
+	// A small server cap lowers the default per-export cap with it.
+	o = Options{Exports: NewExportSet(), MaxConnections: 8}
+	o.EnsureDefaults()
+	if err := o.Validate(); err != nil || o.MaxConnectionsPerExport != 8 {
+		t.Fatalf("MaxConnections 8: per export %d, %v; want 8, nil", o.MaxConnectionsPerExport, err)
 	}
 }
 

@@ -16,12 +16,29 @@ type Metrics struct {
 	duration    *prometheus.HistogramVec // export, command
 	inflight    *prometheus.GaugeVec     // export
 	connections *prometheus.GaugeVec     // export
+	// open counts every accepted connection, negotiating ones included.
+	open prometheus.Gauge
+	// refused counts connections refused at a limit, by reason; the two
+	// children are resolved once.
+	refused       *prometheus.CounterVec // reason
+	refusedServer prometheus.Counter     // reason server_limit
+	refusedExport prometheus.Counter     // reason export_limit
 }
+
+// Reasons for lupool_nbd_connections_refused_total.
+const (
+	// RefusedServerLimit: the server had Options.MaxConnections
+	// connections; closed right after accept.
+	RefusedServerLimit = "server_limit"
+	// RefusedExportLimit: the export had Options.MaxConnectionsPerExport
+	// connections; NBD_OPT_GO refused, or NBD_OPT_EXPORT_NAME closed.
+	RefusedExportLimit = "export_limit"
+)
 
 // NewMetrics builds unregistered collectors.
 func NewMetrics() *Metrics {
 	cmd := []string{"export", "command"}
-	return &Metrics{
+	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lupool_nbd_requests_total", Help: "NBD requests completed, by export and command.",
 		}, cmd),
@@ -42,12 +59,22 @@ func NewMetrics() *Metrics {
 		connections: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "lupool_nbd_connections", Help: "NBD connections in transmission, by export.",
 		}, []string{"export"}),
+		open: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lupool_nbd_open_connections", Help: "NBD connections accepted and not yet ended, negotiating ones included.",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_nbd_connections_refused_total",
+			Help: "NBD connections refused at a connection limit, by reason (server_limit, export_limit).",
+		}, []string{"reason"}),
 	}
+	m.refusedServer = m.refused.WithLabelValues(RefusedServerLimit)
+	m.refusedExport = m.refused.WithLabelValues(RefusedExportLimit)
+	return m
 }
 
 // Collectors returns every collector for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.errors, m.bytes, m.duration, m.inflight, m.connections}
+	return []prometheus.Collector{m.requests, m.errors, m.bytes, m.duration, m.inflight, m.connections, m.open, m.refused}
 }
 
 // numCommands covers every command code the engine counts (0..CmdBlockStatus).

@@ -27,9 +27,34 @@
 // replies of a burst together. No goroutine is parked per write in flight,
 // and a client that stops reading delays only its own replies.
 // At most MaxInflightRequests requests and MaxInflightBytes
-// payload bytes are in flight per connection; when either limit is reached
+// buffer bytes are in flight per connection; when either limit is reached
 // the reader stops reading, so a client that stops reading replies blocks
 // only itself.
+//
+// # The front door
+//
+// At most MaxConnections connections are open at once, negotiating ones
+// included (the handshake has an absolute deadline, HandshakeTimeout);
+// one over the cap is reset right after accept, before any byte, since
+// NBD has no message before the greeting. At most MaxConnectionsPerExport
+// of them are in transmission on one export: NBD_OPT_GO over it gets
+// NBD_REP_ERR_POLICY with a message, NBD_OPT_EXPORT_NAME (which has no
+// error reply) a close. Refusals are counted
+// (lupool_nbd_connections_refused_total) and logged at most once per ten
+// seconds per kind.
+//
+// Memory held for a connection is bounded: negotiation uses 4 KiB
+// buffers, transmission 64 KiB ones, and every read, write and block
+// status buffer is charged to the connection's MaxInflightBytes at its
+// allocated size before it exists; an asynchronous write holds no
+// engine buffer (WriteAsync returns once it no longer needs the payload),
+// and an inline read is written straight into the reply buffer. Buffers of
+// up to 1 MiB are pooled; larger ones are allocated at their size and
+// dropped after use, so that no 32 MiB buffer outlives the burst that
+// needed it. When connections end after the server allocated a fair amount
+// of buffers, the server calls FreeMemory (by default a collection and
+// debug.FreeOSMemory) so that the memory goes back to the OS in seconds,
+// not at the runtime's next periodic collection.
 //
 // # Validation and errors
 //
@@ -50,6 +75,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"time"
@@ -79,12 +106,23 @@ const (
 	MaxNameBytes = nbdproto.MaxStringBytes
 )
 
-// Defaults for Options.
+// Defaults for Options, part of the same limits (see limits_test.go).
 const (
 	DefaultMaxInflightRequests = 128
 	DefaultMaxInflightBytes    = 64 << 20
 	DefaultHandshakeTimeout    = 30 * time.Second
 	DefaultReplyTimeout        = 2 * time.Minute
+	// DefaultMaxConnections bounds one server's connections, negotiating
+	// ones included: each holds a socket, a goroutine and, in
+	// transmission, up to MaxInflightBytes of buffers.
+	DefaultMaxConnections = 1024
+	// DefaultMaxConnectionsPerExport bounds the connections in
+	// transmission on one export: far above what a multi-conn client
+	// opens (nbdcopy 4, qemu and nbd-client -C a few), far below the
+	// server's cap, so that one export's clients cannot take every slot.
+	DefaultMaxConnectionsPerExport = 64
+	// MaxConnectionsLimit is the largest MaxConnections Validate accepts.
+	MaxConnectionsLimit = 1 << 20
 )
 
 // Errors.
@@ -215,9 +253,12 @@ type Options struct {
 	TLSMode   TLSMode
 	// MaxInflightRequests bounds requests in flight per connection; default 128.
 	MaxInflightRequests int
-	// MaxInflightBytes bounds read and write payload bytes in flight per
-	// connection; default 64 MiB. A single request larger than this still
-	// runs, alone.
+	// MaxInflightBytes bounds the buffer bytes of requests in flight per
+	// connection (reads, writes and block status, each counted at the size
+	// of the buffer it gets: a power of two up to 1 MiB, its length above);
+	// default 64 MiB. Once it is reached the connection is not read until
+	// replies go out, so a client that does not read its replies holds at
+	// most this much. A single request larger than this still runs, alone.
 	MaxInflightBytes int64
 	// Metrics is optional; nil means no metrics.
 	Metrics *Metrics
@@ -227,6 +268,31 @@ type Options struct {
 	// that does not read them before the connection is dropped; default
 	// 2 min.
 	ReplyTimeout time.Duration
+	// MaxConnections bounds the server's connections, those still
+	// negotiating included. A connection over it is closed right after
+	// accept, before any byte is sent (NBD has no way to say why before
+	// the greeting), logged (at most once per 10 s) and
+	// counted in lupool_nbd_connections_refused_total{reason="server_limit"}.
+	// Default DefaultMaxConnections; at most MaxConnectionsLimit.
+	MaxConnections int
+	// MaxConnectionsPerExport bounds the connections in transmission on
+	// one export. NBD_OPT_GO over it gets NBD_REP_ERR_POLICY with a
+	// message naming the limit (the client shows it and may try another
+	// option); NBD_OPT_EXPORT_NAME, which has no error reply, gets the
+	// connection closed. Both are logged and counted (reason
+	// "export_limit"). Default the smaller of
+	// DefaultMaxConnectionsPerExport and MaxConnections; at most
+	// MaxConnections.
+	MaxConnectionsPerExport int
+	// FreeMemory is called, on a goroutine of its own and at most once per
+	// 10 s, a second after connections ended once the server has allocated
+	// 64 MiB of buffers since the last call: it should give the memory of
+	// the buffers those connections held back to the operating system. It
+	// is not called after Shutdown. Default: two garbage collections (the
+	// first empties the buffer pools into their victim caches, the second
+	// frees them) and debug.FreeOSMemory. Without it the Go runtime keeps
+	// that memory until its next periodic collection, minutes later.
+	FreeMemory func()
 }
 
 // EnsureDefaults fills zero fields with defaults.
@@ -250,6 +316,24 @@ func (o *Options) EnsureDefaults() {
 	if o.ReplyTimeout == 0 {
 		o.ReplyTimeout = DefaultReplyTimeout
 	}
+	if o.MaxConnections == 0 {
+		o.MaxConnections = DefaultMaxConnections
+	}
+	if o.MaxConnectionsPerExport == 0 {
+		o.MaxConnectionsPerExport = min(DefaultMaxConnectionsPerExport, max(o.MaxConnections, 1))
+	}
+	if o.FreeMemory == nil {
+		o.FreeMemory = freeOSMemory
+	}
+}
+
+// freeOSMemory is the default Options.FreeMemory.
+func freeOSMemory() {
+	// A sync.Pool keeps what it held before a collection in a victim cache
+	// until the next one: the first collection moves pooled buffers
+	// there, FreeOSMemory's collection frees them and returns the pages.
+	runtime.GC()
+	debug.FreeOSMemory()
 }
 
 // Validate checks the options after EnsureDefaults.
@@ -267,6 +351,11 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: MaxInflightBytes %d < 1", ErrInvalidOptions, o.MaxInflightBytes)
 	case o.HandshakeTimeout < 0 || o.ReplyTimeout < 0:
 		return fmt.Errorf("%w: negative timeout", ErrInvalidOptions)
+	case o.MaxConnections < 1 || o.MaxConnections > MaxConnectionsLimit:
+		return fmt.Errorf("%w: MaxConnections %d not in [1, %d]", ErrInvalidOptions, o.MaxConnections, MaxConnectionsLimit)
+	case o.MaxConnectionsPerExport < 1 || o.MaxConnectionsPerExport > o.MaxConnections:
+		return fmt.Errorf("%w: MaxConnectionsPerExport %d not in [1, MaxConnections %d]",
+			ErrInvalidOptions, o.MaxConnectionsPerExport, o.MaxConnections)
 	}
 	return nil
 }

@@ -3,27 +3,39 @@ package nbd
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 )
 
-// Buffer size classes: powers of two from minBufferShift to maxBufferShift.
+// Buffer size classes: powers of two from minBufferShift to maxPooledShift
+// are pooled. Larger buffers (up to MaxRequestBytes) are allocated at their
+// exact size and dropped after use: a sync.Pool keeps what it is given until
+// two garbage collections have passed, and a few pooled 32 MiB buffers of
+// a burst of large reads would otherwise stay in the heap long after the
+// clients that needed them are gone.
 const (
 	minBufferShift = 12 // 4 KiB
-	maxBufferShift = 25 // 32 MiB == MaxRequestBytes
-	numBufferPools = maxBufferShift - minBufferShift + 1
+	maxPooledShift = 20 // 1 MiB
+	numBufferPools = maxPooledShift - minBufferShift + 1
+	// maxPooledBytes is the largest buffer that is pooled.
+	maxPooledBytes = 1 << maxPooledShift
 )
 
-// buffer is a pooled byte slice. Pools hold *buffer so that Put does not
-// allocate.
+// buffer is a byte slice, pooled when small. Pools hold *buffer so that Put
+// does not allocate.
 type buffer struct {
-	b []byte // len == cap == a size class
+	b []byte // len == cap: a size class, or the exact size above maxPooledBytes
 }
 
 // bufferPools hands out buffers by size class. Safe for concurrent use.
 type bufferPools struct {
 	classes [numBufferPools]sync.Pool
+	// allocatedBytes counts the bytes of buffers allocated (not taken from
+	// a pool); the server reads and resets it to decide when to give
+	// memory back (Options.FreeMemory).
+	allocatedBytes atomic.Int64
 }
 
-// sizeClass returns the pool index for n bytes (1 <= n <= MaxRequestBytes).
+// sizeClass returns the pool index for n bytes (1 <= n <= maxPooledBytes).
 func sizeClass(n int) int {
 	if n <= 1<<minBufferShift {
 		return 0
@@ -31,22 +43,36 @@ func sizeClass(n int) int {
 	return bits.Len(uint(n-1)) - minBufferShift
 }
 
-// get returns a buffer of at least n bytes (n <= MaxRequestBytes).
-func (p *bufferPools) get(n int) *buffer {
-	c := sizeClass(n)
-	if v := p.classes[c].Get(); v != nil {
-		return v.(*buffer)
+// bufferBytes is the size of the buffer get(n) returns (1 <= n <=
+// MaxRequestBytes): what a request of n bytes is charged in the byte budget.
+func bufferBytes(n int) int {
+	if n > maxPooledBytes {
+		return n
 	}
-	return &buffer{b: make([]byte, 1<<(c+minBufferShift))}
+	return 1 << (sizeClass(n) + minBufferShift)
 }
 
-// put returns b to its pool.
-func (p *bufferPools) put(b *buffer) {
-	c := sizeClass(len(b.b))
-	if 1<<(c+minBufferShift) != len(b.b) {
-		return // not one of ours; let the GC have it
+// get returns a buffer of bufferBytes(n) bytes (1 <= n <= MaxRequestBytes).
+func (p *bufferPools) get(n int) *buffer {
+	size := bufferBytes(n)
+	if size <= maxPooledBytes {
+		if v := p.classes[sizeClass(size)].Get(); v != nil {
+			return v.(*buffer)
+		}
 	}
-	p.classes[c].Put(b)
+	p.allocatedBytes.Add(int64(size))
+	return &buffer{b: make([]byte, size)}
+}
+
+// put returns b to its pool, or drops it when it is not of a pooled size.
+// b must not be used afterwards.
+func (p *bufferPools) put(b *buffer) {
+	n := len(b.b)
+	if n > maxPooledBytes || 1<<(sizeClass(n)+minBufferShift) != n {
+		b.b = nil // not pooled: let the GC have it now
+		return
+	}
+	p.classes[sizeClass(n)].Put(b)
 }
 
 // byteBudget bounds payload bytes in flight on one connection.

@@ -22,12 +22,33 @@ type Server struct {
 	pools   bufferPools
 	closing atomic.Bool // set once by Shutdown
 
+	// Refusals are logged through these, at most once per
+	// refusalLogInterval each, so that a flood does not flood the log.
+	refusedServerLog logLimiter
+	refusedExportLog logLimiter
+
 	mu struct {
 		sync.Mutex
 		listeners map[net.Listener]struct{} // guarded by mu
-		conns     map[*conn]struct{}        // guarded by mu
+		// conns holds every accepted connection until its goroutine is
+		// done, negotiating ones included; its size is checked against
+		// MaxConnections under mu, in the same critical section as the
+		// insert. Guarded by mu.
+		conns map[*conn]struct{}
+		// exportConns counts the connections holding a place on each
+		// export (reserveExport), by export name; no zero entries.
+		// Guarded by mu.
+		exportConns map[string]int
 	}
 	connWG sync.WaitGroup // one per connection goroutine
+
+	// free schedules Options.FreeMemory (maybeFreeMemory).
+	free struct {
+		sync.Mutex
+		timer   *time.Timer // pending call, or nil; guarded by free
+		last    time.Time   // when the last call started; guarded by free
+		stopped bool        // set by Shutdown: no more calls; guarded by free
+	}
 }
 
 // zeroBufferBytes is the size of Server.zeroes.
@@ -42,6 +63,7 @@ func NewServer(opts Options) (*Server, error) {
 	s := &Server{opts: opts, log: opts.Logger, zeroes: make([]byte, zeroBufferBytes)}
 	s.mu.listeners = make(map[net.Listener]struct{})
 	s.mu.conns = make(map[*conn]struct{})
+	s.mu.exportConns = make(map[string]int)
 	return s, nil
 }
 
@@ -80,17 +102,82 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("nbd: accept: %w", err)
 		}
 		backoff = 0
-		c := newConn(s, nc)
 		s.mu.Lock()
 		if s.closing.Load() {
 			s.mu.Unlock()
 			_ = nc.Close()
 			return ErrServerClosed
 		}
+		if len(s.mu.conns) >= s.opts.MaxConnections {
+			s.mu.Unlock()
+			s.refuseConn(nc)
+			continue
+		}
+		c := newConn(s, nc)
 		s.mu.conns[c] = struct{}{}
 		s.connWG.Add(1)
 		s.mu.Unlock()
+		if m := s.opts.Metrics; m != nil {
+			m.open.Inc()
+		}
 		go c.serve()
+	}
+}
+
+// refusalLogInterval is the shortest time between two log lines about the
+// same kind of refused connection.
+const refusalLogInterval = 10 * time.Second
+
+// refuseConn closes a connection the server has no room for, before any
+// byte is sent, and counts and logs it.
+func (s *Server) refuseConn(nc net.Conn) {
+	// Counted and logged before the close, so that a client that sees
+	// the refusal also finds it in the metrics.
+	if m := s.opts.Metrics; m != nil {
+		m.refusedServer.Inc()
+	}
+	if ok, unlogged := s.refusedServerLog.allow(time.Now()); ok {
+		s.log.Warn("nbd: connection refused: the server is at its connection limit",
+			"remote", nc.RemoteAddr().String(), "limit", s.opts.MaxConnections, "refused_unlogged", unlogged)
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		// Reset rather than close: under a flood, no TIME_WAIT socket per
+		// refused connection is left behind on the server.
+		_ = tc.SetLinger(0)
+	}
+	_ = nc.Close()
+}
+
+// reserveExport takes one of export's MaxConnectionsPerExport places for c
+// (checked and taken under s.mu, so concurrent negotiations cannot both
+// take the last one) and reports false when none is left. The place is
+// given back by removeConn. At most once per connection: negotiation ends
+// with it.
+func (s *Server) reserveExport(c *conn, export string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.reserved {
+		return c.reservedExport == export
+	}
+	n := s.mu.exportConns[export]
+	if n >= s.opts.MaxConnectionsPerExport {
+		return false
+	}
+	s.mu.exportConns[export] = n + 1
+	c.reserved, c.reservedExport = true, export
+	return true
+}
+
+// refuseExport counts and logs a connection refused on export because the
+// export is at its connection limit.
+func (s *Server) refuseExport(remote, export, option string) {
+	if m := s.opts.Metrics; m != nil {
+		m.refusedExport.Inc()
+	}
+	if ok, unlogged := s.refusedExportLog.allow(time.Now()); ok {
+		s.log.Warn("nbd: connection refused: the export is at its connection limit",
+			"remote", remote, "export", export, "option", option,
+			"limit", s.opts.MaxConnectionsPerExport, "refused_unlogged", unlogged)
 	}
 }
 
@@ -98,8 +185,95 @@ func (s *Server) Serve(l net.Listener) error {
 func (s *Server) removeConn(c *conn) {
 	s.mu.Lock()
 	delete(s.mu.conns, c)
+	if c.reserved {
+		if n := s.mu.exportConns[c.reservedExport] - 1; n > 0 {
+			s.mu.exportConns[c.reservedExport] = n
+		} else {
+			delete(s.mu.exportConns, c.reservedExport)
+		}
+		c.reserved = false
+	}
 	s.mu.Unlock()
+	if m := s.opts.Metrics; m != nil {
+		m.open.Dec()
+	}
+	s.maybeFreeMemory()
 	s.connWG.Done()
+}
+
+// When connections end, their buffers are garbage, but the Go runtime
+// frees them only at its next collection, which an idle daemon runs every
+// two minutes, and returns the pages to the OS later still. So once
+// freeMemoryMinBytes of buffers were allocated since the last call, a
+// connection's end schedules Options.FreeMemory freeMemoryDelay later (a
+// wave of closing connections makes one call, after their goroutines have
+// gone), and at most once per freeMemoryInterval (a full collection is
+// not free).
+const (
+	freeMemoryMinBytes = 2 * MaxRequestBytes
+	freeMemoryDelay    = time.Second
+	freeMemoryInterval = 10 * time.Second
+)
+
+// maybeFreeMemory schedules Options.FreeMemory (see freeMemoryMinBytes).
+func (s *Server) maybeFreeMemory() {
+	if s.pools.allocatedBytes.Load() < freeMemoryMinBytes {
+		return
+	}
+	s.free.Lock()
+	defer s.free.Unlock()
+	if s.free.timer != nil || s.free.stopped {
+		return
+	}
+	wait := max(freeMemoryDelay, time.Until(s.free.last.Add(freeMemoryInterval)))
+	s.free.timer = time.AfterFunc(wait, s.freeMemory)
+}
+
+// freeMemory runs Options.FreeMemory from the timer maybeFreeMemory set.
+func (s *Server) freeMemory() {
+	s.free.Lock()
+	if s.free.stopped {
+		s.free.Unlock()
+		return
+	}
+	s.free.timer, s.free.last = nil, time.Now()
+	allocated := s.pools.allocatedBytes.Swap(0)
+	s.free.Unlock()
+	s.log.Debug("nbd: giving buffer memory back to the OS", "allocated_since_last_bytes", allocated)
+	s.opts.FreeMemory()
+}
+
+// stopFreeMemory cancels a pending FreeMemory call and prevents new ones.
+func (s *Server) stopFreeMemory() {
+	s.free.Lock()
+	defer s.free.Unlock()
+	s.free.stopped = true
+	if s.free.timer != nil {
+		s.free.timer.Stop()
+		s.free.timer = nil
+	}
+}
+
+// logLimiter lets one event through per refusalLogInterval and counts the
+// others. Safe for concurrent use.
+type logLimiter struct {
+	mu       sync.Mutex
+	next     time.Time // guarded by mu; no event is let through before it
+	unlogged int       // guarded by mu; events held back since the last let through
+}
+
+// allow reports whether an event at now may be logged and, if so, how many
+// were held back since the last one that was.
+func (l *logLimiter) allow(now time.Time) (bool, int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Before(l.next) {
+		l.unlogged++
+		return false, 0
+	}
+	n := l.unlogged
+	l.next, l.unlogged = now.Add(refusalLogInterval), 0
+	return true, n
 }
 
 // shutdownPollInterval is how often Shutdown looks for idle connections.
@@ -110,6 +284,7 @@ const shutdownPollInterval = 5 * time.Millisecond
 // are gone. When ctx ends first it closes the rest forcibly and returns
 // ctx.Err().
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopFreeMemory()
 	s.mu.Lock()
 	s.closing.Store(true)
 	for l := range s.mu.listeners {
