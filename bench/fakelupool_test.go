@@ -47,6 +47,13 @@ func fakeLupool(args []string) int {
 	switch {
 	case len(args) > 0 && args[0] == "serve":
 		return fakeServe(args[1:])
+	case len(args) > 1 && args[0] == "cluster" && args[1] == "join-token":
+		if os.Getenv("LUPOOL_TOKEN_FILE") == "" {
+			fmt.Fprintln(os.Stderr, "fake lupool: no admin token")
+			return 1
+		}
+		fmt.Println("lupool1.fake")
+		return 0
 	case len(args) > 2 && args[0] == "lu" && args[1] == "create":
 		fs := flag.NewFlagSet("create", flag.ContinueOnError)
 		size := fs.String("size", "", "")
@@ -78,10 +85,15 @@ func fakeServe(args []string) int {
 	nbd := fs.String("nbd", "", "")
 	api := fs.String("api", "", "")
 	join := fs.String("join", "", "")
+	joinToken := fs.String("join-token", "", "")
 	fs.String("data", "", "")
 	fs.String("peer", "", "")
 	fs.String("node-id", "", "")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *join != "" && *joinToken == "" {
+		fmt.Fprintln(os.Stderr, "fake lupool: --join needs --join-token")
 		return 2
 	}
 	var mu sync.Mutex
@@ -159,7 +171,7 @@ func TestRunWithFakeLupool(t *testing.T) {
 		}
 	}
 	copies := strings.Join(r.Servers[1].Commands, "\n")
-	for _, want := range []string{"--node-id bench1", "--node-id bench2", "--join 127.0.0.1:", "lu create bench --size 1G --kind file --copies 2"} {
+	for _, want := range []string{"--node-id bench1", "--node-id bench2", "--join 127.0.0.1:", "--join-token lupool1.fake", "LUPOOL_TOKEN_FILE=", "lu create bench --size 1G --kind file --copies 2"} {
 		if !strings.Contains(copies, want) {
 			t.Errorf("lupool-2copies commands lack %q:\n%s", want, copies)
 		}

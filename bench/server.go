@@ -221,6 +221,20 @@ type lupoolNode struct {
 	nbdPort int
 }
 
+// lupoolTokenFile is the admin token of the bench pool: the first node's.
+func lupoolTokenFile(env Env) string { return filepath.Join(env.Dir, "bench1", "admin.token") }
+
+// lupoolJoinToken asks the node at api for a join token.
+func lupoolJoinToken(ctx context.Context, env Env, api string) (string, error) {
+	cmd := exec.CommandContext(ctx, env.LupoolBin, "cluster", "join-token")
+	cmd.Env = append(os.Environ(), "LUPOOL_API="+api, "LUPOOL_TOKEN_FILE="+lupoolTokenFile(env))
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("%w: lupool cluster join-token: %w", ErrServerUnavailable, err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
 // startLupoolNode starts a lupool daemon with its data in env.Dir/id,
 // joining the cluster at join (an API address) unless join is empty, and
 // waits for /readyz.
@@ -237,7 +251,11 @@ func startLupoolNode(ctx context.Context, env Env, id, join string) (*lupoolNode
 		"--nbd", fmt.Sprintf("127.0.0.1:%d", n.nbdPort), "--api", n.api,
 		"--peer", fmt.Sprintf("127.0.0.1:%d", ports[2]), "--node-id", id}
 	if join != "" {
-		args = append(args, "--join", join)
+		token, err := lupoolJoinToken(ctx, env, join)
+		if err != nil {
+			return nil, err
+		}
+		args = append(args, "--join", join, "--join-token", token)
 	}
 	n.proc, err = launch(ctx, env, id, env.LupoolBin, args...)
 	if err != nil {
@@ -253,11 +271,11 @@ func startLupoolNode(ctx context.Context, env Env, id, join string) (*lupoolNode
 // the cluster settles (a joining node) until retryFor has passed.
 func lupoolCreate(ctx context.Context, env Env, api string, retryFor time.Duration, flags ...string) (string, error) {
 	args := append([]string{"lu", "create", "bench", "--size", sizeArg(env.DeviceBytes)}, flags...)
-	line := "LUPOOL_API=" + api + " " + env.LupoolBin + " " + strings.Join(args, " ")
+	line := "LUPOOL_API=" + api + " LUPOOL_TOKEN_FILE=" + lupoolTokenFile(env) + " " + env.LupoolBin + " " + strings.Join(args, " ")
 	deadline := time.Now().Add(retryFor)
 	for {
 		create := exec.CommandContext(ctx, env.LupoolBin, args...)
-		create.Env = append(os.Environ(), "LUPOOL_API="+api)
+		create.Env = append(os.Environ(), "LUPOOL_API="+api, "LUPOOL_TOKEN_FILE="+lupoolTokenFile(env))
 		out, err := create.CombinedOutput()
 		if err == nil {
 			return line, nil
