@@ -23,6 +23,8 @@ deps:
 # The one test command (README, .ci/run): dependencies, lint, race tests.
 test: deps lint
 	$(GO) test -race -count=1 -timeout 15m ./...
+	# Memory figures of the real daemon mean nothing under -race.
+	$(GO) test -count=1 -timeout 5m -run '^TestFrontDoorStalledReaders$$' ./cmd/lupool/
 
 test-short: lint
 	$(GO) test -short -count=1 ./...

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -28,6 +29,14 @@ type daemonBackend struct {
 	nodeID     string
 	overcommit float64
 	ready      atomic.Bool
+
+	ident *identity    // immutable; never nil
+	peers *peers       // immutable; never nil
+	data  string       // the data directory
+	log   *slog.Logger // immutable; never nil
+	// localAdminHash is the SHA-256 of DATA/admin.token, used until the
+	// metadata holds the cluster's (the first start of the first node).
+	localAdminHash string
 }
 
 var _ api.Backend = (*daemonBackend)(nil)
@@ -54,16 +63,31 @@ func (b *daemonBackend) apiError(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, cluster.ErrNotLeader):
-		_, leaderAPI := b.node.Leader()
-		return &api.NotLeaderError{LeaderAPI: leaderAPI}
+		return b.notLeader()
 	case errors.Is(err, cluster.ErrExists):
 		return fmt.Errorf("%w: %v", api.ErrExists, err)
 	case errors.Is(err, cluster.ErrNotFound):
 		return fmt.Errorf("%w: %v", api.ErrNotFound, err)
 	case errors.Is(err, cluster.ErrInvalid):
 		return fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	case errors.Is(err, cluster.ErrEpochChanged):
+		return fmt.Errorf("%w: %v; try again", api.ErrStale, err)
+	case errors.Is(err, cluster.ErrIllegalChange), errors.Is(err, cluster.ErrForeignRecord):
+		return fmt.Errorf("%w: %v", api.ErrForbidden, err)
+	case errors.Is(err, cluster.ErrMember):
+		return fmt.Errorf("%w: %v", api.ErrExists, err)
 	}
 	return err
+}
+
+// notLeader names the leader for the API to forward to.
+func (b *daemonBackend) notLeader() error {
+	leaderID, leaderAPI := b.node.Leader()
+	if leaderID == "" {
+		return &api.NotLeaderError{}
+	}
+	peer, _ := b.peers.peerAddr(leaderID)
+	return &api.NotLeaderError{LeaderID: leaderID, LeaderAPI: leaderAPI, LeaderPeer: peer}
 }
 
 // checkOvercommit refuses growing the local pool's provisioned bytes by
@@ -198,27 +222,6 @@ func (b *daemonBackend) place(nodes []cluster.NodeInfo, writer string, copies in
 	return replicas, nil
 }
 
-// UpdateReplicas records a writer's change of copy states (leader only;
-// the API forwards it there).
-func (b *daemonBackend) UpdateReplicas(ctx context.Context, name string, req api.UpdateReplicasRequest) (api.LU, error) {
-	rec, err := b.node.GetLU(name)
-	if err != nil {
-		return b.GetLU(ctx, name)
-	}
-	rec.Epoch, rec.Writer = req.Epoch, req.Writer
-	rec.Replicas = rec.Replicas[:0]
-	for _, r := range req.Replicas {
-		rec.Replicas = append(rec.Replicas, cluster.Replica{NodeID: r.Node, State: r.State})
-	}
-	if err := b.node.UpdateLUIfEpoch(ctx, rec, req.ExpectedEpoch); err != nil {
-		if errors.Is(err, cluster.ErrEpochChanged) {
-			return api.LU{}, fmt.Errorf("%w: %v", api.ErrStale, err)
-		}
-		return api.LU{}, b.apiError(err)
-	}
-	return b.GetLU(ctx, name)
-}
-
 // afterChange waits until this node's volumes follow the change just
 // applied, then returns the LU as recorded.
 func (b *daemonBackend) afterChange(ctx context.Context, name string) (api.LU, error) {
@@ -228,11 +231,11 @@ func (b *daemonBackend) afterChange(ctx context.Context, name string) (api.LU, e
 	return b.GetLU(ctx, name)
 }
 
-// nodeAPIAddr returns the API address recorded for node id.
-func nodeAPIAddr(nodes []cluster.NodeInfo, id string) (string, bool) {
+// nodePeerAddr returns the peer address recorded for node id.
+func nodePeerAddr(nodes []cluster.NodeInfo, id string) (string, bool) {
 	for _, n := range nodes {
-		if n.ID == id && n.APIAddr != "" {
-			return n.APIAddr, true
+		if n.ID == id && n.PeerAddr != "" {
+			return n.PeerAddr, true
 		}
 	}
 	return "", false
@@ -370,10 +373,10 @@ func (b *daemonBackend) clusterConnections(ctx context.Context, name string) (in
 		return total, where
 	}
 	for _, n := range nodes {
-		if n.ID == b.nodeID || n.APIAddr == "" {
+		if n.ID == b.nodeID || n.PeerAddr == "" {
 			continue
 		}
-		c, err := api.NewClient(n.APIAddr)
+		c, err := b.peers.client(n.ID, n.PeerAddr)
 		if err != nil {
 			continue
 		}
@@ -420,10 +423,6 @@ func (b *daemonBackend) Nodes(context.Context) ([]api.Node, error) {
 		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter", Leader: n.Leader})
 	}
 	return out, nil
-}
-
-func (b *daemonBackend) Join(ctx context.Context, req api.JoinRequest) error {
-	return b.apiError(b.node.AddVoter(ctx, req.ID, req.PeerAddr, req.APIAddr, req.NBDAddr))
 }
 
 func (b *daemonBackend) Ready() error {
@@ -474,14 +473,12 @@ func (b *daemonBackend) AddCopy(ctx context.Context, name string, req api.AddCop
 	if len(rec.Replicas) >= cluster.CopiesMax {
 		return api.LU{}, fmt.Errorf("%w: LU %q has %d copies, the most allowed", api.ErrInvalid, name, len(rec.Replicas))
 	}
-	expected := rec.Epoch
-	rec.Replicas = append(rec.Replicas, cluster.Replica{NodeID: req.Node, State: cluster.ReplicaNew})
-	rec.Copies = len(rec.Replicas)
-	rec.Epoch++
-	if err := b.node.UpdateLUIfEpoch(ctx, rec, expected); err != nil {
-		if errors.Is(err, cluster.ErrEpochChanged) {
-			return api.LU{}, fmt.Errorf("%w: %v; try again", api.ErrStale, err)
-		}
+	replicas := append(append([]cluster.Replica(nil), rec.Replicas...), cluster.Replica{NodeID: req.Node, State: cluster.ReplicaNew})
+	change := cluster.CopyChange{Name: name, ExpectedEpoch: rec.Epoch, Epoch: rec.Epoch + 1, Writer: rec.Writer,
+		Copies: len(replicas), Replicas: replicas}
+	// Adding a copy is the primary's placement decision (this runs on the
+	// leader; the API forwards it here).
+	if err := b.node.ChangeCopies(ctx, cluster.Proposer{NodeID: b.nodeID, Primary: true}, change); err != nil {
 		return api.LU{}, b.apiError(err)
 	}
 	return b.afterChange(ctx, name)
@@ -534,11 +531,11 @@ func (b *daemonBackend) VerifyLU(ctx context.Context, name string, req api.Verif
 			h, err := b.RegionHashes(ctx, name, off, region, count)
 			return h.Hashes, err
 		}
-		addr, ok := nodeAPIAddr(nodes, node)
+		addr, ok := nodePeerAddr(nodes, node)
 		if !ok {
-			return nil, fmt.Errorf("node %s has no known API address", node)
+			return nil, fmt.Errorf("node %s has no known peer address", node)
 		}
-		c, err := api.NewClient(addr)
+		c, err := b.peers.client(node, addr)
 		if err != nil {
 			return nil, err
 		}

@@ -7,21 +7,34 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/internal/units"
 	"github.com/lupool/lupool/server/api"
 )
 
 const defaultAPI = "127.0.0.1:10810"
 
+// Where the CLI finds its credentials by default: the files the first
+// node of `make run` writes.
+const (
+	defaultTokenFile = "./lupool-data/admin.token"
+	defaultCAFile    = "./lupool-data/pki/ca.crt"
+)
+
 // clientFlags are shared by every command that talks to the API.
 type clientFlags struct {
-	api    string
-	output string
+	api       string
+	output    string
+	tokenFile string
+	caFile    string
+	// tokenFrom is the file the token was read from ("" for LUPOOL_TOKEN).
+	tokenFrom string
 }
 
 func newClientFlagSet(name string, out io.Writer) (*flag.FlagSet, *clientFlags) {
@@ -32,16 +45,76 @@ func newClientFlagSet(name string, out io.Writer) (*flag.FlagSet, *clientFlags) 
 	if def == "" {
 		def = defaultAPI
 	}
-	fs.StringVar(&cf.api, "api", def, "lupool API address HOST:PORT (env LUPOOL_API)")
+	fs.StringVar(&cf.api, "api", def, "lupool API address HOST:PORT or URL (env LUPOOL_API); off loopback it is https")
 	fs.StringVar(&cf.output, "o", "table", "output format: table or json")
+	fs.StringVar(&cf.tokenFile, "token-file", envOr("LUPOOL_TOKEN_FILE", ""),
+		"file holding the admin token (env LUPOOL_TOKEN_FILE; LUPOOL_TOKEN gives the token itself; default "+defaultTokenFile+")")
+	fs.StringVar(&cf.caFile, "ca-file", envOr("LUPOOL_CA_FILE", defaultCAFile), "cluster CA certificate trusted for https (env LUPOOL_CA_FILE)")
 	return fs, cf
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// token finds the admin token: --token-file, else LUPOOL_TOKEN, else the
+// default file if it exists (else none: the API then says what to pass).
+func (cf *clientFlags) token() (string, error) {
+	path := cf.tokenFile
+	if path == "" {
+		if t := strings.TrimSpace(os.Getenv("LUPOOL_TOKEN")); t != "" {
+			return t, nil
+		}
+		if _, err := os.Stat(defaultTokenFile); err != nil {
+			return "", nil
+		}
+		path = defaultTokenFile
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("--token-file: %w", err)
+	}
+	cf.tokenFrom = path
+	return strings.TrimSpace(string(b)), nil
+}
+
+// apiURL is the API address as a URL: a bare HOST:PORT is http on
+// loopback and https elsewhere (the daemon serves HTTPS off loopback).
+func apiURL(addr string) string {
+	if strings.Contains(addr, "://") || addr == "" {
+		return addr
+	}
+	if isLoopback(addr) {
+		return "http://" + addr
+	}
+	return "https://" + addr
 }
 
 func (cf *clientFlags) client() (*api.Client, error) {
 	if cf.output != "table" && cf.output != "json" {
 		return nil, usageErrorf("-o %q: use table or json", cf.output)
 	}
-	return api.NewClient(cf.api)
+	token, err := cf.token()
+	if err != nil {
+		return nil, err
+	}
+	u := apiURL(cf.api)
+	opts := api.ClientOptions{Token: token}
+	if strings.HasPrefix(u, "https://") {
+		pem, err := os.ReadFile(cf.caFile)
+		var ca *pki.CA
+		if err == nil {
+			ca, err = pki.ParseCA(pem, nil)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("https API: cannot read the cluster CA %s (give --ca-file; it is DATA/pki/ca.crt on a node): %w", cf.caFile, err)
+		}
+		opts.HTTP = &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(ca.Pool(), nil, "")}}
+	}
+	return api.NewClientWith(u, opts)
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -301,8 +374,27 @@ func poolCommand(ctx context.Context, args []string, stdout io.Writer) error {
 }
 
 func nodeCommand(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == "remove" {
+		fs, cf := newClientFlagSet("node remove", os.Stderr)
+		pos, err := parseInterspersed(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usageErrorf("node remove needs one node id")
+		}
+		c, err := cf.client()
+		if err != nil {
+			return err
+		}
+		if err := c.RemoveNode(ctx, pos[0]); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "node %s removed; its certificate no longer admits it\n", pos[0])
+		return nil
+	}
 	if len(args) == 0 || args[0] != "list" {
-		return usageErrorf("node needs the subcommand list")
+		return usageErrorf("node needs the subcommand list or remove")
 	}
 	fs, cf := newClientFlagSet("node list", os.Stderr)
 	pos, err := parseInterspersed(fs, args[1:])

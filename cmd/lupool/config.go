@@ -19,19 +19,26 @@ import (
 // environment variable (LUPOOL_<NAME>), then config file (--config, JSON
 // with the same names), then the default.
 type serveConfig struct {
-	Data       string   `json:"data"`
-	PoolDirs   []string `json:"pool_dirs"`
-	NBD        string   `json:"nbd"`
-	API        string   `json:"api"`
-	Peer       string   `json:"peer"`
-	NodeID     string   `json:"node_id"`
-	Join       string   `json:"join"`
-	TLS        string   `json:"tls"`
-	TLSCert    string   `json:"tls_cert"`
-	TLSKey     string   `json:"tls_key"`
-	Overcommit float64  `json:"overcommit"`
-	LogLevel   string   `json:"log_level"`
-	LogFormat  string   `json:"log_format"`
+	Data     string   `json:"data"`
+	PoolDirs []string `json:"pool_dirs"`
+	NBD      string   `json:"nbd"`
+	API      string   `json:"api"`
+	Peer     string   `json:"peer"`
+	NodeID   string   `json:"node_id"`
+	Join     string   `json:"join"`
+	// JoinToken is the credential for Join (lupool cluster join-token).
+	JoinToken string `json:"join_token"`
+	// OpenProbes leaves /healthz, /readyz and /metrics without a token.
+	OpenProbes bool `json:"open_probes"`
+	// NBDMaxConns and NBDMaxConnsPerExport cap NBD client connections.
+	NBDMaxConns          int     `json:"nbd_max_conns"`
+	NBDMaxConnsPerExport int     `json:"nbd_max_conns_per_export"`
+	TLS                  string  `json:"tls"`
+	TLSCert              string  `json:"tls_cert"`
+	TLSKey               string  `json:"tls_key"`
+	Overcommit           float64 `json:"overcommit"`
+	LogLevel             string  `json:"log_level"`
+	LogFormat            string  `json:"log_format"`
 	// DirtyRegionBytes is the writer's dirty-region size for copies that
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
@@ -53,6 +60,7 @@ func defaultServeConfig() serveConfig {
 		Overcommit: 4,
 		LogLevel:   "info",
 		LogFormat:  "text",
+		OpenProbes: true,
 
 		DirtyRegionBytes: 1 << 20,
 		ReplaceAfter:     "10m",
@@ -90,7 +98,14 @@ func settings() []setting {
 		str("api", "HTTP API listen address HOST:PORT", func(c *serveConfig) *string { return &c.API }),
 		str("peer", "peer (raft) listen address HOST:PORT", func(c *serveConfig) *string { return &c.Peer }),
 		str("node-id", "this node's id (default: kept in DATA/node-id, generated once)", func(c *serveConfig) *string { return &c.NodeID }),
-		str("join", "API address of a node of the cluster to join (first start only)", func(c *serveConfig) *string { return &c.Join }),
+		str("join", "API address of a node of the cluster to join (first start only; needs --join-token)", func(c *serveConfig) *string { return &c.Join }),
+		str("join-token", "join token from `lupool cluster join-token` on a member (first start only)", func(c *serveConfig) *string { return &c.JoinToken }),
+		boolSetting("open-probes", "serve /healthz, /readyz and /metrics without the admin token (true or false)",
+			func(c *serveConfig) *bool { return &c.OpenProbes }),
+		intSetting("nbd-max-conns", "most NBD client connections this node accepts (0: the built-in default)",
+			func(c *serveConfig) *int { return &c.NBDMaxConns }),
+		intSetting("nbd-max-conns-per-export", "most NBD client connections to one LU through this node (0: the built-in default)",
+			func(c *serveConfig) *int { return &c.NBDMaxConnsPerExport }),
 		str("tls", "NBD TLS mode: off, optional or required", func(c *serveConfig) *string { return &c.TLS }),
 		str("tls-cert", "PEM certificate file for NBD TLS", func(c *serveConfig) *string { return &c.TLSCert }),
 		str("tls-key", "PEM private key file for NBD TLS", func(c *serveConfig) *string { return &c.TLSKey }),
@@ -110,19 +125,39 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
-		{name: "debug-pprof", help: "serve Go's profiler under /debug/pprof/ on the API address (true or false)",
-			get: func(c *serveConfig) string { return strconv.FormatBool(c.DebugPprof) },
-			set: func(c *serveConfig, v string) error {
-				b, err := strconv.ParseBool(v)
-				if err != nil {
-					return fmt.Errorf("debug-pprof %q: use true or false", v)
-				}
-				c.DebugPprof = b
-				return nil
-			}},
+		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
+			func(c *serveConfig) *bool { return &c.DebugPprof }),
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
 		str("log-format", "text or json", func(c *serveConfig) *string { return &c.LogFormat }),
 	}
+}
+
+// boolSetting is true or false.
+func boolSetting(name, help string, field func(*serveConfig) *bool) setting {
+	return setting{name: name, help: help,
+		get: func(c *serveConfig) string { return strconv.FormatBool(*field(c)) },
+		set: func(c *serveConfig, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("%s %q: use true or false", name, v)
+			}
+			*field(c) = b
+			return nil
+		}}
+}
+
+// intSetting is a count of zero or more.
+func intSetting(name, help string, field func(*serveConfig) *int) setting {
+	return setting{name: name, help: help,
+		get: func(c *serveConfig) string { return strconv.Itoa(*field(c)) },
+		set: func(c *serveConfig, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				return fmt.Errorf("%s %q: want a whole number, 0 or more", name, v)
+			}
+			*field(c) = n
+			return nil
+		}}
 }
 
 // sizeSetting is a byte count given with units (4K, 1M, 10G).
@@ -221,6 +256,7 @@ func (c *serveConfig) validate() error {
 	if c.Overcommit <= 0 {
 		return fmt.Errorf("--overcommit must be positive")
 	}
+
 	if _, err := parseLogLevel(c.LogLevel); err != nil {
 		return err
 	}

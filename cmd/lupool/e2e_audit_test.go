@@ -305,14 +305,7 @@ func TestAuditBadInputLeavesNoTrace(t *testing.T) {
 		{"POST", "/v1/lus", `{"name": "x", "size_bytes": 512, "colour": "red"}`, http.StatusBadRequest},
 		{"POST", "/v1/lus/keep/resize", `{"size_bytes": "big"}`, http.StatusBadRequest},
 	} {
-		req, err := http.NewRequest(c.method, "http://"+d.api+c.path, strings.NewReader(c.body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := d.request(c.method, c.path, c.body)
 		var eb struct {
 			Error string `json:"error"`
 		}

@@ -1,14 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,6 +23,8 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/internal/freeport"
+	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/replication/replproto"
 )
 
 // lupoolBin is the binary under test, built once by TestMain.
@@ -91,13 +96,16 @@ func (b *syncBuffer) String() string {
 
 // daemon is one running `lupool serve` process.
 type daemon struct {
-	t       *testing.T
-	data    string
-	nbd     string
-	api     string
-	peer    string
-	id      string
-	extra   []string
+	t     *testing.T
+	data  string
+	nbd   string
+	api   string
+	peer  string
+	id    string
+	extra []string
+	// via is the member a joining node joins through (nil: d bootstraps
+	// its own cluster); its admin token is d's too.
+	via     *daemon
 	cmd     *exec.Cmd
 	log     syncBuffer
 	exited  chan struct{}
@@ -109,12 +117,66 @@ func newDaemon(t *testing.T, id string, extra ...string) *daemon {
 	return &daemon{t: t, data: t.TempDir(), nbd: freePort(t), api: freePort(t), peer: freePort(t), id: id, extra: extra}
 }
 
+// newJoiner is a daemon that joins via's cluster on its first start, with
+// a join token it asks via for.
+func newJoiner(t *testing.T, id string, via *daemon, extra ...string) *daemon {
+	t.Helper()
+	d := newDaemon(t, id, extra...)
+	d.via = via
+	return d
+}
+
 func (d *daemon) logs() string { return d.log.String() }
+
+// tokenFile is the admin token of d's cluster: the first node's
+// DATA/admin.token.
+func (d *daemon) tokenFile() string {
+	if d.via != nil {
+		return d.via.tokenFile()
+	}
+	return filepath.Join(d.data, "admin.token")
+}
+
+func (d *daemon) token() string {
+	d.t.Helper()
+	b, err := os.ReadFile(d.tokenFile())
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// request sends an API request to d with the admin token.
+func (d *daemon) request(method, path, body string) *http.Response {
+	d.t.Helper()
+	req, err := http.NewRequest(method, "http://"+d.api+path, strings.NewReader(body))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+d.token())
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return resp
+}
+
+// joinToken asks d for a new join token.
+func (d *daemon) joinToken() string {
+	d.t.Helper()
+	return strings.TrimSpace(d.mustCLI("cluster", "join-token"))
+}
 
 // start runs the daemon and waits until /readyz answers 200.
 func (d *daemon) start() {
 	d.t.Helper()
 	args := append([]string{"serve", "--data", d.data, "--nbd", d.nbd, "--api", d.api, "--peer", d.peer, "--node-id", d.id}, d.extra...)
+	if _, err := os.Stat(filepath.Join(d.data, "cluster-id")); d.via != nil && err != nil {
+		args = append(args, "--join", d.via.api, "--join-token", d.via.joinToken())
+	}
 	d.cmd = exec.Command(lupoolBin, args...)
 	d.cmd.Stdout, d.cmd.Stderr = &d.log, &d.log
 	if err := d.cmd.Start(); err != nil {
@@ -175,7 +237,7 @@ func (d *daemon) stop(sig syscall.Signal) {
 func (d *daemon) cli(args ...string) (string, string, int) {
 	d.t.Helper()
 	cmd := exec.Command(lupoolBin, args...)
-	cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api)
+	cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api, "LUPOOL_TOKEN_FILE="+d.tokenFile())
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -293,4 +355,68 @@ func fileSHA(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return sha(b)
+}
+
+// certDir is where d keeps its node certificate.
+func (d *daemon) certDir() string { return filepath.Join(d.data, "pki") }
+
+// peerTLS is a client TLS config for d's peer port: with the node
+// certificate in certDir ("" for none), trusting any server.
+func peerTLS(t *testing.T, certDir string) *tls.Config {
+	t.Helper()
+	conf := &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12} // the test checks the client side
+	if certDir != "" {
+		cert, err := tls.LoadX509KeyPair(filepath.Join(certDir, "node.crt"), filepath.Join(certDir, "node.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conf.Certificates = []tls.Certificate{cert}
+	}
+	return conf
+}
+
+// rawStream is a replication stream a test opened by hand.
+type rawStream struct {
+	conn   net.Conn
+	br     *bufio.Reader
+	status replproto.Status // the hello's answer
+	epoch  uint64           // the epoch in the hello's answer
+}
+
+// openStream dials to's peer port over TLS with the certificate in
+// certDir, upgrades to a replication stream and sends hello at epoch. An
+// error means the TLS handshake or the upgrade failed.
+func openStream(t *testing.T, to *daemon, certDir string, hello replproto.Hello, epoch uint64) (*rawStream, error) {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	conn, err := tls.DialWithDialer(&d, "tcp", to.peer, peerTLS(t, certDir))
+	if err != nil {
+		return nil, err
+	}
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fail := func(err error) (*rawStream, error) {
+		conn.Close()
+		return nil, err
+	}
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", replication.StreamPath, replication.StreamUpgrade)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return fail(fmt.Errorf("upgrade: %w", err))
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fail(fmt.Errorf("upgrade answered %s: %s", resp.Status, body))
+	}
+	payload := replproto.AppendHello(nil, hello)
+	if _, err := conn.Write(replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypeHello, Epoch: epoch}, payload)); err != nil {
+		return fail(err)
+	}
+	var hb [replproto.HeaderBytes]byte
+	h, err := replproto.ReadHeader(br, &hb)
+	if err != nil {
+		return fail(fmt.Errorf("hello reply: %w", err))
+	}
+	_, _ = io.CopyN(io.Discard, br, int64(h.PayloadLen))
+	return &rawStream{conn: conn, br: br, status: h.Status, epoch: h.Epoch}, nil
 }

@@ -159,10 +159,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}
 
 	for _, body := range []string{`{"name":`, `{"name":"x","size_bytes":"big"}`, `[1,2]`} {
-		resp, err := http.Post("http://"+d.api+"/v1/lus", "application/json", strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := d.request("POST", "/v1/lus", body)
 		var eb struct{ Error string }
 		_ = json.NewDecoder(resp.Body).Decode(&eb)
 		resp.Body.Close()
@@ -200,7 +197,7 @@ func TestJoinSeesLUTable(t *testing.T) {
 	n1.mustCLI("lu", "create", "one", "--size", "4M")
 	n1.mustCLI("lu", "create", "two", "--size", "8M")
 
-	n2 := newDaemon(t, "n2", "--join", n1.api)
+	n2 := newJoiner(t, "n2", n1)
 	n2.start()
 	deadline := time.Now().Add(30 * time.Second)
 	for {

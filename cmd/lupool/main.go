@@ -1,12 +1,13 @@
 // Command lupool is the lupool daemon (`lupool serve`) and its CLI, which
 // talks to a daemon's HTTP API (`--api` or LUPOOL_API).
 //
-//	lupool serve [--data DIR] [--nbd ADDR] [--api ADDR] [--peer ADDR] [--join API_ADDR]
+//	lupool serve [--data DIR] [--nbd ADDR] [--api ADDR] [--peer ADDR] [--join API_ADDR --join-token TOKEN]
 //	lupool lu create NAME --size SIZE [--copies N] [--kind file|memory] [--description TEXT]
 //	lupool lu list | show NAME | resize NAME --size SIZE | delete NAME [--force]
 //	lupool lu add-copy NAME [--node NODE] | verify NAME [--region SIZE]
 //	lupool pool status
-//	lupool node list
+//	lupool node list | remove ID
+//	lupool cluster join-token [--ttl D] | join-token list | join-token revoke ID | rotate-admin-token
 //	lupool attach EXPORT /dev/nbdX [--nbd ADDR]
 //
 // This package is wiring only: flags and config, start and stop, and the CLI
@@ -37,10 +38,15 @@ Usage:
   lupool lu verify NAME [--region 1M]  compare the in-sync copies by hash; exit 1 if they differ
   lupool pool status
   lupool node list
+  lupool node remove ID                take a node out; its certificate stops working
+  lupool cluster join-token [--ttl 24h]  print a token a new node joins with
+  lupool cluster join-token list | revoke ID
+  lupool cluster rotate-admin-token    replace the admin token (rewrites --token-file)
   lupool attach EXPORT /dev/nbdX [--nbd HOST:PORT]
 
-Client commands take --api HOST:PORT (default $LUPOOL_API or 127.0.0.1:10810)
-and -o table|json.
+Client commands take --api HOST:PORT (default $LUPOOL_API or 127.0.0.1:10810),
+--token-file FILE (default $LUPOOL_TOKEN_FILE, $LUPOOL_TOKEN, or
+./lupool-data/admin.token), --ca-file FILE for an https API, and -o table|json.
 `
 
 func main() {
@@ -66,6 +72,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = poolCommand(ctx, args[1:], stdout)
 	case "node":
 		err = nodeCommand(ctx, args[1:], stdout)
+	case "cluster":
+		err = clusterCommand(ctx, args[1:], stdout)
 	case "attach":
 		err = attachCommand(ctx, args[1:], stderr)
 	case "help", "-h", "--help":

@@ -22,6 +22,7 @@ func TestConcurrentCreatesRespectOvercommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	size := pool.CapacityBytes / 10 * 6 / 512 * 512 // 0.6 x capacity: one fits, two do not
+	token := d.token()
 	var wg sync.WaitGroup
 	codes := make([]int, 4)
 	for i := range codes {
@@ -29,7 +30,13 @@ func TestConcurrentCreatesRespectOvercommit(t *testing.T) {
 		go func(i int) {
 			defer wg.Done()
 			body, _ := json.Marshal(map[string]any{"name": fmt.Sprintf("race%d", i), "size_bytes": size})
-			resp, err := http.Post("http://"+d.api+"/v1/lus", "application/json", bytes.NewReader(body))
+			req, err := http.NewRequest("POST", "http://"+d.api+"/v1/lus", bytes.NewReader(body))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			req.Header.Set("Authorization", "Bearer "+token)
+			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
 				t.Error(err)
 				return

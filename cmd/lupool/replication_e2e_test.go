@@ -1,11 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,7 +13,6 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/internal/realclient"
-	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
@@ -25,9 +21,9 @@ func cluster3(t *testing.T, extra ...string) (n1, n2, n3 *daemon) {
 	t.Helper()
 	n1 = newDaemon(t, "n1", extra...)
 	n1.start()
-	n2 = newDaemon(t, "n2", append([]string{"--join", n1.api}, extra...)...)
+	n2 = newJoiner(t, "n2", n1, extra...)
 	n2.start()
-	n3 = newDaemon(t, "n3", append([]string{"--join", n1.api}, extra...)...)
+	n3 = newJoiner(t, "n3", n1, extra...)
 	n3.start()
 	return n1, n2, n3
 }
@@ -215,7 +211,7 @@ func TestCopyKilledThenResynced(t *testing.T) {
 
 	// A writer at an old epoch is refused by the copy.
 	stale := n1.showLU("k").Epoch - 1
-	status := helloStatus(t, n2.api, "k", stale)
+	status := helloStatus(t, n2, n1, "k", stale)
 	if status != replproto.StatusStaleEpoch {
 		t.Errorf("hello at stale epoch %d answered %v, want StaleEpoch", stale, status)
 	}
@@ -224,42 +220,16 @@ func TestCopyKilledThenResynced(t *testing.T) {
 	}
 }
 
-// helloStatus opens a replication stream to a node as a copy writer at
-// epoch and returns the hello's answer.
-func helloStatus(t *testing.T, api, name string, epoch uint64) replproto.Status {
+// helloStatus opens a replication stream to node to as a copy writer at
+// epoch, with the certificate of node as, and returns the hello's answer.
+func helloStatus(t *testing.T, to, as *daemon, name string, epoch uint64) replproto.Status {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", api, 5*time.Second)
+	s, err := openStream(t, to, as.certDir(), replproto.Hello{Role: replproto.RoleCopy, LU: name, Node: as.id}, epoch)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", replication.StreamPath, replication.StreamUpgrade)
-	br := bufio.NewReader(conn)
-	line, err := br.ReadString('\n')
-	if err != nil || !strings.Contains(line, "101") {
-		t.Fatalf("upgrade answered %q %v", line, err)
-	}
-	for {
-		l, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatal(err)
-		}
-		if l == "\r\n" {
-			break
-		}
-	}
-	hello := replproto.AppendHello(nil, replproto.Hello{Role: replproto.RoleCopy, LU: name, Node: "impostor"})
-	if _, err := conn.Write(replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypeHello, Epoch: epoch}, hello)); err != nil {
-		t.Fatal(err)
-	}
-	var hb [replproto.HeaderBytes]byte
-	h, err := replproto.ReadHeader(br, &hb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = io.CopyN(io.Discard, br, int64(h.PayloadLen))
-	return h.Status
+	s.conn.Close()
+	return s.status
 }
 
 // ledgerScript writes versioned 4 KiB blocks through nbd and appends

@@ -26,6 +26,8 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/cluster/peerlink"
+	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/server/api"
@@ -176,21 +178,73 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	metaDir := filepath.Join(cfg.Data, "meta")
 	_, statErr := os.Stat(metaDir)
 	firstStart := errors.Is(statErr, os.ErrNotExist)
+	clusterID, member, err := memberMarker(cfg.Data)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", filepath.Join(cfg.Data, clusterIDName), err)
+	}
+	joining := false
+	if !identityExists(cfg.Data) {
+		switch {
+		case member:
+			return fmt.Errorf("%s says this node belongs to cluster %s, but its certificate (%s) is missing: restore DATA/pki from a backup, or remove the node from the cluster and join again with a fresh --data",
+				filepath.Join(cfg.Data, clusterIDName), clusterID, filepath.Join(cfg.Data, pkiDirName))
+		case cfg.Join != "":
+			if cfg.JoinToken == "" {
+				return fmt.Errorf("--join %s needs --join-token TOKEN: run `lupool cluster join-token` against a member and pass what it prints", cfg.Join)
+			}
+			if err := requestCertificate(ctx, cfg, id, log); err != nil {
+				return err
+			}
+			joining = true
+		default:
+			if !firstStart {
+				log.Warn("this pool's data predates cluster identities: creating one (a node of an older multi-node pool must be joined again)")
+			}
+			if err := createIdentity(cfg.Data, id, hostsOf(cfg.Peer, cfg.API, cfg.NBD), log); err != nil {
+				return fmt.Errorf("create the cluster identity: %w", err)
+			}
+		}
+	} else if !member && pendingJoin(cfg.Data) {
+		// A certificate but no membership yet: the first start stopped
+		// between receiving the certificate and registering.
+		joining = true
+	}
+	ident, err := loadIdentity(cfg.Data)
+	if err != nil {
+		return fmt.Errorf("node identity: %w", err)
+	}
+	if got, err := pki.VerifyNode(ident.pool, ident.cert.Leaf, id); err != nil || got != id {
+		return fmt.Errorf("the certificate in %s is not for node %q (%v): a node keeps its id and certificate for life", ident.dir, id, err)
+	}
+	link, err := peerlink.Listen(peerlink.Options{Addr: cfg.Peer, Pool: ident.pool, Cert: ident.cert, Logger: log.With("part", "peerlink")})
+	if err != nil {
+		return fmt.Errorf("peer listen on %s: %w (use --peer to pick another address)", cfg.Peer, err)
+	}
+	defer link.Close()
+
 	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter: replaceAfter,
 		Dir:          metaDir,
 		NodeID:       id,
-		PeerAddr:     cfg.Peer,
+		PeerAddr:     link.Addr(),
+		StreamLayer:  link.Raft(),
 		APIAddr:      cfg.API,
 		NBDAddr:      cfg.NBD,
-		Bootstrap:    cfg.Join == "",
+		Bootstrap:    !member && !joining && cfg.Join == "",
+		ExpectState:  member,
 		Logger:       log.With("part", "cluster"),
 	})
+	if errors.Is(err, cluster.ErrNoState) {
+		return fmt.Errorf("%s says this node belongs to cluster %s, but its metadata (%s) is empty or unreadable; it will not start a new cluster. "+
+			"Restore DATA/meta from a backup, or remove this node from the cluster (lupool node remove %s, against a member) and join again with a fresh --data and --join: %w",
+			filepath.Join(cfg.Data, clusterIDName), clusterID, metaDir, id, err)
+	}
 	if err != nil {
 		return fmt.Errorf("metadata: %w", err)
 	}
 	defer func() { err = errors.Join(err, node.Close()) }()
+	peer := &peers{self: id, link: link, node: node}
 
 	exports := nbd.NewExportSet()
 	nbdMetrics := nbd.NewMetrics()
@@ -200,13 +254,20 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		TLSMode:   tlsMode,
 		TLSConfig: tlsConf,
 		Metrics:   nbdMetrics,
+		// 0 takes the engine's defaults (limits in server/nbd/nbd.go).
+		MaxConnections:          cfg.NBDMaxConns,
+		MaxConnectionsPerExport: cfg.NBDMaxConnsPerExport,
 	})
 	if err != nil {
 		return err
 	}
-	dirty, err := replication.OpenDirtyStore(filepath.Join(cfg.Data, "dirty"), nil)
+	dirty, err := replication.OpenDirtyStoreOptions(filepath.Join(cfg.Data, "dirty"),
+		replication.DirtyStoreOptions{ExpectExisting: !firstStart})
 	if err != nil {
 		return err
+	}
+	if doubt := dirty.Doubt(); doubt != nil {
+		log.Warn("the dirty-region store is not trusted: copies that are not in sync will be compared by region hashes before they are recorded in sync", "reason", doubt)
 	}
 	defer func() { err = errors.Join(err, dirty.Close()) }()
 	mgr, err := replication.NewManager(replication.ManagerOptions{
@@ -216,15 +277,20 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Dirty:                dirty,
 		RegionBytes:          cfg.DirtyRegionBytes,
 		ResyncBytesPerSecond: cfg.ResyncRateBytes,
-		UpdateLU: func(ctx context.Context, rec cluster.LU, expected uint64) error {
-			return updateLUViaLeader(ctx, node, rec, expected)
+		UpdateLU:             peer.changeCopies,
+		// Streams go to the peer port, over mutual TLS.
+		NodeAPI: peer.peerAddr,
+		Dial: func(ctx context.Context, nodeID, addr string) (net.Conn, error) {
+			return link.Dial(ctx, addr, nodeID)
 		},
-		NodeAPI: func(nodeID string) (string, bool) {
-			nodes, err := node.Nodes()
+		IsMember: node.IsMember,
+		PeerHashes: func(ctx context.Context, nodeID, name string, offsetBytes, regionBytes int64, count int) ([]string, error) {
+			c, err := peer.clientOf(nodeID)
 			if err != nil {
-				return "", false
+				return nil, err
 			}
-			return nodeAPIAddr(nodes, nodeID)
+			h, err := c.RegionHashes(ctx, name, offsetBytes, regionBytes, count)
+			return h.Hashes, err
 		},
 		Export: func(name, description string, dev blockdev.Device) {
 			if err := exports.Add(nbd.Export{Name: name, Description: description, Device: dev}); err != nil {
@@ -258,14 +324,31 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 		debug = mux
 	}
-	backend := &daemonBackend{node: node, pool: pool, mgr: mgr, nbd: nbdServer, nodeID: id, overcommit: cfg.Overcommit}
+	backend := &daemonBackend{node: node, pool: pool, mgr: mgr, nbd: nbdServer, nodeID: id, overcommit: cfg.Overcommit,
+		ident: ident, peers: peer, data: cfg.Data, log: log.With("part", "api")}
+	if tok, err := readTrimmed(filepath.Join(cfg.Data, adminTokenName)); err == nil {
+		backend.localAdminHash = pki.HashSecret(tok)
+	}
 	handler, err := api.NewHandler(api.Options{
-		Backend: backend,
-		NodeID:  id,
-		Metrics: promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}),
-		Logger:  log.With("part", "api"),
-		Debug:   debug,
-		Upgrades: map[string]func(net.Conn, *bufio.Reader){
+		Backend:       backend,
+		NodeID:        id,
+		Metrics:       promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}),
+		Logger:        log.With("part", "api"),
+		Debug:         debug,
+		CheckToken:    backend.checkToken,
+		IsMember:      node.IsMember,
+		PeerClient:    peer.httpClient,
+		ProtectProbes: !cfg.OpenProbes,
+		PeerNode: func(r *http.Request) (string, bool) {
+			if id, ok := peerlink.PeerID(r.Context()); ok {
+				return id, true
+			}
+			if r.TLS != nil {
+				return pki.PeerNodeID(ident.pool, *r.TLS)
+			}
+			return "", false
+		},
+		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
 		},
 	})
@@ -276,13 +359,28 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return fmt.Errorf("API listen on %s: %w (use --api to pick another address)", cfg.API, err)
 	}
+	// The API speaks HTTPS (this node's certificate from the cluster CA;
+	// the CLI trusts DATA/pki/ca.crt) to everyone, and plain HTTP only to
+	// clients on loopback.
+	apiListener = api.SniffTLS(apiListener, pki.ServerTLS(ident.pool, ident.cert, tls.RequestClientCert), func(remote net.Addr) bool {
+		ta, ok := remote.(*net.TCPAddr)
+		return ok && ta.IP.IsLoopback()
+	})
 	httpServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
+	peerServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: link.ConnContext}
+	errc := make(chan error, 3)
 	go func() { errc <- httpServer.Serve(apiListener) }()
+	go func() { errc <- peerServer.Serve(link.HTTP()) }()
 	defer httpServer.Close()
+	defer peerServer.Close()
 
-	if cfg.Join != "" && firstStart {
-		if err := joinCluster(ctx, cfg, id, log); err != nil {
+	if joining {
+		members, err := readJoinMembers(cfg.Data)
+		if err != nil {
+			return fmt.Errorf("finish joining: %w (remove %s and join again)", err, filepath.Join(cfg.Data, pkiDirName))
+		}
+		req := api.RegisterNodeRequest{PeerAddr: link.Addr(), APIAddr: cfg.API, NBDAddr: cfg.NBD}
+		if err := register(ctx, link, members, req, log); err != nil {
 			return err
 		}
 	}
@@ -293,6 +391,17 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		if err := node.RegisterSelf(ctx); err != nil {
 			log.Warn("cannot record this node in the metadata", "err", err)
 		}
+		if err := backend.recordIdentity(ctx); err != nil {
+			log.Warn("cannot record the cluster identity in the metadata", "err", err)
+		}
+	}
+	if !member {
+		if err := writeMemberMarker(cfg.Data, clusterIDOf(cfg.Data)); err != nil {
+			return fmt.Errorf("record membership: %w", err)
+		}
+		if joining {
+			_ = os.Remove(filepath.Join(cfg.Data, pkiDirName, joinMembersName))
+		}
 	}
 	lus, cancelWatch, err := node.ListAndWatch(mgr.Enqueue)
 	if err != nil {
@@ -301,6 +410,15 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	defer cancelWatch()
 	if err := mgr.Reconcile(ctx, lus); err != nil {
 		return err
+	}
+	if dirty.Doubt() != nil {
+		// Every copy in doubt is now marked for a hash compare in the
+		// store itself, unless an LU could not be set up.
+		if lerr := mgr.LastError(); lerr != nil {
+			log.Warn("the dirty-region store stays in doubt until every LU is set up", "err", lerr)
+		} else if err := dirty.Trust(); err != nil {
+			log.Error("cannot mark the dirty-region store trusted", "err", err)
+		}
 	}
 
 	nbdListener, err := net.Listen("tcp", cfg.NBD)
@@ -330,35 +448,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		log.Error("flush at shutdown", "err", err)
 	}
 	_ = httpServer.Shutdown(sctx)
+	_ = peerServer.Shutdown(sctx)
 	log.Info("stopped")
 	return nil
-}
-
-// updateLUViaLeader records a copy-state change of rec: directly when this
-// node leads the metadata log, else through the leader's API.
-func updateLUViaLeader(ctx context.Context, node *cluster.Node, rec cluster.LU, expected uint64) error {
-	err := node.UpdateLUIfEpoch(ctx, rec, expected)
-	if !errors.Is(err, cluster.ErrNotLeader) {
-		return err
-	}
-	_, leaderAPI := node.Leader()
-	if leaderAPI == "" {
-		return err
-	}
-	c, cerr := api.NewClient(leaderAPI)
-	if cerr != nil {
-		return cerr
-	}
-	req := api.UpdateReplicasRequest{ExpectedEpoch: expected, Epoch: rec.Epoch, Writer: rec.Writer}
-	for _, r := range rec.Replicas {
-		req.Replicas = append(req.Replicas, api.Replica{Node: r.NodeID, State: r.State})
-	}
-	_, err = c.UpdateReplicas(ctx, rec.Name, req)
-	var se *api.StatusError
-	if errors.As(err, &se) && se.StatusCode == http.StatusPreconditionFailed {
-		return fmt.Errorf("%w: %v", cluster.ErrEpochChanged, err)
-	}
-	return err
 }
 
 // waitLeader waits until the metadata log has a leader.
@@ -379,37 +471,6 @@ func waitLeader(ctx context.Context, node *cluster.Node, log *slog.Logger) error
 			return fmt.Errorf("no metadata leader after 2 minutes (is a majority of nodes up?): %w", err)
 		}
 		return nil
-	}
-}
-
-// joinCluster asks the node at cfg.Join to add this node as a voter,
-// retrying while the cluster elects a leader.
-func joinCluster(ctx context.Context, cfg serveConfig, id string, log *slog.Logger) error {
-	c, err := api.NewClient(cfg.Join)
-	if err != nil {
-		return fmt.Errorf("--join: %w", err)
-	}
-	req := api.JoinRequest{ID: id, PeerAddr: cfg.Peer, APIAddr: cfg.API, NBDAddr: cfg.NBD}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		_, err := c.Join(ctx, req)
-		if err == nil {
-			log.Info("joined cluster", "via", cfg.Join)
-			return nil
-		}
-		var se *api.StatusError
-		if errors.As(err, &se) && se.StatusCode == http.StatusBadRequest {
-			return fmt.Errorf("join via %s refused: %w", cfg.Join, err)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("join via %s: %w", cfg.Join, err)
-		}
-		log.Info("join not accepted yet; retrying", "via", cfg.Join, "err", err)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Second):
-		}
 	}
 }
 

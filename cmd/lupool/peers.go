@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/cluster/peerlink"
+	"github.com/lupool/lupool/server/api"
+)
+
+// peers reaches the other nodes' peer ports, over mutual TLS: every call
+// there is authenticated by this node's certificate, and the other end
+// checks it is a member.
+type peers struct {
+	self string
+	link *peerlink.Link // immutable; never nil
+	node *cluster.Node  // immutable; never nil
+}
+
+// peerAddr returns the peer address recorded for node id.
+func (p *peers) peerAddr(id string) (string, bool) {
+	nodes, err := p.node.Nodes()
+	if err != nil {
+		return "", false
+	}
+	for _, n := range nodes {
+		if n.ID == id && n.PeerAddr != "" {
+			return n.PeerAddr, true
+		}
+	}
+	return "", false
+}
+
+// client returns an API client for node id's peer port at addr; the
+// server must prove it is node id.
+func (p *peers) client(id, addr string) (*api.Client, error) {
+	return api.NewClientWith("https://"+addr, api.ClientOptions{HTTP: p.link.HTTPClient(id)})
+}
+
+// clientOf is client with the recorded peer address of id.
+func (p *peers) clientOf(id string) (*api.Client, error) {
+	addr, ok := p.peerAddr(id)
+	if !ok {
+		return nil, fmt.Errorf("node %s has no recorded peer address", id)
+	}
+	return p.client(id, addr)
+}
+
+// httpClient is for the API handler's forwarding to the leader.
+func (p *peers) httpClient(id string) *http.Client { return p.link.HTTPClient(id) }
+
+// changeCopies records a change of rec's copy states, proposed by this
+// node: directly when it leads the metadata log, else on the leader's
+// peer port (never through a third node, which would become the
+// proposer). It follows leadership changes until ctx ends.
+func (p *peers) changeCopies(ctx context.Context, rec cluster.LU, expected uint64) error {
+	change := cluster.CopyChange{Name: rec.Name, ExpectedEpoch: expected, Epoch: rec.Epoch, Writer: rec.Writer,
+		Copies: rec.Copies, Replicas: append([]cluster.Replica(nil), rec.Replicas...)}
+	req := api.CopyChangeRequest{ExpectedEpoch: expected, Epoch: rec.Epoch, Writer: rec.Writer, Copies: rec.Copies}
+	for _, r := range rec.Replicas {
+		req.Replicas = append(req.Replicas, api.Replica{Node: r.NodeID, State: r.State})
+	}
+	for {
+		err := p.node.ChangeCopies(ctx, cluster.Proposer{NodeID: p.self}, change)
+		if !errors.Is(err, cluster.ErrNotLeader) {
+			return err
+		}
+		if leader, _ := p.node.Leader(); leader != "" {
+			var c *api.Client
+			if c, err = p.clientOf(leader); err == nil {
+				_, err = c.ChangeCopies(ctx, rec.Name, req)
+			}
+			var se *api.StatusError
+			switch {
+			case err == nil:
+				return nil
+			case errors.As(err, &se) && se.StatusCode == http.StatusPreconditionFailed:
+				return fmt.Errorf("%w: %v", cluster.ErrEpochChanged, err)
+			case errors.As(err, &se) && se.StatusCode == http.StatusForbidden:
+				return fmt.Errorf("%w: %v", cluster.ErrIllegalChange, err)
+			case errors.As(err, &se) && se.StatusCode < 500:
+				return fmt.Errorf("leader %s refused the copy change: %w", leader, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: copy change of %s: %v", cluster.ErrNotLeader, rec.Name, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// register is the second step of joining (and how a member records new
+// addresses of its own): ask the leader, on its peer port, to add this
+// node (identified by its certificate) with req's addresses. members are
+// where to start looking for the leader.
+func register(ctx context.Context, link *peerlink.Link, members []api.Node, req api.RegisterNodeRequest, log *slog.Logger) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	var lastErr error
+	for attempt := 0; ; attempt++ {
+		for i := 0; i < len(members); i++ {
+			m := members[i]
+			if m.PeerAddr == "" {
+				continue
+			}
+			c, err := api.NewClientWith("https://"+m.PeerAddr, api.ClientOptions{HTTP: link.HTTPClient(m.ID)})
+			if err != nil {
+				return err
+			}
+			_, err = c.RegisterNode(ctx, req)
+			if err == nil {
+				log.Info("registered with the metadata leader", "leader", m.ID)
+				return nil
+			}
+			lastErr = err
+			var se *api.StatusError
+			if errors.As(err, &se) && se.LeaderPeer != "" && se.LeaderID != m.ID && len(members) < 16 {
+				// A follower named the leader: try it next.
+				members = append(members, api.Node{ID: se.LeaderID, PeerAddr: se.LeaderPeer})
+				continue
+			}
+			if errors.As(err, &se) && se.StatusCode < 500 {
+				return fmt.Errorf("node %s refused to register this node: %w", m.ID, err)
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("could not register with the metadata leader within 2 minutes: %w", lastErr)
+		}
+		if attempt%5 == 0 {
+			log.Info("registering with the metadata leader; retrying", "err", lastErr)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
