@@ -313,6 +313,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(node.Collectors()...)
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
+	registry.MustRegister(peerCollectors(link)...)
 
 	var debug http.Handler
 	if cfg.DebugPprof {
@@ -471,6 +472,24 @@ func waitLeader(ctx context.Context, node *cluster.Node, log *slog.Logger) error
 			return fmt.Errorf("no metadata leader after 2 minutes (is a majority of nodes up?): %w", err)
 		}
 		return nil
+	}
+}
+
+// peerCollectors exposes the peer port's connection counts, read at
+// scrape time: lupool_peer_connections_total{outcome}.
+func peerCollectors(link *peerlink.Link) []prometheus.Collector {
+	counter := func(outcome string, f func(peerlink.Stats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "lupool_peer_connections_total",
+			Help:        "Connections to the peer port by outcome (refused ones: no or bad certificate, flood, bad protocol).",
+			ConstLabels: prometheus.Labels{"outcome": outcome}}, func() float64 { return float64(f(link.Stats())) })
+	}
+	return []prometheus.Collector{
+		counter("raft", func(s peerlink.Stats) uint64 { return s.Raft }),
+		counter("http", func(s peerlink.Stats) uint64 { return s.HTTP }),
+		counter("handshake_failed", func(s peerlink.Stats) uint64 { return s.HandshakeFailed }),
+		counter("bad_first_byte", func(s peerlink.Stats) uint64 { return s.BadFirstByte }),
+		counter("evicted", func(s peerlink.Stats) uint64 { return s.Evicted }),
+		counter("overflow", func(s peerlink.Stats) uint64 { return s.Overflow }),
 	}
 }
 
