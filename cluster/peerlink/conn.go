@@ -2,6 +2,7 @@ package peerlink
 
 import (
 	"crypto/tls"
+	"github.com/lupool/lupool/cluster/pki"
 	"net"
 	"sync/atomic"
 	"time"
@@ -12,16 +13,22 @@ import (
 // concurrent use like any net.Conn (one reader and one writer at a time
 // keep the byte order meaningful).
 type Conn struct {
-	tc     *tls.Conn   // immutable; never nil for accepted conns
-	peerID string      // immutable; the verified node id of the peer
-	first  byte        // immutable; the peeked byte
-	peeked atomic.Bool // true while first has not been read
+	tc     *tls.Conn // immutable; never nil for accepted conns
+	peerID string    // immutable; the verified node id of the peer
+	// certSHA256 is the peer certificate's fingerprint (pki.Fingerprint).
+	// Immutable.
+	certSHA256 string
+	first      byte        // immutable; the peeked byte
+	peeked     atomic.Bool // true while first has not been read
 }
 
 var _ net.Conn = (*Conn)(nil)
 
 func newConn(tc *tls.Conn, peerID string, first byte) *Conn {
 	c := &Conn{tc: tc, peerID: peerID, first: first}
+	if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
+		c.certSHA256 = pki.Fingerprint(cs.PeerCertificates[0].Raw)
+	}
 	c.peeked.Store(true)
 	return c
 }

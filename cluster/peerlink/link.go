@@ -68,6 +68,14 @@ type Options struct {
 	// MaxHandshakes bounds connections in handshake; when it is reached
 	// the oldest is dropped. 0 means DefaultMaxHandshakes.
 	MaxHandshakes int
+	// AllowRaft, when set, decides whether a verified peer may speak raft
+	// to this node: nodeID from its certificate, certSHA256 the
+	// certificate's fingerprint (pki.Fingerprint). A certificate of the CA
+	// alone is not membership: raft takes the leader's id from its
+	// messages, so only current members may reach it. Refused connections
+	// are closed and counted (Stats.RaftRefused). Nil allows every node
+	// of the CA (tests).
+	AllowRaft func(nodeID, certSHA256 string) bool
 }
 
 // ensureDefaults fills zero fields with the defaults above.
@@ -120,6 +128,7 @@ type Stats struct {
 	BadFirstByte    uint64 // first byte neither raft nor HTTP
 	Evicted         uint64 // dropped mid-handshake because MaxHandshakes were in progress
 	Overflow        uint64 // dropped because the side's queue held MaxPending, or the side was closed
+	RaftRefused     uint64 // raft connections AllowRaft refused (not a member, or not its recorded certificate)
 }
 
 // Link is one node's peer port: a TCP listener whose mutual-TLS connections
@@ -145,7 +154,7 @@ type Link struct {
 	}
 
 	stats struct {
-		accepted, raft, http, handshakeFailed, badFirstByte, evicted, overflow atomic.Uint64
+		accepted, raft, http, handshakeFailed, badFirstByte, evicted, overflow, raftRefused atomic.Uint64
 	}
 	warnHandshake, warnDrop warnLimiter
 }
@@ -236,9 +245,19 @@ type peerIDKey struct{}
 // http.Server.ConnContext. Connections that are not *Conn leave ctx as is.
 func (l *Link) ConnContext(ctx context.Context, c net.Conn) context.Context {
 	if pc, ok := c.(*Conn); ok && pc.peerID != "" {
+		ctx = context.WithValue(ctx, peerCertKey{}, pc.certSHA256)
 		return context.WithValue(ctx, peerIDKey{}, pc.peerID)
 	}
 	return ctx
+}
+
+type peerCertKey struct{}
+
+// PeerCertSHA256 returns the fingerprint (pki.Fingerprint) of the peer
+// certificate whose node id ConnContext stored in ctx.
+func PeerCertSHA256(ctx context.Context) (string, bool) {
+	fp, ok := ctx.Value(peerCertKey{}).(string)
+	return fp, ok && fp != ""
 }
 
 // PeerID returns the peer node id that ConnContext stored in ctx (for a
@@ -258,6 +277,7 @@ func (l *Link) Stats() Stats {
 		BadFirstByte:    l.stats.badFirstByte.Load(),
 		Evicted:         l.stats.evicted.Load(),
 		Overflow:        l.stats.overflow.Load(),
+		RaftRefused:     l.stats.raftRefused.Load(),
 	}
 }
 
@@ -481,6 +501,13 @@ func (l *Link) serveConn(h *handshaking) {
 	c := newConn(tc, peer, first[0])
 	switch b := first[0]; {
 	case b <= raftFirstByteMax:
+		if l.opts.AllowRaft != nil && !l.opts.AllowRaft(peer, c.certSHA256) {
+			raw.Close()
+			l.stats.raftRefused.Add(1)
+			l.opts.Logger.Debug("peerlink: refused raft from a node that is not a member", "remote", raw.RemoteAddr().String(), "peer", peer)
+			l.warnDrop.warn(l.opts.Logger, "peerlink: refusing raft from a certificate that is not a current member's", "peer", peer)
+			return
+		}
 		l.route(l.raft.side, c, &l.stats.raft)
 	case 'A' <= b && b <= 'Z':
 		l.route(l.http, c, &l.stats.http)
