@@ -77,11 +77,16 @@ func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c
 // nodeRecord is what the state machine stores per node; raft's
 // configuration holds membership, this holds the addresses clients need.
 type nodeRecord struct {
-	ID        string    `json:"id"`
-	PeerAddr  string    `json:"peer_addr"`
-	APIAddr   string    `json:"api_addr,omitempty"`
-	NBDAddr   string    `json:"nbd_addr,omitempty"`
-	UpdatedAt time.Time `json:"updated_at"`
+	ID       string `json:"id"`
+	PeerAddr string `json:"peer_addr"`
+	APIAddr  string `json:"api_addr,omitempty"`
+	NBDAddr  string `json:"nbd_addr,omitempty"`
+	// CertSHA256 is the fingerprint (pki.Fingerprint) of the certificate
+	// the node registered with: peers accept that certificate only, so
+	// another certificate naming the same id (a losing concurrent join)
+	// is not the member. Set at join; never changed by an upsert.
+	CertSHA256 string    `json:"cert_sha256,omitempty"`
+	UpdatedAt  time.Time `json:"updated_at"`
 }
 
 func encodeCommand(c *command) ([]byte, error) {

@@ -371,7 +371,7 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err != nil {
 			return applyResult{err: err}
 		}
-		if err := checkNodeUpsert(n, c.Join, c.proposer(), exists); err != nil {
+		if err := checkNodeUpsertOf(n, c.Join, c.proposer(), exists, existing); err != nil {
 			return applyResult{err: err}
 		}
 		return applyResult{err: putJSON(b, nodePrefix+n.ID, n)}

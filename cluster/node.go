@@ -62,6 +62,9 @@ type Options struct {
 	// APIAddr and NBDAddr are stored in this node's record for clients.
 	APIAddr string
 	NBDAddr string
+	// CertSHA256 is the fingerprint of this node's certificate, stored in
+	// its record (peers accept only that certificate for this node).
+	CertSHA256 string
 	// Bootstrap makes a node without any raft state a one-member cluster.
 	Bootstrap bool
 	// ExpectState makes Open fail with ErrNoState when the node has no
@@ -431,7 +434,8 @@ func (n *Node) ensureSelfRecord() error {
 	if err != nil {
 		return err
 	}
-	if found && rec.PeerAddr == n.PeerAddress() && rec.APIAddr == n.opts.APIAddr && rec.NBDAddr == n.opts.NBDAddr {
+	if found && rec.PeerAddr == n.PeerAddress() && rec.APIAddr == n.opts.APIAddr && rec.NBDAddr == n.opts.NBDAddr &&
+		rec.CertSHA256 == n.opts.CertSHA256 {
 		return nil
 	}
 	return n.RegisterSelf(ctx)
@@ -677,7 +681,8 @@ func (n *Node) Setting(key string) (value string, found bool, err error) {
 // (and again whenever addresses change); a follower re-registers through
 // the leader, which calls RegisterNode. Returns ErrNotLeader.
 func (n *Node) RegisterSelf(ctx context.Context) error {
-	rec := nodeRecord{ID: n.opts.NodeID, PeerAddr: n.PeerAddress(), APIAddr: n.opts.APIAddr, NBDAddr: n.opts.NBDAddr}
+	rec := nodeRecord{ID: n.opts.NodeID, PeerAddr: n.PeerAddress(), APIAddr: n.opts.APIAddr, NBDAddr: n.opts.NBDAddr,
+		CertSHA256: n.opts.CertSHA256}
 	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &rec, By: n.opts.NodeID})
 	return err
 }
@@ -694,7 +699,7 @@ func (n *Node) RegisterNode(ctx context.Context, by Proposer, rec NodeAddrs) err
 	if by.NodeID != rec.ID {
 		return fmt.Errorf("%w: %q proposes addresses for %q", ErrForeignRecord, by.NodeID, rec.ID)
 	}
-	nr := nodeRecord{ID: rec.ID, PeerAddr: rec.PeerAddr, APIAddr: rec.APIAddr, NBDAddr: rec.NBDAddr}
+	nr := nodeRecord{ID: rec.ID, PeerAddr: rec.PeerAddr, APIAddr: rec.APIAddr, NBDAddr: rec.NBDAddr, CertSHA256: rec.CertSHA256}
 	_, err := n.propose(ctx, &command{Type: cmdUpsertNode, Node: &nr, By: by.NodeID, Primary: by.Primary})
 	return err
 }
@@ -715,6 +720,21 @@ func (n *Node) IsMember(id string) bool {
 		return err
 	})
 	return found
+}
+
+// MemberCert returns the certificate fingerprint recorded for member id
+// (from the local applied state); ok is false when id has no record.
+func (n *Node) MemberCert(id string) (certSHA256 string, ok bool) {
+	if id == "" || n.isClosed() {
+		return "", false
+	}
+	var rec nodeRecord
+	var found bool
+	_ = n.readDB(func() (err error) {
+		found, err = getJSON(n.db, nodePrefix+id, &rec)
+		return err
+	})
+	return rec.CertSHA256, found
 }
 
 // configServer returns id's entry in the latest raft configuration.
@@ -738,7 +758,7 @@ func (n *Node) configServer(id string) (raft.Server, bool, error) {
 // except for a retry of the same join (the same peer address), which
 // finishes whatever the first attempt left undone and is otherwise a
 // no-op. Returns ErrMember, ErrInvalid, ErrNotLeader or ErrOutcomeUnknown.
-func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr string) error {
+func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr, certSHA256 string) error {
 	if id == "" || peerAddr == "" {
 		return fmt.Errorf("%w: AddVoter needs a node id and a peer address", ErrInvalid)
 	}
@@ -768,6 +788,9 @@ func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr stri
 		return fmt.Errorf("%w: %q is recorded at %s, not %s; remove it first to rejoin it",
 			ErrMember, id, rec.PeerAddr, peerAddr)
 	}
+	if hasRecord && rec.CertSHA256 != certSHA256 {
+		return fmt.Errorf("%w: %q is recorded with another certificate; remove it first to rejoin it", ErrMember, id)
+	}
 	if !inConfig {
 		timeout := n.opts.ApplyTimeout
 		if d, ok := ctx.Deadline(); ok {
@@ -783,7 +806,7 @@ func (n *Node) AddVoter(ctx context.Context, id, peerAddr, apiAddr, nbdAddr stri
 	if hasRecord {
 		return nil // the same join again: its record is there
 	}
-	nr := nodeRecord{ID: id, PeerAddr: peerAddr, APIAddr: apiAddr, NBDAddr: nbdAddr}
+	nr := nodeRecord{ID: id, PeerAddr: peerAddr, APIAddr: apiAddr, NBDAddr: nbdAddr, CertSHA256: certSHA256}
 	_, err = n.propose(ctx, &command{Type: cmdUpsertNode, Node: &nr, Join: true, By: n.opts.NodeID, Primary: true})
 	return err
 }
@@ -840,14 +863,14 @@ func (n *Node) Nodes() ([]NodeInfo, error) {
 			info.Suffrage = suffrageStaging
 		}
 		if rec, ok := recs[info.ID]; ok {
-			info.APIAddr, info.NBDAddr, info.UpdatedAt = rec.APIAddr, rec.NBDAddr, rec.UpdatedAt
+			info.APIAddr, info.NBDAddr, info.UpdatedAt, info.CertSHA256 = rec.APIAddr, rec.NBDAddr, rec.UpdatedAt, rec.CertSHA256
 			delete(recs, info.ID)
 		}
 		out = append(out, info)
 	}
 	for _, rec := range recs {
 		out = append(out, NodeInfo{ID: rec.ID, PeerAddr: rec.PeerAddr, APIAddr: rec.APIAddr,
-			NBDAddr: rec.NBDAddr, Suffrage: suffrageUnlisted, UpdatedAt: rec.UpdatedAt})
+			NBDAddr: rec.NBDAddr, Suffrage: suffrageUnlisted, UpdatedAt: rec.UpdatedAt, CertSHA256: rec.CertSHA256})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil

@@ -478,7 +478,7 @@ func TestThreeNodes(t *testing.T) {
 	n3 := openNode(t, testOptions(t, t.TempDir(), "n3", false))
 	all := []*Node{n1, n2, n3}
 	onLeader(t, all, nil, func(l *Node) error {
-		return l.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr)
+		return l.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr, "")
 	})
 	for i := 0; i < 12; i++ {
 		onLeader(t, all, ErrExists, func(l *Node) error {
@@ -499,7 +499,7 @@ func TestThreeNodes(t *testing.T) {
 	}
 	defer cancel3()
 	onLeader(t, all, nil, func(l *Node) error {
-		return l.AddVoter(ctx, "n3", n3.PeerAddress(), n3.opts.APIAddr, n3.opts.NBDAddr)
+		return l.AddVoter(ctx, "n3", n3.PeerAddress(), n3.opts.APIAddr, n3.opts.NBDAddr, "")
 	})
 	for _, f := range all {
 		waitFor(t, f.ID()+" to see 12 LUs", func() bool {
@@ -613,7 +613,7 @@ func TestFollowerRestartAfterCompaction(t *testing.T) {
 	all := []*Node{n1, n2, n3}
 	for _, f := range []*Node{n2, n3} {
 		onLeader(t, all, nil, func(l *Node) error {
-			return l.AddVoter(ctx, f.ID(), f.PeerAddress(), f.opts.APIAddr, f.opts.NBDAddr)
+			return l.AddVoter(ctx, f.ID(), f.PeerAddress(), f.opts.APIAddr, f.opts.NBDAddr, "")
 		})
 	}
 	for _, name := range []string{"keep", "grow", "drop"} {

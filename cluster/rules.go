@@ -57,7 +57,12 @@ type CopyChange struct {
 }
 
 // NodeAddrs are the addresses a member records for itself (RegisterNode).
-type NodeAddrs struct{ ID, PeerAddr, APIAddr, NBDAddr string }
+type NodeAddrs struct {
+	ID, PeerAddr, APIAddr, NBDAddr string
+	// CertSHA256 is the fingerprint of the certificate the node proved
+	// its id with; it must be the recorded one.
+	CertSHA256 string
+}
 
 // Rule names, as they appear in ErrIllegalChange messages.
 const (
@@ -375,6 +380,20 @@ func checkCreate(lu LU, members map[string]bool) error {
 // a node writes its own record; a join (the primary adding a new member)
 // writes a record only where none exists.
 func checkNodeUpsert(rec nodeRecord, join bool, by Proposer, exists bool) error {
+	return checkNodeUpsertOf(rec, join, by, exists, nodeRecord{})
+}
+
+// checkNodeUpsertOf is checkNodeUpsert that also knows the existing
+// record: its certificate binding never changes.
+func checkNodeUpsertOf(rec nodeRecord, join bool, by Proposer, exists bool, old nodeRecord) error {
+	if exists && old.CertSHA256 != "" && rec.CertSHA256 != old.CertSHA256 {
+		return fmt.Errorf("%w: %q is bound to certificate %s; a record is never rebound (remove the node and join it again)",
+			ErrForeignRecord, rec.ID, old.CertSHA256)
+	}
+	return checkNodeUpsertBy(rec, join, by, exists)
+}
+
+func checkNodeUpsertBy(rec nodeRecord, join bool, by Proposer, exists bool) error {
 	if join {
 		if !by.Primary {
 			return fmt.Errorf("%w: %q proposes a join of %q; only the primary joins nodes", ErrForeignRecord, by.NodeID, rec.ID)

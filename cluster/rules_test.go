@@ -550,7 +550,7 @@ func TestAddVoterExistingMember(t *testing.T) {
 	n2 := openNode(t, testOptions(t, t.TempDir(), "n2", false))
 	all := []*Node{n1, n2}
 	onLeader(t, all, nil, func(l *Node) error {
-		return l.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr)
+		return l.AddVoter(ctx, "n2", n2.PeerAddress(), n2.opts.APIAddr, n2.opts.NBDAddr, "")
 	})
 	var leader *Node
 	waitFor(t, "a leader that knows both records", func() bool {
@@ -580,7 +580,7 @@ func TestAddVoterExistingMember(t *testing.T) {
 		{"n2", n1.PeerAddress()}, // n2's id at n1's address
 		{"n5", n1.PeerAddress()}, // a recorded id at a member's address
 	} {
-		err := leader.AddVoter(ctx, tc.id, tc.peer, "10.6.6.6:1", "10.6.6.6:2")
+		err := leader.AddVoter(ctx, tc.id, tc.peer, "10.6.6.6:1", "10.6.6.6:2", "")
 		if !errors.Is(err, ErrMember) {
 			t.Fatalf("AddVoter(%s, %s): %v, want ErrMember", tc.id, tc.peer, err)
 		}
@@ -589,7 +589,7 @@ func TestAddVoterExistingMember(t *testing.T) {
 		t.Fatalf("raft configuration changed:\n%s\nwas\n%s", got, conf)
 	}
 	// The same join again changes nothing and succeeds.
-	if err := leader.AddVoter(ctx, "n2", n2.PeerAddress(), "10.6.6.6:1", "10.6.6.6:2"); err != nil {
+	if err := leader.AddVoter(ctx, "n2", n2.PeerAddress(), "10.6.6.6:1", "10.6.6.6:2", ""); err != nil {
 		t.Fatalf("repeated join: %v", err)
 	}
 	after, err := leader.Nodes()

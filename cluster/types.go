@@ -125,6 +125,9 @@ type NodeInfo struct {
 	PeerAddr string `json:"peer_addr"`
 	APIAddr  string `json:"api_addr,omitempty"`
 	NBDAddr  string `json:"nbd_addr,omitempty"`
+	// CertSHA256 is the fingerprint of the certificate the node joined
+	// with (its peers accept no other for its id).
+	CertSHA256 string `json:"cert_sha256,omitempty"`
 	// Suffrage is "voter", "nonvoter", "staging", or "none" for a node
 	// with a record that is no longer in the raft configuration.
 	Suffrage string `json:"suffrage"`
