@@ -208,16 +208,22 @@ func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, err
 		fs = vfs.Default
 	}
 	var doubts []string
-	db, err := openPebble(dir, fs)
-	if err != nil && pebble.IsCorruptionError(err) {
+	moveAside := func(cause error) error {
 		aside := dir + ".corrupt"
 		if rmErr := fs.RemoveAll(aside); rmErr != nil {
-			return nil, fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and %s cannot be removed to move it aside: %w", dir, err, aside, rmErr)
+			return fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and %s cannot be removed to move it aside: %w", dir, cause, aside, rmErr)
 		}
 		if mvErr := fs.Rename(dir, aside); mvErr != nil {
-			return nil, fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and cannot be moved aside to %s: %w", dir, err, aside, mvErr)
+			return fmt.Errorf("replication: dirty-region store %s is corrupt (%v) and cannot be moved aside to %s: %w", dir, cause, aside, mvErr)
 		}
-		doubts = append(doubts, fmt.Sprintf("store corrupt (%v), moved aside to %s", err, aside))
+		doubts = append(doubts, fmt.Sprintf("store corrupt (%v), moved aside to %s", cause, aside))
+		return nil
+	}
+	db, err := openPebble(dir, fs)
+	if err != nil && pebble.IsCorruptionError(err) {
+		if err := moveAside(err); err != nil {
+			return nil, err
+		}
 		db, err = openPebble(dir, fs)
 	}
 	if err != nil {
@@ -225,6 +231,23 @@ func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, err
 	}
 	s := &DirtyStore{db: db, dir: dir}
 	why, err := s.check(opts.ExpectExisting && len(doubts) == 0)
+	if err != nil && pebble.IsCorruptionError(err) {
+		// A store that opens but cannot be read through would stay in
+		// doubt at every start (Trust cannot read it either): start a
+		// fresh one; the doubt makes every Mirror mark its copies that
+		// are not in sync unknown in it again.
+		if cerr := db.Close(); cerr != nil && !pebble.IsCorruptionError(cerr) {
+			return nil, fmt.Errorf("replication: close corrupt dirty-region store %s: %w", dir, cerr)
+		}
+		if err := moveAside(err); err != nil {
+			return nil, err
+		}
+		if db, err = openPebble(dir, fs); err != nil {
+			return nil, fmt.Errorf("replication: open dirty-region store %s: %w", dir, err)
+		}
+		s = &DirtyStore{db: db, dir: dir}
+		why, err = s.check(false)
+	}
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("replication: check dirty-region store %s: %w", dir, err), db.Close())
 	}
@@ -283,10 +306,9 @@ func (s *DirtyStore) check(expectExisting bool) (string, error) {
 	iterErr := errors.Join(it.Error(), it.Close())
 	var why []string
 	if iterErr != nil {
-		if !pebble.IsCorruptionError(iterErr) {
-			return "", iterErr
-		}
-		why = append(why, fmt.Sprintf("reading it: %v", iterErr))
+		// Corruption Pebble finds while reading (a block checksum) is
+		// returned as an error: the caller starts a fresh store.
+		return "", iterErr
 	}
 	if bad > 0 {
 		why = append(why, fmt.Sprintf("%d of %d records fail their check (first: %v)", bad, records, firstBad))
