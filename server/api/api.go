@@ -285,6 +285,9 @@ type Node struct {
 	NBDAddr  string `json:"nbd_addr"`
 	Voter    bool   `json:"voter"`
 	Leader   bool   `json:"leader"`
+	// CertSHA256 is the fingerprint of the certificate the node joined
+	// with; peers accept no other certificate for its id.
+	CertSHA256 string `json:"cert_sha256,omitempty"`
 }
 
 // JoinRequest is the body of POST /v1/join: a node that is not a member
@@ -300,12 +303,13 @@ type JoinRequest struct {
 	Hosts []string `json:"hosts,omitempty"`
 }
 
-// JoinResponse is the answer to a JoinRequest. CAKeyPEM is the cluster
-// CA's key: every member can sign the certificates of later joiners.
+// JoinResponse is the answer to a JoinRequest: the cluster CA's
+// certificate (never its key, which stays on the node that created the
+// cluster) and the joiner's node certificate. Members lists where to
+// register (and whose certificates to accept meanwhile).
 type JoinResponse struct {
 	ClusterID   string `json:"cluster_id"`
 	CACertPEM   string `json:"ca_cert_pem"`
-	CAKeyPEM    string `json:"ca_key_pem"`
 	NodeCertPEM string `json:"node_cert_pem"`
 	LeaderID    string `json:"leader_id"`
 	Members     []Node `json:"members"`
