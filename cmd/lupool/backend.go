@@ -420,7 +420,8 @@ func (b *daemonBackend) Nodes(context.Context) ([]api.Node, error) {
 	}
 	out := make([]api.Node, 0, len(nodes))
 	for _, n := range nodes {
-		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter", Leader: n.Leader})
+		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter",
+			Leader: n.Leader, CertSHA256: n.CertSHA256})
 	}
 	return out, nil
 }

@@ -42,6 +42,9 @@ const (
 	settingClusterID      = "security/cluster-id"
 	settingJoinToken      = "security/join-token/" // + token id: JSON joinTokenRecord
 	settingRemovedNode    = "security/removed-node/"
+	// settingCAHolder names the node that holds the CA key and signs
+	// joiners' certificates.
+	settingCAHolder = "security/ca-holder"
 )
 
 // joinTokenRecord is what the metadata keeps of a join token.
@@ -141,6 +144,7 @@ func createIdentity(data, id string, hosts []string, log *slog.Logger) error {
 // writeSecret writes a 0600 file atomically.
 func writeSecret(path, content string) error {
 	tmp := path + ".tmp"
+	_ = os.Remove(tmp) // a leftover would keep its own mode
 	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
 		return err
 	}
@@ -152,7 +156,14 @@ func writeSecret(path, content string) error {
 	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, path)
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	return nil
 }
 
 func readTrimmed(path string) (string, error) {
@@ -190,15 +201,22 @@ func writeMemberMarker(data, clusterID string) error {
 }
 
 // joinURL is the URL of the --join address: http on loopback, else https
-// (the API is HTTPS off loopback); an explicit scheme is kept.
-func joinURL(addr string) string {
-	if strings.Contains(addr, "://") {
-		return addr
+// (the join token's secret never crosses a network in the clear).
+func joinURL(addr string) (string, error) {
+	if rest, ok := strings.CutPrefix(addr, "https://"); ok {
+		return "https://" + rest, nil
 	}
-	if isLoopback(addr) {
-		return "http://" + addr
+	rest, plain := strings.CutPrefix(addr, "http://")
+	if strings.Contains(rest, "://") {
+		return "", fmt.Errorf("--join %q: give HOST:PORT or https://HOST:PORT", addr)
 	}
-	return "https://" + addr
+	if isLoopback(strings.TrimRight(rest, "/")) {
+		return "http://" + rest, nil
+	}
+	if plain {
+		return "", fmt.Errorf("--join %q: the join token would cross the network in the clear; give HOST:PORT or https://HOST:PORT", addr)
+	}
+	return "https://" + rest, nil
 }
 
 // fingerprintPinnedClient trusts a server whose certificate chains to a CA
@@ -241,7 +259,10 @@ func requestCertificate(ctx context.Context, cfg serveConfig, id string, log *sl
 	if err != nil {
 		return err
 	}
-	u := joinURL(cfg.Join)
+	u, err := joinURL(cfg.Join)
+	if err != nil {
+		return err
+	}
 	opts := api.ClientOptions{}
 	if strings.HasPrefix(u, "https://") {
 		opts.HTTP = fingerprintPinnedClient(tok.CAFingerprint)
@@ -272,7 +293,7 @@ func requestCertificate(ctx context.Context, cfg serveConfig, id string, log *sl
 		case <-time.After(time.Second):
 		}
 	}
-	ca, err := pki.ParseCA([]byte(resp.CACertPEM), []byte(resp.CAKeyPEM))
+	ca, err := pki.ParseCA([]byte(resp.CACertPEM), nil)
 	if err != nil {
 		return fmt.Errorf("join via %s: the CA it sent: %w", cfg.Join, err)
 	}
@@ -307,6 +328,31 @@ func requestCertificate(ctx context.Context, cfg serveConfig, id string, log *sl
 // joinMembersName keeps, under DATA/pki, the members a joining node was
 // told of, until it has registered with their leader.
 const joinMembersName = "join-members.json"
+
+// bootstrapPendingName marks, under DATA/pki, a cluster identity created
+// by this start whose one-member cluster is not bootstrapped yet.
+const bootstrapPendingName = "bootstrap-pending"
+
+func markBootstrap(data string) error {
+	if err := os.MkdirAll(filepath.Join(data, pkiDirName), 0o700); err != nil {
+		return err
+	}
+	return writeSecret(filepath.Join(data, pkiDirName, bootstrapPendingName), "")
+}
+
+func pendingBootstrap(data string) bool {
+	_, err := os.Stat(filepath.Join(data, pkiDirName, bootstrapPendingName))
+	return err == nil
+}
+
+// clearBootstrap removes the marker once the metadata holds the cluster.
+func clearBootstrap(data string) error {
+	err := os.Remove(filepath.Join(data, pkiDirName, bootstrapPendingName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
 
 // pendingJoin reports whether a join got its certificate but has not
 // registered yet.

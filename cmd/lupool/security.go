@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/server/api"
 )
@@ -44,6 +45,15 @@ func (b *daemonBackend) recordIdentity(ctx context.Context) error {
 			return err
 		}
 	}
+	if b.ident.ca.Key != nil {
+		if holder, _, err := b.node.Setting(settingCAHolder); err != nil {
+			return err
+		} else if holder != b.nodeID {
+			if err := b.node.SetSetting(ctx, settingCAHolder, b.nodeID); err != nil {
+				return err
+			}
+		}
+	}
 	if _, found, err := b.node.Setting(settingAdminTokenHash); err != nil || found || b.localAdminHash == "" {
 		return err
 	}
@@ -52,11 +62,25 @@ func (b *daemonBackend) recordIdentity(ctx context.Context) error {
 
 // Join is the first step of joining: check the join token, refuse an id
 // that is already a member (or was removed), and sign a certificate for
-// the joiner's own key. Runs on the leader (the API forwards it there), so
-// that the membership check reads the newest state.
+// the joiner's own key. Only the node holding the CA key (the one that
+// created the cluster) signs; any other node forwards the request there.
+// The certificate alone admits nothing: the joiner becomes a member when
+// it registers with it (RegisterNode), and its record is then bound to
+// that certificate, so a second certificate for the same id (two racing
+// joins) is never a member's.
 func (b *daemonBackend) Join(ctx context.Context, req api.JoinRequest) (api.JoinResponse, error) {
-	if !b.node.IsLeader() {
-		return api.JoinResponse{}, b.notLeader()
+	if b.ident.ca.Key == nil {
+		holder, found, err := b.node.Setting(settingCAHolder)
+		if err != nil {
+			return api.JoinResponse{}, err
+		}
+		peer, ok := b.peers.peerAddr(holder)
+		if !found || !ok {
+			return api.JoinResponse{}, fmt.Errorf("%w: this node cannot sign certificates and the node holding the cluster CA key is not known; join through the node that created the cluster", api.ErrUnavailable)
+		}
+		// Forwarded like a request for the leader (api's NotLeaderError
+		// names where to send it).
+		return api.JoinResponse{}, &api.NotLeaderError{LeaderID: holder, LeaderPeer: peer}
 	}
 	tok, err := pki.ParseJoinToken(req.Token)
 	if err != nil {
@@ -89,8 +113,9 @@ func (b *daemonBackend) Join(ctx context.Context, req api.JoinRequest) (api.Join
 	}
 	clusterID, _, _ := b.node.Setting(settingClusterID)
 	b.log.Info("issued a node certificate to a joining node", "node", req.ID, "token", tok.ID)
-	return api.JoinResponse{ClusterID: clusterID, CACertPEM: string(b.ident.ca.CertPEM), CAKeyPEM: string(b.ident.ca.KeyPEM),
-		NodeCertPEM: string(certPEM), LeaderID: b.nodeID, Members: nodes}, nil
+	leader, _ := b.node.Leader()
+	return api.JoinResponse{ClusterID: clusterID, CACertPEM: string(b.ident.ca.CertPEM),
+		NodeCertPEM: string(certPEM), LeaderID: leader, Members: nodes}, nil
 }
 
 // checkJoinToken checks a parsed join token against the metadata.
@@ -136,14 +161,19 @@ func (b *daemonBackend) RegisterNode(ctx context.Context, req api.RegisterNodeRe
 	} else if removed {
 		return nil, fmt.Errorf("%w: node %q was removed from this cluster", api.ErrForbidden, id)
 	}
+	cert, _ := peerlink.PeerCertSHA256(ctx)
+	if cert == "" {
+		return nil, fmt.Errorf("%w: registering needs a node certificate on the peer port", api.ErrForbidden)
+	}
 	var err error
 	if b.node.IsMember(id) {
 		if cur, ok := b.peers.peerAddr(id); ok && cur != req.PeerAddr {
 			return nil, fmt.Errorf("%w: node %s is recorded at peer address %s, not %s: a member cannot move its peer address (remove it with lupool node remove and join it again)", api.ErrInvalid, id, cur, req.PeerAddr)
 		}
-		err = b.node.RegisterNode(ctx, cluster.Proposer{NodeID: id}, cluster.NodeAddrs{ID: id, PeerAddr: req.PeerAddr, APIAddr: req.APIAddr, NBDAddr: req.NBDAddr})
+		err = b.node.RegisterNode(ctx, cluster.Proposer{NodeID: id}, cluster.NodeAddrs{ID: id, PeerAddr: req.PeerAddr,
+			APIAddr: req.APIAddr, NBDAddr: req.NBDAddr, CertSHA256: cert})
 	} else {
-		err = b.node.AddVoter(ctx, id, req.PeerAddr, req.APIAddr, req.NBDAddr)
+		err = b.node.AddVoter(ctx, id, req.PeerAddr, req.APIAddr, req.NBDAddr, cert)
 	}
 	if err != nil {
 		return nil, b.apiError(err)

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,7 +55,8 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 // lockDataDir takes an exclusive lock on DATA/LOCK for the life of the
 // process, so a second daemon on the same directory refuses to start.
 func lockDataDir(dir string) (*os.File, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	// 0700: the metadata and the dirty-region store are for lupool alone.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("data directory %s: %w", dir, err)
 	}
 	path := filepath.Join(dir, "LOCK")
@@ -182,6 +184,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", filepath.Join(cfg.Data, clusterIDName), err)
 	}
+	if !member && identityExists(cfg.Data) && !pendingJoin(cfg.Data) && !pendingBootstrap(cfg.Data) {
+		// A node certificate that is not a join in progress nor a
+		// bootstrap in progress means the node belonged to a cluster even
+		// if DATA/cluster-id went missing: never start a new one.
+		clusterID, member = clusterIDOf(cfg.Data), true
+	}
 	joining := false
 	if !identityExists(cfg.Data) {
 		switch {
@@ -200,6 +208,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			if !firstStart {
 				log.Warn("this pool's data predates cluster identities: creating one (a node of an older multi-node pool must be joined again)")
 			}
+			if err := markBootstrap(cfg.Data); err != nil {
+				return err
+			}
 			if err := createIdentity(cfg.Data, id, hostsOf(cfg.Peer, cfg.API, cfg.NBD), log); err != nil {
 				return fmt.Errorf("create the cluster identity: %w", err)
 			}
@@ -216,7 +227,27 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if got, err := pki.VerifyNode(ident.pool, ident.cert.Leaf, id); err != nil || got != id {
 		return fmt.Errorf("the certificate in %s is not for node %q (%v): a node keeps its id and certificate for life", ident.dir, id, err)
 	}
-	link, err := peerlink.Listen(peerlink.Options{Addr: cfg.Peer, Pool: ident.pool, Cert: ident.cert, Logger: log.With("part", "peerlink")})
+	// Raft takes the leader's id from its messages, so a certificate of the
+	// CA is not enough to speak raft: only members, with the certificate
+	// their record is bound to (or, while this node joins, the members it
+	// was told of).
+	var nodeRef atomic.Pointer[cluster.Node]
+	joinMembers, _ := readJoinMembers(cfg.Data)
+	allowRaft := func(peer, certSHA string) bool {
+		if n := nodeRef.Load(); n != nil {
+			if rec, ok := n.MemberCert(peer); ok {
+				return rec != "" && rec == certSHA
+			}
+		}
+		for _, m := range joinMembers {
+			if m.ID == peer && m.CertSHA256 != "" && m.CertSHA256 == certSHA {
+				return true
+			}
+		}
+		return false
+	}
+	link, err := peerlink.Listen(peerlink.Options{Addr: cfg.Peer, Pool: ident.pool, Cert: ident.cert, Logger: log.With("part", "peerlink"),
+		AllowRaft: allowRaft})
 	if err != nil {
 		return fmt.Errorf("peer listen on %s: %w (use --peer to pick another address)", cfg.Peer, err)
 	}
@@ -231,6 +262,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		StreamLayer:  link.Raft(),
 		APIAddr:      cfg.API,
 		NBDAddr:      cfg.NBD,
+		CertSHA256:   pki.Fingerprint(ident.cert.Leaf.Raw),
 		Bootstrap:    !member && !joining && cfg.Join == "",
 		ExpectState:  member,
 		Logger:       log.With("part", "cluster"),
@@ -244,6 +276,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		return fmt.Errorf("metadata: %w", err)
 	}
 	defer func() { err = errors.Join(err, node.Close()) }()
+	nodeRef.Store(node)
+	if err := clearBootstrap(cfg.Data); err != nil {
+		return err
+	}
 	peer := &peers{self: id, link: link, node: node}
 
 	exports := nbd.NewExportSet()
@@ -340,14 +376,22 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		IsMember:      node.IsMember,
 		PeerClient:    peer.httpClient,
 		ProtectProbes: !cfg.OpenProbes,
+		// A node certificate counts for a member only if it is the one the
+		// member's record is bound to; one for an id without a record (a
+		// joining node registering) is passed on as a non-member.
 		PeerNode: func(r *http.Request) (string, bool) {
-			if id, ok := peerlink.PeerID(r.Context()); ok {
-				return id, true
+			id, ok := peerlink.PeerID(r.Context())
+			if !ok {
+				return "", false
 			}
-			if r.TLS != nil {
-				return pki.PeerNodeID(ident.pool, *r.TLS)
+			if rec, member := node.MemberCert(id); member {
+				got, _ := peerlink.PeerCertSHA256(r.Context())
+				if rec == "" || rec != got {
+					log.Warn("refused a node certificate that is not the one its member record is bound to", "node", id)
+					return "", false
+				}
 			}
-			return "", false
+			return id, true
 		},
 		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
@@ -367,8 +411,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		ta, ok := remote.(*net.TCPAddr)
 		return ok && ta.IP.IsLoopback()
 	})
-	httpServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
-	peerServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: link.ConnContext}
+	// Idle keep-alive connections are closed, and the API takes at most
+	// apiConnsMax at a time: a flood of idle clients cannot take the
+	// process's file descriptors.
+	apiListener = limitListener(apiListener, apiConnsMax)
+	httpServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: time.Minute}
+	peerServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, ConnContext: link.ConnContext}
 	errc := make(chan error, 3)
 	go func() { errc <- httpServer.Serve(apiListener) }()
 	go func() { errc <- peerServer.Serve(link.HTTP()) }()
