@@ -538,6 +538,7 @@ func peerCollectors(link *peerlink.Link) []prometheus.Collector {
 		counter("bad_first_byte", func(s peerlink.Stats) uint64 { return s.BadFirstByte }),
 		counter("evicted", func(s peerlink.Stats) uint64 { return s.Evicted }),
 		counter("overflow", func(s peerlink.Stats) uint64 { return s.Overflow }),
+		counter("raft_refused", func(s peerlink.Stats) uint64 { return s.RaftRefused }),
 	}
 }
 
