@@ -13,8 +13,9 @@ import (
 // concurrent use like any net.Conn (one reader and one writer at a time
 // keep the byte order meaningful).
 type Conn struct {
-	tc     *tls.Conn // immutable; never nil for accepted conns
-	peerID string    // immutable; the verified node id of the peer
+	tc     *tls.Conn    // immutable; never nil for accepted conns
+	raw    *bufferedRaw // immutable; the buffered TCP connection under tc
+	peerID string       // immutable; the verified node id of the peer
 	// certSHA256 is the peer certificate's fingerprint (pki.Fingerprint).
 	// Immutable.
 	certSHA256 string
@@ -24,12 +25,15 @@ type Conn struct {
 
 var _ net.Conn = (*Conn)(nil)
 
-func newConn(tc *tls.Conn, peerID string, first byte) *Conn {
-	c := &Conn{tc: tc, peerID: peerID, first: first}
+func newConn(tc *tls.Conn, raw *bufferedRaw, peerID string, first byte) *Conn {
+	c := &Conn{tc: tc, raw: raw, peerID: peerID, first: first}
+	c.peeked.Store(true)
+	if tc == nil {
+		return c // tests of the peeked byte
+	}
 	if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
 		c.certSHA256 = pki.Fingerprint(cs.PeerCertificates[0].Raw)
 	}
-	c.peeked.Store(true)
 	return c
 }
 
@@ -48,15 +52,28 @@ func (c *Conn) Read(p []byte) (int, error) {
 	return c.tc.Read(p)
 }
 
-// Write writes to the TLS connection.
-func (c *Conn) Write(p []byte) (int, error) { return c.tc.Write(p) }
+// Write writes to the TLS connection, with one system call for all the
+// records of p.
+func (c *Conn) Write(p []byte) (int, error) {
+	n, err := c.tc.Write(p)
+	if ferr := c.raw.flush(); err == nil {
+		err = ferr
+	}
+	return n, err
+}
 
 // Close closes the TLS connection (sending close_notify, bounded by Go to
 // 5 seconds).
 func (c *Conn) Close() error { return c.tc.Close() }
 
 // CloseWrite shuts down the writing side (tls.Conn.CloseWrite).
-func (c *Conn) CloseWrite() error { return c.tc.CloseWrite() }
+func (c *Conn) CloseWrite() error {
+	err := c.tc.CloseWrite()
+	if ferr := c.raw.flush(); err == nil {
+		err = ferr
+	}
+	return err
+}
 
 // LocalAddr returns the local network address.
 func (c *Conn) LocalAddr() net.Addr { return c.tc.LocalAddr() }

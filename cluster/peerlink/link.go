@@ -306,7 +306,8 @@ func (l *Link) Dial(ctx context.Context, addr, expectNode string) (net.Conn, err
 	if tcp, ok := raw.(*net.TCPConn); ok {
 		tcp.SetNoDelay(true)
 	}
-	tc := tls.Client(raw, pki.ClientTLS(l.opts.Pool, &l.opts.Cert, expectNode))
+	braw := newBufferedRaw(raw)
+	tc := tls.Client(braw, pki.ClientTLS(l.opts.Pool, &l.opts.Cert, expectNode))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		if expectNode == "" {
@@ -314,7 +315,12 @@ func (l *Link) Dial(ctx context.Context, addr, expectNode string) (net.Conn, err
 		}
 		return nil, fmt.Errorf("peerlink: TLS handshake with %s (want node %q): %w", addr, expectNode, err)
 	}
-	return tc, nil
+	// The handshake's last flight may still sit in the buffer.
+	if err := braw.flush(); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("peerlink: TLS handshake with %s: %w", addr, err)
+	}
+	return newFlushingConn(tc, braw), nil
 }
 
 var errPlainHTTP = errors.New("peerlink: the peer port speaks only TLS: use an https:// URL")
@@ -468,7 +474,8 @@ func (l *Link) serveConn(h *handshaking) {
 	defer l.wg.Done()
 	raw := h.raw
 	raw.SetDeadline(time.Now().Add(l.opts.HandshakeTimeout))
-	tc := tls.Server(raw, l.serverTLS)
+	braw := newBufferedRaw(raw)
+	tc := tls.Server(braw, l.serverTLS)
 	var first [1]byte
 	err := tc.Handshake()
 	if err == nil {
@@ -498,7 +505,7 @@ func (l *Link) serveConn(h *handshaking) {
 		l.stats.handshakeFailed.Add(1)
 		return
 	}
-	c := newConn(tc, peer, first[0])
+	c := newConn(tc, braw, peer, first[0])
 	switch b := first[0]; {
 	case b <= raftFirstByteMax:
 		if l.opts.AllowRaft != nil && !l.opts.AllowRaft(peer, c.certSHA256) {

@@ -518,7 +518,7 @@ func TestListenOptions(t *testing.T) {
 }
 
 func TestConnReadPeekedByteAllocs(t *testing.T) {
-	c := newConn(nil, "A", 7)
+	c := newConn(nil, nil, "A", 7)
 	var buf [8]byte
 	if n, err := c.Read(buf[:0]); n != 0 || err != nil || !c.peeked.Load() {
 		t.Fatalf("zero-length Read = %d, %v and consumed the peeked byte", n, err)

@@ -3,11 +3,17 @@ package main
 import (
 	"net"
 	"sync"
+	"time"
 )
 
 // apiConnsMax bounds the API port's open connections. Operators and
 // tools make a handful; forwarded calls between nodes use the peer port.
 const apiConnsMax = 256
+
+// apiIdleTimeout closes keep-alive API connections idle this long, well
+// inside the CLI's 60 s request timeout, so that idle clients at the cap
+// give way to new ones quickly.
+const apiIdleTimeout = 15 * time.Second
 
 // limitListener accepts at most n connections at a time: Accept waits
 // while n are open. (golang.org/x/net/netutil has the same; it is not a

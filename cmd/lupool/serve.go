@@ -184,11 +184,14 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", filepath.Join(cfg.Data, clusterIDName), err)
 	}
+	memberEvidence := filepath.Join(cfg.Data, clusterIDName) + " says"
+	markerMissing := false
 	if !member && identityExists(cfg.Data) && !pendingJoin(cfg.Data) && !pendingBootstrap(cfg.Data) {
 		// A node certificate that is not a join in progress nor a
 		// bootstrap in progress means the node belonged to a cluster even
 		// if DATA/cluster-id went missing: never start a new one.
-		clusterID, member = clusterIDOf(cfg.Data), true
+		clusterID, member, markerMissing = clusterIDOf(cfg.Data), true, true
+		memberEvidence = "this node's certificate in " + filepath.Join(cfg.Data, pkiDirName) + " says"
 	}
 	joining := false
 	if !identityExists(cfg.Data) {
@@ -268,9 +271,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Logger:       log.With("part", "cluster"),
 	})
 	if errors.Is(err, cluster.ErrNoState) {
-		return fmt.Errorf("%s says this node belongs to cluster %s, but its metadata (%s) is empty or unreadable; it will not start a new cluster. "+
+		return fmt.Errorf("%s this node belongs to cluster %s, but its metadata (%s) is empty or unreadable; it will not start a new cluster. "+
 			"Restore DATA/meta from a backup, or remove this node from the cluster (lupool node remove %s, against a member) and join again with a fresh --data and --join: %w",
-			filepath.Join(cfg.Data, clusterIDName), clusterID, metaDir, id, err)
+			memberEvidence, clusterID, metaDir, id, err)
 	}
 	if err != nil {
 		return fmt.Errorf("metadata: %w", err)
@@ -415,7 +418,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	// apiConnsMax at a time: a flood of idle clients cannot take the
 	// process's file descriptors.
 	apiListener = limitListener(apiListener, apiConnsMax)
-	httpServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: time.Minute}
+	httpServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: apiIdleTimeout}
 	peerServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, ConnContext: link.ConnContext}
 	errc := make(chan error, 3)
 	go func() { errc <- httpServer.Serve(apiListener) }()
@@ -444,7 +447,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			log.Warn("cannot record the cluster identity in the metadata", "err", err)
 		}
 	}
-	if !member {
+	if !member || markerMissing {
 		if err := writeMemberMarker(cfg.Data, clusterIDOf(cfg.Data)); err != nil {
 			return fmt.Errorf("record membership: %w", err)
 		}
