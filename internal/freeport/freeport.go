@@ -39,7 +39,9 @@ func New() *Picker {
 			}
 		}
 	}
-	p := &Picker{used: make(map[int]bool), lo: 10000, hi: ephemeralLow - 1}
+	// From 11000: lupool's default ports (10809-10811) stay free for the
+	// test that runs the README's commands with the defaults.
+	p := &Picker{used: make(map[int]bool), lo: 11000, hi: ephemeralLow - 1}
 	if p.hi-p.lo < 1000 { // an unusual range: fall back to the ephemeral one
 		p.lo, p.hi = 0, -1
 	}
