@@ -228,7 +228,7 @@ func (c *peerConn) readLoop() {
 	}
 	defer flush()
 	for {
-		if len(flushers) > 0 && c.br.Buffered() < replproto.HeaderBytes {
+		if len(flushers) > 0 && c.br.Buffered() < replproto.HeaderBytes && pendingBelow(c.conn) == 0 {
 			flush()
 		}
 		h, err := replproto.ReadHeader(c.br, &hb)

@@ -143,7 +143,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 		if tgt.role == replproto.RoleCopy {
 			out, epoch, err := m.applyStream(tgt, h, data)
 			m.bufs.put(data)
-			flush := br.Buffered() < replproto.HeaderBytes
+			flush := br.Buffered() < replproto.HeaderBytes && pendingBelow(conn) == 0
 			if err != nil {
 				err = failWith(h, err, epoch, flush)
 			} else {
@@ -179,6 +179,16 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 			}
 		}(h, data)
 	}
+}
+
+// pendingBelow returns the bytes conn has received but not yet handed up
+// (the ciphertext of further TLS records on a peer-port connection); 0 for
+// a connection that cannot tell.
+func pendingBelow(conn net.Conn) int {
+	if p, ok := conn.(interface{ Pending() int }); ok {
+		return p.Pending()
+	}
+	return 0
 }
 
 // streamReadBufferBytes is the read buffer of a served stream: a batch of

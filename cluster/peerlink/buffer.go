@@ -48,6 +48,10 @@ func (b *bufferedRaw) Write(p []byte) (int, error) {
 	return b.bw.Write(p)
 }
 
+// pending returns the bytes received and not yet read by TLS. Call it
+// from the connection's reading goroutine only.
+func (b *bufferedRaw) pending() int { return b.br.Buffered() }
+
 // flush writes out what is buffered.
 func (b *bufferedRaw) flush() error {
 	b.mu.Lock()
@@ -91,6 +95,9 @@ func (c *flushingConn) CloseWrite() error {
 	}
 	return err
 }
+
+// Pending is Conn.Pending for a dialed connection.
+func (c *flushingConn) Pending() int { return c.raw.pending() }
 
 // NetConn returns the tls.Conn (for ConnectionState and the like).
 func (c *flushingConn) NetConn() net.Conn { return c.Conn }

@@ -66,6 +66,17 @@ func (c *Conn) Write(p []byte) (int, error) {
 // 5 seconds).
 func (c *Conn) Close() error { return c.tc.Close() }
 
+// Pending returns how many bytes have arrived that TLS has not decrypted
+// yet: more than zero means more records are on their way (a peer sends a
+// batch in one write), so a reader that answers in batches can hold its
+// answers a moment longer. Call it from the reading goroutine only.
+func (c *Conn) Pending() int {
+	if c.raw == nil {
+		return 0
+	}
+	return c.raw.pending()
+}
+
 // CloseWrite shuts down the writing side (tls.Conn.CloseWrite).
 func (c *Conn) CloseWrite() error {
 	err := c.tc.CloseWrite()
