@@ -1,9 +1,7 @@
 package api
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 )
@@ -97,23 +95,4 @@ type NotLeaderBody struct {
 // local is mutating without forwarding: the request must reach the leader
 // directly, because its proposer is the caller's certificate. A follower
 // answers 503 with the leader's id and peer address.
-func (h *Handler) local(fn mutatingFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-		if err != nil {
-			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes or unreadable: %v", maxBodyBytes, err))
-			return
-		}
-		status, result, err := fn(r.Context(), r, body)
-		var nl *NotLeaderError
-		if errors.As(err, &nl) {
-			writeJSON(w, http.StatusServiceUnavailable, NotLeaderBody{Error: cleanMessage(err), LeaderID: nl.LeaderID, LeaderPeer: nl.LeaderPeer})
-			return
-		}
-		if err != nil {
-			h.fail(w, err)
-			return
-		}
-		writeJSON(w, status, result)
-	}
-}
+func (h *Handler) local(fn mutatingFunc) http.HandlerFunc { return h.runMutating(fn, false) }

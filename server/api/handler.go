@@ -146,7 +146,11 @@ type mutatingFunc func(ctx context.Context, r *http.Request, body []byte) (statu
 
 // mutating reads the body (bounded), runs fn, and forwards the request to
 // the leader when fn reports that this node is not the leader.
-func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc {
+func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc { return h.runMutating(fn, true) }
+
+// runMutating is mutating; with forwardOK false a NotLeaderError is
+// answered 503 with the leader's id and peer address instead (see local).
+func (h *Handler) runMutating(fn mutatingFunc, forwardOK bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 		if err != nil {
@@ -155,7 +159,11 @@ func (h *Handler) mutating(fn mutatingFunc) http.HandlerFunc {
 		}
 		status, result, err := fn(r.Context(), r, body)
 		var nl *NotLeaderError
-		if errors.As(err, &nl) && nl.LeaderID != "" && r.Header.Get(forwardedHeader) == "" {
+		switch {
+		case errors.As(err, &nl) && !forwardOK:
+			writeJSON(w, http.StatusServiceUnavailable, NotLeaderBody{Error: cleanMessage(err), LeaderID: nl.LeaderID, LeaderPeer: nl.LeaderPeer})
+			return
+		case errors.As(err, &nl) && nl.LeaderID != "" && r.Header.Get(forwardedHeader) == "":
 			h.forward(w, r, nl, body)
 			return
 		}
