@@ -425,3 +425,42 @@ func readRequest(handle, off uint64, length uint32) []byte {
 	nbdproto.PutRequest(b[:], nbdproto.Request{Type: nbdproto.CmdRead, Handle: handle, Offset: off, Length: length})
 	return b[:]
 }
+
+// TestFreeMemoryStragglers: a connection that was still open when a wave's
+// memory was given back (it may hold buffers of that wave) makes the
+// server give memory back again when it ends, although nothing was
+// allocated since.
+func TestFreeMemoryStragglers(t *testing.T) {
+	var calls atomic.Int32
+	ts := startServer(t, blockdev.Caps{}, func(o *Options) {
+		o.FreeMemory = func() { calls.Add(1) }
+	})
+	straggler := dialRaw(t, ts.addr)
+	straggler.attach("disk", false)
+	for i := range 3 {
+		straggler.request(nbdproto.CmdRead, 0, uint64(i), 0, testSizeBytes, nil)
+		straggler.simpleReply(testSizeBytes)
+	}
+	c := dialRaw(t, ts.addr)
+	c.attach("disk", false)
+	c.request(nbdproto.CmdRead, 0, 9, 0, testSizeBytes, nil)
+	c.simpleReply(testSizeBytes)
+	_ = c.conn.Close()
+	waitFor(t, func() bool { return len(ts.srv.ConnStats()) == 1 })
+	deadline := time.Now().Add(freeMemoryDelay + 5*time.Second)
+	for calls.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("FreeMemory called %d times after the wave, want 1", n)
+	}
+	_ = straggler.conn.Close()
+	waitFor(t, func() bool { return len(ts.srv.ConnStats()) == 0 })
+	deadline = time.Now().Add(freeMemoryInterval + 5*time.Second)
+	for calls.Load() == 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := calls.Load(); n != 2 {
+		t.Fatalf("FreeMemory called %d times after the straggler ended, want 2", n)
+	}
+}

@@ -48,6 +48,10 @@ type Server struct {
 		timer   *time.Timer // pending call, or nil; guarded by free
 		last    time.Time   // when the last call started; guarded by free
 		stopped bool        // set by Shutdown: no more calls; guarded by free
+		// stragglers counts connections that were open when a call gave
+		// back a wave's buffers: they may hold buffers of that wave, so
+		// each of their ends schedules a call too. Guarded by free.
+		stragglers int
 	}
 }
 
@@ -217,11 +221,14 @@ const (
 
 // maybeFreeMemory schedules Options.FreeMemory (see freeMemoryMinBytes).
 func (s *Server) maybeFreeMemory() {
-	if s.pools.allocatedBytes.Load() < freeMemoryMinBytes {
-		return
-	}
 	s.free.Lock()
 	defer s.free.Unlock()
+	if s.pools.allocatedBytes.Load() < freeMemoryMinBytes {
+		if s.free.stragglers == 0 {
+			return
+		}
+		s.free.stragglers--
+	}
 	if s.free.timer != nil || s.free.stopped {
 		return
 	}
@@ -241,6 +248,14 @@ func (s *Server) freeMemory() {
 	s.free.Unlock()
 	s.log.Debug("nbd: giving buffer memory back to the OS", "allocated_since_last_bytes", allocated)
 	s.opts.FreeMemory()
+	if allocated >= freeMemoryMinBytes {
+		s.mu.Lock()
+		open := len(s.mu.conns)
+		s.mu.Unlock()
+		s.free.Lock()
+		s.free.stragglers = open
+		s.free.Unlock()
+	}
 }
 
 // stopFreeMemory cancels a pending FreeMemory call and prevents new ones.
