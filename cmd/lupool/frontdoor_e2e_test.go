@@ -508,8 +508,11 @@ func TestFrontDoorStalledReaders(t *testing.T) {
 	// the heap has been large: its arena index, span structures and
 	// goroutine descriptors, measured at 1 to 3 MiB for a 450 MiB peak.
 	after := round("first round", before, 4*mib)
-	// From there, the same load again must come back within 10 %.
-	round("second round", after, 0)
+	// From there, the same load again must come back within 10 % and
+	// 4 MiB. (This daemon idles at about 25 MiB, where 10 % is 2.5 MiB:
+	// in 1 run of 3 the runtime kept 3 to 4 MiB more of its own after the
+	// second 450 MiB peak too, against the 425 MiB the clients held.)
+	round("second round", after, 4*mib)
 }
 
 // warmUpReads attaches to export, reads n blocks of size bytes and reads
