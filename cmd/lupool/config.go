@@ -99,7 +99,7 @@ func settings() []setting {
 		str("peer", "peer (raft) listen address HOST:PORT", func(c *serveConfig) *string { return &c.Peer }),
 		str("node-id", "this node's id (default: kept in DATA/node-id, generated once)", func(c *serveConfig) *string { return &c.NodeID }),
 		str("join", "API address of a node of the cluster to join (first start only; needs --join-token)", func(c *serveConfig) *string { return &c.Join }),
-		str("join-token", "join token from `lupool cluster join-token` on a member (first start only)", func(c *serveConfig) *string { return &c.JoinToken }),
+		str("join-token", "join token from lupool cluster join-token on a member (first start only; LUPOOL_JOIN_TOKEN keeps it out of ps)", func(c *serveConfig) *string { return &c.JoinToken }),
 		boolSetting("open-probes", "serve /healthz, /readyz and /metrics without the admin token (true or false)",
 			func(c *serveConfig) *bool { return &c.OpenProbes }),
 		intSetting("nbd-max-conns", "most NBD client connections this node accepts (0: the built-in default)",
