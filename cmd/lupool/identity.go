@@ -80,8 +80,11 @@ func loadIdentity(data string) (*identity, error) {
 	return &identity{dir: dir, ca: ca, pool: ca.Pool(), cert: cert}, nil
 }
 
-func identityExists(data string) bool {
-	_, err := os.Stat(filepath.Join(data, pkiDirName, pki.NodeCertFile))
+func identityExists(data string) bool { return pkiFileExists(data, pki.NodeCertFile) }
+
+// pkiFileExists reports whether DATA/pki/name exists.
+func pkiFileExists(data, name string) bool {
+	_, err := os.Stat(filepath.Join(data, pkiDirName, name))
 	return err == nil
 }
 
@@ -340,10 +343,7 @@ func markBootstrap(data string) error {
 	return writeSecret(filepath.Join(data, pkiDirName, bootstrapPendingName), "")
 }
 
-func pendingBootstrap(data string) bool {
-	_, err := os.Stat(filepath.Join(data, pkiDirName, bootstrapPendingName))
-	return err == nil
-}
+func pendingBootstrap(data string) bool { return pkiFileExists(data, bootstrapPendingName) }
 
 // clearBootstrap removes the marker once the metadata holds the cluster.
 func clearBootstrap(data string) error {
@@ -356,10 +356,7 @@ func clearBootstrap(data string) error {
 
 // pendingJoin reports whether a join got its certificate but has not
 // registered yet.
-func pendingJoin(data string) bool {
-	_, err := os.Stat(filepath.Join(data, pkiDirName, joinMembersName))
-	return err == nil
-}
+func pendingJoin(data string) bool { return pkiFileExists(data, joinMembersName) }
 
 func readJoinMembers(data string) ([]api.Node, error) {
 	b, err := os.ReadFile(filepath.Join(data, pkiDirName, joinMembersName))

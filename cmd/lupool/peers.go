@@ -28,12 +28,15 @@ func (p *peers) peerAddr(id string) (string, bool) {
 	if err != nil {
 		return "", false
 	}
-	for _, n := range nodes {
-		if n.ID == id && n.PeerAddr != "" {
-			return n.PeerAddr, true
-		}
-	}
-	return "", false
+	return nodePeerAddr(nodes, id)
+}
+
+// certBound reports whether id has a member record and whether certSHA256
+// is the certificate that record is bound to (a record written before
+// bindings existed binds none).
+func (p *peers) certBound(id, certSHA256 string) (member, bound bool) {
+	rec, member := p.node.MemberCert(id)
+	return member, member && rec != "" && rec == certSHA256
 }
 
 // client returns an API client for node id's peer port at addr; the

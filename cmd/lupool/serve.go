@@ -234,12 +234,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	// CA is not enough to speak raft: only members, with the certificate
 	// their record is bound to (or, while this node joins, the members it
 	// was told of).
-	var nodeRef atomic.Pointer[cluster.Node]
-	joinMembers, _ := readJoinMembers(cfg.Data)
+	var peerRef atomic.Pointer[peers]
+	joinMembers, joinMembersErr := readJoinMembers(cfg.Data)
 	allowRaft := func(peer, certSHA string) bool {
-		if n := nodeRef.Load(); n != nil {
-			if rec, ok := n.MemberCert(peer); ok {
-				return rec != "" && rec == certSHA
+		if p := peerRef.Load(); p != nil {
+			if member, bound := p.certBound(peer, certSHA); member {
+				return bound
 			}
 		}
 		for _, m := range joinMembers {
@@ -279,11 +279,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		return fmt.Errorf("metadata: %w", err)
 	}
 	defer func() { err = errors.Join(err, node.Close()) }()
-	nodeRef.Store(node)
+	peer := &peers{self: id, link: link, node: node}
+	peerRef.Store(peer)
 	if err := clearBootstrap(cfg.Data); err != nil {
 		return err
 	}
-	peer := &peers{self: id, link: link, node: node}
 
 	exports := nbd.NewExportSet()
 	nbdMetrics := nbd.NewMetrics()
@@ -387,12 +387,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			if !ok {
 				return "", false
 			}
-			if rec, member := node.MemberCert(id); member {
-				got, _ := peerlink.PeerCertSHA256(r.Context())
-				if rec == "" || rec != got {
-					log.Warn("refused a node certificate that is not the one its member record is bound to", "node", id)
-					return "", false
-				}
+			got, _ := peerlink.PeerCertSHA256(r.Context())
+			if member, bound := peer.certBound(id, got); member && !bound {
+				log.Warn("refused a node certificate that is not the one its member record is bound to", "node", id)
+				return "", false
 			}
 			return id, true
 		},
@@ -427,12 +425,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	defer peerServer.Close()
 
 	if joining {
-		members, err := readJoinMembers(cfg.Data)
-		if err != nil {
-			return fmt.Errorf("finish joining: %w (remove %s and join again)", err, filepath.Join(cfg.Data, pkiDirName))
+		if joinMembersErr != nil {
+			return fmt.Errorf("finish joining: %w (remove %s and join again)", joinMembersErr, filepath.Join(cfg.Data, pkiDirName))
 		}
 		req := api.RegisterNodeRequest{PeerAddr: link.Addr(), APIAddr: cfg.API, NBDAddr: cfg.NBD}
-		if err := register(ctx, link, members, req, log); err != nil {
+		if err := register(ctx, link, joinMembers, req, log); err != nil {
 			return err
 		}
 	}
