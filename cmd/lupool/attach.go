@@ -1,37 +1,37 @@
 package main
 
 import (
-	"context"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
+
+	"github.com/spf13/cobra"
 
 	"github.com/lupool/lupool/server/nbdkernel"
 )
 
-// attachCommand attaches an export to a kernel NBD device, as an
+// newAttachCommand attaches an export to a kernel NBD device, as an
 // alternative to nbd-client. It blocks until the device is detached.
-func attachCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	def := os.Getenv("LUPOOL_NBD")
-	if def == "" {
-		def = "127.0.0.1:10809"
+func newAttachCommand(stderr io.Writer) *cobra.Command {
+	var addr string
+	c := &cobra.Command{
+		Use:   "attach EXPORT /dev/nbdX",
+		Short: "attach an LU to a kernel NBD device (like nbd-client); blocks until detached",
+		Long: `Attach an export to a kernel NBD device, as nbd-client does, and stay until
+the device is detached (Ctrl-C detaches). Needs the nbd kernel module
+(modprobe nbd) and root.`,
+		Example: "  lupool attach swap0 /dev/nbd0 && mkswap /dev/nbd0 && swapon /dev/nbd0",
+		GroupID: "host",
+		Args:    exactArgs(2, "attach needs EXPORT and DEVICE, e.g. lupool attach swap0 /dev/nbd0"),
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := nbdkernel.CheckAvailable(args[1]); err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(stderr, nil))
+			fmt.Fprintf(stderr, "attaching %s from %s to %s; stop with Ctrl-C\n", args[0], addr, args[1])
+			return nbdkernel.Attach(c.Context(), nbdkernel.Options{Addr: addr, Export: args[0], Device: args[1], Logger: log})
+		},
 	}
-	addr := fs.String("nbd", def, "NBD server address HOST:PORT (env LUPOOL_NBD)")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 2 {
-		return usageErrorf("attach needs EXPORT and DEVICE, e.g. lupool attach swap0 /dev/nbd0")
-	}
-	if err := nbdkernel.CheckAvailable(pos[1]); err != nil {
-		return err
-	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
-	fmt.Fprintf(stderr, "attaching %s from %s to %s; stop with Ctrl-C\n", pos[0], *addr, pos[1])
-	return nbdkernel.Attach(ctx, nbdkernel.Options{Addr: *addr, Export: pos[0], Device: pos[1], Logger: log})
+	c.Flags().StringVar(&addr, "nbd", envOr("LUPOOL_NBD", "127.0.0.1:10809"), "NBD server address HOST:PORT (env LUPOOL_NBD)")
+	return c
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +11,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/spf13/cobra"
 
 	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/internal/units"
@@ -27,7 +28,8 @@ const (
 	defaultCAFile    = "./lupool-data/pki/ca.crt"
 )
 
-// clientFlags are shared by every command that talks to the API.
+// clientFlags are the global flags of every command that talks to the
+// API; they may come before or after the subcommand.
 type clientFlags struct {
 	api       string
 	output    string
@@ -37,20 +39,15 @@ type clientFlags struct {
 	tokenFrom string
 }
 
-func newClientFlagSet(name string, out io.Writer) (*flag.FlagSet, *clientFlags) {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(out)
-	cf := &clientFlags{}
-	def := os.Getenv("LUPOOL_API")
-	if def == "" {
-		def = defaultAPI
-	}
-	fs.StringVar(&cf.api, "api", def, "lupool API address HOST:PORT or URL (env LUPOOL_API); off loopback it is https")
-	fs.StringVar(&cf.output, "o", "table", "output format: table or json")
+// register adds the client flags to root as persistent (global) flags.
+func (cf *clientFlags) register(root *cobra.Command) {
+	fs := root.PersistentFlags()
+	fs.StringVar(&cf.api, "api", envOr("LUPOOL_API", defaultAPI), "lupool API address HOST:PORT or URL (env LUPOOL_API); off loopback it is https")
+	fs.StringVarP(&cf.output, "output", "o", "table", "output format: table or json")
 	fs.StringVar(&cf.tokenFile, "token-file", envOr("LUPOOL_TOKEN_FILE", ""),
 		"file holding the admin token (env LUPOOL_TOKEN_FILE; LUPOOL_TOKEN gives the token itself; default "+defaultTokenFile+")")
 	fs.StringVar(&cf.caFile, "ca-file", envOr("LUPOOL_CA_FILE", defaultCAFile), "cluster CA certificate trusted for https (env LUPOOL_CA_FILE)")
-	return fs, cf
+	_ = root.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"table", "json"}, cobra.ShellCompDirectiveNoFileComp))
 }
 
 func envOr(name, def string) string {
@@ -94,9 +91,6 @@ func apiURL(addr string) string {
 }
 
 func (cf *clientFlags) client() (*api.Client, error) {
-	if cf.output != "table" && cf.output != "json" {
-		return nil, usageErrorf("-o %q: use table or json", cf.output)
-	}
 	token, err := cf.token()
 	if err != nil {
 		return nil, err
@@ -142,115 +136,207 @@ func parseLUSize(s string, notice io.Writer) (int64, error) {
 	return rounded, nil
 }
 
-func luCommand(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 {
-		return usageErrorf("lu needs a subcommand: create, list, show, resize, delete, add-copy or verify")
-	}
-	sub, args := args[0], args[1:]
-	fs, cf := newClientFlagSet("lu "+sub, os.Stderr)
-	var size, kind, description, node, region string
-	var copies int
-	var force bool
-	switch sub {
-	case "create":
-		fs.StringVar(&size, "size", "", "size with a unit: 512, 64K, 10G, 1T (rounded up to 512 bytes)")
-		fs.IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
-		fs.StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
-		fs.StringVar(&description, "description", "", "free text shown in NBD export lists")
-	case "resize":
-		fs.StringVar(&size, "size", "", "new size with a unit")
-	case "delete":
-		fs.BoolVar(&force, "force", false, "delete even while clients are attached (their I/O ends with an error)")
-	case "add-copy":
-		fs.StringVar(&node, "node", "", "node to place the new copy on (default: the node holding the fewest copies)")
-	case "verify":
-		fs.StringVar(&region, "region", "1M", "comparison unit, 4K to 64M")
-	case "list", "show":
-	default:
-		return usageErrorf("unknown lu subcommand %q: use create, list, show, resize, delete, add-copy or verify", sub)
-	}
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return err
-	}
-	wantArgs := 1
-	if sub == "list" {
-		wantArgs = 0
-	}
-	if len(pos) != wantArgs {
-		if wantArgs == 0 {
-			return usageErrorf("lu list takes no arguments, got %q", strings.Join(pos, " "))
+// luTimeout bounds one LU command (a create waits for its volume, a verify
+// hashes every copy).
+const luTimeout = 2 * time.Minute
+
+func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
+	var (
+		size, kind, description, node, region string
+		copies                                int
+		force                                 bool
+	)
+	// call runs fn with a client and a deadline.
+	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
+		cl, err := cf.client()
+		if err != nil {
+			return err
 		}
-		return usageErrorf("lu %s needs exactly one LU name, got %d arguments", sub, len(pos))
+		ctx, cancel := context.WithTimeout(c.Context(), luTimeout)
+		defer cancel()
+		return fn(ctx, cl)
 	}
-	c, err := cf.client()
+	oneLU := func(verb string) cobra.PositionalArgs {
+		return exactArgs(1, "lu "+verb+" needs exactly one LU name")
+	}
+	names := cf.completeLUNames
+
+	create := &cobra.Command{
+		Use:   "create NAME --size SIZE",
+		Short: "create a thin LU; attachable as soon as this returns",
+		Long: `Create a thin LU: it takes no space until written. Sizes take binary
+units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
+128 of A-Z a-z 0-9 . _ -.`,
+		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2",
+		Args:    oneLU("create"),
+		RunE: func(c *cobra.Command, args []string) error {
+			n, err := parseLUSize(size, stderr)
+			if err != nil {
+				return err
+			}
+			if copies < 1 {
+				return usageErrorf("--copies must be 1 or more, got %d", copies)
+			}
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				lu, err := cl.CreateLU(ctx, api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, []api.LU{lu}, true)
+			})
+		},
+	}
+	create.Flags().StringVar(&size, "size", "", "size with a unit: 512, 64K, 10G, 1T (rounded up to 512 bytes)")
+	create.Flags().IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
+	create.Flags().StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
+	create.Flags().StringVar(&description, "description", "", "free text shown in NBD export lists")
+	_ = create.RegisterFlagCompletionFunc("kind", cobra.FixedCompletions([]string{"file", "memory"}, cobra.ShellCompDirectiveNoFileComp))
+
+	list := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "list LUs with size, allocated bytes, kind, copies, writer and clients",
+		Args:    exactArgs(0, "lu list takes no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				lus, err := cl.ListLUs(ctx)
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, lus, false)
+			})
+		},
+	}
+
+	show := &cobra.Command{
+		Use:               "show NAME",
+		Short:             "show one LU and the state of each of its copies",
+		Args:              oneLU("show"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				lu, err := cl.GetLU(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, []api.LU{lu}, true)
+			})
+		},
+	}
+
+	resize := &cobra.Command{
+		Use:   "resize NAME --size SIZE",
+		Short: "grow online; shrink only when the cut-off tail holds no data",
+		Long: `Grow an LU online, or shrink it when the part cut off holds no data.
+Clients see the new size when they reconnect (NBD has no resize notice).`,
+		Args:              oneLU("resize"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			n, err := parseLUSize(size, stderr)
+			if err != nil {
+				return err
+			}
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				lu, err := cl.ResizeLU(ctx, args[0], n)
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, []api.LU{lu}, true)
+			})
+		},
+	}
+	resize.Flags().StringVar(&size, "size", "", "new size with a unit")
+
+	del := &cobra.Command{
+		Use:               "delete NAME",
+		Aliases:           []string{"rm"},
+		Short:             "delete an LU; refused while clients are attached unless --force",
+		Args:              oneLU("delete"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				if err := cl.DeleteLU(ctx, args[0], force); err != nil {
+					return err
+				}
+				if cf.output == "json" {
+					return printJSON(stdout, map[string]string{"deleted": args[0]})
+				}
+				fmt.Fprintf(stdout, "deleted %s\n", args[0])
+				return nil
+			})
+		},
+	}
+	del.Flags().BoolVar(&force, "force", false, "delete even while clients are attached (their I/O ends with an error)")
+
+	addCopy := &cobra.Command{
+		Use:   "add-copy NAME",
+		Short: "add a copy on another node (rebuilt while writes go on)",
+		Long: `Add a copy of an LU on NODE (default: the node holding the fewest copies).
+It starts new; the writer rebuilds it from the allocated extents while
+writes go on, then it is in-sync.`,
+		Args:              oneLU("add-copy"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				lu, err := cl.AddCopy(ctx, args[0], node)
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, []api.LU{lu}, true)
+			})
+		},
+	}
+	addCopy.Flags().StringVar(&node, "node", "", "node to place the new copy on (default: the node holding the fewest copies)")
+
+	verify := &cobra.Command{
+		Use:   "verify NAME",
+		Short: "compare the in-sync copies by hash; exit 1 if they differ",
+		Long: `Hash every in-sync copy region by region and compare. Lists the regions
+that differ and exits 1 if any (a region that differs is re-checked 3
+times, so a write in flight is not reported).`,
+		Args:              oneLU("verify"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			n, err := units.ParseSize(region)
+			if err != nil {
+				return usageErrorf("--region: %s", strings.TrimPrefix(err.Error(), "units: "))
+			}
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				report, err := cl.VerifyLU(ctx, args[0], n)
+				if err != nil {
+					return err
+				}
+				return printVerify(stdout, cf.output, report)
+			})
+		},
+	}
+	verify.Flags().StringVar(&region, "region", "1M", "comparison unit, 4K to 64M")
+
+	return newGroupCommand("lu", "create, list, resize, delete, copy and verify LUs", "admin",
+		create, list, show, resize, del, addCopy, verify)
+}
+
+// completeLUNames completes an LU name argument from the API (quietly
+// nothing when the API cannot be reached).
+func (cf *clientFlags) completeLUNames(c *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	cl, err := cf.client()
 	if err != nil {
-		return err
+		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(c.Context(), 2*time.Second)
 	defer cancel()
-	switch sub {
-	case "create":
-		n, err := parseLUSize(size, os.Stderr)
-		if err != nil {
-			return err
-		}
-		if copies < 1 {
-			return usageErrorf("--copies must be 1 or more, got %d", copies)
-		}
-		lu, err := c.CreateLU(ctx, api.CreateLURequest{Name: pos[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
-		if err != nil {
-			return err
-		}
-		return printLUs(stdout, cf.output, []api.LU{lu}, true)
-	case "list":
-		lus, err := c.ListLUs(ctx)
-		if err != nil {
-			return err
-		}
-		return printLUs(stdout, cf.output, lus, false)
-	case "show":
-		lu, err := c.GetLU(ctx, pos[0])
-		if err != nil {
-			return err
-		}
-		return printLUs(stdout, cf.output, []api.LU{lu}, true)
-	case "add-copy":
-		lu, err := c.AddCopy(ctx, pos[0], node)
-		if err != nil {
-			return err
-		}
-		return printLUs(stdout, cf.output, []api.LU{lu}, true)
-	case "verify":
-		n, err := units.ParseSize(region)
-		if err != nil {
-			return usageErrorf("--region: %s", strings.TrimPrefix(err.Error(), "units: "))
-		}
-		report, err := c.VerifyLU(ctx, pos[0], n)
-		if err != nil {
-			return err
-		}
-		return printVerify(stdout, cf.output, report)
-	case "resize":
-		n, err := parseLUSize(size, os.Stderr)
-		if err != nil {
-			return err
-		}
-		lu, err := c.ResizeLU(ctx, pos[0], n)
-		if err != nil {
-			return err
-		}
-		return printLUs(stdout, cf.output, []api.LU{lu}, true)
-	default: // delete
-		if err := c.DeleteLU(ctx, pos[0], force); err != nil {
-			return err
-		}
-		if cf.output == "json" {
-			return printJSON(stdout, map[string]string{"deleted": pos[0]})
-		}
-		fmt.Fprintf(stdout, "deleted %s\n", pos[0])
-		return nil
+	lus, err := cl.ListLUs(ctx)
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
+	names := make([]string, 0, len(lus))
+	for _, lu := range lus {
+		names = append(names, lu.Name+"\t"+units.Format(lu.SizeBytes)+" "+lu.Kind)
+	}
+	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
 // errDiverged is returned by lu verify when copies differ or could not be
@@ -329,27 +415,28 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 	return nil
 }
 
-func poolCommand(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 || args[0] != "status" {
-		return usageErrorf("pool needs the subcommand status")
+func newPoolCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "this node's capacity, free, allocated and provisioned bytes and usage level",
+		Args:  exactArgs(0, "pool status takes no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := cf.client()
+			if err != nil {
+				return err
+			}
+			st, err := cl.PoolStatus(c.Context())
+			if err != nil {
+				return err
+			}
+			return printPoolStatus(stdout, cf.output, st)
+		},
 	}
-	fs, cf := newClientFlagSet("pool status", os.Stderr)
-	pos, err := parseInterspersed(fs, args[1:])
-	if err != nil {
-		return err
-	}
-	if len(pos) != 0 {
-		return usageErrorf("pool status takes no arguments")
-	}
-	c, err := cf.client()
-	if err != nil {
-		return err
-	}
-	st, err := c.PoolStatus(ctx)
-	if err != nil {
-		return err
-	}
-	if cf.output == "json" {
+	return newGroupCommand("pool", "the storage pool of a node", "admin", status)
+}
+
+func printPoolStatus(stdout io.Writer, output string, st api.PoolStatus) error {
+	if output == "json" {
 		return printJSON(stdout, st)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
@@ -373,62 +460,62 @@ func poolCommand(ctx context.Context, args []string, stdout io.Writer) error {
 	return tw.Flush()
 }
 
-func nodeCommand(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) > 0 && args[0] == "remove" {
-		fs, cf := newClientFlagSet("node remove", os.Stderr)
-		pos, err := parseInterspersed(fs, args[1:])
-		if err != nil {
-			return err
-		}
-		if len(pos) != 1 {
-			return usageErrorf("node remove needs one node id")
-		}
-		c, err := cf.client()
-		if err != nil {
-			return err
-		}
-		if err := c.RemoveNode(ctx, pos[0]); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "node %s removed; its certificate no longer admits it\n", pos[0])
-		return nil
+func newNodeCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
+	list := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "cluster members and the metadata leader (the primary)",
+		Args:    exactArgs(0, "node list takes no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := cf.client()
+			if err != nil {
+				return err
+			}
+			nodes, err := cl.Nodes(c.Context())
+			if err != nil {
+				return err
+			}
+			if cf.output == "json" {
+				if nodes == nil {
+					nodes = []api.Node{}
+				}
+				return printJSON(stdout, nodes)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
+			for _, n := range nodes {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, nodeRole(n), n.APIAddr, n.NBDAddr, n.PeerAddr)
+			}
+			return tw.Flush()
+		},
 	}
-	if len(args) == 0 || args[0] != "list" {
-		return usageErrorf("node needs the subcommand list or remove")
+	remove := &cobra.Command{
+		Use:   "remove ID",
+		Short: "take a node out of the cluster; its certificate stops working",
+		Args:  exactArgs(1, "node remove needs one node id"),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, err := cf.client()
+			if err != nil {
+				return err
+			}
+			if err := cl.RemoveNode(c.Context(), args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "node %s removed; its certificate no longer admits it\n", args[0])
+			return nil
+		},
 	}
-	fs, cf := newClientFlagSet("node list", os.Stderr)
-	pos, err := parseInterspersed(fs, args[1:])
-	if err != nil {
-		return err
+	return newGroupCommand("node", "cluster members", "admin", list, remove)
+}
+
+// nodeRole is a node's part in the metadata cluster, as node list shows it.
+func nodeRole(n api.Node) string {
+	role := "follower"
+	if n.Leader {
+		role = "leader"
 	}
-	if len(pos) != 0 {
-		return usageErrorf("node list takes no arguments")
+	if !n.Voter {
+		role += " (non-voter)"
 	}
-	c, err := cf.client()
-	if err != nil {
-		return err
-	}
-	nodes, err := c.Nodes(ctx)
-	if err != nil {
-		return err
-	}
-	if cf.output == "json" {
-		if nodes == nil {
-			nodes = []api.Node{}
-		}
-		return printJSON(stdout, nodes)
-	}
-	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
-	for _, n := range nodes {
-		role := "follower"
-		if n.Leader {
-			role = "leader"
-		}
-		if !n.Voter {
-			role += " (non-voter)"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, role, n.APIAddr, n.NBDAddr, n.PeerAddr)
-	}
-	return tw.Flush()
+	return role
 }

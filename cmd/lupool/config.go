@@ -2,15 +2,18 @@ package main
 
 import (
 	"encoding/json"
-	"flag"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/lupool/lupool/internal/units"
 )
@@ -178,43 +181,63 @@ func envName(flagName string) string {
 	return "LUPOOL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// loadServeConfig resolves the configuration from args, the environment
-// (getenv) and an optional config file.
-func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (serveConfig, error) {
-	cfg := defaultServeConfig()
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(out)
-	configFile := fs.String("config", getenv("LUPOOL_CONFIG"), "optional JSON config file with the same names (env LUPOOL_CONFIG)")
-	flagValues := map[string]*string{}
+// serveFlags are the flags of `lupool serve`, kept as text until they are
+// resolved against the environment and the config file.
+type serveFlags struct {
+	fs         *pflag.FlagSet     // where they are defined
+	configFile *string            // --config
+	values     map[string]*string // by setting name
+}
+
+// addServeFlags defines serve's flags on fs; getenv gives the default of
+// --config (LUPOOL_CONFIG).
+func addServeFlags(fs *pflag.FlagSet, getenv func(string) string) *serveFlags {
+	def := defaultServeConfig()
+	sf := &serveFlags{fs: fs, values: map[string]*string{}}
+	sf.configFile = fs.String("config", getenv("LUPOOL_CONFIG"), "optional JSON config file with the same names (env LUPOOL_CONFIG)")
 	for _, s := range settings() {
-		flagValues[s.name] = fs.String(s.name, "", fmt.Sprintf("%s (env %s, default %q)", s.help, envName(s.name), s.get(&cfg)))
+		sf.values[s.name] = fs.String(s.name, "", fmt.Sprintf("%s (env %s, default %q)", s.help, envName(s.name), s.get(&def)))
 	}
+	return sf
+}
+
+// loadServeConfig parses args as serve's flags and resolves the
+// configuration against the environment (getenv) and the config file.
+func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (serveConfig, error) {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	fs.SetOutput(out)
+	sf := addServeFlags(fs, getenv)
 	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return cfg, err
+		if errors.Is(err, pflag.ErrHelp) {
+			return defaultServeConfig(), err
 		}
-		return cfg, &usageError{msg: err.Error()}
+		return defaultServeConfig(), &usageError{msg: err.Error()}
 	}
 	if fs.NArg() > 0 {
-		return cfg, usageErrorf("serve takes no arguments, got %q", strings.Join(fs.Args(), " "))
+		return defaultServeConfig(), usageErrorf("serve takes no arguments, got %q", strings.Join(fs.Args(), " "))
 	}
-	if *configFile != "" {
-		data, err := os.ReadFile(*configFile)
+	return sf.resolve(getenv)
+}
+
+// resolve applies, in order of precedence, the flags given, the
+// environment (LUPOOL_<NAME>), the config file and the defaults.
+func (sf *serveFlags) resolve(getenv func(string) string) (serveConfig, error) {
+	cfg := defaultServeConfig()
+	if *sf.configFile != "" {
+		data, err := os.ReadFile(*sf.configFile)
 		if err != nil {
 			return cfg, fmt.Errorf("config file: %w", err)
 		}
 		dec := json.NewDecoder(strings.NewReader(string(data)))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&cfg); err != nil {
-			return cfg, fmt.Errorf("config file %s: %v (keys: data, pool_dirs, nbd, api, peer, node_id, join, tls, tls_cert, tls_key, overcommit, log_level, log_format, dirty_region_bytes, resync_rate_bytes, replace_after, debug_pprof)", *configFile, err)
+			return cfg, fmt.Errorf("config file %s: %v (keys: %s)", *sf.configFile, err, strings.Join(configKeys(), ", "))
 		}
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	for _, s := range settings() {
 		v, from := "", ""
-		if set[s.name] {
-			v, from = *flagValues[s.name], "--"+s.name
+		if sf.fs.Changed(s.name) {
+			v, from = *sf.values[s.name], "--"+s.name
 		} else if e := getenv(envName(s.name)); e != "" {
 			v, from = e, envName(s.name)
 		} else {
@@ -225,6 +248,19 @@ func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (
 		}
 	}
 	return cfg, cfg.validate()
+}
+
+// configKeys lists the keys a config file may hold (serveConfig's JSON
+// names), for the error that names an unknown one.
+func configKeys() []string {
+	t := reflect.TypeOf(serveConfig{})
+	keys := make([]string, 0, t.NumField())
+	for i := range t.NumField() {
+		if k, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ","); k != "" && k != "-" {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 func (c *serveConfig) validate() error {

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"errors"
-	"flag"
 	"io"
 	"os"
 	"path/filepath"
@@ -39,7 +37,7 @@ func TestServeConfigErrors(t *testing.T) {
 		{[]string{"--tls", "required"}, "needs --tls-cert and --tls-key"},
 		{[]string{"--overcommit", "-1"}, "want a positive number"},
 		{[]string{"--log-level", "loud"}, "use debug, info, warn or error"},
-		{[]string{"--bogus"}, "flag provided but not defined"},
+		{[]string{"--bogus"}, "unknown flag: --bogus"},
 		{[]string{"extra"}, "serve takes no arguments"},
 		{[]string{"--config", "/nonexistent/lupool.json"}, "config file"},
 		{[]string{"--dirty-region", "6K"}, "use a multiple of 4K from 4K to 4M"},
@@ -60,20 +58,5 @@ func TestServeConfigErrors(t *testing.T) {
 	}
 	if _, err := loadServeConfig([]string{"--config", bad}, noenv, io.Discard); err == nil || !strings.Contains(err.Error(), "unknown field") {
 		t.Errorf("unknown config key: err %v", err)
-	}
-}
-
-func TestParseInterspersed(t *testing.T) {
-	fs := flag.NewFlagSet("x", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	size := fs.String("size", "", "")
-	force := fs.Bool("force", false, "")
-	pos, err := parseInterspersed(fs, []string{"--force", "name", "--size", "1G", "second"})
-	if err != nil || strings.Join(pos, ",") != "name,second" || *size != "1G" || !*force {
-		t.Fatalf("pos %v size %q force %v err %v", pos, *size, *force, err)
-	}
-	var ue *usageError
-	if _, err := parseInterspersed(fs, []string{"--size"}); !errors.As(err, &ue) {
-		t.Fatalf("missing flag value: %v, want a usage error", err)
 	}
 }

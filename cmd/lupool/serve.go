@@ -38,11 +38,8 @@ import (
 // shutdownTimeout bounds how long SIGTERM waits for in-flight I/O.
 const shutdownTimeout = 30 * time.Second
 
-func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	cfg, err := loadServeConfig(args, os.Getenv, stderr)
-	if err != nil {
-		return err
-	}
+// serveCommand runs a node with cfg, logging to stderr.
+func serveCommand(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 	level, _ := parseLogLevel(cfg.LogLevel)
 	hopts := &slog.HandlerOptions{Level: level}
 	var handler slog.Handler = slog.NewTextHandler(stderr, hopts)

@@ -119,6 +119,9 @@ type Backend interface {
 	DeleteLU(ctx context.Context, name string, force bool) error
 	PoolStatus(ctx context.Context) (PoolStatus, error)
 	Nodes(ctx context.Context) ([]Node, error)
+	// Status gathers the cluster's one-screen view, asking every other
+	// node for its pool (a node that does not answer is reported so).
+	Status(ctx context.Context) (Status, error)
 	// Join checks a join token and issues a node certificate to a node
 	// that is not a member yet (the first step of joining; ErrUnauthorized
 	// for a bad token, ErrExists for a member's id).

@@ -43,6 +43,7 @@ var routeTable = []route{
 	{pattern: "DELETE /v1/lus/{name}", method: "DELETE", path: "/v1/lus/a", access: accessAdmin, backend: "DeleteLU"},
 	{pattern: "GET /v1/pool", method: "GET", path: "/v1/pool", access: accessAdmin, backend: "PoolStatus"},
 	{pattern: "GET /v1/nodes", method: "GET", path: "/v1/nodes", access: accessAdmin, backend: "Nodes"},
+	{pattern: "GET /v1/status", method: "GET", path: "/v1/status", access: accessAdmin, backend: "Status"},
 	{pattern: "DELETE /v1/nodes/{id}", method: "DELETE", path: "/v1/nodes/n1", access: accessAdmin, backend: "RemoveNode"},
 	{pattern: "POST /v1/lus/{name}/copies", method: "POST", path: "/v1/lus/a/copies", body: `{"node":"n2"}`, access: accessAdmin, backend: "AddCopy"},
 	{pattern: "GET /v1/lus/{name}/hashes", method: "GET", path: "/v1/lus/a/hashes?count=2", access: accessAdmin, backend: "RegionHashes"},

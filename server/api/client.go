@@ -222,6 +222,13 @@ func (c *Client) PoolStatus(ctx context.Context) (PoolStatus, error) {
 	return st, err
 }
 
+// Status returns the cluster's one-screen view (GET /v1/status).
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var out Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &out)
+	return out, err
+}
+
 // Nodes lists the cluster's nodes.
 func (c *Client) Nodes(ctx context.Context) ([]Node, error) {
 	var nodes []Node

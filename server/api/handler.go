@@ -102,6 +102,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
 	admin("GET /v1/pool", h.poolStatus)
 	admin("GET /v1/nodes", h.nodes)
+	admin("GET /v1/status", h.status)
 	admin("DELETE /v1/nodes/{id}", h.mutating(h.removeNode))
 	admin("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
 	admin("GET /v1/lus/{name}/hashes", h.regionHashes)
@@ -436,6 +437,11 @@ func (h *Handler) poolStatus(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) nodes(w http.ResponseWriter, r *http.Request) {
 	nodes, err := h.opts.Backend.Nodes(r.Context())
 	h.reply(w, nodes, err)
+}
+
+func (h *Handler) status(w http.ResponseWriter, r *http.Request) {
+	st, err := h.opts.Backend.Status(r.Context())
+	h.reply(w, st, err)
 }
 
 func (h *Handler) ready(w http.ResponseWriter, _ *http.Request) {

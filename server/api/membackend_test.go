@@ -224,6 +224,12 @@ func (b *memBackend) Nodes(ctx context.Context) ([]Node, error) {
 	return out, nil
 }
 
+func (b *memBackend) Status(ctx context.Context) (Status, error) {
+	_ = b.enter(ctx, "Status", false)
+	defer b.mu.Unlock()
+	return Status{Node: "mem", Nodes: []NodeStatus{}, LUs: LUSummary{Total: len(b.lus), Healthy: len(b.lus), NotHealthy: []LUHealth{}}}, nil
+}
+
 func (b *memBackend) Join(ctx context.Context, req JoinRequest) (JoinResponse, error) {
 	err := b.enter(ctx, "Join", true)
 	defer b.mu.Unlock()

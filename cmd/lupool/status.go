@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/server/api"
+)
+
+// statusNodeTimeout bounds how long Status waits for another node's pool.
+const statusNodeTimeout = 2 * time.Second
+
+// Status gathers the cluster's one-screen view: the members and whether
+// they answer (each is asked for its pool over the peer port, all at once,
+// for at most statusNodeTimeout), the primary, the LUs by health.
+func (b *daemonBackend) Status(ctx context.Context) (api.Status, error) {
+	nodes, err := b.Nodes(ctx)
+	if err != nil {
+		return api.Status{}, err
+	}
+	lus, err := b.node.ListLUs()
+	if err != nil {
+		return api.Status{}, err
+	}
+	primary, _ := b.node.Leader()
+	out := api.Status{Node: b.nodeID, Primary: primary, Nodes: make([]api.NodeStatus, len(nodes)), LUs: summarizeLUs(lus)}
+	var wg sync.WaitGroup
+	for i, n := range nodes {
+		out.Nodes[i] = api.NodeStatus{Node: n}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := b.nodePool(ctx, n)
+			if err != nil {
+				out.Nodes[i].State, out.Nodes[i].Error = api.NodeUnreachable, err.Error()
+				return
+			}
+			out.Nodes[i].State, out.Nodes[i].Pool = api.NodeUp, &st
+		}()
+	}
+	wg.Wait()
+	out.Pool = sumPools(out.Nodes)
+	return out, nil
+}
+
+// nodePool is node n's pool status: this node's own, or asked over the
+// peer port.
+func (b *daemonBackend) nodePool(ctx context.Context, n api.Node) (api.PoolStatus, error) {
+	if n.ID == b.nodeID {
+		st, err := b.PoolStatus(ctx)
+		warn, critical := b.pool.Thresholds()
+		st.Thresholds = &api.Thresholds{WarnPercent: warn, CriticalPercent: critical}
+		return st, err
+	}
+	c, err := b.peers.client(n.ID, n.PeerAddr)
+	if err != nil {
+		return api.PoolStatus{}, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, statusNodeTimeout)
+	defer cancel()
+	return c.PoolStatus(ctx)
+}
+
+// summarizeLUs counts LUs by health (luHealth) and lists the unhealthy.
+func summarizeLUs(lus []cluster.LU) api.LUSummary {
+	s := api.LUSummary{Total: len(lus), NotHealthy: []api.LUHealth{}}
+	for _, rec := range lus {
+		h := luHealth(rec)
+		switch h {
+		case api.LUHealthy:
+			s.Healthy++
+			continue
+		case api.LUResyncing:
+			s.Resyncing++
+		default:
+			s.Degraded++
+		}
+		lh := api.LUHealth{Name: rec.Name, Health: h, Writer: rec.Writer, Copies: rec.Copies, Replicas: []api.Replica{}}
+		for _, r := range rec.Replicas {
+			lh.Replicas = append(lh.Replicas, api.Replica{Node: r.NodeID, State: r.State})
+		}
+		s.NotHealthy = append(s.NotHealthy, lh)
+	}
+	return s
+}
+
+// luHealth classifies an LU by its recorded copies: degraded when fewer
+// copies than asked for are in sync or resyncing (one is out of sync, new,
+// or missing, and nothing catches it up yet), resyncing when every copy
+// that lacks data is being caught up, healthy otherwise.
+func luHealth(rec cluster.LU) string {
+	inSync, resyncing := 0, 0
+	for _, r := range rec.Replicas {
+		switch r.State {
+		case cluster.ReplicaInSync:
+			inSync++
+		case cluster.ReplicaResyncing:
+			resyncing++
+		}
+	}
+	switch {
+	case inSync+resyncing < max(rec.Copies, len(rec.Replicas)):
+		return api.LUDegraded
+	case resyncing > 0:
+		return api.LUResyncing
+	}
+	return api.LUHealthy
+}
+
+// sumPools adds up the pools of the nodes that answered; the level is the
+// worst of them.
+func sumPools(nodes []api.NodeStatus) api.PoolSummary {
+	rank := map[string]int{string(lu.LevelOK): 0, string(lu.LevelWarn): 1, string(lu.LevelCritical): 2}
+	s := api.PoolSummary{Level: string(lu.LevelOK)}
+	for _, n := range nodes {
+		p := n.Pool
+		if p == nil {
+			continue
+		}
+		s.NodesCounted++
+		s.CapacityBytes += p.CapacityBytes
+		s.FreeBytes += p.FreeBytes
+		s.AllocatedBytes += p.AllocatedBytes
+		s.ProvisionedBytes += p.ProvisionedBytes
+		if rank[p.Level] > rank[s.Level] {
+			s.Level = p.Level
+		}
+	}
+	return s
+}
