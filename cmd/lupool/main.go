@@ -40,9 +40,9 @@ func main() {
 
 // Exit codes: the same for every command.
 const (
-	exitOK      = 0 // done
-	exitFailed  = 1 // refused or failed
-	exitUsage   = 2 // the command line is wrong
+	exitOK     = 0 // done
+	exitFailed = 1 // refused or failed
+	exitUsage  = 2 // the command line is wrong
 )
 
 // run executes one command line and returns the process exit code.
