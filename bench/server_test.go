@@ -7,21 +7,20 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
 )
 
+// needTools ends the test unless every tool is installed: a skip, a
+// failure in CI (realclient.Require).
 func needTools(t *testing.T, tools ...string) {
 	t.Helper()
-	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (./scripts/install-test-deps.sh)", tool)
-		}
-	}
+	realclient.Require(t, tools...)
 }
 
 func testEnv(t *testing.T) Env {

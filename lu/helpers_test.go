@@ -7,11 +7,12 @@ import (
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/realclient"
 )
 
 // mountTmpfs mounts a fresh tmpfs of the given size (e.g. "64m") and
-// unmounts it when the test ends. It skips the test when mount is refused
-// (not root), the only reason it may skip.
+// unmounts it when the test ends. When mount is refused (not root) it ends
+// the test through realclient.Missing: a skip, a failure in CI.
 func mountTmpfs(t testing.TB, size string) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "lu-tmpfs-")
@@ -21,7 +22,8 @@ func mountTmpfs(t testing.TB, size string) string {
 	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(dir)
-		t.Skipf("cannot mount a tmpfs (needs root): %v: %s", err, out)
+		realclient.Missing(t, "cannot mount a tmpfs (needs root): %v: %s", err, out)
+		return ""
 	}
 	t.Cleanup(func() {
 		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {

@@ -50,9 +50,9 @@ var (
 
 func (m *Manager) newForwarder(rec cluster.LU, local lu.Volume) *Forwarder {
 	f := &Forwarder{name: rec.Name, m: m, local: local,
-		readLocal:       m.metrics.reads.WithLabelValues(rec.Name, "local"),
-		readWriter:      m.metrics.reads.WithLabelValues(rec.Name, "writer"),
-		writesForwarded: m.metrics.forwardedWrites.WithLabelValues(rec.Name)}
+		readLocal:       m.luCounter(m.metrics.reads, nil, rec.Name, "local"),
+		readWriter:      m.luCounter(m.metrics.reads, nil, rec.Name, "writer"),
+		writesForwarded: m.luCounter(m.metrics.forwardedWrites, nil, rec.Name)}
 	f.observe(rec)
 	return f
 }

@@ -95,6 +95,9 @@ type ManagerOptions struct {
 	// Unexport is called before an LU's local volume is closed; it must
 	// end the front end's use of the device (forcibly: the LU is going).
 	Unexport func(name string)
+	// Deleted is called once a deleted LU is unexported and its local
+	// volume gone, for the front end to forget it (its metric series).
+	Deleted func(name string)
 
 	// UpdateLU records a change of an LU's epoch and copy states through
 	// the metadata leader, applied only if the recorded epoch is still
@@ -152,6 +155,9 @@ func (o *ManagerOptions) EnsureDefaults() {
 	}
 	if o.Unexport == nil {
 		o.Unexport = func(string) {}
+	}
+	if o.Deleted == nil {
+		o.Deleted = func(string) {}
 	}
 	if o.UpdateLU == nil {
 		o.UpdateLU = func(context.Context, cluster.LU, uint64) error {
@@ -271,9 +277,10 @@ func (m *Manager) noteRecord(ch cluster.Change) {
 	defer m.recs.Unlock()
 	if ch.Kind == cluster.Deleted {
 		delete(m.recs.m, ch.LU.Name)
+		m.metrics.forgetLU(ch.LU.Name)
 		return
 	}
-	m.recs.m[ch.LU.Name] = ch.LU
+	m.setRecordLocked(ch.LU)
 }
 
 // now is the monotonic time since the manager started.
@@ -310,7 +317,7 @@ func (m *Manager) Reconcile(ctx context.Context, lus []cluster.LU) error {
 	m.recs.Lock()
 	for _, rec := range lus {
 		if old, ok := m.recs.m[rec.Name]; !ok || old.Epoch <= rec.Epoch {
-			m.recs.m[rec.Name] = rec
+			m.setRecordLocked(rec)
 		}
 	}
 	m.recs.Unlock()
@@ -399,6 +406,7 @@ func (m *Manager) do(w work) {
 	case cluster.Deleted:
 		m.changes.WithLabelValues("deleted").Inc()
 		err = m.remove(ch.LU.Name)
+		m.opts.Deleted(ch.LU.Name)
 	default:
 		err = fmt.Errorf("unknown change kind %v", ch.Kind)
 	}
@@ -424,6 +432,9 @@ func holdsCopy(rec cluster.LU, node string) bool {
 	}
 	return false
 }
+
+// holdsOwnCopy reports whether rec has a copy on this node.
+func (m *Manager) holdsOwnCopy(rec cluster.LU) bool { return holdsCopy(rec, m.opts.NodeID) }
 
 // writerOf returns the node that applies rec's writes.
 func writerOf(rec cluster.LU) string {

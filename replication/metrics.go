@@ -1,9 +1,25 @@
 package replication
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lupool/lupool/cluster"
+)
 
 // metrics are the replication layer's counters, built unregistered; cmd
 // registers them (Manager.Collectors).
+//
+// # Per-LU series
+//
+// Every series is labelled with its LU. A series exists only while the LU
+// is in the manager's latest records (Manager.recs): children are resolved
+// (Manager.luCounter) and deleted (forgetLU, forgetCopy) with recs locked,
+// right where a record is replaced or removed. A device, stream or resync
+// still running with children resolved before its LU was deleted counts
+// into children no registry reports; none of them resolves children again
+// for a name recs does not hold, so a deleted LU's series never come back.
+// Likewise the "copy" series of a copy removed from an LU, and this node's
+// received-bytes series once its copy is removed.
 type metrics struct {
 	// reads counts bytes read through a Forwarder by where they came from:
 	// "local" (this node's in-sync copy) or "writer" (over the network).
@@ -22,6 +38,9 @@ type metrics struct {
 	// dirty is the bytes a copy lacks, as the writer knows them, read at
 	// scrape time from every Mirror.
 	dirty *prometheus.Desc
+	// discard stands in for the child of an LU (or copy) that is gone:
+	// counted, never reported.
+	discard prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -52,7 +71,60 @@ func newMetrics() *metrics {
 		}, []string{"lu"}),
 		dirty: prometheus.NewDesc("lupool_replication_dirty_bytes",
 			"Bytes a copy lacks (resync still to send), as its writer knows them.", []string{"lu", "copy"}, nil),
+		discard: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lupool_replication_discarded", Help: "Never registered.",
+		}),
 	}
+}
+
+// perLU returns every counter vector labelled with an LU.
+func (m *metrics) perLU() []*prometheus.CounterVec {
+	return []*prometheus.CounterVec{m.reads, m.servedReads, m.forwardedWrites, m.sent, m.copyReceived, m.staleRefused}
+}
+
+// forgetLU deletes every series of the LU. Manager.recs must be held.
+func (m *metrics) forgetLU(name string) {
+	for _, v := range m.perLU() {
+		v.DeletePartialMatch(prometheus.Labels{"lu": name})
+	}
+}
+
+// forgetCopy deletes the series of node's copy of the LU: on the writer
+// what it sent the copy, on the copy's own node what it received.
+// Manager.recs must be held.
+func (m *metrics) forgetCopy(name, node string, self bool) {
+	m.sent.DeletePartialMatch(prometheus.Labels{"lu": name, "copy": node})
+	if self {
+		m.copyReceived.DeletePartialMatch(prometheus.Labels{"lu": name})
+	}
+}
+
+// setRecordLocked makes rec the latest record of its LU and deletes the
+// series of copies the previous record had and rec has not. m.recs must be
+// held.
+func (m *Manager) setRecordLocked(rec cluster.LU) {
+	if old, ok := m.recs.m[rec.Name]; ok {
+		for _, r := range old.Replicas {
+			if !holdsCopy(rec, r.NodeID) {
+				m.metrics.forgetCopy(rec.Name, r.NodeID, r.NodeID == m.opts.NodeID)
+			}
+		}
+	}
+	m.recs.m[rec.Name] = rec
+}
+
+// luCounter returns the child of vec for labels, whose first is an LU
+// name, while that LU is in the latest records and holds (if non-nil)
+// accepts its record; otherwise a counter that is never reported. See
+// "Per-LU series" on metrics.
+func (m *Manager) luCounter(vec *prometheus.CounterVec, holds func(cluster.LU) bool, labels ...string) prometheus.Counter {
+	m.recs.Lock()
+	defer m.recs.Unlock()
+	rec, ok := m.recs.m[labels[0]]
+	if !ok || (holds != nil && !holds(rec)) {
+		return m.metrics.discard
+	}
+	return vec.WithLabelValues(labels...)
 }
 
 func (m *metrics) collectors() []prometheus.Collector {

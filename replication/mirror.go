@@ -75,9 +75,9 @@ type copyLink struct {
 	// lastAck is when (Manager.now) the copy last answered a request: its
 	// read lease may run until lastAck + ReadLease.
 	lastAck atomic.Int64
-	// sentLive counts live write bytes sent to this copy (a child of
-	// metrics.sent, resolved once).
-	sentLive prometheus.Counter
+	// sentLive and sentResync count live and resync write bytes sent to
+	// this copy (children of metrics.sent, resolved once).
+	sentLive, sentResync prometheus.Counter
 	// lastDialErr avoids logging the same dial failure every retry.
 	lastDialErr atomic.Pointer[string]
 }
@@ -209,7 +209,11 @@ func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error)
 				mi.m.opts.Logger.Warn("dirty regions of the copy not trusted; it will be resynced by region hashes",
 					"lu", rec.Name, "copy", r.NodeID, "doubt", mi.store.Doubt())
 			}
-			l = &copyLink{node: r.NodeID, dirty: d, sentLive: mi.m.metrics.sent.WithLabelValues(rec.Name, r.NodeID, "live")}
+			node := r.NodeID
+			holds := func(cur cluster.LU) bool { return holdsCopy(cur, node) }
+			l = &copyLink{node: node, dirty: d,
+				sentLive:   mi.m.luCounter(mi.m.metrics.sent, holds, rec.Name, node, "live"),
+				sentResync: mi.m.luCounter(mi.m.metrics.sent, holds, rec.Name, node, "resync")}
 			l.state.Store(int32(st))
 		}
 		links = append(links, l)

@@ -246,7 +246,7 @@ func (mi *Mirror) sendRuns(l *copyLink, runs [][2]int64) (int64, error) {
 						}
 						pending = append(pending, cl)
 						sent += n
-						mi.m.metrics.sent.WithLabelValues(mi.name, l.node, "resync").Add(float64(n))
+						l.sentResync.Add(float64(n))
 					}
 					off += n
 					if len(pending) >= 16 {

@@ -109,7 +109,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 	tgt, epoch, err := m.streamTarget(hello, h.Epoch, peer)
 	if err != nil {
 		if errors.Is(err, replproto.ErrStaleEpoch) {
-			m.metrics.staleRefused.WithLabelValues(hello.LU).Inc()
+			m.luCounter(m.metrics.staleRefused, nil, hello.LU).Inc()
 		}
 		m.opts.Logger.Warn("replication stream refused", "lu", hello.LU, "peer", peer, "hello_node", hello.Node, "role", hello.Role, "err", err)
 		_ = fail(h, err, epoch)
@@ -231,8 +231,8 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64, peer string)
 			return target{}, rec.Epoch, fmt.Errorf("%w: the copy of %s on %s lost its data at start and waits to be recorded new", replproto.ErrNotFound, hello.LU, m.opts.NodeID)
 		}
 		return target{dev: vol, role: hello.Role, name: hello.LU, peer: peer,
-			receivedLive:   m.metrics.copyReceived.WithLabelValues(hello.LU, "live"),
-			receivedResync: m.metrics.copyReceived.WithLabelValues(hello.LU, "resync")}, rec.Epoch, nil
+			receivedLive:   m.luCounter(m.metrics.copyReceived, m.holdsOwnCopy, hello.LU, "live"),
+			receivedResync: m.luCounter(m.metrics.copyReceived, m.holdsOwnCopy, hello.LU, "resync")}, rec.Epoch, nil
 	case replproto.RoleClient:
 		if !m.opts.IsMember(peer) {
 			return target{}, rec.Epoch, fmt.Errorf("%w: %s is not a member of the cluster", replproto.ErrForbidden, peer)
@@ -242,7 +242,7 @@ func (m *Manager) streamTarget(hello replproto.Hello, epoch uint64, peer string)
 			return target{}, rec.Epoch, fmt.Errorf("%w: %s's writer is %s, not %s", replproto.ErrNotWriter, hello.LU, rec.Writer, m.opts.NodeID)
 		}
 		return target{dev: mir, role: hello.Role, name: hello.LU, peer: peer,
-			servedReads: m.metrics.servedReads.WithLabelValues(hello.LU)}, rec.Epoch, nil
+			servedReads: m.luCounter(m.metrics.servedReads, nil, hello.LU)}, rec.Epoch, nil
 	}
 	return target{}, rec.Epoch, fmt.Errorf("%w: role %d", blockdev.ErrInvalid, hello.Role)
 }
@@ -280,7 +280,7 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 		rec, err := m.waitRecord(tgt.name, h.Epoch)
 		if err != nil {
 			if errors.Is(err, replproto.ErrStaleEpoch) {
-				m.metrics.staleRefused.WithLabelValues(tgt.name).Inc()
+				m.luCounter(m.metrics.staleRefused, nil, tgt.name).Inc()
 			}
 			return nil, rec.Epoch, err
 		}

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/internal/freeport"
+	"github.com/lupool/lupool/internal/realclient"
 	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/replication/replproto"
 )
@@ -68,13 +69,11 @@ func freePort(t *testing.T) string {
 	return a
 }
 
+// needTools ends the test unless every tool is installed: a skip, a
+// failure in CI (realclient.Require).
 func needTools(t *testing.T, tools ...string) {
 	t.Helper()
-	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (run ./scripts/install-test-deps.sh): %v", tool, err)
-		}
-	}
+	realclient.Require(t, tools...)
 }
 
 // syncBuffer is a bytes.Buffer safe for a child process to write while

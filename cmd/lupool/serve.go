@@ -337,6 +337,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			exports.Remove(name)
 			nbdServer.DisconnectExport(name)
 		},
+		Deleted: nbdMetrics.ForgetExport,
 	})
 	if err != nil {
 		return err

@@ -1,14 +1,63 @@
 // Package realclient helps tests find and run the real NBD clients
 // (nbdsh, nbdinfo, nbdcopy, qemu-img, fio) the way a user would.
+//
+// A test that needs a tool the machine lacks skips, except in CI (the
+// environment variable CI is "true"), where it fails: there a skip would
+// look like a pass while the tool was never run. Every such skip goes
+// through [Missing] (or [Require] and [LookPath], which call it). A skip for
+// another reason (-short, a measurement that means nothing under -race, a
+// busy port) is a plain t.Skip.
 package realclient
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
 	"testing"
 )
 
+// installHint names the script that installs every test dependency.
+const installHint = "run ./scripts/install-test-deps.sh"
+
+// InCI reports whether the tests run in CI: the environment variable CI is
+// "true" (as .ci/run and the usual CI services set it).
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Missing ends the test because something it needs from the machine (a
+// tool, a Python module, the right to mount) is absent: t.Fatalf in CI,
+// t.Skipf elsewhere. The message says what is missing.
+func Missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	if InCI() {
+		t.Fatalf("%s (CI=true: a missing test dependency fails the test instead of skipping it)", msg)
+		return
+	}
+	t.Skipf("%s", msg)
+}
+
+// LookPath returns the path of tool in PATH, or ends the test through
+// Missing.
+func LookPath(t testing.TB, tool string) string {
+	t.Helper()
+	p, err := exec.LookPath(tool)
+	if err != nil {
+		Missing(t, "%s not installed (%s): %v", tool, installHint, err)
+		return ""
+	}
+	return p
+}
+
+// Require ends the test through Missing unless every tool is in PATH.
+func Require(t testing.TB, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		LookPath(t, tool)
+	}
+}
+
 // NbdshPython returns a Python interpreter that can import libnbd's nbd
-// module, or skips the test. nbdsh is "python3 -m nbd"; running it through
+// module, or ends the test through Missing. nbdsh is "python3 -m nbd"; running it through
 // the interpreter found here avoids a python3 earlier in PATH (pyenv, venv)
 // that lacks Debian's python3-libnbd.
 func NbdshPython(t testing.TB) string {
@@ -22,7 +71,7 @@ func NbdshPython(t testing.TB) string {
 			return p
 		}
 	}
-	t.Skip("no python3 with the nbd module (python3-libnbd); run ./scripts/install-test-deps.sh")
+	Missing(t, "no python3 with the nbd module (python3-libnbd); %s", installHint)
 	return ""
 }
 

@@ -266,9 +266,15 @@ func (c *conn) start(sess *session) {
 		c.replierWG.Add(1)
 		go c.replier()
 	}
+	name := sess.export.Name
+	current := func() bool {
+		_, ok := c.srv.opts.Exports.Lookup(name)
+		return ok
+	}
 	if m := c.srv.opts.Metrics; m != nil {
-		c.metrics = m.forExport(sess.export.Name)
-		c.metrics.connections.Inc()
+		if c.metrics = m.forExport(name, current); c.metrics != nil {
+			c.metrics.connections.Inc()
+		}
 	}
 	n := c.srv.opts.MaxInflightRequests
 	c.free = make(chan *request, n)
@@ -276,9 +282,17 @@ func (c *conn) start(sess *session) {
 		c.free <- &request{c: c}
 	}
 	c.budget.init(c.srv.opts.MaxInflightBytes)
+	// An export removed since negotiation looked it up (its LU deleted)
+	// had DisconnectExport run before this connection counted as
+	// attached: end it here. Checked under srv.mu, as DisconnectExport
+	// runs, so one of the two ends it.
 	c.srv.mu.Lock()
-	c.attached, c.exportName, c.structured = true, sess.export.Name, sess.structured
+	c.attached, c.exportName, c.structured = true, name, sess.structured
+	gone := !current()
 	c.srv.mu.Unlock()
+	if gone {
+		c.close()
+	}
 }
 
 // finish runs after every worker has ended: it flushes the last replies.

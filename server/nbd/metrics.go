@@ -1,6 +1,8 @@
 package nbd
 
 import (
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lupool/lupool/server/nbdproto"
@@ -9,7 +11,17 @@ import (
 // Metrics are the engine's Prometheus collectors, built unregistered; the
 // embedding program registers Collectors on its own registry. One Metrics
 // may be shared by several servers.
+//
+// The per-export series live until ForgetExport: a connection resolves its
+// export's children once, when transmission starts, and only while the
+// export is still in its server's ExportSource, so a connection that
+// outlives ForgetExport counts into children no registry reports any more
+// and never brings the export's series back.
 type Metrics struct {
+	// mu serializes resolving an export's children (forExport) with
+	// deleting them (ForgetExport).
+	mu sync.Mutex
+
 	requests    *prometheus.CounterVec   // export, command
 	errors      *prometheus.CounterVec   // export, command
 	bytes       *prometheus.CounterVec   // export, command
@@ -97,7 +109,31 @@ type exportMetrics struct {
 	connections prometheus.Gauge
 }
 
-func (m *Metrics) forExport(export string) *exportMetrics {
+// ForgetExport deletes every series labelled with export. Call it once the
+// export is gone from the ExportSource of every server sharing m (the
+// daemon: after the LU is deleted); a connection attached before then keeps
+// counting, into children that are no longer reported, and one that starts
+// transmission afterwards is not counted at all.
+func (m *Metrics) ForgetExport(export string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	match := prometheus.Labels{"export": export}
+	for _, v := range []interface {
+		DeletePartialMatch(prometheus.Labels) int
+	}{m.requests, m.errors, m.bytes, m.duration, m.inflight, m.connections} {
+		v.DeletePartialMatch(match)
+	}
+}
+
+// forExport resolves export's children, or returns nil when current (asked
+// under m.mu, so that no ForgetExport runs between the question and the
+// resolution) reports that the export is gone.
+func (m *Metrics) forExport(export string, current func() bool) *exportMetrics {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !current() {
+		return nil
+	}
 	em := &exportMetrics{
 		inflight:    m.inflight.WithLabelValues(export),
 		connections: m.connections.WithLabelValues(export),

@@ -163,7 +163,9 @@ type InlineDevice interface {
 	InlineIO() bool
 }
 
-// ExportSource resolves export names; safe for concurrent use.
+// ExportSource resolves export names; safe for concurrent use. Lookup is
+// also called with the Server's (and Metrics') lock held, when a
+// connection starts transmission, so it must not call into the Server.
 type ExportSource interface {
 	Lookup(name string) (Export, bool)
 	List() []Export

@@ -6,12 +6,11 @@ import (
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/realclient"
 )
 
 func TestNbdinfoSmoke(t *testing.T) {
-	if _, err := exec.LookPath("nbdinfo"); err != nil {
-		t.Skip("nbdinfo not installed")
-	}
+	realclient.Require(t, "nbdinfo")
 	ts := startServer(t, blockdev.Caps{MultiConn: true}, nil)
 	out, err := exec.Command("nbdinfo", "nbd://"+ts.addr+"/disk").CombinedOutput()
 	if err != nil {

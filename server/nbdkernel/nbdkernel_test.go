@@ -24,6 +24,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/internal/realclient"
 	"github.com/lupool/lupool/server/nbd"
 	"github.com/lupool/lupool/server/nbdproto"
 )
@@ -548,10 +549,7 @@ func TestAttachSequence(t *testing.T) {
 // TestNegotiateWithNbdkit checks the handshake against an independent
 // server, nbdkit's memory plugin.
 func TestNegotiateWithNbdkit(t *testing.T) {
-	nbdkit, err := exec.LookPath("nbdkit")
-	if err != nil {
-		t.Skipf("nbdkit not installed: %v", err)
-	}
+	nbdkit := realclient.LookPath(t, "nbdkit")
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -6,7 +6,8 @@
 // what the client saw and what the device holds afterwards.
 //
 // A test skips only when the client it needs is not installed
-// (scripts/install-test-deps.sh installs them all).
+// (scripts/install-test-deps.sh installs them all), and fails instead in CI
+// (CI=true; realclient.Missing).
 package clienttest
 
 import (
@@ -27,6 +28,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/internal/realclient"
 	"github.com/lupool/lupool/server/nbd"
 )
 
@@ -130,14 +132,11 @@ func startMem(t *testing.T, sizeBytes int64, caps blockdev.Caps) (*server, *bloc
 	return startServer(t, serverConfig{exports: []nbd.Export{e}}), dev
 }
 
-// needTool returns the path of a client binary or skips the test.
+// needTool returns the path of a client binary or ends the test
+// (realclient.Missing: a skip, a failure in CI).
 func needTool(t *testing.T, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Skipf("%s not installed (scripts/install-test-deps.sh installs it): %v", name, err)
-	}
-	return p
+	return realclient.LookPath(t, name)
 }
 
 // result is a finished client command.
@@ -175,22 +174,10 @@ func mustRun(t *testing.T, name string, args ...string) string {
 }
 
 // nbdshPython returns a Python interpreter that can import libnbd's nbd
-// module, or skips. nbdsh is "python3 -m nbd"; running it through the
-// interpreter found here avoids a python3 earlier in PATH (pyenv, venv)
-// that lacks the Debian python3-libnbd module.
+// module (realclient.NbdshPython).
 func nbdshPython(t *testing.T) string {
 	t.Helper()
-	candidates := []string{"/usr/bin/python3"}
-	if p, err := exec.LookPath("python3"); err == nil {
-		candidates = append([]string{p}, candidates...)
-	}
-	for _, p := range candidates {
-		if err := exec.Command(p, "-c", "import nbd").Run(); err == nil {
-			return p
-		}
-	}
-	t.Skip("no python3 with the nbd module (python3-libnbd) installed")
-	return ""
+	return realclient.NbdshPython(t)
 }
 
 // runNbdsh runs testdata/lib.py then testdata/<script> inside nbdsh, with
