@@ -153,10 +153,10 @@ func TestOvercommit(t *testing.T) {
 		{500, 501, 1000, 1, false},
 		{0, 1500, 1000, 1.5, true},
 		{0, 1501, 1000, 1.5, false},
-		{0, 999, 1001, 0.999, true},  // the limit is floor(1001 * 0.999) = 999
+		{0, 999, 1001, 0.999, true},   // the limit is floor(1001 * 0.999) = 999
 		{0, 1000, 1001, 0.999, false}, // ... so 1000 does not fit
-		{5000, 0, 1000, 1, true},     // no grow passes even over the limit
-		{5000, -10, 1000, 1, true},   // a shrink passes
+		{5000, 0, 1000, 1, true},      // no grow passes even over the limit
+		{5000, -10, 1000, 1, true},    // a shrink passes
 		{math.MaxInt64 - 10, math.MaxInt64 - 10, math.MaxInt64 / 2, 4, false}, // no overflow
 		{0, 1, 0, 4, false},
 	} {
