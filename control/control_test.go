@@ -169,11 +169,24 @@ func TestCreateRollsBack(t *testing.T) {
 
 // TestConcurrentCreatesRespectOvercommit: creates racing each other near
 // the limit: exactly the ones that fit succeed, the others get ErrNoSpace
-// naming the numbers, and the pool is never provisioned past its limit.
+// naming the numbers before anything is recorded, and the pool is never
+// provisioned past its limit.
 func TestConcurrentCreatesRespectOvercommit(t *testing.T) {
 	n := newNode(t)
 	ctx := ctxT(t)
 	const racers, size = 8, 20 << 20 // 3 fit under 64 MiB
+	// The reservation refuses the others before they are recorded: no
+	// record appears that other nodes could see and then lose.
+	var recorded, removed atomic.Int64
+	cancel := n.meta.Watch(func(ch cluster.Change) {
+		switch ch.Kind {
+		case cluster.Created:
+			recorded.Add(1)
+		case cluster.Deleted:
+			removed.Add(1)
+		}
+	})
+	defer cancel()
 	var maxProvisioned atomic.Int64
 	stop := make(chan struct{})
 	watched := make(chan struct{})
@@ -224,6 +237,10 @@ func TestConcurrentCreatesRespectOvercommit(t *testing.T) {
 	}
 	if lus, _ := n.meta.ListLUs(); len(lus) != 3 {
 		t.Fatalf("LU table holds %d LUs, want the 3 created", len(lus))
+	}
+	if recorded.Load() != 3 || removed.Load() != 0 {
+		t.Fatalf("%d creates and %d deletes reached the metadata, want 3 and 0 (refused before recording)",
+			recorded.Load(), removed.Load())
 	}
 	if got := max(maxProvisioned.Load(), n.pool.Status().ProvisionedBytes); got > poolCapacityBytes {
 		t.Fatalf("pool provisioned to %d bytes, past its limit %d", got, poolCapacityBytes)
