@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/rules"
 	"slices"
 )
 
@@ -210,8 +211,8 @@ func checkCopyList(old LU, c CopyChange) error {
 	if c.Copies != len(c.Replicas) {
 		return illegal(old.Name, ruleCount, "copies is %d but the list holds %d copies", c.Copies, len(c.Replicas))
 	}
-	if c.Copies < 1 || c.Copies > CopiesMax {
-		return illegal(old.Name, ruleCount, "copies must be 1 to %d, got %d", CopiesMax, c.Copies)
+	if err := rules.Copies(c.Copies); err != nil {
+		return illegal(old.Name, ruleCount, "copies %d: %v", c.Copies, err)
 	}
 	seen := map[string]bool{}
 	for _, r := range c.Replicas {

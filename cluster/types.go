@@ -3,6 +3,7 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/rules"
 	"time"
 )
 
@@ -23,8 +24,8 @@ var (
 
 	// ErrInvalid is returned (wrapped, with the reason) by the write methods
 	// when the request breaks a rule: a bad name, a size that is not a
-	// positive multiple of 512, a copy count below 1, a new LU's copies
-	// not all in sync on members with the writer's first. The same
+	// positive multiple of 512 up to 1 EiB, a copy count out of 1 to 16, a
+	// new LU's copies not all in sync on members with the writer's first. The same
 	// checks run again in Apply; a command that fails them there is
 	// recorded as rejected and changes nothing.
 	ErrInvalid = errors.New("cluster: invalid request")
@@ -56,14 +57,15 @@ var (
 
 // Limits on LU records.
 const (
-	// NameLengthMax is the longest LU name.
-	NameLengthMax = 128
-	// SectorBytes is the unit of LU sizes: sizes are multiples of it.
-	SectorBytes = 512
+	// NameLengthMax is the longest LU name (rules.NameLengthMax).
+	NameLengthMax = rules.NameLengthMax
+	// SectorBytes is the unit of LU sizes: sizes are multiples of it
+	// (rules.SectorBytes).
+	SectorBytes = rules.SectorBytes
 	// DescriptionLengthMax bounds the free-text description.
 	DescriptionLengthMax = 1024
-	// CopiesMax bounds the copy count of one LU.
-	CopiesMax = 16
+	// CopiesMax bounds the copy count of one LU (rules.CopiesMax).
+	CopiesMax = rules.CopiesMax
 )
 
 // Replica states, as stored in Replica.State.
@@ -198,34 +200,24 @@ type Stats struct {
 	SkippedSinceOpen uint64 `json:"skipped_since_open"`
 }
 
-// ValidateName checks the LU name rule: 1–128 characters of
-// [A-Za-z0-9._-]. The error wraps ErrInvalid and says what to fix.
+// ValidateName checks the LU name rule (rules.Name: 1–128 characters of
+// [A-Za-z0-9._-], not "." or ".."). The error wraps ErrInvalid and says
+// what to fix.
 func ValidateName(name string) error {
-	if len(name) == 0 || len(name) > NameLengthMax {
-		return fmt.Errorf("%w: LU name must be 1 to %d characters, got %d", ErrInvalid, NameLengthMax, len(name))
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '.' || c == '_' || c == '-'
-		if !ok {
-			return fmt.Errorf("%w: LU name %q has %q at byte %d; use only A-Z a-z 0-9 . _ -", ErrInvalid, name, c, i)
-		}
-	}
-	if name == "." || name == ".." {
-		return fmt.Errorf("%w: LU name %q is reserved", ErrInvalid, name)
+	if err := rules.Name(name); err != nil {
+		return fmt.Errorf("%w: LU name %q: %w", ErrInvalid, name, err)
 	}
 	return nil
 }
 
-// ValidateSize checks that sizeBytes is positive and a multiple of 512.
+// ValidateSize checks the LU size rule (rules.Size: positive, a multiple
+// of 512, at most 1 EiB). The error wraps ErrInvalid.
 func ValidateSize(sizeBytes int64) error {
-	if sizeBytes <= 0 {
-		return fmt.Errorf("%w: size must be positive, got %d bytes", ErrInvalid, sizeBytes)
-	}
-	if sizeBytes%SectorBytes != 0 {
-		return fmt.Errorf("%w: size %d bytes is not a multiple of %d; round it up to %d",
-			ErrInvalid, sizeBytes, SectorBytes, (sizeBytes/SectorBytes+1)*SectorBytes)
+	if err := rules.Size(sizeBytes); err != nil {
+		if rounded, changed, rerr := rules.RoundSize(sizeBytes); rerr == nil && changed {
+			return fmt.Errorf("%w: size %d bytes: %w; round it up to %d", ErrInvalid, sizeBytes, err, rounded)
+		}
+		return fmt.Errorf("%w: size %d bytes: %w", ErrInvalid, sizeBytes, err)
 	}
 	return nil
 }
@@ -241,8 +233,8 @@ func validateLU(lu *LU) error {
 	if lu.Kind != KindFile && lu.Kind != KindMemory {
 		return fmt.Errorf("%w: LU kind %q; use %q or %q", ErrInvalid, lu.Kind, KindFile, KindMemory)
 	}
-	if lu.Copies < 1 || lu.Copies > CopiesMax {
-		return fmt.Errorf("%w: copies must be 1 to %d, got %d", ErrInvalid, CopiesMax, lu.Copies)
+	if err := rules.Copies(lu.Copies); err != nil {
+		return fmt.Errorf("%w: copies %d: %w", ErrInvalid, lu.Copies, err)
 	}
 	if len(lu.Description) > DescriptionLengthMax {
 		return fmt.Errorf("%w: description is %d bytes, at most %d", ErrInvalid, len(lu.Description), DescriptionLengthMax)

@@ -11,14 +11,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/lu/lufs"
 )
 
 // volumeFileSuffix names a volume's file: <dir>/<name>.lu.
 const volumeFileSuffix = ".lu"
-
-// maxNameLength bounds an LU name.
-const maxNameLength = 128
 
 // PoolLevel is the pool's usage level against its thresholds.
 type PoolLevel string
@@ -223,19 +221,11 @@ func (p *Pool) openDir(i int, dir string) error {
 	return nil
 }
 
-// ValidateName returns ErrInvalidName unless name is 1-128 characters of
-// [A-Za-z0-9._-] and not "." or "..".
+// ValidateName returns ErrInvalidName unless name passes the LU name rule
+// (rules.Name: 1-128 characters of [A-Za-z0-9._-], not "." or "..").
 func ValidateName(name string) error {
-	if len(name) == 0 || len(name) > maxNameLength || name == "." || name == ".." {
-		return fmt.Errorf("%w: %q", ErrInvalidName, name)
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '.' || c == '_' || c == '-'
-		if !ok {
-			return fmt.Errorf("%w: %q: character %q", ErrInvalidName, name, c)
-		}
+	if err := rules.Name(name); err != nil {
+		return fmt.Errorf("%w: %q: %w", ErrInvalidName, name, err)
 	}
 	return nil
 }
@@ -393,12 +383,8 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 			provisioned += r.sizeBytes
 		}
 	}
-	after := provisioned + addBytes
-	limit := p.opts.OvercommitRatio * float64(capacity)
-	if float64(after) > limit {
-		return fmt.Errorf("%w: %q: adding %d bytes makes %d bytes provisioned on %d bytes of capacity "+
-			"(ratio %.2f, limit %g)", ErrOvercommit, name, addBytes, after, capacity,
-			float64(after)/float64(max(capacity, 1)), p.opts.OvercommitRatio)
+	if err := rules.Overcommit(provisioned, addBytes, capacity, p.opts.OvercommitRatio); err != nil {
+		return fmt.Errorf("%w: %q: %w", ErrOvercommit, name, err)
 	}
 	return nil
 }

@@ -54,6 +54,7 @@ package lu
 import (
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/rules"
 	"syscall"
 
 	"github.com/lupool/lupool/blockdev"
@@ -71,8 +72,8 @@ const (
 )
 
 // BlockSizeBytes is the allocation unit of every volume: the unit Trim frees
-// and MemVolume allocates.
-const BlockSizeBytes = 4096
+// and MemVolume allocates (rules.BlockBytes).
+const BlockSizeBytes = rules.BlockBytes
 
 // maxExtentsPerCall bounds one Extents call; the caller asks again for the
 // rest.

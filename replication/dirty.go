@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/rules"
 	"hash/crc32"
 	"math/bits"
 	"sort"
@@ -72,14 +73,14 @@ import (
 // verifies every record, and records "open" (or the doubt), synced, before
 // it returns.
 const (
-	dirtyBlockBytes  = 4096
+	dirtyBlockBytes  = rules.BlockBytes
 	dirtyPrefix      = "dirty/"
 	unknownPrefix    = "unknown/"
 	stateKey         = "meta/state"
-	defaultRegionLen = 1 << 20
+	defaultRegionLen = rules.DirtyRegionBytesDefault
 	// regionBytesMax bounds the region size so that one region's mask of
 	// 4 KiB blocks stays a small fixed array.
-	regionBytesMax = 4 << 20
+	regionBytesMax = rules.DirtyRegionBytesMax
 	maskWords      = regionBytesMax / dirtyBlockBytes / 64
 
 	// dirtyRecordVersion is the version byte of every value. Part of the
@@ -595,8 +596,8 @@ type dirtyMap struct {
 }
 
 func newDirtyMap(store *DirtyStore, luName, node string, regionBytes int64) (*dirtyMap, error) {
-	if regionBytes <= 0 || regionBytes > regionBytesMax || regionBytes%dirtyBlockBytes != 0 {
-		return nil, fmt.Errorf("replication: dirty region size %d: use a multiple of 4096 up to %d", regionBytes, regionBytesMax)
+	if err := rules.DirtyRegion(regionBytes); err != nil {
+		return nil, fmt.Errorf("replication: dirty region size %d: %w", regionBytes, err)
 	}
 	d := &dirtyMap{store: store, luName: luName, node: node, regionBytes: regionBytes}
 	d.mu.regions = map[uint64]*[maskWords]uint64{}

@@ -65,6 +65,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/rules"
 	"log/slog"
 	"net"
 	"sync"
@@ -248,8 +249,8 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		return nil, errors.New("replication: ManagerOptions needs NodeID and Pool")
 	}
 	opts.EnsureDefaults()
-	if opts.RegionBytes <= 0 || opts.RegionBytes > regionBytesMax || opts.RegionBytes%dirtyBlockBytes != 0 {
-		return nil, fmt.Errorf("replication: dirty region size %d: use a multiple of 4096 up to %d", opts.RegionBytes, regionBytesMax)
+	if err := rules.DirtyRegion(opts.RegionBytes); err != nil {
+		return nil, fmt.Errorf("replication: dirty region size %d: %w", opts.RegionBytes, err)
 	}
 	m := &Manager{opts: opts, stopped: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
 	m.recs.m = map[string]cluster.LU{}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/rules"
 )
 
 // RegionHashesMax bounds the regions one RegionHashes call hashes.
@@ -18,10 +19,12 @@ const RegionHashesMax = 4096
 // is hashed as zeros without reading it. It returns an error wrapping
 // replproto.ErrNotFound when this node holds no copy.
 func (m *Manager) RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) ([]string, error) {
-	if regionBytes < 4096 || regionBytes > 64<<20 || regionBytes%4096 != 0 || offsetBytes < 0 ||
-		offsetBytes%regionBytes != 0 || count < 1 || count > RegionHashesMax {
-		return nil, fmt.Errorf("%w: region %d bytes (a multiple of 4096 up to 64 MiB), offset %d (a multiple of it), count %d (1 to %d)",
-			blockdev.ErrInvalid, regionBytes, offsetBytes, count, RegionHashesMax)
+	if err := rules.Region(regionBytes); err != nil {
+		return nil, fmt.Errorf("%w: region %d bytes: %w", blockdev.ErrInvalid, regionBytes, err)
+	}
+	if offsetBytes < 0 || offsetBytes%regionBytes != 0 || count < 1 || count > RegionHashesMax {
+		return nil, fmt.Errorf("%w: offset %d (a multiple of the region, %d bytes), count %d (1 to %d)",
+			blockdev.ErrInvalid, offsetBytes, regionBytes, count, RegionHashesMax)
 	}
 	vol, ok := m.Volume(name)
 	if !ok {

@@ -31,6 +31,38 @@ func (p *peers) peerAddr(id string) (string, bool) {
 	return nodePeerAddr(nodes, id)
 }
 
+// nodePeerAddr returns the peer address recorded for node id.
+func nodePeerAddr(nodes []cluster.NodeInfo, id string) (string, bool) {
+	for _, n := range nodes {
+		if n.ID == id && n.PeerAddr != "" {
+			return n.PeerAddr, true
+		}
+	}
+	return "", false
+}
+
+// RegionHashes asks node, at its peer address, for the hashes of its own
+// copy of an LU (control.Peers).
+func (p *peers) RegionHashes(ctx context.Context, node, peerAddr, name string, offsetBytes, regionBytes int64, count int) ([]string, error) {
+	c, err := p.client(node, peerAddr)
+	if err != nil {
+		return nil, err
+	}
+	h, err := c.RegionHashes(ctx, name, offsetBytes, regionBytes, count)
+	return h.Hashes, err
+}
+
+// Connections asks node, at its peer address, how many NBD clients are
+// attached to an LU through it (control.Peers).
+func (p *peers) Connections(ctx context.Context, node, peerAddr, name string) (int, error) {
+	c, err := p.client(node, peerAddr)
+	if err != nil {
+		return 0, err
+	}
+	l, err := c.GetLU(ctx, name)
+	return l.Connections, err
+}
+
 // certBound reports whether id has a member record and whether certSHA256
 // is the certificate that record is bound to (a record written before
 // bindings existed binds none).

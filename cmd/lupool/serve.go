@@ -29,10 +29,17 @@ import (
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
+	"github.com/lupool/lupool/control"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/server/api"
 	"github.com/lupool/lupool/server/nbd"
+)
+
+// The daemon's parts are the control plane's.
+var (
+	_ control.Connections = (*nbd.Server)(nil)
+	_ control.Peers       = (*peers)(nil)
 )
 
 // shutdownTimeout bounds how long SIGTERM waits for in-flight I/O.
@@ -362,8 +369,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 		debug = mux
 	}
-	backend := &daemonBackend{node: node, pool: pool, mgr: mgr, nbd: nbdServer, nodeID: id, overcommit: cfg.Overcommit,
-		ident: ident, peers: peer, data: cfg.Data, log: log.With("part", "api")}
+	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
+		Peers: peer, OvercommitRatio: cfg.Overcommit})
+	if err != nil {
+		return err
+	}
+	backend := &daemonBackend{ctl: ctl, node: node, nodeID: id, ident: ident, peers: peer, data: cfg.Data, log: log.With("part", "api")}
 	if tok, err := readTrimmed(filepath.Join(cfg.Data, adminTokenName)); err == nil {
 		backend.localAdminHash = pki.HashSecret(tok)
 	}

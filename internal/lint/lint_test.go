@@ -18,13 +18,16 @@ const module = "github.com/lupool/lupool"
 // forbidden maps a package prefix (relative to the module) to the project
 // package prefixes it must never import, directly or indirectly.
 var forbidden = map[string][]string{
-	"blockdev":    {"lu", "server", "replication", "cluster", "paging", "cmd"},
-	"lu":          {"server", "replication", "cluster", "paging", "cmd"},
-	"cluster":     {"lu", "server", "replication", "paging", "cmd"},
-	"replication": {"server", "paging", "cmd"},
+	"blockdev":    {"lu", "server", "replication", "cluster", "paging", "control", "cmd"},
+	"lu":          {"server", "replication", "cluster", "paging", "control", "cmd"},
+	"cluster":     {"lu", "server", "replication", "paging", "control", "cmd"},
+	"replication": {"server", "paging", "control", "cmd"},
 	"paging":      {"server", "cmd"},
-	"server":      {"lu", "replication", "cluster", "paging", "cmd"},
-	"internal":    {"lu", "server", "replication", "cluster", "paging", "cmd"},
+	"server":      {"lu", "replication", "cluster", "paging", "control", "cmd"},
+	"internal":    {"lu", "server", "replication", "cluster", "paging", "control", "cmd"},
+	// The control plane sits below cmd and above the parts it drives; of
+	// server it may use the API's types and sentinels only.
+	"control": {"cmd", "paging", "server/nbd", "server/nbdkernel", "server/nbdproto"},
 }
 
 type listedPackage struct {

@@ -1,0 +1,216 @@
+// Package rules holds lupool's control-plane rules, each written once: the
+// LU name rule, the sector and block sizes, the LU size rule, the copy
+// count, the region sizes of verify/hash and of dirty-region tracking, and
+// the overcommit check. It is a pure leaf: no I/O, no state, and it imports
+// no lupool package, so lu, cluster, replication, control and cmd can all
+// use it.
+//
+// Every check returns nil or an error that says what to fix ("use 1 to 128
+// of ...") and matches one of this package's sentinels with errors.Is. The
+// text never names the checked value or field: the caller knows how its
+// user spelled it ("size_bytes 100", "--dirty-region 1000") and adds it,
+// wrapping the caller's own sentinel too:
+//
+//	if err := rules.Size(n); err != nil {
+//		return fmt.Errorf("%w: size %d bytes: %w", ErrInvalid, n, err)
+//	}
+//
+// The relationships between the limits are asserted in rules_test.go.
+package rules
+
+import (
+	"errors"
+	"fmt"
+	"math"
+)
+
+// Units of storage.
+const (
+	// SectorBytes is the unit of LU sizes: every LU size is a multiple of
+	// it (the NBD minimum block size, the kernel's logical sector).
+	SectorBytes = 512
+	// BlockBytes is the allocation unit of every volume (what Trim frees,
+	// what a memory volume allocates, what a dirty-region mask tracks) and
+	// the alignment of hashed and dirty regions.
+	BlockBytes = 4096
+)
+
+// Limits on LU records.
+const (
+	// NameLengthMax is the longest LU name, in bytes.
+	NameLengthMax = 128
+	// SizeBytesMax is the largest LU size: 1 EiB, far beyond any disk, so
+	// that offsets plus lengths and sums of up to seven sizes stay within
+	// int64.
+	SizeBytesMax = 1 << 60
+	// CopiesMax bounds the copy count of one LU.
+	CopiesMax = 16
+)
+
+// Region sizes.
+const (
+	// RegionBytesMin, RegionBytesMax and RegionBytesDefault bound the
+	// region of a region-hash compare (verify, hash resync): one region is
+	// read into one buffer, so the maximum bounds that buffer.
+	RegionBytesMin     = BlockBytes
+	RegionBytesMax     = 64 << 20
+	RegionBytesDefault = 1 << 20
+	// DirtyRegionBytesMin, DirtyRegionBytesMax and DirtyRegionBytesDefault
+	// bound the region a writer records for a copy that falls behind.
+	// Inside a region, BlockBytes blocks are tracked in a fixed mask, so
+	// the maximum bounds that mask (1024 bits).
+	DirtyRegionBytesMin     = BlockBytes
+	DirtyRegionBytesMax     = 4 << 20
+	DirtyRegionBytesDefault = 1 << 20
+)
+
+// Sentinel errors; every error of this package matches exactly one.
+var (
+	// ErrName is returned by Name for a name that breaks the LU name rule.
+	ErrName = errors.New("rules: invalid LU name")
+	// ErrSize is returned by Size and RoundSize for a size that breaks the
+	// LU size rule.
+	ErrSize = errors.New("rules: invalid LU size")
+	// ErrCopies is returned by Copies for a copy count out of range.
+	ErrCopies = errors.New("rules: invalid copy count")
+	// ErrRegion is returned by Region for a bad hash-compare region size.
+	ErrRegion = errors.New("rules: invalid region size")
+	// ErrDirtyRegion is returned by DirtyRegion for a bad dirty-region
+	// size.
+	ErrDirtyRegion = errors.New("rules: invalid dirty-region size")
+	// ErrOvercommit is matched by the *OvercommitError Overcommit returns.
+	ErrOvercommit = errors.New("rules: overcommit limit reached")
+)
+
+// ruleError is a rule's advice, matching its sentinel without repeating
+// the sentinel's text.
+type ruleError struct {
+	rule   error  // one of the sentinels
+	advice string // what to fix
+}
+
+func (e *ruleError) Error() string { return e.advice }
+func (e *ruleError) Unwrap() error { return e.rule }
+
+// Name checks the LU name rule: 1 to NameLengthMax bytes of A-Z a-z 0-9 .
+// _ - and not "." or ".." (a name is a file name in a pool directory and a
+// path segment of the API).
+func Name(name string) error {
+	bad := len(name) == 0 || len(name) > NameLengthMax || name == "." || name == ".."
+	for i := 0; i < len(name) && !bad; i++ {
+		c := name[i]
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '.' || c == '_' || c == '-'
+		bad = !ok
+	}
+	if bad {
+		return &ruleError{ErrName, "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..)"}
+	}
+	return nil
+}
+
+// Size checks the LU size rule: a positive multiple of SectorBytes, at
+// most SizeBytesMax.
+func Size(sizeBytes int64) error {
+	switch {
+	case sizeBytes <= 0 || sizeBytes%SectorBytes != 0:
+		return &ruleError{ErrSize, "must be a positive multiple of 512"}
+	case sizeBytes > SizeBytesMax:
+		return &ruleError{ErrSize, "must be at most 1 EiB (1152921504606846976 bytes)"}
+	}
+	return nil
+}
+
+// RoundSize rounds a size someone typed up to the next multiple of
+// SectorBytes, reporting whether it changed; the result passes Size. It
+// fails with ErrSize for a size that is not positive or would round past
+// SizeBytesMax.
+func RoundSize(sizeBytes int64) (rounded int64, changed bool, err error) {
+	switch {
+	case sizeBytes <= 0:
+		return 0, false, &ruleError{ErrSize, "must be larger than zero"}
+	case sizeBytes > SizeBytesMax:
+		return 0, false, &ruleError{ErrSize, "must be at most 1 EiB (1152921504606846976 bytes)"}
+	}
+	rounded = (sizeBytes + SectorBytes - 1) / SectorBytes * SectorBytes
+	return rounded, rounded != sizeBytes, nil
+}
+
+// Copies checks a copy count: 1 to CopiesMax.
+func Copies(copies int) error {
+	switch {
+	case copies < 1:
+		return &ruleError{ErrCopies, "must be 1 or more"}
+	case copies > CopiesMax:
+		return &ruleError{ErrCopies, fmt.Sprintf("at most %d", CopiesMax)}
+	}
+	return nil
+}
+
+// Region checks the region size of a region-hash compare: a multiple of
+// BlockBytes from RegionBytesMin to RegionBytesMax.
+func Region(regionBytes int64) error {
+	if regionBytes < RegionBytesMin || regionBytes > RegionBytesMax || regionBytes%BlockBytes != 0 {
+		return &ruleError{ErrRegion, "use a multiple of 4K from 4K to 64M"}
+	}
+	return nil
+}
+
+// DirtyRegion checks the dirty-region size: a multiple of BlockBytes from
+// DirtyRegionBytesMin to DirtyRegionBytesMax.
+func DirtyRegion(regionBytes int64) error {
+	if regionBytes < DirtyRegionBytesMin || regionBytes > DirtyRegionBytesMax || regionBytes%BlockBytes != 0 {
+		return &ruleError{ErrDirtyRegion, "use a multiple of 4K from 4K to 4M"}
+	}
+	return nil
+}
+
+// OvercommitError is a refused grow of a pool's provisioned bytes, with
+// the numbers for the caller's message. It matches ErrOvercommit.
+type OvercommitError struct {
+	ProvisionedBytes int64   // provisioned before the grow
+	GrowBytes        int64   // the refused grow, > 0
+	CapacityBytes    int64   // the pool's capacity
+	Ratio            float64 // the overcommit ratio
+	LimitBytes       int64   // floor(CapacityBytes * Ratio)
+}
+
+// AfterBytes is what the pool would have been provisioned to.
+func (e *OvercommitError) AfterBytes() int64 { return e.ProvisionedBytes + e.GrowBytes }
+
+func (e *OvercommitError) Error() string {
+	return fmt.Sprintf("adding %d bytes makes %d bytes provisioned on %d bytes of capacity (ratio %.2f, limit %g)",
+		e.GrowBytes, e.AfterBytes(), e.CapacityBytes,
+		float64(e.AfterBytes())/float64(max(e.CapacityBytes, 1)), e.Ratio)
+}
+
+// Unwrap makes an OvercommitError match ErrOvercommit.
+func (e *OvercommitError) Unwrap() error { return ErrOvercommit }
+
+// OvercommitLimit is the most a pool of capacityBytes may be provisioned
+// to at ratio: floor(capacityBytes * ratio), at most math.MaxInt64.
+func OvercommitLimit(capacityBytes int64, ratio float64) int64 {
+	limit := math.Floor(float64(capacityBytes) * ratio)
+	if limit >= math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return max(int64(limit), 0)
+}
+
+// Overcommit checks the overcommit rule: growing a pool provisioned to
+// provisionedBytes by growBytes must leave it at or below
+// OvercommitLimit(capacityBytes, ratio). A grow of 0 or less (a shrink)
+// always passes, even in a pool already over its limit. A refusal is an
+// *OvercommitError.
+func Overcommit(provisionedBytes, growBytes, capacityBytes int64, ratio float64) error {
+	if growBytes <= 0 {
+		return nil
+	}
+	limit := OvercommitLimit(capacityBytes, ratio)
+	// Written as a difference: provisionedBytes+growBytes may overflow.
+	if growBytes > limit-provisionedBytes {
+		return &OvercommitError{ProvisionedBytes: provisionedBytes, GrowBytes: growBytes,
+			CapacityBytes: capacityBytes, Ratio: ratio, LimitBytes: limit}
+	}
+	return nil
+}

@@ -1,0 +1,200 @@
+package rules
+
+import (
+	"errors"
+	"math"
+	"strings"
+	"testing"
+)
+
+// TestLimitRelationships asserts how the limits depend on each other.
+func TestLimitRelationships(t *testing.T) {
+	checks := []struct {
+		what string
+		ok   bool
+	}{
+		{"the block is a whole number of sectors", BlockBytes%SectorBytes == 0},
+		{"documented: 512-byte sectors, 4 KiB blocks", SectorBytes == 512 && BlockBytes == 4096},
+		{"the largest LU is a whole number of blocks", SizeBytesMax%BlockBytes == 0},
+		{"seven of the largest LUs still sum within int64", SizeBytesMax <= math.MaxInt64/7},
+		{"documented: names up to 128 bytes, up to 16 copies", NameLengthMax == 128 && CopiesMax == 16},
+		{"a hash region is at least a block", RegionBytesMin >= BlockBytes},
+		{"hash region bounds are whole blocks", RegionBytesMin%BlockBytes == 0 && RegionBytesMax%BlockBytes == 0},
+		{"the default hash region is within its bounds",
+			RegionBytesMin <= RegionBytesDefault && RegionBytesDefault <= RegionBytesMax && RegionBytesDefault%BlockBytes == 0},
+		{"documented: hash regions 4K to 64M", RegionBytesMin == 4<<10 && RegionBytesMax == 64<<20},
+		{"a dirty region is at least a block", DirtyRegionBytesMin >= BlockBytes},
+		{"dirty region bounds are whole blocks", DirtyRegionBytesMin%BlockBytes == 0 && DirtyRegionBytesMax%BlockBytes == 0},
+		{"the default dirty region is within its bounds",
+			DirtyRegionBytesMin <= DirtyRegionBytesDefault && DirtyRegionBytesDefault <= DirtyRegionBytesMax},
+		{"documented: dirty regions 4K to 4M", DirtyRegionBytesMin == 4<<10 && DirtyRegionBytesMax == 4<<20},
+		{"the dirty-region max is within the hash-region max (a dirty region can be hashed as one)",
+			DirtyRegionBytesMax <= RegionBytesMax},
+		{"a dirty region's block mask stays a small array (at most 1024 bits)", DirtyRegionBytesMax/BlockBytes <= 1024},
+		{"the largest hash region is far below the largest LU", RegionBytesMax < SizeBytesMax},
+	}
+	for _, c := range checks {
+		if !c.ok {
+			t.Errorf("violated: %s", c.what)
+		}
+	}
+	// The limits pass their own rules.
+	for _, err := range []error{Size(SizeBytesMax), Size(SectorBytes), Size(BlockBytes), Copies(1), Copies(CopiesMax),
+		Region(RegionBytesMin), Region(RegionBytesMax), Region(RegionBytesDefault), Region(DirtyRegionBytesMax),
+		DirtyRegion(DirtyRegionBytesMin), DirtyRegion(DirtyRegionBytesMax), DirtyRegion(DirtyRegionBytesDefault),
+		Name(strings.Repeat("a", NameLengthMax))} {
+		if err != nil {
+			t.Errorf("a limit breaks its own rule: %v", err)
+		}
+	}
+}
+
+func TestName(t *testing.T) {
+	for _, ok := range []string{"a", "A-z_0.9", "...", ".a", "a..", strings.Repeat("x", 128), "-"} {
+		if err := Name(ok); err != nil {
+			t.Errorf("Name(%q) = %v, want nil", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", strings.Repeat("x", 129), "a/b", "a b", "é", "a\x00", "../x"} {
+		err := Name(bad)
+		if !errors.Is(err, ErrName) {
+			t.Errorf("Name(%q) = %v, want ErrName", bad, err)
+			continue
+		}
+		if got := err.Error(); got != "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..)" {
+			t.Errorf("Name(%q) says %q", bad, got)
+		}
+	}
+}
+
+func TestSize(t *testing.T) {
+	for _, ok := range []int64{512, 4096, 1 << 40, SizeBytesMax} {
+		if err := Size(ok); err != nil {
+			t.Errorf("Size(%d) = %v", ok, err)
+		}
+	}
+	for _, bad := range []int64{0, -512, 1, 511, 513, SizeBytesMax + 512, math.MaxInt64, math.MinInt64} {
+		if err := Size(bad); !errors.Is(err, ErrSize) {
+			t.Errorf("Size(%d) = %v, want ErrSize", bad, err)
+		}
+	}
+	if got := Size(100).Error(); got != "must be a positive multiple of 512" {
+		t.Errorf("Size(100) says %q", got)
+	}
+}
+
+func TestRoundSize(t *testing.T) {
+	for _, tc := range []struct {
+		in, want int64
+		changed  bool
+	}{
+		{1, 512, true}, {512, 512, false}, {513, 1024, true}, {1000, 1024, true},
+		{SizeBytesMax - 1, SizeBytesMax, true}, {SizeBytesMax, SizeBytesMax, false},
+	} {
+		got, changed, err := RoundSize(tc.in)
+		if err != nil || got != tc.want || changed != tc.changed {
+			t.Errorf("RoundSize(%d) = %d, %v, %v; want %d, %v, nil", tc.in, got, changed, err, tc.want, tc.changed)
+		}
+		if err == nil && Size(got) != nil {
+			t.Errorf("RoundSize(%d) = %d breaks Size", tc.in, got)
+		}
+	}
+	for _, bad := range []int64{0, -1, SizeBytesMax + 1, math.MaxInt64} {
+		if _, _, err := RoundSize(bad); !errors.Is(err, ErrSize) {
+			t.Errorf("RoundSize(%d) = %v, want ErrSize (no overflow)", bad, err)
+		}
+	}
+}
+
+func TestCopies(t *testing.T) {
+	for n := 1; n <= CopiesMax; n++ {
+		if err := Copies(n); err != nil {
+			t.Errorf("Copies(%d) = %v", n, err)
+		}
+	}
+	for _, tc := range []struct {
+		n    int
+		text string
+	}{{0, "must be 1 or more"}, {-1, "must be 1 or more"}, {CopiesMax + 1, "at most 16"}} {
+		err := Copies(tc.n)
+		if !errors.Is(err, ErrCopies) || err.Error() != tc.text {
+			t.Errorf("Copies(%d) = %v, want ErrCopies saying %q", tc.n, err, tc.text)
+		}
+	}
+}
+
+func TestRegions(t *testing.T) {
+	for _, tc := range []struct {
+		bytes        int64
+		region, dirt bool
+	}{
+		{4096, true, true}, {8192, true, true}, {1 << 20, true, true}, {4 << 20, true, true},
+		{4<<20 + 4096, true, false}, {64 << 20, true, false}, {64<<20 + 4096, false, false},
+		{0, false, false}, {-4096, false, false}, {512, false, false}, {6000, false, false},
+	} {
+		if err := Region(tc.bytes); (err == nil) != tc.region || (err != nil && !errors.Is(err, ErrRegion)) {
+			t.Errorf("Region(%d) = %v, want ok=%v", tc.bytes, err, tc.region)
+		}
+		if err := DirtyRegion(tc.bytes); (err == nil) != tc.dirt || (err != nil && !errors.Is(err, ErrDirtyRegion)) {
+			t.Errorf("DirtyRegion(%d) = %v, want ok=%v", tc.bytes, err, tc.dirt)
+		}
+	}
+}
+
+func TestOvercommit(t *testing.T) {
+	for _, tc := range []struct {
+		provisioned, grow, capacity int64
+		ratio                       float64
+		ok                          bool
+	}{
+		{0, 1000, 1000, 1, true},
+		{0, 1001, 1000, 1, false},
+		{500, 500, 1000, 1, true},
+		{500, 501, 1000, 1, false},
+		{0, 1500, 1000, 1.5, true},
+		{0, 1501, 1000, 1.5, false},
+		{0, 999, 1001, 0.999, true},   // the limit is floor(1001 * 0.999) = 999
+		{0, 1000, 1001, 0.999, false}, // ... so 1000 does not fit
+		{5000, 0, 1000, 1, true},      // no grow passes even over the limit
+		{5000, -10, 1000, 1, true},    // a shrink passes
+		{math.MaxInt64 - 10, math.MaxInt64 - 10, math.MaxInt64 / 2, 4, false}, // no overflow
+		{0, 1, 0, 4, false},
+	} {
+		err := Overcommit(tc.provisioned, tc.grow, tc.capacity, tc.ratio)
+		if (err == nil) != tc.ok {
+			t.Errorf("Overcommit(%d, %d, %d, %g) = %v, want ok=%v", tc.provisioned, tc.grow, tc.capacity, tc.ratio, err, tc.ok)
+			continue
+		}
+		if err == nil {
+			continue
+		}
+		var oe *OvercommitError
+		if !errors.Is(err, ErrOvercommit) || !errors.As(err, &oe) {
+			t.Fatalf("Overcommit error %v is not an *OvercommitError matching ErrOvercommit", err)
+		}
+		if oe.ProvisionedBytes != tc.provisioned || oe.GrowBytes != tc.grow || oe.CapacityBytes != tc.capacity ||
+			oe.LimitBytes != OvercommitLimit(tc.capacity, tc.ratio) {
+			t.Errorf("Overcommit error fields %+v", *oe)
+		}
+	}
+	err := Overcommit(600, 500, 1000, 1)
+	want := "adding 500 bytes makes 1100 bytes provisioned on 1000 bytes of capacity (ratio 1.10, limit 1)"
+	if err == nil || err.Error() != want {
+		t.Errorf("Overcommit says %v, want %q", err, want)
+	}
+}
+
+func TestOvercommitLimit(t *testing.T) {
+	for _, tc := range []struct {
+		capacity int64
+		ratio    float64
+		want     int64
+	}{
+		{1000, 1, 1000}, {1000, 1.5, 1500}, {1001, 0.999, 999}, {0, 4, 0},
+		{math.MaxInt64, 4, math.MaxInt64}, {1000, 0, 0},
+	} {
+		if got := OvercommitLimit(tc.capacity, tc.ratio); got != tc.want {
+			t.Errorf("OvercommitLimit(%d, %g) = %d, want %d", tc.capacity, tc.ratio, got, tc.want)
+		}
+	}
+}
