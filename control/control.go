@@ -15,6 +15,9 @@
 //     of regions that differ;
 //   - placement: the writer first, then the members holding the fewest
 //     copies (cluster.PickNodes);
+//   - Status: the cluster's one-screen view (nodes and whether they
+//     answer, the primary, LUs by health, the pools against their
+//     thresholds);
 //   - the mapping of metadata errors onto the API's sentinels.
 //
 // The rules themselves (names, sizes, copies, regions, overcommit) are in
@@ -37,6 +40,7 @@ import (
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/server/api"
 )
 
 // Metadata is the replicated LU table and membership: cluster.Node. The
@@ -64,6 +68,9 @@ type Pool interface {
 	// Release gives a reservation back.
 	Release(name string)
 	Status() lu.PoolStatus
+	// Thresholds are the usage levels (percent of capacity) at which
+	// Status reports warn and critical.
+	Thresholds() (warnPercent, criticalPercent float64)
 }
 
 // Replicas keeps this node's volumes in step with the metadata:
@@ -99,6 +106,8 @@ type Peers interface {
 	// Connections asks node how many NBD clients are attached to an LU
 	// through it.
 	Connections(ctx context.Context, node, peerAddr, name string) (int, error)
+	// PoolStatus asks node for its storage pool.
+	PoolStatus(ctx context.Context, node, peerAddr string) (api.PoolStatus, error)
 }
 
 var (
@@ -126,8 +135,9 @@ type Options struct {
 	// neither finishes nor fails (a crash of the proposer's request);
 	// default 1 minute.
 	ReserveTTL time.Duration
-	// PeerTimeout bounds asking one other node for its connection count;
-	// a node that does not answer in time is left out. Default 2 s.
+	// PeerTimeout bounds asking one other node for its connection count
+	// or its pool; a node that does not answer in time is left out (and
+	// reported unreachable by Status). Default 2 s.
 	PeerTimeout time.Duration
 	// Rechecks is how many times VerifyLU hashes a region that differs
 	// again before it reports it: a write in flight while the copies were

@@ -178,6 +178,8 @@ func (p *Plane) PoolStatus(context.Context) (api.PoolStatus, error) {
 		LUs:                    st.Volumes,
 		Dirs:                   []api.PoolDir{},
 	}
+	warn, critical := p.opts.Pool.Thresholds()
+	out.Thresholds = &api.Thresholds{WarnPercent: warn, CriticalPercent: critical}
 	for _, d := range st.Dirs {
 		out.Dirs = append(out.Dirs, api.PoolDir{Path: d.Path, CapacityBytes: d.CapacityBytes, FreeBytes: d.FreeBytes,
 			AllocatedBytes: d.AllocatedBytes, ProvisionedBytes: d.ProvisionedBytes, Volumes: d.Volumes})

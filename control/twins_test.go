@@ -16,6 +16,7 @@ import (
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/lu/lufs"
 	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/server/api"
 )
 
 // This file holds the in-memory twins of a node's parts: a real
@@ -121,6 +122,16 @@ func (p *peersTwin) Connections(_ context.Context, id, addr, name string) (int, 
 		return 0, err
 	}
 	return n.conns[name], nil
+}
+
+func (p *peersTwin) PoolStatus(_ context.Context, id, addr string) (api.PoolStatus, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n, err := p.node(id, addr)
+	if err != nil {
+		return api.PoolStatus{}, err
+	}
+	return api.PoolStatus{Node: id, CapacityBytes: 1 << 30, FreeBytes: 1 << 29, ProvisionedBytes: int64(len(n.vols)) << 20, Level: "ok"}, nil
 }
 
 // hashRegions hashes regions of a volume the way replication.Manager's

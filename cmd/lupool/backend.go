@@ -71,18 +71,9 @@ func (b *daemonBackend) VerifyLU(ctx context.Context, name string, req api.Verif
 	return b.ctl.VerifyLU(ctx, name, req)
 }
 
-func (b *daemonBackend) Nodes(context.Context) ([]api.Node, error) {
-	nodes, err := b.node.Nodes()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]api.Node, 0, len(nodes))
-	for _, n := range nodes {
-		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter",
-			Leader: n.Leader, CertSHA256: n.CertSHA256})
-	}
-	return out, nil
-}
+func (b *daemonBackend) Nodes(ctx context.Context) ([]api.Node, error) { return b.ctl.Nodes(ctx) }
+
+func (b *daemonBackend) Status(ctx context.Context) (api.Status, error) { return b.ctl.Status(ctx) }
 
 func (b *daemonBackend) Ready() error {
 	if !b.ready.Load() {

@@ -63,6 +63,16 @@ func (p *peers) Connections(ctx context.Context, node, peerAddr, name string) (i
 	return l.Connections, err
 }
 
+// PoolStatus asks node, at its peer address, for its storage pool
+// (control.Peers).
+func (p *peers) PoolStatus(ctx context.Context, node, peerAddr string) (api.PoolStatus, error) {
+	c, err := p.client(node, peerAddr)
+	if err != nil {
+		return api.PoolStatus{}, err
+	}
+	return c.PoolStatus(ctx)
+}
+
 // certBound reports whether id has a member record and whether certSHA256
 // is the certificate that record is bound to (a record written before
 // bindings existed binds none).

@@ -1,39 +1,50 @@
-package main
+package control
 
 import (
 	"context"
+	"fmt"
 	"sync"
-	"time"
 
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/server/api"
 )
 
-// statusNodeTimeout bounds how long Status waits for another node's pool.
-const statusNodeTimeout = 2 * time.Second
+// Nodes lists the cluster's members, the leader marked.
+func (p *Plane) Nodes(context.Context) ([]api.Node, error) {
+	nodes, err := p.opts.Metadata.Nodes()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Node, 0, len(nodes))
+	for _, n := range nodes {
+		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter",
+			Leader: n.Leader, CertSHA256: n.CertSHA256})
+	}
+	return out, nil
+}
 
 // Status gathers the cluster's one-screen view: the members and whether
 // they answer (each is asked for its pool over the peer port, all at once,
-// for at most statusNodeTimeout), the primary, the LUs by health.
-func (b *daemonBackend) Status(ctx context.Context) (api.Status, error) {
-	nodes, err := b.Nodes(ctx)
+// for at most Options.PeerTimeout), the primary, the LUs by health.
+func (p *Plane) Status(ctx context.Context) (api.Status, error) {
+	nodes, err := p.Nodes(ctx)
 	if err != nil {
 		return api.Status{}, err
 	}
-	lus, err := b.node.ListLUs()
+	lus, err := p.opts.Metadata.ListLUs()
 	if err != nil {
 		return api.Status{}, err
 	}
-	primary, _ := b.node.Leader()
-	out := api.Status{Node: b.nodeID, Primary: primary, Nodes: make([]api.NodeStatus, len(nodes)), LUs: summarizeLUs(lus)}
+	primary, _ := p.opts.Metadata.Leader()
+	out := api.Status{Node: p.opts.NodeID, Primary: primary, Nodes: make([]api.NodeStatus, len(nodes)), LUs: summarizeLUs(lus)}
 	var wg sync.WaitGroup
 	for i, n := range nodes {
 		out.Nodes[i] = api.NodeStatus{Node: n}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := b.nodePool(ctx, n)
+			st, err := p.nodePool(ctx, n)
 			if err != nil {
 				out.Nodes[i].State, out.Nodes[i].Error = api.NodeUnreachable, err.Error()
 				return
@@ -48,20 +59,16 @@ func (b *daemonBackend) Status(ctx context.Context) (api.Status, error) {
 
 // nodePool is node n's pool status: this node's own, or asked over the
 // peer port.
-func (b *daemonBackend) nodePool(ctx context.Context, n api.Node) (api.PoolStatus, error) {
-	if n.ID == b.nodeID {
-		st, err := b.PoolStatus(ctx)
-		warn, critical := b.pool.Thresholds()
-		st.Thresholds = &api.Thresholds{WarnPercent: warn, CriticalPercent: critical}
-		return st, err
+func (p *Plane) nodePool(ctx context.Context, n api.Node) (api.PoolStatus, error) {
+	if n.ID == p.opts.NodeID {
+		return p.PoolStatus(ctx)
 	}
-	c, err := b.peers.client(n.ID, n.PeerAddr)
-	if err != nil {
-		return api.PoolStatus{}, err
+	if n.PeerAddr == "" {
+		return api.PoolStatus{}, fmt.Errorf("node %s has no known peer address", n.ID)
 	}
-	ctx, cancel := context.WithTimeout(ctx, statusNodeTimeout)
+	ctx, cancel := context.WithTimeout(ctx, p.opts.PeerTimeout)
 	defer cancel()
-	return c.PoolStatus(ctx)
+	return p.opts.Peers.PoolStatus(ctx, n.ID, n.PeerAddr)
 }
 
 // summarizeLUs counts LUs by health (luHealth) and lists the unhealthy.

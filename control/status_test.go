@@ -1,6 +1,8 @@
-package main
+package control
 
 import (
+	"errors"
+	"strings"
 	"testing"
 
 	"github.com/lupool/lupool/cluster"
@@ -61,5 +63,44 @@ func TestSumPools(t *testing.T) {
 	}
 	if got := sumPools(nil); got.Level != "ok" || got.NodesCounted != 0 {
 		t.Errorf("no nodes: %+v", got)
+	}
+}
+
+// TestStatus: the plane asks every other node for its pool; one that
+// fails is reported unreachable with why and left out of the sums; the
+// primary and the LUs by health come from the metadata.
+func TestStatus(t *testing.T) {
+	p, meta, peers, _ := remoteOnly(t, 3)
+	ctx := ctxT(t)
+	peers.nodes["n1"] = &peerNode{}
+	peers.nodes["n2"] = &peerNode{fail: errors.New("connection refused")}
+	meta.put(cluster.LU{Name: "ok", SizeBytes: 512, Copies: 2, Writer: "n0", Epoch: 1,
+		Replicas: []cluster.Replica{{NodeID: "n0", State: cluster.ReplicaInSync}, {NodeID: "n1", State: cluster.ReplicaInSync}}})
+	meta.put(cluster.LU{Name: "lagging", SizeBytes: 512, Copies: 2, Writer: "n0", Epoch: 2,
+		Replicas: []cluster.Replica{{NodeID: "n0", State: cluster.ReplicaInSync}, {NodeID: "n2", State: cluster.ReplicaOutOfSync}}})
+	st, err := p.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Node != "n0" || st.Primary != "n0" || len(st.Nodes) != 3 {
+		t.Fatalf("status %+v", st)
+	}
+	want := map[string]string{"n0": api.NodeUp, "n1": api.NodeUp, "n2": api.NodeUnreachable}
+	for _, n := range st.Nodes {
+		if n.State != want[n.ID] || (n.Pool == nil) != (n.State == api.NodeUnreachable) {
+			t.Errorf("node %s: state %s pool %v; want %s", n.ID, n.State, n.Pool, want[n.ID])
+		}
+		if n.ID == "n2" && !strings.Contains(n.Error, "connection refused") {
+			t.Errorf("n2's error %q does not say why", n.Error)
+		}
+		if n.ID == "n0" && (n.Pool.Thresholds == nil || n.Pool.Thresholds.WarnPercent != 80 || n.Pool.Thresholds.CriticalPercent != 90) {
+			t.Errorf("n0's pool has no thresholds: %+v", n.Pool)
+		}
+	}
+	if st.Pool.NodesCounted != 2 || st.Pool.CapacityBytes != st.Nodes[0].Pool.CapacityBytes+1<<30 {
+		t.Errorf("pool sums %+v over n0 %+v and n1", st.Pool, st.Nodes[0].Pool)
+	}
+	if st.LUs.Total != 2 || st.LUs.Healthy != 1 || st.LUs.Degraded != 1 || st.LUs.NotHealthy[0].Name != "lagging" {
+		t.Errorf("LUs %+v", st.LUs)
 	}
 }
