@@ -5,7 +5,14 @@ GO      ?= go
 BIN     ?= bin/lupool
 FUZZTIME ?= 30s
 
-.PHONY: all build run test test-short lint vet fmt-check bench bench-go fuzz deps clean
+# make install: DESTDIR stages into a tree (packaging), PREFIX is where the
+# binary goes; the unit's ExecStart follows PREFIX. The config, env file
+# and data directory are fixed: /etc/lupool and /var/lib/lupool.
+DESTDIR ?=
+PREFIX  ?= /usr/local
+SYSTEMDUNITDIR ?= /lib/systemd/system
+
+.PHONY: all build run test test-short lint vet fmt-check bench bench-go fuzz deps clean install uninstall
 
 all: build
 
@@ -59,3 +66,27 @@ fuzz:
 
 clean:
 	rm -rf bin
+
+# Installs the binary, the systemd unit, the example config (only when
+# /etc/lupool/lupool.json does not exist: an operator's config is never
+# overwritten) and the data directory (0700; an existing one keeps its
+# mode). README.md, "Running as a service".
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/lupool
+	install -D -m 0644 scripts/lupool.service $(DESTDIR)$(SYSTEMDUNITDIR)/lupool.service
+	sed -i 's|^ExecStart=/usr/local/bin/lupool |ExecStart=$(PREFIX)/bin/lupool |' $(DESTDIR)$(SYSTEMDUNITDIR)/lupool.service
+	[ -d $(DESTDIR)/etc/lupool ] || install -d -m 0755 $(DESTDIR)/etc/lupool
+	@if [ -e $(DESTDIR)/etc/lupool/lupool.json ]; then \
+	  echo "keeping $(DESTDIR)/etc/lupool/lupool.json (the example is scripts/lupool.example.json)"; \
+	else \
+	  echo "install -m 0640 scripts/lupool.example.json $(DESTDIR)/etc/lupool/lupool.json"; \
+	  install -m 0640 scripts/lupool.example.json $(DESTDIR)/etc/lupool/lupool.json; \
+	fi
+	[ -d $(DESTDIR)/var/lib/lupool ] || install -d -m 0700 $(DESTDIR)/var/lib/lupool
+	@if [ -z "$(DESTDIR)" ]; then echo "next: systemctl daemon-reload && systemctl enable --now lupool"; fi
+
+# Removes what install put in place except the config and the data: those
+# are the operator's (and the data are the LUs).
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/lupool $(DESTDIR)$(SYSTEMDUNITDIR)/lupool.service
+	@echo "kept $(DESTDIR)/etc/lupool and $(DESTDIR)/var/lib/lupool; remove them by hand to drop the config and every LU on this node"

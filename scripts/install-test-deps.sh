@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what lupool's tests and benchmarks need on a fresh Debian 12 machine:
-# the real NBD clients and peer servers they drive. Idempotent; no prompts.
+# the real NBD clients and peer servers they drive, and systemd-analyze for
+# the unit file check. Idempotent; no prompts.
 set -euo pipefail
-pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox)
+pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,7 +23,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sys/unix"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
@@ -47,6 +46,9 @@ const shutdownTimeout = 30 * time.Second
 
 // serveCommand runs a node with cfg, logging to stderr.
 func serveCommand(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
+	if err := servePlatformErr(); err != nil {
+		return err
+	}
 	level, _ := parseLogLevel(cfg.LogLevel)
 	hopts := &slog.HandlerOptions{Level: level}
 	var handler slog.Handler = slog.NewTextHandler(stderr, hopts)
@@ -68,7 +70,7 @@ func lockDataDir(dir string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lock file: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := lockExclusive(f); err != nil {
 		pid, _ := io.ReadAll(io.LimitReader(f, 32))
 		f.Close()
 		holder := strings.TrimSpace(string(pid))

@@ -255,10 +255,10 @@ func (c *conn) start(sess *session) {
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
 	if c.asyncw != nil {
-		if sc, ok := c.nc.(syscall.Conn); ok {
+		if sc, ok := c.nc.(syscall.Conn); ok && rawSocketWrites {
 			c.rawWrite, _ = sc.SyscallConn()
 			c.rawWriteFn = func(fd uintptr) bool {
-				c.rawN, c.rawErr = syscall.Write(int(fd), c.rawBuf)
+				c.rawN, c.rawErr = rawSocketWrite(fd, c.rawBuf)
 				return true // one attempt; never wait for the socket
 			}
 		}
