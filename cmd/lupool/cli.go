@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lupool/lupool/cluster/pki"
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
 	"github.com/lupool/lupool/server/api"
 )
@@ -126,12 +127,12 @@ func parseLUSize(s string, notice io.Writer) (int64, error) {
 	if err != nil {
 		return 0, usageErrorf("--size: %s", strings.TrimPrefix(err.Error(), "units: "))
 	}
-	if n == 0 {
-		return 0, usageErrorf("--size must be larger than zero")
+	rounded, changed, err := rules.RoundSize(n)
+	if err != nil {
+		return 0, usageErrorf("--size %v", err)
 	}
-	rounded, changed := units.RoundUp(n, 512)
 	if changed {
-		fmt.Fprintf(notice, "note: size %s rounded up to %d bytes (a multiple of 512)\n", s, rounded)
+		fmt.Fprintf(notice, "note: size %s rounded up to %d bytes (a multiple of %d)\n", s, rounded, rules.SectorBytes)
 	}
 	return rounded, nil
 }
@@ -174,8 +175,8 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 			if err != nil {
 				return err
 			}
-			if copies < 1 {
-				return usageErrorf("--copies must be 1 or more, got %d", copies)
+			if err := rules.Copies(copies); err != nil {
+				return usageErrorf("--copies %v, got %d", err, copies)
 			}
 			return call(c, func(ctx context.Context, cl *api.Client) error {
 				lu, err := cl.CreateLU(ctx, api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
@@ -300,6 +301,9 @@ times, so a write in flight is not reported).`,
 			n, err := units.ParseSize(region)
 			if err != nil {
 				return usageErrorf("--region: %s", strings.TrimPrefix(err.Error(), "units: "))
+			}
+			if err := rules.Region(n); err != nil {
+				return usageErrorf("--region %s: %v", region, err)
 			}
 			return call(c, func(ctx context.Context, cl *api.Client) error {
 				report, err := cl.VerifyLU(ctx, args[0], n)

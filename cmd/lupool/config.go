@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
 )
 
@@ -65,7 +66,7 @@ func defaultServeConfig() serveConfig {
 		LogFormat:  "text",
 		OpenProbes: true,
 
-		DirtyRegionBytes: 1 << 20,
+		DirtyRegionBytes: rules.DirtyRegionBytesDefault,
 		ReplaceAfter:     "10m",
 	}
 }
@@ -280,8 +281,8 @@ func (c *serveConfig) validate() error {
 	if c.TLS != "off" && (c.TLSCert == "" || c.TLSKey == "") {
 		return fmt.Errorf("--tls %s needs --tls-cert and --tls-key", c.TLS)
 	}
-	if c.DirtyRegionBytes < 4096 || c.DirtyRegionBytes > 4<<20 || c.DirtyRegionBytes%4096 != 0 {
-		return fmt.Errorf("--dirty-region %d: use a multiple of 4K from 4K to 4M", c.DirtyRegionBytes)
+	if err := rules.DirtyRegion(c.DirtyRegionBytes); err != nil {
+		return fmt.Errorf("--dirty-region %d: %w", c.DirtyRegionBytes, err)
 	}
 	if d, err := time.ParseDuration(c.ReplaceAfter); err != nil || d < 0 {
 		return fmt.Errorf("--replace-after %q: want a duration such as 10m, 90s or 0 (never)", c.ReplaceAfter)

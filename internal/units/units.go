@@ -47,16 +47,6 @@ func ParseSize(s string) (int64, error) {
 	return int64(bytes), nil
 }
 
-// RoundUp rounds n up to a multiple of align (a power of two or not).
-// It reports whether n changed.
-func RoundUp(n, align int64) (int64, bool) {
-	if align <= 0 {
-		panic("units: RoundUp with align <= 0")
-	}
-	r := (n + align - 1) / align * align
-	return r, r != n
-}
-
 // Format prints n bytes with the largest binary unit that keeps a short
 // number: 4096 -> "4.0K", 10737418240 -> "10.0G", 100 -> "100B".
 func Format(n int64) string {

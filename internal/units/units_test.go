@@ -22,13 +22,7 @@ func TestParseSize(t *testing.T) {
 	}
 }
 
-func TestRoundUpAndFormat(t *testing.T) {
-	if v, changed := RoundUp(1000, 512); v != 1024 || !changed {
-		t.Errorf("RoundUp(1000,512) = %d,%v", v, changed)
-	}
-	if v, changed := RoundUp(1024, 512); v != 1024 || changed {
-		t.Errorf("RoundUp(1024,512) = %d,%v", v, changed)
-	}
+func TestFormat(t *testing.T) {
 	for n, want := range map[int64]string{100: "100B", 4096: "4.0K", 10 << 30: "10.0G", 3 << 29: "1.5G", 1 << 40: "1.0T"} {
 		if got := Format(n); got != want {
 			t.Errorf("Format(%d) = %q, want %q", n, got, want)

@@ -31,11 +31,13 @@ import (
 	"errors"
 	"io"
 	"os"
+
+	"github.com/lupool/lupool/internal/rules"
 )
 
 // BlockSizeBytes is the allocation granularity the twins use and the unit
 // the lu package punches. Real file systems may use larger blocks.
-const BlockSizeBytes = 4096
+const BlockSizeBytes = rules.BlockBytes
 
 // Sentinel errors.
 var (

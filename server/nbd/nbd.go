@@ -82,6 +82,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/server/nbdproto"
 )
 
@@ -92,8 +93,9 @@ const (
 	MaxRequestBytes = 32 << 20
 	// MinBlockBytes is the advertised minimum block size.
 	MinBlockBytes = 1
-	// PreferredBlockBytes is the advertised preferred block size.
-	PreferredBlockBytes = 4096
+	// PreferredBlockBytes is the advertised preferred block size: the
+	// volumes' allocation unit.
+	PreferredBlockBytes = rules.BlockBytes
 	// MaxOptionBytes is the largest option payload the server reads. A
 	// larger option gets NBD_REP_ERR_TOO_BIG and the connection is closed.
 	MaxOptionBytes = 64 << 10
