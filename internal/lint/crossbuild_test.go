@@ -10,11 +10,12 @@ import (
 
 // crossTargets are the systems an operator runs the CLI on from a laptop or
 // a jump host. lupool serve itself needs Linux (it says so and exits); the
-// client commands must build everywhere.
+// client commands must build everywhere. Windows builds too (checked by
+// hand), but is left out here: on CI's cold build cache each target costs
+// about two minutes of compiling the standard library and dependencies.
 var crossTargets = []struct{ goos, goarch string }{
 	{"darwin", "arm64"},
 	{"freebsd", "amd64"},
-	{"windows", "amd64"},
 }
 
 // TestCrossBuildCLI builds cmd/lupool for every crossTargets entry, so a
