@@ -16,8 +16,10 @@ SYSTEMDUNITDIR ?= /lib/systemd/system
 
 all: build
 
+# -buildvcs=auto: the binary names its commit (lupool version) when built
+# from a git checkout, whatever GOFLAGS says.
 build:
-	$(GO) build -o $(BIN) ./cmd/lupool
+	$(GO) build -buildvcs=auto -o $(BIN) ./cmd/lupool
 
 # A working single-node pool with defaults: data in ./lupool-data,
 # NBD on 127.0.0.1:10809, API on 127.0.0.1:10810, peers on 127.0.0.1:10811.
