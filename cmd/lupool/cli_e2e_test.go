@@ -212,6 +212,11 @@ func TestCLIGlobalFlagsEitherPosition(t *testing.T) {
 			t.Errorf("lupool %v: flags before, after and mixed answer differently:\n%s\n%s\n%s", sub, before, after, mixed)
 		}
 	}
+	// Shell completion of an LU name asks the API.
+	out := d.cliIn(dir, "__complete", "--api", d.api, "--token-file", d.tokenFile(), "lu", "show", "")
+	if !strings.Contains(out, "gf\t1.0M file") {
+		t.Errorf("completing lu show NAME: %q, want gf with its size and kind", out)
+	}
 }
 
 // TestStatusOneScreen: `lupool status` on a 3-node pool names the primary,
