@@ -73,6 +73,103 @@ func (b *logBuffer) String() string {
 	return b.buf.String()
 }
 
+// restartPair is writer a (a restartNode over a dirty store on fsA) and
+// copy b, in process, with the metadata twin mt; inSyncEqual is set when b
+// is recorded in sync: whether b's volume then equals a's.
+type restartPair struct {
+	a            *restartNode
+	b            *testNode
+	mt           *metaTwin
+	poolA, poolB *lu.Pool
+	fsA          vfs.FS
+	logA         logBuffer
+	inSyncEqual  atomic.Pointer[bool]
+	newManagerA  func(store *DirtyStore) *Manager
+}
+
+func newRestartPair(t *testing.T, fsA vfs.FS, regionBytes int64) *restartPair {
+	t.Helper()
+	p := &restartPair{mt: &metaTwin{lus: map[string]cluster.LU{}}, fsA: fsA}
+	lnA, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.a = &restartNode{ln: lnA}
+	lnB, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.b = &testNode{id: "b", ln: lnB, addr: lnB.Addr().String()}
+	addrs := map[string]string{"a": lnA.Addr().String(), "b": p.b.addr}
+	nodeAPI := func(node string) (string, bool) {
+		addr, ok := addrs[node]
+		return addr, ok
+	}
+	for _, pool := range []**lu.Pool{&p.poolA, &p.poolB} {
+		if *pool, err = lu.OpenPool(lu.PoolOptions{Dirs: []string{t.TempDir()}}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { (*pool).Close() })
+	}
+	p.b.pool = p.poolB
+	p.newManagerA = func(store *DirtyStore) *Manager {
+		m, err := NewManager(ManagerOptions{
+			NodeID: "a", Pool: p.poolA, Dirty: store, NodeAPI: nodeAPI, Dial: testDial("a"), RegionBytes: regionBytes,
+			AckTimeout: 2 * time.Second, RetryInterval: 20 * time.Millisecond,
+			Logger: slog.New(slog.NewTextHandler(&p.logA, nil)),
+			UpdateLU: func(ctx context.Context, rec cluster.LU, expected uint64) error {
+				if replicaState(rec, "b") == cluster.ReplicaInSync && replicaState(p.mt.get(rec.Name), "b") != cluster.ReplicaInSync {
+					// The writer holds the mirror's gate: no write is in flight.
+					va, _ := p.poolA.Get(rec.Name)
+					vb, _ := p.poolB.Get(rec.Name)
+					eq := bytes.Equal(readAll(t, va), readAll(t, vb))
+					p.inSyncEqual.Store(&eq)
+				}
+				return p.mt.update(ctx, rec, expected)
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	p.b.m, err = NewManager(ManagerOptions{NodeID: "b", Pool: p.poolB, UpdateLU: p.mt.update, NodeAPI: nodeAPI, Dial: testDial("b"),
+		RegionBytes: regionBytes, AckTimeout: 2 * time.Second, RetryInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.a.serve()
+	go p.b.serve()
+	t.Cleanup(func() {
+		lnA.Close()
+		p.b.down()
+		if m := p.a.m.Load(); m != nil {
+			m.Close()
+		}
+		p.b.m.Close()
+	})
+	return p
+}
+
+// restartA replaces a's manager by a new one over store and reconciles
+// the LU table, as a daemon restart does.
+func (p *restartPair) restartA(t *testing.T, store *DirtyStore) *Manager {
+	t.Helper()
+	m2 := p.newManagerA(store)
+	p.a.m.Store(m2)
+	p.mt.mu.Lock()
+	p.mt.managers[0] = m2
+	p.mt.mu.Unlock()
+	lus := make([]cluster.LU, 0)
+	for _, name := range []string{"h"} {
+		lus = append(lus, p.mt.get(name))
+	}
+	if err := m2.Reconcile(context.Background(), lus); err != nil {
+		t.Fatal(err)
+	}
+	return m2
+}
+
 // TestHashResyncAfterCorruptDirtyStore: the writer's dirty-region store
 // gets a flipped byte while a copy is out of sync; after a writer restart
 // the store is in doubt, the copy is compared by region hashes, only the
@@ -84,78 +181,15 @@ func TestHashResyncAfterCorruptDirtyStore(t *testing.T) {
 		size        = 1 << 20
 		regionBytes = 64 << 10
 	)
-	mt := &metaTwin{lus: map[string]cluster.LU{}}
-	lnA, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := &restartNode{ln: lnA}
-	lnB, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &testNode{id: "b", ln: lnB, addr: lnB.Addr().String()}
-	addrs := map[string]string{"a": lnA.Addr().String(), "b": b.addr}
-	nodeAPI := func(node string) (string, bool) {
-		addr, ok := addrs[node]
-		return addr, ok
-	}
-	poolA, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{t.TempDir()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer poolA.Close()
-	poolB, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{t.TempDir()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer poolB.Close()
-	b.pool = poolB
 	fsA := vfs.NewMem()
-	var logA logBuffer
-	// inSyncEqual is set when b is recorded in sync: whether b's volume then
-	// equals a's.
-	var inSyncEqual atomic.Pointer[bool]
-	managerA := func(store *DirtyStore) *Manager {
-		m, err := NewManager(ManagerOptions{
-			NodeID: "a", Pool: poolA, Dirty: store, NodeAPI: nodeAPI, Dial: testDial("a"), RegionBytes: regionBytes,
-			AckTimeout: 2 * time.Second, RetryInterval: 20 * time.Millisecond,
-			Logger: slog.New(slog.NewTextHandler(&logA, nil)),
-			UpdateLU: func(ctx context.Context, rec cluster.LU, expected uint64) error {
-				if replicaState(rec, "b") == cluster.ReplicaInSync && replicaState(mt.get(rec.Name), "b") != cluster.ReplicaInSync {
-					// The writer holds the mirror's gate: no write is in flight.
-					va, _ := poolA.Get(rec.Name)
-					vb, _ := poolB.Get(rec.Name)
-					eq := bytes.Equal(readAll(t, va), readAll(t, vb))
-					inSyncEqual.Store(&eq)
-				}
-				return mt.update(ctx, rec, expected)
-			},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
-	}
+	rp := newRestartPair(t, fsA, regionBytes)
+	a, b, mt, poolA, poolB := rp.a, rp.b, rp.mt, rp.poolA, rp.poolB
 	storeA, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: fsA})
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.m.Store(managerA(storeA))
-	b.m, err = NewManager(ManagerOptions{NodeID: "b", Pool: poolB, UpdateLU: mt.update, NodeAPI: nodeAPI, Dial: testDial("b"),
-		RegionBytes: regionBytes, AckTimeout: 2 * time.Second, RetryInterval: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a.m.Store(rp.newManagerA(storeA))
 	mt.managers = []*Manager{a.m.Load(), b.m}
-	go a.serve()
-	go b.serve()
-	defer func() {
-		lnA.Close()
-		b.down()
-		a.m.Load().Close()
-		b.m.Close()
-	}()
 
 	mt.create(t, twoCopies("h", size, "file"))
 	mir := streamingMirror(t, a.m.Load(), "h")
@@ -204,24 +238,17 @@ func TestHashResyncAfterCorruptDirtyStore(t *testing.T) {
 	}
 
 	// The writer starts again, b comes back.
-	m2 := managerA(storeA)
-	a.m.Store(m2)
-	mt.mu.Lock()
-	mt.managers[0] = m2
-	mt.mu.Unlock()
-	if err := m2.Reconcile(ctx, []cluster.LU{mt.get("h")}); err != nil {
-		t.Fatal(err)
-	}
+	m2 := rp.restartA(t, storeA)
 	b.up(t)
 	waitFor(t, "b in sync", func() bool { return replicaState(mt.get("h"), "b") == cluster.ReplicaInSync })
-	if eq := inSyncEqual.Load(); eq == nil || !*eq {
+	if eq := rp.inSyncEqual.Load(); eq == nil || !*eq {
 		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
 	}
 	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(len(missed)*regionBytes); sent != want {
 		t.Errorf("hash resync sent %v bytes, want %v (the %d regions that differ)", sent, want, len(missed))
 	}
-	if want := fmt.Sprintf("hash resync done: compared %d regions, sent %d", size/regionBytes, len(missed)); !strings.Contains(logA.String(), want) {
-		t.Errorf("writer's log lacks %q:\n%s", want, logA.String())
+	if want := fmt.Sprintf("hash resync done: compared %d regions, sent %d", size/regionBytes, len(missed)); !strings.Contains(rp.logA.String(), want) {
+		t.Errorf("writer's log lacks %q:\n%s", want, rp.logA.String())
 	}
 	va, _ := poolA.Get("h")
 	vb, _ := poolB.Get("h")
@@ -230,5 +257,91 @@ func TestHashResyncAfterCorruptDirtyStore(t *testing.T) {
 	}
 	if l := exported(t, m2, "h").(*Mirror).linkSet()[0]; l.dirty.isUnknown() {
 		t.Fatal("copy still unknown once in sync")
+	}
+}
+
+// TestWriterCrashComparesInSyncCopies: the writer dies (its dirty store is
+// left as a crash leaves it, "open") while both copies are recorded in
+// sync, with a write in flight that reached only the copy and another that
+// reached only the writer. The restarted writer takes the copy out of the
+// live set, records it out of sync, compares it by region hashes and sends
+// exactly the two regions that differ; the copy equals the writer when it
+// is recorded in sync again.
+func TestWriterCrashComparesInSyncCopies(t *testing.T) {
+	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
+	const (
+		size        = 1 << 20
+		regionBytes = 64 << 10
+	)
+	fsA := vfs.NewCrashableMem()
+	rp := newRestartPair(t, fsA, regionBytes)
+	storeA, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: fsA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp.a.m.Store(rp.newManagerA(storeA))
+	rp.mt.managers = []*Manager{rp.a.m.Load(), rp.b.m}
+	rp.mt.create(t, twoCopies("h", size, "file"))
+	mir := streamingMirror(t, rp.a.m.Load(), "h")
+	ctx := context.Background()
+	full := make([]byte, size)
+	rng.Read(full)
+	if err := mir.WriteAt(ctx, full, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	before := rp.mt.get("h")
+	if replicaState(before, "b") != cluster.ReplicaInSync {
+		t.Fatalf("b is %s before the crash, want in-sync", replicaState(before, "b"))
+	}
+
+	// The crash: the store as synced, the manager gone without a clean
+	// close; one write landed only on b, one only on a.
+	crashed := fsA.CrashClone(vfs.CrashCloneCfg{})
+	if err := rp.a.m.Load().Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = storeA.Close() // the original; the restart uses the crash clone
+	va, _ := rp.poolA.Get("h")
+	vb, _ := rp.poolB.Get("h")
+	onlyCopy, onlyWriter := make([]byte, 4096), make([]byte, 8192)
+	rng.Read(onlyCopy)
+	rng.Read(onlyWriter)
+	if err := vb.WriteAt(ctx, onlyCopy, 3*regionBytes+4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := va.WriteAt(ctx, onlyWriter, 11*regionBytes, 0); err != nil {
+		t.Fatal(err)
+	}
+	store2, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: crashed, ExpectExisting: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store2.Close()
+	if store2.Doubt() == nil || !strings.Contains(store2.Doubt().Error(), "not closed cleanly") {
+		t.Fatalf("store after a crash: doubt %v, want not closed cleanly", store2.Doubt())
+	}
+
+	began := time.Now()
+	m2 := rp.restartA(t, store2)
+	if took := time.Since(began); took < 900*time.Millisecond {
+		t.Errorf("the restarted writer served after %v, before a read lease (1 s) of its previous run could run out", took)
+	}
+	waitFor(t, "b in sync", func() bool {
+		rec := rp.mt.get("h")
+		return rec.Epoch > before.Epoch+1 && replicaState(rec, "b") == cluster.ReplicaInSync
+	})
+	if eq := rp.inSyncEqual.Load(); eq == nil || !*eq {
+		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
+	}
+	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(2*regionBytes); sent != want {
+		t.Errorf("resync after the crash sent %v bytes, want %v (the 2 regions that differ)", sent, want)
+	}
+	for _, want := range []string{"writer started after an unclean stop", fmt.Sprintf("hash resync done: compared %d regions, sent 2", size/regionBytes)} {
+		if !strings.Contains(rp.logA.String(), want) {
+			t.Errorf("writer's log lacks %q:\n%s", want, rp.logA.String())
+		}
+	}
+	if !bytes.Equal(readAll(t, va), readAll(t, vb)) {
+		t.Fatal("copy differs from the writer after the restart")
 	}
 }

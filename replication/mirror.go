@@ -141,6 +141,14 @@ var (
 // restart): every other copy is then treated as new (it takes no live
 // writes and gets no pings, so its read lease lapses) and recorded new, to
 // be rebuilt from this volume.
+//
+// A writer whose dirty-region store is in doubt at start (it was not closed
+// cleanly: a crash or kill -9; or a record failed its check) does not know
+// which writes were in flight when it stopped: one may have reached a copy
+// and not this volume, or the other way round, and both copies would stay
+// recorded in sync, different. Every copy recorded in sync is then
+// distrusted (see distrustInSync): compared by region hashes, and only the
+// regions that differ sent, before it counts as in sync again.
 func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror, error) {
 	mi := &Mirror{name: rec.Name, self: m.opts.NodeID, local: local, m: m,
 		regionBytes: m.opts.RegionBytes, rec: cloneLU(rec), stop: make(chan struct{})}
@@ -148,7 +156,8 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror
 	if lu.Kind(rec.Kind) == lu.KindFile {
 		mi.store = m.opts.Dirty
 	}
-	links, err := mi.linksFor(rec, nil)
+	distrust := !lost && mi.store != nil && mi.store.Doubt() != nil
+	links, err := mi.linksFor(rec, nil, distrust)
 	if err != nil {
 		return nil, err
 	}
@@ -164,6 +173,9 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror
 			mi.recordAllNew()
 		}()
 	}
+	if distrust {
+		mi.distrustInSync(links)
+	}
 	// A first attempt to reach every copy before the mirror takes writes,
 	// so a writer restart does not record reachable copies out of sync.
 	for _, l := range links {
@@ -174,14 +186,42 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror
 	return mi, nil
 }
 
+// distrustInSync takes every copy recorded in sync whose dirty record the
+// store in doubt left unknown out of the live set, before the mirror takes
+// any write: it gets no live writes and no pings, and its resync records
+// it out of sync (epoch + 1) and begins with a region-hash compare. Such a
+// copy may still hold a read lease from this node's previous run, granted
+// before that run stopped and renewed only by frames from the writer,
+// which it no longer gets: before this mirror acknowledges anything the
+// copy lacks, the lease is let run out, ReadLease after this manager
+// started (so once per start, not per LU).
+func (mi *Mirror) distrustInSync(links []*copyLink) {
+	var nodes []string
+	for _, l := range links {
+		if copyState(l.state.Load()) == stInSync && l.dirty.isUnknown() {
+			l.state.Store(int32(stOutOfSync))
+			nodes = append(nodes, l.node)
+		}
+	}
+	if len(nodes) == 0 {
+		return
+	}
+	mi.m.opts.Logger.Warn("writer started after an unclean stop: copies recorded in sync are compared by region hashes before they count as in sync",
+		"lu", mi.name, "copies", nodes, "doubt", mi.store.Doubt())
+	if wait := int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
+		time.Sleep(time.Duration(wait))
+	}
+}
+
 func cloneLU(rec cluster.LU) cluster.LU {
 	rec.Replicas = append([]cluster.Replica(nil), rec.Replicas...)
 	return rec
 }
 
 // linksFor returns a link for every copy of rec on another node, reusing
-// those in old.
-func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error) {
+// those in old. distrust keeps the untrusted dirty record of a copy in
+// sync unknown too (a writer starting after an unclean stop).
+func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink, distrust bool) ([]*copyLink, error) {
 	var links []*copyLink
 	for _, r := range rec.Replicas {
 		if r.NodeID == mi.self {
@@ -199,9 +239,10 @@ func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink) ([]*copyLink, error)
 				return nil, err
 			}
 			// A copy not in sync whose record is not trusted (the
-			// store is in doubt) is compared by region hashes.
+			// store is in doubt) is compared by region hashes; so is
+			// one in sync when distrust says so.
 			st := stateOf(r.State)
-			unknown, err := d.settleStart(st != stInSync && st != stNew)
+			unknown, err := d.settleStart(st == stOutOfSync || distrust && st == stInSync)
 			if err != nil {
 				return nil, err
 			}
@@ -277,7 +318,7 @@ func (mi *Mirror) observe(rec cluster.LU) {
 	mi.stateMu.Lock()
 	defer mi.stateMu.Unlock()
 	old := mi.linkSet()
-	links, err := mi.linksFor(rec, old)
+	links, err := mi.linksFor(rec, old, false)
 	if err != nil {
 		mi.m.opts.Logger.Error("cannot follow the copy set", "lu", mi.name, "err", err)
 		return

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
@@ -27,6 +28,15 @@ func (mi *Mirror) resync(l *copyLink) error {
 	if copyState(l.state.Load()) != stOutOfSync {
 		mi.stateMu.Unlock()
 		return nil
+	}
+	// A copy the writer took out of the live set at start (distrustInSync)
+	// is still recorded in sync: record it out of sync first (the in-sync
+	// set changes, so epoch + 1).
+	if recordedState(mi.rec, l.node) == cluster.ReplicaInSync {
+		if err := mi.proposeLocked(l.node, stOutOfSync, true); err != nil {
+			mi.stateMu.Unlock()
+			return fmt.Errorf("record copy out of sync: %w", err)
+		}
 	}
 	if err := mi.proposeLocked(l.node, stResyncing, false); err != nil {
 		mi.stateMu.Unlock()
@@ -79,6 +89,16 @@ func (mi *Mirror) resync(l *copyLink) error {
 			return nil
 		}
 	}
+}
+
+// recordedState is node's copy state in rec ("" when it has none).
+func recordedState(rec cluster.LU, node string) string {
+	for _, r := range rec.Replicas {
+		if r.NodeID == node {
+			return r.State
+		}
+	}
+	return ""
 }
 
 // rebuild prepares a new copy (state new): every allocated extent of the
