@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"encoding/json"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -86,16 +85,7 @@ func readmeNotRun(cmd string) string {
 // runs 2 s instead of 30 s.
 func TestREADMEExamples(t *testing.T) {
 	needTools(t, "nbdinfo", "fio", "bash")
-	for _, addr := range []string{"127.0.0.1:10809", "127.0.0.1:10810", "127.0.0.1:10811"} {
-		l, err := net.Listen("tcp", addr)
-		if err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("the README's default port %s is busy (%v); CI must leave 10809-10811 free", addr, err)
-			}
-			t.Skipf("the README's default port %s is busy (%v): stop whatever holds it (make run?) to run this test", addr, err)
-		}
-		l.Close()
-	}
+	needDefaultPortsFree(t)
 	cmds := readmeCommands(t)
 	work := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(work, "bin"), 0o755); err != nil {

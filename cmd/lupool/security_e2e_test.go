@@ -1096,12 +1096,11 @@ func emptiedMetaRefused(t *testing.T, n1, n2, n3 *daemon) {
 	}
 }
 
-// TestSecurityREADMEDefaults: `lupool serve` with no flags in a fresh
-// directory (what `make run` does), then `lupool lu create swap0 --size
-// 8G` in that same directory with no token in the environment works: the
-// CLI reads ./lupool-data/admin.token. (TestAuditDefaultsExactMetricsRestart
-// runs the defaults too, but passes the token file by LUPOOL_TOKEN_FILE.)
-func TestSecurityREADMEDefaults(t *testing.T) {
+// needDefaultPortsFree ends the test unless the README's default ports
+// 10809-10811 are free: a skip (make run may hold them), a failure in CI,
+// which must leave them free.
+func needDefaultPortsFree(t *testing.T) {
+	t.Helper()
 	for _, addr := range []string{"127.0.0.1:10809", "127.0.0.1:10810", "127.0.0.1:10811"} {
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -1112,6 +1111,15 @@ func TestSecurityREADMEDefaults(t *testing.T) {
 		}
 		l.Close()
 	}
+}
+
+// TestSecurityREADMEDefaults: `lupool serve` with no flags in a fresh
+// directory (what `make run` does), then `lupool lu create swap0 --size
+// 8G` in that same directory with no token in the environment works: the
+// CLI reads ./lupool-data/admin.token. (TestAuditDefaultsExactMetricsRestart
+// runs the defaults too, but passes the token file by LUPOOL_TOKEN_FILE.)
+func TestSecurityREADMEDefaults(t *testing.T) {
+	needDefaultPortsFree(t)
 	work := t.TempDir()
 	d := serveInDir(t, work, "127.0.0.1:10810", nil)
 	cli := func(dir string, args ...string) (string, int) {
