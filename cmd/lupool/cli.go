@@ -112,6 +112,38 @@ func (cf *clientFlags) client() (*api.Client, error) {
 	return api.NewClientWith(u, opts)
 }
 
+// call runs fn with an API client. Its context ends with the command's
+// (Ctrl-C), or after timeout when that is positive.
+func (cf *clientFlags) call(c *cobra.Command, timeout time.Duration, fn func(ctx context.Context, cl *api.Client) error) error {
+	cl, err := cf.client()
+	if err != nil {
+		return err
+	}
+	ctx := c.Context()
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return fn(ctx, cl)
+}
+
+// show fetches a value with get (a method expression such as
+// (*api.Client).PoolStatus) and prints it: as JSON with -o json, else with
+// table.
+func show[T any](cf *clientFlags, c *cobra.Command, w io.Writer, get func(*api.Client, context.Context) (T, error), table func(io.Writer, T) error) error {
+	return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+		v, err := get(cl, ctx)
+		if err != nil {
+			return err
+		}
+		if cf.output == "json" {
+			return printJSON(w, v)
+		}
+		return table(w, v)
+	})
+}
+
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -147,15 +179,8 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		copies                                int
 		force                                 bool
 	)
-	// call runs fn with a client and a deadline.
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
-		cl, err := cf.client()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := context.WithTimeout(c.Context(), luTimeout)
-		defer cancel()
-		return fn(ctx, cl)
+		return cf.call(c, luTimeout, fn)
 	}
 	oneLU := func(verb string) cobra.PositionalArgs {
 		return exactArgs(1, "lu "+verb+" needs exactly one LU name")
@@ -425,24 +450,13 @@ func newPoolCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
 		Short: "this node's capacity, free, allocated and provisioned bytes and usage level",
 		Args:  exactArgs(0, "pool status takes no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			st, err := cl.PoolStatus(c.Context())
-			if err != nil {
-				return err
-			}
-			return printPoolStatus(stdout, cf.output, st)
+			return show(cf, c, stdout, (*api.Client).PoolStatus, printPoolStatus)
 		},
 	}
 	return newGroupCommand("pool", "the storage pool of a node", "admin", status)
 }
 
-func printPoolStatus(stdout io.Writer, output string, st api.PoolStatus) error {
-	if output == "json" {
-		return printJSON(stdout, st)
-	}
+func printPoolStatus(stdout io.Writer, st api.PoolStatus) error {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "node\t%s\n", st.Node)
 	fmt.Fprintf(tw, "level\t%s\n", st.Level)
@@ -471,26 +485,14 @@ func newNodeCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
 		Short:   "cluster members and the metadata leader (the primary)",
 		Args:    exactArgs(0, "node list takes no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			nodes, err := cl.Nodes(c.Context())
-			if err != nil {
-				return err
-			}
-			if cf.output == "json" {
+			nodes := func(cl *api.Client, ctx context.Context) ([]api.Node, error) {
+				nodes, err := cl.Nodes(ctx)
 				if nodes == nil {
 					nodes = []api.Node{}
 				}
-				return printJSON(stdout, nodes)
+				return nodes, err
 			}
-			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
-			for _, n := range nodes {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, nodeRole(n), n.APIAddr, n.NBDAddr, n.PeerAddr)
-			}
-			return tw.Flush()
+			return show(cf, c, stdout, nodes, printNodes)
 		},
 	}
 	remove := &cobra.Command{
@@ -498,18 +500,25 @@ func newNodeCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
 		Short: "take a node out of the cluster; its certificate stops working",
 		Args:  exactArgs(1, "node remove needs one node id"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			if err := cl.RemoveNode(c.Context(), args[0]); err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "node %s removed; its certificate no longer admits it\n", args[0])
-			return nil
+			return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+				if err := cl.RemoveNode(ctx, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(stdout, "node %s removed; its certificate no longer admits it\n", args[0])
+				return nil
+			})
 		},
 	}
 	return newGroupCommand("node", "cluster members", "admin", list, remove)
+}
+
+func printNodes(w io.Writer, nodes []api.Node) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
+	for _, n := range nodes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, nodeRole(n), n.APIAddr, n.NBDAddr, n.PeerAddr)
+	}
+	return tw.Flush()
 }
 
 // nodeRole is a node's part in the metadata cluster, as node list shows it.

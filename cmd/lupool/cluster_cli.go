@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lupool/lupool/server/api"
 )
 
 // newClusterCommand is `lupool cluster ...`: join tokens and the admin
@@ -24,21 +27,15 @@ A token may be used until its TTL runs out; 'list' and 'revoke ID' manage them.`
 			if ttl < time.Second {
 				return usageErrorf("--ttl %v: give at least 1s, e.g. 1h", ttl)
 			}
-			cl, err := cf.client()
-			if err != nil {
-				return err
+			create := func(cl *api.Client, ctx context.Context) (api.JoinTokenCreated, error) {
+				return cl.CreateJoinToken(ctx, int64(ttl.Seconds()))
 			}
-			tok, err := cl.CreateJoinToken(c.Context(), int64(ttl.Seconds()))
-			if err != nil {
-				return err
-			}
-			if cf.output == "json" {
-				return printJSON(stdout, tok)
-			}
-			fmt.Fprintln(stdout, tok.Token)
-			fmt.Fprintf(stderr, "join token %s, valid until %s; on the new node: lupool serve --join %s --join-token TOKEN ...\n",
-				tok.ID, tok.ExpiresAt.Local().Format(time.RFC3339), cf.api)
-			return nil
+			return show(cf, c, stdout, create, func(w io.Writer, tok api.JoinTokenCreated) error {
+				fmt.Fprintln(w, tok.Token)
+				fmt.Fprintf(stderr, "join token %s, valid until %s; on the new node: lupool serve --join %s --join-token TOKEN ...\n",
+					tok.ID, tok.ExpiresAt.Local().Format(time.RFC3339), cf.api)
+				return nil
+			})
 		},
 	}
 	joinToken.Flags().DurationVar(&ttl, "ttl", 24*time.Hour, "how long the token may be used to join, e.g. 1h")
@@ -49,30 +46,7 @@ A token may be used until its TTL runs out; 'list' and 'revoke ID' manage them.`
 		Short:   "join tokens with their state (valid, expired, revoked)",
 		Args:    exactArgs(0, "cluster join-token list takes no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			toks, err := cl.ListJoinTokens(c.Context())
-			if err != nil {
-				return err
-			}
-			if cf.output == "json" {
-				return printJSON(stdout, toks)
-			}
-			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tCREATED\tEXPIRES\tSTATE")
-			for _, t := range toks {
-				state := "valid"
-				switch {
-				case t.Revoked:
-					state = "revoked"
-				case t.Expired:
-					state = "expired"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.ID, t.CreatedAt.Local().Format(time.RFC3339), t.ExpiresAt.Local().Format(time.RFC3339), state)
-			}
-			return tw.Flush()
+			return show(cf, c, stdout, (*api.Client).ListJoinTokens, printJoinTokens)
 		},
 	}
 	revoke := &cobra.Command{
@@ -80,15 +54,13 @@ A token may be used until its TTL runs out; 'list' and 'revoke ID' manage them.`
 		Short: "revoke a join token (see lupool cluster join-token list)",
 		Args:  exactArgs(1, "cluster join-token revoke needs the token id (see lupool cluster join-token list)"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			if err := cl.RevokeJoinToken(c.Context(), args[0]); err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "join token %s revoked\n", args[0])
-			return nil
+			return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+				if err := cl.RevokeJoinToken(ctx, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(stdout, "join token %s revoked\n", args[0])
+				return nil
+			})
 		},
 	}
 	joinToken.AddCommand(list, revoke)
@@ -104,12 +76,28 @@ A token may be used until its TTL runs out; 'list' and 'revoke ID' manage them.`
 	return newGroupCommand("cluster", "join tokens and the admin token", "admin", joinToken, rotate)
 }
 
-func rotateAdminToken(c *cobra.Command, cf *clientFlags, stdout, stderr io.Writer) error {
-	cl, err := cf.client()
-	if err != nil {
-		return err
+func printJoinTokens(w io.Writer, toks []api.JoinTokenInfo) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tCREATED\tEXPIRES\tSTATE")
+	for _, t := range toks {
+		state := "valid"
+		switch {
+		case t.Revoked:
+			state = "revoked"
+		case t.Expired:
+			state = "expired"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.ID, t.CreatedAt.Local().Format(time.RFC3339), t.ExpiresAt.Local().Format(time.RFC3339), state)
 	}
-	tok, err := cl.RotateAdminToken(c.Context())
+	return tw.Flush()
+}
+
+func rotateAdminToken(c *cobra.Command, cf *clientFlags, stdout, stderr io.Writer) error {
+	var tok api.AdminToken
+	err := cf.call(c, 0, func(ctx context.Context, cl *api.Client) (err error) {
+		tok, err = cl.RotateAdminToken(ctx)
+		return err
+	})
 	if err != nil {
 		return err
 	}

@@ -23,18 +23,7 @@ and each node's pool usage against its thresholds.`,
 		GroupID: "admin",
 		Args:    exactArgs(0, "status takes no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := cf.client()
-			if err != nil {
-				return err
-			}
-			st, err := cl.Status(c.Context())
-			if err != nil {
-				return err
-			}
-			if cf.output == "json" {
-				return printJSON(stdout, st)
-			}
-			return printStatus(stdout, st)
+			return show(cf, c, stdout, (*api.Client).Status, printStatus)
 		},
 	}
 }
