@@ -74,6 +74,7 @@ type conn struct {
 	readOnly bool
 	inliner  InlineDevice         // dev if it implements InlineDevice, else nil
 	asyncw   blockdev.AsyncWriter // dev if it implements AsyncWriter, else nil
+	tryr     blockdev.TryReader   // dev if it implements TryReader, else nil
 	metrics  *exportMetrics       // nil without Metrics
 
 	inflight atomic.Int32
@@ -140,6 +141,9 @@ type request struct {
 	errCode uint32 // set by validation: reply with this, do not run
 	inline  bool   // the reader runs it (inlineRequest); set with errCode
 	async   bool   // the reader starts it on the AsyncWriter (asyncRequest)
+	// try: the reader tries the read without waiting (tryRequest) and
+	// hands it to a worker only if the device would wait.
+	try bool
 	// asyncErr is an asynchronous write's result, set by Complete.
 	asyncErr error
 	buf      *buffer // write payload or read data; nil otherwise
@@ -254,6 +258,7 @@ func (c *conn) start(sess *session) {
 	c.readOnly = c.dev.Caps().ReadOnly
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
+	c.tryr, _ = c.dev.(blockdev.TryReader)
 	if c.asyncw != nil {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			c.rawWrite, _ = sc.SyscallConn()
@@ -352,6 +357,16 @@ func (c *conn) lead() *request {
 			}
 			continue
 		}
+		if r.try {
+			// Answered now if the data is in memory; else a worker
+			// waits for the device while this goroutine reads on.
+			c.openBatchLocked()
+			if c.readIntoReply(r) {
+				c.finishRequest(r)
+				continue
+			}
+			r.try = false
+		}
 		if !r.inline {
 			c.closeBatchLocked()
 			return r
@@ -392,6 +407,15 @@ func (c *conn) inlineRequest(r *request) bool {
 		return false
 	}
 	return c.inliner.InlineIO()
+}
+
+// tryRequest decides, once per request, whether the reader tries read r
+// on the device's TryReader before handing it to a worker: reads that fit
+// the reply writer (readIntoReply), which a device whose data is in the
+// page cache answers in a few microseconds, less than a hand-off costs.
+func (c *conn) tryRequest(r *request) bool {
+	return c.tryr != nil && r.errCode == 0 && r.hdr.Type == nbdproto.CmdRead &&
+		r.hdr.Length > 0 && int(r.hdr.Length) <= writeBufferBytes-maxReadReplyHeadBytes
 }
 
 // asyncRequest decides, once per request, whether the reader starts r on
@@ -657,6 +681,7 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 	}
 	r.inline = c.inlineRequest(r)
 	r.async = !r.inline && c.asyncRequest(r)
+	r.try = !r.inline && !r.async && c.tryRequest(r)
 	if err := c.readPayload(r); err != nil {
 		c.release(r)
 		return nil, err
