@@ -48,10 +48,6 @@ type conn struct {
 	wmu         sync.Mutex
 	bw          *bufio.Writer // guarded by wmu once transmission starts
 	deadlineSet time.Time     // guarded by wmu; when the write deadline was last moved
-	// iov and iovArray are writeVectored's, so that it allocates nothing;
-	// guarded by wmu.
-	iov      net.Buffers
-	iovArray [2][]byte
 	// pendingReplies counts the replies queued for or holding wmu, plus one
 	// while the reader holds a batch open (batchOpen); whoever brings it to
 	// zero flushes bw.
@@ -365,7 +361,7 @@ func (c *conn) lead() *request {
 			// Answered now if the data is in memory; else a worker
 			// waits for the device while this goroutine reads on.
 			c.openBatchLocked()
-			if c.tryRead(r) {
+			if c.readIntoReply(r) {
 				c.finishRequest(r)
 				continue
 			}
@@ -414,10 +410,11 @@ func (c *conn) inlineRequest(r *request) bool {
 }
 
 // TryReadMaxBytes is the largest read the reader tries itself on a
-// blockdev.TryReader. Reads that fit the reply writer are read straight
-// into it; larger ones into a pooled buffer that goes out with its header
-// in one writev.
-const TryReadMaxBytes = maxPooledBytes
+// blockdev.TryReader: one whose reply fits the reply writer, so that it is
+// read straight into it. Larger reads go to workers, so that sending one
+// reply (most of a large read's cost, and it waits for the client) overlaps
+// with reading and running the next request.
+const TryReadMaxBytes = writeBufferBytes - maxReadReplyHeadBytes
 
 // tryRequest decides, once per request, whether the reader tries read r
 // on the device's TryReader before handing it to a worker: a device whose

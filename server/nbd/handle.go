@@ -148,37 +148,11 @@ func (c *conn) read(r *request) (uint32, error) {
 	if n == 0 {
 		return 0, nil
 	}
-	if r.buf == nil { // a failed try (tryRead) may have left one
-		r.buf = c.srv.pools.get(n)
-	}
+	r.buf = c.srv.pools.get(n)
 	if err := c.dev.ReadAt(c.ctx, r.buf.b[:n], int64(r.hdr.Offset)); err != nil {
 		return errorCode(r.hdr.Type, err), err
 	}
 	return 0, nil
-}
-
-// tryRead answers try read r if the device has its data in memory now:
-// straight into the reply writer when it fits (readIntoReply), else
-// through a pooled buffer. It reports false, having answered nothing, when
-// the device would wait; r then goes to a worker (r.buf may be set).
-func (c *conn) tryRead(r *request) bool {
-	n := int(r.hdr.Length)
-	if maxReadReplyHeadBytes+n <= c.bw.Size() {
-		return c.readIntoReply(r)
-	}
-	r.buf = c.srv.pools.get(n)
-	done, err := c.tryr.TryReadAt(c.ctx, r.buf.b[:n], int64(r.hdr.Offset))
-	if !done && err == nil {
-		return false
-	}
-	code := errorCode(r.hdr.Type, err)
-	c.account(r, code)
-	if code != 0 {
-		c.replyError(r, code, err)
-	} else {
-		c.replyRead(r)
-	}
-	return true
 }
 
 // maxReadReplyHeadBytes is the longest header in front of read data.
@@ -245,52 +219,28 @@ func (c *conn) readIntoReply(r *request) bool {
 	return true
 }
 
-// replyRead answers a successful read with its data. A payload at least
-// as large as the writer's buffer goes out with its header in one writev,
-// straight from the read buffer, instead of being copied through the
-// writer in buffer-sized pieces.
+// replyRead answers a successful read with its data. A large payload
+// goes through the writer too: the writer copies what fits its free space
+// and writes the rest straight from r.buf. (One writev of header and
+// payload was measured slower for 1 MiB reads on loopback: 0.83x.)
 func (c *conn) replyRead(r *request) {
 	n := int(r.hdr.Length)
-	var b []byte
+	c.beginReply()
 	if c.sess.structured {
-		b = r.scratch[:nbdproto.StructuredReplySize+nbdproto.OffsetDataHeaderSize]
+		b := r.scratch[:nbdproto.StructuredReplySize+nbdproto.OffsetDataHeaderSize]
 		nbdproto.PutStructuredReply(b, nbdproto.StructuredReply{
 			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeOffsetData,
 			Handle: r.hdr.Handle, Length: uint32(nbdproto.OffsetDataHeaderSize + n),
 		})
 		binary.BigEndian.PutUint64(b[nbdproto.StructuredReplySize:], r.hdr.Offset)
-	} else {
-		b = r.scratch[:nbdproto.SimpleReplySize]
-		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
-	}
-	c.beginReply()
-	if n < c.bw.Size() {
 		c.write(b)
-		c.write(r.buf.b[:n])
 	} else {
-		c.writeVectored(b, r.buf.b[:n])
+		b := r.scratch[:nbdproto.SimpleReplySize]
+		nbdproto.PutSimpleReply(b, 0, r.hdr.Handle)
+		c.write(b)
 	}
+	c.write(r.buf.b[:n])
 	c.endReply()
-}
-
-// writeVectored writes what the writer holds, then head and data in one
-// system call where the connection supports writev (TCP; a TLS
-// connection writes them in turn). c.wmu must be held.
-func (c *conn) writeVectored(head, data []byte) {
-	if c.broken.Load() {
-		return
-	}
-	if c.bw.Buffered() > 0 {
-		if err := c.bw.Flush(); err != nil {
-			c.fail()
-			return
-		}
-	}
-	c.iov = append(c.iovArray[:0], head, data)
-	if _, err := c.iov.WriteTo(c.nc); err != nil {
-		c.fail()
-	}
-	c.iov = nil
 }
 
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
