@@ -20,8 +20,12 @@ import (
 // negotiates with small ones (a server at its connection cap holds
 // MaxConnections of them) and gets the large ones when transmission starts.
 const (
-	readBufferBytes      = 64 << 10
-	writeBufferBytes     = 64 << 10
+	readBufferBytes = 64 << 10
+	// writeBufferBytes holds a 64 KiB read's reply (header included), so
+	// that such reads can be answered straight from the reply buffer
+	// (readIntoReply); BenchmarkFileVolume/read/64KiB: 5 to 18 % faster
+	// than with 64 KiB.
+	writeBufferBytes     = 64<<10 + 4<<10
 	handshakeBufferBytes = 4 << 10
 )
 

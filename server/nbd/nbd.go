@@ -44,7 +44,7 @@
 // seconds per kind.
 //
 // Memory held for a connection is bounded: negotiation uses 4 KiB
-// buffers, transmission 64 KiB ones, and every read, write and block
+// buffers, transmission 64 KiB (reader) and 68 KiB (writer) ones, and every read, write and block
 // status buffer is charged to the connection's MaxInflightBytes at its
 // allocated size before it exists; an asynchronous write holds no
 // engine buffer (WriteAsync returns once it no longer needs the payload),
