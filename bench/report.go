@@ -431,6 +431,7 @@ func plotStyle(server string) string {
 	colors := map[string]string{
 		"lupool-mem": "#d62728", "lupool-file": "#ff7f0e", "lupool-2copies": "#8c564b",
 		"engine-mem": "#e377c2", "engine-file": "#bcbd22",
+		"base-lupool-mem": "#f7b6d2", "base-lupool-file": "#ffbb78", "base-engine-mem": "#c5b0d5", "base-engine-file": "#dbdb8d",
 		"nbdkit-memory": "#1f77b4", "nbdkit-file": "#2ca02c", "qemu-nbd": "#9467bd",
 	}
 	color, ok := colors[server]

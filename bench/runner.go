@@ -39,6 +39,11 @@ type Options struct {
 	LupoolBin string
 	// EngineBin handles EngineCommand; default: the running binary.
 	EngineBin string
+	// BaselineLupoolBin and BaselineEngineBin are an older build's lupool
+	// and nbdbench binaries, for the base-* servers (a before/after run of
+	// a change side by side); empty: those servers are unavailable.
+	BaselineLupoolBin string
+	BaselineEngineBin string
 	// FioBin is the fio binary.
 	FioBin string
 	// CommandLine is recorded in the report (how to reproduce the run).
@@ -163,7 +168,8 @@ func Run(ctx context.Context, o Options) (report *Report, err error) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, err
 		}
-		r, err := s.Start(ctx, Env{Dir: dir, DeviceBytes: o.DeviceBytes, LupoolBin: o.LupoolBin, EngineBin: o.EngineBin, Logger: o.Logger})
+		r, err := s.Start(ctx, Env{Dir: dir, DeviceBytes: o.DeviceBytes, LupoolBin: o.LupoolBin, EngineBin: o.EngineBin,
+			BaselineLupoolBin: o.BaselineLupoolBin, BaselineEngineBin: o.BaselineEngineBin, Logger: o.Logger})
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}

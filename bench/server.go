@@ -54,6 +54,10 @@ type Env struct {
 	LupoolBin string
 	// EngineBin is a binary that handles EngineCommand (nbdbench itself).
 	EngineBin string
+	// BaselineLupoolBin and BaselineEngineBin stand in for LupoolBin and
+	// EngineBin in the base-* servers; empty: unavailable.
+	BaselineLupoolBin string
+	BaselineEngineBin string
 	// Logger receives progress; never nil.
 	Logger *slog.Logger
 }
@@ -130,6 +134,18 @@ func Servers() []ServerSpec {
 		{Name: "engine-file", Class: ClassFile, Subject: true,
 			Notes: "lupool's NBD engine (server/nbd) over an lu thin file volume, without the daemon (nbdbench-engine)",
 			start: startEngine("file")},
+		{Name: "base-lupool-mem", Class: ClassMemory,
+			Notes: "lupool-mem from the baseline build (--baseline-lupool)",
+			start: baseline(func(ctx context.Context, env Env) (*Running, error) { return startLupool(ctx, env, "memory") })},
+		{Name: "base-lupool-file", Class: ClassFile,
+			Notes: "lupool-file from the baseline build (--baseline-lupool)",
+			start: baseline(func(ctx context.Context, env Env) (*Running, error) { return startLupool(ctx, env, "file") })},
+		{Name: "base-engine-mem", Class: ClassMemory,
+			Notes: "engine-mem from the baseline build (--baseline-engine)",
+			start: baseline(startEngine("memory"))},
+		{Name: "base-engine-file", Class: ClassFile,
+			Notes: "engine-file from the baseline build (--baseline-engine)",
+			start: baseline(startEngine("file"))},
 		{Name: "nbdkit-memory", Class: ClassMemory,
 			Notes: "nbdkit memory plugin (sparse RAM array), default 16 threads",
 			start: startNbdkitMemory},
@@ -140,6 +156,22 @@ func Servers() []ServerSpec {
 			Notes: "qemu-nbd -f raw --cache=writeback --aio=threads --discard=unmap -e 16 on a sparse file " +
 				"(writeback = page cache, FLUSH = fdatasync: the same durability class as nbdkit file and lupool file)",
 			start: startQemuNbd},
+	}
+}
+
+// baseline runs start with the baseline build's binaries in place of the
+// current ones, so that a change can be measured against the build before
+// it in the same run.
+func baseline(start func(ctx context.Context, env Env) (*Running, error)) func(ctx context.Context, env Env) (*Running, error) {
+	return func(ctx context.Context, env Env) (*Running, error) {
+		env.LupoolBin, env.EngineBin = env.BaselineLupoolBin, env.BaselineEngineBin
+		if env.LupoolBin == "" && env.EngineBin == "" {
+			return nil, fmt.Errorf("%w: no baseline binaries (--baseline-lupool, --baseline-engine)", ErrServerUnavailable)
+		}
+		if env.LupoolBin == "" {
+			env.LupoolBin = "/nonexistent/baseline-lupool"
+		}
+		return start(ctx, env)
 	}
 }
 

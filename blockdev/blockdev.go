@@ -161,6 +161,22 @@ type Extenter interface {
 	Extents(ctx context.Context, off, length int64, dst []Extent) ([]Extent, error)
 }
 
+// TryReader is implemented by devices that can serve a read at once when
+// its data is in memory (a file volume's page cache) and can tell, without
+// waiting, when it is not. A front end then runs such reads on the
+// goroutine that reads requests, where a read that waited for a disk would
+// hold back every request behind it, and hands only the others to a
+// goroutine that may wait.
+type TryReader interface {
+	Device
+	// TryReadAt is ReadAt that never waits for a storage device. It returns
+	// true and nil after filling p, false and nil, with p's contents
+	// unspecified, when filling it would have to wait (the caller then
+	// calls ReadAt), or an error as ReadAt would. It must be cheap when it
+	// answers false.
+	TryReadAt(ctx context.Context, p []byte, off int64) (bool, error)
+}
+
 // Cacher is implemented by devices that can prefetch a range. Without it,
 // a cache request is a successful no-op.
 type Cacher interface {

@@ -263,3 +263,32 @@ func TestBadRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestTryReadAtNeverWaits pins FileVolume.TryReadAt: it answers from
+// memory, reports false instead of waiting for a read the disk holds, and
+// maps a failed read like ReadAt.
+func TestTryReadAtNeverWaits(t *testing.T) {
+	ctx := context.Background()
+	v, ffs := faultVolume(t)
+	data := bytes.Repeat([]byte{7}, 2*BlockSizeBytes)
+	if err := v.WriteAt(ctx, data, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, BlockSizeBytes)
+	if ok, err := v.TryReadAt(ctx, got, 0); !ok || err != nil || !bytes.Equal(got, data[:BlockSizeBytes]) {
+		t.Fatalf("TryReadAt from memory: %v, %v", ok, err)
+	}
+	gate := make(chan struct{})
+	defer close(gate)
+	ffs.SetInjector(lufs.Block(gate, func(e lufs.Event) bool { return e.Off == BlockSizeBytes }, lufs.OpRead))
+	if ok, err := v.TryReadAt(ctx, got, BlockSizeBytes); ok || err != nil {
+		t.Fatalf("TryReadAt of a held read: %v, %v; want false, nil", ok, err)
+	}
+	if ok, err := v.TryReadAt(ctx, got, 0); !ok || err != nil {
+		t.Fatalf("TryReadAt beside a held read: %v, %v", ok, err)
+	}
+	ffs.SetInjector(lufs.OnOps(lufs.Errno(syscall.EIO), lufs.OpRead))
+	if ok, err := v.TryReadAt(ctx, got, 0); ok || !errors.Is(err, blockdev.ErrIO) {
+		t.Fatalf("TryReadAt with EIO: %v, %v; want false, ErrIO", ok, err)
+	}
+}

@@ -49,11 +49,12 @@ type FileVolume struct {
 }
 
 var (
-	_ Volume            = (*FileVolume)(nil)
-	_ blockdev.Device   = (*FileVolume)(nil)
-	_ blockdev.Trimmer  = (*FileVolume)(nil)
-	_ blockdev.Zeroer   = (*FileVolume)(nil)
-	_ blockdev.Extenter = (*FileVolume)(nil)
+	_ Volume             = (*FileVolume)(nil)
+	_ blockdev.Device    = (*FileVolume)(nil)
+	_ blockdev.Trimmer   = (*FileVolume)(nil)
+	_ blockdev.Zeroer    = (*FileVolume)(nil)
+	_ blockdev.Extenter  = (*FileVolume)(nil)
+	_ blockdev.TryReader = (*FileVolume)(nil)
 )
 
 // CreateFile creates a new sparse-file volume of sizeBytes at path on the OS
@@ -61,6 +62,12 @@ var (
 // exists.
 func CreateFile(path string, sizeBytes int64) (*FileVolume, error) {
 	return createFileVolume(lufs.OS(), path, sizeBytes)
+}
+
+// CreateFileFS is CreateFile on fs (tests of other packages use it with a
+// lufs.FaultFS).
+func CreateFileFS(fs lufs.FS, path string, sizeBytes int64) (*FileVolume, error) {
+	return createFileVolume(fs, path, sizeBytes)
 }
 
 // OpenFile opens an existing sparse-file volume at path on the OS file
@@ -153,6 +160,33 @@ func (v *FileVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
 		err = nil
 	}
 	return ioError("read", v.path, err)
+}
+
+// TryReadAt implements blockdev.TryReader: it reads p without waiting for
+// the disk (lufs.NoWaitReader: preadv2 with RWF_NOWAIT) and reports false
+// when some of the data is not in the page cache, or when the file system
+// cannot read without waiting.
+func (v *FileVolume) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	nw, ok := v.f.(lufs.NoWaitReader)
+	if !ok {
+		return false, nil
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
+		return false, err
+	}
+	n, err := nw.ReadAtNoWait(p, off)
+	switch {
+	case errors.Is(err, lufs.ErrWouldBlock):
+		return false, nil
+	case err == io.EOF:
+		clear(p[n:]) // as in ReadAt: a short file reads as zeros
+		return true, nil
+	case err != nil:
+		return false, ioError("read", v.path, err)
+	}
+	return true, nil
 }
 
 // WriteAt implements blockdev.Device. FUA makes the write durable before it

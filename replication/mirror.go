@@ -128,10 +128,11 @@ type Mirror struct {
 }
 
 var (
-	_ blockdev.Device   = (*Mirror)(nil)
-	_ blockdev.Trimmer  = (*Mirror)(nil)
-	_ blockdev.Zeroer   = (*Mirror)(nil)
-	_ blockdev.Extenter = (*Mirror)(nil)
+	_ blockdev.Device    = (*Mirror)(nil)
+	_ blockdev.Trimmer   = (*Mirror)(nil)
+	_ blockdev.Zeroer    = (*Mirror)(nil)
+	_ blockdev.Extenter  = (*Mirror)(nil)
+	_ blockdev.TryReader = (*Mirror)(nil)
 )
 
 // newMirror builds the writer's device for rec over the local volume and
@@ -393,6 +394,16 @@ func (mi *Mirror) InlineIO() bool {
 // ReadAt implements blockdev.Device from the local volume.
 func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return mi.local.ReadAt(ctx, p, off)
+}
+
+// TryReadAt implements blockdev.TryReader from the local volume, as ReadAt
+// does: a file volume answers from the page cache without waiting; a
+// volume that cannot try reports false, and the engine calls ReadAt.
+func (mi *Mirror) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if tr, ok := mi.local.(blockdev.TryReader); ok {
+		return tr.TryReadAt(ctx, p, off)
+	}
+	return false, nil
 }
 
 // Extents implements blockdev.Extenter from the local volume.

@@ -48,6 +48,10 @@ type Event struct {
 	Path   string
 	Off    int64 // file operations only
 	Length int64 // file operations only
+	// NoWait marks a read that must not wait (NoWaitReader.ReadAtNoWait):
+	// an injector that would block such a read returns ErrWouldBlock
+	// instead, the way the kernel answers a read of uncached data.
+	NoWait bool
 }
 
 // Injector decides the fault for one call: nil lets the call run; an error
@@ -98,6 +102,32 @@ func Nth(n int64, inner Injector) Injector {
 	}
 }
 
+// Block returns an Injector that holds every call of ops that match
+// (match nil: every call of ops) until gate is closed, the way a read of
+// a slow disk blocks. A read that must not wait (Event.NoWait) gets
+// ErrWouldBlock instead while the gate is open. Other calls pass.
+func Block(gate <-chan struct{}, match func(Event) bool, ops ...Op) Injector {
+	var set [numOps]bool
+	for _, o := range ops {
+		set[o] = true
+	}
+	return func(e Event) error {
+		if !set[e.Op] || (match != nil && !match(e)) {
+			return nil
+		}
+		if e.NoWait {
+			select {
+			case <-gate:
+				return nil
+			default:
+				return ErrWouldBlock
+			}
+		}
+		<-gate
+		return nil
+	}
+}
+
 // Errno wraps an errno as an injected error matching both ErrInjected and
 // the errno (errors.Is), the way a real file system returns it.
 func Errno(errno error) error { return fmt.Errorf("%w: %w", ErrInjected, errno) }
@@ -109,8 +139,9 @@ type FaultFS struct {
 }
 
 var (
-	_ FS   = (*FaultFS)(nil)
-	_ File = (*faultFile)(nil)
+	_ FS           = (*FaultFS)(nil)
+	_ File         = (*faultFile)(nil)
+	_ NoWaitReader = (*faultFile)(nil)
 )
 
 // NewFaultFS wraps inner with no injector installed.
@@ -201,6 +232,19 @@ func (f *faultFile) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	return f.inner.ReadAt(p, off)
+}
+
+// ReadAtNoWait implements NoWaitReader: the injector sees an OpRead event
+// with NoWait set; the inner file is read without waiting when it can be,
+// and otherwise the read would block (ErrWouldBlock).
+func (f *faultFile) ReadAtNoWait(p []byte, off int64) (int, error) {
+	if err := f.fs.maybe(Event{Op: OpRead, Path: f.name, Off: off, Length: int64(len(p)), NoWait: true}); err != nil {
+		return 0, err
+	}
+	if nw, ok := f.inner.(NoWaitReader); ok {
+		return nw.ReadAtNoWait(p, off)
+	}
+	return 0, ErrWouldBlock
 }
 
 func (f *faultFile) write(p []byte, off int64, sync bool) (int, error) {

@@ -46,7 +46,23 @@ var (
 	ErrNotSupported = errors.New("lufs: operation not supported by the file system")
 	// ErrInjected is returned by FaultFS injectors built by this package.
 	ErrInjected = errors.New("lufs: injected error")
+	// ErrWouldBlock is returned by NoWaitReader.ReadAtNoWait when the read
+	// would have to wait for the storage device (data not in the page
+	// cache), and by FaultFS injectors for such reads instead of blocking.
+	ErrWouldBlock = errors.New("lufs: read would wait for the device")
 )
+
+// NoWaitReader is an optional interface of a File whose reads can be tried
+// without waiting for the storage device.
+type NoWaitReader interface {
+	// ReadAtNoWait is ReadAt that never waits for the device: it returns
+	// ErrWouldBlock, having filled an unspecified part of p, when some of
+	// the bytes are not in memory (preadv2 with RWF_NOWAIT), and also when
+	// the file system cannot tell. Like ReadAt it returns io.EOF when the
+	// file ends before p is filled. May be called concurrently with the
+	// other data calls of the File.
+	ReadAtNoWait(p []byte, off int64) (int, error)
+}
 
 // FS is the small file-system interface lu uses. Paths are OS paths.
 type FS interface {

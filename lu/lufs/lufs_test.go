@@ -237,3 +237,87 @@ func TestFaultFSShortWrite(t *testing.T) {
 		t.Fatalf("short write landed %q", got)
 	}
 }
+
+// TestReadAtNoWait checks the no-wait read of the OS file: cached data and
+// holes read as with ReadAt, data evicted from the page cache is refused
+// with ErrWouldBlock instead of being waited for, and the end of the file
+// is io.EOF.
+func TestReadAtNoWait(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f")
+	f, err := OS().OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	nw := f.(NoWaitReader)
+	const size = 1 << 20
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(fill(7, 3*4096), 8192); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4*4096)
+	if n, err := nw.ReadAtNoWait(got, 4096); err != nil || n != len(got) {
+		t.Fatalf("cached read: %d, %v", n, err)
+	}
+	want := append(make([]byte, 4096), fill(7, 3*4096)...)
+	if !bytes.Equal(got, want) {
+		t.Fatal("cached read: wrong data")
+	}
+	if n, err := nw.ReadAtNoWait(got, size-4096); n != 4096 || err != io.EOF {
+		t.Fatalf("read across the end: %d, %v; want 4096, EOF", n, err)
+	}
+	// Evict the written pages: a no-wait read must not wait for the disk.
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	osf := f.(*osFile)
+	if err := unixFadviseDontNeed(osf.fd); err != nil {
+		t.Skipf("fadvise: %v", err)
+	}
+	if _, err := nw.ReadAtNoWait(got[:4096], 8192); !errors.Is(err, ErrWouldBlock) {
+		// The page cache may have kept the pages; say so rather than fail.
+		t.Logf("read after eviction: %v (pages not evicted?)", err)
+	}
+	if _, err := f.ReadAt(got[:4096], 8192); err != nil || !bytes.Equal(got[:4096], fill(7, 4096)) {
+		t.Fatalf("ReadAt after eviction: %v", err)
+	}
+}
+
+// TestBlockInjector checks that Block holds matching calls until the gate
+// closes and answers no-wait reads with ErrWouldBlock meanwhile.
+func TestBlockInjector(t *testing.T) {
+	ffs := NewFaultFS(NewMemFS(MemFSOptions{}))
+	f, err := ffs.OpenFile("/f", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(fill(9, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	ffs.SetInjector(Block(gate, func(e Event) bool { return e.Off == 4096 }, OpRead))
+	nw := f.(NoWaitReader)
+	buf := make([]byte, 4096)
+	if _, err := nw.ReadAtNoWait(buf, 0); err != nil {
+		t.Fatalf("unmatched no-wait read: %v", err)
+	}
+	if _, err := nw.ReadAtNoWait(buf, 4096); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("blocked no-wait read: %v, want ErrWouldBlock", err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := f.ReadAt(buf, 4096); done <- err }()
+	select {
+	case err := <-done:
+		t.Fatalf("ReadAt returned (%v) before the gate closed", err)
+	default:
+	}
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nw.ReadAtNoWait(buf, 4096); err != nil || !bytes.Equal(buf, fill(9, 4096)) {
+		t.Fatalf("no-wait read after the gate: %v", err)
+	}
+}

@@ -48,8 +48,9 @@ type MemFS struct {
 }
 
 var (
-	_ FS   = (*MemFS)(nil)
-	_ File = (*memFile)(nil)
+	_ FS           = (*MemFS)(nil)
+	_ File         = (*memFile)(nil)
+	_ NoWaitReader = (*memFile)(nil)
 )
 
 type page [BlockSizeBytes]byte
@@ -387,6 +388,9 @@ func (n *memNode) truncateLocked(size int64) {
 	}
 	n.size = size
 }
+
+// ReadAtNoWait implements NoWaitReader: a MemFS never waits for a device.
+func (f *memFile) ReadAtNoWait(p []byte, off int64) (int, error) { return f.ReadAt(p, off) }
 
 func (f *memFile) ReadAt(p []byte, off int64) (int, error) {
 	n := f.n

@@ -7,6 +7,8 @@ import (
 	"os"
 	"sort"
 	"sync/atomic"
+	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,8 +19,9 @@ func OS() FS { return osFS{} }
 type osFS struct{}
 
 var (
-	_ FS   = osFS{}
-	_ File = (*osFile)(nil)
+	_ FS           = osFS{}
+	_ File         = (*osFile)(nil)
+	_ NoWaitReader = (*osFile)(nil)
 )
 
 func (osFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
@@ -83,6 +86,9 @@ type osFile struct {
 	// noPwritev2 is set once the kernel refused pwritev2 with RWF_DSYNC;
 	// WriteAtSync then falls back to pwrite + fdatasync.
 	noPwritev2 atomic.Bool
+	// noNoWait is set once the kernel or file system refused RWF_NOWAIT on
+	// a read; ReadAtNoWait then answers ErrWouldBlock at once.
+	noNoWait atomic.Bool
 }
 
 func (f *osFile) Truncate(size int64) error { return f.f.Truncate(size) }
@@ -106,6 +112,61 @@ func (f *osFile) ReadAt(p []byte, off int64) (int, error) {
 		done += n
 	}
 	return done, nil
+}
+
+// rawReadMaxBytes bounds the no-wait reads made without telling the Go
+// scheduler (RawSyscall): copying this much from the page cache takes a
+// few microseconds, less than entering and leaving a blocking system call
+// costs the scheduler (which may wake a thread to take the processor).
+const rawReadMaxBytes = 128 << 10
+
+// ReadAtNoWait implements NoWaitReader with preadv2(RWF_NOWAIT), which
+// copies from the page cache and returns EAGAIN instead of starting I/O.
+func (f *osFile) ReadAtNoWait(p []byte, off int64) (int, error) {
+	if f.noNoWait.Load() {
+		return 0, ErrWouldBlock
+	}
+	done := 0
+	for done < len(p) {
+		n, errno := f.preadNoWait(p[done:], off+int64(done))
+		switch {
+		case errno == unix.EINTR:
+			continue
+		case errno == unix.EAGAIN:
+			return done, ErrWouldBlock
+		case errno == unix.EOPNOTSUPP || errno == unix.ENOSYS || errno == unix.EINVAL:
+			// A kernel before 4.14 or a file system without no-wait
+			// reads: stop trying; ReadAt still works.
+			f.noNoWait.Store(true)
+			return done, ErrWouldBlock
+		case errno != 0:
+			return done, f.pathErr("preadv2", errno)
+		case n == 0:
+			return done, io.EOF
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// preadNoWait is one preadv2(RWF_NOWAIT) call into p (len(p) > 0). It
+// allocates nothing: the iovec lives on the stack.
+func (f *osFile) preadNoWait(p []byte, off int64) (int, syscall.Errno) {
+	var iov unix.Iovec
+	iov.Base = &p[0]
+	iov.SetLen(len(p))
+	const longBits = unix.SizeofLong * 8
+	lo, hi := uintptr(off), uintptr(uint64(off)>>(longBits-1)>>1)
+	var n uintptr
+	var errno syscall.Errno
+	if len(p) <= rawReadMaxBytes {
+		n, _, errno = syscall.RawSyscall6(unix.SYS_PREADV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
+			lo, hi, unix.RWF_NOWAIT)
+	} else {
+		n, _, errno = syscall.Syscall6(unix.SYS_PREADV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
+			lo, hi, unix.RWF_NOWAIT)
+	}
+	return int(n), errno
 }
 
 // WriteAt calls pwrite on the descriptor directly, until all of p is

@@ -19,8 +19,12 @@ type benchClient struct {
 }
 
 func newBenchClient(tb testing.TB, addr string, size int) *benchClient {
+	return newBenchClientExport(tb, addr, "disk", size)
+}
+
+func newBenchClientExport(tb testing.TB, addr, export string, size int) *benchClient {
 	c := dialRaw(tb, addr)
-	c.attach("disk", false)
+	c.attach(export, false)
 	if c.r.Buffered() != 0 {
 		tb.Fatal("unread bytes after handshake")
 	}

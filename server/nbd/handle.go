@@ -29,6 +29,11 @@ func (c *conn) handle(r *request) {
 			c.replyOK(r)
 		}
 	}
+	c.finishRequest(r)
+}
+
+// finishRequest ends r once it is answered.
+func (c *conn) finishRequest(r *request) {
 	c.release(r)
 	c.inflight.Add(-1)
 }
@@ -150,14 +155,18 @@ func (c *conn) read(r *request) (uint32, error) {
 	return 0, nil
 }
 
-// readIntoReply runs an inline read straight into the free space of the
-// reply writer, and puts the reply header in front of the data once the
-// read has succeeded: one copy less than reading into a buffer. It reports
-// false, having done nothing, when r is not an inline read or the reply
-// does not fit the writer.
+// maxReadReplyHeadBytes is the longest header in front of read data.
+const maxReadReplyHeadBytes = nbdproto.StructuredReplySize + nbdproto.OffsetDataHeaderSize
+
+// readIntoReply runs an inline read, or tries a try read, straight into the
+// free space of the reply writer, and puts the reply header in front of the
+// data once the read has succeeded: one copy less than reading into a
+// buffer. It reports false, having answered nothing, when r is neither, when
+// the reply does not fit the writer, or when the device would wait for a
+// try read.
 func (c *conn) readIntoReply(r *request) bool {
 	n := int(r.hdr.Length)
-	if r.errCode != 0 || r.hdr.Type != nbdproto.CmdRead || n == 0 || !r.inline {
+	if r.errCode != 0 || r.hdr.Type != nbdproto.CmdRead || n == 0 || !(r.inline || r.try) {
 		return false
 	}
 	head := nbdproto.SimpleReplySize
@@ -178,7 +187,17 @@ func (c *conn) readIntoReply(r *request) bool {
 		return false
 	}
 	b := c.bw.AvailableBuffer()[:head+n]
-	if err := c.dev.ReadAt(c.ctx, b[head:], int64(r.hdr.Offset)); err != nil {
+	var err error
+	if r.try {
+		var done bool
+		if done, err = c.tryr.TryReadAt(c.ctx, b[head:], int64(r.hdr.Offset)); !done && err == nil {
+			c.endReply()
+			return false
+		}
+	} else {
+		err = c.dev.ReadAt(c.ctx, b[head:], int64(r.hdr.Offset))
+	}
+	if err != nil {
 		c.endReply()
 		code := errorCode(r.hdr.Type, err)
 		c.account(r, code)
@@ -200,7 +219,10 @@ func (c *conn) readIntoReply(r *request) bool {
 	return true
 }
 
-// replyRead answers a successful read with its data.
+// replyRead answers a successful read with its data. A large payload
+// goes through the writer too: the writer copies what fits its free space
+// and writes the rest straight from r.buf. (One writev of header and
+// payload was measured slower for 1 MiB reads on loopback: 0.83x.)
 func (c *conn) replyRead(r *request) {
 	n := int(r.hdr.Length)
 	c.beginReply()

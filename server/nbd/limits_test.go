@@ -24,6 +24,8 @@ func TestLimitRelationships(t *testing.T) {
 		{"an inline request uses a pooled buffer", InlineMaxBytes <= maxPooledBytes},
 		{"negotiation buffers are smaller than transmission ones",
 			handshakeBufferBytes <= readBufferBytes && handshakeBufferBytes <= writeBufferBytes},
+		{"a 64 KiB read's reply fits the reply writer (tried reads answer from it)",
+			TryReadMaxBytes >= 64<<10 && TryReadMaxBytes+maxReadReplyHeadBytes <= writeBufferBytes},
 		{"freeing memory waits for more than one largest request", freeMemoryMinBytes > MaxRequestBytes},
 		{"freeing memory waits for closing connections to be gone", freeMemoryDelay < freeMemoryInterval},
 		{"the per-export cap is within the server cap", DefaultMaxConnectionsPerExport <= DefaultMaxConnections},

@@ -20,6 +20,13 @@
 // writes and flushes itself, without handing the reader role over, and
 // flushes their replies together once no further request is buffered: one
 // read and one write system call per burst instead of one per request.
+// On a [blockdev.TryReader] (a file volume, or a mirror over one) the
+// leader tries reads whose reply fits the reply writer (up to 64 KiB) the
+// same way, straight into the reply buffer, without waiting for the disk
+// (preadv2 with RWF_NOWAIT): data in the page cache is answered with no
+// hand-off, and only a read that would wait for the disk goes to a worker,
+// so a slow disk never holds back the requests behind it. Larger reads go
+// to workers, where sending one reply overlaps with reading the next.
 // On a [blockdev.AsyncWriter] (a mirror waiting for its copies) the leader
 // starts small writes without FUA itself and reads on; the goroutine that
 // learns a write is complete (the replication stream's reader) queues it
@@ -44,7 +51,7 @@
 // seconds per kind.
 //
 // Memory held for a connection is bounded: negotiation uses 4 KiB
-// buffers, transmission 64 KiB ones, and every read, write and block
+// buffers, transmission 64 KiB (reader) and 68 KiB (writer) ones, and every read, write and block
 // status buffer is charged to the connection's MaxInflightBytes at its
 // allocated size before it exists; an asynchronous write holds no
 // engine buffer (WriteAsync returns once it no longer needs the payload),

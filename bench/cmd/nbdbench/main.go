@@ -60,6 +60,8 @@ func run(args []string) error {
 	rounds := fs.Int("rounds", 3, "rounds per workload (each server once per round)")
 	out := fs.String("out", "bench/results", "output directory")
 	lupoolBin := fs.String("lupool", "bin/lupool", "lupool binary")
+	baseLupool := fs.String("baseline-lupool", "", "lupool binary of the baseline build, for the base-lupool-* servers")
+	baseEngine := fs.String("baseline-engine", "", "nbdbench binary of the baseline build, for the base-engine-* servers")
 	keepRaw := fs.Bool("keep-raw", false, "keep every fio JSON report under OUT/raw")
 	verbose := fs.Bool("v", false, "debug logging")
 	render := fs.String("render", "", "re-render results.md and the plots from this results.json into --out, running nothing")
@@ -85,6 +87,7 @@ func run(args []string) error {
 	}
 
 	opts := bench.Options{Rounds: *rounds, OutDir: *out, LupoolBin: *lupoolBin, KeepRaw: *keepRaw,
+		BaselineLupoolBin: *baseLupool, BaselineEngineBin: *baseEngine,
 		Logger: logger, CommandLine: "nbdbench " + strings.Join(args, " ")}
 	workloadNames := splitList(*workloads)
 	switch {
