@@ -19,6 +19,8 @@ type collector struct {
 	nodes    *prometheus.Desc
 	applies  *prometheus.Desc
 	skips    *prometheus.Desc
+	fails    *prometheus.Desc
+	live     *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*collector)(nil)
@@ -48,13 +50,18 @@ func (n *Node) Collectors() []prometheus.Collector {
 		nodes:    prometheus.NewDesc("lupool_raft_nodes", "Members of the raft configuration.", nil, nil),
 		applies: prometheus.NewDesc("lupool_raft_applied_since_start_total",
 			"Commands applied to the metadata state machine by this process.", nil, nil),
+		fails: prometheus.NewDesc("lupool_failovers_total",
+			"Writers this node promoted as primary because the old writer was dead, since this process started.", nil, nil),
+		live: prometheus.NewDesc("lupool_node_liveness",
+			"1 for each member's state in the primary's liveness view (alive, suspect, dead); only the primary reports it.",
+			[]string{"node", "state"}, nil),
 		skips: prometheus.NewDesc("lupool_raft_skipped_since_start_total",
 			"Log entries skipped because the state already held them (after a restart).", nil, nil),
 	}}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes, c.applies, c.skips} {
+	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes, c.applies, c.skips, c.fails, c.live} {
 		ch <- d
 	}
 }
@@ -85,4 +92,19 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.nodes, float64(s.NodeCount))
 	ch <- prometheus.MustNewConstMetric(c.applies, prometheus.CounterValue, float64(s.AppliedSinceOpen))
 	ch <- prometheus.MustNewConstMetric(c.skips, prometheus.CounterValue, float64(s.SkippedSinceOpen))
+	ch <- prometheus.MustNewConstMetric(c.fails, prometheus.CounterValue, float64(c.n.failovers.Load()))
+	if view, err := c.n.Liveness(); err == nil {
+		for _, nl := range view {
+			if nl.State == LiveUnknown {
+				continue
+			}
+			for _, st := range []string{LiveAlive, LiveSuspect, LiveDead} {
+				v := 0.0
+				if st == nl.State {
+					v = 1
+				}
+				ch <- prometheus.MustNewConstMetric(c.live, prometheus.GaugeValue, v, nl.ID, st)
+			}
+		}
+	}
 }

@@ -99,6 +99,25 @@ type Options struct {
 	// ReplaceAfter, when positive, makes the leader replace a copy that
 	// stayed out of sync (or new) this long by a new copy on another node.
 	ReplaceAfter time.Duration
+
+	// Probe, when set, is how the leader checks that a member is alive
+	// (the daemon asks the node's peer port); with FailoverAfter positive
+	// it turns on the liveness view and writer failover (failover.go).
+	Probe func(ctx context.Context, nodeID string) error
+	// ProbeInterval is how often the leader probes every member (default
+	// 200 ms); ProbeTimeout bounds one probe (default 500 ms).
+	ProbeInterval time.Duration
+	ProbeTimeout  time.Duration
+	// SuspectAfter: a member silent this long is suspect (default 600 ms).
+	SuspectAfter time.Duration
+	// FailoverAfter: a member silent this long is dead, and the LUs it
+	// writes get a new writer; 0 turns failover off. It must exceed
+	// ReadLease.
+	FailoverAfter time.Duration
+	// ReadLease is how long a read lease lasts (the replication package's
+	// ReadLease; default 1 s): the primary promotes a new writer only this
+	// long after it last confirmed the old one a metadata lease.
+	ReadLease time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -123,6 +142,18 @@ func (o *Options) EnsureDefaults() {
 		// quorum for this long steps down. Shorter makes a loaded machine
 		// (CPU starvation under -race) flap leadership.
 		o.LeaderLeaseTimeout = o.HeartbeatTimeout
+	}
+	if o.ProbeInterval == 0 {
+		o.ProbeInterval = 200 * time.Millisecond
+	}
+	if o.ProbeTimeout == 0 {
+		o.ProbeTimeout = 500 * time.Millisecond
+	}
+	if o.SuspectAfter == 0 {
+		o.SuspectAfter = 600 * time.Millisecond
+	}
+	if o.ReadLease == 0 {
+		o.ReadLease = time.Second
 	}
 	if o.CommitTimeout == 0 {
 		o.CommitTimeout = 20 * time.Millisecond
@@ -155,6 +186,8 @@ func (o *Options) Validate() error {
 		return errors.New("cluster: Options.PeerAddr is empty")
 	case o.LeaderLeaseTimeout > o.HeartbeatTimeout:
 		return fmt.Errorf("cluster: LeaderLeaseTimeout %v exceeds HeartbeatTimeout %v", o.LeaderLeaseTimeout, o.HeartbeatTimeout)
+	case o.FailoverAfter > 0 && o.FailoverAfter <= o.ReadLease:
+		return fmt.Errorf("cluster: FailoverAfter %v must exceed ReadLease %v (a dead writer's copies may still serve reads until their leases run out)", o.FailoverAfter, o.ReadLease)
 	case o.ElectionTimeout < o.HeartbeatTimeout:
 		return fmt.Errorf("cluster: ElectionTimeout %v is below HeartbeatTimeout %v", o.ElectionTimeout, o.HeartbeatTimeout)
 	}
@@ -190,6 +223,10 @@ type Node struct {
 	// registering is set while a goroutine writes this node's record
 	// after an election (at most one at a time).
 	registering atomic.Bool
+	// watch is the primary's liveness view (failover.go); never nil.
+	watch *watch
+	// failovers counts writers this node promoted as primary.
+	failovers atomic.Uint64
 }
 
 // Open opens (or creates) the node's state and starts raft.
@@ -216,7 +253,7 @@ func Open(opts Options) (*Node, error) {
 		_ = lock.Close()
 		return nil, fmt.Errorf("cluster: open pebble in %s: %w", pebbleDir, err)
 	}
-	n := &Node{opts: opts, log: log, db: db, lock: lock, closed: make(chan struct{})}
+	n := &Node{opts: opts, log: log, db: db, lock: lock, closed: make(chan struct{}), watch: newWatch()}
 	if err := n.start(); err != nil {
 		if n.trans != nil {
 			_ = n.trans.Close()
@@ -304,6 +341,10 @@ func (n *Node) start() error {
 	if n.opts.ReplaceAfter > 0 {
 		n.wg.Add(1)
 		go n.replaceLoop()
+	}
+	if n.opts.Probe != nil && n.opts.FailoverAfter > 0 {
+		n.wg.Add(1)
+		go n.failoverLoop()
 	}
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
