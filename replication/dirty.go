@@ -35,12 +35,18 @@ import (
 //
 //	"dirty/" + LU name + "\x00" + copy node id + "\x00" + region index (8, big-endian)
 //	"unknown/" + LU name + "\x00" + copy node id
+//	"writer/" + LU name
 //	"meta/state"
 //
 // A dirty key records a region the copy lacks. An unknown key says the
 // copy's dirty record was not trusted (the store was in doubt) and the copy
 // must be compared region by region by hash before it is in sync; it is
-// deleted once that compare is done. The state key is the shutdown marker.
+// deleted once that compare is done. A writer key says this node keeps the
+// LU's records as its writer: a node that becomes the writer of an LU
+// (promoted by a failover, or moved to) finds none and knows that it has no
+// record of what its copies lack, so it compares every copy that is not in
+// sync by hashes; a node that stops being the writer drops the LU's
+// records and the key. The state key is the shutdown marker.
 //
 // Every value (part of the on-disk format) is
 //
@@ -76,6 +82,7 @@ const (
 	dirtyBlockBytes  = rules.BlockBytes
 	dirtyPrefix      = "dirty/"
 	unknownPrefix    = "unknown/"
+	writerPrefix     = "writer/"
 	stateKey         = "meta/state"
 	defaultRegionLen = rules.DirtyRegionBytesDefault
 	// regionBytesMax bounds the region size so that one region's mask of
@@ -145,6 +152,10 @@ func checkKey(key []byte) error {
 			if parts := strings.Split(rest[:len(rest)-8], "\x00"); len(parts) == 3 && parts[0] != "" && parts[1] != "" && parts[2] == "" {
 				return nil
 			}
+		}
+	case strings.HasPrefix(k, writerPrefix):
+		if rest := k[len(writerPrefix):]; rest != "" && !strings.Contains(rest, "\x00") {
+			return nil
 		}
 	case strings.HasPrefix(k, unknownPrefix):
 		if parts := strings.Split(k[len(unknownPrefix):], "\x00"); len(parts) == 2 && parts[0] != "" && parts[1] != "" {
@@ -536,6 +547,58 @@ func (s *DirtyStore) replace(luName, node string, unknown bool) error {
 	return b.Commit(pebble.Sync)
 }
 
+// isWriter reports whether this node keeps the records of luName as its
+// writer (a writer key). A key that fails its check counts as absent.
+func (s *DirtyStore) isWriter(luName string) (bool, error) {
+	done, err := s.use()
+	if err != nil {
+		return false, err
+	}
+	defer done()
+	k := []byte(writerPrefix + luName)
+	v, closer, err := s.db.Get(k)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, markCorrupt(err)
+	}
+	defer closer.Close()
+	_, err = decodeRecord(k, v)
+	return err == nil, nil
+}
+
+// setWriter records, synced, that this node keeps luName's records.
+func (s *DirtyStore) setWriter(luName string) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
+	k := []byte(writerPrefix + luName)
+	return s.db.Set(k, encodeRecord(k, nil), pebble.Sync)
+}
+
+// dropLU forgets every record of luName (all copies, unknown marks and
+// the writer key), synced: this node is not its writer (any more).
+func (s *DirtyStore) dropLU(luName string) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
+	b := s.db.NewBatch()
+	for _, prefix := range [][]byte{[]byte(dirtyPrefix + luName + "\x00"), []byte(unknownPrefix + luName + "\x00")} {
+		if err := b.DeleteRange(prefix, prefixEnd(prefix), nil); err != nil {
+			return errors.Join(err, b.Close())
+		}
+	}
+	if err := b.Delete([]byte(writerPrefix+luName), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	return b.Commit(pebble.Sync)
+}
+
 // clearUnknown deletes the unknown mark of (luName, node), synced.
 func (s *DirtyStore) clearUnknown(luName, node string) error {
 	done, err := s.use()
@@ -812,6 +875,19 @@ func (d *dirtyMap) empty() bool {
 }
 
 // reset forgets everything (the copy was dropped or rebuilt from scratch).
+// setUnknown records, durably, that nothing is known of what the copy
+// lacks: it is compared by region hashes before it is in sync again.
+func (d *dirtyMap) setUnknown() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.mu.regions = map[uint64]*[maskWords]uint64{}
+	d.mu.unknown = true
+	if d.store != nil {
+		return d.store.markUnknown(d.luName, d.node)
+	}
+	return nil
+}
+
 func (d *dirtyMap) reset() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -33,12 +34,22 @@ type Forwarder struct {
 		sizeBytes int64
 		writer    string
 		epoch     uint64
+		// changed is closed (and replaced) when a new record arrives, to
+		// wake requests waiting out a failover.
+		changed chan struct{}
 	}
 	connMu sync.Mutex // serializes dialing
 	conn   atomic.Pointer[peerConn]
+	// stop is closed when the forwarder is replaced (this node's role
+	// changed): requests waiting out a failover end with errRetired.
+	stop     chan struct{}
+	stopOnce sync.Once
 
 	// Children of the manager's counters, resolved once.
 	readLocal, readWriter, writesForwarded prometheus.Counter
+	// failoverRetries counts requests sent again while the writer was
+	// unreachable or moving.
+	failoverRetries prometheus.Counter
 }
 
 var (
@@ -49,10 +60,11 @@ var (
 )
 
 func (m *Manager) newForwarder(rec cluster.LU, local lu.Volume) *Forwarder {
-	f := &Forwarder{name: rec.Name, m: m, local: local,
+	f := &Forwarder{name: rec.Name, m: m, local: local, stop: make(chan struct{}),
 		readLocal:       m.luCounter(m.metrics.reads, nil, rec.Name, "local"),
 		readWriter:      m.luCounter(m.metrics.reads, nil, rec.Name, "writer"),
-		writesForwarded: m.luCounter(m.metrics.forwardedWrites, nil, rec.Name)}
+		writesForwarded: m.luCounter(m.metrics.forwardedWrites, nil, rec.Name),
+		failoverRetries: m.luCounter(m.metrics.failoverRetries, nil, rec.Name)}
 	f.observe(rec)
 	return f
 }
@@ -69,13 +81,20 @@ func (f *Forwarder) observe(rec cluster.LU) {
 	f.mu.Lock()
 	writerMoved := f.mu.writer != "" && f.mu.writer != writerOf(rec)
 	f.mu.sizeBytes, f.mu.writer, f.mu.epoch = rec.SizeBytes, writerOf(rec), rec.Epoch
+	if f.mu.changed != nil {
+		close(f.mu.changed)
+	}
+	f.mu.changed = make(chan struct{})
 	f.mu.Unlock()
 	if writerMoved {
 		f.dropConn()
 	}
 }
 
-func (f *Forwarder) close() { f.dropConn() }
+func (f *Forwarder) close() {
+	f.stopOnce.Do(func() { close(f.stop) })
+	f.dropConn()
+}
 
 func (f *Forwarder) dropConn() {
 	if c := f.conn.Swap(nil); c != nil {
@@ -109,34 +128,78 @@ func (f *Forwarder) client(ctx context.Context) (*peerConn, error) {
 	return c, nil
 }
 
-// forward sends one request to the writer and waits for its answer. A
-// stream that broke (the writer restarted, or moved) is dialed again and
-// the request sent once more: every request is idempotent on a block
-// device (a write that may have landed lands again with the same bytes,
-// and concurrent unacknowledged writes have no order to keep).
+// forward sends one request to the writer and waits for its answer.
+// Every request is idempotent on a block device (a write that may have
+// landed lands again with the same bytes, and concurrent unacknowledged
+// writes have no order to keep), so a request is sent again, and never
+// answered with an error, while the writer is unreachable or the LU moves
+// to a new writer (a failover or a planned move): a stream that broke is
+// dialed again, a writer that is gone is retried until the metadata names
+// a new one, and an error from a writer that was fenced meanwhile (the
+// epoch moved on) is retried on the new one. After FailoverWait without a
+// writer the request fails with EIO.
 func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, dst []byte) error {
+	deadline := time.Now().Add(f.m.opts.FailoverWait)
 	var err error
-	for attempt := 0; attempt < 2; attempt++ {
-		var c *peerConn
-		if c, err = f.client(ctx); err != nil {
-			continue
-		}
+	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
-		h.Epoch = f.mu.epoch
+		epoch, changed := f.mu.epoch, f.mu.changed
 		f.mu.Unlock()
-		if _, err = c.do(h, payload, dst); err == nil {
-			return nil
+		var c *peerConn
+		if c, err = f.client(ctx); err == nil {
+			h.Epoch = epoch
+			if _, err = c.do(h, payload, dst); err == nil {
+				return nil
+			}
+			retry := errors.Is(err, ErrPeerDown) || errors.Is(err, replproto.ErrNotWriter) ||
+				errors.Is(err, replproto.ErrStaleEpoch) || errors.Is(err, blockdev.ErrShutdown)
+			if retry {
+				f.conn.CompareAndSwap(c, nil)
+				c.Close()
+			} else if !errors.Is(err, blockdev.ErrIO) || !f.fencedSince(changed) {
+				return err // the writer's answer: out of range, no space, ...
+			}
 		}
-		if !errors.Is(err, ErrPeerDown) && !errors.Is(err, replproto.ErrNotWriter) {
-			return err
+		select {
+		case <-f.stop:
+			return errRetired
+		default:
 		}
-		f.conn.CompareAndSwap(c, nil)
-		c.Close()
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			break
+		}
+		if attempt == 0 {
+			continue // a broken stream: dial again at once
+		}
+		f.failoverRetries.Inc()
+		// Wait for a new record (the writer moved) or a short while.
+		select {
+		case <-changed:
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+		case <-f.stop:
+			return errRetired
+		}
 	}
 	if errors.Is(err, blockdev.ErrIO) {
 		return err
 	}
 	return fmt.Errorf("%w: %v", blockdev.ErrIO, err)
+}
+
+// fencedSince reports whether the LU's record changed since changed was
+// current, waiting briefly for it: a writer that could not complete a
+// request because it was replaced answers EIO, possibly before this node
+// applied the record that replaced it.
+func (f *Forwarder) fencedSince(changed chan struct{}) bool {
+	select {
+	case <-changed:
+		return true
+	case <-time.After(f.m.opts.ReadLease):
+		return false
+	case <-f.stop:
+		return true // the role device runs it again on the new device
+	}
 }
 
 // Size implements blockdev.Device.
@@ -163,8 +226,21 @@ func (f *Forwarder) Caps() blockdev.Caps {
 // readsLocally reports whether reads may come from the local copy: the
 // metadata says it is in sync and the writer was heard within the lease
 // (so the writer has not yet acknowledged a write this copy missed).
+//
+// While the writer is unreachable (its lease lapsed), a metadata read
+// lease takes over: the metadata leader confirms the copy is still in sync
+// at this epoch.
 func (f *Forwarder) readsLocally() bool {
-	return f.localReads.Load() && f.m.leaseValid(f.name)
+	if !f.localReads.Load() {
+		return false
+	}
+	if f.m.leaseValid(f.name) {
+		return true
+	}
+	f.mu.Lock()
+	epoch := f.mu.epoch
+	f.mu.Unlock()
+	return f.m.metaLeaseValid(f.name, epoch)
 }
 
 // ReadAt implements blockdev.Device.

@@ -144,6 +144,17 @@ type ManagerOptions struct {
 	// it acknowledges a write the copy missed, so no node reads stale data
 	// from a copy that has not yet learnt it is out of sync.
 	ReadLease time.Duration
+	// ConfirmLease asks the metadata leader to confirm that this node's
+	// copy of LU lu is in sync at epoch (cluster.Node.ConfirmCopy): a read
+	// lease valid ReadLease from when it was asked. A copy uses it to go
+	// on reading locally while the writer is unreachable, the writer while
+	// its copies do not answer. Nil: no metadata leases.
+	ConfirmLease func(ctx context.Context, lu string, epoch uint64) error
+	// FailoverWait bounds how long a forwarded request keeps retrying
+	// while the writer is unreachable or the LU moves to a new writer
+	// (default 15 s, well above the primary's --failover-after); after
+	// that the client gets EIO.
+	FailoverWait time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -195,6 +206,9 @@ func (o *ManagerOptions) EnsureDefaults() {
 	if o.ReadLease == 0 {
 		o.ReadLease = time.Second
 	}
+	if o.FailoverWait == 0 {
+		o.FailoverWait = 15 * time.Second
+	}
 }
 
 // Manager keeps local volumes in step with the LU table.
@@ -209,7 +223,10 @@ type Manager struct {
 		done    uint64               // guarded by mu; work items ever finished
 		closed  bool                 // guarded by mu
 		volumes map[string]lu.Volume // guarded by mu; local copies
-		devices map[string]device    // guarded by mu; what each LU is exported as
+		devices map[string]device    // guarded by mu; the device of this node's role for each LU
+		// exported holds what the front end serves for each LU: a
+		// roleDevice over devices[name], kept across role changes.
+		exported map[string]*roleDevice // guarded by mu
 		// lost names LUs whose copy here lost its data at start and waits
 		// to be recorded new (then rebuilt); it refuses the writer's stream.
 		lost      map[string]bool // guarded by mu
@@ -225,6 +242,8 @@ type Manager struct {
 	// leases maps an LU name to the time (clock.Since, ns) this node's
 	// copy last heard from the writer at the current epoch (*atomic.Int64).
 	leases sync.Map
+	// metaLeases maps an LU name to its metadata read lease (*metaLease).
+	metaLeases sync.Map
 	// clock is the base of monotonic times kept as integers.
 	clock       time.Time
 	bufs        bufPool
@@ -261,6 +280,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	m.mu.cond = sync.NewCond(&m.mu.Mutex)
 	m.mu.volumes = map[string]lu.Volume{}
 	m.mu.devices = map[string]device{}
+	m.mu.exported = map[string]*roleDevice{}
 	m.mu.lost = map[string]bool{}
 	go m.loop()
 	return m, nil
@@ -539,7 +559,8 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	var next device
 	switch {
 	case writer:
-		mir, err := m.newMirror(rec, vol, lost)
+		_, wasCopy := old.(*Forwarder)
+		mir, err := m.newMirror(rec, vol, lost, wasCopy && vol != nil)
 		if err != nil {
 			return err
 		}
@@ -551,13 +572,60 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 		}
 		next = m.newForwarder(rec, vol)
 	}
-	if old != nil {
-		m.unexport(rec.Name, old)
-	}
 	m.mu.Lock()
+	rd, exported := m.mu.exported[rec.Name]
 	m.mu.devices[rec.Name] = next
+	if !exported {
+		rd = newRoleDevice(rec.Name, next)
+		m.mu.exported[rec.Name] = rd
+	}
 	m.mu.Unlock()
-	m.opts.Export(rec.Name, rec.Description, next)
+	if exported {
+		// A role change: clients stay connected; what they had in flight
+		// on the old device runs again on the new one.
+		retired := rd.swap(next)
+		closeDevice(retired.dev)
+		m.opts.Logger.Info("this node's role for the LU changed", "lu", rec.Name, "writer", writer, "epoch", rec.Epoch)
+	}
+	if _, wasWriter := old.(*Mirror); !writer && (wasWriter || reconciling) {
+		// Not the writer (any more): its records of what the copies
+		// lacked are stale; a later turn as writer starts from none.
+		if err := m.dropWriterRecords(rec, !wasWriter); err != nil {
+			return err
+		}
+	}
+	if !exported {
+		m.opts.Export(rec.Name, rec.Description, rd)
+	}
+	return nil
+}
+
+// closeDevice stops a role's device.
+func closeDevice(dev device) {
+	switch d := dev.(type) {
+	case *Mirror:
+		d.close()
+	case *Forwarder:
+		d.close()
+	}
+}
+
+// dropWriterRecords forgets the dirty records this node kept as rec's
+// writer.
+// onlyIfWriter skips an LU without a writer key (at start, so that a
+// start does not sync the store once per LU).
+func (m *Manager) dropWriterRecords(rec cluster.LU, onlyIfWriter bool) error {
+	if m.opts.Dirty == nil || lu.Kind(rec.Kind) != lu.KindFile {
+		return nil
+	}
+	if onlyIfWriter {
+		if isWriter, err := m.opts.Dirty.isWriter(rec.Name); err != nil || !isWriter {
+			return err
+		}
+	}
+	if err := m.opts.Dirty.dropLU(rec.Name); err != nil {
+		return fmt.Errorf("drop the dirty records of a former writer: %w", err)
+	}
 	return nil
 }
 
@@ -567,14 +635,13 @@ func (m *Manager) unexport(name string, dev device) {
 	m.mu.Lock()
 	if m.mu.devices[name] == dev {
 		delete(m.mu.devices, name)
+		if rd := m.mu.exported[name]; rd != nil {
+			rd.retire()
+			delete(m.mu.exported, name)
+		}
 	}
 	m.mu.Unlock()
-	switch d := dev.(type) {
-	case *Mirror:
-		d.close()
-	case *Forwarder:
-		d.close()
-	}
+	closeDevice(dev)
 }
 
 // removeVolume deletes the local volume of name, if any.
@@ -758,15 +825,13 @@ func (m *Manager) Close() error {
 	for _, d := range m.mu.devices {
 		devs = append(devs, d)
 	}
+	for _, rd := range m.mu.exported {
+		rd.retire()
+	}
 	m.mu.Unlock()
 	<-m.stopped
 	for _, d := range devs {
-		switch d := d.(type) {
-		case *Mirror:
-			d.close()
-		case *Forwarder:
-			d.close()
-		}
+		closeDevice(d)
 	}
 	return nil
 }

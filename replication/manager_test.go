@@ -32,7 +32,7 @@ func newTestManager(t *testing.T) (*Manager, *lu.Pool, *exportLog) {
 		Export: func(name, _ string, dev blockdev.Device) {
 			log.mu.Lock()
 			defer log.mu.Unlock()
-			log.exported[name] = dev
+			log.exported[name] = dev.(*roleDevice).Device()
 		},
 		Unexport: func(name string) {
 			log.mu.Lock()

@@ -28,6 +28,9 @@ type metrics struct {
 	servedReads *prometheus.CounterVec
 	// forwardedWrites counts bytes written through a Forwarder.
 	forwardedWrites *prometheus.CounterVec
+	// failoverRetries counts forwarded requests sent again while the
+	// writer was unreachable or moving.
+	failoverRetries *prometheus.CounterVec
 	// sent counts write payload bytes a writer sent to a copy, by kind:
 	// "live" (client writes) or "resync".
 	sent *prometheus.CounterVec
@@ -57,6 +60,10 @@ func newMetrics() *metrics {
 			Name: "lupool_replication_forwarded_write_bytes_total",
 			Help: "Bytes written through this node and forwarded to the LU's writer.",
 		}, []string{"lu"}),
+		failoverRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_replication_failover_retries_total",
+			Help: "Forwarded requests this node sent again because the writer was unreachable or moving to another node.",
+		}, []string{"lu"}),
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lupool_replication_sent_bytes_total",
 			Help: "Write payload bytes this writer sent to a copy, by kind: live or resync.",
@@ -79,7 +86,7 @@ func newMetrics() *metrics {
 
 // perLU returns every counter vector labelled with an LU.
 func (m *metrics) perLU() []*prometheus.CounterVec {
-	return []*prometheus.CounterVec{m.reads, m.servedReads, m.forwardedWrites, m.sent, m.copyReceived, m.staleRefused}
+	return []*prometheus.CounterVec{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused}
 }
 
 // forgetLU deletes every series of the LU. Manager.recs must be held.
@@ -128,7 +135,7 @@ func (m *Manager) luCounter(vec *prometheus.CounterVec, holds func(cluster.LU) b
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.reads, m.servedReads, m.forwardedWrites, m.sent, m.copyReceived, m.staleRefused}
+	return []prometheus.Collector{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused}
 }
 
 // copyCollector reports, at scrape time, each copy's state and dirty bytes

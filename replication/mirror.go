@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,6 +76,13 @@ type copyLink struct {
 	// lastAck is when (Manager.now) the copy last answered a request: its
 	// read lease may run until lastAck + ReadLease.
 	lastAck atomic.Int64
+	// leaseFrom is when (Manager.now) the writer sent the latest frame
+	// this copy answered at the writer's epoch: the writer may serve
+	// reads from its own volume until leaseFrom + ReadLease, since a copy
+	// that answered at this epoch had not yet become the writer of a
+	// newer one (a promoted copy waits ReadLease after the last frame it
+	// answered before it acknowledges anything).
+	leaseFrom atomic.Int64
 	// sentLive and sentResync count live and resync write bytes sent to
 	// this copy (children of metrics.sent, resolved once).
 	sentLive, sentResync prometheus.Counter
@@ -150,12 +158,16 @@ var (
 // recorded in sync, different. Every copy recorded in sync is then
 // distrusted (see distrustInSync): compared by region hashes, and only the
 // regions that differ sent, before it counts as in sync again.
-func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror, error) {
+func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool) (*Mirror, error) {
 	mi := &Mirror{name: rec.Name, self: m.opts.NodeID, local: local, m: m,
 		regionBytes: m.opts.RegionBytes, rec: cloneLU(rec), stop: make(chan struct{})}
 	mi.epoch.Store(rec.Epoch)
 	if lu.Kind(rec.Kind) == lu.KindFile {
 		mi.store = m.opts.Dirty
+	}
+	promoted, err := mi.promoted(rec, lost, wasCopy)
+	if err != nil {
+		return nil, err
 	}
 	distrust := !lost && mi.store != nil && mi.store.Doubt() != nil
 	links, err := mi.linksFor(rec, nil, distrust)
@@ -174,8 +186,17 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror
 			mi.recordAllNew()
 		}()
 	}
-	if distrust {
+	if promoted {
+		if err := mi.takeOver(links); err != nil {
+			return nil, err
+		}
+	} else if distrust {
 		mi.distrustInSync(links)
+	}
+	if mi.store != nil && !lost {
+		if err := mi.store.setWriter(rec.Name); err != nil {
+			return nil, fmt.Errorf("record this node as the writer of %s: %w", rec.Name, err)
+		}
 	}
 	// A first attempt to reach every copy before the mirror takes writes,
 	// so a writer restart does not record reachable copies out of sync.
@@ -185,6 +206,64 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost bool) (*Mirror
 	mi.wg.Add(1)
 	go mi.run()
 	return mi, nil
+}
+
+// promoted reports whether this node just became the writer of an LU
+// that another node wrote before (a failover or a move): it was serving
+// the LU as a copy, or, after a restart, it keeps no writer key for an LU
+// past its first epoch. Such a writer knows nothing of what its copies
+// lack.
+func (mi *Mirror) promoted(rec cluster.LU, lost, wasCopy bool) (bool, error) {
+	if lost {
+		return false, nil
+	}
+	if wasCopy {
+		return true, nil
+	}
+	if mi.store == nil || rec.Epoch <= 1 {
+		return false, nil
+	}
+	isWriter, err := mi.store.isWriter(rec.Name)
+	return !isWriter, err
+}
+
+// takeOver prepares a node that just became the writer: the old writer
+// may still serve reads until ReadLease after the last frame this node
+// answered, so that passes first; every copy not in sync is compared by
+// region hashes (this node has no record of what it lacks); and every
+// other copy in sync may differ from this one where the old writer had
+// writes in flight, so it is recorded out of sync and compared by hashes
+// too, before this mirror acknowledges anything.
+func (mi *Mirror) takeOver(links []*copyLink) error {
+	waited := mi.m.waitOutWriterLease(mi.name)
+	var inSync []*copyLink
+	for _, l := range links {
+		if copyState(l.state.Load()) == stInSync {
+			inSync = append(inSync, l)
+		}
+		if copyState(l.state.Load()) != stNew {
+			if err := l.dirty.setUnknown(); err != nil {
+				return err
+			}
+		}
+	}
+	mi.m.opts.Logger.Warn("this node is the LU's writer now; its other copies are compared by region hashes",
+		"lu", mi.name, "epoch", mi.epoch.Load(), "waited_out_old_writer", waited)
+	if len(inSync) == 0 {
+		return nil
+	}
+	mi.stateMu.Lock()
+	defer mi.stateMu.Unlock()
+	for _, l := range inSync {
+		if err := mi.proposeLocked(l.node, stOutOfSync, true); err != nil {
+			return fmt.Errorf("record copy %s out of sync on taking over: %w", l.node, err)
+		}
+		l.state.Store(int32(stOutOfSync))
+	}
+	if mi.m.opts.ConfirmLease != nil {
+		time.Sleep(mi.m.opts.ReadLease) // metadata leases granted before the record
+	}
+	return nil
 }
 
 // distrustInSync takes every copy recorded in sync whose dirty record the
@@ -256,6 +335,7 @@ func (mi *Mirror) linksFor(rec cluster.LU, old []*copyLink, distrust bool) ([]*c
 			l = &copyLink{node: node, dirty: d,
 				sentLive:   mi.m.luCounter(mi.m.metrics.sent, holds, rec.Name, node, "live"),
 				sentResync: mi.m.luCounter(mi.m.metrics.sent, holds, rec.Name, node, "resync")}
+			l.leaseFrom.Store(math.MinInt64 / 2) // never answered yet
 			l.state.Store(int32(st))
 		}
 		links = append(links, l)
@@ -391,15 +471,63 @@ func (mi *Mirror) InlineIO() bool {
 	return ok && d.InlineIO() && len(mi.linkSet()) == 0
 }
 
-// ReadAt implements blockdev.Device from the local volume.
+// ReadAt implements blockdev.Device from the local volume, while this
+// node provably still is the writer (see readable).
 func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := mi.readable(); err != nil {
+		return err
+	}
 	return mi.local.ReadAt(ctx, p, off)
+}
+
+// leaseHeld reports whether every other copy in sync answered a frame
+// sent within ReadLease: none of them can have become the writer of a
+// newer epoch and acknowledged a write this volume lacks.
+func (mi *Mirror) leaseHeld() bool {
+	now, lease := mi.m.now(), int64(mi.m.opts.ReadLease)
+	for _, l := range mi.linkSet() {
+		if copyState(l.state.Load()) == stInSync && now-l.leaseFrom.Load() >= lease {
+			return false
+		}
+	}
+	return true
+}
+
+// readable returns nil when the writer may read its own volume: its read
+// lease from the copies in sync holds, or the metadata confirms it still
+// is the writer at this epoch; otherwise it pings the copies whose lease
+// lapsed (a copy that does not answer is recorded out of sync, which is
+// refused if this node is no longer the writer). A writer that was
+// replaced (frozen, cut off) thus never serves a read that misses a write
+// the new writer acknowledged.
+func (mi *Mirror) readable() error {
+	if mi.leaseHeld() || mi.m.metaLeaseValid(mi.name, mi.epoch.Load()) {
+		return nil
+	}
+	now, lease := mi.m.now(), int64(mi.m.opts.ReadLease)
+	for _, l := range mi.linkSet() {
+		if copyState(l.state.Load()) != stInSync || now-l.leaseFrom.Load() < lease {
+			continue
+		}
+		if c := l.conn.Load(); c != nil && !c.broken() {
+			mi.pingNow(l, c)
+		} else if err := mi.copyMissed(l, 0, 0, ErrPeerDown); err != nil {
+			return fmt.Errorf("%w: %s: a copy in sync does not answer and cannot be recorded out of sync: %v", blockdev.ErrIO, mi.name, err)
+		}
+	}
+	if !mi.leaseHeld() {
+		return fmt.Errorf("%w: %s: this node cannot show it still is the writer (its copies do not answer)", blockdev.ErrIO, mi.name)
+	}
+	return nil
 }
 
 // TryReadAt implements blockdev.TryReader from the local volume, as ReadAt
 // does: a file volume answers from the page cache without waiting; a
 // volume that cannot try reports false, and the engine calls ReadAt.
 func (mi *Mirror) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if !mi.leaseHeld() {
+		return false, nil // ReadAt checks, and may wait
+	}
 	if tr, ok := mi.local.(blockdev.TryReader); ok {
 		return tr.TryReadAt(ctx, p, off)
 	}
@@ -408,6 +536,9 @@ func (mi *Mirror) TryReadAt(ctx context.Context, p []byte, off int64) (bool, err
 
 // Extents implements blockdev.Extenter from the local volume.
 func (mi *Mirror) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	if err := mi.readable(); err != nil {
+		return dst, err
+	}
 	return mi.local.Extents(ctx, off, length, dst)
 }
 
@@ -456,7 +587,7 @@ func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blo
 	w.unlock = mi.lockRange(off, length)
 	h := replproto.Header{Type: replproto.TypeWrite, Flags: wireFlags(flags), Offset: uint64(off), Length: uint32(length),
 		Epoch: mi.epoch.Load()}
-	w.f = fan{links: mi.linkSet(), bytes: len(p), typ: replproto.TypeWrite}
+	w.f = fan{links: mi.linkSet(), bytes: len(p), typ: replproto.TypeWrite, sentAt: mi.m.now()}
 	w.remaining.Store(1)
 	for i, l := range w.f.links {
 		c := l.liveConn()
@@ -623,6 +754,8 @@ type fan struct {
 	errs  [cluster.CopiesMax]error
 	bytes int // a write's payload bytes
 	typ   replproto.Type
+	// sentAt is when (Manager.now) the operation was sent.
+	sentAt int64
 }
 
 // liveConn returns the stream of a copy that takes live traffic, or nil.
@@ -636,7 +769,7 @@ func (l *copyLink) liveConn() *peerConn {
 // send starts one request on every copy that takes live traffic.
 func (mi *Mirror) send(h replproto.Header, payload []byte) fan {
 	h.Epoch = mi.epoch.Load()
-	f := fan{links: mi.linkSet(), bytes: len(payload), typ: h.Type}
+	f := fan{links: mi.linkSet(), bytes: len(payload), typ: h.Type, sentAt: mi.m.now()}
 	for i, l := range f.links {
 		c := l.liveConn()
 		if c == nil {
@@ -673,6 +806,7 @@ func (mi *Mirror) settle(f *fan, off, length int64, localErr error) error {
 			err := f.errs[i]
 			if err == nil {
 				l.lastAck.Store(mi.m.now())
+				l.renewFrom(f.sentAt)
 				if f.typ == replproto.TypeWrite {
 					l.sentLive.Add(float64(f.bytes))
 				}
@@ -729,8 +863,14 @@ func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error 
 	l.state.Store(int32(stOutOfSync))
 	mi.dropConn(l)
 	// The copy may still serve reads until its lease runs out: wait for
-	// that before acknowledging anything it missed.
-	if wait := l.lastAck.Load() + int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
+	// that before acknowledging anything it missed. Its lease from this
+	// writer runs ReadLease after it last answered; a metadata lease
+	// (confirmed before the record just made) at most ReadLease from now.
+	wait := l.lastAck.Load() + int64(mi.m.opts.ReadLease) - mi.m.now()
+	if mi.m.opts.ConfirmLease != nil {
+		wait = max(wait, int64(mi.m.opts.ReadLease))
+	}
+	if wait > 0 {
 		time.Sleep(time.Duration(wait))
 	}
 	mi.m.opts.Logger.Warn("copy out of sync", "lu", mi.name, "copy", l.node, "epoch", mi.rec.Epoch, "err", cause)
@@ -879,6 +1019,13 @@ func (mi *Mirror) ping(l *copyLink) {
 	if mi.m.now()-l.lastAck.Load() < int64(mi.m.opts.ReadLease)/4 {
 		return
 	}
+	mi.pingNow(l, c)
+}
+
+// pingNow pings copy l over c: an answer renews the writer's read lease
+// from it, a failure records the copy out of sync.
+func (mi *Mirror) pingNow(l *copyLink, c *peerConn) {
+	sent := mi.m.now()
 	if _, err := c.do(replproto.Header{Type: replproto.TypePing, Epoch: mi.epoch.Load()}, nil, nil); err != nil {
 		if err := mi.copyMissed(l, 0, 0, err); err != nil {
 			mi.m.opts.Logger.Warn("copy unreachable and not recorded out of sync", "lu", mi.name, "copy", l.node, "err", err)
@@ -886,6 +1033,17 @@ func (mi *Mirror) ping(l *copyLink) {
 		return
 	}
 	l.lastAck.Store(mi.m.now())
+	l.renewFrom(sent)
+}
+
+// renewFrom moves the writer's read lease from this copy to sent, if later.
+func (l *copyLink) renewFrom(sent int64) {
+	for {
+		cur := l.leaseFrom.Load()
+		if sent <= cur || l.leaseFrom.CompareAndSwap(cur, sent) {
+			return
+		}
+	}
 }
 
 func (mi *Mirror) tend(l *copyLink) {

@@ -272,6 +272,9 @@ func exported(t testing.TB, m *Manager, name string) blockdev.Device {
 	if !ok {
 		t.Fatalf("%s not exported on %s", name, m.opts.NodeID)
 	}
+	if rd := m.mu.exported[name]; rd == nil || rd.Device() != d {
+		t.Fatalf("%s on %s: the role device does not serve the role's device", name, m.opts.NodeID)
+	}
 	return d
 }
 

@@ -50,6 +50,9 @@ type serveConfig struct {
 	// ReplaceAfter: the primary replaces a copy out of sync this long
 	// (a Go duration such as 10m; 0 never).
 	ReplaceAfter string `json:"replace_after"`
+	// FailoverAfter: the primary makes an in-sync copy the writer of the
+	// LUs whose writer's node has been dead this long (0 never).
+	FailoverAfter string `json:"failover_after"`
 	// DebugPprof serves Go's profiler under /debug/pprof/ on the API.
 	DebugPprof bool `json:"debug_pprof"`
 }
@@ -68,6 +71,7 @@ func defaultServeConfig() serveConfig {
 
 		DirtyRegionBytes: rules.DirtyRegionBytesDefault,
 		ReplaceAfter:     "10m",
+		FailoverAfter:    "2s",
 	}
 }
 
@@ -127,6 +131,8 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
 		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
+		str("failover-after", "the primary makes an in-sync copy the writer of every LU whose writer's node has not answered for this long (more than the 1s read lease; 0 never)",
+			func(c *serveConfig) *string { return &c.FailoverAfter }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
@@ -284,6 +290,9 @@ func (c *serveConfig) validate() error {
 	if err := rules.DirtyRegion(c.DirtyRegionBytes); err != nil {
 		return fmt.Errorf("--dirty-region %d: %w", c.DirtyRegionBytes, err)
 	}
+	if d, err := time.ParseDuration(c.FailoverAfter); err != nil || d < 0 || d > 0 && d <= readLease {
+		return fmt.Errorf("--failover-after %q: want 0 (never) or a duration above the %v read lease, such as 2s", c.FailoverAfter, readLease)
+	}
 	if d, err := time.ParseDuration(c.ReplaceAfter); err != nil || d < 0 {
 		return fmt.Errorf("--replace-after %q: want a duration such as 10m, 90s or 0 (never)", c.ReplaceAfter)
 	}
@@ -323,3 +332,7 @@ func isLoopback(addr string) bool {
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
 }
+
+// readLease is how long a copy may serve reads from its own volume after
+// its last proof that it is current (replication.ManagerOptions.ReadLease).
+const readLease = time.Second

@@ -73,6 +73,37 @@ func (p *peers) PoolStatus(ctx context.Context, node, peerAddr string) (api.Pool
 	return c.PoolStatus(ctx)
 }
 
+// probe is the primary's liveness check of a member (cluster.Options.Probe):
+// its peer port answers /healthz over mutual TLS, proving its identity.
+// The peer port carries the replication streams too, so a node that
+// answers can serve its copies.
+func (p *peers) probe(ctx context.Context, id string) error {
+	c, err := p.clientOf(id)
+	if err != nil {
+		return err
+	}
+	return c.Healthz(ctx)
+}
+
+// confirmLease asks the metadata leader for a read lease on this node's
+// copy of LU name at epoch (replication.ManagerOptions.ConfirmLease):
+// directly when this node leads, else on the leader's peer port.
+func (p *peers) confirmLease(ctx context.Context, name string, epoch uint64) error {
+	err := p.node.ConfirmCopy(ctx, name, p.self, epoch)
+	if !errors.Is(err, cluster.ErrNotLeader) {
+		return err
+	}
+	leader, _ := p.node.Leader()
+	if leader == "" || leader == p.self {
+		return err
+	}
+	c, cerr := p.clientOf(leader)
+	if cerr != nil {
+		return cerr
+	}
+	return c.ConfirmLease(ctx, name, epoch)
+}
+
 // certBound reports whether id has a member record and whether certSHA256
 // is the certificate that record is bound to (a record written before
 // bindings existed binds none).

@@ -234,6 +234,25 @@ func (b *daemonBackend) ChangeCopies(ctx context.Context, name string, req api.C
 	return b.GetLU(ctx, name)
 }
 
+// ConfirmLease grants the calling node (its certificate) a metadata read
+// lease on its copy of an LU. Leader only, never forwarded.
+func (b *daemonBackend) ConfirmLease(ctx context.Context, name string, req api.LeaseRequest) error {
+	id := api.CallerFrom(ctx).Node
+	if id == "" {
+		return fmt.Errorf("%w: read leases are for nodes", api.ErrForbidden)
+	}
+	if !b.node.IsLeader() {
+		return b.notLeader()
+	}
+	if err := b.node.ConfirmCopy(ctx, name, id, req.Epoch); err != nil {
+		if errors.Is(err, cluster.ErrNotInSync) {
+			return fmt.Errorf("%w: %v", api.ErrStale, err)
+		}
+		return b.apiError(err)
+	}
+	return nil
+}
+
 // CreateJoinToken makes a join token; the metadata keeps its hash.
 func (b *daemonBackend) CreateJoinToken(ctx context.Context, req api.JoinTokenRequest) (api.JoinTokenCreated, error) {
 	if !b.node.IsLeader() {

@@ -262,19 +262,28 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	defer link.Close()
 
-	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter) // validated with the config
+	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)   // validated with the config
+	failoverAfter, _ := time.ParseDuration(cfg.FailoverAfter) // validated with the config
 	node, err := cluster.Open(cluster.Options{
-		ReplaceAfter: replaceAfter,
-		Dir:          metaDir,
-		NodeID:       id,
-		PeerAddr:     link.Addr(),
-		StreamLayer:  link.Raft(),
-		APIAddr:      cfg.API,
-		NBDAddr:      cfg.NBD,
-		CertSHA256:   pki.Fingerprint(ident.cert.Leaf.Raw),
-		Bootstrap:    !member && !joining && cfg.Join == "",
-		ExpectState:  member,
-		Logger:       log.With("part", "cluster"),
+		ReplaceAfter:  replaceAfter,
+		FailoverAfter: failoverAfter,
+		ReadLease:     readLease,
+		Probe: func(ctx context.Context, id string) error {
+			if p := peerRef.Load(); p != nil {
+				return p.probe(ctx, id)
+			}
+			return errors.New("peers not ready")
+		},
+		Dir:         metaDir,
+		NodeID:      id,
+		PeerAddr:    link.Addr(),
+		StreamLayer: link.Raft(),
+		APIAddr:     cfg.API,
+		NBDAddr:     cfg.NBD,
+		CertSHA256:  pki.Fingerprint(ident.cert.Leaf.Raw),
+		Bootstrap:   !member && !joining && cfg.Join == "",
+		ExpectState: member,
+		Logger:      log.With("part", "cluster"),
 	})
 	if errors.Is(err, cluster.ErrNoState) {
 		return fmt.Errorf("%s this node belongs to cluster %s, but its metadata (%s) is empty or unreadable; it will not start a new cluster. "+
@@ -323,6 +332,8 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		RegionBytes:          cfg.DirtyRegionBytes,
 		ResyncBytesPerSecond: cfg.ResyncRateBytes,
 		UpdateLU:             peer.changeCopies,
+		ConfirmLease:         peer.confirmLease,
+		ReadLease:            readLease,
 		// Streams go to the peer port, over mutual TLS.
 		NodeAPI: peer.peerAddr,
 		Dial: func(ctx context.Context, nodeID, addr string) (net.Conn, error) {

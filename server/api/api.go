@@ -137,6 +137,11 @@ type Backend interface {
 	// still req.ExpectedEpoch (else ErrStale) and the metadata rules allow
 	// it (else ErrForbidden).
 	ChangeCopies(ctx context.Context, name string, req CopyChangeRequest) (LU, error)
+	// ConfirmLease grants the calling node (CallerFrom(ctx).Node) a
+	// metadata read lease on its copy of an LU: nil when, after every
+	// committed change is applied, its copy is in sync at req.Epoch;
+	// ErrStale when not.
+	ConfirmLease(ctx context.Context, name string, req LeaseRequest) error
 	// CreateJoinToken, ListJoinTokens and RevokeJoinToken manage the
 	// tokens new nodes join with; RotateAdminToken replaces the admin
 	// token and returns the new one (the old one stops working).
@@ -176,6 +181,13 @@ type CopyChangeRequest struct {
 	Writer        string    `json:"writer"`
 	Copies        int       `json:"copies"`
 	Replicas      []Replica `json:"replicas"`
+}
+
+// LeaseRequest is the body of POST /v1/internal/lus/{name}/lease: the
+// calling node (its certificate) asks the leader to confirm that its copy
+// of the LU is in sync at Epoch (a metadata read lease).
+type LeaseRequest struct {
+	Epoch uint64 `json:"epoch"`
 }
 
 // AddCopyRequest is the body of POST /v1/lus/{name}/copies. An empty Node

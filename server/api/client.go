@@ -107,6 +107,12 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	return nil
 }
 
+// ConfirmLease asks the leader (this client must point at its peer port)
+// for a metadata read lease on the calling node's copy of LU name.
+func (c *Client) ConfirmLease(ctx context.Context, name string, epoch uint64) error {
+	return c.do(ctx, http.MethodPost, "/v1/internal/lus/"+url.PathEscape(name)+"/lease", LeaseRequest{Epoch: epoch}, nil)
+}
+
 // CreateLU creates an LU.
 func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) {
 	var lu LU
@@ -242,6 +248,11 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) (JoinResponse, error
 	var out JoinResponse
 	err := c.do(ctx, http.MethodPost, "/v1/join", req, &out)
 	return out, err
+}
+
+// Healthz returns nil when the server answers /healthz (it is alive).
+func (c *Client) Healthz(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, "/healthz", nil, nil)
 }
 
 // Ready returns nil when the node answers /readyz with 200.

@@ -116,6 +116,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	// Node-only: proposals whose proposer is the caller's certificate are
 	// never forwarded (the leader would see the forwarding node instead).
 	node("POST /v1/internal/lus/{name}/copy-change", h.local(h.changeCopies))
+	node("POST /v1/internal/lus/{name}/lease", h.local(h.confirmLease))
 	// A joining node is not a member yet: its certificate is its credential.
 	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))
 	for path, fn := range opts.Upgrades {
@@ -312,6 +313,17 @@ func (h *Handler) changeCopies(ctx context.Context, r *http.Request, body []byte
 	}
 	lu, err := h.opts.Backend.ChangeCopies(ctx, r.PathValue("name"), req)
 	return http.StatusOK, lu, err
+}
+
+func (h *Handler) confirmLease(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req LeaseRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Epoch == 0 {
+		return 0, nil, fmt.Errorf("%w: a lease request needs epoch >= 1", ErrInvalid)
+	}
+	return http.StatusNoContent, nil, h.opts.Backend.ConfirmLease(ctx, r.PathValue("name"), req)
 }
 
 func (h *Handler) createJoinToken(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {

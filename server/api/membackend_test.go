@@ -277,6 +277,27 @@ func (b *memBackend) RemoveNode(ctx context.Context, id string) error {
 	return nil
 }
 
+// ConfirmLease confirms a lease when the caller's copy is in sync at the
+// epoch asked about.
+func (b *memBackend) ConfirmLease(ctx context.Context, name string, req LeaseRequest) error {
+	if err := b.enter(ctx, "ConfirmLease", false); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	lu, ok := b.lus[name]
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	caller := CallerFrom(ctx).Node
+	for _, r := range lu.Replicas {
+		if r.Node == caller && r.State == "in-sync" && lu.Epoch == req.Epoch {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s's copy of %s is not in sync at epoch %d", ErrStale, caller, name, req.Epoch)
+}
+
 // ChangeCopies applies the change at the expected epoch, proposed by the
 // LU's writer only.
 func (b *memBackend) ChangeCopies(ctx context.Context, name string, req CopyChangeRequest) (LU, error) {
