@@ -55,6 +55,8 @@ var routeTable = []route{
 	{pattern: "POST /v1/join", method: "POST", path: "/v1/join", body: `{"token":"join-secret","id":"n9","public_key_pem":"PEM"}`, access: accessOpen, backend: "Join"},
 	{pattern: "POST /v1/internal/lus/{name}/copy-change", method: "POST", path: "/v1/internal/lus/a/copy-change",
 		body: `{"expected_epoch":1,"epoch":2,"writer":"n2","copies":1,"replicas":[{"node":"n2","state":"in-sync"}]}`, access: accessNode, backend: "ChangeCopies"},
+	{pattern: "POST /v1/internal/lus/{name}/lease", method: "POST", path: "/v1/internal/lus/a/lease",
+		body: `{"epoch":1}`, access: accessNode, backend: "ConfirmLease"},
 	{pattern: "POST /v1/internal/nodes", method: "POST", path: "/v1/internal/nodes", body: `{"peer_addr":"p:1","api_addr":"a:1"}`, access: accessCert, backend: "RegisterNode"},
 	// Through a ResponseRecorder (no Connection: Upgrade), an authorized
 	// request gets to upgrade's own check: 426.

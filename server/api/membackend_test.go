@@ -280,11 +280,11 @@ func (b *memBackend) RemoveNode(ctx context.Context, id string) error {
 // ConfirmLease confirms a lease when the caller's copy is in sync at the
 // epoch asked about.
 func (b *memBackend) ConfirmLease(ctx context.Context, name string, req LeaseRequest) error {
-	if err := b.enter(ctx, "ConfirmLease", false); err != nil {
+	err := b.enter(ctx, "ConfirmLease", false)
+	defer b.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	lu, ok := b.lus[name]
 	if !ok {
 		return fmt.Errorf("%w: %s", ErrNotFound, name)
