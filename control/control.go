@@ -147,6 +147,10 @@ type Options struct {
 	RecheckInterval time.Duration
 	// Now is the clock of record timestamps; default time.Now.
 	Now func() time.Time
+	// Liveness, when set, returns the primary's liveness view of the
+	// members (asked of the primary when this node is not); Nodes and
+	// Status show it. An error leaves the states out.
+	Liveness func(ctx context.Context) ([]api.NodeLiveness, error)
 }
 
 // EnsureDefaults fills the zero fields that have defaults.

@@ -11,15 +11,33 @@ import (
 )
 
 // Nodes lists the cluster's members, the leader marked.
-func (p *Plane) Nodes(context.Context) ([]api.Node, error) {
+func (p *Plane) Nodes(ctx context.Context) ([]api.Node, error) {
 	nodes, err := p.opts.Metadata.Nodes()
 	if err != nil {
 		return nil, err
 	}
+	live := map[string]api.NodeLiveness{}
+	if p.opts.Liveness != nil {
+		lctx, cancel := context.WithTimeout(ctx, p.opts.PeerTimeout)
+		view, err := p.opts.Liveness(lctx)
+		cancel()
+		for _, nl := range view {
+			if err == nil {
+				live[nl.ID] = nl
+			}
+		}
+	}
 	out := make([]api.Node, 0, len(nodes))
 	for _, n := range nodes {
-		out = append(out, api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter",
-			Leader: n.Leader, CertSHA256: n.CertSHA256})
+		node := api.Node{ID: n.ID, PeerAddr: n.PeerAddr, APIAddr: n.APIAddr, NBDAddr: n.NBDAddr, Voter: n.Suffrage == "voter",
+			Leader: n.Leader, CertSHA256: n.CertSHA256}
+		if nl, ok := live[n.ID]; ok {
+			node.Liveness = nl.State
+			if !nl.LastHeard.IsZero() {
+				node.LastHeard = &nl.LastHeard
+			}
+		}
+		out = append(out, node)
 	}
 	return out, nil
 }

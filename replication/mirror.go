@@ -198,11 +198,18 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool)
 			return nil, fmt.Errorf("record this node as the writer of %s: %w", rec.Name, err)
 		}
 	}
-	// A first attempt to reach every copy before the mirror takes writes,
-	// so a writer restart does not record reachable copies out of sync.
+	// A first attempt to reach every copy that takes live writes before
+	// the mirror takes any, so a writer restart does not record reachable
+	// copies out of sync; all at once, so a copy that hangs (a frozen
+	// node) delays the start by at most a second. Copies out of sync are
+	// reached by run.
+	var dials sync.WaitGroup
 	for _, l := range links {
-		mi.dial(l, min(mi.m.opts.AckTimeout, time.Second))
+		if copyState(l.state.Load()).live() {
+			dials.Go(func() { mi.dial(l, min(mi.m.opts.AckTimeout, time.Second)) })
+		}
 	}
+	dials.Wait()
 	mi.wg.Add(1)
 	go mi.run()
 	return mi, nil
@@ -827,9 +834,42 @@ func (mi *Mirror) settle(f *fan, off, length int64, localErr error) error {
 		return localErr
 	}
 	if len(errs) > 0 {
+		if mi.fenced() {
+			// Another node is the writer now: the operation was not
+			// acknowledged here; the role device sends it there.
+			return errRetired
+		}
 		return fmt.Errorf("%w: %v", blockdev.ErrIO, errors.Join(errs...))
 	}
 	return nil
+}
+
+// fenced reports whether this mirror was replaced as the LU's writer
+// (a failover while this node was frozen or cut off): a copy refused its
+// frames and the metadata, once this node has applied it, names another
+// writer. It waits (at most twice the read lease) for the manager to
+// retire the mirror, so that the operation runs again on the new role.
+func (mi *Mirror) fenced() bool {
+	deadline := time.Now().Add(2 * mi.m.opts.ReadLease)
+	for {
+		select {
+		case <-mi.stop:
+			return true
+		default:
+		}
+		if rec, ok := mi.m.record(mi.name); ok && (writerOf(rec) != mi.self || rec.Epoch > mi.epoch.Load()+1) {
+			select {
+			case <-mi.stop:
+				return true
+			case <-time.After(time.Until(deadline)):
+				return writerOf(rec) != mi.self
+			}
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // copyMissed records that copy l lacks [off, off+length) and, if it was

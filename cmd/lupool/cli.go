@@ -514,9 +514,16 @@ func newNodeCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
 
 func printNodes(w io.Writer, nodes []api.Node) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tROLE\tAPI\tNBD\tPEER")
+	fmt.Fprintln(tw, "ID\tROLE\tLIVENESS\tAPI\tNBD\tPEER")
 	for _, n := range nodes {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, nodeRole(n), n.APIAddr, n.NBDAddr, n.PeerAddr)
+		live := n.Liveness
+		if live == "" {
+			live = "unknown"
+		}
+		if n.LastHeard != nil && live != "alive" && live != "unknown" {
+			live += fmt.Sprintf(" (%s ago)", time.Since(*n.LastHeard).Round(100*time.Millisecond))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", n.ID, nodeRole(n), live, n.APIAddr, n.NBDAddr, n.PeerAddr)
 	}
 	return tw.Flush()
 }

@@ -104,6 +104,36 @@ func (p *peers) confirmLease(ctx context.Context, name string, epoch uint64) err
 	return c.ConfirmLease(ctx, name, epoch)
 }
 
+// liveness returns the primary's liveness view of the members: this
+// node's own when it leads, else the leader's, asked on its peer port.
+func (p *peers) liveness(ctx context.Context) ([]api.NodeLiveness, error) {
+	if p.node.IsLeader() {
+		return localLiveness(p.node)
+	}
+	leader, _ := p.node.Leader()
+	if leader == "" {
+		return nil, fmt.Errorf("no primary known")
+	}
+	c, err := p.clientOf(leader)
+	if err != nil {
+		return nil, err
+	}
+	return c.Liveness(ctx)
+}
+
+// localLiveness is this node's own liveness view.
+func localLiveness(n *cluster.Node) ([]api.NodeLiveness, error) {
+	view, err := n.Liveness()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.NodeLiveness, 0, len(view))
+	for _, nl := range view {
+		out = append(out, api.NodeLiveness{ID: nl.ID, State: nl.State, LastHeard: nl.LastHeard})
+	}
+	return out, nil
+}
+
 // certBound reports whether id has a member record and whether certSHA256
 // is the certificate that record is bound to (a record written before
 // bindings existed binds none).

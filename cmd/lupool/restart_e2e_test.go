@@ -28,7 +28,8 @@ func TestWriterRestartCopiesConverge(t *testing.T) {
 		}
 		runs = n
 	}
-	n1, _, _ := cluster3(t)
+	// No failover: the writer is back within the lease of its copies.
+	n1, _, _ := cluster3(t, "--failover-after", "0")
 	const size = 64 << 20
 	n1.mustCLI("lu", "create", "w", "--size", "64M", "--copies", "2")
 	copyNode := ""

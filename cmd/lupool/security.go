@@ -234,6 +234,11 @@ func (b *daemonBackend) ChangeCopies(ctx context.Context, name string, req api.C
 	return b.GetLU(ctx, name)
 }
 
+// Liveness is this node's liveness view (the primary's on the primary).
+func (b *daemonBackend) Liveness(context.Context) ([]api.NodeLiveness, error) {
+	return localLiveness(b.node)
+}
+
 // ConfirmLease grants the calling node (its certificate) a metadata read
 // lease on its copy of an LU. Leader only, never forwarded.
 func (b *daemonBackend) ConfirmLease(ctx context.Context, name string, req api.LeaseRequest) error {

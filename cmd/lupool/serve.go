@@ -383,7 +383,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		debug = mux
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
-		Peers: peer, OvercommitRatio: cfg.Overcommit})
+		Peers: peer, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness})
 	if err != nil {
 		return err
 	}

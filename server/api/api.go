@@ -142,6 +142,9 @@ type Backend interface {
 	// committed change is applied, its copy is in sync at req.Epoch;
 	// ErrStale when not.
 	ConfirmLease(ctx context.Context, name string, req LeaseRequest) error
+	// Liveness returns this node's liveness view of the members: the
+	// primary's view on the primary, states "unknown" elsewhere.
+	Liveness(ctx context.Context) ([]NodeLiveness, error)
 	// CreateJoinToken, ListJoinTokens and RevokeJoinToken manage the
 	// tokens new nodes join with; RotateAdminToken replaces the admin
 	// token and returns the new one (the old one stops working).
@@ -303,6 +306,19 @@ type Node struct {
 	// CertSHA256 is the fingerprint of the certificate the node joined
 	// with; peers accept no other certificate for its id.
 	CertSHA256 string `json:"cert_sha256,omitempty"`
+	// Liveness is the node's state in the primary's liveness view
+	// (alive, suspect, dead; unknown when the primary cannot be asked or
+	// failover is off), and LastHeard when the primary last heard it.
+	Liveness  string     `json:"liveness,omitempty"`
+	LastHeard *time.Time `json:"last_heard,omitempty"`
+}
+
+// NodeLiveness is one member in the primary's liveness view (GET
+// /v1/internal/liveness).
+type NodeLiveness struct {
+	ID        string    `json:"id"`
+	State     string    `json:"state"`
+	LastHeard time.Time `json:"last_heard"`
 }
 
 // JoinRequest is the body of POST /v1/join: a node that is not a member

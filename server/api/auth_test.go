@@ -57,6 +57,7 @@ var routeTable = []route{
 		body: `{"expected_epoch":1,"epoch":2,"writer":"n2","copies":1,"replicas":[{"node":"n2","state":"in-sync"}]}`, access: accessNode, backend: "ChangeCopies"},
 	{pattern: "POST /v1/internal/lus/{name}/lease", method: "POST", path: "/v1/internal/lus/a/lease",
 		body: `{"epoch":1}`, access: accessNode, backend: "ConfirmLease"},
+	{pattern: "GET /v1/internal/liveness", method: "GET", path: "/v1/internal/liveness", access: accessNode, backend: "Liveness"},
 	{pattern: "POST /v1/internal/nodes", method: "POST", path: "/v1/internal/nodes", body: `{"peer_addr":"p:1","api_addr":"a:1"}`, access: accessCert, backend: "RegisterNode"},
 	// Through a ResponseRecorder (no Connection: Upgrade), an authorized
 	// request gets to upgrade's own check: 426.

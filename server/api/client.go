@@ -113,6 +113,14 @@ func (c *Client) ConfirmLease(ctx context.Context, name string, epoch uint64) er
 	return c.do(ctx, http.MethodPost, "/v1/internal/lus/"+url.PathEscape(name)+"/lease", LeaseRequest{Epoch: epoch}, nil)
 }
 
+// Liveness asks a node (the primary, on its peer port) for its liveness
+// view of the members.
+func (c *Client) Liveness(ctx context.Context) ([]NodeLiveness, error) {
+	var out []NodeLiveness
+	err := c.do(ctx, http.MethodGet, "/v1/internal/liveness", nil, &out)
+	return out, err
+}
+
 // CreateLU creates an LU.
 func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) {
 	var lu LU

@@ -117,6 +117,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	// never forwarded (the leader would see the forwarding node instead).
 	node("POST /v1/internal/lus/{name}/copy-change", h.local(h.changeCopies))
 	node("POST /v1/internal/lus/{name}/lease", h.local(h.confirmLease))
+	node("GET /v1/internal/liveness", h.liveness)
 	// A joining node is not a member yet: its certificate is its credential.
 	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))
 	for path, fn := range opts.Upgrades {
@@ -324,6 +325,11 @@ func (h *Handler) confirmLease(ctx context.Context, r *http.Request, body []byte
 		return 0, nil, fmt.Errorf("%w: a lease request needs epoch >= 1", ErrInvalid)
 	}
 	return http.StatusNoContent, nil, h.opts.Backend.ConfirmLease(ctx, r.PathValue("name"), req)
+}
+
+func (h *Handler) liveness(w http.ResponseWriter, r *http.Request) {
+	view, err := h.opts.Backend.Liveness(r.Context())
+	h.reply(w, view, err)
 }
 
 func (h *Handler) createJoinToken(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {

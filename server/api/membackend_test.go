@@ -277,6 +277,17 @@ func (b *memBackend) RemoveNode(ctx context.Context, id string) error {
 	return nil
 }
 
+// Liveness reports every node alive.
+func (b *memBackend) Liveness(ctx context.Context) ([]NodeLiveness, error) {
+	_ = b.enter(ctx, "Liveness", false)
+	defer b.mu.Unlock()
+	var out []NodeLiveness
+	for id := range b.nodes {
+		out = append(out, NodeLiveness{ID: id, State: "alive"})
+	}
+	return out, nil
+}
+
 // ConfirmLease confirms a lease when the caller's copy is in sync at the
 // epoch asked about.
 func (b *memBackend) ConfirmLease(ctx context.Context, name string, req LeaseRequest) error {
