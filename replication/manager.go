@@ -31,13 +31,43 @@
 //
 // # Read leases
 //
+// Invariant: no node serves a read that misses an acknowledged write.
+//
 // A copy serves reads from its own volume only while its record says in
-// sync and it heard from the writer within ReadLease (writes and pings
-// renew it). A writer that loses a copy records it out of sync and then
-// waits until ReadLease has passed since the copy last answered before it
-// acknowledges anything the copy missed: a copy cut off from the writer, or
-// one whose metadata lags, stops reading locally before it could return
-// stale data. This assumes the two nodes' clocks advance at the same rate.
+// sync and it holds a lease: it heard from the writer within ReadLease
+// (writes and pings renew it), or, while the writer is silent, the
+// metadata leader confirmed that its copy is in sync at the current epoch
+// (ManagerOptions.ConfirmLease; lease.go), ReadLease from when it asked.
+// A writer that loses a copy records it out of sync and then waits until
+// ReadLease has passed since the copy last answered, and since the record
+// (the copy may hold a metadata lease confirmed just before it), before it
+// acknowledges anything the copy missed: a copy cut off from the writer,
+// or one whose metadata lags, stops reading locally before it could return
+// stale data.
+//
+// The writer reads its own volume only while every other copy in sync
+// answered a frame it sent within ReadLease (Mirror.readable), or the
+// metadata confirms it still is the writer. A copy promoted to writer (a
+// failover: the primary promotes only ReadLease after it last confirmed
+// the old writer a lease) waits ReadLease after the last frame it answered
+// the old writer before it acknowledges anything, so an old writer that
+// is frozen or cut off stops reading before the new one acknowledges a
+// write it lacks; the old writer cannot acknowledge either, since its
+// copies refuse the old epoch and the metadata its changes. This assumes
+// the nodes' clocks advance at the same rate.
+//
+// # Roles and failover
+//
+// The front end serves each LU through one roleDevice for the LU's life on
+// this node; a role change (this node becomes the writer, or stops being
+// it) swaps the device underneath and runs requests in flight on the old
+// one again on the new one. A Forwarder whose writer does not answer
+// retries until the metadata names a new writer (FailoverWait). A promoted
+// writer knows nothing of what its copies lack (it keeps no dirty records
+// for an LU it did not write: DirtyStore's writer key), so it compares
+// every other copy by region hashes, and records the other in-sync copies
+// out of sync first (the old writer's last writes may have reached one
+// copy and not another).
 //
 // # Durability
 //
