@@ -948,9 +948,13 @@ func (mi *Mirror) proposeLocked(node string, state copyState, bump bool) error {
 		if !errors.Is(err, cluster.ErrEpochChanged) || attempt >= 3 {
 			return err
 		}
-		// Someone else changed the LU: take their record and try again.
+		// Someone else changed the LU: take their record and try again,
+		// unless it names another writer (this node was fenced).
 		time.Sleep(50 * time.Millisecond)
 		if fresh, ok := mi.m.record(mi.name); ok && fresh.Epoch > mi.rec.Epoch {
+			if writerOf(fresh) != mi.self {
+				return fmt.Errorf("%w: %s is the writer of %s at epoch %d, not this node", err, writerOf(fresh), mi.name, fresh.Epoch)
+			}
 			mi.rec = cloneLU(fresh)
 			mi.epoch.Store(fresh.Epoch)
 		}
