@@ -132,9 +132,10 @@ func (w *watch) view(members []string, self string, now time.Time, suspectAfter,
 				w.mu.lastHeard[id] = now
 			}
 			if id == self {
-				last = now
+				last = now // the primary itself; no time to report
+			} else {
+				nl.LastHeard = last
 			}
-			nl.LastHeard = last
 			switch silent := now.Sub(last); {
 			case silent >= deadAfter:
 				nl.State = LiveDead

@@ -13,7 +13,8 @@ import (
 var ErrNoPlacement = errors.New("cluster: not enough nodes for the copies")
 
 // PickNodes chooses n distinct nodes for new copies among nodes (members
-// with an API address, voters or non-voters) that are not in exclude: those
+// with an API and an NBD address, voters or non-voters; a witness records
+// no NBD address) that are not in exclude: those
 // holding the fewest copies in lus first, ties by id. It is the pool's one
 // placement rule, used on create, add-copy and replacement.
 func PickNodes(nodes []NodeInfo, lus []LU, exclude map[string]bool, n int) ([]string, error) {
@@ -25,7 +26,8 @@ func PickNodes(nodes []NodeInfo, lus []LU, exclude map[string]bool, n int) ([]st
 	}
 	var candidates []string
 	for _, node := range nodes {
-		usable := node.APIAddr != "" && (node.Suffrage == suffrageVoter || node.Suffrage == suffrageNonvoter)
+		// A node without an NBD address is a witness (metadata only).
+		usable := node.APIAddr != "" && node.NBDAddr != "" && (node.Suffrage == suffrageVoter || node.Suffrage == suffrageNonvoter)
 		if usable && !exclude[node.ID] {
 			candidates = append(candidates, node.ID)
 		}

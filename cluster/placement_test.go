@@ -8,11 +8,12 @@ import (
 
 func TestPickNodes(t *testing.T) {
 	nodes := []NodeInfo{
-		{ID: "a", APIAddr: "x", Suffrage: suffrageVoter},
-		{ID: "b", APIAddr: "x", Suffrage: suffrageVoter},
-		{ID: "c", APIAddr: "x", Suffrage: suffrageNonvoter},
-		{ID: "d", APIAddr: "", Suffrage: suffrageVoter},     // no API address: unusable
-		{ID: "e", APIAddr: "x", Suffrage: suffrageUnlisted}, // left the cluster
+		{ID: "a", APIAddr: "x", NBDAddr: "y", Suffrage: suffrageVoter},
+		{ID: "b", APIAddr: "x", NBDAddr: "y", Suffrage: suffrageVoter},
+		{ID: "c", APIAddr: "x", NBDAddr: "y", Suffrage: suffrageNonvoter},
+		{ID: "d", APIAddr: "", NBDAddr: "y", Suffrage: suffrageVoter},     // no API address: unusable
+		{ID: "e", APIAddr: "x", NBDAddr: "y", Suffrage: suffrageUnlisted}, // left the cluster
+		{ID: "f", APIAddr: "x", Suffrage: suffrageVoter},                  // a witness: no NBD address
 	}
 	lus := []LU{
 		{Replicas: []Replica{{NodeID: "a"}, {NodeID: "b"}}},

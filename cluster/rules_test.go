@@ -653,7 +653,7 @@ func TestReplaceLoopReplacesLaggingCopy(t *testing.T) {
 	if err := n.raft.AddNonvoter("n3", raft.ServerAddress(p3), 0, testTimeout).Error(); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.RegisterNode(ctx, Proposer{NodeID: "n3"}, NodeAddrs{ID: "n3", PeerAddr: p3, APIAddr: "127.0.0.1:13"}); err != nil {
+	if err := n.RegisterNode(ctx, Proposer{NodeID: "n3"}, NodeAddrs{ID: "n3", PeerAddr: p3, APIAddr: "127.0.0.1:13", NBDAddr: "127.0.0.1:23"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.CreateLU(ctx, LU{Name: "m", SizeBytes: 1 << 20, Copies: 2, Replicas: reps("n1:i", "n2:i")}); err != nil {

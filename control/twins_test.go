@@ -163,7 +163,7 @@ var _ Metadata = (*memMeta)(nil)
 func newMemMeta(nodes ...string) *memMeta {
 	m := &memMeta{lus: map[string]cluster.LU{}}
 	for _, id := range nodes {
-		m.nodes = append(m.nodes, cluster.NodeInfo{ID: id, PeerAddr: "peer-" + id, APIAddr: "api-" + id, Suffrage: "voter"})
+		m.nodes = append(m.nodes, cluster.NodeInfo{ID: id, PeerAddr: "peer-" + id, APIAddr: "api-" + id, NBDAddr: "nbd-" + id, Suffrage: "voter"})
 	}
 	return m
 }

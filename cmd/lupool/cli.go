@@ -534,6 +534,9 @@ func nodeRole(n api.Node) string {
 	if n.Leader {
 		role = "leader"
 	}
+	if n.NBDAddr == "" {
+		role += " (witness)"
+	}
 	if !n.Voter {
 		role += " (non-voter)"
 	}

@@ -34,6 +34,10 @@ type serveConfig struct {
 	JoinToken string `json:"join_token"`
 	// OpenProbes leaves /healthz, /readyz and /metrics without a token.
 	OpenProbes bool `json:"open_probes"`
+	// Witness makes the node a metadata voter only: it holds no copies,
+	// exports nothing and records no NBD address (a third voter that lets
+	// a pool of two storage nodes fail over).
+	Witness bool `json:"witness"`
 	// NBDMaxConns and NBDMaxConnsPerExport cap NBD client connections.
 	NBDMaxConns          int     `json:"nbd_max_conns"`
 	NBDMaxConnsPerExport int     `json:"nbd_max_conns_per_export"`
@@ -108,6 +112,8 @@ func settings() []setting {
 		str("node-id", "this node's id (default: kept in DATA/node-id, generated once)", func(c *serveConfig) *string { return &c.NodeID }),
 		str("join", "API address of a node of the cluster to join (first start only; needs --join-token)", func(c *serveConfig) *string { return &c.Join }),
 		str("join-token", "join token from lupool cluster join-token on a member (first start only; LUPOOL_JOIN_TOKEN keeps it out of ps)", func(c *serveConfig) *string { return &c.JoinToken }),
+		boolSetting("witness", "a metadata voter only: hold no LU copies and serve no NBD (a third voter for two storage nodes; true or false)",
+			func(c *serveConfig) *bool { return &c.Witness }),
 		boolSetting("open-probes", "serve /healthz, /readyz and /metrics without the admin token (true or false)",
 			func(c *serveConfig) *bool { return &c.OpenProbes }),
 		intSetting("nbd-max-conns", "most NBD client connections this node accepts (0: the built-in default)",

@@ -262,6 +262,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	defer link.Close()
 
+	// A witness records no NBD address: placement never picks it.
+	nbdAddr := cfg.NBD
+	if cfg.Witness {
+		nbdAddr = ""
+	}
 	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)   // validated with the config
 	failoverAfter, _ := time.ParseDuration(cfg.FailoverAfter) // validated with the config
 	node, err := cluster.Open(cluster.Options{
@@ -279,7 +284,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		PeerAddr:    link.Addr(),
 		StreamLayer: link.Raft(),
 		APIAddr:     cfg.API,
-		NBDAddr:     cfg.NBD,
+		NBDAddr:     nbdAddr,
 		CertSHA256:  pki.Fingerprint(ident.cert.Leaf.Raw),
 		Bootstrap:   !member && !joining && cfg.Join == "",
 		ExpectState: member,
@@ -450,7 +455,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		if joinMembersErr != nil {
 			return fmt.Errorf("finish joining: %w (remove %s and join again)", joinMembersErr, filepath.Join(cfg.Data, pkiDirName))
 		}
-		req := api.RegisterNodeRequest{PeerAddr: link.Addr(), APIAddr: cfg.API, NBDAddr: cfg.NBD}
+		req := api.RegisterNodeRequest{PeerAddr: link.Addr(), APIAddr: cfg.API, NBDAddr: nbdAddr}
 		if err := register(ctx, link, joinMembers, req, log); err != nil {
 			return err
 		}
@@ -492,11 +497,13 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		}
 	}
 
-	nbdListener, err := net.Listen("tcp", cfg.NBD)
-	if err != nil {
-		return fmt.Errorf("NBD listen on %s: %w (use --nbd to pick another address)", cfg.NBD, err)
+	if !cfg.Witness {
+		nbdListener, err := net.Listen("tcp", cfg.NBD)
+		if err != nil {
+			return fmt.Errorf("NBD listen on %s: %w (use --nbd to pick another address)", cfg.NBD, err)
+		}
+		go func() { errc <- nbdServer.Serve(nbdListener) }()
 	}
-	go func() { errc <- nbdServer.Serve(nbdListener) }()
 	backend.ready.Store(true)
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))
 
