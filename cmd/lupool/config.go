@@ -85,6 +85,9 @@ type setting struct {
 	name, help string
 	get        func(*serveConfig) string
 	set        func(*serveConfig, string) error
+	// boolean: the flag alone means true (--witness); a value goes after
+	// "=" (--open-probes=false).
+	boolean bool
 }
 
 func settings() []setting {
@@ -150,7 +153,7 @@ func settings() []setting {
 
 // boolSetting is true or false.
 func boolSetting(name, help string, field func(*serveConfig) *bool) setting {
-	return setting{name: name, help: help,
+	return setting{name: name, help: help, boolean: true,
 		get: func(c *serveConfig) string { return strconv.FormatBool(*field(c)) },
 		set: func(c *serveConfig, v string) error {
 			b, err := strconv.ParseBool(v)
@@ -210,6 +213,9 @@ func addServeFlags(fs *pflag.FlagSet, getenv func(string) string) *serveFlags {
 	sf.configFile = fs.String("config", getenv("LUPOOL_CONFIG"), "optional JSON config file with the same names (env LUPOOL_CONFIG)")
 	for _, s := range settings() {
 		sf.values[s.name] = fs.String(s.name, "", fmt.Sprintf("%s (env %s, default %q)", s.help, envName(s.name), s.get(&def)))
+		if s.boolean {
+			fs.Lookup(s.name).NoOptDefVal = "true"
+		}
 	}
 	return sf
 }
@@ -227,7 +233,8 @@ func loadServeConfig(args []string, getenv func(string) string, out io.Writer) (
 		return defaultServeConfig(), &usageError{msg: err.Error()}
 	}
 	if fs.NArg() > 0 {
-		return defaultServeConfig(), usageErrorf("serve takes no arguments, got %q", strings.Join(fs.Args(), " "))
+		return defaultServeConfig(), usageErrorf("serve takes no arguments, got %q (a true/false flag alone means true; give a value after =, as --name=false)",
+			strings.Join(fs.Args(), " "))
 	}
 	return sf.resolve(getenv)
 }

@@ -45,7 +45,8 @@ func TestServeConfigErrors(t *testing.T) {
 		{[]string{"--resync-rate", "fast"}, "want a byte count such as 1M"},
 		{[]string{"--replace-after", "soon"}, "want a duration such as 10m"},
 		{[]string{"--replace-after", "-5m"}, "want a duration such as 10m"},
-		{[]string{"--debug-pprof", "maybe"}, "use true or false"},
+		{[]string{"--debug-pprof=maybe"}, "use true or false"},
+		{[]string{"--debug-pprof", "false"}, "--name=false"},
 	} {
 		_, err := loadServeConfig(tc.args, noenv, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

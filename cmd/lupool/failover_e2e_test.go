@@ -395,3 +395,61 @@ func TestWriterFrozenFenced(t *testing.T) {
 	realclient.NbdshPython(t)
 	failoverRun(t, 1, "stop")
 }
+
+// TestWitnessFailover: two storage nodes and a witness (metadata only).
+// The LU's copies go on the two storage nodes, never the witness; kill -9
+// the writer, which also leads the metadata: the survivor and the witness
+// elect a primary, which fails the writer over to the survivor. A client
+// of the survivor sees no error and every acknowledged write reads back.
+func TestWitnessFailover(t *testing.T) {
+	realclient.NbdshPython(t)
+	s1 := newDaemon(t, "s1")
+	s1.start()
+	s2 := newJoiner(t, "s2", s1)
+	s2.start()
+	w := newJoiner(t, "w", s1, "--witness")
+	w.start()
+	s1.mustCLI("lu", "create", "wf", "--size", "8M", "--copies", "2")
+	rec := s2.showLU("wf")
+	if rec.Writer != "s1" || rec.state("s2") != "in-sync" || rec.state("w") != "" {
+		t.Fatalf("placement %+v: want the writer on s1 and the copy on s2, none on the witness", rec)
+	}
+	if out := w.mustCLI("node", "list"); !strings.Contains(out, "(witness)") {
+		t.Errorf("node list does not show the witness:\n%s", out)
+	}
+	if _, _, code := s1.cli("lu", "create", "three", "--size", "1M", "--copies", "3"); code == 0 {
+		t.Error("a 3-copy LU was placed with two storage nodes and a witness")
+	}
+	dir := t.TempDir()
+	stopFile := filepath.Join(dir, "stop")
+	env := []string{"BLOCKS=512", "STOPFILE=" + stopFile}
+	wr := startClient(t, s2, "wf", failoverWriterScript, filepath.Join(dir, "ledger"), env...)
+	time.Sleep(2 * time.Second)
+	s1.stop(syscall.SIGKILL)
+	killed := time.Now()
+	deadline := time.Now().Add(30 * time.Second)
+	for s2.showLU("wf").Writer != "s2" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no failover to s2 within 30 s: %+v", s2.showLU("wf"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	failedOver := time.Since(killed)
+	time.Sleep(2 * time.Second)
+	if err := os.WriteFile(stopFile, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wr.wait()
+	wl := readLedger(t, wr.log)
+	acked := ackedVersions(t, wl, "the client of s2", killed, true)
+	gap, _ := longestGap(wl, "W")
+	checkBlocks(t, s2, "wf", 512, acked)
+	t.Logf("writer and primary killed: new writer recorded %v later, writes stalled %v, %d writes acknowledged",
+		failedOver.Round(time.Millisecond), gap.Round(time.Millisecond), len(wl))
+	// s1 comes back as the copy and is resynced.
+	s1.start()
+	s2.waitState("wf", "s1", "in-sync", 60*time.Second)
+	if out, errOut, code := s2.cli("lu", "verify", "wf"); code != 0 {
+		t.Fatalf("copies differ after s1 rejoined (exit %d):\n%s%s", code, out, errOut)
+	}
+}
