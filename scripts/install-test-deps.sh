@@ -3,7 +3,7 @@
 # the real NBD clients and peer servers they drive, and systemd-analyze for
 # the unit file check. Idempotent; no prompts.
 set -euo pipefail
-pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox systemd)
+pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox systemd iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

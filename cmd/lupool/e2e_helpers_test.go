@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -104,6 +105,9 @@ type daemon struct {
 	peer  string
 	id    string
 	extra []string
+	// netns, when set, is the network namespace the daemon runs in (a
+	// netLab host); its addresses are on the lab's bridge.
+	netns string
 	// via is the member a joining node joins through (nil: d bootstraps
 	// its own cluster); its admin token is d's too.
 	via     *daemon
@@ -150,7 +154,7 @@ func (d *daemon) token() string {
 // request sends an API request to d with the admin token.
 func (d *daemon) request(method, path, body string) *http.Response {
 	d.t.Helper()
-	req, err := http.NewRequest(method, "http://"+d.api+path, strings.NewReader(body))
+	req, err := http.NewRequest(method, d.baseURL()+path, strings.NewReader(body))
 	if err != nil {
 		d.t.Fatal(err)
 	}
@@ -158,11 +162,40 @@ func (d *daemon) request(method, path, body string) *http.Response {
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := d.httpClient().Do(req)
 	if err != nil {
 		d.t.Fatal(err)
 	}
 	return resp
+}
+
+// caFile is the cluster CA's certificate (the first node's).
+func (d *daemon) caFile() string {
+	if d.via != nil {
+		return d.via.caFile()
+	}
+	return filepath.Join(d.data, "pki", "ca.crt")
+}
+
+// baseURL is where d's API answers: plain HTTP on loopback, HTTPS beyond
+// (a netLab host).
+func (d *daemon) baseURL() string {
+	if d.netns != "" {
+		return "https://" + d.api
+	}
+	return "http://" + d.api
+}
+
+// httpClient trusts the cluster CA for a daemon beyond loopback.
+func (d *daemon) httpClient() *http.Client {
+	if d.netns == "" {
+		return http.DefaultClient
+	}
+	pool := x509.NewCertPool()
+	if pem, err := os.ReadFile(d.caFile()); err == nil {
+		pool.AppendCertsFromPEM(pem)
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 }
 
 // joinToken asks d for a new join token.
@@ -179,6 +212,10 @@ func (d *daemon) start() {
 		args = append(args, "--join", d.via.api, "--join-token", d.via.joinToken())
 	}
 	d.cmd = exec.Command(lupoolBin, args...)
+	if d.netns != "" {
+		// ip netns exec execs the binary: the process is lupool itself.
+		d.cmd = exec.Command("ip", append([]string{"netns", "exec", d.netns, lupoolBin}, args...)...)
+	}
 	d.cmd.Stdout, d.cmd.Stderr = &d.log, &d.log
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
@@ -199,7 +236,7 @@ func (d *daemon) start() {
 	})
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		resp, err := http.Get("http://" + d.api + "/readyz")
+		resp, err := d.httpClient().Get(d.baseURL() + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -239,6 +276,9 @@ func (d *daemon) cli(args ...string) (string, string, int) {
 	d.t.Helper()
 	cmd := exec.Command(lupoolBin, args...)
 	cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api, "LUPOOL_TOKEN_FILE="+d.tokenFile())
+	if d.netns != "" {
+		cmd.Env = append(cmd.Env, "LUPOOL_CA_FILE="+d.caFile())
+	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -284,7 +324,7 @@ func (d *daemon) uri(name string) string { return "nbd://" + d.nbd + "/" + name 
 // metrics returns the /metrics text.
 func (d *daemon) metrics() string {
 	d.t.Helper()
-	resp, err := http.Get("http://" + d.api + "/metrics")
+	resp, err := d.httpClient().Get(d.baseURL() + "/metrics")
 	if err != nil {
 		d.t.Fatal(err)
 	}

@@ -248,11 +248,20 @@ func ackedVersions(t *testing.T, wl []ledgerLine, who string, since time.Time, s
 
 // failoverRun: mode "kill" kills the writer n2 with SIGKILL and starts it
 // again after the failover; mode "stop" freezes it with SIGSTOP for 10 s
-// while its own clients go on sending, then lets it go on (SIGCONT): it
-// must be fenced, acknowledge nothing the new writer lacks and serve no
-// stale read.
+// while its own clients go on sending, then lets it go on (SIGCONT); mode
+// "partition" runs the nodes in network namespaces and cuts n2 off from
+// the other two for 10 s (its clients still reach it). A frozen or cut-off
+// writer must be fenced, acknowledge nothing the new writer lacks and
+// serve no stale read.
 func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time.Duration) {
-	n1, n2, n3 := cluster3(t)
+	var n1, n2, n3 *daemon
+	var lab *netLab
+	if mode == "partition" {
+		lab = newNetLab(t, 3)
+		n1, n2, n3 = lab.cluster3()
+	} else {
+		n1, n2, n3 = cluster3(t)
+	}
 	nodes := map[string]*daemon{"n1": n1, "n2": n2, "n3": n3}
 	n2.mustCLI("lu", "create", "f", "--size", "16M", "--copies", "2")
 	rec := n1.showLU("f")
@@ -282,7 +291,7 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 	w := startClient(t, client, "f", failoverWriterScript, filepath.Join(dir, "ledger"), env...)
 	r := startClient(t, client, "f", failoverReaderScript, filepath.Join(dir, "reads"), env...)
 	var oldW, oldR clientRun
-	if mode == "stop" {
+	if mode != "kill" {
 		// Clients of the old writer itself: one writes blocks of its own
 		// range, one reads the other client's blocks.
 		oldW = startClient(t, n2, "f", failoverWriterScript, filepath.Join(dir, "ledger-old"), append(env, "BASE=1024")...)
@@ -302,6 +311,10 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 		if err := n2.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 			t.Fatal(err)
 		}
+	case "partition":
+		lab.isolate(1)
+		time.Sleep(10 * time.Second)
+		lab.heal(1)
 	}
 	time.Sleep(6 * time.Second)
 	if err := os.WriteFile(stopFile, nil, 0o644); err != nil {
@@ -357,7 +370,7 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 		}
 	}
 	total := blocks
-	if mode == "stop" {
+	if mode != "kill" {
 		oldW.wait()
 		oldR.wait()
 		owl, orl := readLedger(t, oldW.log), readLedger(t, oldR.log)
@@ -394,6 +407,16 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 func TestWriterFrozenFenced(t *testing.T) {
 	realclient.NbdshPython(t)
 	failoverRun(t, 1, "stop")
+}
+
+// TestPartitionedWriterFenced: three hosts in network namespaces; the
+// writer's host is cut off from the other two for 10 s. The majority fails
+// the LU over; the cut-off writer acknowledges nothing the new writer
+// lacks and serves no stale read to its own clients; after the partition
+// heals it rejoins as a copy equal to the new writer.
+func TestPartitionedWriterFenced(t *testing.T) {
+	realclient.NbdshPython(t)
+	failoverRun(t, 1, "partition")
 }
 
 // TestWitnessFailover: two storage nodes and a witness (metadata only).
