@@ -211,6 +211,17 @@ func (n *Node) ConfirmCopy(ctx context.Context, name, node string, epoch uint64)
 	return fmt.Errorf("%w: the copy of %s on %s is not in sync at epoch %d", ErrNotInSync, name, node, epoch)
 }
 
+// QuorumContact returns when this node last knew itself part of the
+// metadata majority: now while it leads (a leader that cannot reach a
+// majority steps down within LeaderLeaseTimeout), else when it last heard
+// from the leader (zero if never since it started).
+func (n *Node) QuorumContact() time.Time {
+	if n.IsLeader() {
+		return time.Now()
+	}
+	return n.raft.LastContact()
+}
+
 // failoverLoop is the primary's liveness probe and writer failover loop.
 func (n *Node) failoverLoop() {
 	defer n.wg.Done()

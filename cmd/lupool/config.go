@@ -57,6 +57,9 @@ type serveConfig struct {
 	// FailoverAfter: the primary makes an in-sync copy the writer of the
 	// LUs whose writer's node has been dead this long (0 never).
 	FailoverAfter string `json:"failover_after"`
+	// MinorityDisconnect: a node that has not been part of the metadata
+	// majority this long sends its NBD clients elsewhere (0 never).
+	MinorityDisconnect string `json:"minority_disconnect"`
 	// DebugPprof serves Go's profiler under /debug/pprof/ on the API.
 	DebugPprof bool `json:"debug_pprof"`
 }
@@ -73,9 +76,10 @@ func defaultServeConfig() serveConfig {
 		LogFormat:  "text",
 		OpenProbes: true,
 
-		DirtyRegionBytes: rules.DirtyRegionBytesDefault,
-		ReplaceAfter:     "10m",
-		FailoverAfter:    "2s",
+		DirtyRegionBytes:   rules.DirtyRegionBytesDefault,
+		ReplaceAfter:       "10m",
+		FailoverAfter:      "2s",
+		MinorityDisconnect: "5s",
 	}
 }
 
@@ -142,6 +146,8 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
 		str("failover-after", "the primary makes an in-sync copy the writer of every LU whose writer's node has not answered for this long (more than the 1s read lease; 0 never)",
 			func(c *serveConfig) *string { return &c.FailoverAfter }),
+		str("minority-disconnect", "a node cut off from the metadata majority this long answers its NBD clients ESHUTDOWN and closes their connections, so they move to the majority (0 never)",
+			func(c *serveConfig) *string { return &c.MinorityDisconnect }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
@@ -305,6 +311,9 @@ func (c *serveConfig) validate() error {
 	}
 	if d, err := time.ParseDuration(c.FailoverAfter); err != nil || d < 0 || d > 0 && d <= readLease {
 		return fmt.Errorf("--failover-after %q: want 0 (never) or a duration above the %v read lease, such as 2s", c.FailoverAfter, readLease)
+	}
+	if d, err := time.ParseDuration(c.MinorityDisconnect); err != nil || d < 0 || d > 0 && d <= readLease {
+		return fmt.Errorf("--minority-disconnect %q: want 0 (never) or a duration above the %v read lease, such as 5s", c.MinorityDisconnect, readLease)
 	}
 	if d, err := time.ParseDuration(c.ReplaceAfter); err != nil || d < 0 {
 		return fmt.Errorf("--replace-after %q: want a duration such as 10m, 90s or 0 (never)", c.ReplaceAfter)

@@ -313,7 +313,13 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 		}
 	case "partition":
 		lab.isolate(1)
-		time.Sleep(10 * time.Second)
+		time.Sleep(8 * time.Second)
+		// Cut off for longer than --minority-disconnect (5 s): n2 sends
+		// its clients elsewhere.
+		if g := metricValue(n2.metrics(), "lupool_minority"); g != 1 {
+			t.Errorf("run %d: lupool_minority on the cut-off node is %v 8 s into the partition, want 1", run, g)
+		}
+		time.Sleep(2 * time.Second)
 		lab.heal(1)
 	}
 	time.Sleep(6 * time.Second)
@@ -374,6 +380,21 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 		oldW.wait()
 		oldR.wait()
 		owl, orl := readLedger(t, oldW.log), readLedger(t, oldR.log)
+		if mode == "partition" {
+			// Both clients of the cut-off node were sent away (ESHUTDOWN
+			// or a closed connection) once it had been cut off for
+			// --minority-disconnect, not before.
+			for _, l := range append(append([]ledgerLine(nil), owl...), orl...) {
+				if l.kind != "E" {
+					continue
+				}
+				if at := l.at.Sub(faulted); at < 4500*time.Millisecond || at > 9*time.Second {
+					t.Errorf("run %d: a client of the cut-off node was sent away %v after the partition began, want 5–8 s", run, at.Round(time.Millisecond))
+				} else {
+					t.Logf("run %d: a client of the cut-off node was sent away %v after the partition began: %s", run, at.Round(time.Millisecond), strings.Join(l.fields, " "))
+				}
+			}
+		}
 		for b, v := range ackedVersions(t, owl, "the client of the old writer", faulted, false) {
 			acked[b] = v
 		}

@@ -8,9 +8,12 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/server/api"
+	"github.com/lupool/lupool/server/nbd"
 )
 
 // peers reaches the other nodes' peer ports, over mutual TLS: every call
@@ -132,6 +135,40 @@ func localLiveness(n *cluster.Node) ([]api.NodeLiveness, error) {
 		out = append(out, api.NodeLiveness{ID: nl.ID, State: nl.State, LastHeard: nl.LastHeard})
 	}
 	return out, nil
+}
+
+// watchMajority sends this node's NBD clients elsewhere (nbd.Server.Shed)
+// while it has not been part of the metadata majority for longer than
+// after, and serves them again once it is: a node cut off from the
+// majority cannot confirm read leases or record copy changes, and the
+// majority fails its LUs over; clients that reconnect (lupool attach)
+// move to a node of the majority. It returns when ctx ends.
+func watchMajority(ctx context.Context, node *cluster.Node, srv *nbd.Server, after time.Duration, gauge prometheus.Gauge, log *slog.Logger) {
+	started := time.Now()
+	tick := time.NewTicker(after / 10)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		contact := node.QuorumContact()
+		if contact.Before(started) {
+			contact = started
+		}
+		cut := time.Since(contact) > after
+		if cut != srv.Shedding() {
+			if cut {
+				log.Warn("cut off from the metadata majority: sending NBD clients elsewhere", "silent_for", time.Since(contact).Round(time.Millisecond))
+				gauge.Set(1)
+			} else {
+				log.Info("back in the metadata majority: serving NBD clients again")
+				gauge.Set(0)
+			}
+			srv.Shed(cut)
+		}
+	}
 }
 
 // certBound reports whether id has a member record and whether certSHA256

@@ -376,6 +376,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 	registry.MustRegister(peerCollectors(link)...)
+	minority := prometheus.NewGauge(prometheus.GaugeOpts{Name: "lupool_minority",
+		Help: "1 while this node is cut off from the metadata majority for longer than --minority-disconnect and sends its NBD clients elsewhere."})
+	registry.MustRegister(minority)
 
 	var debug http.Handler
 	if cfg.DebugPprof {
@@ -503,6 +506,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			return fmt.Errorf("NBD listen on %s: %w (use --nbd to pick another address)", cfg.NBD, err)
 		}
 		go func() { errc <- nbdServer.Serve(nbdListener) }()
+	}
+	minorityAfter, _ := time.ParseDuration(cfg.MinorityDisconnect) // validated with the config
+	if minorityAfter > 0 {
+		mctx, stopWatch := context.WithCancel(ctx)
+		defer stopWatch()
+		go watchMajority(mctx, node, nbdServer, minorityAfter, minority, log)
 	}
 	backend.ready.Store(true)
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))

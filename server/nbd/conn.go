@@ -687,7 +687,7 @@ func (c *conn) take(hdr nbdproto.Request) (*request, error) {
 		r.start = time.Now() // only the latency histogram needs it
 	}
 	r.errCode = c.validate(&hdr)
-	if r.errCode == 0 && c.srv.closing.Load() {
+	if r.errCode == 0 && (c.srv.closing.Load() || c.srv.shedding.Load()) {
 		r.errCode = nbdproto.ESHUTDOWN
 	}
 	r.inline = c.inlineRequest(r)

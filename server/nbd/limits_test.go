@@ -221,3 +221,35 @@ func TestServeSeveralListenersAndClose(t *testing.T) {
 	}
 	c.expectClosed()
 }
+
+// TestShedSendsClientsElsewhere: while shedding, an idle connection is
+// closed, a new connection is closed before the handshake, and after Shed
+// is turned off clients are served again.
+func TestShedSendsClientsElsewhere(t *testing.T) {
+	ts := startServer(t, blockdev.Caps{}, nil)
+	c := dialRaw(t, ts.addr)
+	c.attach("disk", false)
+	if code := c.do(nbdproto.CmdFlush, 0, 0, 0, nil); code != 0 {
+		t.Fatal(errName(code))
+	}
+	ts.srv.Shed(true)
+	if !ts.srv.Shedding() {
+		t.Fatal("Shedding() false after Shed(true)")
+	}
+	c.expectClosed()
+	nc, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_ = nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := nc.Read(make([]byte, 8)); err == nil {
+		t.Fatalf("a new connection while shedding got %d bytes of a greeting, want it closed", n)
+	}
+	ts.srv.Shed(false)
+	c2 := dialRaw(t, ts.addr)
+	c2.attach("disk", false)
+	if code := c2.do(nbdproto.CmdFlush, 0, 0, 0, nil); code != 0 {
+		t.Fatalf("after Shed(false): %s", errName(code))
+	}
+}

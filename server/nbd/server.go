@@ -21,6 +21,8 @@ type Server struct {
 	zeroes  []byte
 	pools   bufferPools
 	closing atomic.Bool // set once by Shutdown
+	// shedding is set while the server sends its clients elsewhere (Shed).
+	shedding atomic.Bool
 
 	// Refusals are logged through these, at most once per
 	// refusalLogInterval each, so that a flood does not flood the log.
@@ -106,6 +108,10 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("nbd: accept: %w", err)
 		}
 		backoff = 0
+		if s.shedding.Load() {
+			_ = nc.Close() // sent elsewhere: this node does not serve now
+			continue
+		}
 		s.mu.Lock()
 		if s.closing.Load() {
 			s.mu.Unlock()
@@ -290,6 +296,42 @@ func (l *logLimiter) allow(now time.Time) (bool, int) {
 	l.next, l.unlogged = now.Add(refusalLogInterval), 0
 	return true, n
 }
+
+// shedGrace is how long Shed lets a connection with requests in flight
+// finish them before it closes the connection anyway.
+const shedGrace = time.Second
+
+// Shed sends the server's clients elsewhere while on (the daemon: this
+// node lost the metadata majority): every new request is answered
+// ESHUTDOWN, new connections are closed at once, idle connections are
+// closed, and a connection still busy after shedGrace is closed too (a
+// client that replays unanswered requests, such as lupool attach, sends
+// them to another node). Off serves again. Shutdown ends shedding.
+func (s *Server) Shed(on bool) {
+	if s.shedding.Swap(on) == on || !on {
+		return
+	}
+	s.log.Warn("nbd: sending every client elsewhere (ESHUTDOWN) until this node serves again")
+	go func() {
+		start := time.Now()
+		t := time.NewTicker(10 * shutdownPollInterval)
+		defer t.Stop()
+		for s.shedding.Load() && !s.closing.Load() {
+			late := time.Since(start) > shedGrace
+			s.mu.Lock()
+			for c := range s.mu.conns {
+				if late || c.inflight.Load() == 0 {
+					c.close()
+				}
+			}
+			s.mu.Unlock()
+			<-t.C
+		}
+	}()
+}
+
+// Shedding reports whether Shed is on.
+func (s *Server) Shedding() bool { return s.shedding.Load() }
 
 // shutdownPollInterval is how often Shutdown looks for idle connections.
 const shutdownPollInterval = 5 * time.Millisecond
