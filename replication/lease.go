@@ -53,7 +53,11 @@ func (m *Manager) metaLeaseValid(name string, epoch uint64) bool {
 	l.mu.Unlock()
 	switch {
 	case valid && renew:
-		go m.renewMetaLease(name, epoch, l)
+		if !m.background(func() { m.renewMetaLease(name, epoch, l) }) {
+			l.mu.Lock()
+			l.renewing = false
+			l.mu.Unlock()
+		}
 		return true
 	case valid:
 		return true

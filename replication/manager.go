@@ -280,6 +280,11 @@ type Manager struct {
 	asyncWrites sync.Pool // of *asyncWrite
 	metrics     *metrics
 	stopped     chan struct{}
+	// quit is closed by Close; bg counts the manager's background
+	// goroutines (recording a lost copy, renewing a metadata lease), which
+	// Close waits for.
+	quit chan struct{}
+	bg   sync.WaitGroup
 	// changes counts metadata changes applied to local volumes by kind
 	// (created, resized, deleted) since this process started; after a
 	// restart it shows whether old log entries were applied again.
@@ -301,7 +306,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if err := rules.DirtyRegion(opts.RegionBytes); err != nil {
 		return nil, fmt.Errorf("replication: dirty region size %d: %w", opts.RegionBytes, err)
 	}
-	m := &Manager{opts: opts, stopped: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
+	m := &Manager{opts: opts, stopped: make(chan struct{}), quit: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
 	m.recs.m = map[string]cluster.LU{}
 	m.changes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_lu_changes_applied_total",
@@ -314,6 +319,18 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	m.mu.lost = map[string]bool{}
 	go m.loop()
 	return m, nil
+}
+
+// background runs fn on a goroutine that Close waits for; after Close it
+// runs nothing and returns false.
+func (m *Manager) background(fn func()) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.mu.closed {
+		return false
+	}
+	m.bg.Go(fn)
+	return true
 }
 
 // Enqueue queues a metadata change; it never blocks on volume work, so it
@@ -598,7 +615,7 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	default:
 		if lost {
 			m.opts.Logger.Warn("copy lost at start (its volume is gone); asking for a rebuild", "lu", rec.Name)
-			go m.recordLost(rec)
+			m.background(func() { m.recordLost(rec) })
 		}
 		next = m.newForwarder(rec, vol)
 	}
@@ -809,13 +826,11 @@ func (m *Manager) recordLost(rec cluster.LU) {
 			return
 		}
 		m.opts.Logger.Warn("cannot record lost copy as new; retrying", "lu", rec.Name, "err", err)
-		m.mu.Lock()
-		closed := m.mu.closed
-		m.mu.Unlock()
-		if closed {
+		select {
+		case <-m.quit:
 			return
+		case <-time.After(min(time.Duration(attempt+1)*200*time.Millisecond, 5*time.Second)):
 		}
-		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 5*time.Second))
 	}
 }
 
@@ -848,6 +863,9 @@ func (m *Manager) Flush(ctx context.Context) error {
 // stay open: the pool owns them.
 func (m *Manager) Close() error {
 	m.mu.Lock()
+	if !m.mu.closed {
+		close(m.quit)
+	}
 	m.mu.closed = true
 	m.mu.queue = nil
 	m.mu.cond.Broadcast()
@@ -863,5 +881,6 @@ func (m *Manager) Close() error {
 	for _, d := range devs {
 		closeDevice(d)
 	}
+	m.bg.Wait()
 	return nil
 }
