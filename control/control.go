@@ -13,6 +13,8 @@
 //   - AddCopy: placement of a new copy;
 //   - VerifyLU: a region-hash compare of every in-sync copy, with re-checks
 //     of regions that differ;
+//   - ScrubLU: the compare and repair, sent to the LU's writer, and the
+//     scrub state in an LU's answer from its writer's node;
 //   - placement: the writer first, then the members holding the fewest
 //     copies (cluster.PickNodes);
 //   - Status: the cluster's one-screen view (nodes and whether they
@@ -127,6 +129,9 @@ type Options struct {
 	Replicas    Replicas
 	Connections Connections
 	Peers       Peers
+	// Scrubs scrubs the LUs this node writes; optional (without it,
+	// ScrubLU on the writer answers ErrUnavailable).
+	Scrubs Scrubs
 	// OvercommitRatio is the pool's limit of provisioned file-volume bytes
 	// per byte of capacity; it must be the ratio the Pool was opened with.
 	// Required (> 0).

@@ -64,6 +64,7 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 	if vol, ok := p.opts.Replicas.Volume(rec.Name); ok {
 		out.AllocatedBytes = vol.AllocatedBytes()
 	}
+	p.scrubStatus(&out)
 	return out
 }
 

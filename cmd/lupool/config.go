@@ -17,6 +17,7 @@ import (
 
 	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
+	"github.com/lupool/lupool/replication"
 )
 
 // serveConfig is every setting of `lupool serve`. Precedence: flag, then
@@ -47,6 +48,13 @@ type serveConfig struct {
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
 	ResyncRateBytes  int64 `json:"resync_rate_bytes"`
+	// ScrubInterval: each LU this node writes is scrubbed once per
+	// interval (a Go duration; 0 never); ScrubRateBytes bounds the bytes
+	// a scrub hashes per second (0: unthrottled); a copy with more than
+	// ScrubDegradedRegions repaired regions is reported degraded.
+	ScrubInterval        string `json:"scrub_interval"`
+	ScrubRateBytes       int64  `json:"scrub_rate_bytes"`
+	ScrubDegradedRegions int    `json:"scrub_degraded_regions"`
 	// ReplaceAfter: the primary replaces a copy out of sync this long
 	// (a Go duration such as 10m; 0 never).
 	ReplaceAfter string `json:"replace_after"`
@@ -68,6 +76,10 @@ func defaultServeConfig() serveConfig {
 
 		DirtyRegionBytes: rules.DirtyRegionBytesDefault,
 		ReplaceAfter:     "10m",
+
+		ScrubInterval:        "168h",
+		ScrubRateBytes:       100 << 20,
+		ScrubDegradedRegions: replication.ScrubDegradedRegionsDefault,
 	}
 }
 
@@ -127,6 +139,12 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
 		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
+		str("scrub-interval", "scrub each LU this node writes once per interval, each at its own time within it (e.g. 168h; 0 never)",
+			func(c *serveConfig) *string { return &c.ScrubInterval }),
+		sizeSetting("scrub-rate", "bytes per second a scrub may hash on the writer (0: unthrottled), e.g. 100M",
+			func(c *serveConfig) *int64 { return &c.ScrubRateBytes }),
+		intSetting("scrub-degraded-regions", "report a copy degraded once scrubs repaired more regions of it than this",
+			func(c *serveConfig) *int { return &c.ScrubDegradedRegions }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
@@ -289,6 +307,12 @@ func (c *serveConfig) validate() error {
 	}
 	if c.ResyncRateBytes < 0 {
 		return fmt.Errorf("--resync-rate must not be negative")
+	}
+	if d, err := time.ParseDuration(c.ScrubInterval); err != nil || d < 0 {
+		return fmt.Errorf("--scrub-interval %q: want a duration such as 168h, 24h or 0 (never)", c.ScrubInterval)
+	}
+	if c.ScrubRateBytes < 0 {
+		return fmt.Errorf("--scrub-rate must not be negative")
 	}
 	if c.Overcommit <= 0 {
 		return fmt.Errorf("--overcommit must be positive")

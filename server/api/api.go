@@ -151,6 +151,11 @@ type Backend interface {
 	RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) (RegionHashes, error)
 	// VerifyLU compares every copy of an LU region by region by hash.
 	VerifyLU(ctx context.Context, name string, req VerifyRequest) (VerifyReport, error)
+	// ScrubLU compares every in-sync copy of an LU with its writer's data
+	// and repairs the regions that differ, on the LU's writer (a node that
+	// is not the writer answers with a NotLeaderError naming it, and the
+	// request is forwarded there).
+	ScrubLU(ctx context.Context, name string) (ScrubReport, error)
 	// Ready returns nil when the node can serve LU requests.
 	Ready() error
 }
@@ -213,6 +218,41 @@ type VerifyReport struct {
 	Skipped map[string]string `json:"skipped,omitempty"`
 }
 
+// ScrubReport is the outcome of one scrub of an LU (POST
+// /v1/lus/{name}/scrub).
+type ScrubReport struct {
+	Name        string `json:"name"`
+	RegionBytes int64  `json:"region_bytes"`
+	// Regions is how many regions were compared with each copy.
+	Regions int64 `json:"regions"`
+	// Copies are the in-sync copies compared with the writer.
+	Copies []string `json:"copies"`
+	// Repairs are the regions that differed from the writer and were
+	// rewritten from it.
+	Repairs []ScrubRepair `json:"repairs"`
+	// Skipped names copies that could not be compared, with the reason.
+	Skipped     map[string]string `json:"skipped,omitempty"`
+	TookSeconds float64           `json:"took_seconds"`
+}
+
+// ScrubRepair is one region of a copy rewritten from the writer.
+type ScrubRepair struct {
+	Copy        string `json:"copy"`
+	OffsetBytes int64  `json:"offset_bytes"`
+	LengthBytes int64  `json:"length_bytes"`
+}
+
+// ScrubStatus is an LU's scrub state as its writer knows it.
+type ScrubStatus struct {
+	Running      bool  `json:"running"`
+	RegionsDone  int64 `json:"regions_done"`
+	RegionsTotal int64 `json:"regions_total"`
+	// LastFinished is when the last scrub finished; absent before the
+	// first since the writer started.
+	LastFinished *time.Time `json:"last_finished,omitempty"`
+	LastRepaired int64      `json:"last_repaired_regions"`
+}
+
 // RegionMismatch is one region whose copies differ, with each copy's hash.
 type RegionMismatch struct {
 	OffsetBytes int64             `json:"offset_bytes"`
@@ -237,6 +277,9 @@ type LU struct {
 	Replicas       []Replica `json:"replicas"`
 	Connections    int       `json:"connections"`
 	CreatedAt      time.Time `json:"created_at"`
+	// Scrub is the LU's scrub state; only in answers from the writer's
+	// node.
+	Scrub *ScrubStatus `json:"scrub,omitempty"`
 }
 
 // Replica is one copy of an LU.
@@ -246,6 +289,11 @@ type Replica struct {
 	// DirtyBytes is what the copy lacks, as its writer knows it (resync
 	// progress); only in answers from the writer's node.
 	DirtyBytes *int64 `json:"dirty_bytes,omitempty"`
+	// RepairedRegions is how many regions of the copy scrubs repaired,
+	// and Degraded whether that is over the threshold; only in answers
+	// from the writer's node.
+	RepairedRegions *int64 `json:"repaired_regions,omitempty"`
+	Degraded        bool   `json:"degraded,omitempty"`
 }
 
 // PoolStatus is this node's storage pool.

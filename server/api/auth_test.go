@@ -48,6 +48,7 @@ var routeTable = []route{
 	{pattern: "POST /v1/lus/{name}/copies", method: "POST", path: "/v1/lus/a/copies", body: `{"node":"n2"}`, access: accessAdmin, backend: "AddCopy"},
 	{pattern: "GET /v1/lus/{name}/hashes", method: "GET", path: "/v1/lus/a/hashes?count=2", access: accessAdmin, backend: "RegionHashes"},
 	{pattern: "POST /v1/lus/{name}/verify", method: "POST", path: "/v1/lus/a/verify", body: `{}`, access: accessAdmin, backend: "VerifyLU"},
+	{pattern: "POST /v1/lus/{name}/scrub", method: "POST", path: "/v1/lus/a/scrub", body: `{}`, access: accessAdmin, backend: "ScrubLU"},
 	{pattern: "POST /v1/cluster/join-tokens", method: "POST", path: "/v1/cluster/join-tokens", body: `{"ttl_seconds":60}`, access: accessAdmin, backend: "CreateJoinToken"},
 	{pattern: "GET /v1/cluster/join-tokens", method: "GET", path: "/v1/cluster/join-tokens", access: accessAdmin, backend: "ListJoinTokens"},
 	{pattern: "DELETE /v1/cluster/join-tokens/{id}", method: "DELETE", path: "/v1/cluster/join-tokens/t1", access: accessAdmin, backend: "RevokeJoinToken"},

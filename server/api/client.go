@@ -185,6 +185,13 @@ func (c *Client) VerifyLU(ctx context.Context, name string, regionBytes int64) (
 	return out, err
 }
 
+// ScrubLU scrubs an LU on its writer and returns the report.
+func (c *Client) ScrubLU(ctx context.Context, name string) (ScrubReport, error) {
+	var out ScrubReport
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/scrub", struct{}{}, &out)
+	return out, err
+}
+
 // ListLUs lists every LU.
 func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
 	var lus []LU

@@ -107,6 +107,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
 	admin("GET /v1/lus/{name}/hashes", h.regionHashes)
 	admin("POST /v1/lus/{name}/verify", h.verifyLU)
+	// A scrub runs on the LU's writer: the backend names it with a
+	// NotLeaderError and the request is forwarded there.
+	admin("POST /v1/lus/{name}/scrub", h.mutating(h.scrubLU))
 	admin("POST /v1/cluster/join-tokens", h.mutating(h.createJoinToken))
 	admin("GET /v1/cluster/join-tokens", h.listJoinTokens)
 	admin("DELETE /v1/cluster/join-tokens/{id}", h.mutating(h.revokeJoinToken))
@@ -389,6 +392,11 @@ func (h *Handler) verifyLU(w http.ResponseWriter, r *http.Request) {
 	}
 	report, err := h.opts.Backend.VerifyLU(r.Context(), r.PathValue("name"), req)
 	h.reply(w, report, err)
+}
+
+func (h *Handler) scrubLU(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	report, err := h.opts.Backend.ScrubLU(ctx, r.PathValue("name"))
+	return http.StatusOK, report, err
 }
 
 // upgrade hands the connection of an "Upgrade" request to fn, with the
