@@ -58,6 +58,7 @@ type Metadata interface {
 	ListLUs() ([]cluster.LU, error)
 	CreateLU(ctx context.Context, rec cluster.LU) error
 	ResizeLU(ctx context.Context, name string, sizeBytes int64) error
+	SetQoS(ctx context.Context, name string, q cluster.QoS) error
 	DeleteLU(ctx context.Context, name string) error
 	ChangeCopies(ctx context.Context, by cluster.Proposer, change cluster.CopyChange) error
 }

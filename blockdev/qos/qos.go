@@ -137,10 +137,23 @@ func (b *buckets) reserve(o op, n int64, now time.Time, rs []*rate.Reservation) 
 type Limiter struct {
 	// b is the current buckets; nil when nothing is limited.
 	b atomic.Pointer[buckets]
-	// throttled and waited count, per op, the requests that waited and
-	// the seconds they waited. Immutable.
-	throttled [opCount]prometheus.Counter
-	waited    [opCount]prometheus.Counter
+	// name and metrics say where the requests that waited and the
+	// seconds they waited are counted, per op: series made on the first
+	// wait, so that an LU that never waits has none. Immutable.
+	name    string
+	metrics *Metrics
+	// forgotten is set once the LU is gone (Set.Forget): its series are
+	// deleted and must not come back.
+	forgotten atomic.Bool
+}
+
+// count records one request of o that waited d.
+func (l *Limiter) count(o op, d time.Duration) {
+	if l.forgotten.Load() {
+		return
+	}
+	l.metrics.throttled.WithLabelValues(l.name, opNames[o]).Inc()
+	l.metrics.waited.WithLabelValues(l.name, opNames[o]).Add(d.Seconds())
 }
 
 // SetLimits replaces the limits; the next request sees them.
@@ -166,17 +179,16 @@ func (l *Limiter) wait(ctx context.Context, o op, n int64) error {
 	if delay <= 0 {
 		return nil
 	}
-	l.throttled[o].Inc()
 	t := time.NewTimer(delay)
 	defer t.Stop()
 	select {
 	case <-t.C:
-		l.waited[o].Add(delay.Seconds())
+		l.count(o, delay)
 		return nil
 	case <-ctx.Done():
 		cancelAt := time.Now()
 		undo(rs, cancelAt)
-		l.waited[o].Add(cancelAt.Sub(now).Seconds())
+		l.count(o, cancelAt.Sub(now))
 		return ctx.Err()
 	}
 }
@@ -253,11 +265,7 @@ func (s *Set) Limiter(name string) *Limiter {
 	if l, ok := s.mu.lus[name]; ok {
 		return l
 	}
-	l := &Limiter{}
-	for o := range opCount {
-		l.throttled[o] = s.metrics.throttled.WithLabelValues(name, opNames[o])
-		l.waited[o] = s.metrics.waited.WithLabelValues(name, opNames[o])
-	}
+	l := &Limiter{name: name, metrics: s.metrics}
 	s.mu.lus[name] = l
 	return l
 }
@@ -265,11 +273,28 @@ func (s *Set) Limiter(name string) *Limiter {
 // SetLimits sets the LU's limits.
 func (s *Set) SetLimits(name string, lim Limits) { s.Limiter(name).SetLimits(lim) }
 
+// SetInitialLimits sets the LU's limits unless it has a Limiter already:
+// limits from a table read before later changes must not overwrite what
+// those changes set.
+func (s *Set) SetInitialLimits(name string, lim Limits) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.mu.lus[name]; ok {
+		return
+	}
+	l := &Limiter{name: name, metrics: s.metrics}
+	l.SetLimits(lim)
+	s.mu.lus[name] = l
+}
+
 // Forget drops the LU's Limiter and deletes its series: the LU is gone. A
 // device still wrapped keeps its Limiter, whose counts no registry reports.
 func (s *Set) Forget(name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if l, ok := s.mu.lus[name]; ok {
+		l.forgotten.Store(true)
+	}
 	delete(s.mu.lus, name)
 	s.metrics.throttled.DeletePartialMatch(prometheus.Labels{"lu": name})
 	s.metrics.waited.DeletePartialMatch(prometheus.Labels{"lu": name})

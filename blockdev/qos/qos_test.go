@@ -182,12 +182,25 @@ func TestForgetAndWrap(t *testing.T) {
 		_ = dev.WriteAt(ctx, p, 0, 0)
 		cancel()
 	}
-	if n := testutil.CollectAndCount(m.throttled); n != 2 {
-		t.Fatalf("%d throttled series, want 2 (read, write)", n)
+	if n := testutil.CollectAndCount(m.throttled); n != 1 {
+		t.Fatalf("%d throttled series, want 1 (write; reads never waited)", n)
 	}
 	s.Forget("lu")
 	if n := testutil.CollectAndCount(m.throttled) + testutil.CollectAndCount(m.waited); n != 0 {
 		t.Fatalf("%d series after Forget", n)
+	}
+	// A device still open after its LU went counts nowhere.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	_ = dev.WriteAt(ctx, p, 0, 0)
+	cancel()
+	if n := testutil.CollectAndCount(m.throttled); n != 0 {
+		t.Fatalf("%d series after a forgotten LU's device waited", n)
+	}
+	// Limits read from a table do not overwrite those a change set.
+	s.SetLimits("y", Limits{WriteIOPS: 7})
+	s.SetInitialLimits("y", Limits{})
+	if !s.Limiter("y").limited(opWrite) {
+		t.Fatal("SetInitialLimits overwrote newer limits")
 	}
 	if _, err := s.Wrap("x", plainDev{blockdevtest.NewMem(4096, blockdev.Caps{})}); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("Wrap of a device without trim: %v", err)

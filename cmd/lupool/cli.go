@@ -179,6 +179,7 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		size, kind, description, node, region string
 		copies                                int
 		force                                 bool
+		createQoS                             qosFlags
 	)
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
 		return cf.call(c, luTimeout, fn)
@@ -194,7 +195,7 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		Long: `Create a thin LU: it takes no space until written. Sizes take binary
 units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 128 of A-Z a-z 0-9 . _ -.`,
-		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2",
+		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2\n  lupool lu create vm1 --size 20G --iops-limit 5000 --bps-limit 200M",
 		Args:    oneLU("create"),
 		RunE: func(c *cobra.Command, args []string) error {
 			n, err := parseLUSize(size, stderr)
@@ -204,8 +205,17 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 			if err := rules.Copies(copies); err != nil {
 				return usageErrorf("--copies %v, got %d", err, copies)
 			}
+			var q api.QoS
+			limited, err := createQoS.apply(c, &q)
+			if err != nil {
+				return err
+			}
+			req := api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description}
+			if limited {
+				req.QoS = &q
+			}
 			return call(c, func(ctx context.Context, cl *api.Client) error {
-				lu, err := cl.CreateLU(ctx, api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
+				lu, err := cl.CreateLU(ctx, req)
 				if err != nil {
 					return err
 				}
@@ -217,6 +227,7 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 	create.Flags().IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
 	create.Flags().StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
 	create.Flags().StringVar(&description, "description", "", "free text shown in NBD export lists")
+	createQoS.add(create.Flags())
 	_ = create.RegisterFlagCompletionFunc("kind", cobra.FixedCompletions([]string{"file", "memory"}, cobra.ShellCompDirectiveNoFileComp))
 
 	list := &cobra.Command{
@@ -364,8 +375,8 @@ once per interval for every LU.`,
 		},
 	}
 
-	return newGroupCommand("lu", "create, list, resize, delete, copy, verify and scrub LUs", "admin",
-		create, list, show, resize, del, addCopy, verify, scrub)
+	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, verify and scrub LUs", "admin",
+		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, verify, scrub)
 }
 
 // completeLUNames completes an LU name argument from the API (quietly
@@ -467,6 +478,9 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 		lu := lus[0]
 		if lu.Description != "" {
 			fmt.Fprintf(w, "\ndescription: %s\n", lu.Description)
+		}
+		if q := qosText(lu.QoS); q != "" {
+			fmt.Fprintf(w, "\nlimits: %s\n", q)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE\tLACKS\tSCRUB REPAIRS")

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/blockdev/qos"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
@@ -306,6 +307,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	// Every LU's client I/O on this node goes through its QoS filter, whose
+	// limits follow the LU's record (set below, as records arrive).
+	qosMetrics := qos.NewMetrics()
+	qosSet := qos.NewSet(qosMetrics)
 	dirty, err := replication.OpenDirtyStoreOptions(filepath.Join(cfg.Data, "dirty"),
 		replication.DirtyStoreOptions{ExpectExisting: !firstStart})
 	if err != nil {
@@ -338,6 +343,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			return h.Hashes, err
 		},
 		Export: func(name, description string, dev blockdev.Device) {
+			if limited, err := qosSet.Wrap(name, dev); err != nil {
+				log.Error("cannot apply QoS limits to LU; exported without them", "lu", name, "err", err)
+			} else {
+				dev = limited
+			}
 			if err := exports.Add(nbd.Export{Name: name, Description: description, Device: dev}); err != nil {
 				log.Error("cannot export LU", "lu", name, "err", err)
 			}
@@ -346,7 +356,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			exports.Remove(name)
 			nbdServer.DisconnectExport(name)
 		},
-		Deleted: nbdMetrics.ForgetExport,
+		Deleted: func(name string) {
+			nbdMetrics.ForgetExport(name)
+			qosSet.Forget(name)
+		},
 	})
 	if err != nil {
 		return err
@@ -376,6 +389,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 	registry.MustRegister(scrubber)
+	registry.MustRegister(qosMetrics.Collectors()...)
 	registry.MustRegister(peerCollectors(link)...)
 
 	var debug http.Handler
@@ -480,9 +494,19 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			_ = os.Remove(filepath.Join(cfg.Data, pkiDirName, joinMembersName))
 		}
 	}
-	lus, cancelWatch, err := node.ListAndWatch(mgr.Enqueue)
+	// Limits are set before the manager sees the change that exports an
+	// LU or changes it, so that no request runs without them.
+	lus, cancelWatch, err := node.ListAndWatch(func(ch cluster.Change) {
+		if ch.Kind != cluster.Deleted {
+			qosSet.SetLimits(ch.LU.Name, qosLimits(ch.LU.QoS))
+		}
+		mgr.Enqueue(ch)
+	})
 	if err != nil {
 		return fmt.Errorf("read LU table: %w", err)
+	}
+	for _, rec := range lus {
+		qosSet.SetInitialLimits(rec.Name, qosLimits(rec.QoS))
 	}
 	defer cancelWatch()
 	if err := mgr.Reconcile(ctx, lus); err != nil {
@@ -590,4 +614,13 @@ func poolCollectors(pool *lu.Pool) []prometheus.Collector {
 // here with the fields the event will carry (LU, region, copy).
 func scrubRepairEvent(log *slog.Logger, r replication.ScrubRepair) {
 	log.Debug("scrub repair event", "lu", r.LU, "copy", r.Copy, "offset", r.OffsetBytes, "length", r.LengthBytes)
+}
+
+// qosLimits are an LU record's QoS limits as the filter takes them.
+func qosLimits(q *cluster.QoS) qos.Limits {
+	if q == nil {
+		return qos.Limits{}
+	}
+	return qos.Limits{ReadIOPS: q.ReadIOPS, WriteIOPS: q.WriteIOPS, ReadBytesPerSecond: q.ReadBytesPerSecond,
+		WriteBytesPerSecond: q.WriteBytesPerSecond, Burst: time.Duration(q.BurstMillis) * time.Millisecond}
 }

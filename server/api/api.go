@@ -116,6 +116,8 @@ type Backend interface {
 	ListLUs(ctx context.Context) ([]LU, error)
 	GetLU(ctx context.Context, name string) (LU, error)
 	ResizeLU(ctx context.Context, name string, sizeBytes int64) (LU, error)
+	// SetQoS replaces an LU's QoS limits (zero lifts them).
+	SetQoS(ctx context.Context, name string, q QoS) (LU, error)
 	DeleteLU(ctx context.Context, name string, force bool) error
 	PoolStatus(ctx context.Context) (PoolStatus, error)
 	Nodes(ctx context.Context) ([]Node, error)
@@ -171,6 +173,21 @@ type CreateLURequest struct {
 	// received the request (on the leader: the member that forwarded it,
 	// as its certificate names it).
 	Node string `json:"node,omitempty"`
+	// QoS limits client I/O to the LU; absent is no limit.
+	QoS *QoS `json:"qos,omitempty"`
+}
+
+// QoS are an LU's client I/O limits, applied by every node that serves the
+// LU to the requests it receives; the body of POST /v1/lus/{name}/qos. A
+// zero rate is no limit. Requests over a limit wait; they never fail.
+type QoS struct {
+	ReadIOPS            int64 `json:"read_iops,omitempty"`
+	WriteIOPS           int64 `json:"write_iops,omitempty"`
+	ReadBytesPerSecond  int64 `json:"read_bytes_per_second,omitempty"`
+	WriteBytesPerSecond int64 `json:"write_bytes_per_second,omitempty"`
+	// BurstMillis is how much unused allowance a quiet LU saves up, in
+	// milliseconds of each rate; 0 is the default (100 ms).
+	BurstMillis int64 `json:"burst_ms,omitempty"`
 }
 
 // CopyChangeRequest is the body of POST /v1/internal/lus/{name}/copy-change,
@@ -277,6 +294,8 @@ type LU struct {
 	Replicas       []Replica `json:"replicas"`
 	Connections    int       `json:"connections"`
 	CreatedAt      time.Time `json:"created_at"`
+	// QoS are the LU's client I/O limits; absent when it has none.
+	QoS *QoS `json:"qos,omitempty"`
 	// Scrub is the LU's scrub state; only in answers from the writer's
 	// node.
 	Scrub *ScrubStatus `json:"scrub,omitempty"`

@@ -39,6 +39,7 @@ var routeTable = []route{
 	{pattern: "GET /v1/lus", method: "GET", path: "/v1/lus", access: accessAdmin, backend: "ListLUs"},
 	{pattern: "POST /v1/lus", method: "POST", path: "/v1/lus", body: `{"name":"t","size_bytes":4096}`, access: accessAdmin, backend: "CreateLU"},
 	{pattern: "GET /v1/lus/{name}", method: "GET", path: "/v1/lus/a", access: accessAdmin, backend: "GetLU"},
+	{pattern: "POST /v1/lus/{name}/qos", method: "POST", path: "/v1/lus/a/qos", body: `{"write_iops":100}`, access: accessAdmin, backend: "SetQoS"},
 	{pattern: "POST /v1/lus/{name}/resize", method: "POST", path: "/v1/lus/a/resize", body: `{"size_bytes":8192}`, access: accessAdmin, backend: "ResizeLU"},
 	{pattern: "DELETE /v1/lus/{name}", method: "DELETE", path: "/v1/lus/a", access: accessAdmin, backend: "DeleteLU"},
 	{pattern: "GET /v1/pool", method: "GET", path: "/v1/pool", access: accessAdmin, backend: "PoolStatus"},

@@ -206,6 +206,13 @@ func (c *Client) GetLU(ctx context.Context, name string) (LU, error) {
 	return lu, err
 }
 
+// SetQoS replaces an LU's QoS limits.
+func (c *Client) SetQoS(ctx context.Context, name string, q QoS) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/qos", q, &lu)
+	return lu, err
+}
+
 // ResizeLU changes an LU's size.
 func (c *Client) ResizeLU(ctx context.Context, name string, sizeBytes int64) (LU, error) {
 	var lu LU

@@ -99,6 +99,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("POST /v1/lus", h.mutating(h.createLU))
 	admin("GET /v1/lus/{name}", h.getLU)
 	admin("POST /v1/lus/{name}/resize", h.mutating(h.resizeLU))
+	admin("POST /v1/lus/{name}/qos", h.mutating(h.setQoS))
 	admin("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
 	admin("GET /v1/pool", h.poolStatus)
 	admin("GET /v1/nodes", h.nodes)
@@ -263,6 +264,15 @@ func (h *Handler) resizeLU(ctx context.Context, r *http.Request, body []byte) (i
 		return 0, nil, err
 	}
 	lu, err := h.opts.Backend.ResizeLU(ctx, r.PathValue("name"), req.SizeBytes)
+	return http.StatusOK, lu, err
+}
+
+func (h *Handler) setQoS(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req QoS
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	lu, err := h.opts.Backend.SetQoS(ctx, r.PathValue("name"), req)
 	return http.StatusOK, lu, err
 }
 

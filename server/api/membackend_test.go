@@ -191,6 +191,21 @@ func (b *memBackend) ResizeLU(ctx context.Context, name string, size int64) (LU,
 	return lu, nil
 }
 
+func (b *memBackend) SetQoS(ctx context.Context, name string, q QoS) (LU, error) {
+	err := b.enter(ctx, "SetQoS", true)
+	defer b.mu.Unlock()
+	if err != nil {
+		return LU{}, err
+	}
+	lu, ok := b.lus[name]
+	if !ok {
+		return LU{}, fmt.Errorf("%w: no LU named %q", ErrNotFound, name)
+	}
+	lu.QoS = &q
+	b.lus[name] = lu
+	return lu, nil
+}
+
 func (b *memBackend) DeleteLU(ctx context.Context, name string, force bool) error {
 	err := b.enter(ctx, "DeleteLU", true)
 	defer b.mu.Unlock()
