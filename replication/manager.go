@@ -235,6 +235,9 @@ type Manager struct {
 	// (created, resized, deleted) since this process started; after a
 	// restart it shows whether old log entries were applied again.
 	changes *prometheus.CounterVec
+	// background is the node's budget of background work (budget.go);
+	// nil: none.
+	background atomic.Pointer[Budget]
 }
 
 // work is one queued item: a metadata change, or a full reconcile.

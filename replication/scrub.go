@@ -332,8 +332,12 @@ func (s *Scrubber) repaired(rp ScrubRepair, report *ScrubReport) {
 	}
 }
 
-// pace sleeps long enough to keep the scrub at BytesPerSecond.
+// pace takes the bytes from the node's background budget and sleeps long
+// enough to keep the scrub at BytesPerSecond.
 func (s *Scrubber) pace(ctx context.Context, hashedBytes int64) {
+	if b := s.m.background.Load(); b != nil {
+		b.Take(ctx, hashedBytes)
+	}
 	if s.opts.BytesPerSecond <= 0 {
 		return
 	}

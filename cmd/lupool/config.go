@@ -48,6 +48,12 @@ type serveConfig struct {
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
 	ResyncRateBytes  int64 `json:"resync_rate_bytes"`
+	// BackgroundRateBytes is the node's budget of resync, rebuild and
+	// scrub bytes per second, adapted down while client latency is above
+	// BackgroundLatencyTarget (a Go duration; 0 automatic); 0 turns the
+	// budget off.
+	BackgroundRateBytes     int64  `json:"background_rate_bytes"`
+	BackgroundLatencyTarget string `json:"background_latency_target"`
 	// ScrubInterval: each LU this node writes is scrubbed once per
 	// interval (a Go duration; 0 never); ScrubRateBytes bounds the bytes
 	// a scrub hashes per second (0: unthrottled); a copy with more than
@@ -76,6 +82,9 @@ func defaultServeConfig() serveConfig {
 
 		DirtyRegionBytes: rules.DirtyRegionBytesDefault,
 		ReplaceAfter:     "10m",
+
+		BackgroundRateBytes:     256 << 20,
+		BackgroundLatencyTarget: "0",
 
 		ScrubInterval:        "168h",
 		ScrubRateBytes:       100 << 20,
@@ -139,6 +148,10 @@ func settings() []setting {
 			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
 		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
 			func(c *serveConfig) *int64 { return &c.ResyncRateBytes }),
+		sizeSetting("background-rate", "bytes per second resync, rebuild and scrub together may move on this node, less while client latency is high (0: no shared budget), e.g. 256M",
+			func(c *serveConfig) *int64 { return &c.BackgroundRateBytes }),
+		str("background-latency-target", "client latency above which background work backs off (0: twice the latency measured without it)",
+			func(c *serveConfig) *string { return &c.BackgroundLatencyTarget }),
 		str("scrub-interval", "scrub each LU this node writes once per interval, each at its own time within it (e.g. 168h; 0 never)",
 			func(c *serveConfig) *string { return &c.ScrubInterval }),
 		sizeSetting("scrub-rate", "bytes per second a scrub may hash on the writer (0: unthrottled), e.g. 100M",
@@ -307,6 +320,12 @@ func (c *serveConfig) validate() error {
 	}
 	if c.ResyncRateBytes < 0 {
 		return fmt.Errorf("--resync-rate must not be negative")
+	}
+	if c.BackgroundRateBytes < 0 {
+		return fmt.Errorf("--background-rate must not be negative")
+	}
+	if d, err := time.ParseDuration(c.BackgroundLatencyTarget); err != nil || d < 0 {
+		return fmt.Errorf("--background-latency-target %q: want a duration such as 2ms, or 0 (automatic)", c.BackgroundLatencyTarget)
 	}
 	if d, err := time.ParseDuration(c.ScrubInterval); err != nil || d < 0 {
 		return fmt.Errorf("--scrub-interval %q: want a duration such as 168h, 24h or 0 (never)", c.ScrubInterval)

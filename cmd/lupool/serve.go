@@ -365,6 +365,23 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		return err
 	}
 	defer mgr.Close()
+	var backgroundCollectors []prometheus.Collector
+	if cfg.BackgroundRateBytes > 0 {
+		target, _ := time.ParseDuration(cfg.BackgroundLatencyTarget) // validated
+		meter := &latencyMeter{nbd: nbdMetrics.Collectors(), qos: qosMetrics.Collectors()}
+		budget := replication.NewBudget(replication.BudgetOptions{
+			BytesPerSecond: cfg.BackgroundRateBytes,
+			ClientLatency:  meter.since,
+			LatencyTarget:  target,
+			Logger:         log.With("part", "background"),
+		})
+		mgr.SetBackground(budget)
+		budgetCtx, stopBudget := context.WithCancel(context.Background())
+		budgetDone := make(chan struct{})
+		go func() { defer close(budgetDone); budget.Run(budgetCtx) }()
+		defer func() { stopBudget(); <-budgetDone }()
+		backgroundCollectors = append(backgroundCollectors, budget)
+	}
 	scrubEvery, _ := time.ParseDuration(cfg.ScrubInterval) // validated
 	if scrubEvery == 0 {
 		scrubEvery = -1 // never
@@ -389,6 +406,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 	registry.MustRegister(scrubber)
+	registry.MustRegister(backgroundCollectors...)
 	registry.MustRegister(qosMetrics.Collectors()...)
 	registry.MustRegister(peerCollectors(link)...)
 
