@@ -80,8 +80,8 @@ func (p *Plane) ScrubLU(ctx context.Context, name string) (api.ScrubReport, erro
 // scrubStatus fills out's scrub state and each copy's repair count when
 // this node writes the LU.
 func (p *Plane) scrubStatus(out *api.LU) {
-	if p.opts.Scrubs == nil {
-		return
+	if p.opts.Scrubs == nil || len(out.Replicas) < 2 {
+		return // a one-copy LU has nothing to scrub
 	}
 	st, ok := p.opts.Scrubs.Status(out.Name)
 	if !ok {

@@ -36,12 +36,12 @@ type BudgetOptions struct {
 	// may move per second on this node. Required (> 0).
 	BytesPerSecond int64
 	// ClientLatency returns the client requests this node answered since
-	// the last call and their total latency (time spent waiting for QoS
-	// limits excluded). Required.
-	ClientLatency func() (requests int64, total time.Duration)
-	// LatencyTarget is the client latency above which background work
-	// backs off; 0 means twice the latency measured while no background
-	// work ran (at least 500 µs; 2 ms until measured).
+	// the last call and their 99th percentile latency (requests slowed by
+	// their own QoS limits left out). Required.
+	ClientLatency func() (requests int64, p99 time.Duration)
+	// LatencyTarget is the client p99 latency above which background work
+	// backs off; 0 means twice the p99 measured while no background work
+	// ran (at least 500 µs; 2 ms until measured).
 	LatencyTarget time.Duration
 	// Tick is how often the budget adapts; default BudgetTickDefault.
 	Tick   time.Duration
@@ -51,8 +51,8 @@ type BudgetOptions struct {
 // Budget is the per-node allowance of background work (resync, rebuild,
 // scrub): a token bucket of bytes per second whose rate adapts to client
 // latency, additive increase and multiplicative decrease like TCP's
-// congestion window. While background work runs and the node's average
-// client latency over a tick is above the target, the rate halves (down to
+// congestion window. While background work runs and the node's client p99
+// latency over a tick is above the target, the rate halves (down to
 // a sixteenth of the maximum, so that the work still ends); otherwise it
 // grows by a sixteenth of the maximum per tick, up to the maximum. Each
 // kind's own cap (--resync-rate, --scrub-rate) still applies. Safe for
@@ -64,8 +64,8 @@ type Budget struct {
 	taken atomic.Int64
 	// rateBytes is the current rate (bytes per second), for metrics.
 	rateBytes atomic.Int64
-	// baseline is the client latency measured while no background work
-	// ran (an average over ticks, ns); 0 until measured. Run's alone.
+	// baseline is the client p99 measured while no background work ran
+	// (an average over ticks); 0 until measured. Run's alone.
 	baseline time.Duration
 	desc     *prometheus.Desc
 }
@@ -120,32 +120,31 @@ func (b *Budget) Run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		requests, total := b.opts.ClientLatency()
-		b.adapt(requests, total, b.taken.Swap(0) > 0)
+		requests, p99 := b.opts.ClientLatency()
+		b.adapt(requests, p99, b.taken.Swap(0) > 0)
 	}
 }
 
-// adapt sets the next rate from one tick's client requests, their total
+// adapt sets the next rate from one tick's client requests, their p99
 // latency, and whether background work ran.
-func (b *Budget) adapt(requests int64, total time.Duration, background bool) {
+func (b *Budget) adapt(requests int64, p99 time.Duration, background bool) {
 	maxRate := b.opts.BytesPerSecond
 	cur := b.rateBytes.Load()
 	next := min(maxRate, cur+maxRate/budgetFloorDivisor)
 	if requests >= budgetMinRequests {
-		avg := total / time.Duration(requests)
 		switch {
 		case !background:
 			// A client-only tick: what latency is without us.
 			if b.baseline == 0 {
-				b.baseline = avg
+				b.baseline = p99
 			} else {
-				b.baseline = (4*b.baseline + avg) / 5
+				b.baseline = (4*b.baseline + p99) / 5
 			}
-		case avg > b.target():
+		case p99 > b.target():
 			next = max(maxRate/budgetFloorDivisor, cur/2)
 			if next != cur {
 				b.opts.Logger.Debug("background work backs off: client latency above target",
-					"latency", avg, "target", b.target(), "rate_bytes", next)
+					"p99", p99, "target", b.target(), "rate_bytes", next)
 			}
 		}
 	}

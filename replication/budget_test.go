@@ -14,7 +14,7 @@ func TestBudgetAdapts(t *testing.T) {
 	const maxRate = 160 << 20
 	b := NewBudget(BudgetOptions{BytesPerSecond: maxRate, ClientLatency: func() (int64, time.Duration) { return 0, 0 }})
 	tick := func(requests int64, avg time.Duration, background bool) int64 {
-		b.adapt(requests, time.Duration(requests)*avg, background)
+		b.adapt(requests, avg, background)
 		return b.rateBytes.Load()
 	}
 	if got := b.target(); got != budgetBaselineUnknown {
