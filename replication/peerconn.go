@@ -346,6 +346,7 @@ func (c *peerConn) begin(h replproto.Header, payload, dst []byte, w asyncCaller,
 	}
 	cl.dst, cl.err, cl.reply, cl.start = dst, nil, replproto.Header{}, time.Now()
 	cl.async, cl.slot = w, slot
+	h.PayloadCRC = replproto.Checksum(payload) // before c.qmu, which other requesters wait for
 	c.mu.Lock()
 	if c.mu.err != nil {
 		err := c.mu.err
@@ -359,7 +360,7 @@ func (c *peerConn) begin(h replproto.Header, payload, dst []byte, w asyncCaller,
 	c.mu.Unlock()
 
 	c.qmu.Lock()
-	c.out = replproto.AppendFrame(c.out, h, payload)
+	c.out = replproto.AppendSummedFrame(c.out, h, payload)
 	c.outFrames++
 	if c.writing || c.holdLocked() {
 		c.qmu.Unlock()

@@ -596,14 +596,21 @@ func ReadHeader(r io.Reader, buf *[HeaderBytes]byte) (Header, error) {
 // AppendFrame appends the header h followed by payload to dst and returns
 // the extended slice, for batching frames into one buffered write. It sets
 // h.PayloadLen to len(payload) and h.PayloadCRC to its checksum; it does
-// not otherwise validate h. It panics
-// if len(payload) > LengthMax, which is a programming error.
+// not otherwise validate h. It panics if len(payload) > LengthMax, which is
+// a programming error.
 func AppendFrame(dst []byte, h Header, payload []byte) []byte {
+	h.PayloadCRC = Checksum(payload)
+	return AppendSummedFrame(dst, h, payload)
+}
+
+// AppendSummedFrame is AppendFrame for a caller that computed
+// h.PayloadCRC = Checksum(payload) itself, outside a lock it holds while
+// appending (a 1 MiB payload takes about 45 µs to checksum).
+func AppendSummedFrame(dst []byte, h Header, payload []byte) []byte {
 	if len(payload) > LengthMax {
 		panic(fmt.Sprintf("replproto: payload of %d bytes exceeds %d", len(payload), LengthMax))
 	}
 	h.PayloadLen = uint32(len(payload))
-	h.PayloadCRC = Checksum(payload)
 	n := len(dst)
 	dst = slices.Grow(dst, HeaderBytes+len(payload))
 	dst = dst[:n+HeaderBytes]

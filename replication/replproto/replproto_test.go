@@ -734,6 +734,10 @@ func TestPayloadChecksum(t *testing.T) {
 	if h.PayloadCRC != Checksum(payload) || h.PayloadCRC == 0 {
 		t.Fatalf("PayloadCRC %#x, want %#x", h.PayloadCRC, Checksum(payload))
 	}
+	summed := AppendSummedFrame(nil, Header{Type: TypeWrite, Handle: 1, Length: 4096, PayloadCRC: Checksum(payload)}, payload)
+	if !bytes.Equal(summed, frame) {
+		t.Fatal("AppendSummedFrame with the checksum differs from AppendFrame")
+	}
 	if err := h.CheckPayload(frame[HeaderBytes:]); err != nil {
 		t.Fatalf("intact payload refused: %v", err)
 	}
