@@ -14,16 +14,15 @@ import (
 	"github.com/lupool/lupool/replication/replproto"
 )
 
-// tamperConn is a fault-injecting connection: once armed, it changes one
+// tamperConn is a fault-injecting connection: it changes the first
 // outgoing frame that match accepts, in flight, with mutate (the frame's
-// header and payload bytes, as they go on the wire). It relies on what
-// peerConn does: every Write after the HTTP upgrade request carries whole
-// frames.
+// header and payload bytes, as they go on the wire), once for all the
+// connections that share fired. It relies on what peerConn does: every
+// Write after the HTTP upgrade request carries whole frames.
 type tamperConn struct {
 	net.Conn
 	t        testing.TB
-	armed    atomic.Bool
-	fired    atomic.Bool
+	fired    *atomic.Bool
 	match    func(h replproto.Header) bool
 	mutate   func(frame []byte)
 	mu       sync.Mutex
@@ -38,7 +37,7 @@ func (c *tamperConn) Write(p []byte) (int, error) {
 		return c.Conn.Write(p)
 	}
 	c.mu.Unlock()
-	if !c.armed.Load() || c.fired.Load() {
+	if c.fired.Load() {
 		return c.Conn.Write(p)
 	}
 	out := bytes.Clone(p)
@@ -79,7 +78,10 @@ func TestChecksumRefusesCorruptFrame(t *testing.T) {
 		{name: "header offset", mutate: func(f []byte) { f[30] ^= 0x10 }, served: 0}, // offset ± 4096
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var tamper atomic.Pointer[tamperConn]
+			// Every stream the writer dials is tampered with, in case the
+			// first one fails before the write (its hello may reach b
+			// before b applied the record); one frame is changed in all.
+			var fired atomic.Bool
 			mt, nodes := newTestClusterOpts(t, func(o *ManagerOptions) {
 				if o.NodeID != "a" {
 					return
@@ -90,13 +92,9 @@ func TestChecksumRefusesCorruptFrame(t *testing.T) {
 					if err != nil {
 						return nil, err
 					}
-					tc := &tamperConn{Conn: conn, t: t, mutate: tc.mutate, match: func(h replproto.Header) bool {
+					return &tamperConn{Conn: conn, t: t, fired: &fired, mutate: tc.mutate, match: func(h replproto.Header) bool {
 						return h.Type == replproto.TypeWrite && h.Offset == at && h.Flags&replproto.FlagResync == 0
-					}}
-					if tamper.CompareAndSwap(nil, tc) {
-						tc.armed.Store(true)
-					}
-					return tc, nil
+					}}, nil
 				}
 			}, "a", "b")
 			mt.create(t, twoCopies("c", 1<<20, "file"))
@@ -108,7 +106,7 @@ func TestChecksumRefusesCorruptFrame(t *testing.T) {
 			if err := mir.WriteAt(ctx, want, at, 0); err != nil {
 				t.Fatalf("write: %v", err)
 			}
-			if tp := tamper.Load(); tp == nil || !tp.fired.Load() {
+			if !fired.Load() {
 				t.Fatal("the frame was not tampered with")
 			}
 			// The write returned only after the copy was recorded out of
