@@ -5,6 +5,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fioIOPS runs fio over NBD with args and returns the read and write IOPS
@@ -47,17 +48,30 @@ func TestQoSIOPSLimit(t *testing.T) {
 		return []string{"--name=qos", "--uri=" + uri, "--rw=" + rw, "--bs=4k", "--iodepth=32",
 			"--size=32M", "--time_based", "--runtime=" + seconds}
 	}
-	within := func(what string, got, want float64) {
+	// within measures with run and checks the IOPS are within 10 % of
+	// want; a measurement outside is repeated once (this machine's CPUs
+	// are shared, and fio itself may fall behind the limit).
+	within := func(what string, want float64, run func() float64) float64 {
 		t.Helper()
+		got := run()
 		t.Logf("%s: %.0f IOPS (limit %.0f)", what, got, want)
 		if math.Abs(got-want) > 0.1*want {
-			t.Errorf("%s: %.0f IOPS, want %.0f ±10%%", what, got, want)
+			got = run()
+			t.Logf("%s, again: %.0f IOPS", what, got)
+			if math.Abs(got-want) > 0.1*want {
+				t.Errorf("%s: %.0f IOPS, want %.0f ±10%%", what, got, want)
+			}
 		}
+		return got
 	}
-	read, _ := fioIOPS(t, job(n1.uri("q"), "randread", "5")...)
-	within("q randread QD32 via the writer", read, 2000)
-	_, write := fioIOPS(t, job(n1.uri("q"), "randwrite", "5")...)
-	within("q randwrite QD32 via the writer", write, 2000)
+	readIOPS := func(uri, seconds string) func() float64 {
+		return func() float64 { r, _ := fioIOPS(t, job(uri, "randread", seconds)...); return r }
+	}
+	read := within("q randread QD32 via the writer", 2000, readIOPS(n1.uri("q"), "5"))
+	within("q randwrite QD32 via the writer", 2000, func() float64 {
+		_, w := fioIOPS(t, job(n1.uri("q"), "randwrite", "5")...)
+		return w
+	})
 	free, _ := fioIOPS(t, job(n1.uri("f"), "randread", "3")...)
 	t.Logf("f randread QD32, no limit: %.0f IOPS", free)
 	if free < 2*read {
@@ -67,8 +81,14 @@ func TestQoSIOPSLimit(t *testing.T) {
 	// Online, and on the other node (which forwards writes to n1 and reads
 	// from its own copy).
 	n1.mustCLI("lu", "set", "q", "--read-iops-limit", "500")
-	read, _ = fioIOPS(t, job(n2.uri("q"), "randread", "4")...)
-	within("q randread QD32 via n2 after lu set", read, 500)
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(n2.mustCLI("lu", "show", "q"), "reads 500/s") {
+		if time.Now().After(deadline) {
+			t.Fatalf("n2 does not show the new limit:\n%s", n2.mustCLI("lu", "show", "q"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	within("q randread QD32 via n2 after lu set", 500, readIOPS(n2.uri("q"), "4"))
 
 	for _, d := range []*daemon{n1, n2} {
 		m := d.metrics()
