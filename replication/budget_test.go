@@ -73,3 +73,32 @@ func TestBudgetTake(t *testing.T) {
 		t.Fatalf("taken %d", b.taken.Load())
 	}
 }
+
+// TestResyncTakesFromBudget: a resync's bytes come out of the node's
+// background budget, so a budget of 2 MiB/s makes a 4 MiB resync take at
+// least 1.5 s (one 1 MiB burst, then 3 MiB at the rate).
+func TestResyncTakesFromBudget(t *testing.T) {
+	mt, nodes := newTestCluster(t, "a", "b")
+	mt.create(t, twoCopies("r", 8<<20, "file"))
+	a, b := nodes["a"], nodes["b"]
+	mir := streamingMirror(t, a.m, "r")
+	budget := NewBudget(BudgetOptions{BytesPerSecond: 2 << 20, ClientLatency: func() (int64, time.Duration) { return 0, 0 }})
+	a.m.SetBackground(budget)
+	b.down()
+	p := make([]byte, 1<<20)
+	for i := range 4 {
+		p[0] = byte(i + 1)
+		if err := mir.WriteAt(context.Background(), p, int64(i)<<20, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	b.up(t)
+	waitFor(t, "b in sync", func() bool { return mt.get("r").Replicas[1].State == "in-sync" })
+	if took := time.Since(start); took < 1400*time.Millisecond {
+		t.Fatalf("a 4 MiB resync under a 2 MiB/s budget took %v", took)
+	}
+	if got := budget.taken.Load(); got < 4<<20 {
+		t.Fatalf("the budget saw %d bytes of the resync", got)
+	}
+}
