@@ -15,6 +15,7 @@ import (
 //	{"v":1,"type":"lu.create","at":"2026-11-22T03:00:00Z","by":"n1","primary":true,"lu":{...}}
 //	{"v":1,"type":"lu.resize","at":"...","by":"n1","primary":true,"name":"vm1","size_bytes":1073741824}
 //	{"v":1,"type":"lu.delete","at":"...","by":"n1","primary":true,"name":"vm1"}
+//	{"v":1,"type":"lu.qos","at":"...","by":"n1","primary":true,"name":"vm1","qos":{"write_iops":2000}}
 //	{"v":1,"type":"lu.copies","at":"...","by":"n2","change":{"name":"vm1","expected_epoch":4,
 //	    "epoch":5,"writer":"n2","copies":2,"replicas":[{"node_id":"n2","state":"in-sync"},...]}}
 //	{"v":1,"type":"node.upsert","at":"...","by":"n2","node":{...}}
@@ -40,6 +41,7 @@ const (
 	cmdCreateLU   = "lu.create"
 	cmdResizeLU   = "lu.resize"
 	cmdDeleteLU   = "lu.delete"
+	cmdSetQoS     = "lu.qos"
 	cmdUpdateLU   = "lu.update" // retired: decoded, always rejected
 	cmdCopies     = "lu.copies"
 	cmdUpsertNode = "node.upsert"
@@ -65,6 +67,8 @@ type command struct {
 	// leader, never from a request body (see Proposer).
 	By      string `json:"by,omitempty"`
 	Primary bool   `json:"primary,omitempty"`
+	// QoS is the body of lu.qos: the LU's new limits, all of them.
+	QoS *QoS `json:"qos,omitempty"`
 	// Change is the body of lu.copies.
 	Change *CopyChange `json:"change,omitempty"`
 	// Join marks a node.upsert that adds a new member's record (proposed by
@@ -112,6 +116,10 @@ func decodeCommand(data []byte) (*command, error) {
 	case cmdCreateLU, cmdUpdateLU:
 		if c.LU == nil {
 			return nil, fmt.Errorf("%w: %s without an LU", ErrInvalid, c.Type)
+		}
+	case cmdSetQoS:
+		if c.QoS == nil {
+			return nil, fmt.Errorf("%w: %s without limits", ErrInvalid, c.Type)
 		}
 	case cmdCopies:
 		if c.Change == nil {

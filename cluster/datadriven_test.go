@@ -64,6 +64,9 @@ func TestFSMDataDriven(t *testing.T) {
 					if lu.Description != "" {
 						fmt.Fprintf(&b, " desc=%q", lu.Description)
 					}
+					if lu.QoS != nil {
+						fmt.Fprintf(&b, " qos=%+v", *lu.QoS)
+					}
 					b.WriteString("\n")
 				}
 				return b.String()

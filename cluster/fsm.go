@@ -349,6 +349,24 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		}
 		lu.SizeBytes, lu.UpdatedAt = c.SizeBytes, c.At
 		return f.putLU(b, lu, Resized, l.Index)
+	case cmdSetQoS:
+		if !c.Primary {
+			return applyResult{err: fmt.Errorf("%w: %q proposes QoS limits for %q; only the primary sets them",
+				ErrForeignRecord, c.By, c.Name)}
+		}
+		if err := ValidateQoS(*c.QoS); err != nil {
+			return applyResult{err: err}
+		}
+		lu, err := f.mustGetLU(c.Name)
+		if err != nil {
+			return applyResult{err: err}
+		}
+		lu.QoS, lu.UpdatedAt = nil, c.At
+		if !c.QoS.Zero() {
+			q := *c.QoS
+			lu.QoS = &q
+		}
+		return f.putLU(b, lu, Updated, l.Index)
 	case cmdDeleteLU:
 		lu, err := f.mustGetLU(c.Name)
 		if err != nil {

@@ -620,6 +620,23 @@ func (n *Node) ResizeLU(ctx context.Context, name string, sizeBytes int64) error
 	return err
 }
 
+// SetQoS replaces an LU's QoS limits (a zero QoS lifts them). The primary
+// proposes it (the admin operation it runs). Returns ErrNotFound,
+// ErrInvalid or ErrNotLeader.
+func (n *Node) SetQoS(ctx context.Context, name string, q QoS) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if err := ValidateQoS(q); err != nil {
+		return err
+	}
+	if _, err := n.GetLU(name); err != nil {
+		return err
+	}
+	_, err := n.propose(ctx, &command{Type: cmdSetQoS, Name: name, QoS: &q, By: n.opts.NodeID, Primary: true})
+	return err
+}
+
 // DeleteLU removes an LU from the table. Returns ErrNotFound or
 // ErrNotLeader.
 func (n *Node) DeleteLU(ctx context.Context, name string) error {

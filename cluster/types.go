@@ -111,6 +111,48 @@ type LU struct {
 	CreatedAt time.Time `json:"created_at"`
 	// UpdatedAt is the leader's clock when it proposed the last change.
 	UpdatedAt time.Time `json:"updated_at"`
+	// QoS limits client I/O to the LU on every node that serves it; nil
+	// is no limit.
+	QoS *QoS `json:"qos,omitempty"`
+}
+
+// QoS are an LU's client I/O limits, per node that serves it (the writer
+// and every forwarding node apply them to the requests they receive). A
+// zero rate is no limit.
+type QoS struct {
+	ReadIOPS            int64 `json:"read_iops,omitempty"`
+	WriteIOPS           int64 `json:"write_iops,omitempty"`
+	ReadBytesPerSecond  int64 `json:"read_bytes_per_second,omitempty"`
+	WriteBytesPerSecond int64 `json:"write_bytes_per_second,omitempty"`
+	// BurstMillis is how much unused allowance a quiet LU saves up, in
+	// milliseconds of each rate; 0 is the default (100 ms).
+	BurstMillis int64 `json:"burst_ms,omitempty"`
+}
+
+// Zero reports whether q limits nothing.
+func (q QoS) Zero() bool {
+	return q.ReadIOPS == 0 && q.WriteIOPS == 0 && q.ReadBytesPerSecond == 0 && q.WriteBytesPerSecond == 0
+}
+
+// ValidateQoS checks q against the QoS rules. Errors wrap ErrInvalid.
+func ValidateQoS(q QoS) error {
+	for _, c := range []struct {
+		name      string
+		v, limMax int64
+	}{
+		{"read_iops", q.ReadIOPS, rules.QoSIOPSMax},
+		{"write_iops", q.WriteIOPS, rules.QoSIOPSMax},
+		{"read_bytes_per_second", q.ReadBytesPerSecond, rules.QoSBytesPerSecondMax},
+		{"write_bytes_per_second", q.WriteBytesPerSecond, rules.QoSBytesPerSecondMax},
+	} {
+		if err := rules.QoSLimit(c.v, c.limMax); err != nil {
+			return fmt.Errorf("%w: QoS %s %d: %w", ErrInvalid, c.name, c.v, err)
+		}
+	}
+	if err := rules.QoSBurst(q.BurstMillis); err != nil {
+		return fmt.Errorf("%w: QoS burst_ms %d: %w", ErrInvalid, q.BurstMillis, err)
+	}
+	return nil
 }
 
 // Replica is one copy of an LU on one node.
@@ -241,6 +283,11 @@ func validateLU(lu *LU) error {
 	}
 	if lu.Epoch == 0 {
 		return fmt.Errorf("%w: epoch must be at least 1", ErrInvalid)
+	}
+	if lu.QoS != nil {
+		if err := ValidateQoS(*lu.QoS); err != nil {
+			return err
+		}
 	}
 	seen := map[string]bool{}
 	for _, r := range lu.Replicas {

@@ -13,6 +13,8 @@
 //   - AddCopy: placement of a new copy;
 //   - VerifyLU: a region-hash compare of every in-sync copy, with re-checks
 //     of regions that differ;
+//   - ScrubLU: the compare and repair, sent to the LU's writer, and the
+//     scrub state in an LU's answer from its writer's node;
 //   - placement: the writer first, then the members holding the fewest
 //     copies (cluster.PickNodes);
 //   - Status: the cluster's one-screen view (nodes and whether they
@@ -56,6 +58,7 @@ type Metadata interface {
 	ListLUs() ([]cluster.LU, error)
 	CreateLU(ctx context.Context, rec cluster.LU) error
 	ResizeLU(ctx context.Context, name string, sizeBytes int64) error
+	SetQoS(ctx context.Context, name string, q cluster.QoS) error
 	DeleteLU(ctx context.Context, name string) error
 	ChangeCopies(ctx context.Context, by cluster.Proposer, change cluster.CopyChange) error
 }
@@ -127,6 +130,9 @@ type Options struct {
 	Replicas    Replicas
 	Connections Connections
 	Peers       Peers
+	// Scrubs scrubs the LUs this node writes; optional (without it,
+	// ScrubLU on the writer answers ErrUnavailable).
+	Scrubs Scrubs
 	// OvercommitRatio is the pool's limit of provisioned file-volume bytes
 	// per byte of capacity; it must be the ratio the Pool was opened with.
 	// Required (> 0).

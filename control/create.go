@@ -35,6 +35,11 @@ func (p *Plane) checkCreate(req *api.CreateLURequest) error {
 	if req.Node == "" {
 		req.Node = p.opts.NodeID
 	}
+	if req.QoS != nil {
+		if err := checkQoS(*req.QoS); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -86,6 +91,11 @@ func (p *Plane) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, 
 		Epoch:       1,
 		Replicas:    replicas,
 		CreatedAt:   p.opts.Now().UTC(),
+	}
+	if req.QoS != nil {
+		if q := clusterQoS(*req.QoS); !q.Zero() {
+			rec.QoS = &q
+		}
 	}
 	if err := p.opts.Metadata.CreateLU(ctx, rec); err != nil {
 		p.release(local, req.Name)

@@ -50,6 +50,7 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		Epoch:       rec.Epoch,
 		CreatedAt:   rec.CreatedAt,
 		Replicas:    []api.Replica{},
+		QoS:         apiQoS(rec.QoS),
 	}
 	// Every node exports every LU: these are this node's clients.
 	out.Connections = p.opts.Connections.Connections(rec.Name)
@@ -64,6 +65,7 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 	if vol, ok := p.opts.Replicas.Volume(rec.Name); ok {
 		out.AllocatedBytes = vol.AllocatedBytes()
 	}
+	p.scrubStatus(&out)
 	return out
 }
 

@@ -219,6 +219,24 @@ func (m *memMeta) ResizeLU(_ context.Context, name string, size int64) error {
 	return nil
 }
 
+func (m *memMeta) SetQoS(_ context.Context, name string, q cluster.QoS) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, ok := m.lus[name]
+	if !ok {
+		return fmt.Errorf("%w: %q", cluster.ErrNotFound, name)
+	}
+	if err := cluster.ValidateQoS(q); err != nil {
+		return err
+	}
+	rec.QoS = nil
+	if !q.Zero() {
+		rec.QoS = &q
+	}
+	m.lus[name] = rec
+	return nil
+}
+
 func (m *memMeta) DeleteLU(_ context.Context, name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -53,7 +53,7 @@ func (m *Manager) metaLeaseValid(name string, epoch uint64) bool {
 	l.mu.Unlock()
 	switch {
 	case valid && renew:
-		if !m.background(func() { m.renewMetaLease(name, epoch, l) }) {
+		if !m.goBackground(func() { m.renewMetaLease(name, epoch, l) }) {
 			l.mu.Lock()
 			l.renewing = false
 			l.mu.Unlock()

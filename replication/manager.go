@@ -289,6 +289,9 @@ type Manager struct {
 	// (created, resized, deleted) since this process started; after a
 	// restart it shows whether old log entries were applied again.
 	changes *prometheus.CounterVec
+	// background is the node's budget of background work (budget.go);
+	// nil: none.
+	background atomic.Pointer[Budget]
 }
 
 // work is one queued item: a metadata change, or a full reconcile.
@@ -321,9 +324,9 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	return m, nil
 }
 
-// background runs fn on a goroutine that Close waits for; after Close it
+// goBackground runs fn on a goroutine that Close waits for; after Close it
 // runs nothing and returns false.
-func (m *Manager) background(fn func()) bool {
+func (m *Manager) goBackground(fn func()) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.mu.closed {
@@ -615,7 +618,7 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	default:
 		if lost {
 			m.opts.Logger.Warn("copy lost at start (its volume is gone); asking for a rebuild", "lu", rec.Name)
-			m.background(func() { m.recordLost(rec) })
+			m.goBackground(func() { m.recordLost(rec) })
 		}
 		next = m.newForwarder(rec, vol)
 	}

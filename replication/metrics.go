@@ -38,6 +38,10 @@ type metrics struct {
 	copyReceived *prometheus.CounterVec
 	// staleRefused counts requests a copy refused for a stale epoch.
 	staleRefused *prometheus.CounterVec
+	// checksumRefused counts frames whose payload failed its CRC-32C,
+	// refused unapplied (on a stream this node served) or failed (a reply
+	// this node received).
+	checksumRefused *prometheus.CounterVec
 	// dirty is the bytes a copy lacks, as the writer knows them, read at
 	// scrape time from every Mirror.
 	dirty *prometheus.Desc
@@ -76,6 +80,10 @@ func newMetrics() *metrics {
 			Name: "lupool_replication_stale_epoch_refused_total",
 			Help: "Requests this node's copy refused because they carried a stale epoch.",
 		}, []string{"lu"}),
+		checksumRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lupool_replication_checksum_errors_total",
+			Help: "Replication frames whose payload failed its CRC-32C check and were refused (never applied), by side: served (a request this node received) or reply (a reply it received).",
+		}, []string{"lu", "side"}),
 		dirty: prometheus.NewDesc("lupool_replication_dirty_bytes",
 			"Bytes a copy lacks (resync still to send), as its writer knows them.", []string{"lu", "copy"}, nil),
 		discard: prometheus.NewCounter(prometheus.CounterOpts{
@@ -86,7 +94,7 @@ func newMetrics() *metrics {
 
 // perLU returns every counter vector labelled with an LU.
 func (m *metrics) perLU() []*prometheus.CounterVec {
-	return []*prometheus.CounterVec{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused}
+	return []*prometheus.CounterVec{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused, m.checksumRefused}
 }
 
 // forgetLU deletes every series of the LU. Manager.recs must be held.
@@ -135,7 +143,7 @@ func (m *Manager) luCounter(vec *prometheus.CounterVec, holds func(cluster.LU) b
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused}
+	return []prometheus.Collector{m.reads, m.servedReads, m.forwardedWrites, m.failoverRetries, m.sent, m.copyReceived, m.staleRefused, m.checksumRefused}
 }
 
 // copyCollector reports, at scrape time, each copy's state and dirty bytes

@@ -24,7 +24,8 @@ import (
 const StreamPath = "/v1/internal/stream"
 
 // StreamUpgrade is the HTTP Upgrade token of the replication stream.
-const StreamUpgrade = "lupool-repl/1"
+// Its number is the frame format's (replproto.Version).
+const StreamUpgrade = "lupool-repl/2"
 
 // ErrPeerDown is returned (wrapped with the cause) by a stream whose
 // connection failed or whose peer did not answer within the ack timeout.
@@ -72,6 +73,9 @@ type peerConn struct {
 	}
 	done  chan struct{} // closed when the stream fails or is closed
 	calls sync.Pool     // of *call
+	// onChecksum, if set, is called on the reader for each reply whose
+	// payload failed its checksum. Immutable.
+	onChecksum func()
 }
 
 // sendWindow is how many batches may be unanswered before new frames are
@@ -168,6 +172,8 @@ func (m *Manager) dialStream(ctx context.Context, node, apiAddr string, hello re
 	}
 	_ = conn.SetDeadline(time.Time{})
 	c := &peerConn{conn: conn, br: br, timeout: timeout, done: make(chan struct{})}
+	replyChecksum := m.luCounter(m.metrics.checksumRefused, nil, hello.LU, "reply")
+	c.onChecksum = replyChecksum.Inc
 	c.mu.pending = map[uint64]*call{}
 	c.nextEnd.Store(math.MaxUint64)
 	go c.readLoop()
@@ -262,7 +268,14 @@ func (c *peerConn) readLoop() {
 				c.fail(err)
 				return
 			}
-			if h.Status != replproto.StatusOK {
+			if err := h.CheckPayload(dst); err != nil {
+				// A Read's data or a Hash's digest that changed on the way
+				// fails its request; the caller never sees those bytes.
+				cl.err = fmt.Errorf("%w: reply to %v: %w", blockdev.ErrIO, h.Type, err)
+				if c.onChecksum != nil {
+					c.onChecksum()
+				}
+			} else if h.Status != replproto.StatusOK {
 				cl.err = fmt.Errorf("%w: %s", h.Status.Err(), dst)
 			}
 		} else if h.Status != replproto.StatusOK {
@@ -333,6 +346,7 @@ func (c *peerConn) begin(h replproto.Header, payload, dst []byte, w asyncCaller,
 	}
 	cl.dst, cl.err, cl.reply, cl.start = dst, nil, replproto.Header{}, time.Now()
 	cl.async, cl.slot = w, slot
+	h.PayloadCRC = replproto.Checksum(payload) // before c.qmu, which other requesters wait for
 	c.mu.Lock()
 	if c.mu.err != nil {
 		err := c.mu.err
@@ -346,7 +360,7 @@ func (c *peerConn) begin(h replproto.Header, payload, dst []byte, w asyncCaller,
 	c.mu.Unlock()
 
 	c.qmu.Lock()
-	c.out = replproto.AppendFrame(c.out, h, payload)
+	c.out = replproto.AppendSummedFrame(c.out, h, payload)
 	c.outFrames++
 	if c.writing || c.holdLocked() {
 		c.qmu.Unlock()

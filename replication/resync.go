@@ -416,8 +416,10 @@ func (mi *Mirror) localHash(off, n int64) ([sha256.Size]byte, error) {
 	return sha256.Sum256(buf), nil
 }
 
-// throttle sleeps long enough to keep a resync at the configured rate.
+// throttle sleeps long enough to keep a resync at the configured rate,
+// and takes the bytes from the node's background budget.
 func (mi *Mirror) throttle(sentBytes int64) {
+	mi.m.takeBackground(sentBytes, mi.stop)
 	rate := mi.m.opts.ResyncBytesPerSecond
 	if rate <= 0 || sentBytes <= 0 {
 		return

@@ -62,7 +62,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 	var wmu sync.Mutex
 	bw := bufio.NewWriterSize(conn, 64<<10)
 	send := func(h replproto.Header, payload []byte, flush bool) error {
-		h.PayloadLen = uint32(len(payload))
+		h.PayloadLen, h.PayloadCRC = uint32(len(payload)), replproto.Checksum(payload)
 		var hb [replproto.HeaderBytes]byte
 		h.Marshal(hb[:])
 		wmu.Lock()
@@ -99,6 +99,11 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 	}
 	payload := make([]byte, h.PayloadLen)
 	if _, err := io.ReadFull(br, payload); err != nil {
+		return
+	}
+	if err := h.CheckPayload(payload); err != nil {
+		m.opts.Logger.Warn("replication stream hello refused", "remote", conn.RemoteAddr(), "err", err)
+		_ = fail(h, err, 0)
 		return
 	}
 	hello, err := replproto.ParseHello(payload)
@@ -138,6 +143,21 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 			if _, err := io.ReadFull(br, data); err != nil {
 				m.bufs.put(data)
 				return
+			}
+			// The payload is checked before anything uses it: a frame
+			// corrupted on the way is refused, never written.
+			if err := h.CheckPayload(data); err != nil {
+				m.bufs.put(data)
+				m.luCounter(m.metrics.checksumRefused, nil, hello.LU, "served").Inc()
+				m.opts.Logger.Warn("replication frame refused: checksum mismatch", "lu", hello.LU, "from", hello.Node, "offset", h.Offset, "length", h.Length, "err", err)
+				var epoch uint64
+				if rec, ok := m.record(hello.LU); ok {
+					epoch = rec.Epoch
+				}
+				if failWith(h, err, epoch, true) != nil {
+					return
+				}
+				continue
 			}
 		}
 		if tgt.role == replproto.RoleCopy {

@@ -25,6 +25,14 @@ func FuzzServeStream(f *testing.F) {
 	f.Add(frame(replproto.Header{Type: replproto.TypeWrite, Epoch: 0, Offset: 0, Length: 16}, make([]byte, 16)))
 	f.Add(frame(replproto.Header{Type: replproto.TypeZero, Flags: replproto.FlagNoHole, Epoch: 1, Offset: 1<<30 - 4096, Length: 4096}, nil))
 	f.Add([]byte("garbage that is not a frame at all, forty bytes or more......"))
+	// A write whose payload changed after its checksum was computed, then
+	// a good one; and a header that fails its own checksum.
+	bad := frame(replproto.Header{Type: replproto.TypeWrite, Epoch: 1, Offset: 8192, Length: 512}, bytes.Repeat([]byte{9}, 512))
+	bad[replproto.HeaderBytes+7] ^= 0x80
+	f.Add(append(bad, frame(replproto.Header{Type: replproto.TypeWrite, Epoch: 1, Offset: 8192, Length: 512}, make([]byte, 512))...))
+	badHeader := frame(replproto.Header{Type: replproto.TypeTrim, Epoch: 1, Offset: 0, Length: 4096}, nil)
+	badHeader[27] ^= 0x01
+	f.Add(badHeader)
 
 	pool, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{f.TempDir()}})
 	if err != nil {

@@ -71,6 +71,14 @@ func (b *daemonBackend) VerifyLU(ctx context.Context, name string, req api.Verif
 	return b.ctl.VerifyLU(ctx, name, req)
 }
 
+func (b *daemonBackend) SetQoS(ctx context.Context, name string, q api.QoS) (api.LU, error) {
+	return b.ctl.SetQoS(ctx, name, q)
+}
+
+func (b *daemonBackend) ScrubLU(ctx context.Context, name string) (api.ScrubReport, error) {
+	return b.ctl.ScrubLU(ctx, name)
+}
+
 func (b *daemonBackend) Nodes(ctx context.Context) ([]api.Node, error) { return b.ctl.Nodes(ctx) }
 
 func (b *daemonBackend) Status(ctx context.Context) (api.Status, error) { return b.ctl.Status(ctx) }

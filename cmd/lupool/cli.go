@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -178,6 +179,7 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		size, kind, description, node, region string
 		copies                                int
 		force                                 bool
+		createQoS                             qosFlags
 	)
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
 		return cf.call(c, luTimeout, fn)
@@ -193,7 +195,7 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		Long: `Create a thin LU: it takes no space until written. Sizes take binary
 units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 128 of A-Z a-z 0-9 . _ -.`,
-		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2",
+		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2\n  lupool lu create vm1 --size 20G --iops-limit 5000 --bps-limit 200M",
 		Args:    oneLU("create"),
 		RunE: func(c *cobra.Command, args []string) error {
 			n, err := parseLUSize(size, stderr)
@@ -203,8 +205,17 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 			if err := rules.Copies(copies); err != nil {
 				return usageErrorf("--copies %v, got %d", err, copies)
 			}
+			var q api.QoS
+			limited, err := createQoS.apply(c, &q)
+			if err != nil {
+				return err
+			}
+			req := api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description}
+			if limited {
+				req.QoS = &q
+			}
 			return call(c, func(ctx context.Context, cl *api.Client) error {
-				lu, err := cl.CreateLU(ctx, api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description})
+				lu, err := cl.CreateLU(ctx, req)
 				if err != nil {
 					return err
 				}
@@ -216,6 +227,7 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 	create.Flags().IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
 	create.Flags().StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
 	create.Flags().StringVar(&description, "description", "", "free text shown in NBD export lists")
+	createQoS.add(create.Flags())
 	_ = create.RegisterFlagCompletionFunc("kind", cobra.FixedCompletions([]string{"file", "memory"}, cobra.ShellCompDirectiveNoFileComp))
 
 	list := &cobra.Command{
@@ -341,8 +353,30 @@ times, so a write in flight is not reported).`,
 	}
 	verify.Flags().StringVar(&region, "region", "1M", "comparison unit, 4K to 64M")
 
-	return newGroupCommand("lu", "create, list, resize, delete, copy and verify LUs", "admin",
-		create, list, show, resize, del, addCopy, verify)
+	scrub := &cobra.Command{
+		Use:   "scrub NAME",
+		Short: "compare the copies with the writer now and repair the regions that differ",
+		Long: `Scrub an LU now, on its writer (any node forwards the request there):
+compare every in-sync copy with the writer region by region by hash,
+compare a region that differs again once no write to it is in flight, and
+rewrite it from the writer (whose data is authoritative). Lists the
+repaired regions. The schedule (lupool serve --scrub-interval) does the same
+once per interval for every LU.`,
+		Args:              oneLU("scrub"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				report, err := cl.ScrubLU(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return printScrub(stdout, cf.output, report)
+			})
+		},
+	}
+
+	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, verify and scrub LUs", "admin",
+		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, verify, scrub)
 }
 
 // completeLUNames completes an LU name argument from the API (quietly
@@ -406,6 +440,21 @@ func printVerify(w io.Writer, output string, r api.VerifyReport) error {
 	return nil
 }
 
+func printScrub(w io.Writer, output string, r api.ScrubReport) error {
+	if output == "json" {
+		return printJSON(w, r)
+	}
+	fmt.Fprintf(w, "scrubbed %s: %d regions of %s on %d copies in %.1fs, %d repaired\n", r.Name, r.Regions,
+		units.Format(r.RegionBytes), len(r.Copies), r.TookSeconds, len(r.Repairs))
+	for _, rp := range r.Repairs {
+		fmt.Fprintf(w, "repaired copy on %s at offset %d (%s)\n", rp.Copy, rp.OffsetBytes, units.Format(rp.LengthBytes))
+	}
+	for node, why := range r.Skipped {
+		fmt.Fprintf(w, "skipped copy on %s: %s\n", node, why)
+	}
+	return nil
+}
+
 func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 	if output == "json" {
 		if single && len(lus) == 1 {
@@ -430,16 +479,38 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 		if lu.Description != "" {
 			fmt.Fprintf(w, "\ndescription: %s\n", lu.Description)
 		}
+		if q := qosText(lu.QoS); q != "" {
+			fmt.Fprintf(w, "\nlimits: %s\n", q)
+		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE\tLACKS")
+		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE\tLACKS\tSCRUB REPAIRS")
 		for _, r := range lu.Replicas {
-			lacks := "-"
+			lacks, repaired := "-", "-"
 			if r.DirtyBytes != nil {
 				lacks = units.Format(*r.DirtyBytes)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Node, r.State, lacks)
+			if r.RepairedRegions != nil {
+				repaired = strconv.FormatInt(*r.RepairedRegions, 10)
+			}
+			if r.Degraded {
+				repaired += " (degraded)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r.Node, r.State, lacks, repaired)
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if sc := lu.Scrub; sc != nil {
+			last := "never, since the writer started"
+			if sc.LastFinished != nil {
+				last = fmt.Sprintf("%s (%d regions repaired)", sc.LastFinished.Format(time.RFC3339), sc.LastRepaired)
+			}
+			fmt.Fprintf(w, "\nlast scrub: %s\n", last)
+			if sc.Running {
+				fmt.Fprintf(w, "scrub running: %d of %d regions\n", sc.RegionsDone, sc.RegionsTotal)
+			}
+		}
+		return nil
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
+	"github.com/lupool/lupool/replication"
 )
 
 // serveConfig is every setting of `lupool serve`. Precedence: flag, then
@@ -51,6 +52,19 @@ type serveConfig struct {
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
 	ResyncRateBytes  int64 `json:"resync_rate_bytes"`
+	// BackgroundRateBytes is the node's budget of resync, rebuild and
+	// scrub bytes per second, adapted down while client latency is above
+	// BackgroundLatencyTarget (a Go duration; 0 automatic); 0 turns the
+	// budget off.
+	BackgroundRateBytes     int64  `json:"background_rate_bytes"`
+	BackgroundLatencyTarget string `json:"background_latency_target"`
+	// ScrubInterval: each LU this node writes is scrubbed once per
+	// interval (a Go duration; 0 never); ScrubRateBytes bounds the bytes
+	// a scrub hashes per second (0: unthrottled); a copy with more than
+	// ScrubDegradedRegions repaired regions is reported degraded.
+	ScrubInterval        string `json:"scrub_interval"`
+	ScrubRateBytes       int64  `json:"scrub_rate_bytes"`
+	ScrubDegradedRegions int    `json:"scrub_degraded_regions"`
 	// ReplaceAfter: the primary replaces a copy out of sync this long
 	// (a Go duration such as 10m; 0 never).
 	ReplaceAfter string `json:"replace_after"`
@@ -80,6 +94,13 @@ func defaultServeConfig() serveConfig {
 		ReplaceAfter:       "10m",
 		FailoverAfter:      "2s",
 		MinorityDisconnect: "5s",
+
+		BackgroundRateBytes:     256 << 20,
+		BackgroundLatencyTarget: "0",
+
+		ScrubInterval:        "168h",
+		ScrubRateBytes:       100 << 20,
+		ScrubDegradedRegions: replication.ScrubDegradedRegionsDefault,
 	}
 }
 
@@ -148,6 +169,16 @@ func settings() []setting {
 			func(c *serveConfig) *string { return &c.FailoverAfter }),
 		str("minority-disconnect", "a node cut off from the metadata majority this long answers its NBD clients ESHUTDOWN and closes their connections, so they move to the majority (0 never)",
 			func(c *serveConfig) *string { return &c.MinorityDisconnect }),
+		sizeSetting("background-rate", "bytes per second resync, rebuild and scrub together may move on this node, less while client latency is high (0: no shared budget), e.g. 256M",
+			func(c *serveConfig) *int64 { return &c.BackgroundRateBytes }),
+		str("background-latency-target", "client latency above which background work backs off (0: twice the latency measured without it)",
+			func(c *serveConfig) *string { return &c.BackgroundLatencyTarget }),
+		str("scrub-interval", "scrub each LU this node writes once per interval, each at its own time within it (e.g. 168h; 0 never)",
+			func(c *serveConfig) *string { return &c.ScrubInterval }),
+		sizeSetting("scrub-rate", "bytes per second a scrub may hash on the writer (0: unthrottled), e.g. 100M",
+			func(c *serveConfig) *int64 { return &c.ScrubRateBytes }),
+		intSetting("scrub-degraded-regions", "report a copy degraded once scrubs repaired more regions of it than this",
+			func(c *serveConfig) *int { return &c.ScrubDegradedRegions }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
@@ -320,6 +351,18 @@ func (c *serveConfig) validate() error {
 	}
 	if c.ResyncRateBytes < 0 {
 		return fmt.Errorf("--resync-rate must not be negative")
+	}
+	if c.BackgroundRateBytes < 0 {
+		return fmt.Errorf("--background-rate must not be negative")
+	}
+	if d, err := time.ParseDuration(c.BackgroundLatencyTarget); err != nil || d < 0 {
+		return fmt.Errorf("--background-latency-target %q: want a duration such as 2ms, or 0 (automatic)", c.BackgroundLatencyTarget)
+	}
+	if d, err := time.ParseDuration(c.ScrubInterval); err != nil || d < 0 {
+		return fmt.Errorf("--scrub-interval %q: want a duration such as 168h, 24h or 0 (never)", c.ScrubInterval)
+	}
+	if c.ScrubRateBytes < 0 {
+		return fmt.Errorf("--scrub-rate must not be negative")
 	}
 	if c.Overcommit <= 0 {
 		return fmt.Errorf("--overcommit must be positive")

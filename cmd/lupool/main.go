@@ -3,9 +3,9 @@
 //
 //	lupool serve [--data DIR] [--nbd ADDR] [--api ADDR] [--peer ADDR] [--join API_ADDR --join-token TOKEN]
 //	lupool status
-//	lupool lu create NAME --size SIZE [--copies N] [--kind file|memory] [--description TEXT]
-//	lupool lu list | show NAME | resize NAME --size SIZE | delete NAME [--force]
-//	lupool lu add-copy NAME [--node NODE] | verify NAME [--region SIZE]
+//	lupool lu create NAME --size SIZE [--copies N] [--kind file|memory] [--description TEXT] [--iops-limit N] [--bps-limit SIZE] ...
+//	lupool lu list | show NAME | resize NAME --size SIZE | set NAME --iops-limit N ... | delete NAME [--force]
+//	lupool lu add-copy NAME [--node NODE] | verify NAME [--region SIZE] | scrub NAME
 //	lupool pool status
 //	lupool node list | remove ID
 //	lupool cluster join-token [--ttl D] | join-token list | join-token revoke ID | rotate-admin-token

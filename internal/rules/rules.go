@@ -1,6 +1,6 @@
 // Package rules holds lupool's control-plane rules, each written once: the
 // LU name rule, the sector and block sizes, the LU size rule, the copy
-// count, the region sizes of verify/hash and of dirty-region tracking, and
+// count, the QoS limits, the region sizes of verify/hash and of dirty-region tracking, and
 // the overcommit check. It is a pure leaf: no I/O, no state, and it imports
 // no lupool package, so lu, cluster, replication, control and cmd can all
 // use it.
@@ -47,6 +47,17 @@ const (
 	CopiesMax = 16
 )
 
+// QoS limits.
+const (
+	// QoSIOPSMax bounds an IOPS limit: far above any device, low enough
+	// that a token bucket's arithmetic stays exact.
+	QoSIOPSMax = 100_000_000
+	// QoSBytesPerSecondMax bounds a bytes-per-second limit: 1 TiB/s.
+	QoSBytesPerSecondMax = 1 << 40
+	// QoSBurstMillisMax bounds a burst: a minute of the rate.
+	QoSBurstMillisMax = 60_000
+)
+
 // Region sizes.
 const (
 	// RegionBytesMin, RegionBytesMax and RegionBytesDefault bound the
@@ -78,6 +89,9 @@ var (
 	// ErrDirtyRegion is returned by DirtyRegion for a bad dirty-region
 	// size.
 	ErrDirtyRegion = errors.New("rules: invalid dirty-region size")
+	// ErrQoS is returned by QoSLimit and QoSBurst for a value out of
+	// range.
+	ErrQoS = errors.New("rules: invalid QoS limit")
 	// ErrOvercommit is matched by the *OvercommitError Overcommit returns.
 	ErrOvercommit = errors.New("rules: overcommit limit reached")
 )
@@ -143,6 +157,24 @@ func Copies(copies int) error {
 		return &ruleError{ErrCopies, "must be 1 or more"}
 	case copies > CopiesMax:
 		return &ruleError{ErrCopies, fmt.Sprintf("at most %d", CopiesMax)}
+	}
+	return nil
+}
+
+// QoSLimit checks one QoS rate: 0 (no limit) up to limitMax
+// (QoSIOPSMax or QoSBytesPerSecondMax).
+func QoSLimit(perSecond, limitMax int64) error {
+	if perSecond < 0 || perSecond > limitMax {
+		return &ruleError{ErrQoS, fmt.Sprintf("use 0 (no limit) to %d per second", limitMax)}
+	}
+	return nil
+}
+
+// QoSBurst checks a QoS burst in milliseconds: 0 (the default) up to
+// QoSBurstMillisMax.
+func QoSBurst(burstMillis int64) error {
+	if burstMillis < 0 || burstMillis > QoSBurstMillisMax {
+		return &ruleError{ErrQoS, "use 0 (the default) to 60000 ms"}
 	}
 	return nil
 }

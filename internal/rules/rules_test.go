@@ -198,3 +198,29 @@ func TestOvercommitLimit(t *testing.T) {
 		}
 	}
 }
+
+func TestQoS(t *testing.T) {
+	for _, tc := range []struct {
+		v, max int64
+		ok     bool
+	}{{0, QoSIOPSMax, true}, {1, QoSIOPSMax, true}, {QoSIOPSMax, QoSIOPSMax, true}, {QoSIOPSMax + 1, QoSIOPSMax, false},
+		{-1, QoSIOPSMax, false}, {QoSBytesPerSecondMax, QoSBytesPerSecondMax, true}, {QoSBytesPerSecondMax + 1, QoSBytesPerSecondMax, false}} {
+		err := QoSLimit(tc.v, tc.max)
+		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, ErrQoS)) {
+			t.Errorf("QoSLimit(%d, %d) = %v", tc.v, tc.max, err)
+		}
+	}
+	for _, tc := range []struct {
+		ms int64
+		ok bool
+	}{{0, true}, {100, true}, {QoSBurstMillisMax, true}, {QoSBurstMillisMax + 1, false}, {-1, false}} {
+		if err := QoSBurst(tc.ms); (err == nil) != tc.ok || (err != nil && !errors.Is(err, ErrQoS)) {
+			t.Errorf("QoSBurst(%d) = %v", tc.ms, err)
+		}
+	}
+	// A bucket of a minute at the highest rates still counts exactly in a
+	// float64 and fits an int (x/time/rate's burst).
+	if float64(QoSBytesPerSecondMax)*QoSBurstMillisMax/1000 > 1<<53 {
+		t.Error("QoS bytes bucket too large for exact arithmetic")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"math"
 	"strings"
@@ -21,8 +22,11 @@ func TestConstants(t *testing.T) {
 	if len(b) != HeaderBytes {
 		t.Fatalf("AppendFrame wrote %d header bytes, HeaderBytes is %d", len(b), HeaderBytes)
 	}
-	if HeaderBytes != 40 {
-		t.Fatalf("HeaderBytes = %d, want 40", HeaderBytes)
+	if HeaderBytes != 48 {
+		t.Fatalf("HeaderBytes = %d, want 48", HeaderBytes)
+	}
+	if headerCRCAt != HeaderBytes-4 || Version != 2 {
+		t.Fatalf("headerCRCAt = %d, Version = %d", headerCRCAt, Version)
 	}
 	var big [HeaderBytes + 8]byte
 	for i := range big {
@@ -74,6 +78,7 @@ func TestMarshalLayout(t *testing.T) {
 		Offset:     0x2122232425262728,
 		Length:     0x31323334,
 		PayloadLen: 0x41424344,
+		PayloadCRC: 0x51525354,
 	}
 	var b [HeaderBytes]byte
 	h.Marshal(b[:])
@@ -83,7 +88,9 @@ func TestMarshalLayout(t *testing.T) {
 		0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18,
 		0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28,
 		0x31, 0x32, 0x33, 0x34, 0x41, 0x42, 0x43, 0x44,
+		0x51, 0x52, 0x53, 0x54,
 	}
+	want = binary.BigEndian.AppendUint32(want, crc32.Checksum(want, crc32.MakeTable(crc32.Castagnoli)))
 	if !bytes.Equal(b[:], want) {
 		t.Fatalf("layout\n got %x\nwant %x", b, want)
 	}
@@ -341,7 +348,7 @@ func TestAppendFrame(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.PayloadLen = 4096
+	h.PayloadLen, h.PayloadCRC = 4096, Checksum(payload)
 	if got != h {
 		t.Fatalf("header %+v, want %+v", got, h)
 	}
@@ -475,6 +482,7 @@ var statusErrors = []struct {
 	{StatusNotWriter, ErrNotWriter},
 	{StatusReadOnly, blockdev.ErrReadOnly},
 	{StatusForbidden, ErrForbidden},
+	{StatusChecksum, ErrChecksum},
 }
 
 func TestStatusErr(t *testing.T) {
@@ -551,7 +559,8 @@ func TestStrings(t *testing.T) {
 		{StatusStaleEpoch.String(), "StaleEpoch"},
 		{StatusReadOnly.String(), "ReadOnly"},
 		{StatusForbidden.String(), "Forbidden"},
-		{Status(12).String(), "Status(12)"},
+		{StatusChecksum.String(), "Checksum"},
+		{Status(13).String(), "Status(13)"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got %q, want %q", tc.got, tc.want)
@@ -603,6 +612,21 @@ func FuzzParseHeader(f *testing.F) {
 	}
 	f.Add([]byte("LURP"))
 	f.Fuzz(func(t *testing.T, in []byte) {
+		checkParsedHeader(t, in)
+		// Random bytes almost never carry a matching header_crc: parse
+		// them sealed as well, so that the field rules get fuzzed too.
+		if len(in) >= HeaderBytes {
+			sealed := bytes.Clone(in)
+			binary.BigEndian.PutUint32(sealed[headerCRCAt:], Checksum(sealed[:headerCRCAt]))
+			checkParsedHeader(t, sealed)
+		}
+	})
+}
+
+// checkParsedHeader parses in and checks what FuzzParseHeader promises.
+func checkParsedHeader(t *testing.T, in []byte) {
+	t.Helper()
+	{
 		h, err := ParseHeader(in)
 		if err != nil {
 			if !errors.Is(err, ErrBadFrame) {
@@ -621,7 +645,7 @@ func FuzzParseHeader(f *testing.F) {
 		if !h.Type.isReply() && h.Status != StatusOK {
 			t.Fatalf("accepted request with status %+v", h)
 		}
-	})
+	}
 }
 
 // FuzzParseHello checks that ParseHello never panics, that every error wraps
@@ -667,5 +691,90 @@ func BenchmarkAppendFrame4K(b *testing.B) {
 	b.SetBytes(int64(HeaderBytes + len(payload)))
 	for b.Loop() {
 		dst = AppendFrame(dst[:0], h, payload)
+	}
+}
+
+// TestHeaderChecksum flips every bit of a valid header in turn: each flip
+// is refused (bad magic or a header_crc mismatch), never parsed into
+// another header.
+func TestHeaderChecksum(t *testing.T) {
+	payload := bytes.Repeat([]byte{0x5a}, 4096)
+	frame := AppendFrame(nil, Header{Type: TypeWrite, Flags: FlagFUA, Handle: 3, Epoch: 4, Offset: 8192, Length: 4096}, payload)
+	if _, err := ParseHeader(frame); err != nil {
+		t.Fatalf("valid header refused: %v", err)
+	}
+	for bit := 0; bit < HeaderBytes*8; bit++ {
+		b := bytes.Clone(frame[:HeaderBytes])
+		b[bit/8] ^= 1 << (bit % 8)
+		h, err := ParseHeader(b)
+		if err == nil {
+			t.Fatalf("bit %d flipped: accepted %+v", bit, h)
+		}
+		if !errors.Is(err, ErrBadFrame) {
+			t.Fatalf("bit %d flipped: %v does not wrap ErrBadFrame", bit, err)
+		}
+		if bit >= 32 && !errors.Is(err, ErrChecksum) {
+			t.Fatalf("bit %d flipped: %v does not wrap ErrChecksum", bit, err)
+		}
+	}
+}
+
+// TestPayloadChecksum checks CheckPayload against AppendFrame's payload_crc:
+// the payload sent passes, every single-byte change and a truncation fail.
+func TestPayloadChecksum(t *testing.T) {
+	payload := make([]byte, 4096)
+	for i := range payload {
+		payload[i] = byte(i * 7)
+	}
+	frame := AppendFrame(nil, Header{Type: TypeWrite, Handle: 1, Length: 4096}, payload)
+	h, err := ParseHeader(frame)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.PayloadCRC != Checksum(payload) || h.PayloadCRC == 0 {
+		t.Fatalf("PayloadCRC %#x, want %#x", h.PayloadCRC, Checksum(payload))
+	}
+	summed := AppendSummedFrame(nil, Header{Type: TypeWrite, Handle: 1, Length: 4096, PayloadCRC: Checksum(payload)}, payload)
+	if !bytes.Equal(summed, frame) {
+		t.Fatal("AppendSummedFrame with the checksum differs from AppendFrame")
+	}
+	if err := h.CheckPayload(frame[HeaderBytes:]); err != nil {
+		t.Fatalf("intact payload refused: %v", err)
+	}
+	for _, at := range []int{0, 1, 511, 2048, 4095} {
+		p := bytes.Clone(frame[HeaderBytes:])
+		p[at] ^= 0x20
+		err := h.CheckPayload(p)
+		if !errors.Is(err, ErrChecksum) || !strings.Contains(err.Error(), "header says") {
+			t.Fatalf("byte %d flipped: %v", at, err)
+		}
+		if StatusOf(err) != StatusChecksum || !errors.Is(StatusChecksum.Err(), ErrChecksum) {
+			t.Fatalf("byte %d flipped: status %v", at, StatusOf(err))
+		}
+	}
+	if err := h.CheckPayload(frame[HeaderBytes : HeaderBytes+4095]); !errors.Is(err, ErrChecksum) {
+		t.Fatalf("short payload: %v", err)
+	}
+	empty := Header{Type: TypeFlush}
+	if err := empty.CheckPayload(nil); err != nil || Checksum(nil) != 0 {
+		t.Fatalf("empty payload: %v, checksum %#x", err, Checksum(nil))
+	}
+}
+
+// BenchmarkChecksum is the cost of CheckPayload (and of AppendFrame's
+// Checksum) per payload size.
+func BenchmarkChecksum(b *testing.B) {
+	for _, size := range []int{512, 4096, 64 << 10, 1 << 20} {
+		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
+			payload := make([]byte, size)
+			h := Header{Type: TypeWrite, Length: uint32(size), PayloadCRC: Checksum(payload)}
+			b.ReportAllocs()
+			b.SetBytes(int64(size))
+			for b.Loop() {
+				if err := h.CheckPayload(payload); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -116,6 +116,8 @@ type Backend interface {
 	ListLUs(ctx context.Context) ([]LU, error)
 	GetLU(ctx context.Context, name string) (LU, error)
 	ResizeLU(ctx context.Context, name string, sizeBytes int64) (LU, error)
+	// SetQoS replaces an LU's QoS limits (zero lifts them).
+	SetQoS(ctx context.Context, name string, q QoS) (LU, error)
 	DeleteLU(ctx context.Context, name string, force bool) error
 	PoolStatus(ctx context.Context) (PoolStatus, error)
 	Nodes(ctx context.Context) ([]Node, error)
@@ -159,6 +161,11 @@ type Backend interface {
 	RegionHashes(ctx context.Context, name string, offsetBytes, regionBytes int64, count int) (RegionHashes, error)
 	// VerifyLU compares every copy of an LU region by region by hash.
 	VerifyLU(ctx context.Context, name string, req VerifyRequest) (VerifyReport, error)
+	// ScrubLU compares every in-sync copy of an LU with its writer's data
+	// and repairs the regions that differ, on the LU's writer (a node that
+	// is not the writer answers with a NotLeaderError naming it, and the
+	// request is forwarded there).
+	ScrubLU(ctx context.Context, name string) (ScrubReport, error)
 	// Ready returns nil when the node can serve LU requests.
 	Ready() error
 }
@@ -174,6 +181,21 @@ type CreateLURequest struct {
 	// received the request (on the leader: the member that forwarded it,
 	// as its certificate names it).
 	Node string `json:"node,omitempty"`
+	// QoS limits client I/O to the LU; absent is no limit.
+	QoS *QoS `json:"qos,omitempty"`
+}
+
+// QoS are an LU's client I/O limits, applied by every node that serves the
+// LU to the requests it receives; the body of POST /v1/lus/{name}/qos. A
+// zero rate is no limit. Requests over a limit wait; they never fail.
+type QoS struct {
+	ReadIOPS            int64 `json:"read_iops,omitempty"`
+	WriteIOPS           int64 `json:"write_iops,omitempty"`
+	ReadBytesPerSecond  int64 `json:"read_bytes_per_second,omitempty"`
+	WriteBytesPerSecond int64 `json:"write_bytes_per_second,omitempty"`
+	// BurstMillis is how much unused allowance a quiet LU saves up, in
+	// milliseconds of each rate; 0 is the default (100 ms).
+	BurstMillis int64 `json:"burst_ms,omitempty"`
 }
 
 // CopyChangeRequest is the body of POST /v1/internal/lus/{name}/copy-change,
@@ -228,6 +250,41 @@ type VerifyReport struct {
 	Skipped map[string]string `json:"skipped,omitempty"`
 }
 
+// ScrubReport is the outcome of one scrub of an LU (POST
+// /v1/lus/{name}/scrub).
+type ScrubReport struct {
+	Name        string `json:"name"`
+	RegionBytes int64  `json:"region_bytes"`
+	// Regions is how many regions were compared with each copy.
+	Regions int64 `json:"regions"`
+	// Copies are the in-sync copies compared with the writer.
+	Copies []string `json:"copies"`
+	// Repairs are the regions that differed from the writer and were
+	// rewritten from it.
+	Repairs []ScrubRepair `json:"repairs"`
+	// Skipped names copies that could not be compared, with the reason.
+	Skipped     map[string]string `json:"skipped,omitempty"`
+	TookSeconds float64           `json:"took_seconds"`
+}
+
+// ScrubRepair is one region of a copy rewritten from the writer.
+type ScrubRepair struct {
+	Copy        string `json:"copy"`
+	OffsetBytes int64  `json:"offset_bytes"`
+	LengthBytes int64  `json:"length_bytes"`
+}
+
+// ScrubStatus is an LU's scrub state as its writer knows it.
+type ScrubStatus struct {
+	Running      bool  `json:"running"`
+	RegionsDone  int64 `json:"regions_done"`
+	RegionsTotal int64 `json:"regions_total"`
+	// LastFinished is when the last scrub finished; absent before the
+	// first since the writer started.
+	LastFinished *time.Time `json:"last_finished,omitempty"`
+	LastRepaired int64      `json:"last_repaired_regions"`
+}
+
 // RegionMismatch is one region whose copies differ, with each copy's hash.
 type RegionMismatch struct {
 	OffsetBytes int64             `json:"offset_bytes"`
@@ -252,6 +309,11 @@ type LU struct {
 	Replicas       []Replica `json:"replicas"`
 	Connections    int       `json:"connections"`
 	CreatedAt      time.Time `json:"created_at"`
+	// QoS are the LU's client I/O limits; absent when it has none.
+	QoS *QoS `json:"qos,omitempty"`
+	// Scrub is the LU's scrub state; only in answers from the writer's
+	// node.
+	Scrub *ScrubStatus `json:"scrub,omitempty"`
 }
 
 // Replica is one copy of an LU.
@@ -261,6 +323,11 @@ type Replica struct {
 	// DirtyBytes is what the copy lacks, as its writer knows it (resync
 	// progress); only in answers from the writer's node.
 	DirtyBytes *int64 `json:"dirty_bytes,omitempty"`
+	// RepairedRegions is how many regions of the copy scrubs repaired,
+	// and Degraded whether that is over the threshold; only in answers
+	// from the writer's node.
+	RepairedRegions *int64 `json:"repaired_regions,omitempty"`
+	Degraded        bool   `json:"degraded,omitempty"`
 }
 
 // PoolStatus is this node's storage pool.

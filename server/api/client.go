@@ -199,6 +199,13 @@ func (c *Client) VerifyLU(ctx context.Context, name string, regionBytes int64) (
 	return out, err
 }
 
+// ScrubLU scrubs an LU on its writer and returns the report.
+func (c *Client) ScrubLU(ctx context.Context, name string) (ScrubReport, error) {
+	var out ScrubReport
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/scrub", struct{}{}, &out)
+	return out, err
+}
+
 // ListLUs lists every LU.
 func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
 	var lus []LU
@@ -210,6 +217,13 @@ func (c *Client) ListLUs(ctx context.Context) ([]LU, error) {
 func (c *Client) GetLU(ctx context.Context, name string) (LU, error) {
 	var lu LU
 	err := c.do(ctx, http.MethodGet, "/v1/lus/"+url.PathEscape(name), nil, &lu)
+	return lu, err
+}
+
+// SetQoS replaces an LU's QoS limits.
+func (c *Client) SetQoS(ctx context.Context, name string, q QoS) (LU, error) {
+	var lu LU
+	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/qos", q, &lu)
 	return lu, err
 }
 

@@ -99,6 +99,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("POST /v1/lus", h.mutating(h.createLU))
 	admin("GET /v1/lus/{name}", h.getLU)
 	admin("POST /v1/lus/{name}/resize", h.mutating(h.resizeLU))
+	admin("POST /v1/lus/{name}/qos", h.mutating(h.setQoS))
 	admin("DELETE /v1/lus/{name}", h.mutating(h.deleteLU))
 	admin("GET /v1/pool", h.poolStatus)
 	admin("GET /v1/nodes", h.nodes)
@@ -107,6 +108,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
 	admin("GET /v1/lus/{name}/hashes", h.regionHashes)
 	admin("POST /v1/lus/{name}/verify", h.verifyLU)
+	// A scrub runs on the LU's writer: the backend names it with a
+	// NotLeaderError and the request is forwarded there.
+	admin("POST /v1/lus/{name}/scrub", h.mutating(h.scrubLU))
 	admin("POST /v1/cluster/join-tokens", h.mutating(h.createJoinToken))
 	admin("GET /v1/cluster/join-tokens", h.listJoinTokens)
 	admin("DELETE /v1/cluster/join-tokens/{id}", h.mutating(h.revokeJoinToken))
@@ -265,6 +269,15 @@ func (h *Handler) resizeLU(ctx context.Context, r *http.Request, body []byte) (i
 	return http.StatusOK, lu, err
 }
 
+func (h *Handler) setQoS(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req QoS
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	lu, err := h.opts.Backend.SetQoS(ctx, r.PathValue("name"), req)
+	return http.StatusOK, lu, err
+}
+
 func (h *Handler) deleteLU(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
 	force := false
 	if v := r.URL.Query().Get("force"); v != "" {
@@ -407,6 +420,11 @@ func (h *Handler) verifyLU(w http.ResponseWriter, r *http.Request) {
 	}
 	report, err := h.opts.Backend.VerifyLU(r.Context(), r.PathValue("name"), req)
 	h.reply(w, report, err)
+}
+
+func (h *Handler) scrubLU(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	report, err := h.opts.Backend.ScrubLU(ctx, r.PathValue("name"))
+	return http.StatusOK, report, err
 }
 
 // upgrade hands the connection of an "Upgrade" request to fn, with the

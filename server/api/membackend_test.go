@@ -191,6 +191,21 @@ func (b *memBackend) ResizeLU(ctx context.Context, name string, size int64) (LU,
 	return lu, nil
 }
 
+func (b *memBackend) SetQoS(ctx context.Context, name string, q QoS) (LU, error) {
+	err := b.enter(ctx, "SetQoS", true)
+	defer b.mu.Unlock()
+	if err != nil {
+		return LU{}, err
+	}
+	lu, ok := b.lus[name]
+	if !ok {
+		return LU{}, fmt.Errorf("%w: no LU named %q", ErrNotFound, name)
+	}
+	lu.QoS = &q
+	b.lus[name] = lu
+	return lu, nil
+}
+
 func (b *memBackend) DeleteLU(ctx context.Context, name string, force bool) error {
 	err := b.enter(ctx, "DeleteLU", true)
 	defer b.mu.Unlock()
@@ -413,6 +428,12 @@ func (b *memBackend) VerifyLU(ctx context.Context, name string, req VerifyReques
 	_ = b.enter(ctx, "VerifyLU", false)
 	defer b.mu.Unlock()
 	return VerifyReport{Name: name, RegionBytes: req.RegionBytes, Equal: true}, nil
+}
+
+func (b *memBackend) ScrubLU(ctx context.Context, name string) (ScrubReport, error) {
+	_ = b.enter(ctx, "ScrubLU", false)
+	defer b.mu.Unlock()
+	return ScrubReport{Name: name, Repairs: []ScrubRepair{}}, nil
 }
 
 func (b *memBackend) Ready() error {
