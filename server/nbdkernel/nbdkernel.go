@@ -138,6 +138,9 @@ type ExportInfo struct {
 	TransmissionFlags uint16
 	// Block size constraints; zero when the server sent none.
 	MinimumBlockBytes, PreferredBlockBytes, MaximumBlockBytes uint32
+	// LUID is the export's stable identity from a lupool server
+	// (nbdproto.InfoLUID); "" from other servers.
+	LUID string
 	// ExportName is true when the legacy NBD_OPT_EXPORT_NAME was used
 	// because the server does not know NBD_OPT_GO.
 	ExportName bool
@@ -244,8 +247,9 @@ func startTLS(ctx context.Context, conn net.Conn, cfg *tls.Config) (net.Conn, er
 func optGo(conn net.Conn, export string) (ExportInfo, error) {
 	be := binary.BigEndian
 	payload := nbdproto.AppendString(nil, export)
-	payload = be.AppendUint16(payload, 1)
+	payload = be.AppendUint16(payload, 2)
 	payload = be.AppendUint16(payload, nbdproto.InfoBlockSize)
+	payload = be.AppendUint16(payload, nbdproto.InfoLUID)
 	if err := sendOption(conn, nbdproto.OptGo, payload); err != nil {
 		return ExportInfo{}, err
 	}
@@ -297,6 +301,11 @@ func parseInfo(p []byte, info *ExportInfo, haveExport *bool) error {
 		info.MinimumBlockBytes = be.Uint32(p[2:6])
 		info.PreferredBlockBytes = be.Uint32(p[6:10])
 		info.MaximumBlockBytes = be.Uint32(p[10:14])
+	case nbdproto.InfoLUID:
+		if len(p)-2 > nbdproto.MaxStringBytes {
+			return fmt.Errorf("%w: LU id of %d bytes", ErrProtocol, len(p)-2)
+		}
+		info.LUID = string(p[2:])
 	}
 	return nil
 }

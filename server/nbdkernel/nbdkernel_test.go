@@ -73,15 +73,15 @@ func TestNegotiateWithEngine(t *testing.T) {
 	rw := blockdevtest.NewMem(12<<20, blockdev.Caps{})
 	ro := blockdevtest.NewMem(1<<20, blockdev.Caps{ReadOnly: true, MultiConn: true})
 	addr := startEngine(t, nbd.TLSOff, nil,
-		nbd.Export{Name: "rw", Device: rw}, nbd.Export{Name: "ro", Device: ro})
+		nbd.Export{Name: "rw", ID: "n1@7", Device: rw}, nbd.Export{Name: "ro", Device: ro})
 	ctx := context.Background()
 
 	c, info, err := Negotiate(ctx, dial(t, addr), "rw", nil)
 	if err != nil {
 		t.Fatalf("Negotiate: %v", err)
 	}
-	if info.SizeBytes != 12<<20 || info.ExportName {
-		t.Errorf("info %+v, want 12 MiB over NBD_OPT_GO", info)
+	if info.SizeBytes != 12<<20 || info.ExportName || info.LUID != "n1@7" {
+		t.Errorf("info %+v, want 12 MiB with LU id n1@7 over NBD_OPT_GO", info)
 	}
 	want := nbdproto.TxFlagHasFlags | nbdproto.TxFlagSendFlush | nbdproto.TxFlagSendFUA | nbdproto.TxFlagSendTrim | nbdproto.TxFlagSendWriteZeroes
 	if info.TransmissionFlags&want != want || info.TransmissionFlags&nbdproto.TxFlagReadOnly != 0 {
@@ -115,6 +115,9 @@ func TestNegotiateWithEngine(t *testing.T) {
 	_, info, err = Negotiate(ctx, dial(t, addr), "ro", nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if info.LUID != "" {
+		t.Errorf("LU id %q for an export without one", info.LUID)
 	}
 	if info.TransmissionFlags&(nbdproto.TxFlagReadOnly|nbdproto.TxFlagCanMultiConn) != nbdproto.TxFlagReadOnly|nbdproto.TxFlagCanMultiConn {
 		t.Errorf("read-only multi-conn export flags %#x", info.TransmissionFlags)
