@@ -19,6 +19,27 @@
 //
 // Attaching needs Linux, root and the nbd module (`modprobe nbd`).
 // CheckAvailable says clearly which of them is missing.
+//
+// # With `lupool attach`
+//
+// `lupool attach LU /dev/nbdX` gives Options.Dial one end of a socket pair
+// (SocketPair) and serves the other end with its endpoint
+// (server/endpoint), which keeps the connection to the pool and moves
+// between nodes; with Options.NoIOTimeout the kernel never fails a request
+// that waits for a failover, and it never sees its socket die, so no
+// dead-connection timeout or reconfigure is needed. The ioctl interface is
+// used rather than the netlink one: it is enough for one socket that never
+// dies, and it works on every kernel with the module.
+//
+// # Why not github.com/pojntfx/go-nbd
+//
+// The project's first design named go-nbd for this hand-off. Its client
+// never sets the transmission flags on the device (NBD_SET_FLAGS), so the
+// kernel would believe the server supports neither FLUSH nor TRIM and
+// would send neither: no write barrier would ever reach the pool, and
+// discards would be lost. It also negotiates without block sizes or TLS.
+// This package is small, sets the export's flags, and is tested against
+// the engine and nbdkit.
 package nbdkernel
 
 import (
@@ -83,6 +104,15 @@ type Options struct {
 	// IOTimeout is passed to NBD_SET_TIMEOUT: the kernel fails a request
 	// the server has not answered in that time. 0 means DefaultIOTimeout.
 	IOTimeout time.Duration
+	// NoIOTimeout sets the kernel's request timeout to 0 (never fail a
+	// request; the kernel only logs a stuck one): right when the server
+	// end is `lupool attach`'s endpoint, which waits for the pool itself.
+	NoIOTimeout bool
+	// Dial, if not nil, replaces dialling Addr (which may then be empty):
+	// `lupool attach` returns one end of a socket pair (SocketPair) whose
+	// other end its endpoint serves, so that the kernel never sees a dead
+	// socket when a node goes away.
+	Dial func(ctx context.Context) (net.Conn, error)
 }
 
 // DefaultIOTimeout is the kernel request timeout when Options.IOTimeout is 0.
@@ -115,7 +145,7 @@ func isDevicePath(path string) bool {
 }
 
 func (o *Options) validate() error {
-	if o.Addr == "" {
+	if o.Addr == "" && o.Dial == nil {
 		return fmt.Errorf("%w: no server address", ErrInvalidOptions)
 	}
 	if !isDevicePath(o.Device) {
@@ -126,6 +156,9 @@ func (o *Options) validate() error {
 	}
 	if o.IOTimeout < 0 {
 		return fmt.Errorf("%w: negative IOTimeout", ErrInvalidOptions)
+	}
+	if o.NoIOTimeout && o.IOTimeout != 0 {
+		return fmt.Errorf("%w: IOTimeout with NoIOTimeout", ErrInvalidOptions)
 	}
 	return nil
 }
