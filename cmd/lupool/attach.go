@@ -186,7 +186,7 @@ func attachKernel(ctx context.Context, srv *nbd.Server, lu, device string, log *
 	if err != nil {
 		return err
 	}
-	l := newOneConnListener(serverEnd)
+	l := endpoint.NewConnListener(serverEnd)
 	go func() { _ = srv.Serve(l) }()
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -202,42 +202,6 @@ func attachKernel(ctx context.Context, srv *nbd.Server, lu, device string, log *
 		Dial:        func(context.Context) (net.Conn, error) { return kernelEnd, nil },
 	})
 }
-
-// oneConnListener accepts one given connection, then blocks until closed.
-type oneConnListener struct {
-	ch     chan net.Conn
-	closed chan struct{}
-	once   sync.Once
-}
-
-var _ net.Listener = (*oneConnListener)(nil)
-
-func newOneConnListener(c net.Conn) *oneConnListener {
-	l := &oneConnListener{ch: make(chan net.Conn, 1), closed: make(chan struct{})}
-	l.ch <- c
-	return l
-}
-
-func (l *oneConnListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.ch:
-		return c, nil
-	case <-l.closed:
-		return nil, net.ErrClosed
-	}
-}
-
-func (l *oneConnListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
-	return nil
-}
-
-func (l *oneConnListener) Addr() net.Addr { return socketPairAddr{} }
-
-type socketPairAddr struct{}
-
-func (socketPairAddr) Network() string { return "unix" }
-func (socketPairAddr) String() string  { return "socketpair" }
 
 // preferNode prefers the node with id prefer, else nodes whose NBD address
 // is on this host.
