@@ -45,6 +45,7 @@
 package endpoint
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -92,6 +93,11 @@ const (
 	// over every node.
 	retryDelayMin = 20 * time.Millisecond
 	retryDelayMax = 500 * time.Millisecond
+	// readBufferBytes is the reply reader's buffer; a larger read's data
+	// goes straight into the caller's buffer.
+	readBufferBytes = 64 << 10
+	// maxSpareBytes bounds the send buffer an upstream keeps for reuse.
+	maxSpareBytes = 1 << 20
 )
 
 // Node is a pool node that may serve the LU.
@@ -179,24 +185,66 @@ type call struct {
 }
 
 // upstream is one connection to a node.
+//
+// Requests are sent by combining: a caller appends its request to queued
+// and, unless another caller is already writing, writes everything queued
+// (looping while more arrives), so that at a queue depth one system call
+// carries many requests and no goroutine hand-off sits in the path.
 type upstream struct {
 	nc   net.Conn
 	node Node
-	wmu  sync.Mutex // serializes writes to nc
+	mu   struct {
+		sync.Mutex
+		queued  []byte // requests not yet written
+		spare   []byte // the buffer written last, reused
+		writing bool   // a caller is writing; it will write queued too
+	}
 }
 
-// send writes c's request (and a write's payload). The caller must hold
-// u.wmu.
-func (u *upstream) sendLocked(c *call) error {
+// queueLocked appends c's request (and a write's payload). u.mu must be
+// held.
+func (u *upstream) queueLocked(c *call) {
 	var hdr [nbdproto.RequestSize]byte
 	nbdproto.PutRequest(hdr[:], c.req)
-	if c.req.Type != nbdproto.CmdWrite {
-		_, err := u.nc.Write(hdr[:])
-		return err
+	u.mu.queued = append(u.mu.queued, hdr[:]...)
+	if c.req.Type == nbdproto.CmdWrite {
+		u.mu.queued = append(u.mu.queued, c.data...)
 	}
-	bufs := net.Buffers{hdr[:], c.data}
-	_, err := bufs.WriteTo(u.nc)
-	return err
+}
+
+// send queues c and writes the queue unless another caller is writing.
+func (u *upstream) send(c *call) {
+	u.mu.Lock()
+	u.queueLocked(c)
+	u.flushLocked()
+}
+
+// flushLocked writes everything queued unless a write is under way, and
+// unlocks u.mu. A failed write closes the connection: the supervisor then
+// reconnects and replays every unanswered request.
+func (u *upstream) flushLocked() {
+	if u.mu.writing {
+		u.mu.Unlock()
+		return
+	}
+	u.mu.writing = true
+	for len(u.mu.queued) > 0 {
+		b := u.mu.queued
+		u.mu.queued = u.mu.spare[:0]
+		u.mu.Unlock()
+		_, err := u.nc.Write(b)
+		u.mu.Lock()
+		if cap(b) <= maxSpareBytes {
+			u.mu.spare = b
+		}
+		if err != nil {
+			u.mu.queued = nil
+			_ = u.nc.Close()
+			break
+		}
+	}
+	u.mu.writing = false
+	u.mu.Unlock()
 }
 
 // Device forwards to the LU on the pool. It implements blockdev.Device,
@@ -369,25 +417,20 @@ func (d *Device) install(u *upstream) {
 		}
 		return 0
 	})
-	u.wmu.Lock() // before conn is visible: replays go first
-	d.mu.conn, d.mu.reading = u, u
-	down := d.mu.downSince
-	d.mu.downSince, d.mu.gaveUp = time.Time{}, false
+	// Queued before conn is visible: replays go before any new request.
+	u.mu.Lock()
 	now := time.Now()
 	for _, c := range calls {
 		c.sentAt = now
+		u.queueLocked(c)
 	}
+	u.mu.Unlock()
+	d.mu.conn, d.mu.reading = u, u
+	down := d.mu.downSince
+	d.mu.downSince, d.mu.gaveUp = time.Time{}, false
 	d.mu.Unlock()
-	var err error
-	for _, c := range calls {
-		if err = u.sendLocked(c); err != nil {
-			break
-		}
-	}
-	u.wmu.Unlock()
-	if err != nil {
-		_ = u.nc.Close() // the read loop ends and reconnects
-	}
+	u.mu.Lock()
+	u.flushLocked()
 	if !down.IsZero() {
 		without := now.Sub(down)
 		d.opts.Logger.Info("endpoint: reconnected", "lu", d.opts.Export, "node", u.node.ID, "addr", u.node.NBDAddr,
@@ -399,8 +442,10 @@ func (d *Device) install(u *upstream) {
 // readLoop reads replies from u until it fails.
 func (d *Device) readLoop(u *upstream) error {
 	var hdr [nbdproto.SimpleReplySize]byte
+	// Buffered: at a queue depth, one system call reads many replies.
+	br := bufio.NewReaderSize(u.nc, readBufferBytes)
 	for {
-		if _, err := io.ReadFull(u.nc, hdr[:]); err != nil {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return err
 		}
 		r, err := nbdproto.ParseSimpleReply(hdr[:])
@@ -425,7 +470,7 @@ func (d *Device) readLoop(u *upstream) error {
 			return fmt.Errorf("%w: reply for unknown handle %d", ErrProtocol, r.Handle)
 		}
 		if r.Error == 0 && c.req.Type == nbdproto.CmdRead {
-			if _, err := io.ReadFull(u.nc, c.data); err != nil {
+			if _, err := io.ReadFull(br, c.data); err != nil {
 				return err
 			}
 		}
@@ -598,12 +643,7 @@ func (d *Device) submit(req nbdproto.Request, data []byte) error {
 	}
 	d.mu.Unlock()
 	if u != nil {
-		u.wmu.Lock()
-		err := u.sendLocked(c)
-		u.wmu.Unlock()
-		if err != nil {
-			_ = u.nc.Close() // the supervisor reconnects and replays c
-		}
+		u.send(c)
 	}
 	return <-c.done
 }

@@ -193,8 +193,8 @@ func TestRidesOverShutdownAndLoss(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	close(stop)
 	ops := wait()
-	if ops < 100 {
-		t.Errorf("only %d operations", ops)
+	if ops == 0 {
+		t.Error("no operation completed")
 	}
 	if d.Node() != "a" {
 		t.Errorf("after b stopped: on %q, want a", d.Node())
@@ -202,6 +202,9 @@ func TestRidesOverShutdownAndLoss(t *testing.T) {
 	m := d.opts.Metrics
 	if n := counter(t, m.reconnects); n < 3 {
 		t.Errorf("%v reconnects, want at least 3", n)
+	}
+	if n := counter(t, m.replayed); n == 0 {
+		t.Error("nothing replayed: no request was in flight at the breaks, the test proves nothing")
 	}
 	t.Logf("%d operations, %v reconnects, %v replayed, %.3fs without service", ops,
 		counter(t, m.reconnects), counter(t, m.replayed), counter(t, m.unavailable))

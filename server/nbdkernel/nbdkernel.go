@@ -34,12 +34,14 @@
 // # Why not github.com/pojntfx/go-nbd
 //
 // The project's first design named go-nbd for this hand-off. Its client
-// never sets the transmission flags on the device (NBD_SET_FLAGS), so the
-// kernel would believe the server supports neither FLUSH nor TRIM and
-// would send neither: no write barrier would ever reach the pool, and
-// discards would be lost. It also negotiates without block sizes or TLS.
-// This package is small, sets the export's flags, and is tested against
-// the engine and nbdkit.
+// (pkg/client, read at commit 264e7d6) never sets the transmission flags
+// on the device (no NBD_SET_FLAGS), so the kernel believes the server
+// supports neither FLUSH nor TRIM and sends neither: no write barrier
+// would ever reach the pool, and discards would be lost. It also sends
+// client flags 0 (not fixed newstyle), fails on any NBD_INFO type it does
+// not know instead of skipping it, has no TLS, and hands the socket to the
+// kernel before negotiating. This package is small, sets the export's
+// flags, and is tested against the engine and nbdkit, so lupool keeps it.
 package nbdkernel
 
 import (
