@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -141,9 +143,7 @@ func TestAttachFioAcrossRestarts(t *testing.T) {
 	}
 	out, err := wait()
 	checkFio(t, out, err)
-	if n, _ := a.reconnects(); n != 4 {
-		t.Errorf("%d reconnects, want 4 (one per restart)", n)
-	}
+	a.waitReconnects(4) // one per restart
 }
 
 // TestAttachMovesOnNodeLoss: a 2-copy LU attached through its non-writer
@@ -175,8 +175,9 @@ func TestAttachMovesOnNodeLoss(t *testing.T) {
 	copyNode.stop(syscall.SIGKILL)
 	out, err := wait()
 	checkFio(t, out, err)
-	if n, nodes := a.reconnects(); n != 1 || nodes[0] != "n1" {
-		t.Errorf("reconnects %d to %v, want one to the writer n1", n, nodes)
+	a.waitReconnects(1)
+	if _, nodes := a.reconnects(); nodes[0] != "n1" {
+		t.Errorf("reconnected to %v, want the writer n1", nodes)
 	}
 }
 
@@ -189,7 +190,8 @@ func TestAttachQemuIOAcrossRestart(t *testing.T) {
 	n1.start()
 	n1.mustCLI("lu", "create", "q", "--size", "16M")
 	sock := filepath.Join(t.TempDir(), "q.sock")
-	a := startAttach(t, n1, "q", "unix:"+sock)
+	metricsAddr := freePort(t)
+	a := startAttach(t, n1, "q", "unix:"+sock, "--metrics", metricsAddr)
 	qemuIO := func(cmds ...string) *exec.Cmd {
 		args := []string{"-f", "raw"}
 		for _, c := range cmds {
@@ -222,6 +224,24 @@ func TestAttachQemuIOAcrossRestart(t *testing.T) {
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatalf("qemu-io still waiting 60 s after the node came back: %s", out.String())
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	text, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := metricValue(string(text), "lupool_attach_reconnects_total", `lu="q"`); v != 1 {
+		t.Errorf("lupool_attach_reconnects_total = %v, want 1:\n%s", v, text)
+	}
+	if v := metricValue(string(text), "lupool_attach_unavailable_seconds_total", `lu="q"`); v < 0.5 {
+		t.Errorf("lupool_attach_unavailable_seconds_total = %v, want the second or more the node was down", v)
+	}
+	if v := metricValue(string(text), "lupool_attach_replayed_requests_total", `lu="q"`); v < 0 {
+		t.Errorf("lupool_attach_replayed_requests_total missing:\n%s", text)
 	}
 }
 
@@ -259,9 +279,7 @@ func TestAttachNbdcopyAcrossRestart(t *testing.T) {
 	if got := fileSHA(t, back); got != want {
 		t.Errorf("image read back %s, want %s", got, want)
 	}
-	if n, _ := a.reconnects(); n != 1 {
-		t.Errorf("%d reconnects, want 1", n)
-	}
+	a.waitReconnects(1)
 }
 
 // TestAttachGiveUp: with --give-up 2s and the only node down, a read fails
@@ -282,7 +300,11 @@ func TestAttachGiveUp(t *testing.T) {
 	if took < 1900*time.Millisecond || took > 10*time.Second {
 		t.Errorf("EIO %v after the node stopped, want about 2s", took)
 	}
-	if !strings.Contains(a.log.String(), "failing requests with EIO") {
-		t.Errorf("no give-up in the log")
+	// The log reaches the buffer through a copying goroutine: wait a bit.
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(a.log.String(), "failing requests with EIO"); {
+		if time.Now().After(deadline) {
+			t.Fatal("no give-up in the log")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

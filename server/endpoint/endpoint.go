@@ -181,7 +181,10 @@ type call struct {
 	data   []byte
 	cost   int64
 	sentAt time.Time // guarded by Device.mu
-	done   chan error
+	// done wakes a waiting caller; async answers an asynchronous write
+	// instead (exactly one of them is set).
+	done  chan error
+	async blockdev.Completion
 }
 
 // upstream is one connection to a node.
@@ -229,8 +232,9 @@ func (u *upstream) flushLocked() {
 	}
 	u.mu.writing = true
 	for len(u.mu.queued) > 0 {
+		// b is now owned here: spare never aliases queued.
 		b := u.mu.queued
-		u.mu.queued = u.mu.spare[:0]
+		u.mu.queued, u.mu.spare = u.mu.spare[:0], nil
 		u.mu.Unlock()
 		_, err := u.nc.Write(b)
 		u.mu.Lock()
@@ -281,9 +285,10 @@ type Device struct {
 }
 
 var (
-	_ blockdev.Device  = (*Device)(nil)
-	_ blockdev.Trimmer = (*Device)(nil)
-	_ blockdev.Zeroer  = (*Device)(nil)
+	_ blockdev.AsyncWriter = (*Device)(nil)
+	_ blockdev.Device      = (*Device)(nil)
+	_ blockdev.Trimmer     = (*Device)(nil)
+	_ blockdev.Zeroer      = (*Device)(nil)
 )
 
 // New connects to the LU on one of the nodes and starts serving calls. It
@@ -444,6 +449,8 @@ func (d *Device) readLoop(u *upstream) error {
 	var hdr [nbdproto.SimpleReplySize]byte
 	// Buffered: at a queue depth, one system call reads many replies.
 	br := bufio.NewReaderSize(u.nc, readBufferBytes)
+	var flushers []blockdev.ReplyFlusher
+	defer func() { flushReplies(flushers) }()
 	for {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return err
@@ -477,8 +484,40 @@ func (d *Device) readLoop(u *upstream) error {
 		d.mu.Lock()
 		delete(d.mu.pending, r.Handle)
 		d.mu.Unlock()
-		c.done <- replyError(r.Error)
+		flushers = addFlusher(flushers, d.complete(c, replyError(r.Error)))
+		if br.Buffered() == 0 {
+			// About to wait for the server: send the answers first.
+			flushers = flushReplies(flushers)
+		}
 	}
+}
+
+// complete ends c with err: it wakes the caller, or answers an
+// asynchronous write, whose buffered answer the caller must flush with the
+// returned ReplyFlusher before it next waits.
+func (d *Device) complete(c *call, err error) blockdev.ReplyFlusher {
+	d.budget.release(c.cost)
+	if c.async != nil {
+		return c.async.Complete(err)
+	}
+	c.done <- err
+	return nil
+}
+
+// addFlusher adds fl to fls unless it is nil or already there.
+func addFlusher(fls []blockdev.ReplyFlusher, fl blockdev.ReplyFlusher) []blockdev.ReplyFlusher {
+	if fl == nil || slices.Contains(fls, fl) {
+		return fls
+	}
+	return append(fls, fl)
+}
+
+// flushReplies flushes every fl and returns fls emptied.
+func flushReplies(fls []blockdev.ReplyFlusher) []blockdev.ReplyFlusher {
+	for _, fl := range fls {
+		fl.FlushReplies()
+	}
+	return fls[:0]
 }
 
 // reconnect finds a node serving the same LU; nil after Close.
@@ -565,9 +604,11 @@ func (d *Device) failAll(err error) {
 	calls := d.mu.pending
 	d.mu.pending = make(map[uint64]*call)
 	d.mu.Unlock()
+	var flushers []blockdev.ReplyFlusher
 	for _, c := range calls {
-		c.done <- err
+		flushers = addFlusher(flushers, d.complete(c, err))
 	}
+	flushReplies(flushers)
 }
 
 // watchdog closes a connection whose oldest request waits longer than
@@ -620,18 +661,46 @@ func (d *Device) Close() error {
 // for its reply.
 func (d *Device) submit(req nbdproto.Request, data []byte) error {
 	c := &call{req: req, data: data, done: make(chan error, 1)}
-	if req.Type == nbdproto.CmdRead || req.Type == nbdproto.CmdWrite {
-		c.cost = int64(len(data))
+	if err := d.start(c); err != nil {
+		return err
+	}
+	return <-c.done
+}
+
+// WriteAsync implements blockdev.AsyncWriter: the engine's reader starts a
+// write and reads on; the reply reader answers it. p is copied, since the
+// table keeps a write's data until its reply.
+func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
+	data := make([]byte, len(p))
+	copy(data, p)
+	c := &call{req: nbdproto.Request{Type: nbdproto.CmdWrite, Flags: fuaFlag(flags), Offset: uint64(off), Length: uint32(len(p))},
+		data: data, async: done}
+	if err := d.start(c); err != nil {
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+	}
+}
+
+// AsyncWrites implements blockdev.AsyncWriter: always.
+func (d *Device) AsyncWrites() bool { return true }
+
+// start puts c in the table and sends it when connected; c completes
+// later (complete), unless start returns an error.
+func (d *Device) start(c *call) error {
+	if c.req.Type == nbdproto.CmdRead || c.req.Type == nbdproto.CmdWrite {
+		c.cost = int64(len(c.data))
 	}
 	d.budget.acquire(c.cost)
-	defer d.budget.release(c.cost)
 	d.mu.Lock()
 	switch {
 	case d.mu.closed:
 		d.mu.Unlock()
+		d.budget.release(c.cost)
 		return blockdev.ErrShutdown
 	case d.mu.gaveUp && d.mu.conn == nil:
 		d.mu.Unlock()
+		d.budget.release(c.cost)
 		return fmt.Errorf("%w: no node reached for %v", blockdev.ErrIO, d.opts.GiveUp)
 	}
 	c.req.Handle = d.mu.nextHandle
@@ -645,7 +714,7 @@ func (d *Device) submit(req nbdproto.Request, data []byte) error {
 	if u != nil {
 		u.send(c)
 	}
-	return <-c.done
+	return nil
 }
 
 // replyError maps an NBD error code to an error.

@@ -35,7 +35,8 @@ func FuzzReplies(f *testing.F) {
 	f.Add(reply(0, 99))
 	f.Add([]byte("garbage that is not a reply"))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		d := &Device{opts: Options{Export: "lu", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}}
+		d := &Device{opts: Options{Export: "lu", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
+			budget: newBudget(3, 1<<20)}
 		d.mu.pending = map[uint64]*call{
 			1: {req: nbdproto.Request{Type: nbdproto.CmdRead, Handle: 1, Length: 8}, data: make([]byte, 8), done: make(chan error, 1)},
 			2: {req: nbdproto.Request{Type: nbdproto.CmdWrite, Handle: 2, Length: 4}, data: []byte("abcd"), done: make(chan error, 1)},
