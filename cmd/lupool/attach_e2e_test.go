@@ -246,8 +246,8 @@ func TestAttachQemuIOAcrossRestart(t *testing.T) {
 }
 
 // TestAttachNbdcopyAcrossRestart: nbdcopy of a 256 MiB image into the LU
-// through the endpoint, with the node restarted in the middle; the image
-// read back is the same.
+// through the endpoint, with the node restarted in the middle; the LU
+// then holds exactly the image.
 func TestAttachNbdcopyAcrossRestart(t *testing.T) {
 	needTools(t, "nbdcopy")
 	n1 := newDaemon(t, "n1")
@@ -256,6 +256,7 @@ func TestAttachNbdcopyAcrossRestart(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "img.sock")
 	a := startAttach(t, n1, "img", "unix:"+sock)
 	src, want := randomFile(t, 256<<20)
+	start := time.Now()
 	cmd := exec.Command("nbdcopy", "--flush", src, a.uri())
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -274,10 +275,11 @@ func TestAttachNbdcopyAcrossRestart(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("nbdcopy across the restart: %v\n%s", err, out.String())
 	}
-	back := filepath.Join(t.TempDir(), "back.img")
-	runTool(t, "nbdcopy", a.uri(), back)
-	if got := fileSHA(t, back); got != want {
-		t.Errorf("image read back %s, want %s", got, want)
+	t.Logf("nbdcopy of 256 MiB across a restart: %v", time.Since(start).Round(time.Millisecond))
+	// The LU's volume file on the node is the image (nbdcopy --flush
+	// made it durable through the endpoint).
+	if got := volumeSHA(t, n1, "img"); got != want {
+		t.Errorf("LU holds %s after the copy, want the image's %s", got, want)
 	}
 	a.waitReconnects(1)
 }

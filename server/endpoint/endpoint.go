@@ -96,8 +96,8 @@ const (
 	// readBufferBytes is the reply reader's buffer; a larger read's data
 	// goes straight into the caller's buffer.
 	readBufferBytes = 64 << 10
-	// maxSpareBytes bounds the send buffer an upstream keeps for reuse.
-	maxSpareBytes = 1 << 20
+	// maxSpareBuffers bounds the send slice an upstream keeps for reuse.
+	maxSpareBuffers = 4096
 )
 
 // Node is a pool node that may serve the LU.
@@ -191,28 +191,43 @@ type call struct {
 //
 // Requests are sent by combining: a caller appends its request to queued
 // and, unless another caller is already writing, writes everything queued
-// (looping while more arrives), so that at a queue depth one system call
-// carries many requests and no goroutine hand-off sits in the path.
+// (looping while more arrives) with one writev, so that at a queue depth
+// one system call carries many requests and no goroutine hand-off sits in
+// the path. A write's payload is not copied: the call keeps it until its
+// reply anyway.
 type upstream struct {
 	nc   net.Conn
 	node Node
 	mu   struct {
 		sync.Mutex
-		queued  []byte // requests not yet written
-		spare   []byte // the buffer written last, reused
-		writing bool   // a caller is writing; it will write queued too
+		queued  net.Buffers // requests not yet written
+		spare   net.Buffers // the slice written last, reused
+		writing bool        // a caller is writing; it will write queued too
 	}
 }
 
 // queueLocked appends c's request (and a write's payload). u.mu must be
 // held.
 func (u *upstream) queueLocked(c *call) {
-	var hdr [nbdproto.RequestSize]byte
-	nbdproto.PutRequest(hdr[:], c.req)
-	u.mu.queued = append(u.mu.queued, hdr[:]...)
-	if c.req.Type == nbdproto.CmdWrite {
-		u.mu.queued = append(u.mu.queued, c.data...)
+	hdr := make([]byte, nbdproto.RequestSize)
+	nbdproto.PutRequest(hdr, c.req)
+	u.mu.queued = append(u.mu.queued, hdr)
+	if c.req.Type == nbdproto.CmdWrite && len(c.data) > 0 {
+		u.mu.queued = append(u.mu.queued, c.data)
 	}
+}
+
+// waitWritten waits, after nc was closed, until no write to it reads a
+// caller's data any more (a write started later fails before reading), so
+// that the calls can then be completed and their buffers reused.
+func (u *upstream) waitWritten() {
+	u.mu.Lock()
+	for u.mu.writing {
+		u.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		u.mu.Lock()
+	}
+	u.mu.Unlock()
 }
 
 // send queues c and writes the queue unless another caller is writing.
@@ -236,10 +251,12 @@ func (u *upstream) flushLocked() {
 		b := u.mu.queued
 		u.mu.queued, u.mu.spare = u.mu.spare[:0], nil
 		u.mu.Unlock()
-		_, err := u.nc.Write(b)
+		bufs := b // WriteTo consumes its receiver
+		_, err := bufs.WriteTo(u.nc)
+		clear(b) // drop the references to callers' data
 		u.mu.Lock()
-		if cap(b) <= maxSpareBytes {
-			u.mu.spare = b
+		if cap(b) <= maxSpareBuffers {
+			u.mu.spare = b[:0]
 		}
 		if err != nil {
 			u.mu.queued = nil
@@ -383,6 +400,7 @@ func (d *Device) run(u *upstream) {
 	for u != nil {
 		err := d.readLoop(u)
 		_ = u.nc.Close()
+		u.waitWritten()
 		d.mu.Lock()
 		if d.mu.conn == u {
 			d.mu.conn = nil

@@ -357,7 +357,7 @@ func TestLargeAndSmallRequestsInterleaved(t *testing.T) {
 			defer wg.Done()
 			size := 4096
 			if g%2 == 0 {
-				size = testSizeBytes / 8 // with its header, more than maxSpareBytes
+				size = testSizeBytes / 8 // large requests among small ones
 			}
 			off := int64(g) * (testSizeBytes / 8)
 			for i := range 10 {
