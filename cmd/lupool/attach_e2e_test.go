@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -83,6 +84,23 @@ func (a *attachProc) reconnects() (n int, nodes []string) {
 	return n, nodes
 }
 
+// replayed sums the requests the endpoint re-sent, from its log.
+func (a *attachProc) replayed() int {
+	n := 0
+	for _, line := range strings.Split(a.log.String(), "\n") {
+		if !strings.Contains(line, `msg="endpoint: reconnected"`) {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			if v, ok := strings.CutPrefix(f, "replayed="); ok {
+				k, _ := strconv.Atoi(v)
+				n += k
+			}
+		}
+	}
+	return n
+}
+
 // waitReconnects waits until the endpoint has reconnected n times.
 func (a *attachProc) waitReconnects(n int) {
 	a.t.Helper()
@@ -144,6 +162,9 @@ func TestAttachFioAcrossRestarts(t *testing.T) {
 	out, err := wait()
 	checkFio(t, out, err)
 	a.waitReconnects(4) // one per restart
+	if n := a.replayed(); n == 0 {
+		t.Error("no request was replayed across four restarts at queue depth 32: the replay path was not exercised")
+	}
 }
 
 // TestAttachMovesOnNodeLoss: a 2-copy LU attached through its non-writer
