@@ -17,6 +17,13 @@
 //	caller ─► table[handle]                         (while reconnecting: held)
 //	reader ◄─ reply(handle) ─► table.delete, caller woken
 //
+// Requests go out by combining (the caller that finds no write under way
+// writes everything queued, with one writev); a write's payload is sent by
+// reference, since the table holds it anyway. Writes of up to the engine's
+// inline size come as blockdev.AsyncWriter calls: the engine's reader
+// starts them and reads on, and the reply reader answers them (their
+// payload is copied, as the engine reuses its buffer).
+//
 // # Reconnecting
 //
 // When the upstream connection breaks, when its oldest unanswered request
@@ -36,8 +43,8 @@
 // write, trim or write-zeroes writes the same bytes again, and a flush on
 // the new node covers every write acknowledged on the old one (a write is
 // acknowledged only once every in-sync copy has it, so the node reached
-// next has it too). A request that is in the table twice never happens: a
-// caller waits for its one entry.
+// next has it too, or reaches the writer through it). A request is never
+// in the table twice: it has one entry until its one answer.
 //
 // With Options.GiveUp set, calls fail with blockdev.ErrIO once the pool was
 // unreachable that long, and new calls fail at once until a node answers
