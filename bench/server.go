@@ -128,6 +128,12 @@ func Servers() []ServerSpec {
 		{Name: "lupool-2copies", Class: ClassFile, Subject: true,
 			Notes: "two lupool nodes on loopback (the second joins the first), one file LU with --copies 2; fio talks to the first",
 			start: startLupoolCopies},
+		{Name: "attach-mem", Class: ClassMemory, Subject: true,
+			Notes: "lupool-mem reached through `lupool attach bench --listen 127.0.0.1:P` (the client-side endpoint that rides over node loss); compare with lupool-mem",
+			start: func(ctx context.Context, env Env) (*Running, error) { return startLupoolAttach(ctx, env, "memory") }},
+		{Name: "attach-file", Class: ClassFile, Subject: true,
+			Notes: "lupool-file reached through `lupool attach bench --listen 127.0.0.1:P`; compare with lupool-file",
+			start: func(ctx context.Context, env Env) (*Running, error) { return startLupoolAttach(ctx, env, "file") }},
 		{Name: "engine-mem", Class: ClassMemory, Subject: true,
 			Notes: "lupool's NBD engine (server/nbd) over an lu memory volume, without the daemon (nbdbench-engine)",
 			start: startEngine("memory")},
@@ -339,6 +345,39 @@ func startLupool(ctx context.Context, env Env, kind string) (*Running, error) {
 		return nil, errors.Join(err, r.Stop())
 	}
 	r.URI = fmt.Sprintf("nbd://127.0.0.1:%d/bench", n.nbdPort)
+	return r, nil
+}
+
+// startLupoolAttach starts one lupool node with one LU of the given kind
+// and `lupool attach` in front of it; fio talks to the endpoint.
+func startLupoolAttach(ctx context.Context, env Env, kind string) (*Running, error) {
+	r, err := startLupool(ctx, env, kind)
+	if err != nil {
+		return nil, err
+	}
+	node := r.procs[0]
+	api := ""
+	for i, a := range node.cmd.Args {
+		if a == "--api" && i+1 < len(node.cmd.Args) {
+			api = node.cmd.Args[i+1]
+		}
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	p, err := launch(ctx, env, "attach", env.LupoolBin, "attach", "bench", "--listen", listen,
+		"--api", api, "--token-file", lupoolTokenFile(env))
+	if err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.procs = append(r.procs, p)
+	r.Commands = append(r.Commands, p.commandLine())
+	if err := waitTCP(ctx, p, port); err != nil {
+		return nil, errors.Join(err, r.Stop())
+	}
+	r.URI = fmt.Sprintf("nbd://%s/bench", listen)
 	return r, nil
 }
 

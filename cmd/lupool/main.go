@@ -137,7 +137,7 @@ Exit codes: 0 done, 1 refused or failed, 2 the command line is wrong.`,
 		newPoolCommand(cf, stdout),
 		newNodeCommand(cf, stdout),
 		newClusterCommand(cf, stdout, stderr),
-		newAttachCommand(stderr),
+		newAttachCommand(cf, stderr),
 		newVersionCommand(cf, stdout),
 	)
 	root.SetHelpCommandGroupID("admin")

@@ -364,7 +364,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			} else {
 				dev = limited
 			}
-			if err := exports.Add(nbd.Export{Name: name, Description: description, Device: dev}); err != nil {
+			if err := exports.Add(nbd.Export{Name: name, Description: description, ID: luID(node, name), Device: dev}); err != nil {
 				log.Error("cannot export LU", "lu", name, "err", err)
 			}
 		},
@@ -668,4 +668,18 @@ func qosLimits(q *cluster.QoS) qos.Limits {
 	}
 	return qos.Limits{ReadIOPS: q.ReadIOPS, WriteIOPS: q.WriteIOPS, ReadBytesPerSecond: q.ReadBytesPerSecond,
 		WriteBytesPerSecond: q.WriteBytesPerSecond, Burst: time.Duration(q.BurstMillis) * time.Millisecond}
+}
+
+// luID is the stable identity of LU name that the NBD server gives to
+// clients that ask (`lupool attach` checks it on every reconnect): the node
+// whose API created it and the leader's clock at the create, the same on
+// every node since both come from the replicated record. An LU deleted and
+// created again under the same name gets another id. "" when the record
+// cannot be read (the client then compares name and size only).
+func luID(node *cluster.Node, name string) string {
+	lu, err := node.GetLU(name)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%s@%d", lu.CreatedOn, lu.CreatedAt.UnixNano())
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
@@ -262,6 +263,12 @@ func (c *conn) optInfo(n *negotiation, opt uint32, p []byte) (*session, error) {
 	if e.Description != "" {
 		d := be.AppendUint16(nil, nbdproto.InfoDescription)
 		if err := c.optReply(opt, nbdproto.RepInfo, append(d, e.Description...)); err != nil {
+			return nil, err
+		}
+	}
+	if e.ID != "" && slices.Contains(req.Infos, nbdproto.InfoLUID) {
+		id := be.AppendUint16(nil, nbdproto.InfoLUID)
+		if err := c.optReply(opt, nbdproto.RepInfo, append(id, e.ID...)); err != nil {
 			return nil, err
 		}
 	}

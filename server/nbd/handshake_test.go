@@ -233,3 +233,23 @@ func TestHostileNegotiation(t *testing.T) {
 		})
 	}
 }
+
+// TestGoSendsLUIDOnlyWhenAsked: the lupool-private NBD_INFO with the export's
+// identity goes only to a client that lists it; stock clients never see it.
+func TestGoSendsLUIDOnlyWhenAsked(t *testing.T) {
+	ts := startServer(t, blockdev.Caps{}, nil, Export{Name: "ided", ID: "n1/42", Device: blockdevtest.NewMem(testSizeBytes, blockdev.Caps{})})
+	c := dialRaw(t, ts.addr)
+	c.greet(nbdproto.ClientFlagFixedNewstyle | nbdproto.ClientFlagNoZeroes)
+	c.option(nbdproto.OptInfo, infoPayload("ided"))
+	if _, _, infos := c.goReplies(nbdproto.OptInfo); infos[nbdproto.InfoLUID] != nil {
+		t.Errorf("LU id %q sent unasked", infos[nbdproto.InfoLUID])
+	}
+	c.option(nbdproto.OptInfo, infoPayload("ided", nbdproto.InfoLUID))
+	if _, _, infos := c.goReplies(nbdproto.OptInfo); string(infos[nbdproto.InfoLUID]) != "n1/42" {
+		t.Errorf("LU id %q, want n1/42", infos[nbdproto.InfoLUID])
+	}
+	c.option(nbdproto.OptInfo, infoPayload("disk", nbdproto.InfoLUID))
+	if _, _, infos := c.goReplies(nbdproto.OptInfo); infos[nbdproto.InfoLUID] != nil {
+		t.Errorf("export without an id sent LU id %q", infos[nbdproto.InfoLUID])
+	}
+}

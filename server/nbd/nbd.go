@@ -152,7 +152,13 @@ var (
 type Export struct {
 	Name        string
 	Description string
-	Device      blockdev.Device
+	// ID, when not empty, is the export's stable identity (for an LU: the
+	// node that created it and when), sent as NBD_INFO (type
+	// nbdproto.InfoLUID) to clients that ask for it, so that a client
+	// that reconnects can tell the same LU from a new one of the same
+	// name. At most MaxNameBytes bytes.
+	ID     string
+	Device blockdev.Device
 }
 
 // InlineDevice is an optional interface of a blockdev.Device whose ReadAt,
@@ -203,6 +209,9 @@ func (s *ExportSet) Add(e Export) error {
 	}
 	if len(e.Description) > nbdproto.MaxStringBytes {
 		return fmt.Errorf("%w: description of %q too long", ErrInvalidExport, e.Name)
+	}
+	if len(e.ID) > MaxNameBytes {
+		return fmt.Errorf("%w: id of %q too long", ErrInvalidExport, e.Name)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

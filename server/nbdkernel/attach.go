@@ -90,8 +90,14 @@ func attach(ctx context.Context, opts Options, p platform) error {
 	if err := p.check(opts.Device); err != nil {
 		return err
 	}
-	var dialer net.Dialer
-	conn, err := dialer.DialContext(ctx, "tcp", opts.Addr)
+	dial := opts.Dial
+	if dial == nil {
+		dial = func(ctx context.Context) (net.Conn, error) {
+			var dialer net.Dialer
+			return dialer.DialContext(ctx, "tcp", opts.Addr)
+		}
+	}
+	conn, err := dial(ctx)
 	if err != nil {
 		return fmt.Errorf("nbdkernel: dial %s: %w", opts.Addr, err)
 	}
@@ -128,6 +134,9 @@ func run(ctx context.Context, dev kernelDevice, sock *os.File, info ExportInfo, 
 		timeout = DefaultIOTimeout
 	}
 	timeoutSeconds := uintptr((timeout + 999_999_999) / 1_000_000_000)
+	if opts.NoIOTimeout {
+		timeoutSeconds = 0
+	}
 	steps := []struct {
 		req uint
 		arg uintptr

@@ -83,11 +83,11 @@ func (d fileDevice) ioctl(req uint, arg uintptr) error {
 
 func (d fileDevice) Close() error { return d.f.Close() }
 
-// kernelSocket returns a blocking socket for the kernel. A plain TCP
-// connection is duplicated as is; anything else (TLS) gets a socket pair
+// kernelSocket returns a blocking socket for the kernel. A plain TCP or
+// unix connection (a SocketPair end) is duplicated as is; anything else (TLS) gets a socket pair
 // whose other end a goroutine pair copies to and from conn.
 func kernelSocket(conn net.Conn, log *slog.Logger) (*os.File, func(), error) {
-	if tc, ok := conn.(*net.TCPConn); ok {
+	if tc, ok := conn.(interface{ File() (*os.File, error) }); ok {
 		f, err := tc.File()
 		if err != nil {
 			return nil, nil, fmt.Errorf("nbdkernel: socket file: %w", err)
@@ -131,4 +131,30 @@ func kernelSocket(conn net.Conn, log *slog.Logger) (*os.File, func(), error) {
 		wg.Wait()
 	}
 	return kernelEnd, release, nil
+}
+
+// SocketPair returns the two ends of a connected unix stream socket pair:
+// one for Options.Dial (the kernel's), one for a server.
+func SocketPair() (kernelEnd, serverEnd net.Conn, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nbdkernel: socketpair: %w", err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "nbd-socketpair")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			for _, c := range conns[:i] {
+				c.Close()
+			}
+			if i == 0 {
+				unix.Close(fds[1])
+			}
+			return nil, nil, fmt.Errorf("nbdkernel: socketpair conn: %w", err)
+		}
+		conns[i] = c
+	}
+	return conns[0], conns[1], nil
 }

@@ -21,3 +21,6 @@ func hostPlatform() platform {
 		},
 	}
 }
+
+// SocketPair returns ErrUnsupported outside Linux.
+func SocketPair() (kernelEnd, serverEnd net.Conn, err error) { return nil, nil, ErrUnsupported }

@@ -19,6 +19,29 @@
 //
 // Attaching needs Linux, root and the nbd module (`modprobe nbd`).
 // CheckAvailable says clearly which of them is missing.
+//
+// # With `lupool attach`
+//
+// `lupool attach LU /dev/nbdX` gives Options.Dial one end of a socket pair
+// (SocketPair) and serves the other end with its endpoint
+// (server/endpoint), which keeps the connection to the pool and moves
+// between nodes; with Options.NoIOTimeout the kernel never fails a request
+// that waits for a failover, and it never sees its socket die, so no
+// dead-connection timeout or reconfigure is needed. The ioctl interface is
+// used rather than the netlink one: it is enough for one socket that never
+// dies, and it works on every kernel with the module.
+//
+// # Why not github.com/pojntfx/go-nbd
+//
+// The project's first design named go-nbd for this hand-off. Its client
+// (pkg/client, read at commit 264e7d6) never sets the transmission flags
+// on the device (no NBD_SET_FLAGS), so the kernel believes the server
+// supports neither FLUSH nor TRIM and sends neither: no write barrier
+// would ever reach the pool, and discards would be lost. It also sends
+// client flags 0 (not fixed newstyle), fails on any NBD_INFO type it does
+// not know instead of skipping it, has no TLS, and hands the socket to the
+// kernel before negotiating. This package is small, sets the export's
+// flags, and is tested against the engine and nbdkit, so lupool keeps it.
 package nbdkernel
 
 import (
@@ -83,6 +106,15 @@ type Options struct {
 	// IOTimeout is passed to NBD_SET_TIMEOUT: the kernel fails a request
 	// the server has not answered in that time. 0 means DefaultIOTimeout.
 	IOTimeout time.Duration
+	// NoIOTimeout sets the kernel's request timeout to 0 (never fail a
+	// request; the kernel only logs a stuck one): right when the server
+	// end is `lupool attach`'s endpoint, which waits for the pool itself.
+	NoIOTimeout bool
+	// Dial, if not nil, replaces dialling Addr (which may then be empty):
+	// `lupool attach` returns one end of a socket pair (SocketPair) whose
+	// other end its endpoint serves, so that the kernel never sees a dead
+	// socket when a node goes away.
+	Dial func(ctx context.Context) (net.Conn, error)
 }
 
 // DefaultIOTimeout is the kernel request timeout when Options.IOTimeout is 0.
@@ -115,7 +147,7 @@ func isDevicePath(path string) bool {
 }
 
 func (o *Options) validate() error {
-	if o.Addr == "" {
+	if o.Addr == "" && o.Dial == nil {
 		return fmt.Errorf("%w: no server address", ErrInvalidOptions)
 	}
 	if !isDevicePath(o.Device) {
@@ -126,6 +158,9 @@ func (o *Options) validate() error {
 	}
 	if o.IOTimeout < 0 {
 		return fmt.Errorf("%w: negative IOTimeout", ErrInvalidOptions)
+	}
+	if o.NoIOTimeout && o.IOTimeout != 0 {
+		return fmt.Errorf("%w: IOTimeout with NoIOTimeout", ErrInvalidOptions)
 	}
 	return nil
 }
@@ -138,6 +173,9 @@ type ExportInfo struct {
 	TransmissionFlags uint16
 	// Block size constraints; zero when the server sent none.
 	MinimumBlockBytes, PreferredBlockBytes, MaximumBlockBytes uint32
+	// LUID is the export's stable identity from a lupool server
+	// (nbdproto.InfoLUID); "" from other servers.
+	LUID string
 	// ExportName is true when the legacy NBD_OPT_EXPORT_NAME was used
 	// because the server does not know NBD_OPT_GO.
 	ExportName bool
@@ -244,8 +282,9 @@ func startTLS(ctx context.Context, conn net.Conn, cfg *tls.Config) (net.Conn, er
 func optGo(conn net.Conn, export string) (ExportInfo, error) {
 	be := binary.BigEndian
 	payload := nbdproto.AppendString(nil, export)
-	payload = be.AppendUint16(payload, 1)
+	payload = be.AppendUint16(payload, 2)
 	payload = be.AppendUint16(payload, nbdproto.InfoBlockSize)
+	payload = be.AppendUint16(payload, nbdproto.InfoLUID)
 	if err := sendOption(conn, nbdproto.OptGo, payload); err != nil {
 		return ExportInfo{}, err
 	}
@@ -297,6 +336,11 @@ func parseInfo(p []byte, info *ExportInfo, haveExport *bool) error {
 		info.MinimumBlockBytes = be.Uint32(p[2:6])
 		info.PreferredBlockBytes = be.Uint32(p[6:10])
 		info.MaximumBlockBytes = be.Uint32(p[10:14])
+	case nbdproto.InfoLUID:
+		if len(p)-2 > nbdproto.MaxStringBytes {
+			return fmt.Errorf("%w: LU id of %d bytes", ErrProtocol, len(p)-2)
+		}
+		info.LUID = string(p[2:])
 	}
 	return nil
 }

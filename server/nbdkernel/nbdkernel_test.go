@@ -73,15 +73,15 @@ func TestNegotiateWithEngine(t *testing.T) {
 	rw := blockdevtest.NewMem(12<<20, blockdev.Caps{})
 	ro := blockdevtest.NewMem(1<<20, blockdev.Caps{ReadOnly: true, MultiConn: true})
 	addr := startEngine(t, nbd.TLSOff, nil,
-		nbd.Export{Name: "rw", Device: rw}, nbd.Export{Name: "ro", Device: ro})
+		nbd.Export{Name: "rw", ID: "n1@7", Device: rw}, nbd.Export{Name: "ro", Device: ro})
 	ctx := context.Background()
 
 	c, info, err := Negotiate(ctx, dial(t, addr), "rw", nil)
 	if err != nil {
 		t.Fatalf("Negotiate: %v", err)
 	}
-	if info.SizeBytes != 12<<20 || info.ExportName {
-		t.Errorf("info %+v, want 12 MiB over NBD_OPT_GO", info)
+	if info.SizeBytes != 12<<20 || info.ExportName || info.LUID != "n1@7" {
+		t.Errorf("info %+v, want 12 MiB with LU id n1@7 over NBD_OPT_GO", info)
 	}
 	want := nbdproto.TxFlagHasFlags | nbdproto.TxFlagSendFlush | nbdproto.TxFlagSendFUA | nbdproto.TxFlagSendTrim | nbdproto.TxFlagSendWriteZeroes
 	if info.TransmissionFlags&want != want || info.TransmissionFlags&nbdproto.TxFlagReadOnly != 0 {
@@ -115,6 +115,9 @@ func TestNegotiateWithEngine(t *testing.T) {
 	_, info, err = Negotiate(ctx, dial(t, addr), "ro", nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if info.LUID != "" {
+		t.Errorf("LU id %q for an export without one", info.LUID)
 	}
 	if info.TransmissionFlags&(nbdproto.TxFlagReadOnly|nbdproto.TxFlagCanMultiConn) != nbdproto.TxFlagReadOnly|nbdproto.TxFlagCanMultiConn {
 		t.Errorf("read-only multi-conn export flags %#x", info.TransmissionFlags)
@@ -374,6 +377,8 @@ func TestAttachArguments(t *testing.T) {
 		{Addr: "127.0.0.1:1", Device: "/dev/vda"},
 		{Addr: "127.0.0.1:1", Device: "/dev/nbd0", Export: strings.Repeat("x", 5000)},
 		{Addr: "127.0.0.1:1", Device: "/dev/nbd0", IOTimeout: -time.Second},
+		{Addr: "127.0.0.1:1", Device: "/dev/nbd0", IOTimeout: time.Second, NoIOTimeout: true},
+		{Dial: func(context.Context) (net.Conn, error) { return nil, nil }, Device: "/dev/sda"},
 	} {
 		if err := Attach(ctx, o); !errors.Is(err, ErrInvalidOptions) {
 			t.Errorf("Attach(%+v) = %v, want ErrInvalidOptions", o, err)
@@ -533,6 +538,38 @@ func TestAttachSequence(t *testing.T) {
 			t.Errorf("after a failed ioctl: %v, want a final NBD_CLEAR_SOCK", calls)
 		}
 	})
+	t.Run("socket pair without request timeout", func(t *testing.T) {
+		// lupool attach LU /dev/nbdX: Dial gives the kernel's end of a
+		// socket pair whose other end a server serves; the kernel gets a
+		// request timeout of 0 (it never fails a request).
+		kernelEnd, serverEnd, err := SocketPair()
+		if errors.Is(err, ErrUnsupported) {
+			t.Skip(err)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		es := nbd.NewExportSet()
+		if err := es.Add(nbd.Export{Name: "mem", Device: dev}); err != nil {
+			t.Fatal(err)
+		}
+		srv, err := nbd.NewServer(nbd.Options{Exports: es})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { _ = srv.Serve(&oneConn{c: serverEnd}) }()
+		defer func() { _ = srv.Shutdown(context.Background()) }()
+		fd := &fakeDevice{disconnected: make(chan struct{}), doItReturns: make(chan struct{})}
+		close(fd.doItReturns)
+		o := Options{Export: "mem", Device: "/dev/nbd3", NoIOTimeout: true,
+			Dial: func(context.Context) (net.Conn, error) { return kernelEnd, nil }}
+		if err := attach(context.Background(), o, fakePlatform(t, fd)); err != nil {
+			t.Fatalf("attach = %v", err)
+		}
+		if got := strings.Join(fd.calls(), " "); !strings.Contains(got, "NBD_SET_TIMEOUT(0) NBD_SET_SOCK") {
+			t.Errorf("ioctls %s, want NBD_SET_TIMEOUT(0)", got)
+		}
+	})
 	t.Run("unknown export", func(t *testing.T) {
 		fd := &fakeDevice{disconnected: make(chan struct{}), doItReturns: make(chan struct{})}
 		o := opts
@@ -582,3 +619,38 @@ func TestNegotiateWithNbdkit(t *testing.T) {
 		t.Errorf("nbdkit export: %+v", info)
 	}
 }
+
+// oneConn is a listener that accepts c once, then blocks until closed.
+type oneConn struct {
+	c    net.Conn
+	once sync.Once
+	done chan struct{}
+	mu   sync.Mutex
+}
+
+func (l *oneConn) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if l.done == nil {
+		l.done = make(chan struct{})
+	}
+	c, done := l.c, l.done
+	l.c = nil
+	l.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	<-done
+	return nil, net.ErrClosed
+}
+
+func (l *oneConn) Close() error {
+	l.mu.Lock()
+	if l.done == nil {
+		l.done = make(chan struct{})
+	}
+	l.mu.Unlock()
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *oneConn) Addr() net.Addr { return &net.UnixAddr{Name: "socketpair", Net: "unix"} }

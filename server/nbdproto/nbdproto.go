@@ -160,6 +160,14 @@ const (
 	InfoName        uint16 = 1
 	InfoDescription uint16 = 2
 	InfoBlockSize   uint16 = 3
+	// InfoLUID is lupool's own info type (not in the NBD spec; chosen far
+	// from the spec's small numbers): the payload after the type is the
+	// export's stable identity, an opaque string of at most MaxStringBytes
+	// bytes. A lupool server sends it only to a client that lists it in
+	// NBD_OPT_GO/INFO, so stock clients never see it; `lupool attach`
+	// asks for it and checks, on every reconnect, that it reached the
+	// same LU and not a new one that took its name.
+	InfoLUID uint16 = 0x4c55 // "LU"
 )
 
 // Transmission flags (16 bits). Part of the wire format.
