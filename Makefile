@@ -34,7 +34,7 @@ deps:
 # (raft under faults, leases, RSS) must not share the 2 cores with another
 # package's three-node end-to-end runs.
 test: deps lint
-	$(GO) test -race -p 1 -count=1 -timeout 15m ./...
+	$(GO) test -race -p 1 -count=1 -timeout 30m ./...
 	# Memory figures of the real daemon mean nothing under -race.
 	$(GO) test -count=1 -timeout 5m -run '^TestFrontDoorStalledReaders$$' ./cmd/lupool/
 
