@@ -149,7 +149,7 @@ func settings() []setting {
 		intSetting("nbd-max-conns-per-export", "most NBD client connections to one LU through this node (0: the built-in default)",
 			func(c *serveConfig) *int { return &c.NBDMaxConnsPerExport }),
 		str("tls", "NBD TLS mode: off, optional or required", func(c *serveConfig) *string { return &c.TLS }),
-		str("tls-cert", "PEM certificate file for NBD TLS", func(c *serveConfig) *string { return &c.TLSCert }),
+		str("tls-cert", "PEM certificate file for NBD TLS (default: the node's cluster certificate, which lupool attach verifies)", func(c *serveConfig) *string { return &c.TLSCert }),
 		str("tls-key", "PEM private key file for NBD TLS", func(c *serveConfig) *string { return &c.TLSKey }),
 		{name: "overcommit", help: "limit of provisioned LU bytes over pool capacity",
 			get: func(c *serveConfig) string { return strconv.FormatFloat(c.Overcommit, 'g', -1, 64) },
@@ -334,8 +334,8 @@ func (c *serveConfig) validate() error {
 	default:
 		return fmt.Errorf("--tls %q: use off, optional or required", c.TLS)
 	}
-	if c.TLS != "off" && (c.TLSCert == "" || c.TLSKey == "") {
-		return fmt.Errorf("--tls %s needs --tls-cert and --tls-key", c.TLS)
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		return fmt.Errorf("--tls-cert and --tls-key go together: give both, or neither to use the node's cluster certificate")
 	}
 	if err := rules.DirtyRegion(c.DirtyRegionBytes); err != nil {
 		return fmt.Errorf("--dirty-region %d: %w", c.DirtyRegionBytes, err)

@@ -34,7 +34,7 @@ func TestServeConfigErrors(t *testing.T) {
 	}{
 		{[]string{"--nbd", "10809"}, "want HOST:PORT"},
 		{[]string{"--tls", "maybe"}, "use off, optional or required"},
-		{[]string{"--tls", "required"}, "needs --tls-cert and --tls-key"},
+		{[]string{"--tls", "required", "--tls-cert", "x.pem"}, "go together"},
 		{[]string{"--overcommit", "-1"}, "want a positive number"},
 		{[]string{"--log-level", "loud"}, "use debug, info, warn or error"},
 		{[]string{"--bogus"}, "unknown flag: --bogus"},

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -140,16 +141,38 @@ func staleReads(rl, wl []ledgerLine) []string {
 	return stale
 }
 
+// tlsURI is an nbds:// URI for LU name on d (a netLab node with NBD TLS
+// on its cluster certificate): libnbd verifies it against the cluster CA.
+func (d *daemon) tlsURI(t *testing.T, name string) string {
+	t.Helper()
+	dir := t.TempDir()
+	pem, err := os.ReadFile(d.caFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca-cert.pem"), pem, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("nbds://%s/%s?tls-certificates=%s", d.nbd, name, dir)
+}
+
 // checkBlocks reads every block through d and reports acknowledged
 // versions it lacks.
 func checkBlocks(t *testing.T, d *daemon, name string, blocks int, acked map[int]int) {
 	t.Helper()
-	reader := realclient.Nbdsh(t, d.uri(name), fmt.Sprintf(`
+	script := fmt.Sprintf(`
 import struct
 for b in range(%d):
     blk, ver = struct.unpack(">QQ", h.pread(4096, b * 4096)[:16])
     print(b, blk, ver)
-`, blocks))
+`, blocks)
+	reader := realclient.Nbdsh(t, d.uri(name), script)
+	if d.netns != "" {
+		// TLS with the cluster CA from a file: nbdsh -u refuses URIs
+		// that name local files, so connect from the script.
+		connect := fmt.Sprintf("h.set_uri_allow_local_file(True)\nh.connect_uri(%q)\n", d.tlsURI(t, name))
+		reader = exec.Command(realclient.NbdshPython(t), "-m", "nbd", "-c", connect+script)
+	}
 	out, err := reader.CombinedOutput()
 	if err != nil {
 		t.Fatalf("reading %s through %s: %v\n%s", name, d.id, err, out)
@@ -210,7 +233,13 @@ type clientRun struct {
 
 func startClient(t *testing.T, d *daemon, lu, script, log string, env ...string) clientRun {
 	t.Helper()
-	cmd := realclient.Nbdsh(t, d.uri(lu), script)
+	return startClientURI(t, d.uri(lu), d.id, script, log, env...)
+}
+
+// startClientURI is startClient for any NBD URI (who names it in errors).
+func startClientURI(t *testing.T, uri, who, script, log string, env ...string) clientRun {
+	t.Helper()
+	cmd := realclient.Nbdsh(t, uri, script)
 	cmd.Env = append(append(os.Environ(), "LEDGER="+log, "READS="+log), env...)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -219,7 +248,7 @@ func startClient(t *testing.T, d *daemon, lu, script, log string, env ...string)
 	}
 	return clientRun{log: log, wait: func() {
 		if err := cmd.Wait(); err != nil {
-			t.Errorf("nbdsh through %s: %v\n%s", d.id, err, out.String())
+			t.Errorf("nbdsh through %s: %v\n%s", who, err, out.String())
 		}
 	}}
 }

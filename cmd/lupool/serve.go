@@ -135,13 +135,17 @@ func tlsConfig(cfg serveConfig) (nbd.TLSMode, *tls.Config, error) {
 	case "off":
 		return nbd.TLSOff, nil, nil
 	}
-	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
-	if err != nil {
-		return 0, nil, fmt.Errorf("TLS certificate: %w", err)
-	}
 	mode := nbd.TLSOptional
 	if cfg.TLS == "required" {
 		mode = nbd.TLSRequired
+	}
+	if cfg.TLSCert == "" {
+		// The node's cluster certificate, set once the identity is loaded.
+		return mode, &tls.Config{MinVersion: tls.VersionTLS12}, nil
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+	if err != nil {
+		return 0, nil, fmt.Errorf("TLS certificate: %w", err)
 	}
 	return mode, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 }
@@ -233,6 +237,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	ident, err := loadIdentity(cfg.Data)
 	if err != nil {
 		return fmt.Errorf("node identity: %w", err)
+	}
+	if tlsConf != nil && len(tlsConf.Certificates) == 0 {
+		tlsConf.Certificates = []tls.Certificate{ident.cert}
 	}
 	if got, err := pki.VerifyNode(ident.pool, ident.cert.Leaf, id); err != nil || got != id {
 		return fmt.Errorf("the certificate in %s is not for node %q (%v): a node keeps its id and certificate for life", ident.dir, id, err)
