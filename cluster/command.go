@@ -21,6 +21,8 @@ import (
 //	{"v":1,"type":"node.upsert","at":"...","by":"n1","primary":true,"join":true,"node":{...}}
 //	{"v":1,"type":"node.remove","at":"...","by":"n1","primary":true,"name":"node-id"}
 //	{"v":1,"type":"setting.set","at":"...","by":"n1","primary":true,"name":"key","value":"val"}
+//	{"v":1,"type":"event.append","at":"...","by":"n2","event":{"kind":"PoolThreshold","node":"n2","details":{...}}}
+//	{"v":1,"type":"event.prune","at":"...","by":"n1","primary":true,"below_seq":1200}
 //
 // "by" and "primary" are the proposer (Proposer): the authenticated node id
 // of the requester and whether the primary proposes the command as the
@@ -45,6 +47,9 @@ const (
 	cmdUpsertNode = "node.upsert"
 	cmdRemoveNode = "node.remove"
 	cmdSetSetting = "setting.set"
+	// The event log (events.go).
+	cmdAppendEvent = "event.append"
+	cmdPruneEvents = "event.prune"
 )
 
 type command struct {
@@ -70,6 +75,10 @@ type command struct {
 	// Join marks a node.upsert that adds a new member's record (proposed by
 	// the primary); it is applied only if no record with that id exists.
 	Join bool `json:"join,omitempty"`
+	// Event is the body of event.append (kind, lu, node, details).
+	Event *Event `json:"event,omitempty"`
+	// BelowSeq is the body of event.prune: events below it are deleted.
+	BelowSeq uint64 `json:"below_seq,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -121,7 +130,11 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Node == nil || c.Node.ID == "" {
 			return nil, fmt.Errorf("%w: %s without a node id", ErrInvalid, c.Type)
 		}
-	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting:
+	case cmdAppendEvent:
+		if c.Event == nil {
+			return nil, fmt.Errorf("%w: %s without an event", ErrInvalid, c.Type)
+		}
+	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

@@ -19,6 +19,7 @@ import (
 //	table                    the LU table
 //	nodes                    the node records
 //	state                    applied index and rejected count
+//	events [after=N]         the event log (seq kind lu node by details)
 //	snapshot                 keeps a snapshot of the current state
 //	restore                  restores the kept snapshot; prints the changes
 //
@@ -82,6 +83,30 @@ func TestFSMDataDriven(t *testing.T) {
 					r := recs[id]
 					fmt.Fprintf(&b, "%s peer=%s api=%s nbd=%s\n", r.ID, r.PeerAddr, r.APIAddr, r.NBDAddr)
 				}
+				return b.String()
+			case "events":
+				var after uint64
+				if d.HasArg("after") {
+					d.ScanArgs(t, "after", &after)
+				}
+				evs, err := readEvents(f.db, after, 0)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, ev := range evs {
+					fmt.Fprintf(&b, "%d %s %s lu=%s node=%s by=%s", ev.Seq, ev.Time.Format("15:04:05"), ev.Kind, ev.LU, ev.Node, ev.By)
+					keys := make([]string, 0, len(ev.Details))
+					for k := range ev.Details {
+						keys = append(keys, k)
+					}
+					sort.Strings(keys)
+					for _, k := range keys {
+						fmt.Fprintf(&b, " %s=%s", k, ev.Details[k])
+					}
+					b.WriteString("\n")
+				}
+				fmt.Fprintf(&b, "last=%d\n", f.eventSeq.Load())
 				return b.String()
 			case "state":
 				return fmt.Sprintf("applied=%d rejected=%d lus=%d\n", f.applied.Load(), f.rejected.Load(), f.luCount.Load())

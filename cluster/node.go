@@ -29,6 +29,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,6 +100,13 @@ type Options struct {
 	// ReplaceAfter, when positive, makes the leader replace a copy that
 	// stayed out of sync (or new) this long by a new copy on another node.
 	ReplaceAfter time.Duration
+	// EventsMax and EventsMaxAge bound the event log (events.go): the
+	// primary prunes the oldest events beyond EventsMax events or older
+	// than EventsMaxAge, checking every EventRetentionEvery. Zero means
+	// 100000 events, 30 days, one minute; negative means no limit.
+	EventsMax           int
+	EventsMaxAge        time.Duration
+	EventRetentionEvery time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -141,6 +149,15 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.ApplyTimeout == 0 {
 		o.ApplyTimeout = 10 * time.Second
+	}
+	if o.EventsMax == 0 {
+		o.EventsMax = defaultEventsMax
+	}
+	if o.EventsMaxAge == 0 {
+		o.EventsMaxAge = defaultEventsMaxAge
+	}
+	if o.EventRetentionEvery <= 0 {
+		o.EventRetentionEvery = eventRetentionEvery
 	}
 }
 
@@ -305,6 +322,8 @@ func (n *Node) start() error {
 		n.wg.Add(1)
 		go n.replaceLoop()
 	}
+	n.wg.Add(1)
+	go n.retentionLoop()
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil
@@ -411,9 +430,28 @@ func (n *Node) leaderLoop(notify <-chan bool) {
 				if err := n.ensureSelfRecord(); err != nil && !errors.Is(err, ErrClosed) {
 					n.log.Warn("could not record this node's addresses as leader", "err", err)
 				}
+				if err := n.announcePrimary(); err != nil && !errors.Is(err, ErrClosed) {
+					n.log.Warn("could not record the PrimaryElected event", "err", err)
+				}
 			}()
 		}
 	}
+}
+
+// announcePrimary records a PrimaryElected event for this node's term.
+func (n *Node) announcePrimary() error {
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.ApplyTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-n.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	term := n.raft.CurrentTerm()
+	return n.AppendEvent(ctx, Proposer{NodeID: n.opts.NodeID, Primary: true}, Event{Kind: EventPrimaryElected, Node: n.opts.NodeID,
+		Details: map[string]string{"term": strconv.FormatUint(term, 10)}})
 }
 
 func (n *Node) ensureSelfRecord() error {
