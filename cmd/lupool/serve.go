@@ -262,9 +262,13 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	defer link.Close()
 
-	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter) // validated with the config
+	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)   // validated with the config
+	eventsMaxAge, _ := time.ParseDuration(cfg.EventsMaxAge)   // validated with the config
+	alertInterval, _ := time.ParseDuration(cfg.AlertInterval) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter: replaceAfter,
+		EventsMax:    cfg.EventsMax,
+		EventsMaxAge: eventsMaxAge,
 		Dir:          metaDir,
 		NodeID:       id,
 		PeerAddr:     link.Addr(),
@@ -287,6 +291,8 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	defer func() { err = errors.Join(err, node.Close()) }()
 	peer := &peers{self: id, link: link, node: node}
 	peerRef.Store(peer)
+	emitter := newEventEmitter(id, node, peer, log.With("part", "events"))
+	defer emitter.close()
 	if err := clearBootstrap(cfg.Data); err != nil {
 		return err
 	}
@@ -408,6 +414,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
 		},
+		Events: &eventSource{node: node, ctl: ctl.APIError},
 	})
 	if err != nil {
 		return err
@@ -487,6 +494,13 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	go func() { errc <- nbdServer.Serve(nbdListener) }()
 	backend.ready.Store(true)
+	alertCtx, stopAlerts := context.WithCancel(ctx)
+	alertsDone := make(chan struct{})
+	go func() {
+		defer close(alertsDone)
+		alertLoop(alertCtx, alertInterval, node, pool, emitter.emit)
+	}()
+	defer func() { stopAlerts(); <-alertsDone }()
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))
 
 	select {

@@ -58,6 +58,9 @@ type Options struct {
 	// peer is their node id. The handler owns conn; br may hold bytes
 	// already read from it.
 	Upgrades map[string]func(peer string, conn net.Conn, br *bufio.Reader)
+	// Events, when set, serves the event log: GET /v1/events (admin) and
+	// POST /v1/internal/events (member nodes reporting an event).
+	Events EventSource
 }
 
 // Handler serves the API.
@@ -118,6 +121,10 @@ func NewHandler(opts Options) (*Handler, error) {
 	node("POST /v1/internal/lus/{name}/copy-change", h.local(h.changeCopies))
 	// A joining node is not a member yet: its certificate is its credential.
 	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))
+	if opts.Events != nil {
+		admin("GET /v1/events", h.events)
+		node("POST /v1/internal/events", h.local(h.appendEvent))
+	}
 	for path, fn := range opts.Upgrades {
 		node("GET "+path, upgrade(fn))
 	}

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/server/api"
+)
+
+// eventSource serves the event log of the metadata (api.EventSource).
+type eventSource struct {
+	node *cluster.Node     // immutable; never nil
+	ctl  func(error) error // immutable: maps metadata errors to the API's
+}
+
+var _ api.EventSource = (*eventSource)(nil)
+
+func toAPIEvent(ev cluster.Event) api.Event {
+	return api.Event{Seq: ev.Seq, Time: ev.Time, Kind: ev.Kind, LU: ev.LU, Node: ev.Node, By: ev.By, Details: ev.Details}
+}
+
+func (s *eventSource) Events(after uint64, limit int) ([]api.Event, error) {
+	evs, err := s.node.Events(after, limit)
+	if err != nil {
+		return nil, s.ctl(err)
+	}
+	out := make([]api.Event, len(evs))
+	for i, ev := range evs {
+		out[i] = toAPIEvent(ev)
+	}
+	return out, nil
+}
+
+func (s *eventSource) LastEventSeq() uint64 { return s.node.LastEventSeq() }
+
+func (s *eventSource) EventsChanged() <-chan struct{} { return s.node.EventsChanged() }
+
+// AppendEvent records an event a member reported (the caller's certificate
+// is the proposer: it reports about itself only).
+func (s *eventSource) AppendEvent(ctx context.Context, ev api.Event) error {
+	by := api.CallerFrom(ctx).Node
+	if by == "" {
+		return fmt.Errorf("%w: only member nodes report events", api.ErrForbidden)
+	}
+	err := s.node.AppendEvent(ctx, cluster.Proposer{NodeID: by},
+		cluster.Event{Kind: ev.Kind, LU: ev.LU, Node: ev.Node, Details: ev.Details})
+	return s.ctl(err)
+}
+
+// Emitter limits.
+const (
+	emitterQueueMax     = 1024
+	emitterAttemptsMax  = 20
+	emitterBackoffFirst = 100 * time.Millisecond
+	emitterBackoffMax   = 5 * time.Second
+)
+
+// eventEmitter records the events this node observes (pool thresholds,
+// FFDC bundles) in the metadata's event log without blocking whoever
+// observed them: emit queues the event (at most emitterQueueMax; beyond
+// that it is dropped and counted), and one goroutine proposes each in
+// order, directly when this node leads the metadata, else on the leader's
+// peer port, retrying with backoff across leader changes.
+type eventEmitter struct {
+	self    string
+	node    *cluster.Node // immutable; never nil
+	peers   *peers        // immutable; never nil
+	log     *slog.Logger  // immutable; never nil
+	queue   chan cluster.Event
+	dropped atomic.Uint64
+	failed  atomic.Uint64
+	done    chan struct{}
+	stop    context.CancelFunc
+}
+
+func newEventEmitter(self string, node *cluster.Node, p *peers, log *slog.Logger) *eventEmitter {
+	ctx, cancel := context.WithCancel(context.Background())
+	e := &eventEmitter{self: self, node: node, peers: p, log: log, queue: make(chan cluster.Event, emitterQueueMax),
+		done: make(chan struct{}), stop: cancel}
+	go e.run(ctx)
+	return e
+}
+
+// emit queues ev (its Node defaults to this node); it never blocks.
+func (e *eventEmitter) emit(ev cluster.Event) {
+	if ev.Node == "" {
+		ev.Node = e.self
+	}
+	select {
+	case e.queue <- ev:
+	default:
+		e.dropped.Add(1)
+		e.log.Warn("event queue full: event dropped", "kind", ev.Kind, "dropped", e.dropped.Load())
+	}
+}
+
+// close stops the emitter; events still queued are not sent.
+func (e *eventEmitter) close() {
+	e.stop()
+	<-e.done
+}
+
+func (e *eventEmitter) run(ctx context.Context) {
+	defer close(e.done)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-e.queue:
+			if err := e.send(ctx, ev); err != nil && ctx.Err() == nil {
+				e.failed.Add(1)
+				e.log.Warn("could not record an event", "kind", ev.Kind, "err", err)
+			}
+		}
+	}
+}
+
+// send proposes ev until it is recorded, refused, or out of attempts.
+func (e *eventEmitter) send(ctx context.Context, ev cluster.Event) error {
+	backoff := emitterBackoffFirst
+	var err error
+	for attempt := 0; attempt < emitterAttemptsMax; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err = e.node.AppendEvent(actx, cluster.Proposer{NodeID: e.self}, ev)
+		if errors.Is(err, cluster.ErrNotLeader) {
+			if leader, _ := e.node.Leader(); leader != "" {
+				var c *api.Client
+				if c, err = e.peers.clientOf(leader); err == nil {
+					err = c.AppendEvent(actx, api.Event{Kind: ev.Kind, LU: ev.LU, Node: ev.Node, Details: ev.Details})
+				}
+			}
+		}
+		cancel()
+		var se *api.StatusError
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, cluster.ErrInvalid), errors.Is(err, cluster.ErrForeignRecord):
+			return err // a retry would be refused again
+		case errors.As(err, &se) && se.StatusCode < 500:
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, emitterBackoffMax)
+	}
+	return fmt.Errorf("gave up after %d attempts: %w", emitterAttemptsMax, err)
+}
+
+// Pool alert settings in the metadata (lupool pool alert set).
+const (
+	settingAlertThreshold  = "alert.threshold"  // warn level, percent used
+	settingAlertCritical   = "alert.critical"   // critical level, percent used
+	settingAlertOvercommit = "alert.overcommit" // provisioned/capacity, percent
+)
+
+// alertLimits are the levels the alert loop compares the pool with.
+type alertLimits struct {
+	warnPercent, criticalPercent float64
+	// overcommitPercent: 0 means no overcommit alert.
+	overcommitPercent float64
+}
+
+// readAlertLimits reads the pool's alert settings, with the pool's own
+// thresholds where none is set.
+func readAlertLimits(node *cluster.Node, pool *lu.Pool) alertLimits {
+	warn, crit := pool.Thresholds()
+	l := alertLimits{warnPercent: warn, criticalPercent: crit}
+	set, err := node.Settings("alert.")
+	if err != nil {
+		return l
+	}
+	num := func(key string, into *float64) {
+		if v, ok := set[key]; ok {
+			if f, err := strconv.ParseFloat(v, 64); err == nil && f >= 0 {
+				*into = f
+			}
+		}
+	}
+	num(settingAlertThreshold, &l.warnPercent)
+	num(settingAlertCritical, &l.criticalPercent)
+	num(settingAlertOvercommit, &l.overcommitPercent)
+	if l.criticalPercent < l.warnPercent {
+		l.criticalPercent = l.warnPercent
+	}
+	return l
+}
+
+// alertWatcher compares this node's pool with the alert limits and emits
+// PoolThreshold on every level change (ok, warn, critical) and
+// OvercommitApproached when the provisioned bytes reach the overcommit
+// alert (and again with state=ok when they fall below).
+type alertWatcher struct {
+	mu         sync.Mutex
+	level      string // guarded by mu; "ok" at start
+	overcommit bool   // guarded by mu
+}
+
+func (a *alertWatcher) check(st lu.PoolStatus, l alertLimits, emit func(cluster.Event)) {
+	if st.CapacityBytes <= 0 {
+		return
+	}
+	used := 100 * float64(st.CapacityBytes-st.FreeBytes) / float64(st.CapacityBytes)
+	level := string(lu.LevelOK)
+	switch {
+	case used >= l.criticalPercent:
+		level = string(lu.LevelCritical)
+	case used >= l.warnPercent:
+		level = string(lu.LevelWarn)
+	}
+	ratio := 100 * float64(st.ProvisionedBytes) / float64(st.CapacityBytes)
+	over := l.overcommitPercent > 0 && ratio >= l.overcommitPercent
+	a.mu.Lock()
+	from, wasOver := a.level, a.overcommit
+	a.level, a.overcommit = level, over
+	a.mu.Unlock()
+	if from == "" {
+		from = string(lu.LevelOK)
+	}
+	if level != from {
+		emit(cluster.Event{Kind: cluster.EventPoolThreshold, Details: map[string]string{
+			"level": level, "from": from, "used_percent": strconv.FormatFloat(used, 'f', 1, 64),
+			"warn_percent": strconv.FormatFloat(l.warnPercent, 'f', -1, 64), "critical_percent": strconv.FormatFloat(l.criticalPercent, 'f', -1, 64),
+		}})
+	}
+	if over != wasOver {
+		state := "approached"
+		if !over {
+			state = "ok"
+		}
+		emit(cluster.Event{Kind: cluster.EventOvercommitApproached, Details: map[string]string{
+			"state": state, "provisioned_percent": strconv.FormatFloat(ratio, 'f', 1, 64),
+			"alert_percent": strconv.FormatFloat(l.overcommitPercent, 'f', -1, 64),
+		}})
+	}
+}
+
+// alertLoop checks the pool every interval until ctx ends.
+func alertLoop(ctx context.Context, interval time.Duration, node *cluster.Node, pool *lu.Pool, emit func(cluster.Event)) {
+	var a alertWatcher
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		a.check(pool.Status(), readAlertLimits(node, pool), emit)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
