@@ -23,6 +23,9 @@ import (
 //	{"v":1,"type":"setting.set","at":"...","by":"n1","primary":true,"name":"key","value":"val"}
 //	{"v":1,"type":"event.append","at":"...","by":"n2","event":{"kind":"PoolThreshold","node":"n2","details":{...}}}
 //	{"v":1,"type":"event.prune","at":"...","by":"n1","primary":true,"below_seq":1200}
+//	{"v":1,"type":"sub.add","at":"...","by":"n1","primary":true,"sub":{"id":"ops","kinds":["LUDeleted"],"to":"tcp://h:9000"}}
+//	{"v":1,"type":"sub.remove","at":"...","by":"n1","primary":true,"name":"ops"}
+//	{"v":1,"type":"sub.ack","at":"...","by":"n1","primary":true,"name":"ops","ack_seq":1234}
 //
 // "by" and "primary" are the proposer (Proposer): the authenticated node id
 // of the requester and whether the primary proposes the command as the
@@ -50,6 +53,10 @@ const (
 	// The event log (events.go).
 	cmdAppendEvent = "event.append"
 	cmdPruneEvents = "event.prune"
+	// Registered callers (subscribers.go).
+	cmdAddSubscriber    = "sub.add"
+	cmdRemoveSubscriber = "sub.remove"
+	cmdAckSubscriber    = "sub.ack"
 )
 
 type command struct {
@@ -79,6 +86,9 @@ type command struct {
 	Event *Event `json:"event,omitempty"`
 	// BelowSeq is the body of event.prune: events below it are deleted.
 	BelowSeq uint64 `json:"below_seq,omitempty"`
+	// Sub is the body of sub.add; AckSeq of sub.ack (with Name the id).
+	Sub    *Subscriber `json:"sub,omitempty"`
+	AckSeq uint64      `json:"ack_seq,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -134,7 +144,11 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Event == nil {
 			return nil, fmt.Errorf("%w: %s without an event", ErrInvalid, c.Type)
 		}
-	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents:
+	case cmdAddSubscriber:
+		if c.Sub == nil {
+			return nil, fmt.Errorf("%w: %s without a subscriber", ErrInvalid, c.Type)
+		}
+	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

@@ -19,6 +19,7 @@ import (
 //	table                    the LU table
 //	nodes                    the node records
 //	state                    applied index and rejected count
+//	subs                     the registered callers
 //	events [after=N]         the event log (seq kind lu node by details)
 //	snapshot                 keeps a snapshot of the current state
 //	restore                  restores the kept snapshot; prints the changes
@@ -107,6 +108,16 @@ func TestFSMDataDriven(t *testing.T) {
 					b.WriteString("\n")
 				}
 				fmt.Fprintf(&b, "last=%d\n", f.eventSeq.Load())
+				return b.String()
+			case "subs":
+				subs, err := listSubscribers(f.db)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, s := range subs {
+					fmt.Fprintf(&b, "%s kinds=%v to=%s acked=%d\n", s.ID, s.Kinds, s.To, s.AckedSeq)
+				}
 				return b.String()
 			case "state":
 				return fmt.Sprintf("applied=%d rejected=%d lus=%d\n", f.applied.Load(), f.rejected.Load(), f.luCount.Load())

@@ -30,6 +30,7 @@ import (
 //	"meta/setting/" + key -> raw value
 //	"meta/event/" + seq   -> JSON Event (events.go)
 //	"meta/event-seq"      -> last event seq (8 bytes, big-endian)
+//	"meta/sub/" + id      -> JSON Subscriber (subscribers.go)
 //
 // One Pebble instance for log and state: one write-ahead log, one lock
 // file, one thing to back up. Every applied command writes its change and
@@ -450,6 +451,8 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		}
 		ev.Seq, ev.Time, ev.By = 0, c.At, c.By
 		return applyResult{events: []Event{ev}}
+	case cmdAddSubscriber, cmdRemoveSubscriber, cmdAckSubscriber:
+		return f.applySubscriber(b, c)
 	case cmdPruneEvents:
 		if !c.Primary {
 			return applyResult{err: fmt.Errorf("%w: %q proposes pruning events; only the primary prunes", ErrForeignRecord, c.By)}

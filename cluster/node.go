@@ -107,6 +107,9 @@ type Options struct {
 	EventsMax           int
 	EventsMaxAge        time.Duration
 	EventRetentionEvery time.Duration
+	// DeliveryAckTimeout bounds how long a registered caller may take to
+	// acknowledge a batch of events (zero means 10 s).
+	DeliveryAckTimeout time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -155,6 +158,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.EventsMaxAge == 0 {
 		o.EventsMaxAge = defaultEventsMaxAge
+	}
+	if o.DeliveryAckTimeout <= 0 {
+		o.DeliveryAckTimeout = deliveryAckTimeout
 	}
 	if o.EventRetentionEvery <= 0 {
 		o.EventRetentionEvery = eventRetentionEvery
@@ -207,6 +213,9 @@ type Node struct {
 	// registering is set while a goroutine writes this node's record
 	// after an election (at most one at a time).
 	registering atomic.Bool
+	// delivery sends events to the registered callers while this node is
+	// the primary (delivery.go).
+	delivery *delivery // immutable after start
 }
 
 // Open opens (or creates) the node's state and starts raft.
@@ -324,6 +333,9 @@ func (n *Node) start() error {
 	}
 	n.wg.Add(1)
 	go n.retentionLoop()
+	n.delivery = &delivery{n: n, workers: map[string]*deliveryWorker{}, status: map[string]DeliveryStatus{}}
+	n.wg.Add(1)
+	go n.delivery.loop()
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil
