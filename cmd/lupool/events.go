@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -53,6 +55,64 @@ func (s *eventSource) AppendEvent(ctx context.Context, ev api.Event) error {
 	err := s.node.AppendEvent(ctx, cluster.Proposer{NodeID: by},
 		cluster.Event{Kind: ev.Kind, LU: ev.LU, Node: ev.Node, Details: ev.Details})
 	return s.ctl(err)
+}
+
+// AddSubscriber registers a caller (on the primary; elsewhere the
+// NotLeaderError makes the API forward the request).
+func (s *eventSource) AddSubscriber(ctx context.Context, req api.SubscribeRequest) (api.Subscriber, error) {
+	if !s.node.IsLeader() {
+		return api.Subscriber{}, s.ctl(cluster.ErrNotLeader)
+	}
+	id := req.ID
+	if id == "" {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return api.Subscriber{}, err
+		}
+		id = "sub-" + hex.EncodeToString(b[:])
+	}
+	sub, err := s.node.AddSubscriber(ctx, cluster.Subscriber{ID: id, Kinds: req.Kinds, To: req.To})
+	if err != nil {
+		return api.Subscriber{}, s.ctl(err)
+	}
+	return toAPISubscriber(sub, nil), nil
+}
+
+func (s *eventSource) RemoveSubscriber(ctx context.Context, id string) error {
+	if !s.node.IsLeader() {
+		return s.ctl(cluster.ErrNotLeader)
+	}
+	return s.ctl(s.node.RemoveSubscriber(ctx, id))
+}
+
+// Subscribers lists the registered callers with the delivery state this
+// node, the primary, keeps.
+func (s *eventSource) Subscribers(context.Context) ([]api.Subscriber, error) {
+	if !s.node.IsLeader() {
+		return nil, s.ctl(cluster.ErrNotLeader)
+	}
+	subs, err := s.node.Subscribers()
+	if err != nil {
+		return nil, s.ctl(err)
+	}
+	status := s.node.DeliveryStatus()
+	out := make([]api.Subscriber, 0, len(subs))
+	for _, sub := range subs {
+		var st *cluster.DeliveryStatus
+		if v, ok := status[sub.ID]; ok {
+			st = &v
+		}
+		out = append(out, toAPISubscriber(sub, st))
+	}
+	return out, nil
+}
+
+func toAPISubscriber(s cluster.Subscriber, st *cluster.DeliveryStatus) api.Subscriber {
+	out := api.Subscriber{ID: s.ID, Kinds: s.Kinds, To: s.To, CreatedAt: s.CreatedAt, AckedSeq: s.AckedSeq}
+	if st != nil {
+		out.State, out.Delivered, out.Failures, out.LastError, out.NextRetry = st.State, st.Delivered, st.Failures, st.LastError, st.NextRetry
+	}
+	return out
 }
 
 // Emitter limits.

@@ -41,6 +41,85 @@ type EventSource interface {
 	// /v1/internal/events from CallerFrom(ctx).Node); ErrUnavailable with
 	// a NotLeaderError on a follower.
 	AppendEvent(ctx context.Context, ev Event) error
+	// AddSubscriber, RemoveSubscriber and Subscribers manage the
+	// registered callers; they run on the primary (a NotLeaderError
+	// elsewhere makes the handler forward the request).
+	AddSubscriber(ctx context.Context, req SubscribeRequest) (Subscriber, error)
+	RemoveSubscriber(ctx context.Context, id string) error
+	Subscribers(ctx context.Context) ([]Subscriber, error)
+}
+
+// SubscribeRequest is the body of POST /v1/events/subscribers.
+type SubscribeRequest struct {
+	// ID names the subscriber; empty means one is made up.
+	ID string `json:"id,omitempty"`
+	// Kinds are the event kinds wanted; empty means every kind.
+	Kinds []string `json:"kinds,omitempty"`
+	// To is tcp://HOST:PORT, http://... or https://...
+	To string `json:"to"`
+}
+
+// Subscriber is a registered caller and how delivery to it goes.
+type Subscriber struct {
+	ID        string    `json:"id"`
+	Kinds     []string  `json:"kinds,omitempty"`
+	To        string    `json:"to"`
+	CreatedAt time.Time `json:"created_at"`
+	// AckedSeq is the recorded position: every event up to it is
+	// delivered and acknowledged.
+	AckedSeq uint64 `json:"acked_seq"`
+	// State is "ok" or "retrying" (as the primary reports it); empty when
+	// no primary delivers to it yet.
+	State     string    `json:"state,omitempty"`
+	Delivered uint64    `json:"delivered"`
+	Failures  uint64    `json:"failures"`
+	LastError string    `json:"last_error,omitempty"`
+	NextRetry time.Time `json:"next_retry,omitzero"`
+}
+
+func (h *Handler) addSubscriber(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {
+	var req SubscribeRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.To == "" {
+		return 0, nil, fmt.Errorf("%w: a subscriber needs to (tcp://HOST:PORT or an http(s) URL)", ErrInvalid)
+	}
+	s, err := h.opts.Events.AddSubscriber(ctx, req)
+	return http.StatusCreated, s, err
+}
+
+func (h *Handler) removeSubscriber(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
+	return http.StatusNoContent, nil, h.opts.Events.RemoveSubscriber(ctx, r.PathValue("id"))
+}
+
+// subscribers is answered by the primary (forwarded like a change), which
+// knows how delivery goes.
+func (h *Handler) subscribers(ctx context.Context, _ *http.Request, _ []byte) (int, any, error) {
+	subs, err := h.opts.Events.Subscribers(ctx)
+	if subs == nil {
+		subs = []Subscriber{}
+	}
+	return http.StatusOK, subs, err
+}
+
+// AddSubscriber registers a caller for events.
+func (c *Client) AddSubscriber(ctx context.Context, req SubscribeRequest) (Subscriber, error) {
+	var out Subscriber
+	err := c.do(ctx, http.MethodPost, "/v1/events/subscribers", req, &out)
+	return out, err
+}
+
+// RemoveSubscriber drops a registered caller.
+func (c *Client) RemoveSubscriber(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/events/subscribers/"+url.PathEscape(id), nil, nil)
+}
+
+// Subscribers lists the registered callers with their delivery state.
+func (c *Client) Subscribers(ctx context.Context) ([]Subscriber, error) {
+	var out []Subscriber
+	err := c.do(ctx, http.MethodGet, "/v1/events/subscribers", nil, &out)
+	return out, err
 }
 
 // Event stream limits.

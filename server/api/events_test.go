@@ -59,6 +59,14 @@ func (m *memEvents) AppendEvent(ctx context.Context, ev Event) error {
 	return nil
 }
 
+func (m *memEvents) AddSubscriber(_ context.Context, req SubscribeRequest) (Subscriber, error) {
+	return Subscriber{ID: req.ID, Kinds: req.Kinds, To: req.To}, nil
+}
+
+func (m *memEvents) RemoveSubscriber(context.Context, string) error { return nil }
+
+func (m *memEvents) Subscribers(context.Context) ([]Subscriber, error) { return nil, nil }
+
 // collect watches until n events arrived (or the stream ended).
 func collect(t *testing.T, c *Client, after *uint64, tail int, kinds string, follow bool, n int) []Event {
 	t.Helper()

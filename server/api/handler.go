@@ -124,6 +124,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	if opts.Events != nil {
 		admin("GET /v1/events", h.events)
 		node("POST /v1/internal/events", h.local(h.appendEvent))
+		admin("POST /v1/events/subscribers", h.mutating(h.addSubscriber))
+		admin("GET /v1/events/subscribers", h.mutating(h.subscribers))
+		admin("DELETE /v1/events/subscribers/{id}", h.mutating(h.removeSubscriber))
 	}
 	for path, fn := range opts.Upgrades {
 		node("GET "+path, upgrade(fn))
