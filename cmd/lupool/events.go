@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -218,12 +219,9 @@ func (e *eventEmitter) send(ctx context.Context, ev cluster.Event) error {
 	return fmt.Errorf("gave up after %d attempts: %w", emitterAttemptsMax, err)
 }
 
-// Pool alert settings in the metadata (lupool pool alert set).
-const (
-	settingAlertThreshold  = "alert.threshold"  // warn level, percent used
-	settingAlertCritical   = "alert.critical"   // critical level, percent used
-	settingAlertOvercommit = "alert.overcommit" // provisioned/capacity, percent
-)
+// settingPoolAlerts is the metadata setting holding the pool's alert
+// thresholds (api.PoolAlerts as JSON; lupool pool alert set).
+const settingPoolAlerts = "pool.alerts"
 
 // alertLimits are the levels the alert loop compares the pool with.
 type alertLimits struct {
@@ -232,29 +230,51 @@ type alertLimits struct {
 	overcommitPercent float64
 }
 
-// readAlertLimits reads the pool's alert settings, with the pool's own
-// thresholds where none is set.
-func readAlertLimits(node *cluster.Node, pool *lu.Pool) alertLimits {
-	warn, crit := pool.Thresholds()
-	l := alertLimits{warnPercent: warn, criticalPercent: crit}
-	set, err := node.Settings("alert.")
+// alertStore keeps the pool's alert thresholds in the metadata.
+type alertStore struct {
+	node *cluster.Node     // immutable; never nil
+	pool *lu.Pool          // immutable; never nil
+	ctl  func(error) error // immutable: maps metadata errors to the API's
+}
+
+var _ api.AlertStore = (*alertStore)(nil)
+
+// PoolAlerts returns the stored thresholds, or the pool's own (its
+// --warn/--critical defaults, no overcommit alert) when none are stored.
+func (s *alertStore) PoolAlerts(context.Context) (api.PoolAlerts, error) {
+	warn, crit := s.pool.Thresholds()
+	a := api.PoolAlerts{ThresholdPercent: warn, CriticalPercent: crit}
+	v, found, err := s.node.Setting(settingPoolAlerts)
 	if err != nil {
-		return l
+		return a, s.ctl(err)
 	}
-	num := func(key string, into *float64) {
-		if v, ok := set[key]; ok {
-			if f, err := strconv.ParseFloat(v, 64); err == nil && f >= 0 {
-				*into = f
-			}
+	if found {
+		if err := json.Unmarshal([]byte(v), &a); err != nil {
+			return a, fmt.Errorf("the stored pool alerts %q: %w", v, err)
 		}
 	}
-	num(settingAlertThreshold, &l.warnPercent)
-	num(settingAlertCritical, &l.criticalPercent)
-	num(settingAlertOvercommit, &l.overcommitPercent)
-	if l.criticalPercent < l.warnPercent {
-		l.criticalPercent = l.warnPercent
+	return a, nil
+}
+
+func (s *alertStore) SetPoolAlerts(ctx context.Context, a api.PoolAlerts) (api.PoolAlerts, error) {
+	if err := a.Validate(); err != nil {
+		return api.PoolAlerts{}, err
 	}
-	return l
+	data, err := json.Marshal(a)
+	if err != nil {
+		return api.PoolAlerts{}, err
+	}
+	if err := s.node.SetSetting(ctx, settingPoolAlerts, string(data)); err != nil {
+		return api.PoolAlerts{}, s.ctl(err)
+	}
+	return a, nil
+}
+
+// limits is what the alert loop compares the pool with now.
+func (s *alertStore) limits() alertLimits {
+	a, _ := s.PoolAlerts(context.Background())
+	return alertLimits{warnPercent: a.ThresholdPercent, criticalPercent: max(a.CriticalPercent, a.ThresholdPercent),
+		overcommitPercent: a.OvercommitPercent}
 }
 
 // alertWatcher compares this node's pool with the alert limits and emits
@@ -307,12 +327,12 @@ func (a *alertWatcher) check(st lu.PoolStatus, l alertLimits, emit func(cluster.
 }
 
 // alertLoop checks the pool every interval until ctx ends.
-func alertLoop(ctx context.Context, interval time.Duration, node *cluster.Node, pool *lu.Pool, emit func(cluster.Event)) {
+func alertLoop(ctx context.Context, interval time.Duration, store *alertStore, emit func(cluster.Event)) {
 	var a alertWatcher
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		a.check(pool.Status(), readAlertLimits(node, pool), emit)
+		a.check(store.pool.Status(), store.limits(), emit)
 		select {
 		case <-ctx.Done():
 			return

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -143,4 +144,96 @@ func formatEvent(ev api.Event) string {
 		fmt.Fprintf(&b, "  %s=%s", k, ev.Details[k])
 	}
 	return b.String()
+}
+
+// newPoolAlertCommand is `lupool pool alert`: the pool's alert thresholds.
+func newPoolAlertCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
+	var threshold, critical float64
+	var overcommit string
+	set := &cobra.Command{
+		Use:   "set",
+		Short: "set the usage threshold (warn), the critical level and the overcommit alert of every node's pool",
+		Long: `Stores the pool's alert thresholds in the metadata. Every node then reports a
+PoolThreshold event when its pool's usage crosses --threshold (warn) or
+--critical, or falls back below (ok), and OvercommitApproached when its
+provisioned LU bytes reach --overcommit of its capacity (300% or 3: three
+times the capacity; 0 turns it off). Flags not given keep their values.`,
+		Args: exactArgs(0, "pool alert set takes no arguments; give --threshold, --critical or --overcommit"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+				a, err := cl.PoolAlerts(ctx)
+				if err != nil {
+					return err
+				}
+				if c.Flags().Changed("threshold") {
+					a.ThresholdPercent = threshold
+				}
+				if c.Flags().Changed("critical") {
+					a.CriticalPercent = critical
+				}
+				if a.CriticalPercent < a.ThresholdPercent {
+					a.CriticalPercent = min(100, a.ThresholdPercent)
+				}
+				if c.Flags().Changed("overcommit") {
+					if a.OvercommitPercent, err = parsePercentOrRatio(overcommit); err != nil {
+						return usageErrorf("--overcommit %q: %v", overcommit, err)
+					}
+				}
+				if a, err = cl.SetPoolAlerts(ctx, a); err != nil {
+					return err
+				}
+				return printAlerts(stdout, cf.output, a)
+			})
+		},
+	}
+	set.Flags().Float64Var(&threshold, "threshold", 0, "usage (percent of capacity) from which a node's pool warns")
+	set.Flags().Float64Var(&critical, "critical", 0, "usage (percent of capacity) from which a node's pool is critical")
+	set.Flags().StringVar(&overcommit, "overcommit", "", "provisioned bytes over capacity that raise an alert: 300% or 3 (0: none)")
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "the pool's alert thresholds",
+		Args:  exactArgs(0, "pool alert show takes no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+				a, err := cl.PoolAlerts(ctx)
+				if err != nil {
+					return err
+				}
+				return printAlerts(stdout, cf.output, a)
+			})
+		},
+	}
+	return newGroupCommand("alert", "the pool's alert thresholds (events when crossed)", "", set, show)
+}
+
+// parsePercentOrRatio reads "300%" as 300 and "3" as 300 (a ratio).
+func parsePercentOrRatio(s string) (float64, error) {
+	s = strings.TrimSpace(s)
+	if p, ok := strings.CutSuffix(s, "%"); ok {
+		f, err := strconv.ParseFloat(p, 64)
+		if err != nil || f < 0 {
+			return 0, fmt.Errorf("want a percentage such as 300%%")
+		}
+		return f, nil
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("want a percentage such as 300%% or a ratio such as 3")
+	}
+	return 100 * f, nil
+}
+
+func printAlerts(w io.Writer, output string, a api.PoolAlerts) error {
+	if output == "json" {
+		return printJSON(w, a)
+	}
+	over := "off"
+	if a.OvercommitPercent > 0 {
+		over = strconv.FormatFloat(a.OvercommitPercent, 'f', -1, 64) + "% of capacity provisioned"
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "threshold (warn)\t%g%% used\n", a.ThresholdPercent)
+	fmt.Fprintf(tw, "critical\t%g%% used\n", a.CriticalPercent)
+	fmt.Fprintf(tw, "overcommit alert\t%s\n", over)
+	return tw.Flush()
 }

@@ -386,6 +386,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if tok, err := readTrimmed(filepath.Join(cfg.Data, adminTokenName)); err == nil {
 		backend.localAdminHash = pki.HashSecret(tok)
 	}
+	alerts := &alertStore{node: node, pool: pool, ctl: ctl.APIError}
 	handler, err := api.NewHandler(api.Options{
 		Backend:       backend,
 		NodeID:        id,
@@ -415,6 +416,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			replication.StreamPath: mgr.ServeStream,
 		},
 		Events: &eventSource{node: node, ctl: ctl.APIError},
+		Alerts: alerts,
 	})
 	if err != nil {
 		return err
@@ -498,7 +500,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	alertsDone := make(chan struct{})
 	go func() {
 		defer close(alertsDone)
-		alertLoop(alertCtx, alertInterval, node, pool, emitter.emit)
+		alertLoop(alertCtx, alertInterval, alerts, emitter.emit)
 	}()
 	defer func() { stopAlerts(); <-alertsDone }()
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))

@@ -61,6 +61,8 @@ type Options struct {
 	// Events, when set, serves the event log: GET /v1/events (admin) and
 	// POST /v1/internal/events (member nodes reporting an event).
 	Events EventSource
+	// Alerts, when set, serves GET and PUT /v1/pool/alerts.
+	Alerts AlertStore
 }
 
 // Handler serves the API.
@@ -127,6 +129,10 @@ func NewHandler(opts Options) (*Handler, error) {
 		admin("POST /v1/events/subscribers", h.mutating(h.addSubscriber))
 		admin("GET /v1/events/subscribers", h.mutating(h.subscribers))
 		admin("DELETE /v1/events/subscribers/{id}", h.mutating(h.removeSubscriber))
+	}
+	if opts.Alerts != nil {
+		admin("GET /v1/pool/alerts", h.poolAlerts)
+		admin("PUT /v1/pool/alerts", h.mutating(h.setPoolAlerts))
 	}
 	for path, fn := range opts.Upgrades {
 		node("GET "+path, upgrade(fn))
