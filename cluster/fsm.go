@@ -18,6 +18,7 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // State machine keys, in the same Pebble instance as the raft log (package
@@ -85,6 +86,9 @@ type fsm struct {
 	rejected atomic.Uint64 // mirrors "meta/rejected"
 	luCount  atomic.Int64  // number of LU records
 	eventSeq atomic.Uint64 // last event seq, mirrors "meta/event-seq"
+	// eventsTotal counts the events this node's state machine stored
+	// since it opened, by kind (unregistered; Node.Collectors).
+	eventsTotal *prometheus.CounterVec // immutable; never nil
 	// appliedSinceOpen and skippedSinceOpen count command entries applied,
 	// and entries skipped as already applied, since this process opened
 	// the state (a restart must skip, never re-apply).
@@ -110,7 +114,9 @@ var (
 )
 
 func newFSM(db *pebble.DB, log *slog.Logger) (*fsm, error) {
-	f := &fsm{db: db, log: log}
+	f := &fsm{db: db, log: log, eventsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "lupool_events_total", Help: "Events the metadata state machine stored since this process started, by kind.",
+	}, []string{"kind"})}
 	f.mu.watchers = map[int]func(Change){}
 	f.mu.eventsChanged = make(chan struct{})
 	if err := f.loadCounters(); err != nil {
@@ -332,6 +338,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if len(events) > 0 {
 		f.eventSeq.Store(eventSeq)
 		f.signalEvents()
+		for _, ev := range events {
+			f.eventsTotal.WithLabelValues(ev.Kind).Inc()
+		}
 	}
 	if res.err != nil {
 		f.rejected.Add(1)
