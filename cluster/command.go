@@ -26,6 +26,8 @@ import (
 //	{"v":1,"type":"sub.add","at":"...","by":"n1","primary":true,"sub":{"id":"ops","kinds":["LUDeleted"],"to":"tcp://h:9000"}}
 //	{"v":1,"type":"sub.remove","at":"...","by":"n1","primary":true,"name":"ops"}
 //	{"v":1,"type":"sub.ack","at":"...","by":"n1","primary":true,"name":"ops","ack_seq":1234}
+//	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"...","node":"n2","bytes":300000,"chunks":2,...},"data":"BASE64"}
+//	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"..."},"chunk_index":1,"data":"BASE64"}
 //
 // "by" and "primary" are the proposer (Proposer): the authenticated node id
 // of the requester and whether the primary proposes the command as the
@@ -57,6 +59,8 @@ const (
 	cmdAddSubscriber    = "sub.add"
 	cmdRemoveSubscriber = "sub.remove"
 	cmdAckSubscriber    = "sub.ack"
+	// The FFDC repository (ffdc.go).
+	cmdFFDCPut = "ffdc.put"
 )
 
 type command struct {
@@ -89,6 +93,11 @@ type command struct {
 	// Sub is the body of sub.add; AckSeq of sub.ack (with Name the id).
 	Sub    *Subscriber `json:"sub,omitempty"`
 	AckSeq uint64      `json:"ack_seq,omitempty"`
+	// FFDC, ChunkIndex and Data are the body of ffdc.put (the first
+	// chunk carries the whole description, later ones only the id).
+	FFDC       *FFDCInfo `json:"ffdc,omitempty"`
+	ChunkIndex int       `json:"chunk_index,omitempty"`
+	Data       []byte    `json:"data,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -143,6 +152,10 @@ func decodeCommand(data []byte) (*command, error) {
 	case cmdAppendEvent:
 		if c.Event == nil {
 			return nil, fmt.Errorf("%w: %s without an event", ErrInvalid, c.Type)
+		}
+	case cmdFFDCPut:
+		if c.FFDC == nil {
+			return nil, fmt.Errorf("%w: %s without a bundle", ErrInvalid, c.Type)
 		}
 	case cmdAddSubscriber:
 		if c.Sub == nil {

@@ -55,12 +55,12 @@ const (
 	EventNodeJoined       = "NodeJoined"       // node
 	EventNodeRemoved      = "NodeRemoved"      // node
 	EventCommandRejected  = "CommandRejected"  // by (the proposer); details type, error (an illegal state-machine command)
+	EventFFDCCaptured     = "FFDCCaptured"     // node (whose bundle); details id, correlation_id, trigger, bytes, nodes
 
 	// Proposed with AppendEvent by the node that observes them.
 	EventPrimaryElected       = "PrimaryElected"       // node (the new primary); details term
 	EventPoolThreshold        = "PoolThreshold"        // node; details level (ok|warn|critical), from, used_percent
 	EventOvercommitApproached = "OvercommitApproached" // node; details ratio, limit
-	EventFFDCCaptured         = "FFDCCaptured"         // node; details id, trigger, bytes
 	EventResyncBytes          = "ResyncBytes"          // lu, node (the copy); details bytes, seconds (sent by the writer)
 	EventNodeSuspect          = "NodeSuspect"          // node (issue 19 wires it)
 	EventNodeDead             = "NodeDead"             // node (issue 19)
@@ -76,12 +76,12 @@ const (
 var derivedKinds = map[string]bool{
 	EventLUCreated: true, EventLUResized: true, EventLUDeleted: true, EventCopyStateChanged: true,
 	EventResyncStarted: true, EventResyncFinished: true, EventNodeJoined: true, EventNodeRemoved: true,
-	EventCommandRejected: true,
+	EventCommandRejected: true, EventFFDCCaptured: true,
 }
 
 // proposedKinds may be proposed with AppendEvent.
 var proposedKinds = map[string]bool{
-	EventPrimaryElected: true, EventPoolThreshold: true, EventOvercommitApproached: true, EventFFDCCaptured: true,
+	EventPrimaryElected: true, EventPoolThreshold: true, EventOvercommitApproached: true,
 	EventResyncBytes: true, EventNodeSuspect: true, EventNodeDead: true, EventNodeBack: true, EventQuorumLost: true,
 	EventQuorumRegained: true, EventPagingRequested: true, EventPagingReleased: true, EventWriterMoved: true,
 }

@@ -32,6 +32,7 @@ import (
 //	"meta/event/" + seq   -> JSON Event (events.go)
 //	"meta/event-seq"      -> last event seq (8 bytes, big-endian)
 //	"meta/sub/" + id      -> JSON Subscriber (subscribers.go)
+//	"meta/ffdc/" + id + … -> FFDC bundles (ffdc.go)
 //
 // One Pebble instance for log and state: one write-ahead log, one lock
 // file, one thing to back up. Every applied command writes its change and
@@ -460,6 +461,8 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		}
 		ev.Seq, ev.Time, ev.By = 0, c.At, c.By
 		return applyResult{events: []Event{ev}}
+	case cmdFFDCPut:
+		return f.applyFFDCPut(b, c)
 	case cmdAddSubscriber, cmdRemoveSubscriber, cmdAckSubscriber:
 		return f.applySubscriber(b, c)
 	case cmdPruneEvents:
