@@ -58,6 +58,9 @@ type serveConfig struct {
 	EventsMax     int    `json:"events_max"`
 	EventsMaxAge  string `json:"events_max_age"`
 	AlertInterval string `json:"alert_interval"`
+	// FFDCMinInterval: each automatic failure data capture trigger makes
+	// at most one bundle this often.
+	FFDCMinInterval string `json:"ffdc_min_interval"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -77,6 +80,7 @@ func defaultServeConfig() serveConfig {
 		EventsMax:        100000,
 		EventsMaxAge:     "720h",
 		AlertInterval:    "5s",
+		FFDCMinInterval:  "60s",
 	}
 }
 
@@ -141,6 +145,8 @@ func settings() []setting {
 		intSetting("events-max", "most events the event log keeps (the oldest go first)", func(c *serveConfig) *int { return &c.EventsMax }),
 		str("events-max-age", "events older than this leave the event log (e.g. 720h)", func(c *serveConfig) *string { return &c.EventsMaxAge }),
 		str("alert-interval", "how often the pool is compared with its alert thresholds (e.g. 5s)", func(c *serveConfig) *string { return &c.AlertInterval }),
+		str("ffdc-min-interval", "each automatic failure data capture trigger makes at most one bundle this often (e.g. 60s)",
+			func(c *serveConfig) *string { return &c.FFDCMinInterval }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
 			func(c *serveConfig) *bool { return &c.DebugPprof }),
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
@@ -304,6 +310,9 @@ func (c *serveConfig) validate() error {
 	}
 	if d, err := time.ParseDuration(c.AlertInterval); err != nil || d < 100*time.Millisecond {
 		return fmt.Errorf("--alert-interval %q: want a duration of at least 100ms, such as 5s", c.AlertInterval)
+	}
+	if d, err := time.ParseDuration(c.FFDCMinInterval); err != nil || d < 0 {
+		return fmt.Errorf("--ffdc-min-interval %q: want a duration such as 60s", c.FFDCMinInterval)
 	}
 	if c.EventsMax < 1 {
 		return fmt.Errorf("--events-max must be at least 1")

@@ -29,6 +29,7 @@ import (
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/control"
+	"github.com/lupool/lupool/internal/logring"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/server/api"
@@ -149,6 +150,9 @@ func tlsConfig(cfg serveConfig) (nbd.TLSMode, *tls.Config, error) {
 // taking NBD requests and finish those in flight, flush every volume, stop
 // the API, close the metadata, close the pool.
 func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
+	// The recent log lines, kept in memory for failure data capture.
+	ring := logring.New()
+	log = slog.New(ring.Handler(log.Handler(), slog.LevelInfo))
 	lock, err := lockDataDir(cfg.Data)
 	if err != nil {
 		return err
@@ -262,9 +266,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	defer link.Close()
 
-	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)   // validated with the config
-	eventsMaxAge, _ := time.ParseDuration(cfg.EventsMaxAge)   // validated with the config
-	alertInterval, _ := time.ParseDuration(cfg.AlertInterval) // validated with the config
+	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)    // validated with the config
+	eventsMaxAge, _ := time.ParseDuration(cfg.EventsMaxAge)    // validated with the config
+	alertInterval, _ := time.ParseDuration(cfg.AlertInterval)  // validated with the config
+	ffdcInterval, _ := time.ParseDuration(cfg.FFDCMinInterval) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter: replaceAfter,
 		EventsMax:    cfg.EventsMax,
@@ -297,6 +302,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		return err
 	}
 
+	// The failure data capture is wired before the parts that trigger it;
+	// its registry is filled below, before anything can trigger.
+	registry := prometheus.NewRegistry()
+	capture := newFFDC(id, node, peer, ring, registry, cfg, ffdcInterval, log.With("part", "ffdc"))
+	defer capture.close()
+
 	exports := nbd.NewExportSet()
 	nbdMetrics := nbd.NewMetrics()
 	nbdServer, err := nbd.NewServer(nbd.Options{
@@ -308,6 +319,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		// 0 takes the engine's defaults (limits in server/nbd/nbd.go).
 		MaxConnections:          cfg.NBDMaxConns,
 		MaxConnectionsPerExport: cfg.NBDMaxConnsPerExport,
+		OnDeviceError: func(export, command string, err error) {
+			capture.trigger(ffdcTriggerIOError, fmt.Sprintf("%s on LU %s failed: %v", command, export, err))
+		},
 	})
 	if err != nil {
 		return err
@@ -359,7 +373,6 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	defer mgr.Close()
 
-	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	registry.MustRegister(nbdMetrics.Collectors()...)
 	registry.MustRegister(node.Collectors()...)
@@ -417,6 +430,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		},
 		Events: &eventSource{node: node, ctl: ctl.APIError},
 		Alerts: alerts,
+		FFDC:   &ffdcStore{f: capture, ctl: ctl.APIError},
+		OnPanic: func(r *http.Request, v any, _ []byte) {
+			capture.trigger(ffdcTriggerPanic, fmt.Sprintf("panic in %s %s: %v", r.Method, r.URL.Path, v))
+		},
 	})
 	if err != nil {
 		return err
@@ -502,6 +519,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		defer close(alertsDone)
 		alertLoop(alertCtx, alertInterval, alerts, emitter.emit)
 	}()
+	failuresDone := make(chan struct{})
+	go func() {
+		defer close(failuresDone)
+		capture.watchForFailures(alertCtx)
+	}()
+	defer func() { stopAlerts(); <-failuresDone }()
 	defer func() { stopAlerts(); <-alertsDone }()
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))
 

@@ -59,6 +59,18 @@ var routeTable = []route{
 	// Through a ResponseRecorder (no Connection: Upgrade), an authorized
 	// request gets to upgrade's own check: 426.
 	{pattern: "GET " + upgradePath, method: "GET", path: upgradePath, access: accessNode, reached: http.StatusUpgradeRequired},
+	{pattern: "GET /v1/events", method: "GET", path: "/v1/events?follow=false", access: accessAdmin, reached: http.StatusOK},
+	{pattern: "POST /v1/internal/events", method: "POST", path: "/v1/internal/events", body: `{"kind":"PoolThreshold"}`, access: accessNode, backend: "AppendEvent"},
+	{pattern: "POST /v1/events/subscribers", method: "POST", path: "/v1/events/subscribers", body: `{"to":"tcp://h:1"}`, access: accessAdmin, backend: "AddSubscriber"},
+	{pattern: "GET /v1/events/subscribers", method: "GET", path: "/v1/events/subscribers", access: accessAdmin, backend: "Subscribers"},
+	{pattern: "DELETE /v1/events/subscribers/{id}", method: "DELETE", path: "/v1/events/subscribers/s1", access: accessAdmin, backend: "RemoveSubscriber"},
+	{pattern: "GET /v1/pool/alerts", method: "GET", path: "/v1/pool/alerts", access: accessAdmin, backend: "PoolAlerts"},
+	{pattern: "PUT /v1/pool/alerts", method: "PUT", path: "/v1/pool/alerts", body: `{"threshold_percent":80,"critical_percent":90}`, access: accessAdmin, backend: "SetPoolAlerts"},
+	{pattern: "POST /v1/ffdc", method: "POST", path: "/v1/ffdc", body: `{}`, access: accessAdmin, backend: "CollectFFDC"},
+	{pattern: "GET /v1/ffdc", method: "GET", path: "/v1/ffdc", access: accessAdmin, backend: "ListFFDC"},
+	{pattern: "GET /v1/ffdc/{id}", method: "GET", path: "/v1/ffdc/f1", access: accessAdmin, backend: "GetFFDC"},
+	{pattern: "GET /v1/internal/ffdc/parts", method: "GET", path: "/v1/internal/ffdc/parts?correlation_id=c", access: accessNode, backend: "FFDCParts"},
+	{pattern: "POST /v1/internal/ffdc", method: "POST", path: "/v1/internal/ffdc?id=x", body: "gz", access: accessNode, backend: "StoreFFDC"},
 	{pattern: "GET /healthz", method: "GET", path: "/healthz", access: accessOpen, reached: http.StatusOK},
 	{pattern: "GET /readyz", method: "GET", path: "/readyz", access: accessOpen, backend: "Ready"},
 	{pattern: "GET /metrics", method: "GET", path: "/metrics", access: accessOpen, backend: "Metrics"},
@@ -86,6 +98,9 @@ func routeHandler(t *testing.T, protectProbes bool) (*Handler, *memBackend) {
 		Metrics:       b.counted("Metrics"),
 		Debug:         b.counted("Debug"),
 		ProtectProbes: protectProbes,
+		Events:        b,
+		Alerts:        b,
+		FFDC:          b,
 		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			upgradePath: func(_ string, conn net.Conn, _ *bufio.Reader) { conn.Close() },
 		},

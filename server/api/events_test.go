@@ -164,3 +164,36 @@ func TestEventStream(t *testing.T) {
 		t.Fatalf("appended %v, want [n2:PoolThreshold]", src.appended)
 	}
 }
+
+// panicBackend panics in ListLUs.
+type panicBackend struct{ *memBackend }
+
+func (panicBackend) ListLUs(context.Context) ([]LU, error) { panic("boom") }
+
+// TestPanicRecoveredAndReported: a panic in a request is answered 500 and
+// reported to OnPanic (which the daemon turns into a failure data
+// capture); the server goes on serving.
+func TestPanicRecoveredAndReported(t *testing.T) {
+	var mu sync.Mutex
+	var got []any
+	h := newTestHandler(t, Options{Backend: panicBackend{newMemBackend()}, OnPanic: func(_ *http.Request, v any, stack []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(stack) == 0 {
+			t.Error("OnPanic without a stack")
+		}
+		got = append(got, v)
+	}})
+	w := serve(h, "GET", "/v1/lus", "", bearerHeader(testToken)...)
+	if w.Code != http.StatusInternalServerError || errorText(w) == "" {
+		t.Fatalf("panicking request answered %d %q, want 500 with a JSON error", w.Code, w.Body.String())
+	}
+	if w := serve(h, "GET", "/v1/pool", "", bearerHeader(testToken)...); w.Code != http.StatusOK {
+		t.Fatalf("after a panic: %d", w.Code)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 1 || got[0] != "boom" {
+		t.Fatalf("OnPanic saw %v, want [boom]", got)
+	}
+}
