@@ -71,6 +71,8 @@ var routeTable = []route{
 	{pattern: "GET /v1/ffdc/{id}", method: "GET", path: "/v1/ffdc/f1", access: accessAdmin, backend: "GetFFDC"},
 	{pattern: "GET /v1/internal/ffdc/parts", method: "GET", path: "/v1/internal/ffdc/parts?correlation_id=c", access: accessNode, backend: "FFDCParts"},
 	{pattern: "POST /v1/internal/ffdc", method: "POST", path: "/v1/internal/ffdc?id=x", body: "gz", access: accessNode, backend: "StoreFFDC"},
+	{pattern: "GET /ui/", method: "GET", path: "/ui/", access: accessOpen, reached: http.StatusOK},
+	{pattern: "GET /ui", method: "GET", path: "/ui", access: accessOpen, reached: http.StatusMovedPermanently},
 	{pattern: "GET /healthz", method: "GET", path: "/healthz", access: accessOpen, reached: http.StatusOK},
 	{pattern: "GET /readyz", method: "GET", path: "/readyz", access: accessOpen, backend: "Ready"},
 	{pattern: "GET /metrics", method: "GET", path: "/metrics", access: accessOpen, backend: "Metrics"},

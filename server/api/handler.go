@@ -136,6 +136,13 @@ func NewHandler(opts Options) (*Handler, error) {
 		admin("GET /v1/events/subscribers", h.mutating(h.subscribers))
 		admin("DELETE /v1/events/subscribers/{id}", h.mutating(h.removeSubscriber))
 	}
+	// The status page: static files only; its data comes from the /v1
+	// calls above, with the admin token (ui.go).
+	ui := uiHandler()
+	h.mux.HandleFunc("GET /ui/", h.authorize(accessOpen, ui.ServeHTTP))
+	h.mux.HandleFunc("GET /ui", h.authorize(accessOpen, func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, uiRoot, http.StatusMovedPermanently)
+	}))
 	if opts.FFDC != nil {
 		admin("POST /v1/ffdc", h.mutating(h.collectFFDC))
 		admin("GET /v1/ffdc", h.listFFDC)
