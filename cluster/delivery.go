@@ -334,17 +334,28 @@ func (t *tcpSender) send(ctx context.Context, evs []Event) error {
 			}
 			return fmt.Errorf("waiting for the acknowledgement of %d: %w", want, err)
 		}
-		if len(line) > deliveryAckLineMax {
-			return fmt.Errorf("acknowledgement line of %d bytes; want a seq", len(line))
-		}
-		got, err := strconv.ParseUint(strings.TrimSpace(string(line)), 10, 64)
+		got, err := parseAckLine(line)
 		if err != nil {
-			return fmt.Errorf("acknowledgement %q is not a seq", strings.TrimSpace(string(line)))
+			return err
 		}
 		if got >= want {
 			return nil
 		}
 	}
+}
+
+// parseAckLine reads one acknowledgement line of the TCP protocol: a
+// decimal seq, surrounding white space allowed.
+func parseAckLine(line []byte) (uint64, error) {
+	if len(line) > deliveryAckLineMax {
+		return 0, fmt.Errorf("acknowledgement line of %d bytes; want a seq", len(line))
+	}
+	text := strings.TrimSpace(string(line))
+	got, err := strconv.ParseUint(text, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("acknowledgement %q is not a seq", text)
+	}
+	return got, nil
 }
 
 func (t *tcpSender) close() { _ = t.conn.Close() }
