@@ -61,7 +61,7 @@ const (
 	EventPrimaryElected       = "PrimaryElected"       // node (the new primary); details term
 	EventPoolThreshold        = "PoolThreshold"        // node; details level (ok|warn|critical), from, used_percent
 	EventOvercommitApproached = "OvercommitApproached" // node; details ratio, limit
-	EventResyncBytes          = "ResyncBytes"          // lu, node (the copy); details bytes, seconds (sent by the writer)
+	EventResyncBytes          = "ResyncBytes"          // lu, node (the writer); details copy, bytes, seconds: what a finished resync sent
 	EventNodeSuspect          = "NodeSuspect"          // node (issue 19 wires it)
 	EventNodeDead             = "NodeDead"             // node (issue 19)
 	EventNodeBack             = "NodeBack"             // node (issue 19)

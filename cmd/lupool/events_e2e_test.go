@@ -145,6 +145,12 @@ func TestEventsWatchCopyLifecycle(t *testing.T) {
 	})
 	victim.start()
 	w.waitFor(t, "ResyncFinished", 60*time.Second, func(e eventJSON) bool { return e.Kind == "ResyncFinished" && e.Node == copyNode })
+	bytesEv := w.waitFor(t, "ResyncBytes", 20*time.Second, func(e eventJSON) bool {
+		return e.Kind == "ResyncBytes" && e.LU == "ev" && e.Node == "n1" && e.Details["copy"] == copyNode
+	})
+	if sent, err := strconv.ParseInt(bytesEv.Details["bytes"], 10, 64); err != nil || sent < 4<<20 {
+		t.Fatalf("ResyncBytes says %q bytes sent; want at least the 4 MiB written while the copy was away", bytesEv.Details["bytes"])
+	}
 	n1.mustCLI("lu", "delete", "ev")
 	deleted := w.waitFor(t, "LUDeleted", 20*time.Second, func(e eventJSON) bool { return e.Kind == "LUDeleted" && e.LU == "ev" })
 

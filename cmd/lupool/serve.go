@@ -367,6 +367,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			nbdServer.DisconnectExport(name)
 		},
 		Deleted: nbdMetrics.ForgetExport,
+		ResyncDone: func(name, copyNode string, sentBytes int64, took time.Duration) {
+			emitter.emit(cluster.Event{Kind: cluster.EventResyncBytes, LU: name, Details: map[string]string{
+				"copy": copyNode, "bytes": strconv.FormatInt(sentBytes, 10), "seconds": strconv.FormatFloat(took.Seconds(), 'f', 3, 64),
+			}})
+		},
 	})
 	if err != nil {
 		return err
