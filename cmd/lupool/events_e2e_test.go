@@ -314,7 +314,8 @@ func TestEventsSubscriberSurvivesPrimaryKill(t *testing.T) {
 					break
 				}
 				if attempt > 100 {
-					t.Fatalf("create %s: status %d", name, resp.StatusCode)
+					t.Errorf("create %s: status %d", name, resp.StatusCode) // not Fatal: may run on another goroutine
+					return
 				}
 				time.Sleep(200 * time.Millisecond)
 			}
@@ -325,7 +326,8 @@ func TestEventsSubscriberSurvivesPrimaryKill(t *testing.T) {
 					break
 				}
 				if attempt > 100 {
-					t.Fatalf("delete %s: status %d", name, resp.StatusCode)
+					t.Errorf("delete %s: status %d", name, resp.StatusCode) // not Fatal: may run on another goroutine
+					return
 				}
 				time.Sleep(200 * time.Millisecond)
 			}
@@ -336,7 +338,19 @@ func TestEventsSubscriberSurvivesPrimaryKill(t *testing.T) {
 		defer close(done)
 		churn(n2, "a", 40)
 	}()
-	time.Sleep(time.Second)
+	// Mid-stream: once the old primary has delivered some events.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		sub.mu.Lock()
+		got := len(sub.seen)
+		sub.mu.Unlock()
+		if got >= 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary delivered %d events in 30 s", got)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	n1.stop(syscall.SIGKILL)
 	<-done
 	churn(n3, "b", 10)

@@ -98,10 +98,14 @@ func TestMonitoringFilesMatchMetrics(t *testing.T) {
 	fio(t, "--name=w", "--uri="+n1.uri("mon"), "--rw=randrw", "--bs=4k", "--size=2M")
 	sub := newTCPSubscriber(t)
 	n1.mustCLI("events", "subscribe", "--to", "tcp://"+sub.ln.Addr().String())
-	time.Sleep(time.Second) // the primary's delivery worker starts
-
+	// The primary's delivery worker starts within a scan (500 ms).
+	text := n1.metrics()
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(text, "lupool_event_subscriber_lag_events{") && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+		text = n1.metrics()
+	}
 	exposed := map[string]bool{}
-	for _, line := range strings.Split(n1.metrics(), "\n") {
+	for _, line := range strings.Split(text, "\n") {
 		if strings.HasPrefix(line, "#") || line == "" {
 			continue
 		}
