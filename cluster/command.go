@@ -22,6 +22,13 @@ import (
 //	{"v":1,"type":"node.upsert","at":"...","by":"n1","primary":true,"join":true,"node":{...}}
 //	{"v":1,"type":"node.remove","at":"...","by":"n1","primary":true,"name":"node-id"}
 //	{"v":1,"type":"setting.set","at":"...","by":"n1","primary":true,"name":"key","value":"val"}
+//	{"v":1,"type":"event.append","at":"...","by":"n2","event":{"kind":"PoolThreshold","node":"n2","details":{...}}}
+//	{"v":1,"type":"event.prune","at":"...","by":"n1","primary":true,"below_seq":1200}
+//	{"v":1,"type":"sub.add","at":"...","by":"n1","primary":true,"sub":{"id":"ops","kinds":["LUDeleted"],"to":"tcp://h:9000"}}
+//	{"v":1,"type":"sub.remove","at":"...","by":"n1","primary":true,"name":"ops"}
+//	{"v":1,"type":"sub.ack","at":"...","by":"n1","primary":true,"name":"ops","ack_seq":1234}
+//	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"...","node":"n2","bytes":300000,"chunks":2,...},"data":"BASE64"}
+//	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"..."},"chunk_index":1,"data":"BASE64"}
 //
 // "by" and "primary" are the proposer (Proposer): the authenticated node id
 // of the requester and whether the primary proposes the command as the
@@ -47,6 +54,15 @@ const (
 	cmdUpsertNode = "node.upsert"
 	cmdRemoveNode = "node.remove"
 	cmdSetSetting = "setting.set"
+	// The event log (events.go).
+	cmdAppendEvent = "event.append"
+	cmdPruneEvents = "event.prune"
+	// Registered callers (subscribers.go).
+	cmdAddSubscriber    = "sub.add"
+	cmdRemoveSubscriber = "sub.remove"
+	cmdAckSubscriber    = "sub.ack"
+	// The FFDC repository (ffdc.go).
+	cmdFFDCPut = "ffdc.put"
 )
 
 type command struct {
@@ -74,6 +90,18 @@ type command struct {
 	// Join marks a node.upsert that adds a new member's record (proposed by
 	// the primary); it is applied only if no record with that id exists.
 	Join bool `json:"join,omitempty"`
+	// Event is the body of event.append (kind, lu, node, details).
+	Event *Event `json:"event,omitempty"`
+	// BelowSeq is the body of event.prune: events below it are deleted.
+	BelowSeq uint64 `json:"below_seq,omitempty"`
+	// Sub is the body of sub.add; AckSeq of sub.ack (with Name the id).
+	Sub    *Subscriber `json:"sub,omitempty"`
+	AckSeq uint64      `json:"ack_seq,omitempty"`
+	// FFDC, ChunkIndex and Data are the body of ffdc.put (the first
+	// chunk carries the whole description, later ones only the id).
+	FFDC       *FFDCInfo `json:"ffdc,omitempty"`
+	ChunkIndex int       `json:"chunk_index,omitempty"`
+	Data       []byte    `json:"data,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -129,7 +157,19 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Node == nil || c.Node.ID == "" {
 			return nil, fmt.Errorf("%w: %s without a node id", ErrInvalid, c.Type)
 		}
-	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting:
+	case cmdAppendEvent:
+		if c.Event == nil {
+			return nil, fmt.Errorf("%w: %s without an event", ErrInvalid, c.Type)
+		}
+	case cmdFFDCPut:
+		if c.FFDC == nil {
+			return nil, fmt.Errorf("%w: %s without a bundle", ErrInvalid, c.Type)
+		}
+	case cmdAddSubscriber:
+		if c.Sub == nil {
+			return nil, fmt.Errorf("%w: %s without a subscriber", ErrInvalid, c.Type)
+		}
+	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

@@ -19,6 +19,8 @@ import (
 //	table                    the LU table
 //	nodes                    the node records
 //	state                    applied index and rejected count
+//	subs                     the registered callers
+//	events [after=N]         the event log (seq kind lu node by details)
 //	snapshot                 keeps a snapshot of the current state
 //	restore                  restores the kept snapshot; prints the changes
 //
@@ -84,6 +86,40 @@ func TestFSMDataDriven(t *testing.T) {
 				for _, id := range ids {
 					r := recs[id]
 					fmt.Fprintf(&b, "%s peer=%s api=%s nbd=%s\n", r.ID, r.PeerAddr, r.APIAddr, r.NBDAddr)
+				}
+				return b.String()
+			case "events":
+				var after uint64
+				if d.HasArg("after") {
+					d.ScanArgs(t, "after", &after)
+				}
+				evs, err := readEvents(f.db, after, 0)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, ev := range evs {
+					fmt.Fprintf(&b, "%d %s %s lu=%s node=%s by=%s", ev.Seq, ev.Time.Format("15:04:05"), ev.Kind, ev.LU, ev.Node, ev.By)
+					keys := make([]string, 0, len(ev.Details))
+					for k := range ev.Details {
+						keys = append(keys, k)
+					}
+					sort.Strings(keys)
+					for _, k := range keys {
+						fmt.Fprintf(&b, " %s=%s", k, ev.Details[k])
+					}
+					b.WriteString("\n")
+				}
+				fmt.Fprintf(&b, "last=%d\n", f.eventSeq.Load())
+				return b.String()
+			case "subs":
+				subs, err := listSubscribers(f.db)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, s := range subs {
+					fmt.Fprintf(&b, "%s kinds=%v to=%s acked=%d\n", s.ID, s.Kinds, s.To, s.AckedSeq)
 				}
 				return b.String()
 			case "state":

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -72,6 +73,9 @@ type watch struct {
 		// granted maps a node id to when this leader last confirmed it a
 		// metadata read lease (ConfirmCopy).
 		granted map[string]time.Time // guarded by mu
+		// reported is each member's state as last reported in an event
+		// during this term (alive at take-over).
+		reported map[string]string // guarded by mu
 	}
 }
 
@@ -79,6 +83,7 @@ func newWatch() *watch {
 	w := &watch{}
 	w.mu.lastHeard = map[string]time.Time{}
 	w.mu.granted = map[string]time.Time{}
+	w.mu.reported = map[string]string{}
 	return w
 }
 
@@ -91,6 +96,7 @@ func (w *watch) lead(leading bool, now time.Time, members []string) {
 	}
 	w.mu.leading = leading
 	clear(w.mu.lastHeard)
+	clear(w.mu.reported)
 	if leading {
 		for _, id := range members {
 			w.mu.lastHeard[id] = now
@@ -148,6 +154,27 @@ func (w *watch) view(members []string, self string, now time.Time, suspectAfter,
 		out = append(out, nl)
 	}
 	return out
+}
+
+// transitions returns the members whose state in view differs from the
+// one last reported this term (alive when none was), and records it.
+func (w *watch) transitions(view []NodeLiveness) (changed []NodeLiveness, from []string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, nl := range view {
+		if nl.State == LiveUnknown {
+			continue
+		}
+		prev, ok := w.mu.reported[nl.ID]
+		if !ok {
+			prev = LiveAlive
+		}
+		if prev != nl.State {
+			changed, from = append(changed, nl), append(from, prev)
+			w.mu.reported[nl.ID] = nl.State
+		}
+	}
+	return changed, from
 }
 
 func (w *watch) grantedAt(id string) time.Time {
@@ -245,9 +272,12 @@ func (n *Node) failoverLoop() {
 				continue
 			}
 			n.probeAll(ids)
-			if err := n.failoverPass(ids, time.Now()); err != nil && !errors.Is(err, ErrClosed) {
+			now = time.Now()
+			view := n.watch.view(ids, n.opts.NodeID, now, n.opts.SuspectAfter, n.opts.FailoverAfter)
+			if err := n.failoverPass(view, now); err != nil && !errors.Is(err, ErrClosed) {
 				n.log.Warn("failover pass failed", "err", err)
 			}
+			n.reportLiveness(view, now)
 		}
 	}
 }
@@ -273,9 +303,25 @@ func (n *Node) probeAll(ids []string) {
 	wg.Wait()
 }
 
+// reportLiveness records an event (NodeSuspect, NodeDead, NodeBack) for
+// every member whose state changed since it was last reported.
+func (n *Node) reportLiveness(view []NodeLiveness, now time.Time) {
+	changed, from := n.watch.transitions(view)
+	for i, nl := range changed {
+		kind := map[string]string{LiveSuspect: EventNodeSuspect, LiveDead: EventNodeDead, LiveAlive: EventNodeBack}[nl.State]
+		ev := Event{Kind: kind, Node: nl.ID, Details: map[string]string{"from": from[i],
+			"silent_ms": strconv.FormatInt(now.Sub(nl.LastHeard).Milliseconds(), 10)}}
+		ctx, cancel := context.WithTimeout(context.Background(), n.opts.ApplyTimeout)
+		err := n.AppendEvent(ctx, Proposer{NodeID: n.opts.NodeID, Primary: true}, ev)
+		cancel()
+		if err != nil && !errors.Is(err, ErrClosed) {
+			n.log.Warn("cannot record a liveness event", "node", nl.ID, "kind", kind, "err", err)
+		}
+	}
+}
+
 // failoverPass promotes a new writer for every LU whose writer is dead.
-func (n *Node) failoverPass(ids []string, now time.Time) error {
-	view := n.watch.view(ids, n.opts.NodeID, now, n.opts.SuspectAfter, n.opts.FailoverAfter)
+func (n *Node) failoverPass(view []NodeLiveness, now time.Time) error {
 	state := map[string]string{}
 	for _, nl := range view {
 		state[nl.ID] = nl.State

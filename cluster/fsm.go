@@ -12,11 +12,13 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // State machine keys, in the same Pebble instance as the raft log (package
@@ -27,6 +29,10 @@ import (
 //	"meta/lu/" + name     -> JSON LU
 //	"meta/node/" + id     -> JSON nodeRecord
 //	"meta/setting/" + key -> raw value
+//	"meta/event/" + seq   -> JSON Event (events.go)
+//	"meta/event-seq"      -> last event seq (8 bytes, big-endian)
+//	"meta/sub/" + id      -> JSON Subscriber (subscribers.go)
+//	"meta/ffdc/" + id + … -> FFDC bundles (ffdc.go)
 //
 // One Pebble instance for log and state: one write-ahead log, one lock
 // file, one thing to back up. Every applied command writes its change and
@@ -67,6 +73,8 @@ type applyResult struct {
 	skipped bool
 	// cmdType and by name the command and its proposer, for the log.
 	cmdType, by string
+	// events are the events the command derives (numbered by Apply).
+	events []Event
 }
 
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
@@ -78,6 +86,10 @@ type fsm struct {
 	applied  atomic.Uint64 // last applied index, mirrors "meta/applied"
 	rejected atomic.Uint64 // mirrors "meta/rejected"
 	luCount  atomic.Int64  // number of LU records
+	eventSeq atomic.Uint64 // last event seq, mirrors "meta/event-seq"
+	// eventsTotal counts the events this node's state machine stored
+	// since it opened, by kind (unregistered; Node.Collectors).
+	eventsTotal *prometheus.CounterVec // immutable; never nil
 	// appliedSinceOpen and skippedSinceOpen count command entries applied,
 	// and entries skipped as already applied, since this process opened
 	// the state (a restart must skip, never re-apply).
@@ -92,6 +104,8 @@ type fsm struct {
 		sync.Mutex
 		nextID   int
 		watchers map[int]func(Change) // guarded by mu
+		// eventsChanged is closed (and replaced) after events are stored.
+		eventsChanged chan struct{} // guarded by mu; never nil
 	}
 }
 
@@ -101,8 +115,11 @@ var (
 )
 
 func newFSM(db *pebble.DB, log *slog.Logger) (*fsm, error) {
-	f := &fsm{db: db, log: log}
+	f := &fsm{db: db, log: log, eventsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "lupool_events_total", Help: "Events the metadata state machine stored since this process started, by kind.",
+	}, []string{"kind"})}
 	f.mu.watchers = map[int]func(Change){}
+	f.mu.eventsChanged = make(chan struct{})
 	if err := f.loadCounters(); err != nil {
 		return nil, err
 	}
@@ -118,10 +135,15 @@ func (f *fsm) loadCounters() error {
 	if err != nil {
 		return err
 	}
+	eventSeq, err := getUint64(f.db, keyEventSeq)
+	if err != nil {
+		return err
+	}
 	lus, err := listLUs(f.db)
 	if err != nil {
 		return err
 	}
+	f.eventSeq.Store(eventSeq)
 	f.applied.Store(applied)
 	f.rejected.Store(rejected)
 	f.luCount.Store(int64(len(lus)))
@@ -207,6 +229,21 @@ func listNodeRecords(r reader) (map[string]nodeRecord, error) {
 	return out, err
 }
 
+// eventsChanged returns the channel closed when the next events are stored.
+func (f *fsm) eventsChanged() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.mu.eventsChanged
+}
+
+// signalEvents wakes every event reader.
+func (f *fsm) signalEvents() {
+	f.mu.Lock()
+	close(f.mu.eventsChanged)
+	f.mu.eventsChanged = make(chan struct{})
+	f.mu.Unlock()
+}
+
 func (f *fsm) watch(fn func(Change)) (cancel func()) {
 	f.mu.Lock()
 	id := f.mu.nextID
@@ -272,13 +309,22 @@ func (f *fsm) Apply(l *raft.Log) any {
 	b := f.db.NewBatch()
 	defer b.Close()
 	res := f.applyCommand(b, l)
+	events := res.events
 	if res.err != nil {
-		// Rejected: record that the entry was seen, change nothing else.
+		// Rejected: record that the entry was seen and the event that
+		// reports it, change nothing else.
 		b.Reset()
 		f.log.Error("raft command rejected", "index", l.Index, "type", res.cmdType, "by", res.by, "err", res.err)
 		if err := b.Set([]byte(keyRejected), binary.BigEndian.AppendUint64(nil, f.rejected.Load()+1), nil); err != nil {
 			panic(fmt.Errorf("cluster: batch: %w", err))
 		}
+		// The raft log's append time, not this node's clock: every node
+		// records the same event.
+		events = []Event{rejectedEvent(res, l.AppendedAt.UTC())}
+	}
+	eventSeq, err := appendEvents(b, f.eventSeq.Load(), events)
+	if err != nil {
+		panic(fmt.Errorf("cluster: batch: %w", err))
 	}
 	if err := b.Set([]byte(keyApplied), binary.BigEndian.AppendUint64(nil, l.Index), nil); err != nil {
 		panic(fmt.Errorf("cluster: batch: %w", err))
@@ -290,6 +336,13 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.applied.Store(l.Index)
 	f.appliedSinceOpen.Add(1)
+	if len(events) > 0 {
+		f.eventSeq.Store(eventSeq)
+		f.signalEvents()
+		for _, ev := range events {
+			f.eventsTotal.WithLabelValues(ev.Kind).Inc()
+		}
+	}
 	if res.err != nil {
 		f.rejected.Add(1)
 		return res
@@ -338,7 +391,11 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := checkCreate(lu, members); err != nil {
 			return applyResult{err: err}
 		}
-		return f.putLU(b, lu, Created, l.Index)
+		res := f.putLU(b, lu, Created, l.Index)
+		res.events = []Event{{Time: c.At, Kind: EventLUCreated, LU: lu.Name, Node: lu.Writer, By: c.By, Details: map[string]string{
+			"size_bytes": strconv.FormatInt(lu.SizeBytes, 10), "copies": strconv.Itoa(lu.Copies), "kind": lu.Kind, "writer": lu.Writer,
+		}}}
+		return res
 	case cmdResizeLU:
 		if err := ValidateSize(c.SizeBytes); err != nil {
 			return applyResult{err: err}
@@ -347,8 +404,13 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err != nil {
 			return applyResult{err: err}
 		}
+		from := lu.SizeBytes
 		lu.SizeBytes, lu.UpdatedAt = c.SizeBytes, c.At
-		return f.putLU(b, lu, Resized, l.Index)
+		res := f.putLU(b, lu, Resized, l.Index)
+		res.events = []Event{{Time: c.At, Kind: EventLUResized, LU: lu.Name, By: c.By, Details: map[string]string{
+			"from_bytes": strconv.FormatInt(from, 10), "to_bytes": strconv.FormatInt(lu.SizeBytes, 10),
+		}}}
+		return res
 	case cmdSetQoS:
 		if !c.Primary {
 			return applyResult{err: fmt.Errorf("%w: %q proposes QoS limits for %q; only the primary sets them",
@@ -375,7 +437,8 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := b.Delete([]byte(luPrefix+lu.Name), nil); err != nil {
 			return applyResult{err: err}
 		}
-		return applyResult{change: &Change{Kind: Deleted, LU: lu, Index: l.Index}}
+		return applyResult{change: &Change{Kind: Deleted, LU: lu, Index: l.Index},
+			events: []Event{{Time: c.At, Kind: EventLUDeleted, LU: lu.Name, By: c.By}}}
 	case cmdUpdateLU:
 		return applyResult{err: fmt.Errorf("%w: %s is retired (it replaced copy sets unchecked); propose %s",
 			ErrInvalid, cmdUpdateLU, cmdCopies)}
@@ -392,18 +455,42 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := checkNodeUpsertOf(n, c.Join, c.proposer(), exists, existing); err != nil {
 			return applyResult{err: err}
 		}
-		return applyResult{err: putJSON(b, nodePrefix+n.ID, n)}
+		res := applyResult{err: putJSON(b, nodePrefix+n.ID, n)}
+		if !exists {
+			res.events = []Event{{Time: c.At, Kind: EventNodeJoined, Node: n.ID, By: c.By}}
+		}
+		return res
 	case cmdRemoveNode:
 		if !c.Primary {
 			return applyResult{err: fmt.Errorf("%w: %q proposes removing %q; only the primary removes members",
 				ErrForeignRecord, c.By, c.Name)}
 		}
-		return applyResult{err: b.Delete([]byte(nodePrefix+c.Name), nil)}
+		return applyResult{err: b.Delete([]byte(nodePrefix+c.Name), nil),
+			events: []Event{{Time: c.At, Kind: EventNodeRemoved, Node: c.Name, By: c.By}}}
 	case cmdSetSetting:
 		if c.Name == "" {
 			return applyResult{err: fmt.Errorf("%w: empty setting name", ErrInvalid)}
 		}
 		return applyResult{err: b.Set([]byte(settingPrefix+c.Name), []byte(c.Value), nil)}
+	case cmdAppendEvent:
+		ev := *c.Event
+		if err := checkEventInput(ev, c.proposer()); err != nil {
+			return applyResult{err: err}
+		}
+		ev.Seq, ev.Time, ev.By = 0, c.At, c.By
+		return applyResult{events: []Event{ev}}
+	case cmdFFDCPut:
+		return f.applyFFDCPut(b, c)
+	case cmdAddSubscriber, cmdRemoveSubscriber, cmdAckSubscriber:
+		return f.applySubscriber(b, c)
+	case cmdPruneEvents:
+		if !c.Primary {
+			return applyResult{err: fmt.Errorf("%w: %q proposes pruning events; only the primary prunes", ErrForeignRecord, c.By)}
+		}
+		if c.BelowSeq > f.eventSeq.Load()+1 {
+			return applyResult{err: fmt.Errorf("%w: prune below %d: the last event is %d", ErrInvalid, c.BelowSeq, f.eventSeq.Load())}
+		}
+		return applyResult{err: b.DeleteRange([]byte(eventPrefix), []byte(eventKey(c.BelowSeq)), nil)}
 	default:
 		return applyResult{err: fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)}
 	}
@@ -431,7 +518,9 @@ func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult
 	if err := validateLU(&lu); err != nil {
 		return applyResult{err: err}
 	}
-	return f.putLU(b, lu, Updated, index)
+	res := f.putLU(b, lu, Updated, index)
+	res.events = copyEvents(old, lu, c.At, c.By)
+	return res
 }
 
 // memberSet returns the ids of the nodes with a record ("meta/node/").
@@ -562,6 +651,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if err := f.loadCounters(); err != nil {
 		return err
 	}
+	f.signalEvents()
 	after, err := listLUs(f.db)
 	if err != nil {
 		return err

@@ -21,6 +21,9 @@ type collector struct {
 	skips    *prometheus.Desc
 	fails    *prometheus.Desc
 	live     *prometheus.Desc
+	lastSeq  *prometheus.Desc
+	subLag   *prometheus.Desc
+	subFails *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*collector)(nil)
@@ -37,8 +40,17 @@ var _ prometheus.Collector = (*collector)(nil)
 //	lupool_lus                     gauge: LUs in the table
 //	lupool_raft_applied_since_start_total counter: commands applied by this process
 //	lupool_raft_skipped_since_start_total counter: entries skipped as applied before a restart
+//	lupool_events_total{kind}      counter: events stored since start
+//	lupool_events_last_seq         gauge: the newest event's seq
+//	lupool_event_subscriber_lag_events{subscriber}      gauge, on the primary: events after the acknowledged position
+//	lupool_event_delivery_failures_total{subscriber}    counter, on the primary: failed deliveries since it became primary
 func (n *Node) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{&collector{
+	return []prometheus.Collector{n.fsm.eventsTotal, &collector{
+		lastSeq: prometheus.NewDesc("lupool_events_last_seq", "Seq of the newest event in the event log.", nil, nil),
+		subLag: prometheus.NewDesc("lupool_event_subscriber_lag_events",
+			"Events after a registered caller's acknowledged position (reported by the primary).", []string{"subscriber"}, nil),
+		subFails: prometheus.NewDesc("lupool_event_delivery_failures_total",
+			"Failed deliveries to a registered caller since this node became primary.", []string{"subscriber"}, nil),
 		n:        n,
 		state:    prometheus.NewDesc("lupool_raft_state", "Raft state of this node: 0 follower, 1 candidate, 2 leader, 3 shutdown.", nil, nil),
 		term:     prometheus.NewDesc("lupool_raft_term", "Current raft term.", nil, nil),
@@ -61,7 +73,8 @@ func (n *Node) Collectors() []prometheus.Collector {
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes, c.applies, c.skips, c.fails, c.live} {
+	for _, d := range []*prometheus.Desc{c.state, c.term, c.applied, c.commit, c.last, c.rejected, c.lus, c.nodes, c.applies, c.skips,
+		c.fails, c.live, c.lastSeq, c.subLag, c.subFails} {
 		ch <- d
 	}
 }
@@ -106,5 +119,23 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 				ch <- prometheus.MustNewConstMetric(c.live, prometheus.GaugeValue, v, nl.ID, st)
 			}
 		}
+	}
+	last := c.n.LastEventSeq()
+	gauge(c.lastSeq, float64(last))
+	status := c.n.DeliveryStatus()
+	if len(status) == 0 {
+		return
+	}
+	subs, err := c.n.Subscribers()
+	if err != nil {
+		return
+	}
+	for _, s := range subs {
+		st, ok := status[s.ID]
+		if !ok {
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(c.subLag, prometheus.GaugeValue, float64(last-min(last, s.AckedSeq)), s.ID)
+		ch <- prometheus.MustNewConstMetric(c.subFails, prometheus.CounterValue, float64(st.Failures), s.ID)
 	}
 }

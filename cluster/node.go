@@ -29,6 +29,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -118,6 +119,16 @@ type Options struct {
 	// ReadLease; default 1 s): the primary promotes a new writer only this
 	// long after it last confirmed the old one a metadata lease.
 	ReadLease time.Duration
+	// EventsMax and EventsMaxAge bound the event log (events.go): the
+	// primary prunes the oldest events beyond EventsMax events or older
+	// than EventsMaxAge, checking every EventRetentionEvery. Zero means
+	// 100000 events, 30 days, one minute; negative means no limit.
+	EventsMax           int
+	EventsMaxAge        time.Duration
+	EventRetentionEvery time.Duration
+	// DeliveryAckTimeout bounds how long a registered caller may take to
+	// acknowledge a batch of events (zero means 10 s).
+	DeliveryAckTimeout time.Duration
 }
 
 // EnsureDefaults fills unset fields.
@@ -173,6 +184,18 @@ func (o *Options) EnsureDefaults() {
 	if o.ApplyTimeout == 0 {
 		o.ApplyTimeout = 10 * time.Second
 	}
+	if o.EventsMax == 0 {
+		o.EventsMax = defaultEventsMax
+	}
+	if o.EventsMaxAge == 0 {
+		o.EventsMaxAge = defaultEventsMaxAge
+	}
+	if o.DeliveryAckTimeout <= 0 {
+		o.DeliveryAckTimeout = deliveryAckTimeout
+	}
+	if o.EventRetentionEvery <= 0 {
+		o.EventRetentionEvery = eventRetentionEvery
+	}
 }
 
 // Validate reports the first unusable setting.
@@ -227,6 +250,9 @@ type Node struct {
 	watch *watch
 	// failovers counts writers this node promoted as primary.
 	failovers atomic.Uint64
+	// delivery sends events to the registered callers while this node is
+	// the primary (delivery.go).
+	delivery *delivery // immutable after start
 }
 
 // Open opens (or creates) the node's state and starts raft.
@@ -346,6 +372,11 @@ func (n *Node) start() error {
 		n.wg.Add(1)
 		go n.failoverLoop()
 	}
+	n.wg.Add(1)
+	go n.retentionLoop()
+	n.delivery = &delivery{n: n, workers: map[string]*deliveryWorker{}, status: map[string]DeliveryStatus{}}
+	n.wg.Add(1)
+	go n.delivery.loop()
 	n.log.Info("raft started", "peer", n.trans.LocalAddr(), "existing_state", has,
 		"fsm_index", n.fsm.applied.Load(), "lus", n.fsm.luCount.Load())
 	return nil
@@ -452,9 +483,28 @@ func (n *Node) leaderLoop(notify <-chan bool) {
 				if err := n.ensureSelfRecord(); err != nil && !errors.Is(err, ErrClosed) {
 					n.log.Warn("could not record this node's addresses as leader", "err", err)
 				}
+				if err := n.announcePrimary(); err != nil && !errors.Is(err, ErrClosed) {
+					n.log.Warn("could not record the PrimaryElected event", "err", err)
+				}
 			}()
 		}
 	}
+}
+
+// announcePrimary records a PrimaryElected event for this node's term.
+func (n *Node) announcePrimary() error {
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.ApplyTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-n.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	term := n.raft.CurrentTerm()
+	return n.AppendEvent(ctx, Proposer{NodeID: n.opts.NodeID, Primary: true}, Event{Kind: EventPrimaryElected, Node: n.opts.NodeID,
+		Details: map[string]string{"term": strconv.FormatUint(term, 10)}})
 }
 
 func (n *Node) ensureSelfRecord() error {

@@ -248,6 +248,7 @@ func TestSingleNodeLifecycleAndRestart(t *testing.T) {
 	if got[3].LU.SizeBytes != 4<<20 || got[4].LU.Name != "zeta" {
 		t.Fatalf("change contents: %+v", got)
 	}
+	waitPrimaryEvent(t, n)
 	before := n.Stats()
 	if before.LUs != 2 || before.FSMIndex == 0 || before.Rejected != 0 {
 		t.Fatalf("stats before restart: %+v", before)
@@ -274,12 +275,14 @@ func TestSingleNodeLifecycleAndRestart(t *testing.T) {
 	if err := n2.Barrier(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// The one new entry is the restarted primary's PrimaryElected event.
+	waitPrimaryEvent(t, n2)
 	after := n2.Stats()
-	if after.FSMIndex != before.FSMIndex {
-		t.Fatalf("FSM index %d after restart, %d before", after.FSMIndex, before.FSMIndex)
+	if after.FSMIndex <= before.FSMIndex {
+		t.Fatalf("FSM index %d after restart, %d before (PrimaryElected comes after)", after.FSMIndex, before.FSMIndex)
 	}
-	if after.AppliedSinceOpen != 0 || after.SkippedSinceOpen == 0 {
-		t.Fatalf("after restart applied %d, skipped %d; want 0 applied, some skipped", after.AppliedSinceOpen, after.SkippedSinceOpen)
+	if after.AppliedSinceOpen != 1 || after.SkippedSinceOpen == 0 {
+		t.Fatalf("after restart applied %d, skipped %d; want 1 applied (PrimaryElected), some skipped", after.AppliedSinceOpen, after.SkippedSinceOpen)
 	}
 	if c := seen2.get(); len(c) != 0 {
 		t.Fatalf("watch after restart saw %+v", c)
@@ -331,12 +334,14 @@ func TestSnapshotCompactionRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	waitPrimaryEvent(t, n)
 	before := n.Stats()
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
 	}
 	n2 := openNode(t, opts)
 	waitLeaderIs(t, n2)
+	waitPrimaryEvent(t, n2)
 	if err := n2.Barrier(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -345,7 +350,8 @@ func TestSnapshotCompactionRestart(t *testing.T) {
 		t.Fatalf("after restart: %d LUs, %v", len(lus), err)
 	}
 	st := n2.Stats()
-	if st.FSMIndex != before.FSMIndex || st.AppliedSinceOpen != 0 {
+	// The one command applied is the restarted primary's PrimaryElected.
+	if st.FSMIndex <= before.FSMIndex || st.AppliedSinceOpen != 1 {
 		t.Fatalf("after restart: %+v; before %+v", st, before)
 	}
 }
@@ -459,8 +465,9 @@ func TestAppendedNotApplied(t *testing.T) {
 	if err != nil || !b.CreatedAt.Equal(time.Unix(1_800_000_000, 0)) {
 		t.Fatalf("b = %+v, %v (CreatedAt must come from the command)", b, err)
 	}
-	if st := n2.Stats(); st.AppliedSinceOpen != 1 {
-		t.Fatalf("applied %d commands after restart, want 1", st.AppliedSinceOpen)
+	waitPrimaryEvent(t, n2)
+	if st := n2.Stats(); st.AppliedSinceOpen != 2 {
+		t.Fatalf("applied %d commands after restart, want 2 (the appended create and PrimaryElected)", st.AppliedSinceOpen)
 	}
 }
 

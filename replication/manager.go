@@ -129,6 +129,11 @@ type ManagerOptions struct {
 	// Deleted is called once a deleted LU is unexported and its local
 	// volume gone, for the front end to forget it (its metric series).
 	Deleted func(name string)
+	// ResyncDone, when set, is called after a copy of an LU this node
+	// writes was caught up and recorded in sync, with the bytes the resync
+	// sent and how long it took (the daemon reports a ResyncBytes event).
+	// It must not block.
+	ResyncDone func(name, copyNode string, sentBytes int64, took time.Duration)
 
 	// UpdateLU records a change of an LU's epoch and copy states through
 	// the metadata leader, applied only if the recorded epoch is still

@@ -84,8 +84,12 @@ func (mi *Mirror) resync(l *copyLink) error {
 			return err
 		}
 		if done {
+			took := time.Since(start)
 			mi.m.opts.Logger.Info("copy in sync", "lu", mi.name, "copy", l.node, "sent_bytes", sentBytes,
-				"took", time.Since(start).Round(time.Millisecond), "epoch", mi.epoch.Load())
+				"took", took.Round(time.Millisecond), "epoch", mi.epoch.Load())
+			if mi.m.opts.ResyncDone != nil {
+				mi.m.opts.ResyncDone(mi.name, l.node, sentBytes, took)
+			}
 			return nil
 		}
 	}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what lupool's tests and benchmarks need on a fresh Debian 12 machine:
 # the real NBD clients and peer servers they drive, and systemd-analyze for
-# the unit file check. Idempotent; no prompts.
+# the unit file check, and Chromium for the status page test (headless).
+# Idempotent; no prompts.
 set -euo pipefail
-pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox systemd iproute2)
+pkgs=(fio libnbd-bin python3-libnbd qemu-utils nbdkit nbd-client nbd-server gnuplot-nox systemd iproute2 chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

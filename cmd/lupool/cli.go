@@ -524,7 +524,7 @@ func newPoolCommand(cf *clientFlags, stdout io.Writer) *cobra.Command {
 			return show(cf, c, stdout, (*api.Client).PoolStatus, printPoolStatus)
 		},
 	}
-	return newGroupCommand("pool", "the storage pool of a node", "admin", status)
+	return newGroupCommand("pool", "the storage pool of a node", "admin", status, newPoolAlertCommand(cf, stdout))
 }
 
 func printPoolStatus(stdout io.Writer, st api.PoolStatus) error {

@@ -76,6 +76,15 @@ type serveConfig struct {
 	MinorityDisconnect string `json:"minority_disconnect"`
 	// DebugPprof serves Go's profiler under /debug/pprof/ on the API.
 	DebugPprof bool `json:"debug_pprof"`
+	// EventsMax and EventsMaxAge bound the event log (the primary prunes
+	// the oldest events beyond either); AlertInterval is how often a node
+	// compares its pool with the alert thresholds.
+	EventsMax     int    `json:"events_max"`
+	EventsMaxAge  string `json:"events_max_age"`
+	AlertInterval string `json:"alert_interval"`
+	// FFDCMinInterval: each automatic failure data capture trigger makes
+	// at most one bundle this often.
+	FFDCMinInterval string `json:"ffdc_min_interval"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -101,6 +110,11 @@ func defaultServeConfig() serveConfig {
 		ScrubInterval:        "168h",
 		ScrubRateBytes:       100 << 20,
 		ScrubDegradedRegions: replication.ScrubDegradedRegionsDefault,
+
+		EventsMax:       100000,
+		EventsMaxAge:    "720h",
+		AlertInterval:   "5s",
+		FFDCMinInterval: "60s",
 	}
 }
 
@@ -181,6 +195,11 @@ func settings() []setting {
 			func(c *serveConfig) *int { return &c.ScrubDegradedRegions }),
 		str("replace-after", "the primary replaces a copy that stays out of sync this long by one on another node (e.g. 10m; 0 never)",
 			func(c *serveConfig) *string { return &c.ReplaceAfter }),
+		intSetting("events-max", "most events the event log keeps (the oldest go first)", func(c *serveConfig) *int { return &c.EventsMax }),
+		str("events-max-age", "events older than this leave the event log (e.g. 720h)", func(c *serveConfig) *string { return &c.EventsMaxAge }),
+		str("alert-interval", "how often the pool is compared with its alert thresholds (e.g. 5s)", func(c *serveConfig) *string { return &c.AlertInterval }),
+		str("ffdc-min-interval", "each automatic failure data capture trigger makes at most one bundle this often (e.g. 60s)",
+			func(c *serveConfig) *string { return &c.FFDCMinInterval }),
 		boolSetting("debug-pprof", "serve Go's profiler under /debug/pprof/ on the API address (true or false; needs the admin token)",
 			func(c *serveConfig) *bool { return &c.DebugPprof }),
 		str("log-level", "debug, info, warn or error", func(c *serveConfig) *string { return &c.LogLevel }),
@@ -348,6 +367,18 @@ func (c *serveConfig) validate() error {
 	}
 	if d, err := time.ParseDuration(c.ReplaceAfter); err != nil || d < 0 {
 		return fmt.Errorf("--replace-after %q: want a duration such as 10m, 90s or 0 (never)", c.ReplaceAfter)
+	}
+	if d, err := time.ParseDuration(c.EventsMaxAge); err != nil || d <= 0 {
+		return fmt.Errorf("--events-max-age %q: want a positive duration such as 720h", c.EventsMaxAge)
+	}
+	if d, err := time.ParseDuration(c.AlertInterval); err != nil || d < 100*time.Millisecond {
+		return fmt.Errorf("--alert-interval %q: want a duration of at least 100ms, such as 5s", c.AlertInterval)
+	}
+	if d, err := time.ParseDuration(c.FFDCMinInterval); err != nil || d < 0 {
+		return fmt.Errorf("--ffdc-min-interval %q: want a duration such as 60s", c.FFDCMinInterval)
+	}
+	if c.EventsMax < 1 {
+		return fmt.Errorf("--events-max must be at least 1")
 	}
 	if c.ResyncRateBytes < 0 {
 		return fmt.Errorf("--resync-rate must not be negative")

@@ -141,7 +141,7 @@ func staleReads(rl, wl []ledgerLine) []string {
 	return stale
 }
 
-// tlsURI is an nbds:// URI for LU name on d (a netLab node with NBD TLS
+// tlsURI is an nbds:// URI for LU name on d (a node started with --tls,
 // on its cluster certificate): libnbd verifies it against the cluster CA.
 func (d *daemon) tlsURI(t *testing.T, name string) string {
 	t.Helper()
@@ -167,7 +167,7 @@ for b in range(%d):
     print(b, blk, ver)
 `, blocks)
 	reader := realclient.Nbdsh(t, d.uri(name), script)
-	if d.netns != "" {
+	if slices.Contains(d.extra, "--tls") {
 		// TLS with the cluster CA from a file: nbdsh -u refuses URIs
 		// that name local files, so connect from the script.
 		connect := fmt.Sprintf("h.set_uri_allow_local_file(True)\nh.connect_uri(%q)\n", d.tlsURI(t, name))
@@ -305,6 +305,7 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 	}
 	other := map[string]string{"n1": "n3", "n3": "n1"}[copyID]
 	client := nodes[copyID]
+	events := n1.startWatch("--kind", "NodeDead,NodeBack,WriterMoved,QuorumLost,QuorumRegained", "--tail", "0")
 
 	dir := t.TempDir()
 	if os.Getenv("LUPOOL_KEEP_LEDGERS") != "" { // for a look at the timelines
@@ -435,12 +436,26 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 	}
 	checkBlocks(t, client, "f", total, acked)
 	checkBlocks(t, nodes[other], "f", total, acked)
+	events.waitFor(t, "WriterMoved", 10*time.Second, func(ev eventJSON) bool {
+		return ev.Kind == "WriterMoved" && ev.LU == "f" && ev.Node == copyID && ev.Details["from"] == "n2" && ev.Details["reason"] == "failover"
+	})
+	if mode == "kill" {
+		events.waitFor(t, "NodeDead", 10*time.Second, func(ev eventJSON) bool { return ev.Kind == "NodeDead" && ev.Node == "n2" })
+	}
+	if mode == "partition" {
+		for _, kind := range []string{"QuorumLost", "QuorumRegained"} {
+			events.waitFor(t, kind, 20*time.Second, func(ev eventJSON) bool { return ev.Kind == kind && ev.Node == "n2" })
+		}
+	}
 
 	// The old writer comes back as a copy and is brought in line.
 	if mode == "kill" {
 		n2.start()
 	}
 	n1.waitState("f", "n2", "in-sync", 60*time.Second)
+	if mode == "kill" {
+		events.waitFor(t, "NodeBack", 20*time.Second, func(ev eventJSON) bool { return ev.Kind == "NodeBack" && ev.Node == "n2" })
+	}
 	sent := metricValue(client.metrics(), "lupool_replication_sent_bytes_total", `lu="f"`, `copy="n2"`, `kind="resync"`) - sentBefore
 	if out, errOut, code := n1.cli("lu", "verify", "f"); code != 0 {
 		t.Fatalf("run %d: copies differ after the old writer rejoined (exit %d):\n%s%s", run, code, out, errOut)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -142,9 +143,13 @@ func localLiveness(n *cluster.Node) ([]api.NodeLiveness, error) {
 // after, and serves them again once it is: a node cut off from the
 // majority cannot confirm read leases or record copy changes, and the
 // majority fails its LUs over; clients that reconnect (lupool attach)
-// move to a node of the majority. It returns when ctx ends.
-func watchMajority(ctx context.Context, node *cluster.Node, srv *nbd.Server, after time.Duration, gauge prometheus.Gauge, log *slog.Logger) {
+// move to a node of the majority. Back in the majority, it records a
+// QuorumLost and a QuorumRegained event (a node cut off cannot record
+// anything until then). It returns when ctx ends.
+func watchMajority(ctx context.Context, node *cluster.Node, srv *nbd.Server, after time.Duration, gauge prometheus.Gauge,
+	emit func(cluster.Event), log *slog.Logger) {
 	started := time.Now()
+	var lostContact time.Time
 	tick := time.NewTicker(after / 10)
 	defer tick.Stop()
 	for {
@@ -162,9 +167,14 @@ func watchMajority(ctx context.Context, node *cluster.Node, srv *nbd.Server, aft
 			if cut {
 				log.Warn("cut off from the metadata majority: sending NBD clients elsewhere", "silent_for", time.Since(contact).Round(time.Millisecond))
 				gauge.Set(1)
+				lostContact = contact
 			} else {
 				log.Info("back in the metadata majority: serving NBD clients again")
 				gauge.Set(0)
+				emit(cluster.Event{Kind: cluster.EventQuorumLost, Details: map[string]string{
+					"last_contact": lostContact.UTC().Format(time.RFC3339Nano)}})
+				emit(cluster.Event{Kind: cluster.EventQuorumRegained, Details: map[string]string{
+					"cut_off_ms": strconv.FormatInt(time.Since(lostContact).Milliseconds(), 10)}})
 			}
 			srv.Shed(cut)
 		}

@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -86,6 +87,7 @@ func TestScrubRepairsFlippedBytes(t *testing.T) {
 		t.Fatalf("verify before the scrub: exit %d %+v; want the one flipped region at %d", code, v, 3<<20)
 	}
 
+	w := writer.startWatch("--kind", "ScrubRepaired", "--tail", "0")
 	var report scrubJSON
 	if err := json.Unmarshal([]byte(cp.mustCLI("lu", "scrub", "s", "-o", "json")), &report); err != nil {
 		t.Fatal(err)
@@ -110,6 +112,10 @@ func TestScrubRepairsFlippedBytes(t *testing.T) {
 	if !strings.Contains(writer.logs(), "scrub repaired a region of a copy that differed from the writer") {
 		t.Error("no log line for the repair")
 	}
+	w.waitFor(t, "ScrubRepaired", 10*time.Second, func(ev eventJSON) bool {
+		return ev.Kind == "ScrubRepaired" && ev.LU == "s" && ev.Node == "n1" && ev.Details["copy"] == "n2" &&
+			ev.Details["offset_bytes"] == strconv.Itoa(3<<20)
+	})
 	out := writer.mustCLI("lu", "show", "s")
 	if !strings.Contains(out, "(1 regions repaired)") || !strings.Contains(out, "SCRUB REPAIRS") {
 		t.Errorf("lu show after the scrub:\n%s", out)

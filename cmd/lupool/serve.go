@@ -30,6 +30,7 @@ import (
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/control"
+	"github.com/lupool/lupool/internal/logring"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/replication"
 	"github.com/lupool/lupool/server/api"
@@ -154,6 +155,9 @@ func tlsConfig(cfg serveConfig) (nbd.TLSMode, *tls.Config, error) {
 // taking NBD requests and finish those in flight, flush every volume, stop
 // the API, close the metadata, close the pool.
 func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
+	// The recent log lines, kept in memory for failure data capture.
+	ring := logring.New()
+	log = slog.New(ring.Handler(log.Handler(), slog.LevelInfo))
 	lock, err := lockDataDir(cfg.Data)
 	if err != nil {
 		return err
@@ -275,8 +279,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if cfg.Witness {
 		nbdAddr = ""
 	}
-	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)   // validated with the config
-	failoverAfter, _ := time.ParseDuration(cfg.FailoverAfter) // validated with the config
+	replaceAfter, _ := time.ParseDuration(cfg.ReplaceAfter)    // validated with the config
+	failoverAfter, _ := time.ParseDuration(cfg.FailoverAfter)  // validated with the config
+	eventsMaxAge, _ := time.ParseDuration(cfg.EventsMaxAge)    // validated with the config
+	alertInterval, _ := time.ParseDuration(cfg.AlertInterval)  // validated with the config
+	ffdcInterval, _ := time.ParseDuration(cfg.FFDCMinInterval) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter:  replaceAfter,
 		FailoverAfter: failoverAfter,
@@ -287,16 +294,18 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			}
 			return errors.New("peers not ready")
 		},
-		Dir:         metaDir,
-		NodeID:      id,
-		PeerAddr:    link.Addr(),
-		StreamLayer: link.Raft(),
-		APIAddr:     cfg.API,
-		NBDAddr:     nbdAddr,
-		CertSHA256:  pki.Fingerprint(ident.cert.Leaf.Raw),
-		Bootstrap:   !member && !joining && cfg.Join == "",
-		ExpectState: member,
-		Logger:      log.With("part", "cluster"),
+		EventsMax:    cfg.EventsMax,
+		EventsMaxAge: eventsMaxAge,
+		Dir:          metaDir,
+		NodeID:       id,
+		PeerAddr:     link.Addr(),
+		StreamLayer:  link.Raft(),
+		APIAddr:      cfg.API,
+		NBDAddr:      nbdAddr,
+		CertSHA256:   pki.Fingerprint(ident.cert.Leaf.Raw),
+		Bootstrap:    !member && !joining && cfg.Join == "",
+		ExpectState:  member,
+		Logger:       log.With("part", "cluster"),
 	})
 	if errors.Is(err, cluster.ErrNoState) {
 		return fmt.Errorf("%s this node belongs to cluster %s, but its metadata (%s) is empty or unreadable; it will not start a new cluster. "+
@@ -309,9 +318,17 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	defer func() { err = errors.Join(err, node.Close()) }()
 	peer := &peers{self: id, link: link, node: node}
 	peerRef.Store(peer)
+	emitter := newEventEmitter(id, node, peer, log.With("part", "events"))
+	defer emitter.close()
 	if err := clearBootstrap(cfg.Data); err != nil {
 		return err
 	}
+
+	// The failure data capture is wired before the parts that trigger it;
+	// its registry is filled below, before anything can trigger.
+	registry := prometheus.NewRegistry()
+	capture := newFFDC(id, node, peer, ring, registry, cfg, ffdcInterval, log.With("part", "ffdc"))
+	defer capture.close()
 
 	exports := nbd.NewExportSet()
 	nbdMetrics := nbd.NewMetrics()
@@ -324,6 +341,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		// 0 takes the engine's defaults (limits in server/nbd/nbd.go).
 		MaxConnections:          cfg.NBDMaxConns,
 		MaxConnectionsPerExport: cfg.NBDMaxConnsPerExport,
+		OnDeviceError: func(export, command string, err error) {
+			capture.trigger(ffdcTriggerIOError, fmt.Sprintf("%s on LU %s failed: %v", command, export, err))
+		},
 	})
 	if err != nil {
 		return err
@@ -383,6 +403,11 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			nbdMetrics.ForgetExport(name)
 			qosSet.Forget(name)
 		},
+		ResyncDone: func(name, copyNode string, sentBytes int64, took time.Duration) {
+			emitter.emit(cluster.Event{Kind: cluster.EventResyncBytes, LU: name, Details: map[string]string{
+				"copy": copyNode, "bytes": strconv.FormatInt(sentBytes, 10), "seconds": strconv.FormatFloat(took.Seconds(), 'f', 3, 64),
+			}})
+		},
 	})
 	if err != nil {
 		return err
@@ -415,14 +440,13 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		BytesPerSecond:  cfg.ScrubRateBytes,
 		DegradedRegions: int64(cfg.ScrubDegradedRegions),
 		Logger:          scrubLog,
-		OnRepair:        func(r replication.ScrubRepair) { scrubRepairEvent(scrubLog, r) },
+		OnRepair:        func(r replication.ScrubRepair) { scrubRepairEvent(emitter.emit, r) },
 	})
 	scrubCtx, stopScrubs := context.WithCancel(context.Background())
 	scrubsDone := make(chan struct{})
 	go func() { defer close(scrubsDone); scrubber.Run(scrubCtx) }()
 	defer func() { stopScrubs(); <-scrubsDone }()
 
-	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	registry.MustRegister(nbdMetrics.Collectors()...)
 	registry.MustRegister(node.Collectors()...)
@@ -455,6 +479,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if tok, err := readTrimmed(filepath.Join(cfg.Data, adminTokenName)); err == nil {
 		backend.localAdminHash = pki.HashSecret(tok)
 	}
+	alerts := &alertStore{node: node, pool: pool, ctl: ctl.APIError}
 	handler, err := api.NewHandler(api.Options{
 		Backend:       backend,
 		NodeID:        id,
@@ -482,6 +507,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		},
 		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
+		},
+		Events: &eventSource{node: node, ctl: ctl.APIError},
+		Alerts: alerts,
+		FFDC:   &ffdcStore{f: capture, ctl: ctl.APIError},
+		OnPanic: func(r *http.Request, v any, _ []byte) {
+			capture.trigger(ffdcTriggerPanic, fmt.Sprintf("panic in %s %s: %v", r.Method, r.URL.Path, v))
 		},
 	})
 	if err != nil {
@@ -577,9 +608,22 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if minorityAfter > 0 {
 		mctx, stopWatch := context.WithCancel(ctx)
 		defer stopWatch()
-		go watchMajority(mctx, node, nbdServer, minorityAfter, minority, log)
+		go watchMajority(mctx, node, nbdServer, minorityAfter, minority, emitter.emit, log)
 	}
 	backend.ready.Store(true)
+	alertCtx, stopAlerts := context.WithCancel(ctx)
+	alertsDone := make(chan struct{})
+	go func() {
+		defer close(alertsDone)
+		alertLoop(alertCtx, alertInterval, alerts, emitter.emit)
+	}()
+	failuresDone := make(chan struct{})
+	go func() {
+		defer close(failuresDone)
+		capture.watchForFailures(alertCtx)
+	}()
+	defer func() { stopAlerts(); <-failuresDone }()
+	defer func() { stopAlerts(); <-alertsDone }()
 	log.Info("lupool serving", "nbd", cfg.NBD, "api", cfg.API, "peer", cfg.Peer, "data", cfg.Data, "lus", len(lus))
 
 	select {
@@ -660,12 +704,11 @@ func poolCollectors(pool *lu.Pool) []prometheus.Collector {
 	}
 }
 
-// scrubRepairEvent is where a scrub's repair becomes an event of the
-// replicated event log (issue 14, built on another branch): until that
-// lands it is only the log line the scrubber already wrote, at debug level
-// here with the fields the event will carry (LU, region, copy).
-func scrubRepairEvent(log *slog.Logger, r replication.ScrubRepair) {
-	log.Debug("scrub repair event", "lu", r.LU, "copy", r.Copy, "offset", r.OffsetBytes, "length", r.LengthBytes)
+// scrubRepairEvent records a scrub's repair in the event log (LU, the
+// region, the copy it rewrote).
+func scrubRepairEvent(emit func(cluster.Event), r replication.ScrubRepair) {
+	emit(cluster.Event{Kind: cluster.EventScrubRepaired, LU: r.LU, Details: map[string]string{
+		"copy": r.Copy, "offset_bytes": strconv.FormatInt(r.OffsetBytes, 10), "length_bytes": strconv.FormatInt(r.LengthBytes, 10)}})
 }
 
 // qosLimits are an LU record's QoS limits as the filter takes them.

@@ -121,6 +121,40 @@ func (c *Client) Liveness(ctx context.Context) ([]NodeLiveness, error) {
 	return out, err
 }
 
+// raw sends body (if any) as application/octet-stream and copies the
+// answer's body to w; errors are like do's.
+func (c *Client) raw(ctx context.Context, method, path string, body []byte, w io.Writer) error {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/octet-stream")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the lupool API at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var eb NotLeaderBody
+		if json.Unmarshal(data, &eb) == nil && eb.Error != "" {
+			return &StatusError{StatusCode: resp.StatusCode, Message: eb.Error, LeaderID: eb.LeaderID, LeaderPeer: eb.LeaderPeer}
+		}
+		return &StatusError{StatusCode: resp.StatusCode, Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
+	}
+	_, err = io.Copy(w, resp.Body)
+	return err
+}
+
 // CreateLU creates an LU.
 func (c *Client) CreateLU(ctx context.Context, req CreateLURequest) (LU, error) {
 	var lu LU

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -58,6 +59,16 @@ type Options struct {
 	// peer is their node id. The handler owns conn; br may hold bytes
 	// already read from it.
 	Upgrades map[string]func(peer string, conn net.Conn, br *bufio.Reader)
+	// Events, when set, serves the event log: GET /v1/events (admin) and
+	// POST /v1/internal/events (member nodes reporting an event).
+	Events EventSource
+	// Alerts, when set, serves GET and PUT /v1/pool/alerts.
+	Alerts AlertStore
+	// FFDC, when set, serves the failure data capture bundles.
+	FFDC FFDCStore
+	// OnPanic, when set, is called (on the request's goroutine) after a
+	// panic in a request was recovered and answered 500.
+	OnPanic func(r *http.Request, recovered any, stack []byte)
 }
 
 // Handler serves the API.
@@ -124,6 +135,31 @@ func NewHandler(opts Options) (*Handler, error) {
 	node("GET /v1/internal/liveness", h.liveness)
 	// A joining node is not a member yet: its certificate is its credential.
 	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))
+	if opts.Events != nil {
+		admin("GET /v1/events", h.events)
+		node("POST /v1/internal/events", h.local(h.appendEvent))
+		admin("POST /v1/events/subscribers", h.mutating(h.addSubscriber))
+		admin("GET /v1/events/subscribers", h.mutating(h.subscribers))
+		admin("DELETE /v1/events/subscribers/{id}", h.mutating(h.removeSubscriber))
+	}
+	// The status page: static files only; its data comes from the /v1
+	// calls above, with the admin token (ui.go).
+	ui := uiHandler()
+	h.mux.HandleFunc("GET /ui/", h.authorize(accessOpen, ui.ServeHTTP))
+	h.mux.HandleFunc("GET /ui", h.authorize(accessOpen, func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, uiRoot, http.StatusMovedPermanently)
+	}))
+	if opts.FFDC != nil {
+		admin("POST /v1/ffdc", h.mutating(h.collectFFDC))
+		admin("GET /v1/ffdc", h.listFFDC)
+		admin("GET /v1/ffdc/{id}", h.getFFDC)
+		node("GET /v1/internal/ffdc/parts", h.ffdcParts)
+		node("POST /v1/internal/ffdc", h.storeFFDC)
+	}
+	if opts.Alerts != nil {
+		admin("GET /v1/pool/alerts", h.poolAlerts)
+		admin("PUT /v1/pool/alerts", h.mutating(h.setPoolAlerts))
+	}
 	for path, fn := range opts.Upgrades {
 		node("GET "+path, upgrade(fn))
 	}
@@ -143,8 +179,25 @@ func NewHandler(opts Options) (*Handler, error) {
 	return h, nil
 }
 
-// ServeHTTP implements http.Handler.
+// ServeHTTP implements http.Handler. A panic in a request is recovered,
+// logged with its stack, answered 500 (if nothing was written yet) and
+// reported to Options.OnPanic; http.ErrAbortHandler passes through.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		if v == http.ErrAbortHandler {
+			panic(v)
+		}
+		stack := debug.Stack()
+		h.opts.Logger.Error("panic in an API request", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(v), "stack", string(stack))
+		writeError(w, http.StatusInternalServerError, "internal error (the node logged it and captured failure data)")
+		if h.opts.OnPanic != nil {
+			h.opts.OnPanic(r, v, stack)
+		}
+	}()
 	h.mux.ServeHTTP(w, r)
 }
 

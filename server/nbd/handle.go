@@ -16,6 +16,12 @@ func (c *conn) handle(r *request) {
 		code, err := r.errCode, error(nil)
 		if code == 0 {
 			code, err = c.execute(r)
+			if err != nil && c.srv.opts.OnDeviceError != nil && c.ctx.Err() == nil {
+				c.srv.mu.Lock()
+				name := c.exportName
+				c.srv.mu.Unlock()
+				c.srv.opts.OnDeviceError(name, nbdproto.CommandName(r.hdr.Type), err)
+			}
 		}
 		c.account(r, code)
 		switch {

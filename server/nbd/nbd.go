@@ -282,6 +282,11 @@ type Options struct {
 	MaxInflightBytes int64
 	// Metrics is optional; nil means no metrics.
 	Metrics *Metrics
+	// OnDeviceError, when set, is called after an export's device failed a
+	// request (an I/O error of the volume behind it; not a request the
+	// server refused, nor one cut short by a closing connection). It runs
+	// on the request's goroutine and must not block.
+	OnDeviceError func(export, command string, err error)
 	// HandshakeTimeout bounds negotiation (including TLS); default 30 s.
 	HandshakeTimeout time.Duration
 	// ReplyTimeout bounds how long writing replies may block on a client
