@@ -250,6 +250,8 @@ type Node struct {
 	watch *watch
 	// failovers counts writers this node promoted as primary.
 	failovers atomic.Uint64
+	// announcedTerm is the last term this node recorded PrimaryElected for.
+	announcedTerm atomic.Uint64
 	// delivery sends events to the registered callers while this node is
 	// the primary (delivery.go).
 	delivery *delivery // immutable after start
@@ -503,8 +505,15 @@ func (n *Node) announcePrimary() error {
 		}
 	}()
 	term := n.raft.CurrentTerm()
-	return n.AppendEvent(ctx, Proposer{NodeID: n.opts.NodeID, Primary: true}, Event{Kind: EventPrimaryElected, Node: n.opts.NodeID,
+	if n.announcedTerm.Load() == term {
+		return nil // raft told of this term's leadership twice
+	}
+	err := n.AppendEvent(ctx, Proposer{NodeID: n.opts.NodeID, Primary: true}, Event{Kind: EventPrimaryElected, Node: n.opts.NodeID,
 		Details: map[string]string{"term": strconv.FormatUint(term, 10)}})
+	if err == nil {
+		n.announcedTerm.Store(term)
+	}
+	return err
 }
 
 func (n *Node) ensureSelfRecord() error {
