@@ -120,8 +120,9 @@ func checkNoGaps(t *testing.T, evs []eventJSON, after uint64) {
 
 // TestEventsWatchCopyLifecycle: a watcher started before the run sees, in
 // order and without gaps, the events of an LU's life with a copy whose
-// node is killed and comes back: created, the copy out of sync, resync
-// started and finished, the copy in sync, deleted. Restarted with --after
+// node is killed and comes back: created, the copy out of sync, the node
+// dead, the node back, resync started and finished, the copy in sync,
+// deleted. Restarted with --after
 // SEQ, it receives exactly the events after SEQ.
 func TestEventsWatchCopyLifecycle(t *testing.T) {
 	needTools(t, "fio")
@@ -146,7 +147,13 @@ func TestEventsWatchCopyLifecycle(t *testing.T) {
 	w.waitFor(t, "copy out of sync", 20*time.Second, func(e eventJSON) bool {
 		return e.Kind == "CopyStateChanged" && e.Node == copyNode && e.Details["to"] == "out-of-sync"
 	})
+	// The primary (n1) marks the killed node dead after --failover-after.
+	dead := w.waitFor(t, "NodeDead", 20*time.Second, func(e eventJSON) bool { return e.Kind == "NodeDead" && e.Node == copyNode })
 	victim.start()
+	back := w.waitFor(t, "NodeBack", 20*time.Second, func(e eventJSON) bool { return e.Kind == "NodeBack" && e.Node == copyNode })
+	if !(created.Seq < dead.Seq && dead.Seq < back.Seq) {
+		t.Fatalf("node events out of order: created %d, dead %d, back %d", created.Seq, dead.Seq, back.Seq)
+	}
 	w.waitFor(t, "ResyncFinished", 60*time.Second, func(e eventJSON) bool { return e.Kind == "ResyncFinished" && e.Node == copyNode })
 	bytesEv := w.waitFor(t, "ResyncBytes", 20*time.Second, func(e eventJSON) bool {
 		return e.Kind == "ResyncBytes" && e.LU == "ev" && e.Node == "n1" && e.Details["copy"] == copyNode
