@@ -237,10 +237,21 @@ func (u *upstream) waitWritten() {
 	u.mu.Unlock()
 }
 
-// send queues c and writes the queue unless another caller is writing.
-func (u *upstream) send(c *call) {
+// send queues c and, unless hold is set, writes the queue unless another
+// caller is writing. A held request goes with the next write (flush).
+func (u *upstream) send(c *call, hold bool) {
 	u.mu.Lock()
 	u.queueLocked(c)
+	if hold {
+		u.mu.Unlock()
+		return
+	}
+	u.flushLocked()
+}
+
+// flush writes what is queued unless another caller is writing.
+func (u *upstream) flush() {
+	u.mu.Lock()
 	u.flushLocked()
 }
 
@@ -309,10 +320,12 @@ type Device struct {
 }
 
 var (
-	_ blockdev.AsyncWriter = (*Device)(nil)
-	_ blockdev.Device      = (*Device)(nil)
-	_ blockdev.Trimmer     = (*Device)(nil)
-	_ blockdev.Zeroer      = (*Device)(nil)
+	_ blockdev.AsyncWriter    = (*Device)(nil)
+	_ blockdev.AsyncReader    = (*Device)(nil)
+	_ blockdev.RequestFlusher = (*Device)(nil)
+	_ blockdev.Device         = (*Device)(nil)
+	_ blockdev.Trimmer        = (*Device)(nil)
+	_ blockdev.Zeroer         = (*Device)(nil)
 )
 
 // New connects to the LU on one of the nodes and starts serving calls. It
@@ -686,7 +699,7 @@ func (d *Device) Close() error {
 // for its reply.
 func (d *Device) submit(req nbdproto.Request, data []byte) error {
 	c := &call{req: req, data: data, done: make(chan error, 1)}
-	if err := d.start(c); err != nil {
+	if err := d.start(c, false); err != nil {
 		return err
 	}
 	return <-c.done
@@ -700,7 +713,7 @@ func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockd
 	copy(data, p)
 	c := &call{req: nbdproto.Request{Type: nbdproto.CmdWrite, Flags: fuaFlag(flags), Offset: uint64(off), Length: uint32(len(p))},
 		data: data, async: done}
-	if err := d.start(c); err != nil {
+	if err := d.start(c, true); err != nil {
 		if fl := done.Complete(err); fl != nil {
 			fl.FlushReplies()
 		}
@@ -710,13 +723,46 @@ func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockd
 // AsyncWrites implements blockdev.AsyncWriter: always.
 func (d *Device) AsyncWrites() bool { return true }
 
-// start puts c in the table and sends it when connected; c completes
-// later (complete), unless start returns an error.
-func (d *Device) start(c *call) error {
+// ReadAsync implements blockdev.AsyncReader: the engine's reader sends a
+// read and reads on; the reply reader reads the data into p and answers
+// it, so that no goroutine waits for the read in between.
+func (d *Device) ReadAsync(_ context.Context, p []byte, off int64, done blockdev.Completion) {
+	c := &call{req: nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint32(len(p))},
+		data: p, async: done}
+	if err := d.start(c, true); err != nil {
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+	}
+}
+
+// AsyncReads implements blockdev.AsyncReader: always.
+func (d *Device) AsyncReads() bool { return true }
+
+// FlushRequests implements blockdev.RequestFlusher: it sends the
+// asynchronous requests started since, with one writev. Requests held on
+// a connection that is no longer used are replayed on the next one.
+func (d *Device) FlushRequests() {
+	d.mu.Lock()
+	u := d.mu.conn
+	d.mu.Unlock()
+	if u != nil {
+		u.flush()
+	}
+}
+
+// start puts c in the table and sends it when connected, or with hold
+// (an asynchronous call) queues it for the next FlushRequests; c
+// completes later (complete), unless start returns an error.
+func (d *Device) start(c *call, hold bool) error {
 	if c.req.Type == nbdproto.CmdRead || c.req.Type == nbdproto.CmdWrite {
 		c.cost = int64(len(c.data))
 	}
-	d.budget.acquire(c.cost)
+	if !d.budget.tryAcquire(c.cost) {
+		// Held requests may be what frees the room: send them first.
+		d.FlushRequests()
+		d.budget.acquire(c.cost)
+	}
 	d.mu.Lock()
 	switch {
 	case d.mu.closed:
@@ -737,7 +783,7 @@ func (d *Device) start(c *call) error {
 	}
 	d.mu.Unlock()
 	if u != nil {
-		u.send(c)
+		u.send(c, hold)
 	}
 	return nil
 }
@@ -863,6 +909,18 @@ func (b *budget) acquire(cost int64) {
 	}
 	b.requests++
 	b.bytes += cost
+}
+
+// tryAcquire is acquire without waiting; it reports whether it took room.
+func (b *budget) tryAcquire(cost int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.requests >= b.maxReqs || (b.bytes > 0 && b.bytes+cost > b.maxBytes) {
+		return false
+	}
+	b.requests++
+	b.bytes += cost
+	return true
 }
 
 func (b *budget) release(cost int64) {
