@@ -20,9 +20,14 @@
 // Requests go out by combining (the caller that finds no write under way
 // writes everything queued, with one writev); a write's payload is sent by
 // reference, since the table holds it anyway. Writes of up to the engine's
-// inline size come as blockdev.AsyncWriter calls: the engine's reader
-// starts them and reads on, and the reply reader answers them (their
-// payload is copied, as the engine reuses its buffer).
+// inline size and reads of up to nbd.TryReadMaxBytes come as
+// blockdev.AsyncWriter and blockdev.AsyncReader calls: the engine's reader
+// starts them and reads on, and the reply reader answers them itself (a
+// read's data goes straight into the engine's buffer; a write's payload is
+// copied, as the engine reuses its buffer), so that no goroutine waits for
+// a request in between. Asynchronous requests are held until the engine's
+// reader is about to wait (blockdev.RequestFlusher), so that a burst of the
+// local client goes upstream in one writev.
 //
 // # Reconnecting
 //
