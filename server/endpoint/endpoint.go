@@ -188,6 +188,9 @@ func (o *Options) ensureDefaults() error {
 // call is one request in the replay table.
 type call struct {
 	req nbdproto.Request
+	// hdr is req on the wire, written once when the handle is set and
+	// only read afterwards (a replay queues it again).
+	hdr [nbdproto.RequestSize]byte
 	// data is a write's payload or a read's destination; owned by the
 	// caller, who waits in submit until done.
 	data   []byte
@@ -221,9 +224,7 @@ type upstream struct {
 // queueLocked appends c's request (and a write's payload). u.mu must be
 // held.
 func (u *upstream) queueLocked(c *call) {
-	hdr := make([]byte, nbdproto.RequestSize)
-	nbdproto.PutRequest(hdr, c.req)
-	u.mu.queued = append(u.mu.queued, hdr)
+	u.mu.queued = append(u.mu.queued, c.hdr[:])
 	if c.req.Type == nbdproto.CmdWrite && len(c.data) > 0 {
 		u.mu.queued = append(u.mu.queued, c.data)
 	}
@@ -781,6 +782,7 @@ func (d *Device) start(c *call, hold bool) error {
 	}
 	c.req.Handle = d.mu.nextHandle
 	d.mu.nextHandle++
+	nbdproto.PutRequest(c.hdr[:], c.req)
 	d.mu.pending[c.req.Handle] = c
 	u := d.mu.conn
 	if u != nil {
