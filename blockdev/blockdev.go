@@ -201,10 +201,40 @@ type AsyncWriter interface {
 	WriteAsync(ctx context.Context, p []byte, off int64, flags Flags, done Completion)
 }
 
-// Completion is how an AsyncWriter reports a finished write.
+// AsyncReader is implemented by devices that can start a read and finish
+// it later: a proxy whose answer comes from another server. A front end
+// then starts reads on the goroutine that reads requests and answers each
+// from the goroutine that completes it, with no goroutine parked per read.
+type AsyncReader interface {
+	Device
+	// AsyncReads reports whether ReadAsync may be used now. It is asked
+	// for every read and must be cheap.
+	AsyncReads() bool
+	// ReadAsync starts reading len(p) bytes at off into p and calls
+	// done.Complete exactly once with the result, from any goroutine,
+	// possibly before ReadAsync returns. p belongs to the device until
+	// then: the data must be in p before Complete is called, and p must
+	// not be touched after. ReadAsync may block briefly (flow control),
+	// but must not wait for its own completion.
+	ReadAsync(ctx context.Context, p []byte, off int64, done Completion)
+}
+
+// RequestFlusher is implemented by an AsyncWriter or AsyncReader that may
+// hold requests started with WriteAsync or ReadAsync, to send several
+// together (a proxy: one system call for a burst). A front end that starts
+// requests in a row calls FlushRequests before it waits for anything (its
+// client's next request, room for a request), and the device sends what it
+// holds then. The device itself must send what it holds before it waits
+// (flow control), since its completions may be what it waits for.
+type RequestFlusher interface {
+	FlushRequests()
+}
+
+// Completion is how an AsyncWriter or AsyncReader reports a finished
+// request.
 type Completion interface {
-	// Complete records the result and answers the client. The answer may
-	// stay buffered: when Complete returns a non-nil ReplyFlusher, the
+	// Complete records the result and answers the client (with the data,
+	// for a read). The answer may stay buffered: when Complete returns a non-nil ReplyFlusher, the
 	// caller must call its FlushReplies before it next waits for anything,
 	// and may first complete more writes, so that their answers go out
 	// together. Calling FlushReplies once for several identical

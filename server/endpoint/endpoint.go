@@ -20,9 +20,14 @@
 // Requests go out by combining (the caller that finds no write under way
 // writes everything queued, with one writev); a write's payload is sent by
 // reference, since the table holds it anyway. Writes of up to the engine's
-// inline size come as blockdev.AsyncWriter calls: the engine's reader
-// starts them and reads on, and the reply reader answers them (their
-// payload is copied, as the engine reuses its buffer).
+// inline size and reads of up to nbd.TryReadMaxBytes come as
+// blockdev.AsyncWriter and blockdev.AsyncReader calls: the engine's reader
+// starts them and reads on, and the reply reader answers them itself (a
+// read's data goes straight into the engine's buffer; a write's payload is
+// copied, as the engine reuses its buffer), so that no goroutine waits for
+// a request in between. Asynchronous requests are held until the engine's
+// reader is about to wait (blockdev.RequestFlusher), so that a burst of the
+// local client goes upstream in one writev.
 //
 // # Reconnecting
 //
@@ -183,6 +188,9 @@ func (o *Options) ensureDefaults() error {
 // call is one request in the replay table.
 type call struct {
 	req nbdproto.Request
+	// hdr is req on the wire, written once when the handle is set and
+	// only read afterwards (a replay queues it again).
+	hdr [nbdproto.RequestSize]byte
 	// data is a write's payload or a read's destination; owned by the
 	// caller, who waits in submit until done.
 	data   []byte
@@ -216,9 +224,7 @@ type upstream struct {
 // queueLocked appends c's request (and a write's payload). u.mu must be
 // held.
 func (u *upstream) queueLocked(c *call) {
-	hdr := make([]byte, nbdproto.RequestSize)
-	nbdproto.PutRequest(hdr, c.req)
-	u.mu.queued = append(u.mu.queued, hdr)
+	u.mu.queued = append(u.mu.queued, c.hdr[:])
 	if c.req.Type == nbdproto.CmdWrite && len(c.data) > 0 {
 		u.mu.queued = append(u.mu.queued, c.data)
 	}
@@ -237,10 +243,21 @@ func (u *upstream) waitWritten() {
 	u.mu.Unlock()
 }
 
-// send queues c and writes the queue unless another caller is writing.
-func (u *upstream) send(c *call) {
+// send queues c and, unless hold is set, writes the queue unless another
+// caller is writing. A held request goes with the next write (flush).
+func (u *upstream) send(c *call, hold bool) {
 	u.mu.Lock()
 	u.queueLocked(c)
+	if hold {
+		u.mu.Unlock()
+		return
+	}
+	u.flushLocked()
+}
+
+// flush writes what is queued unless another caller is writing.
+func (u *upstream) flush() {
+	u.mu.Lock()
 	u.flushLocked()
 }
 
@@ -309,10 +326,12 @@ type Device struct {
 }
 
 var (
-	_ blockdev.AsyncWriter = (*Device)(nil)
-	_ blockdev.Device      = (*Device)(nil)
-	_ blockdev.Trimmer     = (*Device)(nil)
-	_ blockdev.Zeroer      = (*Device)(nil)
+	_ blockdev.AsyncWriter    = (*Device)(nil)
+	_ blockdev.AsyncReader    = (*Device)(nil)
+	_ blockdev.RequestFlusher = (*Device)(nil)
+	_ blockdev.Device         = (*Device)(nil)
+	_ blockdev.Trimmer        = (*Device)(nil)
+	_ blockdev.Zeroer         = (*Device)(nil)
 )
 
 // New connects to the LU on one of the nodes and starts serving calls. It
@@ -686,7 +705,7 @@ func (d *Device) Close() error {
 // for its reply.
 func (d *Device) submit(req nbdproto.Request, data []byte) error {
 	c := &call{req: req, data: data, done: make(chan error, 1)}
-	if err := d.start(c); err != nil {
+	if err := d.start(c, false); err != nil {
 		return err
 	}
 	return <-c.done
@@ -700,7 +719,7 @@ func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockd
 	copy(data, p)
 	c := &call{req: nbdproto.Request{Type: nbdproto.CmdWrite, Flags: fuaFlag(flags), Offset: uint64(off), Length: uint32(len(p))},
 		data: data, async: done}
-	if err := d.start(c); err != nil {
+	if err := d.start(c, true); err != nil {
 		if fl := done.Complete(err); fl != nil {
 			fl.FlushReplies()
 		}
@@ -710,13 +729,46 @@ func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockd
 // AsyncWrites implements blockdev.AsyncWriter: always.
 func (d *Device) AsyncWrites() bool { return true }
 
-// start puts c in the table and sends it when connected; c completes
-// later (complete), unless start returns an error.
-func (d *Device) start(c *call) error {
+// ReadAsync implements blockdev.AsyncReader: the engine's reader sends a
+// read and reads on; the reply reader reads the data into p and answers
+// it, so that no goroutine waits for the read in between.
+func (d *Device) ReadAsync(_ context.Context, p []byte, off int64, done blockdev.Completion) {
+	c := &call{req: nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint32(len(p))},
+		data: p, async: done}
+	if err := d.start(c, true); err != nil {
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+	}
+}
+
+// AsyncReads implements blockdev.AsyncReader: always.
+func (d *Device) AsyncReads() bool { return true }
+
+// FlushRequests implements blockdev.RequestFlusher: it sends the
+// asynchronous requests started since, with one writev. Requests held on
+// a connection that is no longer used are replayed on the next one.
+func (d *Device) FlushRequests() {
+	d.mu.Lock()
+	u := d.mu.conn
+	d.mu.Unlock()
+	if u != nil {
+		u.flush()
+	}
+}
+
+// start puts c in the table and sends it when connected, or with hold
+// (an asynchronous call) queues it for the next FlushRequests; c
+// completes later (complete), unless start returns an error.
+func (d *Device) start(c *call, hold bool) error {
 	if c.req.Type == nbdproto.CmdRead || c.req.Type == nbdproto.CmdWrite {
 		c.cost = int64(len(c.data))
 	}
-	d.budget.acquire(c.cost)
+	if !d.budget.tryAcquire(c.cost) {
+		// Held requests may be what frees the room: send them first.
+		d.FlushRequests()
+		d.budget.acquire(c.cost)
+	}
 	d.mu.Lock()
 	switch {
 	case d.mu.closed:
@@ -730,6 +782,7 @@ func (d *Device) start(c *call) error {
 	}
 	c.req.Handle = d.mu.nextHandle
 	d.mu.nextHandle++
+	nbdproto.PutRequest(c.hdr[:], c.req)
 	d.mu.pending[c.req.Handle] = c
 	u := d.mu.conn
 	if u != nil {
@@ -737,7 +790,7 @@ func (d *Device) start(c *call) error {
 	}
 	d.mu.Unlock()
 	if u != nil {
-		u.send(c)
+		u.send(c, hold)
 	}
 	return nil
 }
@@ -863,6 +916,18 @@ func (b *budget) acquire(cost int64) {
 	}
 	b.requests++
 	b.bytes += cost
+}
+
+// tryAcquire is acquire without waiting; it reports whether it took room.
+func (b *budget) tryAcquire(cost int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.requests >= b.maxReqs || (b.bytes > 0 && b.bytes+cost > b.maxBytes) {
+		return false
+	}
+	b.requests++
+	b.bytes += cost
+	return true
 }
 
 func (b *budget) release(cost int64) {

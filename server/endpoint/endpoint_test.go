@@ -25,7 +25,7 @@ const testSizeBytes = 8 << 20
 // node is one in-process "pool node": the real engine serving a shared
 // device, restartable on the same address.
 type node struct {
-	t    *testing.T
+	t    testing.TB
 	id   string
 	addr string
 	dev  blockdev.Device
@@ -34,7 +34,7 @@ type node struct {
 	done chan error
 }
 
-func newNode(t *testing.T, id string, dev blockdev.Device, luID string) *node {
+func newNode(t testing.TB, id string, dev blockdev.Device, luID string) *node {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -210,3 +210,67 @@ func TestAsyncSlowClientDoesNotBlockCompleter(t *testing.T) {
 	}
 	_ = a.conn.Close()
 }
+
+// asyncReadMem is an asyncMem that the engine also reads through
+// AsyncReader, and that holds every request it starts until FlushRequests
+// (RequestFlusher), as the client-side endpoint does: an engine that
+// waited without flushing would hang the test. It allocates nothing per
+// request.
+type asyncReadMem struct {
+	*asyncMem
+	mu          sync.Mutex
+	held, spare []heldRequest
+}
+
+// heldRequest is a started request: a read still to run (p, off), or a
+// write's result.
+type heldRequest struct {
+	done blockdev.Completion
+	p    []byte
+	off  int64
+	err  error
+}
+
+func (a *asyncReadMem) AsyncReads() bool { return true }
+
+func (a *asyncReadMem) ReadAsync(_ context.Context, p []byte, off int64, done blockdev.Completion) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.held = append(a.held, heldRequest{done: done, p: p, off: off})
+}
+
+func (a *asyncReadMem) WriteAsync(ctx context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
+	err := a.Mem.WriteAt(ctx, p, off, flags) // p is the engine's until return
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.held = append(a.held, heldRequest{done: done, err: err})
+}
+
+func (a *asyncReadMem) FlushRequests() {
+	a.mu.Lock()
+	held := a.held
+	a.held, a.spare = a.spare[:0], nil // held and spare never alias
+	a.mu.Unlock()
+	for i, h := range held {
+		err := h.err
+		if h.p != nil {
+			err = a.Mem.ReadAt(context.Background(), h.p, h.off)
+		}
+		a.queue <- asyncDone{h.done, err}
+		held[i] = heldRequest{}
+	}
+	a.mu.Lock()
+	a.spare = held[:0]
+	a.mu.Unlock()
+}
+
+var (
+	_ blockdev.AsyncReader    = (*asyncReadMem)(nil)
+	_ blockdev.RequestFlusher = (*asyncReadMem)(nil)
+)
+
+// TestAsyncRead runs the transmission tests again with "disk" served as an
+// AsyncReader and AsyncWriter that holds requests until FlushRequests, so
+// that the reader starts reads and writes, flushes them before it waits,
+// and other goroutines answer them (simple and structured read replies).
+func TestAsyncRead(t *testing.T) { rerunTransmissionTests(t, &testAsyncRead) }

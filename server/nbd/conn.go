@@ -76,10 +76,12 @@ type conn struct {
 	extenter blockdev.Extenter // nil if unsupported
 	cacher   blockdev.Cacher   // nil if unsupported
 	readOnly bool
-	inliner  InlineDevice         // dev if it implements InlineDevice, else nil
-	asyncw   blockdev.AsyncWriter // dev if it implements AsyncWriter, else nil
-	tryr     blockdev.TryReader   // dev if it implements TryReader, else nil
-	metrics  *exportMetrics       // nil without Metrics
+	inliner  InlineDevice            // dev if it implements InlineDevice, else nil
+	asyncw   blockdev.AsyncWriter    // dev if it implements AsyncWriter, else nil
+	asyncr   blockdev.AsyncReader    // dev if it implements AsyncReader, else nil
+	reqfl    blockdev.RequestFlusher // dev if it implements RequestFlusher, else nil
+	tryr     blockdev.TryReader      // dev if it implements TryReader, else nil
+	metrics  *exportMetrics          // nil without Metrics
 
 	inflight atomic.Int32
 	stats    [numCommands]struct{ requests, errors, bytes atomic.Uint64 }
@@ -101,6 +103,9 @@ type conn struct {
 	// because more requests are already buffered. Guarded by readMu; the
 	// reader closes the batch before anything that may block.
 	batchOpen bool
+	// unflushed: asynchronous requests were started since the last
+	// FlushRequests (reqfl only). Guarded by readMu.
+	unflushed bool
 	// peekedBytes is the payload of the inline write running now, left in
 	// br (request.payload) and discarded once it has run. Guarded by readMu.
 	peekedBytes int
@@ -144,11 +149,13 @@ type request struct {
 	hdr     nbdproto.Request
 	errCode uint32 // set by validation: reply with this, do not run
 	inline  bool   // the reader runs it (inlineRequest); set with errCode
-	async   bool   // the reader starts it on the AsyncWriter (asyncRequest)
+	// async: the reader starts it on the AsyncWriter or AsyncReader
+	// (asyncRequest).
+	async bool
 	// try: the reader tries the read without waiting (tryRequest) and
 	// hands it to a worker only if the device would wait.
 	try bool
-	// asyncErr is an asynchronous write's result, set by Complete.
+	// asyncErr is an asynchronous request's result, set by Complete.
 	asyncErr error
 	buf      *buffer // write payload or read data; nil otherwise
 	// payload is a write's payload: in buf, or in the reader's buffer for
@@ -262,8 +269,10 @@ func (c *conn) start(sess *session) {
 	c.readOnly = c.dev.Caps().ReadOnly
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
+	c.asyncr, _ = c.dev.(blockdev.AsyncReader)
+	c.reqfl, _ = c.dev.(blockdev.RequestFlusher)
 	c.tryr, _ = c.dev.(blockdev.TryReader)
-	if c.asyncw != nil {
+	if c.asyncw != nil || c.asyncr != nil {
 		if sc, ok := c.nc.(syscall.Conn); ok && rawSocketWrites {
 			c.rawWrite, _ = sc.SyscallConn()
 			c.rawWriteFn = func(fd uintptr) bool {
@@ -353,7 +362,10 @@ func (c *conn) lead() *request {
 			return nil
 		}
 		if r.async {
-			c.closeBatchLocked() // WriteAsync may block briefly
+			// WriteAsync may block briefly: flush the replies, but
+			// not the requests (a RequestFlusher sends what it holds
+			// before it waits).
+			c.closeReplyBatchLocked()
 			c.startAsync(r)
 			if c.peekedBytes > 0 {
 				_, _ = c.br.Discard(c.peekedBytes) // buffered: cannot fail
@@ -432,23 +444,41 @@ func (c *conn) tryRequest(r *request) bool {
 // asyncRequest decides, once per request, whether the reader starts r on
 // the device's AsyncWriter and reads on while it runs: writes of 1 to
 // InlineMaxBytes bytes without FUA (a FUA write waits for the disk, which
-// the reader must not), when the device says so now.
+// the reader must not), when the device says so now; or on its
+// AsyncReader: reads of 1 to TryReadMaxBytes bytes (whose reply fits the
+// reply writer), when the device says so now.
 func (c *conn) asyncRequest(r *request) bool {
-	return c.asyncw != nil && r.errCode == 0 && r.hdr.Type == nbdproto.CmdWrite &&
-		r.hdr.Length > 0 && r.hdr.Length <= InlineMaxBytes &&
-		r.hdr.Flags&nbdproto.CmdFlagFUA == 0 && c.asyncw.AsyncWrites()
+	if r.errCode != 0 || r.hdr.Length == 0 {
+		return false
+	}
+	switch r.hdr.Type {
+	case nbdproto.CmdWrite:
+		return c.asyncw != nil && r.hdr.Length <= InlineMaxBytes &&
+			r.hdr.Flags&nbdproto.CmdFlagFUA == 0 && c.asyncw.AsyncWrites()
+	case nbdproto.CmdRead:
+		return c.asyncr != nil && r.hdr.Length <= TryReadMaxBytes && c.asyncr.AsyncReads()
+	}
+	return false
 }
 
-// startAsync hands write r to the AsyncWriter; r belongs to the device
-// until its Complete, which may already have run when WriteAsync returns.
+// startAsync hands write r to the AsyncWriter, or read r to the
+// AsyncReader with a buffer for its data; r belongs to the device until
+// its Complete, which may already have run when the call returns.
 // c.readMu must be held.
 func (c *conn) startAsync(r *request) {
 	c.asyncWG.Add(1)
+	c.unflushed = c.reqfl != nil
+	if r.hdr.Type == nbdproto.CmdRead {
+		n := int(r.hdr.Length)
+		r.buf = c.srv.pools.get(n)
+		c.asyncr.ReadAsync(c.ctx, r.buf.b[:n], int64(r.hdr.Offset), r)
+		return
+	}
 	p, off, flags := r.payload, int64(r.hdr.Offset), fuaFlag(r.hdr.Flags)
 	c.asyncw.WriteAsync(c.ctx, p, off, flags, r)
 }
 
-// Complete implements blockdev.Completion for an asynchronous write: it
+// Complete implements blockdev.Completion for an asynchronous request: it
 // queues r and returns the connection as the ReplyFlusher; the completer
 // calls FlushReplies once it has completed the writes it has, which
 // answers them together. Neither waits for the client.
@@ -462,7 +492,7 @@ func (r *request) Complete(err error) blockdev.ReplyFlusher {
 }
 
 // FlushReplies implements blockdev.ReplyFlusher: it answers the queued
-// asynchronous writes. When no reply is being written or buffered, their
+// asynchronous requests. When no reply is being written or buffered, their
 // replies go out in one non-blocking write on the completer's goroutine;
 // the rest (error replies, what the socket did not take, or everything
 // when the reply stream is busy) is left to the replier goroutine. So a
@@ -495,7 +525,11 @@ func (c *conn) FlushReplies() {
 			continue
 		}
 		c.account(r, 0)
-		buf = c.appendOKReply(buf, r.hdr.Handle)
+		if r.hdr.Type == nbdproto.CmdRead {
+			buf = c.appendReadReply(buf, r)
+		} else {
+			buf = c.appendOKReply(buf, r.hdr.Handle)
+		}
 		ok = append(ok, r)
 	}
 	rest := false
@@ -566,11 +600,14 @@ func (c *conn) replier() {
 		// Hold the flush until the whole burst is written.
 		c.pendingReplies.Add(1)
 		for _, r := range batch {
-			code := errorCode(nbdproto.CmdWrite, r.asyncErr)
+			code := errorCode(r.hdr.Type, r.asyncErr)
 			c.account(r, code)
-			if code != 0 {
+			switch {
+			case code != 0:
 				c.replyError(r, code, r.asyncErr)
-			} else {
+			case r.hdr.Type == nbdproto.CmdRead:
+				c.replyRead(r)
+			default:
 				c.replyOK(r)
 			}
 		}
@@ -611,10 +648,22 @@ func (c *conn) openBatchLocked() {
 	}
 }
 
-// closeBatchLocked ends the batch: the replies written during it are
-// flushed now, or by the last reply still pending. The reader calls it
-// before anything that may block. c.readMu must be held.
+// closeBatchLocked ends the batch: the asynchronous requests started
+// during it are flushed to the device (RequestFlusher), and the replies
+// written during it are flushed now, or by the last reply still pending.
+// The reader calls it before anything that may block. c.readMu must be
+// held.
 func (c *conn) closeBatchLocked() {
+	if c.unflushed {
+		c.unflushed = false
+		c.reqfl.FlushRequests()
+	}
+	c.closeReplyBatchLocked()
+}
+
+// closeReplyBatchLocked ends the batch of replies only (closeBatchLocked).
+// c.readMu must be held.
+func (c *conn) closeReplyBatchLocked() {
 	if !c.batchOpen {
 		return
 	}

@@ -249,6 +249,26 @@ func (c *conn) replyRead(r *request) {
 	c.endReply()
 }
 
+// appendReadReply appends the reply of a successful read with its data
+// (r.buf), as replyRead writes it.
+func (c *conn) appendReadReply(b []byte, r *request) []byte {
+	n := int(r.hdr.Length)
+	if c.sess.structured {
+		h := r.scratch[:nbdproto.StructuredReplySize+nbdproto.OffsetDataHeaderSize]
+		nbdproto.PutStructuredReply(h, nbdproto.StructuredReply{
+			Flags: nbdproto.ReplyFlagDone, Type: nbdproto.ReplyTypeOffsetData,
+			Handle: r.hdr.Handle, Length: uint32(nbdproto.OffsetDataHeaderSize + n),
+		})
+		binary.BigEndian.PutUint64(h[nbdproto.StructuredReplySize:], r.hdr.Offset)
+		b = append(b, h...)
+	} else {
+		h := r.scratch[:nbdproto.SimpleReplySize]
+		nbdproto.PutSimpleReply(h, 0, r.hdr.Handle)
+		b = append(b, h...)
+	}
+	return append(b, r.buf.b[:n]...)
+}
+
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
 func (c *conn) blockStatus(r *request) (uint32, error) {
 	off, length := int64(r.hdr.Offset), int64(r.hdr.Length)

@@ -33,6 +33,12 @@
 // for the connection's replier goroutine, which writes and flushes the
 // replies of a burst together. No goroutine is parked per write in flight,
 // and a client that stops reading delays only its own replies.
+// On a [blockdev.AsyncReader] (the client-side endpoint, whose data comes
+// from another server) the leader starts reads whose reply fits the reply
+// writer the same way, into a pool buffer, and the completer answers them
+// with their data. A device that is also a [blockdev.RequestFlusher] may
+// hold the requests started so; the leader calls FlushRequests before it
+// waits for anything, so that a burst goes on together.
 // At most MaxInflightRequests requests and MaxInflightBytes
 // buffer bytes are in flight per connection; when either limit is reached
 // the reader stops reading, so a client that stops reading replies blocks

@@ -38,6 +38,11 @@ var testInline bool
 // Set only by TestAsync and tests that run before any parallel test.
 var testAsync bool
 
+// testAsyncRead makes startServer serve "disk" as an AsyncReader and
+// AsyncWriter that holds requests until FlushRequests (asyncReadMem). Set
+// only by TestAsyncRead.
+var testAsyncRead bool
+
 // startServer serves a Mem device as export "disk" (and any extra exports).
 func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra ...Export) *testServer {
 	t.Helper()
@@ -50,6 +55,9 @@ func startServer(t testing.TB, caps blockdev.Caps, tweak func(*Options), extra .
 	case testAsync:
 		asyncDev = newAsyncMem(t, mem)
 		disk = asyncDev
+	case testAsyncRead:
+		asyncDev = newAsyncMem(t, mem)
+		disk = &asyncReadMem{asyncMem: asyncDev}
 	}
 	set := NewExportSet()
 	if err := set.Add(Export{Name: "disk", Description: "test disk", Device: disk}); err != nil {
