@@ -11,6 +11,7 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockdevtest"
+	"github.com/lupool/lupool/internal/realclient"
 	"github.com/lupool/lupool/internal/testseed"
 	"github.com/lupool/lupool/lu/lufs"
 )
@@ -304,7 +305,7 @@ func TestModelFileVolumeOS(t *testing.T) {
 }
 
 func TestModelFileVolumeTmpfs(t *testing.T) {
-	dir := mountTmpfs(t, "16m")
+	dir := realclient.MountTmpfs(t, "16m")
 	for _, size := range modelSizes {
 		t.Run(fmt.Sprint(size), func(t *testing.T) {
 			v, err := CreateFile(filepath.Join(dir, fmt.Sprintf("v%d.lu", size)), size)

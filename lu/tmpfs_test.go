@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/realclient"
 	"github.com/lupool/lupool/internal/testseed"
 )
 
@@ -27,7 +28,7 @@ func TestAccountingTmpfs(t *testing.T) {
 		tolerance = writes * BlockSizeBytes // one block per write
 	)
 	ctx := context.Background()
-	small, big := mountTmpfs(t, "16m"), mountTmpfs(t, "160m")
+	small, big := realclient.MountTmpfs(t, "16m"), realclient.MountTmpfs(t, "160m")
 	p, err := OpenPool(PoolOptions{Dirs: []string{small, big}, OvercommitRatio: 1e6})
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +89,7 @@ func TestAccountingTmpfs(t *testing.T) {
 func TestFullDiskTmpfs(t *testing.T) {
 	const mib = 1 << 20
 	ctx := context.Background()
-	dir := mountTmpfs(t, "16m")
+	dir := realclient.MountTmpfs(t, "16m")
 	var mu sync.Mutex
 	var levels []PoolLevel
 	p, err := OpenPool(PoolOptions{Dirs: []string{dir}, OvercommitRatio: 100,
@@ -197,7 +198,7 @@ func TestFullDiskTmpfs(t *testing.T) {
 // TestCreateDeleteHugeTmpfs: a 1 PiB LU on a 16 MiB disk costs nothing to
 // create or delete.
 func TestCreateDeleteHugeTmpfs(t *testing.T) {
-	dir := mountTmpfs(t, "16m")
+	dir := realclient.MountTmpfs(t, "16m")
 	v, err := CreateFile(filepath.Join(dir, "pib.lu"), 1<<50)
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package replication
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync/atomic"
 
@@ -201,6 +200,3 @@ func (r *roleDevice) InlineIO() bool {
 	d, ok := r.cur.Load().dev.(interface{ InlineIO() bool })
 	return ok && d.InlineIO()
 }
-
-// isRetired reports whether err came from a device that was replaced.
-func isRetired(err error) bool { return errors.Is(err, errRetired) }

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -10,36 +8,13 @@ import (
 	"github.com/lupool/lupool/internal/realclient"
 )
 
-// mountTmpfs mounts a tmpfs of size (e.g. "64m") for the test.
-func mountTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "lupool-tmpfs-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		_ = os.Remove(dir)
-		realclient.Missing(t, "cannot mount a tmpfs (needs root): %v: %s", err, out)
-		return ""
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-			return
-		}
-		_ = os.Remove(dir)
-	})
-	return dir
-}
-
 // TestPoolAlertEventsTmpfs: a pool on a 64 MiB tmpfs with the alerts set
 // to 80 % (warn), 90 % (critical) and 300 % overcommit reports, as
 // events, the overcommit approached by a 200 MiB LU, usage crossing 80 %
 // and then 90 % as data is written, and the return to ok when the LU goes.
 func TestPoolAlertEventsTmpfs(t *testing.T) {
 	needTools(t, "fio")
-	dir := mountTmpfs(t, "64m")
+	dir := realclient.MountTmpfs(t, "64m")
 	d := newDaemon(t, "n1", "--pool-dirs", dir, "--alert-interval", "200ms")
 	d.start()
 	out := d.mustCLI("pool", "alert", "set", "--threshold", "80", "--critical", "90", "--overcommit", "300%", "-o", "json")

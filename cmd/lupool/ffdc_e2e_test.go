@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
 )
 
 type ffdcJSON struct {
@@ -102,7 +104,7 @@ func TestFFDCCollectAllNodes(t *testing.T) {
 // from making more.
 func TestFFDCOnVolumeIOError(t *testing.T) {
 	needTools(t, "fio")
-	dir := mountTmpfs(t, "16m")
+	dir := realclient.MountTmpfs(t, "16m")
 	d := newDaemon(t, "n1", "--pool-dirs", dir, "--ffdc-min-interval", "1h")
 	d.start()
 	d.mustCLI("lu", "create", "full", "--size", "48M")

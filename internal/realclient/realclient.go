@@ -80,3 +80,28 @@ func Nbdsh(t testing.TB, uri, script string) *exec.Cmd {
 	t.Helper()
 	return exec.Command(NbdshPython(t), "-m", "nbd", "-u", uri, "-c", script)
 }
+
+// MountTmpfs mounts a fresh tmpfs of the given size (e.g. "64m") and
+// unmounts it when the test ends. When mount is refused (not root) it ends
+// the test through [Missing]: a skip, a failure in CI.
+func MountTmpfs(t testing.TB, size string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "lupool-tmpfs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
+	if err != nil {
+		_ = os.Remove(dir)
+		Missing(t, "cannot mount a tmpfs (needs root): %v: %s", err, out)
+		return ""
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+			return
+		}
+		_ = os.Remove(dir)
+	})
+	return dir
+}
