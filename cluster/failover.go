@@ -323,8 +323,13 @@ func (n *Node) reportLiveness(view []NodeLiveness, now time.Time) {
 // failoverPass promotes a new writer for every LU whose writer is dead.
 func (n *Node) failoverPass(view []NodeLiveness, now time.Time) error {
 	state := map[string]string{}
+	anyDead := false
 	for _, nl := range view {
 		state[nl.ID] = nl.State
+		anyDead = anyDead || nl.State == LiveDead
+	}
+	if !anyDead {
+		return nil // the common case: no need to read the LU table every tick
 	}
 	lus, err := n.ListLUs()
 	if err != nil {
