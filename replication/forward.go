@@ -139,7 +139,7 @@ func (f *Forwarder) client(ctx context.Context) (*peerConn, error) {
 // epoch moved on) is retried on the new one. After FailoverWait without a
 // writer the request fails with EIO.
 func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, dst []byte) error {
-	deadline := time.Now().Add(f.m.opts.FailoverWait)
+	var deadline time.Time // set at the first failure: no clock read on the common path
 	var err error
 	for attempt := 0; ; attempt++ {
 		f.mu.Lock()
@@ -164,6 +164,9 @@ func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, ds
 		case <-f.stop:
 			return errRetired
 		default:
+		}
+		if deadline.IsZero() {
+			deadline = time.Now().Add(f.m.opts.FailoverWait)
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
 			break
