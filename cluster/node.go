@@ -77,6 +77,12 @@ type Options struct {
 	// mutual-TLS layer, package peerlink); nil means plain TCP on PeerAddr.
 	// With a StreamLayer, PeerAddr is only recorded, the layer listens.
 	StreamLayer raft.StreamLayer
+	// Transport, when set, carries raft's traffic instead of a network
+	// transport: tests pass raft.NewInmemTransport and cut or heal links
+	// in-process (partition_test.go). PeerAddr and StreamLayer are then
+	// unused; the transport's LocalAddr is this node's raft address. The
+	// node closes it on Close when it has a Close method (raft.WithClose).
+	Transport raft.Transport
 	// Logger receives the node's and raft's logs; nil means discard.
 	Logger *slog.Logger
 	// FS is where Pebble keeps its files; nil means the OS file system.
@@ -232,7 +238,7 @@ type Node struct {
 	db    *pebble.DB              // immutable; closed by Close
 	lock  io.Closer               // immutable; held on Dir/cluster.lock until Close
 	fsm   *fsm                    // immutable
-	trans *raft.NetworkTransport  // immutable; closed by Close
+	trans raft.Transport          // immutable; closed by Close
 	raft  *raft.Raft              // immutable
 	snaps *raft.FileSnapshotStore // immutable
 
@@ -283,9 +289,7 @@ func Open(opts Options) (*Node, error) {
 	}
 	n := &Node{opts: opts, log: log, db: db, lock: lock, closed: make(chan struct{}), watch: newWatch()}
 	if err := n.start(); err != nil {
-		if n.trans != nil {
-			_ = n.trans.Close()
-		}
+		_ = n.closeTransport()
 		_ = db.Close()
 		_ = lock.Close()
 		return nil, err
@@ -316,11 +320,14 @@ func (n *Node) start() error {
 			return fmt.Errorf("cluster: PeerAdvertise %q: %w", opts.PeerAdvertise, err)
 		}
 	}
-	if opts.StreamLayer != nil {
+	switch {
+	case opts.Transport != nil:
+		n.trans = opts.Transport
+	case opts.StreamLayer != nil:
 		n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 			Stream: opts.StreamLayer, MaxPool: 3, Timeout: 10 * time.Second, Logger: hlog.Named("transport"),
 		})
-	} else {
+	default:
 		n.trans, err = raft.NewTCPTransportWithLogger(opts.PeerAddr, advertise, 3 /* maxPool */, 10*time.Second, hlog.Named("transport"))
 	}
 	if err != nil {
@@ -428,7 +435,7 @@ func (n *Node) Close() error {
 			errs = append(errs, fmt.Errorf("cluster: raft shutdown: %w", err))
 		}
 		n.wg.Wait()
-		if err := n.trans.Close(); err != nil {
+		if err := n.closeTransport(); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: transport close: %w", err))
 		}
 		n.dbMu.Lock()
@@ -543,6 +550,15 @@ func (n *Node) ensureSelfRecord() error {
 
 // ID returns this node's id.
 func (n *Node) ID() string { return n.opts.NodeID }
+
+// closeTransport closes the raft transport when it can be closed (every
+// network transport can; an in-memory one of Options.Transport can too).
+func (n *Node) closeTransport() error {
+	if c, ok := n.trans.(raft.WithClose); ok {
+		return c.Close()
+	}
+	return nil
+}
 
 // PeerAddress returns the raft transport's address (useful with port 0).
 func (n *Node) PeerAddress() string { return string(n.trans.LocalAddr()) }
