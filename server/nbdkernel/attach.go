@@ -8,6 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
 )
 
 // The kernel nbd ioctl requests, _IO(0xab, n) from <linux/nbd.h>. They are
@@ -66,6 +70,9 @@ type platform struct {
 	// socket returns a blocking socket file for the kernel that carries
 	// conn's traffic, and a function that releases everything it made.
 	socket func(conn net.Conn, log *slog.Logger) (*os.File, func(), error)
+	// netlink opens the kernel's nbd generic-netlink family; nil, or
+	// errNoNetlinkFamily, means the ioctls.
+	netlink func() (nlConn, error)
 }
 
 // Attach connects to opts.Addr, negotiates opts.Export and attaches it to
@@ -119,6 +126,18 @@ func attach(ctx context.Context, opts Options, p platform) error {
 		return err
 	}
 	defer release()
+	if p.netlink != nil {
+		nl, err := p.netlink()
+		switch {
+		case err == nil:
+			defer nl.Close()
+			return runNetlink(ctx, nl, sock, info, blockBytes, opts, log)
+		case errors.Is(err, errNoNetlinkFamily):
+			log.Info("nbdkernel: no nbd netlink family in this kernel; configuring the device with ioctls", "device", opts.Device)
+		default:
+			return err
+		}
+	}
 	dev, err := p.open(opts.Device)
 	if err != nil {
 		return fmt.Errorf("nbdkernel: open %s: %w", opts.Device, err)
@@ -173,6 +192,88 @@ func run(ctx context.Context, dev kernelDevice, sock *os.File, info ExportInfo, 
 		return fmt.Errorf("nbdkernel: NBD_DO_IT on %s: %w", opts.Device, doItErr)
 	}
 	return nil
+}
+
+// statusInterval is how often runNetlink asks the kernel whether the device
+// is still connected (nbd-client -d, or a NBD_CMD_DISCONNECT from elsewhere,
+// detaches it without telling this process).
+const statusInterval = 500 * time.Millisecond
+
+// runNetlink configures the device with NBD_CMD_CONNECT and waits until it
+// is detached or ctx is done (then it sends NBD_CMD_DISCONNECT).
+func runNetlink(ctx context.Context, nl nlConn, sock *os.File, info ExportInfo, blockBytes uint32, opts Options, log *slog.Logger) error {
+	index := deviceIndex(opts.Device)
+	timeout := opts.IOTimeout
+	if timeout == 0 {
+		timeout = DefaultIOTimeout
+	}
+	timeoutSeconds := uint64((timeout + time.Second - 1) / time.Second)
+	if opts.NoIOTimeout {
+		timeoutSeconds = 0
+	}
+	deadConn := opts.DeadConnTimeout
+	if deadConn == 0 {
+		deadConn = DefaultDeadConnTimeout
+	}
+	cfg := nlConnect{
+		Index:          index,
+		SizeBytes:      info.SizeBytes / uint64(blockBytes) * uint64(blockBytes),
+		BlockBytes:     uint64(blockBytes),
+		TimeoutSeconds: timeoutSeconds,
+		DeadConnSecs:   uint64((deadConn + time.Second - 1) / time.Second),
+		ServerFlags:    uint64(info.TransmissionFlags),
+		SocketFDs:      []uint32{uint32(sock.Fd())},
+	}
+	attrs, err := cfg.encode()
+	if err != nil {
+		return err
+	}
+	if _, err := nl.execute(nlCmdConnect, attrs); err != nil {
+		if errors.Is(err, syscall.EBUSY) {
+			return fmt.Errorf("nbdkernel: %s is in use (detach it first: nbd-client -d %s): %w", opts.Device, opts.Device, err)
+		}
+		return fmt.Errorf("nbdkernel: NBD_CMD_CONNECT for %s: %w", opts.Device, err)
+	}
+	log.Info("nbdkernel: attached through netlink", "device", opts.Device, "export", opts.Export, "addr", opts.Addr,
+		"size_bytes", cfg.SizeBytes, "block_bytes", blockBytes, "flags", info.TransmissionFlags,
+		"timeout_s", timeoutSeconds, "dead_conn_timeout_s", cfg.DeadConnSecs)
+	idx, err := encodeIndex(index)
+	if err != nil {
+		return err
+	}
+	tick := time.NewTicker(statusInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if _, err := nl.execute(nlCmdDisconnect, idx); err != nil {
+				log.Warn("nbdkernel: NBD_CMD_DISCONNECT failed", "device", opts.Device, "err", err)
+			}
+			log.Info("nbdkernel: detached", "device", opts.Device)
+			return ctx.Err()
+		case <-tick.C:
+		}
+		replies, err := nl.execute(nlCmdStatus, idx)
+		if err != nil || len(replies) == 0 {
+			log.Warn("nbdkernel: NBD_CMD_STATUS failed", "device", opts.Device, "err", err)
+			continue
+		}
+		connected, err := decodeStatus(replies[0], index)
+		if err != nil {
+			log.Warn("nbdkernel: NBD_CMD_STATUS reply", "device", opts.Device, "err", err)
+			continue
+		}
+		if !connected {
+			log.Info("nbdkernel: detached", "device", opts.Device)
+			return nil
+		}
+	}
+}
+
+// deviceIndex returns N of /dev/nbdN (validated by Options.validate).
+func deviceIndex(device string) uint32 {
+	n, _ := strconv.ParseUint(strings.TrimPrefix(device, "/dev/nbd"), 10, 32)
+	return uint32(n)
 }
 
 // errDetached is what a kernelDevice returns from NBD_DO_IT when the device

@@ -12,6 +12,7 @@ import (
 	"os"
 	"sync"
 
+	"github.com/mdlayher/genetlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -57,7 +58,7 @@ func (h host) check(device string) error {
 }
 
 func hostPlatform() platform {
-	return platform{check: CheckAvailable, open: openDevice, socket: kernelSocket}
+	return platform{check: CheckAvailable, open: openDevice, socket: kernelSocket, netlink: dialNetlink}
 }
 
 // fileDevice is an open /dev/nbdX.
@@ -157,4 +158,22 @@ func SocketPair() (kernelEnd, serverEnd net.Conn, err error) {
 		conns[i] = c
 	}
 	return conns[0], conns[1], nil
+}
+
+// dialNetlink opens a generic-netlink socket and resolves the kernel's nbd
+// family; errNoNetlinkFamily when the kernel has none.
+func dialNetlink() (nlConn, error) {
+	c, err := genetlink.Dial(nil)
+	if err != nil {
+		return nil, fmt.Errorf("nbdkernel: generic netlink socket: %w", err)
+	}
+	fam, err := c.GetFamily(nlFamilyName)
+	if err != nil {
+		c.Close()
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, errNoNetlinkFamily
+		}
+		return nil, fmt.Errorf("nbdkernel: look up the nbd netlink family: %w", err)
+	}
+	return &genlConn{c: c, family: fam}, nil
 }

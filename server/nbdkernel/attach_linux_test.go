@@ -123,6 +123,16 @@ func (k *kernelTwin) ioctl(req uint, arg uintptr) error {
 func (k *kernelTwin) serve() error {
 	f := os.NewFile(uintptr(k.sockFD), "twin")
 	defer f.Close()
+	if err := k.io(f); err != nil {
+		return err
+	}
+	b := make([]byte, nbdproto.RequestSize)
+	nbdproto.PutRequest(b, nbdproto.Request{Type: nbdproto.CmdDisc, Handle: 3})
+	_, err := f.Write(b)
+	return err
+}
+
+func (k *kernelTwin) io(f *os.File) error {
 	send := func(cmd uint16, handle, off uint64, payload []byte, length uint32) error {
 		b := make([]byte, nbdproto.RequestSize)
 		nbdproto.PutRequest(b, nbdproto.Request{Type: cmd, Handle: handle, Offset: off, Length: length})
@@ -155,7 +165,7 @@ func (k *kernelTwin) serve() error {
 		return err
 	}
 	k.readBack = got
-	return send(nbdproto.CmdDisc, 3, 0, nil, 0)
+	return nil
 }
 
 func (k *kernelTwin) Close() error { return nil }

@@ -110,6 +110,10 @@ type Options struct {
 	// request; the kernel only logs a stuck one): right when the server
 	// end is `lupool attach`'s endpoint, which waits for the pool itself.
 	NoIOTimeout bool
+	// DeadConnTimeout is how long the kernel holds requests when the
+	// device's socket is gone before it fails them (netlink only; the
+	// ioctl interface has none). 0 means DefaultDeadConnTimeout.
+	DeadConnTimeout time.Duration
 	// Dial, if not nil, replaces dialling Addr (which may then be empty):
 	// `lupool attach` returns one end of a socket pair (SocketPair) whose
 	// other end its endpoint serves, so that the kernel never sees a dead
@@ -158,6 +162,9 @@ func (o *Options) validate() error {
 	}
 	if o.IOTimeout < 0 {
 		return fmt.Errorf("%w: negative IOTimeout", ErrInvalidOptions)
+	}
+	if o.DeadConnTimeout < 0 {
+		return fmt.Errorf("%w: negative DeadConnTimeout", ErrInvalidOptions)
 	}
 	if o.NoIOTimeout && o.IOTimeout != 0 {
 		return fmt.Errorf("%w: IOTimeout with NoIOTimeout", ErrInvalidOptions)
