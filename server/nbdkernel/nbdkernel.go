@@ -1,15 +1,28 @@
 // Package nbdkernel attaches an NBD export to a Linux kernel NBD device
 // (/dev/nbdX), as nbd-client does: it performs the client side of the
 // fixed-newstyle handshake in user space, then hands the connected socket to
-// the kernel with the nbd ioctls and waits while the kernel serves I/O.
+// the kernel and waits while the kernel serves I/O.
 //
 // # Sequence
 //
 //	dial Addr ─► Negotiate (STARTTLS?, NBD_OPT_GO, else NBD_OPT_EXPORT_NAME)
-//	open Device ─► NBD_CLEAR_SOCK ─► NBD_SET_BLKSIZE ─► NBD_SET_SIZE_BLOCKS
-//	            ─► NBD_SET_FLAGS ─► NBD_SET_TIMEOUT ─► NBD_SET_SOCK
-//	NBD_DO_IT (blocks until NBD_DISCONNECT or the socket dies)
-//	NBD_CLEAR_QUE ─► NBD_CLEAR_SOCK ─► close
+//	netlink family "nbd" present (Linux 4.12+):
+//	    NBD_CMD_CONNECT {index, size, block size, flags, timeout,
+//	                     dead-connection timeout, socket}
+//	    NBD_CMD_STATUS every 500 ms until the device is disconnected;
+//	    NBD_CMD_DISCONNECT when the caller's context ends
+//	else the ioctls:
+//	    open Device ─► NBD_CLEAR_SOCK ─► NBD_SET_BLKSIZE ─► NBD_SET_SIZE_BLOCKS
+//	                ─► NBD_SET_FLAGS ─► NBD_SET_TIMEOUT ─► NBD_SET_SOCK
+//	    NBD_DO_IT (blocks until NBD_DISCONNECT or the socket dies)
+//	    NBD_CLEAR_QUE ─► NBD_CLEAR_SOCK ─► close
+//
+// Netlink is preferred: it is the interface the kernel extends, it needs no
+// thread parked in NBD_DO_IT, and it carries a dead-connection timeout
+// (Options.DeadConnTimeout, default 120 s): should the process serving the
+// socket die, the kernel holds the device's requests that long instead of
+// failing them. Netlink arguments the kernel would refuse with a bare
+// EINVAL are checked first and refused with a message that names them.
 //
 // The kernel speaks the transmission phase with simple replies only, so
 // Negotiate never asks for structured replies or metadata contexts. The
@@ -26,10 +39,8 @@
 // (SocketPair) and serves the other end with its endpoint
 // (server/endpoint), which keeps the connection to the pool and moves
 // between nodes; with Options.NoIOTimeout the kernel never fails a request
-// that waits for a failover, and it never sees its socket die, so no
-// dead-connection timeout or reconfigure is needed. The ioctl interface is
-// used rather than the netlink one: it is enough for one socket that never
-// dies, and it works on every kernel with the module.
+// that waits for a failover, and it never sees its socket die while
+// `lupool attach` runs.
 //
 // # Why not github.com/pojntfx/go-nbd
 //
