@@ -99,8 +99,13 @@
 // client I/O to the LU's writer; a node that is not the writer answers
 // StatusNotWriter.
 //
-// TypePing is a keepalive: it carries no range and is answered with an empty
-// OK reply. Flags say how an operation must be carried out; each is valid on
+// TypePing is a keepalive and a lease renewal: it carries no range (length
+// 0) and is answered with an empty OK reply. Its offset is not a position:
+// in a ping to a copy it is the copy's lease-clock time that the writer
+// echoes from the copy's last ping answer on this connection (0: none
+// yet), and in the reply it is the copy's lease-clock time at the answer
+// (nanoseconds on the copy's monotonic clock; see the replication
+// package's copy lease). Other streams send and ignore 0. Flags say how an operation must be carried out; each is valid on
 // the types its comment names, in requests and in their replies.
 package replproto
 
@@ -170,7 +175,8 @@ const (
 	// TypeHash hashes [Offset, Offset+Length), Length > 0; the OK reply's
 	// payload is the 32-byte SHA-256 of the range.
 	TypeHash Type = 7
-	// TypePing is a keepalive. Offset and Length are 0.
+	// TypePing is a keepalive. Length is 0; Offset carries lease
+	// times (see the package doc).
 	TypePing Type = 8
 
 	// TypeReply is set in the type of every reply: a reply's Type is
@@ -548,9 +554,13 @@ func (h *Header) validateRequest() error {
 		return badFrame("%v request with payload length %d", h.Type, h.PayloadLen)
 	}
 	switch h.Type {
-	case TypeFlush, TypePing:
+	case TypeFlush:
 		if h.Offset != 0 || h.Length != 0 {
 			return badFrame("%v with range offset %d length %d", h.Type, h.Offset, h.Length)
+		}
+	case TypePing:
+		if h.Length != 0 {
+			return badFrame("%v with length %d", h.Type, h.Length)
 		}
 	case TypeHash:
 		if h.Length == 0 {

@@ -126,6 +126,7 @@ func validHeaders() []Header {
 		{Type: TypeRead, Handle: 6, Offset: math.MaxInt64 - LengthMax, Length: LengthMax},
 		{Type: TypeHash, Handle: 7, Offset: 0, Length: 1},
 		{Type: TypePing, Handle: math.MaxUint64, Epoch: math.MaxUint64},
+		{Type: TypePing, Offset: 1 << 50}, // a lease echo
 
 		{Type: TypeReply | TypeHello, Handle: 1, Epoch: ep, Offset: 1 << 30},
 		{Type: TypeReply | TypeHello, Status: StatusStaleEpoch, Handle: 1, Epoch: ep + 1, PayloadLen: 11},
@@ -231,8 +232,7 @@ func TestParseHeaderRejects(t *testing.T) {
 		{name: "Ping payload", h: Header{Type: TypePing, PayloadLen: 1}, want: "Ping request with payload"},
 		{name: "Flush offset", h: Header{Type: TypeFlush, Offset: 1}, want: "Flush with range offset 1 length 0"},
 		{name: "Flush length", h: Header{Type: TypeFlush, Length: 1}, want: "Flush with range offset 0 length 1"},
-		{name: "Ping offset", h: Header{Type: TypePing, Offset: 4096}, want: "Ping with range"},
-		{name: "Ping length", h: Header{Type: TypePing, Length: 4096}, want: "Ping with range"},
+		{name: "Ping length", h: Header{Type: TypePing, Length: 4096}, want: "Ping with length"},
 		{name: "Hash zero length", h: Header{Type: TypeHash, Offset: 4096}, want: "Hash of zero length"},
 		{name: "error reply message too long", h: Header{Type: TypeReply | TypeWrite, Status: StatusIO, PayloadLen: MessageBytesMax + 1}, want: "message length 1025 exceeds"},
 		{name: "unknown status message too long", h: Header{Type: TypeReply | TypeHello, Status: 77, PayloadLen: 4096}, want: "Status(77) with message length"},
