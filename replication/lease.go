@@ -2,6 +2,8 @@ package replication
 
 import (
 	"context"
+
+	"github.com/lupool/lupool/replication/copyset"
 	"sync"
 	"time"
 )
@@ -95,8 +97,8 @@ func (m *Manager) waitOutWriterLease(name string) time.Duration {
 	if !ok {
 		return 0
 	}
-	last := v.(interface{ Load() int64 }).Load()
-	wait := time.Duration(last + int64(m.opts.ReadLease) - m.now())
+	p := copyset.Params{ReadLease: m.opts.ReadLease}
+	wait := time.Duration(copyset.TakeOverAt(p, v.(*copyLease).answered.Load()) - m.now())
 	if wait > 0 {
 		time.Sleep(wait)
 		return wait

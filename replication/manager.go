@@ -107,6 +107,7 @@ import (
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication/copyset"
 )
 
 // ErrClosed is returned by Sync and Reconcile after Close.
@@ -274,8 +275,8 @@ type Manager struct {
 		sync.Mutex
 		m map[string]cluster.LU // guarded by recs
 	}
-	// leases maps an LU name to the time (clock.Since, ns) this node's
-	// copy last heard from the writer at the current epoch (*atomic.Int64).
+	// leases maps an LU name to this node's copy lease from the writer
+	// (*copyLease).
 	leases sync.Map
 	// metaLeases maps an LU name to its metadata read lease (*metaLease).
 	metaLeases sync.Map
@@ -362,20 +363,67 @@ func (m *Manager) noteRecord(ch cluster.Change) {
 // now is the monotonic time since the manager started.
 func (m *Manager) now() int64 { return int64(time.Since(m.clock)) }
 
-// renewLease notes that this node's copy of name just heard from the writer.
-func (m *Manager) renewLease(name string) {
-	v, ok := m.leases.Load(name)
-	if !ok {
-		v, _ = m.leases.LoadOrStore(name, new(atomic.Int64))
-	}
-	v.(*atomic.Int64).Store(m.now())
+// copyLease is what a copy knows of its read lease from the writer. Both
+// fields are Manager.now times.
+//
+// from is the latest of this node's own ping-answer times that the writer
+// echoed back in a later ping (TypePing's offset): the writer received
+// that answer, so it will not acknowledge anything this copy misses until
+// ReadLease after it (copyset.AckAfterCopyLoss), and the copy reads
+// locally until from + ReadLease (copyset.CopyMayRead). A frame that
+// waited in a socket buffer (this node was frozen, the network held it)
+// echoes an old time and cannot stretch the lease past what the writer
+// promised, which a lease counted from the frame's arrival would.
+//
+// answered is when this copy last answered any frame of the writer: the
+// writer's own read lease may run until ReadLease after it, which a copy
+// promoted to writer waits out (waitOutWriterLease, copyset.TakeOverAt).
+type copyLease struct {
+	from, answered atomic.Int64
 }
 
-// leaseValid reports whether this node's copy of name heard from the
-// writer within the read lease.
+func (m *Manager) copyLeaseOf(name string) *copyLease {
+	v, ok := m.leases.Load(name)
+	if !ok {
+		l := &copyLease{}
+		l.from.Store(copyset.Never)
+		l.answered.Store(copyset.Never)
+		v, _ = m.leases.LoadOrStore(name, l)
+	}
+	return v.(*copyLease)
+}
+
+// answeredWriter notes that this node's copy of name just answered a frame
+// of the writer.
+func (m *Manager) answeredWriter(name string) {
+	m.copyLeaseOf(name).answered.Store(m.now())
+}
+
+// renewLeaseFrom moves the copy lease of name to echo, one of this node's
+// ping-answer times that the writer echoed; an echo from the future (a
+// writer echoing a time of this node's previous run) is ignored.
+func (m *Manager) renewLeaseFrom(name string, echo int64) {
+	if echo <= 0 || echo > m.now() {
+		return
+	}
+	l := m.copyLeaseOf(name)
+	for {
+		cur := l.from.Load()
+		if echo <= cur || l.from.CompareAndSwap(cur, echo) {
+			return
+		}
+	}
+}
+
+// leaseValid reports whether this node's copy of name holds a read lease
+// from the writer (the metadata must also say it is in sync).
 func (m *Manager) leaseValid(name string) bool {
 	v, ok := m.leases.Load(name)
-	return ok && m.now()-v.(*atomic.Int64).Load() < int64(m.opts.ReadLease)
+	if !ok {
+		return false
+	}
+	p := copyset.Params{ReadLease: m.opts.ReadLease}
+	return copyset.CopyMayRead(p, m.now(), true, v.(*copyLease).from.Load(), 0, 1, copyset.Never)
 }
 
 // record returns the latest applied record of an LU.

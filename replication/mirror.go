@@ -14,6 +14,7 @@ import (
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication/copyset"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
@@ -83,11 +84,23 @@ type copyLink struct {
 	// newer one (a promoted copy waits ReadLease after the last frame it
 	// answered before it acknowledges anything).
 	leaseFrom atomic.Int64
+	// echo is the copy's lease-clock time in its latest ping answer on
+	// one connection; the next ping on that connection echoes it, which
+	// renews the copy's own read lease from that time (copyLease).
+	echo atomic.Pointer[pingEcho]
+	// lastPing is when (Manager.now) this writer last pinged the copy.
+	lastPing atomic.Int64
 	// sentLive and sentResync count live and resync write bytes sent to
 	// this copy (children of metrics.sent, resolved once).
 	sentLive, sentResync prometheus.Counter
 	// lastDialErr avoids logging the same dial failure every retry.
 	lastDialErr atomic.Pointer[string]
+}
+
+// pingEcho is a copy's answer time as received on connection conn.
+type pingEcho struct {
+	conn *peerConn
+	at   uint64
 }
 
 // Mirror is the writer's device of an LU with copies on other nodes. A
@@ -127,6 +140,10 @@ type Mirror struct {
 	gate    sync.RWMutex
 	stripes [stripeCount]sync.RWMutex
 	epoch   atomic.Uint64
+	// ackHold is a Manager.now time before which the mirror acknowledges
+	// nothing (holdAcks): a copy just recorded out of sync may still read
+	// on its lease until then. 0: never held.
+	ackHold atomic.Int64
 
 	stateMu sync.Mutex
 	rec     cluster.LU // guarded by stateMu
@@ -491,9 +508,9 @@ func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
 // sent within ReadLease: none of them can have become the writer of a
 // newer epoch and acknowledged a write this volume lacks.
 func (mi *Mirror) leaseHeld() bool {
-	now, lease := mi.m.now(), int64(mi.m.opts.ReadLease)
+	p, now := copyset.Params{ReadLease: mi.m.opts.ReadLease}, mi.m.now()
 	for _, l := range mi.linkSet() {
-		if copyState(l.state.Load()) == stInSync && now-l.leaseFrom.Load() >= lease {
+		if !copyset.PeerHolds(p, now, copyset.Peer{InSync: copyState(l.state.Load()) == stInSync, LeaseFrom: l.leaseFrom.Load()}) {
 			return false
 		}
 	}
@@ -627,7 +644,7 @@ func (w *asyncWrite) answered(slot int, err error) blockdev.ReplyFlusher {
 		return nil
 	}
 	mi := w.mi
-	if w.localErr == nil && w.allAnswered() {
+	if w.localErr == nil && w.allAnswered() && !mi.ackHeld() {
 		// Nothing to record: settle only notes the acks, without waiting.
 		return w.finish(mi.settle(&w.f, w.off, w.length, nil))
 	}
@@ -841,6 +858,7 @@ func (mi *Mirror) settle(f *fan, off, length int64, localErr error) error {
 		}
 		return fmt.Errorf("%w: %v", blockdev.ErrIO, errors.Join(errs...))
 	}
+	mi.waitAckHold()
 	return nil
 }
 
@@ -900,21 +918,45 @@ func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error 
 	if err := mi.proposeLocked(l.node, stOutOfSync, true); err != nil {
 		return fmt.Errorf("copy %s of %s failed (%v) and cannot be recorded out of sync: %w", l.node, mi.name, cause, err)
 	}
+	// The copy may still serve reads until its lease runs out: nothing it
+	// misses is acknowledged before that, neither this operation nor any
+	// later one (which no longer goes to the copy): the hold is set before
+	// the copy leaves the live set. Its lease from this writer ends
+	// ReadLease after it last answered; a metadata lease (confirmed before
+	// the record just made) at most ReadLease from now.
+	p := copyset.Params{ReadLease: mi.m.opts.ReadLease}
+	until := copyset.AckAfterCopyLoss(p, l.lastAck.Load(), mi.m.now(), mi.m.opts.ConfirmLease != nil)
+	mi.holdAcks(until)
 	l.state.Store(int32(stOutOfSync))
 	mi.dropConn(l)
-	// The copy may still serve reads until its lease runs out: wait for
-	// that before acknowledging anything it missed. Its lease from this
-	// writer runs ReadLease after it last answered; a metadata lease
-	// (confirmed before the record just made) at most ReadLease from now.
-	wait := l.lastAck.Load() + int64(mi.m.opts.ReadLease) - mi.m.now()
-	if mi.m.opts.ConfirmLease != nil {
-		wait = max(wait, int64(mi.m.opts.ReadLease))
-	}
-	if wait > 0 {
-		time.Sleep(time.Duration(wait))
-	}
+	mi.waitAckHold()
 	mi.m.opts.Logger.Warn("copy out of sync", "lu", mi.name, "copy", l.node, "epoch", mi.rec.Epoch, "err", cause)
 	return nil
+}
+
+// holdAcks makes the mirror acknowledge nothing before until (Manager.now).
+func (mi *Mirror) holdAcks(until int64) {
+	for {
+		cur := mi.ackHold.Load()
+		if until <= cur || mi.ackHold.CompareAndSwap(cur, until) {
+			return
+		}
+	}
+}
+
+// ackHeld reports whether acknowledgements are on hold now.
+func (mi *Mirror) ackHeld() bool {
+	h := mi.ackHold.Load()
+	return h != 0 && h > mi.m.now()
+}
+
+// waitAckHold sleeps until acknowledgements are no longer on hold.
+func (mi *Mirror) waitAckHold() {
+	if h := mi.ackHold.Load(); h != 0 {
+		if wait := h - mi.m.now(); wait > 0 {
+			time.Sleep(time.Duration(wait))
+		}
+	}
 }
 
 func (mi *Mirror) dropConn(l *copyLink) {
@@ -1049,35 +1091,64 @@ func (mi *Mirror) dial(l *copyLink, timeout time.Duration) {
 		return
 	}
 	l.lastDialErr.Store(nil)
+	if copyState(l.state.Load()) == stInSync {
+		// Two pings give a copy in sync its read lease before the stream
+		// carries anything: the second echoes the first one's answer
+		// (copyLease).
+		for range 2 {
+			if err := mi.pingOnce(l, c); err != nil {
+				mi.m.opts.Logger.Info("copy not answering on a new stream", "lu", mi.name, "copy", l.node, "err", err)
+				c.Close()
+				return
+			}
+		}
+	}
 	l.conn.Store(c)
 	mi.m.opts.Logger.Info("stream to copy open", "lu", mi.name, "copy", l.node, "state", copyState(l.state.Load()).replicaState())
 }
 
-// ping keeps an in-sync copy's read lease alive on an idle LU, and finds a
-// copy that stopped answering.
+// ping keeps an in-sync copy's read lease alive (every ReadLease/4 or
+// so, also while writes flow: writes do not renew it, see copyLease), and
+// finds a copy that stopped answering.
 func (mi *Mirror) ping(l *copyLink) {
 	c := l.conn.Load()
 	if c == nil || copyState(l.state.Load()) != stInSync {
 		return
 	}
-	if mi.m.now()-l.lastAck.Load() < int64(mi.m.opts.ReadLease)/4 {
+	if mi.m.now()-l.lastPing.Load() < int64(mi.m.opts.ReadLease)/8 {
 		return
 	}
 	mi.pingNow(l, c)
 }
 
-// pingNow pings copy l over c: an answer renews the writer's read lease
-// from it, a failure records the copy out of sync.
+// pingNow pings copy l over c (pingOnce); a failure records the copy out
+// of sync.
 func (mi *Mirror) pingNow(l *copyLink, c *peerConn) {
-	sent := mi.m.now()
-	if _, err := c.do(replproto.Header{Type: replproto.TypePing, Epoch: mi.epoch.Load()}, nil, nil); err != nil {
+	if err := mi.pingOnce(l, c); err != nil {
 		if err := mi.copyMissed(l, 0, 0, err); err != nil {
 			mi.m.opts.Logger.Warn("copy unreachable and not recorded out of sync", "lu", mi.name, "copy", l.node, "err", err)
 		}
-		return
+	}
+}
+
+// pingOnce pings copy l over c, echoing the copy's last answer time on c;
+// the answer renews the writer's read lease from the copy and gives the
+// time to echo next.
+func (mi *Mirror) pingOnce(l *copyLink, c *peerConn) error {
+	sent := mi.m.now()
+	l.lastPing.Store(sent)
+	var echo uint64
+	if e := l.echo.Load(); e != nil && e.conn == c {
+		echo = e.at
+	}
+	h, err := c.do(replproto.Header{Type: replproto.TypePing, Epoch: mi.epoch.Load(), Offset: echo}, nil, nil)
+	if err != nil {
+		return err
 	}
 	l.lastAck.Store(mi.m.now())
 	l.renewFrom(sent)
+	l.echo.Store(&pingEcho{conn: c, at: h.Offset})
+	return nil
 }
 
 // renewFrom moves the writer's read lease from this copy to sent, if later.

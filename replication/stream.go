@@ -168,7 +168,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 				err = failWith(h, err, epoch, flush)
 			} else {
 				err = send(replproto.Header{Type: replproto.TypeReply | h.Type, Handle: h.Handle, Epoch: epoch,
-					Offset: h.Offset, Length: h.Length}, out, flush)
+					Offset: m.replyOffset(h), Length: h.Length}, out, flush)
 				if h.Type == replproto.TypeRead {
 					m.bufs.put(out)
 				}
@@ -191,7 +191,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 				return
 			}
 			if reply(replproto.Header{Type: replproto.TypeReply | h.Type, Handle: h.Handle, Epoch: epoch,
-				Offset: h.Offset, Length: h.Length}, out) != nil {
+				Offset: m.replyOffset(h), Length: h.Length}, out) != nil {
 				conn.Close()
 			}
 			if h.Type == replproto.TypeRead {
@@ -293,6 +293,16 @@ func (m *Manager) waitRecord(name string, epoch uint64) (cluster.LU, error) {
 	}
 }
 
+// replyOffset is the offset of the reply to h: the request's, except in
+// a ping's reply, which carries this node's lease clock at the answer for
+// the writer to echo in its next ping (copyLease).
+func (m *Manager) replyOffset(h replproto.Header) uint64 {
+	if h.Type == replproto.TypePing {
+		return uint64(m.now())
+	}
+	return h.Offset
+}
+
 // applyStream runs one request against the stream's target.
 func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out []byte, epoch uint64, err error) {
 	ctx := context.Background()
@@ -311,7 +321,7 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 		}
 		defer func() {
 			if err == nil {
-				m.renewLease(tgt.name)
+				m.answeredWriter(tgt.name)
 			}
 		}()
 		if h.Type == replproto.TypeWrite {
@@ -367,6 +377,9 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 		}
 		m.bufs.put(buf)
 	case replproto.TypePing:
+		if tgt.role == replproto.RoleCopy {
+			m.renewLeaseFrom(tgt.name, int64(h.Offset))
+		}
 	default:
 		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
 	}
