@@ -33,17 +33,25 @@
 //
 // Invariant: no node serves a read that misses an acknowledged write.
 //
+// The rules are pure functions in package copyset, whose interaction
+// tests drive a whole copy set through lost messages, partitions, freezes
+// and crashes and check this invariant after every read.
+//
 // A copy serves reads from its own volume only while its record says in
-// sync and it holds a lease: it heard from the writer within ReadLease
-// (writes and pings renew it), or, while the writer is silent, the
-// metadata leader confirmed that its copy is in sync at the current epoch
+// sync and it holds a lease: ReadLease from one of its own ping-answer
+// times that the writer echoed back in a later ping (copyLease; the writer
+// pings every copy in sync about every ReadLease/4, and twice when a
+// stream opens), or, while the writer is silent, the metadata leader
+// confirmed that its copy is in sync at the current epoch
 // (ManagerOptions.ConfirmLease; lease.go), ReadLease from when it asked.
-// A writer that loses a copy records it out of sync and then waits until
+// Frames do not renew the lease on arrival: one that waited in a buffer
+// while the copy was frozen would stretch it past what the writer waits.
+// A writer that loses a copy records it out of sync and then acknowledges
+// nothing, neither the operation the copy missed nor any later one, until
 // ReadLease has passed since the copy last answered, and since the record
-// (the copy may hold a metadata lease confirmed just before it), before it
-// acknowledges anything the copy missed: a copy cut off from the writer,
-// or one whose metadata lags, stops reading locally before it could return
-// stale data.
+// (the copy may hold a metadata lease confirmed just before it): a copy
+// cut off from the writer, or one whose metadata lags, stops reading
+// locally before it could return stale data.
 //
 // The writer reads its own volume only while every other copy in sync
 // answered a frame it sent within ReadLease (Mirror.readable), or the
