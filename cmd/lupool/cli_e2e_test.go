@@ -186,6 +186,7 @@ func (d *daemon) cliIn(dir string, args ...string) string {
 // and after the subcommand (no LUPOOL_* in the environment), with the same
 // answer.
 func TestCLIGlobalFlagsEitherPosition(t *testing.T) {
+	alongside(t)
 	d := newDaemon(t, "g1")
 	d.start()
 	d.mustCLI("lu", "create", "gf", "--size", "1M")
@@ -214,6 +215,7 @@ func TestCLIGlobalFlagsEitherPosition(t *testing.T) {
 // killed, it still answers, reports that node unreachable and the 2-copy
 // LU degraded once the writer recorded the copy out of sync.
 func TestStatusOneScreen(t *testing.T) {
+	alongside(t)
 	n1 := newDaemon(t, "s1")
 	n1.start()
 	n2 := newJoiner(t, "s2", n1)

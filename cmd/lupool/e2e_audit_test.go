@@ -83,6 +83,7 @@ func mustMetric(t *testing.T, text, name string, labels ...string) float64 {
 // re-delivered the old entries and the state machine skipped every one of
 // them instead of applying it twice.
 func TestAuditDefaultsExactMetricsRestart(t *testing.T) {
+	alongside(t)
 	realclient.NbdshPython(t) // skips without python3-libnbd
 	work := t.TempDir()
 	nbdAddr, apiAddr, peerAddr := freePort(t), freePort(t), freePort(t)
@@ -243,6 +244,7 @@ for i in range(10):
 // bytes and the NBD export list are as before, and the refusals carry the
 // status code the README promises.
 func TestAuditBadInputLeavesNoTrace(t *testing.T) {
+	alongside(t)
 	needTools(t, "nbdinfo")
 	d := newDaemon(t, "bad2", "--overcommit", "1")
 	d.start()

@@ -70,6 +70,18 @@ func freePort(t *testing.T) string {
 	return a
 }
 
+// alongside marks an end-to-end test that measures no time, holds no
+// fixed port and changes nothing outside its own daemons: it runs next to
+// other such tests (t.Parallel), after the package's timing-sensitive
+// tests have run one at a time (Go starts parallel tests only once the
+// sequential ones are done). LUPOOL_E2E_SERIAL=1 runs every test alone.
+func alongside(t *testing.T) {
+	t.Helper()
+	if os.Getenv("LUPOOL_E2E_SERIAL") == "" {
+		t.Parallel()
+	}
+}
+
 // needTools ends the test unless every tool is installed: a skip, a
 // failure in CI (realclient.Require).
 func needTools(t *testing.T, tools ...string) {

@@ -21,6 +21,7 @@ const imageBytes = 16 << 20
 // defaults, create LUs, see them as NBD exports, copy an image in and out,
 // read the metrics, stop (cleanly and not), start again and find it all.
 func TestSingleNodeLifecycle(t *testing.T) {
+	alongside(t)
 	needTools(t, "nbdinfo", "nbdcopy")
 	d := newDaemon(t, "n1")
 	d.start()
@@ -129,6 +130,7 @@ func checkPrefix(t *testing.T, out, img string) {
 // TestBadInputChangesNothing: every mistake gets a clear error and the LU
 // table is as it was.
 func TestBadInputChangesNothing(t *testing.T) {
+	alongside(t)
 	d := newDaemon(t, "bad", "--overcommit", "1")
 	d.start()
 	d.mustCLI("lu", "create", "keep", "--size", "1M")
@@ -192,6 +194,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 
 // TestJoinSeesLUTable: a second node joins and sees the same LUs.
 func TestJoinSeesLUTable(t *testing.T) {
+	alongside(t)
 	n1 := newDaemon(t, "n1")
 	n1.start()
 	n1.mustCLI("lu", "create", "one", "--size", "4M")
@@ -236,6 +239,7 @@ func TestJoinSeesLUTable(t *testing.T) {
 // is attached, --force ends the client's I/O with an error; resize grows
 // online and refuses to cut off data.
 func TestDeleteAndResizeWithAttachedClient(t *testing.T) {
+	alongside(t)
 	d := newDaemon(t, "del")
 	d.start()
 	d.mustCLI("lu", "create", "held", "--size", "1M")

@@ -34,6 +34,7 @@ func (d *daemon) ffdcList() []ffdcJSON {
 // three-node pool makes one bundle, listed by every node, that unpacks
 // into a manifest and every node's parts; an FFDCCaptured event names it.
 func TestFFDCCollectAllNodes(t *testing.T) {
+	alongside(t)
 	n1, n2, n3 := cluster3(t)
 	var info ffdcJSON
 	// Asked of a follower: forwarded to the primary, which gathers.

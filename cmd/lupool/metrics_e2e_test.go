@@ -71,6 +71,7 @@ func wantSeries(t *testing.T, d *daemon, m, name string, metrics ...string) {
 // has no series naming the LU (NBD per-export series, replication per-LU
 // series), and the other LU's series stay.
 func TestMetricsDeletedLUSeriesGo(t *testing.T) {
+	alongside(t)
 	needTools(t, "nbdsh")
 	d := newDaemon(t, "n1")
 	d.start()
@@ -93,6 +94,7 @@ func TestMetricsDeletedLUSeriesGo(t *testing.T) {
 // TestMetricsDeletedLUSeriesGoTwoNodes: the same for an LU with two
 // copies, on the writer and on the copy's node, each of which served it.
 func TestMetricsDeletedLUSeriesGoTwoNodes(t *testing.T) {
+	alongside(t)
 	needTools(t, "nbdsh")
 	n1 := newDaemon(t, "n1")
 	n1.start()

@@ -88,6 +88,7 @@ func alertExprs(t *testing.T) []string {
 // node's /metrics (a two-node pool with a two-copy LU that saw I/O and a
 // registered caller, so that every labelled series exists).
 func TestMonitoringFilesMatchMetrics(t *testing.T) {
+	alongside(t)
 	needTools(t, "fio")
 	exprs := append(dashboardExprs(t), alertExprs(t)...)
 	n1 := newDaemon(t, "n1")

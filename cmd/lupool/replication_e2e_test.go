@@ -349,6 +349,7 @@ func (d *daemon) verify(name string) (verifyJSON, int) {
 // the allocated extents and ends identical; lu verify finds the copies
 // equal, then finds the one region a test corrupts behind lupool's back.
 func TestAddCopyAndVerify(t *testing.T) {
+	alongside(t)
 	needTools(t, "fio")
 	n1, n2, n3 := cluster3(t)
 	n1.mustCLI("lu", "create", "v", "--size", "32M", "--copies", "2")

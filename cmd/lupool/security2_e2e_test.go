@@ -64,6 +64,7 @@ import (
 // n2: cert_sha256 "" in node list" or "a second certificate for n2 ...
 // answered 200".
 func TestSecurity2CAKeyAndRaftMembers(t *testing.T) {
+	alongside(t)
 	t.Parallel()
 	start := time.Now()
 	n1 := newDaemon(t, "n1")
@@ -530,6 +531,7 @@ func recordsBoundToCertificates(t *testing.T, nodes []*daemon) {
 // (killed)" and "exit -1, ready true", or "its log says it bootstrapped a
 // one-member cluster".
 func TestSecurity2CertifiedNodeNeverBootstraps(t *testing.T) {
+	alongside(t)
 	d := newDaemon(t, "solo")
 	d.start()
 	d.mustCLI("lu", "create", "keep", "--size", "4M")
@@ -605,6 +607,7 @@ func TestSecurity2CertifiedNodeNeverBootstraps(t *testing.T) {
 // -1 after 15s" (it retries the join for a minute) and "the listener
 // accepted 1 connection(s)" with the token in the clear.
 func TestSecurity2JoinRefusesPlainHTTP(t *testing.T) {
+	alongside(t)
 	fp := pki.Fingerprint([]byte("a CA that does not exist"))
 	tok, err := pki.NewJoinToken(fp)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 // the new one), node remove (the node leaves, its id cannot join again),
 // and --open-probes=false.
 func TestSecurityCLICommands(t *testing.T) {
+	alongside(t)
 	n1 := newDaemon(t, "n1")
 	n1.start()
 	n2 := newJoiner(t, "n2", n1)

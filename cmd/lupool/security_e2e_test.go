@@ -372,6 +372,7 @@ h.flush()
 // is refused, and the LU's record, its copy's data and the membership are
 // as before.
 func TestSecurityAttacksRefused(t *testing.T) {
+	alongside(t)
 	needTools(t, "nbdcopy")
 	realclient.NbdshPython(t)
 	start := time.Now()
@@ -878,6 +879,7 @@ func joinHijack(t *testing.T, n1, n2, n3 *daemon) {
 // cannot be proposed in sync from out of sync meanwhile; an emptied
 // DATA/meta on a former member refuses to start.
 func TestSecurityCorruptStateRefused(t *testing.T) {
+	alongside(t)
 	realclient.NbdshPython(t)
 	needTools(t, "nbdcopy")
 	n1, n2, n3 := cluster3(t)
