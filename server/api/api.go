@@ -55,6 +55,11 @@ var (
 	ErrNoSpace = errors.New("api: insufficient storage")
 	// ErrUnavailable is returned while the node cannot serve the request.
 	ErrUnavailable = errors.New("api: unavailable")
+	// ErrNotApplied is wrapped (with ErrUnavailable) by errors after which
+	// nothing was changed, so the request may be sent again as it is: the
+	// handler then answers 503 with Retry-After, and Client retries it.
+	// A NotLeaderError that knows no leader counts as one.
+	ErrNotApplied = errors.New("api: nothing was changed; the request can be sent again")
 	// ErrStale is returned by a conditional change (ChangeCopies) whose
 	// expected epoch is no longer the recorded one.
 	ErrStale = errors.New("api: changed meanwhile")

@@ -67,19 +67,47 @@ func NewClientWith(addr string, opts ClientOptions) (*Client, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
+	var payload []byte
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return err
 		}
-		body = bytes.NewReader(b)
+		payload = b
+	}
+	// A 503 with Retry-After changed nothing (ErrNotApplied: no leader is
+	// known yet, an election is under way): send the request again, for
+	// up to retryUnavailableFor or until ctx ends.
+	deadline := time.Now().Add(retryUnavailableFor)
+	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, time.Second) {
+		retry, err := c.once(ctx, method, path, payload, in != nil, out)
+		if !retry || time.Now().Add(backoff).After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// retryUnavailableFor bounds how long Client retries a request the server
+// did not apply (503 with Retry-After): longer than a metadata election.
+const retryUnavailableFor = 10 * time.Second
+
+// once sends one request; retry says the server did not apply it and asked
+// for it again.
+func (c *Client) once(ctx context.Context, method, path string, payload []byte, hasBody bool, out any) (retry bool, err error) {
+	var body io.Reader
+	if hasBody {
+		body = bytes.NewReader(payload)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
-		return err
+		return false, err
 	}
-	if in != nil {
+	if hasBody {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if c.token != "" {
@@ -87,24 +115,25 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("cannot reach the lupool API at %s (is `lupool serve` running? set --api or LUPOOL_API): %w", c.base, err)
+		return false, fmt.Errorf("cannot reach the lupool API at %s (is `lupool serve` running? set --api or LUPOOL_API): %w", c.base, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return err
+		return false, err
 	}
 	if resp.StatusCode >= 300 {
+		retry := resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") != ""
 		var eb NotLeaderBody
 		if json.Unmarshal(data, &eb) == nil && eb.Error != "" {
-			return &StatusError{StatusCode: resp.StatusCode, Message: eb.Error, LeaderID: eb.LeaderID, LeaderPeer: eb.LeaderPeer}
+			return retry, &StatusError{StatusCode: resp.StatusCode, Message: eb.Error, LeaderID: eb.LeaderID, LeaderPeer: eb.LeaderPeer}
 		}
-		return &StatusError{StatusCode: resp.StatusCode, Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
+		return retry, &StatusError{StatusCode: resp.StatusCode, Message: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
 	}
 	if out != nil && len(data) > 0 {
-		return json.Unmarshal(data, out)
+		return false, json.Unmarshal(data, out)
 	}
-	return nil
+	return false, nil
 }
 
 // ConfirmLease asks the leader (this client must point at its peer port)

@@ -221,6 +221,9 @@ func (h *Handler) runMutating(fn mutatingFunc, forwardOK bool) http.HandlerFunc 
 		var nl *NotLeaderError
 		switch {
 		case errors.As(err, &nl) && !forwardOK:
+			if nl.LeaderID == "" {
+				w.Header().Set("Retry-After", "1")
+			}
 			writeJSON(w, http.StatusServiceUnavailable, NotLeaderBody{Error: cleanMessage(err), LeaderID: nl.LeaderID, LeaderPeer: nl.LeaderPeer})
 			return
 		case errors.As(err, &nl) && nl.LeaderID != "" && r.Header.Get(forwardedHeader) == "":
@@ -251,7 +254,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, nl *NotLeaderE
 			u, client = "https://"+nl.LeaderPeer+r.URL.RequestURI(), h.opts.PeerClient(nl.LeaderID)
 		}
 		if client == nil {
-			h.fail(w, fmt.Errorf("%w: no connection to the peer port of leader %s yet; retry shortly", ErrUnavailable, nl.LeaderID))
+			h.fail(w, fmt.Errorf("%w: no connection to the peer port of leader %s yet; retry shortly (%w)", ErrUnavailable, nl.LeaderID, ErrNotApplied))
 			return
 		}
 	} else {
@@ -575,10 +578,20 @@ func statusOf(err error) int {
 
 func (h *Handler) fail(w http.ResponseWriter, err error) {
 	status := statusOf(err)
+	if notApplied(err) {
+		w.Header().Set("Retry-After", "1")
+	}
 	if status == http.StatusInternalServerError {
 		h.opts.Logger.Error("api request failed", "err", err)
 	}
 	writeError(w, status, cleanMessage(err))
+}
+
+// notApplied reports whether err left everything as it was, so that the
+// same request may be sent again (ErrNotApplied).
+func notApplied(err error) bool {
+	var nl *NotLeaderError
+	return errors.Is(err, ErrNotApplied) || errors.As(err, &nl) && nl.LeaderID == ""
 }
 
 // cleanMessage drops our own package prefixes so users read the reason.

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func statusOfErr(t *testing.T, err error) int {
@@ -247,11 +248,49 @@ func TestForwardingLimits(t *testing.T) {
 	orphan := newMemBackend()
 	orphan.setNotLeader(&NotLeaderError{LeaderAPI: strings.TrimPrefix(loopSrv.URL, "http://")})
 	_, oc := newTestServer(t, orphan, "orphan")
-	_, err = oc.CreateLU(context.Background(), CreateLURequest{Name: "y", SizeBytes: 512})
+	// The client retries a request that changed nothing (Retry-After)
+	// until its context ends.
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	_, err = oc.CreateLU(ctx, CreateLURequest{Name: "y", SizeBytes: 512})
+	cancel()
 	if got := statusOfErr(t, err); got != http.StatusServiceUnavailable || !strings.Contains(err.Error(), "no leader is known") {
 		t.Fatalf("no leader known: status %d, err %v; want 503 saying no leader is known", got, err)
 	}
+	if n := orphan.callCount("CreateLU"); n < 3 {
+		t.Fatalf("a request refused for want of a leader was sent %d times, want it retried", n)
+	}
 	if n := loop.callCount("CreateLU"); n != 2 {
 		t.Fatalf("a NotLeaderError without LeaderID was forwarded (CreateLU calls at its LeaderAPI: %d, want 2)", n)
+	}
+}
+
+// TestClientRetriesUntilLeader: a mutating request refused because no
+// leader is known yet (503 with Retry-After) succeeds once an election
+// has produced one, without the caller seeing the refusal; a 503 without
+// Retry-After (the outcome may be unknown) is returned at once.
+func TestClientRetriesUntilLeader(t *testing.T) {
+	b := newMemBackend()
+	b.setNotLeader(&NotLeaderError{})
+	_, c := newTestServer(t, b, "n1")
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		b.setNotLeader(nil)
+	}()
+	start := time.Now()
+	if _, err := c.CreateLU(context.Background(), CreateLURequest{Name: "after-election", SizeBytes: 512}); err != nil {
+		t.Fatalf("CreateLU across a leaderless moment: %v", err)
+	}
+	if n := b.callCount("CreateLU"); n < 2 {
+		t.Fatalf("CreateLU reached the backend %d times, want a retry", n)
+	}
+	t.Logf("created %v after the first refusal", time.Since(start).Round(time.Millisecond))
+	b.setNotLeader(&NotLeaderError{LeaderID: "n9"}) // a leader whose address is unknown: forwarding fails
+	before := b.callCount("CreateLU")
+	start = time.Now()
+	if _, err := c.CreateLU(context.Background(), CreateLURequest{Name: "x2", SizeBytes: 512}); err == nil {
+		t.Fatal("CreateLU through a leader that cannot be reached succeeded")
+	}
+	if took := time.Since(start); took > 2*time.Second || b.callCount("CreateLU") != before+1 {
+		t.Fatalf("a 503 without Retry-After was retried (%v, %d calls)", took, b.callCount("CreateLU")-before)
 	}
 }
