@@ -64,7 +64,6 @@ import (
 // n2: cert_sha256 "" in node list" or "a second certificate for n2 ...
 // answered 200".
 func TestSecurity2CAKeyAndRaftMembers(t *testing.T) {
-	alongside(t)
 	t.Parallel()
 	start := time.Now()
 	n1 := newDaemon(t, "n1")
