@@ -67,6 +67,17 @@ func (p *Plane) overcommitError(cause error, growBytes int64) error {
 		units.Format(oe.LimitBytes), oe.Ratio, units.Format(oe.CapacityBytes))
 }
 
+// memoryBudgetError is the API's answer for a memory LU past node's
+// memory budget (cause matches lu.ErrMemoryBudget).
+func memoryBudgetError(node string, cause error) error {
+	var be *lu.MemoryBudgetError
+	if !errors.As(cause, &be) {
+		return fmt.Errorf("%w: memory budget of node %s: %v; raise --memory-budget or use --kind file", api.ErrNoSpace, node, cause)
+	}
+	return fmt.Errorf("%w: memory budget of node %s: %s asked, %s of %s free; release memory LUs there, raise its --memory-budget, or use --kind file",
+		api.ErrNoSpace, node, units.Format(be.AddBytes), units.Format(max(be.LimitBytes-be.UsedBytes, 0)), units.Format(be.LimitBytes))
+}
+
 // checkOvercommit refuses growing the local pool's provisioned bytes by
 // growBytes past its overcommit limit (memory volumes do not count).
 func (p *Plane) checkOvercommit(kind lu.Kind, growBytes int64) error {
