@@ -432,7 +432,7 @@ func AttachLines(name, nbdAddr, apiAddr, socket string) Attach {
 		// error), and reconnect on a lost connection.
 		NBDClient: fmt.Sprintf("nbd-client %s %s /dev/nbd0 -N %s -b 4096 -swap -persist -timeout 0", host, port, name),
 		// discard=unmap passes the guest's swap discards on as TRIM.
-		QEMUDrive: "file=nbd:unix:" + socket + ",format=raw,if=virtio,cache=none,discard=unmap",
+		QEMUDrive: "file=nbd:unix:" + socket + ":exportname=" + name + ",format=raw,if=virtio,cache=none,discard=unmap",
 	}
 }
 

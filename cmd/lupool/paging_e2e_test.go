@@ -116,7 +116,7 @@ func TestPagingCLI(t *testing.T) {
 		t.Fatalf("request: %+v", p)
 	}
 	if p.Attach.URI != "nbd://"+n1.nbd+"/paging-vm1" || !strings.Contains(p.Attach.LupoolAttach, "attach paging-vm1 --listen unix:/run/lupool/paging-vm1.sock") ||
-		!strings.Contains(p.Attach.NBDClient, "-N paging-vm1 -b 4096") || !strings.HasPrefix(p.Attach.QEMUDrive, "file=nbd:unix:/run/lupool/paging-vm1.sock,") {
+		!strings.Contains(p.Attach.NBDClient, "-N paging-vm1 -b 4096") || !strings.HasPrefix(p.Attach.QEMUDrive, "file=nbd:unix:/run/lupool/paging-vm1.sock:exportname=paging-vm1,") {
 		t.Fatalf("attach lines: %+v", p.Attach)
 	}
 	again := n2.paging("request", "vm1", "--size", "32M")
