@@ -388,4 +388,3 @@ func TestPagingVMSwaps(t *testing.T) {
 	t.Run("copy-node-killed", func(t *testing.T) { run(t, "vm-a", n2, true) })
 	t.Run("writer-node-killed", func(t *testing.T) { run(t, "vm-b", n1, false) })
 }
-
