@@ -191,6 +191,30 @@ type Options struct {
 	NodeID string
 	// Mover, when set, makes Migrate work; nil answers ErrUnsupported.
 	Mover Mover
+	// Notify, when set, is told of every paging space made by Request
+	// and freed by Release (the daemon turns them into the events
+	// PagingRequested and PagingReleased). It must not block.
+	Notify func(Notice)
+}
+
+// Notice is a change of a VM's paging space.
+type Notice struct {
+	// Kind is NoticeRequested or NoticeReleased.
+	Kind      string
+	VM, LU    string
+	SizeBytes int64
+}
+
+// Notice kinds.
+const (
+	NoticeRequested = "requested"
+	NoticeReleased  = "released"
+)
+
+func (s *Service) notify(n Notice) {
+	if s.opts.Notify != nil {
+		s.opts.Notify(n)
+	}
 }
 
 // Service serves paging requests. It holds no state of its own (the LU
@@ -277,6 +301,7 @@ func (s *Service) Request(ctx context.Context, req Request) (Space, error) {
 	if err != nil {
 		return Space{}, fmt.Errorf("paging space of VM %q: %w", req.VM, err)
 	}
+	s.notify(Notice{Kind: NoticeRequested, VM: req.VM, LU: lu.Name, SizeBytes: lu.SizeBytes})
 	sp := s.space(ctx, req.VM, lu, nodes, req.Socket)
 	sp.Notes = notes
 	return sp, nil
@@ -340,6 +365,7 @@ func (s *Service) Release(ctx context.Context, vm string, force bool) error {
 	if err := s.opts.LUs.Delete(ctx, lu.Name, force); err != nil {
 		return fmt.Errorf("paging space of VM %q: %w", vm, err)
 	}
+	s.notify(Notice{Kind: NoticeReleased, VM: vm, LU: lu.Name, SizeBytes: lu.SizeBytes})
 	return nil
 }
 

@@ -213,12 +213,18 @@ func TestDefaultCopiesOneNode(t *testing.T) {
 func TestReleaseRefusedWhileAttached(t *testing.T) {
 	ctx := context.Background()
 	lus := newMemLUs("n1", "n2")
-	s := newService(t, lus)
-	if _, err := s.Request(ctx, Request{VM: "vm1", SizeBytes: 1 << 20}); err != nil {
+	var notices []Notice
+	s, err := New(Options{LUs: lus, NodeID: "n1", Notify: func(n Notice) { notices = append(notices, n) }})
+	if err != nil {
 		t.Fatal(err)
 	}
+	for range 2 {
+		if _, err := s.Request(ctx, Request{VM: "vm1", SizeBytes: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	lus.clients["paging-vm1"] = 1
-	err := s.Release(ctx, "vm1", false)
+	err = s.Release(ctx, "vm1", false)
 	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "1 on n1") {
 		t.Fatalf("release while attached: %v", err)
 	}
@@ -230,6 +236,11 @@ func TestReleaseRefusedWhileAttached(t *testing.T) {
 	}
 	if err := s.Release(ctx, "vm1", true); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second release: %v", err)
+	}
+	want := []Notice{{Kind: NoticeRequested, VM: "vm1", LU: "paging-vm1", SizeBytes: 1 << 20},
+		{Kind: NoticeReleased, VM: "vm1", LU: "paging-vm1", SizeBytes: 1 << 20}}
+	if !reflect.DeepEqual(notices, want) {
+		t.Fatalf("notices %+v, want %+v", notices, want)
 	}
 }
 

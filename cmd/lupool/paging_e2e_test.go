@@ -163,6 +163,16 @@ func TestPagingCLI(t *testing.T) {
 	if out := n1.mustCLI("paging", "list", "-o", "json"); strings.TrimSpace(out) != "[]" {
 		t.Fatalf("paging list after release: %s", out)
 	}
+	// Each paging space made and freed is an event (vm0, vm1, vm2); the
+	// second request of vm1 made nothing.
+	var events string
+	waitFor(t, "the paging events", func() bool {
+		events = n1.mustCLI("events", "watch", "--kind", "PagingRequested,PagingReleased", "--follow=false", "--tail", "100", "-o", "json")
+		return strings.Count(events, `"PagingReleased"`) == 3
+	})
+	if strings.Count(events, `"PagingRequested"`) != 3 || !strings.Contains(events, `"vm":"vm2"`) {
+		t.Fatalf("paging events:\n%s", events)
+	}
 }
 
 // waitNodes waits until d lists n members.
