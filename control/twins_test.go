@@ -55,9 +55,12 @@ func (c *connTwin) set(name string, n int) {
 // peerNode is another node as its peer port shows it: its copies (real
 // volumes) and its NBD connection counts. fail makes it unreachable.
 type peerNode struct {
-	vols  map[string]lu.Volume
-	conns map[string]int
-	fail  error
+	// memBudget and memFree are its memory budget (0: none) and what the
+	// budget still takes.
+	memBudget, memFree int64
+	vols               map[string]lu.Volume
+	conns              map[string]int
+	fail               error
 	// once, when set, is the hash answered for region offset once, the
 	// first time it is asked (a write in flight while hashing).
 	once map[int64]string
@@ -131,7 +134,8 @@ func (p *peersTwin) PoolStatus(_ context.Context, id, addr string) (api.PoolStat
 	if err != nil {
 		return api.PoolStatus{}, err
 	}
-	return api.PoolStatus{Node: id, CapacityBytes: 1 << 30, FreeBytes: 1 << 29, ProvisionedBytes: int64(len(n.vols)) << 20, Level: "ok"}, nil
+	return api.PoolStatus{Node: id, CapacityBytes: 1 << 30, FreeBytes: 1 << 29, ProvisionedBytes: int64(len(n.vols)) << 20, Level: "ok",
+		MemoryBudgetBytes: n.memBudget, MemoryFreeBytes: n.memFree}, nil
 }
 
 // hashRegions hashes regions of a volume the way replication.Manager's
