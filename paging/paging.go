@@ -455,8 +455,9 @@ func AttachLines(name, nbdAddr, apiAddr, socket string) Attach {
 		Socket: socket,
 		// 4 KiB blocks (a page), a swap device (nbd-client locks itself in
 		// memory), no request timeout (a failover is a pause, not an
-		// error), and reconnect on a lost connection.
-		NBDClient: fmt.Sprintf("nbd-client %s %s /dev/nbd0 -N %s -b 4096 -swap -persist -timeout 0", host, port, name),
+		// error). nbd-client cannot move to another node when this one
+		// is lost: lupool attach LU /dev/nbdX can.
+		NBDClient: fmt.Sprintf("nbd-client -N %s -b 4096 -swap -timeout 0 %s %s /dev/nbd0", name, host, port),
 		// discard=unmap passes the guest's swap discards on as TRIM.
 		QEMUDrive: "file=nbd:unix:" + socket + ":exportname=" + name + ",format=raw,if=virtio,cache=none,discard=unmap",
 	}

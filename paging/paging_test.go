@@ -171,7 +171,7 @@ func TestRequestIdempotent(t *testing.T) {
 		t.Fatalf("first request: %+v", first)
 	}
 	if first.Attach.URI != "nbd://10.0.0.2:10809/paging-vm1" || first.Attach.Socket != "/run/lupool/paging-vm1.sock" ||
-		first.Attach.NBDClient != "nbd-client 10.0.0.2 10809 /dev/nbd0 -N paging-vm1 -b 4096 -swap -persist -timeout 0" ||
+		first.Attach.NBDClient != "nbd-client -N paging-vm1 -b 4096 -swap -timeout 0 10.0.0.2 10809 /dev/nbd0" ||
 		first.Attach.Lupool != "lupool --api 10.0.0.2:10810 attach paging-vm1 --listen unix:/run/lupool/paging-vm1.sock" {
 		t.Fatalf("attach lines for n2: %+v", first.Attach)
 	}
