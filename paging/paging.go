@@ -191,6 +191,8 @@ type Options struct {
 	NodeID string
 	// Mover, when set, makes Migrate work; nil answers ErrUnsupported.
 	Mover Mover
+	// Metrics, when set, counts requests and releases by result.
+	Metrics *Metrics
 	// Notify, when set, is told of every paging space made by Request
 	// and freed by Release (the daemon turns them into the events
 	// PagingRequested and PagingReleased). It must not block.
@@ -257,6 +259,12 @@ func isPaging(lu LU) (vm string, ok bool) {
 // hold and a memory budget too small are refused before anything is
 // recorded.
 func (s *Service) Request(ctx context.Context, req Request) (Space, error) {
+	sp, err := s.request(ctx, req)
+	s.opts.Metrics.request(sp, err)
+	return sp, err
+}
+
+func (s *Service) request(ctx context.Context, req Request) (Space, error) {
 	if err := checkVM(req.VM); err != nil {
 		return Space{}, err
 	}
@@ -352,6 +360,12 @@ func chooseCopies(asked int, nodes []Node) (int, []string, error) {
 // clients are attached through any node, unless force (which ends their
 // I/O).
 func (s *Service) Release(ctx context.Context, vm string, force bool) error {
+	err := s.release(ctx, vm, force)
+	s.opts.Metrics.release(err)
+	return err
+}
+
+func (s *Service) release(ctx context.Context, vm string, force bool) error {
 	lu, err := s.get(ctx, vm)
 	if err != nil {
 		return err

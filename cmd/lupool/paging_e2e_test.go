@@ -173,6 +173,23 @@ func TestPagingCLI(t *testing.T) {
 	if strings.Count(events, `"PagingRequested"`) != 3 || !strings.Contains(events, `"vm":"vm2"`) {
 		t.Fatalf("paging events:\n%s", events)
 	}
+	// n1 answered every request but vm1's second (n2's) and vm3 (refused
+	// on n2 before it reached n1).
+	m1, m2 := n1.metrics(), n2.metrics()
+	for _, c := range []struct {
+		text, name, result string
+		want               float64
+	}{
+		{m1, "lupool_paging_requests_total", `result="created"`, 3},
+		{m1, "lupool_paging_requests_total", `result="invalid"`, 3},
+		{m2, "lupool_paging_requests_total", `result="existed"`, 1},
+		{m1, "lupool_paging_releases_total", `result="released"`, 3},
+		{m1, "lupool_paging_releases_total", `result="busy"`, 1},
+	} {
+		if got := metricValue(c.text, c.name, c.result); got != c.want {
+			t.Errorf("%s{%s} = %v, want %v", c.name, c.result, got, c.want)
+		}
+	}
 }
 
 // waitNodes waits until d lists n members.
