@@ -259,9 +259,12 @@ const pfMemallocNoIO = 0x00080000
 func checkSwapSafe(t *testing.T, who string, pid int, log func() string) {
 	t.Helper()
 	var lck, rss int64
-	waitFor(t, who+" locking its memory", func() bool {
+	// The process locks its memory, then logs it.
+	waitFor(t, who+" locking its memory and saying so", func() bool {
 		lck, rss = procStatusBytes(t, pid, "VmLck"), procStatusBytes(t, pid, "VmRSS")
-		return lck > 0
+		l := log()
+		return lck > 0 && strings.Contains(l, "swap safety") &&
+			(strings.Contains(l, "io_flusher=true") || strings.Contains(l, "not an I/O flusher"))
 	})
 	if lck < rss/2 {
 		t.Errorf("%s: VmLck %d KiB of VmRSS %d KiB", who, lck>>10, rss>>10)
