@@ -522,3 +522,36 @@ func TestCreateMemoryBudget(t *testing.T) {
 		t.Fatalf("memory LU within the budget: %v", err)
 	}
 }
+
+// TestMemoryBudgetLocal: on the writer's own node the create reserves its
+// room in the memory budget (a second create past it is refused and
+// recorded nowhere), a grow past it is refused, a delete frees it.
+func TestMemoryBudgetLocal(t *testing.T) {
+	ctx := ctxT(t)
+	n := newNode(t, func(o *lu.PoolOptions) { o.MemoryBudgetBytes = 48 << 20 })
+	if _, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "a", SizeBytes: 32 << 20, Kind: "memory"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "b", SizeBytes: 32 << 20, Kind: "memory"})
+	if !errors.Is(err, api.ErrNoSpace) || !strings.Contains(err.Error(), "memory budget of node n1") {
+		t.Fatalf("create past the budget: %v", err)
+	}
+	if _, err := n.meta.GetLU("b"); err == nil {
+		t.Fatal("a refused create was recorded")
+	}
+	if _, err := n.plane.ResizeLU(ctx, "a", 64<<20); !errors.Is(err, api.ErrNoSpace) {
+		t.Fatalf("grow past the budget: %v", err)
+	}
+	if got, _ := n.plane.GetLU(ctx, "a"); got.SizeBytes != 32<<20 {
+		t.Fatalf("a refused grow changed the size to %d", got.SizeBytes)
+	}
+	if st, _ := n.plane.PoolStatus(ctx); st.MemoryBudgetBytes != 48<<20 || st.MemoryFreeBytes != 16<<20 {
+		t.Fatalf("pool status: %+v", st)
+	}
+	if err := n.plane.DeleteLU(ctx, "a", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "b", SizeBytes: 48 << 20, Kind: "memory"}); err != nil {
+		t.Fatalf("after the delete: %v", err)
+	}
+}

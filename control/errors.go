@@ -79,8 +79,18 @@ func memoryBudgetError(node string, cause error) error {
 }
 
 // checkOvercommit refuses growing the local pool's provisioned bytes by
-// growBytes past its overcommit limit (memory volumes do not count).
+// growBytes past its overcommit limit, or a memory LU past this node's
+// memory budget.
 func (p *Plane) checkOvercommit(kind lu.Kind, growBytes int64) error {
+	if kind == lu.KindMemory {
+		// A memory LU grows within the node's memory budget instead.
+		st := p.opts.Pool.Status()
+		if st.MemoryBudgetBytes > 0 && growBytes > st.MemoryFreeBytes {
+			return memoryBudgetError(p.opts.NodeID, &lu.MemoryBudgetError{Name: "", AddBytes: growBytes,
+				UsedBytes: st.MemoryBudgetBytes - st.MemoryFreeBytes, LimitBytes: st.MemoryBudgetBytes})
+		}
+		return nil
+	}
 	if kind != lu.KindFile {
 		return nil
 	}

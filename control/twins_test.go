@@ -292,7 +292,8 @@ type node struct {
 // newNode opens a one-member cluster "n1" on Pebble's memory FS, a pool of
 // poolCapacityBytes on lufs.MemFS (through a FaultFS) with overcommit
 // ratio 1, and a replication manager that follows the metadata.
-func newNode(t *testing.T) *node {
+// with option changes the pool's options.
+func newNode(t *testing.T, with ...func(*lu.PoolOptions)) *node {
 	t.Helper()
 	ctx := ctxT(t)
 	meta, err := cluster.Open(cluster.Options{Dir: t.TempDir(), FS: vfs.NewMem(), NodeID: "n1", PeerAddr: "127.0.0.1:0",
@@ -308,7 +309,11 @@ func newNode(t *testing.T) *node {
 		t.Fatal(err)
 	}
 	fault := lufs.NewFaultFS(lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: poolCapacityBytes}))
-	pool, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{"/pool"}, FS: fault, OvercommitRatio: 1})
+	popts := lu.PoolOptions{Dirs: []string{"/pool"}, FS: fault, OvercommitRatio: 1}
+	for _, w := range with {
+		w(&popts)
+	}
+	pool, err := lu.OpenPool(popts)
 	if err != nil {
 		t.Fatal(err)
 	}
