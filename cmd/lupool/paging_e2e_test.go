@@ -142,9 +142,11 @@ func TestPagingCLI(t *testing.T) {
 	// Release frees it.
 	n1.mustCLI("paging", "release", "vm1")
 	waitFor(t, "n2's budget freed", func() bool { return n2.pool().MemoryFreeBytes == 64<<20 })
-	p2 := n1.paging("request", "vm2", "--size", "40M", "--host", "n2")
-	if p2.Host != "n2" || p2.Copies != 2 {
-		t.Fatalf("request with --host n2: %+v", p2)
+	// Asked of n2 (a follower: forwarded to the leader), the writer goes
+	// on n2.
+	p2 := n2.paging("request", "vm2", "--size", "40M")
+	if p2.Host != "n2" || p2.Copies != 2 || p2.Existed {
+		t.Fatalf("request through n2: %+v", p2)
 	}
 
 	// Release is refused while a client is attached, and says where.
