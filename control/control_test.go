@@ -490,3 +490,68 @@ func TestOptions(t *testing.T) {
 		t.Errorf("New with ratio 0: %v", err)
 	}
 }
+
+// TestCreateMemoryBudget: a memory LU is refused (ErrNoSpace naming the
+// node) when its writer or a copy would sit on a node whose memory budget
+// has less room than its size, and nothing is recorded; the local writer's
+// room is reserved in the local pool's budget.
+func TestCreateMemoryBudget(t *testing.T) {
+	ctx := ctxT(t)
+	p, meta, peers, _ := remoteOnly(t, 3)
+	peers.nodes["n1"] = &peerNode{memBudget: 64 << 20, memFree: 24 << 20}
+	peers.nodes["n2"] = &peerNode{}
+	_, err := p.CreateLU(ctx, api.CreateLURequest{Name: "m", SizeBytes: 32 << 20, Kind: "memory", Node: "n1"})
+	if !errors.Is(err, api.ErrNoSpace) || !strings.Contains(err.Error(), "memory budget of node n1") ||
+		!strings.Contains(err.Error(), "24.0M of 64.0M free") {
+		t.Fatalf("writer past its budget: %v", err)
+	}
+	// A copy on n1 is refused the same way (three copies with writer n2
+	// take every member, n1 among them).
+	_, err = p.CreateLU(ctx, api.CreateLURequest{Name: "m", SizeBytes: 32 << 20, Kind: "memory", Node: "n2", Copies: 3})
+	if !errors.Is(err, api.ErrNoSpace) || !strings.Contains(err.Error(), "memory budget of node n1") {
+		t.Fatalf("copy past its budget: %v", err)
+	}
+	if lus, _ := meta.ListLUs(); len(lus) != 0 {
+		t.Fatalf("refused creates recorded %+v", lus)
+	}
+	// File LUs do not draw on it; a memory LU that fits is made.
+	if _, err := p.CreateLU(ctx, api.CreateLURequest{Name: "f", SizeBytes: 32 << 20, Kind: "file", Node: "n1"}); err != nil {
+		t.Fatalf("file LU: %v", err)
+	}
+	if _, err := p.CreateLU(ctx, api.CreateLURequest{Name: "m", SizeBytes: 16 << 20, Kind: "memory", Node: "n1"}); err != nil {
+		t.Fatalf("memory LU within the budget: %v", err)
+	}
+}
+
+// TestMemoryBudgetLocal: on the writer's own node the create reserves its
+// room in the memory budget (a second create past it is refused and
+// recorded nowhere), a grow past it is refused, a delete frees it.
+func TestMemoryBudgetLocal(t *testing.T) {
+	ctx := ctxT(t)
+	n := newNode(t, func(o *lu.PoolOptions) { o.MemoryBudgetBytes = 48 << 20 })
+	if _, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "a", SizeBytes: 32 << 20, Kind: "memory"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "b", SizeBytes: 32 << 20, Kind: "memory"})
+	if !errors.Is(err, api.ErrNoSpace) || !strings.Contains(err.Error(), "memory budget of node n1") {
+		t.Fatalf("create past the budget: %v", err)
+	}
+	if _, err := n.meta.GetLU("b"); err == nil {
+		t.Fatal("a refused create was recorded")
+	}
+	if _, err := n.plane.ResizeLU(ctx, "a", 64<<20); !errors.Is(err, api.ErrNoSpace) {
+		t.Fatalf("grow past the budget: %v", err)
+	}
+	if got, _ := n.plane.GetLU(ctx, "a"); got.SizeBytes != 32<<20 {
+		t.Fatalf("a refused grow changed the size to %d", got.SizeBytes)
+	}
+	if st, _ := n.plane.PoolStatus(ctx); st.MemoryBudgetBytes != 48<<20 || st.MemoryFreeBytes != 16<<20 {
+		t.Fatalf("pool status: %+v", st)
+	}
+	if err := n.plane.DeleteLU(ctx, "a", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.plane.CreateLU(ctx, api.CreateLURequest{Name: "b", SizeBytes: 48 << 20, Kind: "memory"}); err != nil {
+		t.Fatalf("after the delete: %v", err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/internal/rules"
+	"github.com/lupool/lupool/internal/units"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/server/api"
 )
@@ -71,11 +72,17 @@ func (p *Plane) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, 
 		if errors.Is(err, lu.ErrOvercommit) {
 			return api.LU{}, p.overcommitError(err, req.SizeBytes)
 		}
+		if errors.Is(err, lu.ErrMemoryBudget) {
+			return api.LU{}, memoryBudgetError(p.opts.NodeID, err)
+		}
 		if err != nil {
 			return api.LU{}, err
 		}
 	}
 	replicas, err := p.place(nodes, req.Node, req.Copies)
+	if err == nil && req.Kind == string(lu.KindMemory) {
+		err = p.checkMemoryBudgets(ctx, nodes, replicas, req.Node, req.SizeBytes)
+	}
 	if err != nil {
 		p.release(local, req.Name)
 		return api.LU{}, err
@@ -127,6 +134,9 @@ func (p *Plane) rollBack(ctx context.Context, req api.CreateLURequest) error {
 	if errors.Is(cause, lu.ErrOvercommit) {
 		return p.overcommitError(cause, req.SizeBytes)
 	}
+	if errors.Is(cause, lu.ErrMemoryBudget) {
+		return memoryBudgetError(p.opts.NodeID, cause)
+	}
 	return fmt.Errorf("LU %q: its volume could not be created, so it was not kept: %v", req.Name, cause)
 }
 
@@ -161,6 +171,42 @@ func (p *Plane) place(nodes []cluster.NodeInfo, writer string, copies int) ([]cl
 		replicas = append(replicas, cluster.Replica{NodeID: id, State: cluster.ReplicaInSync})
 	}
 	return replicas, nil
+}
+
+// checkMemoryBudgets refuses a memory LU of sizeBytes when a node that
+// would hold a copy has less room left in its memory budget (the writer's
+// room on this node is reserved by CreateLU instead). A node that does not
+// answer in time is not refused here: its volume then fails to be created
+// and the copy is reported missing.
+func (p *Plane) checkMemoryBudgets(ctx context.Context, nodes []cluster.NodeInfo, replicas []cluster.Replica, writer string, sizeBytes int64) error {
+	for _, r := range replicas {
+		var st api.PoolStatus
+		switch {
+		case r.NodeID == p.opts.NodeID && r.NodeID == writer:
+			continue
+		case r.NodeID == p.opts.NodeID:
+			ls := p.opts.Pool.Status()
+			st = api.PoolStatus{MemoryBudgetBytes: ls.MemoryBudgetBytes, MemoryFreeBytes: ls.MemoryFreeBytes}
+		default:
+			addr, ok := peerAddr(nodes, r.NodeID)
+			if !ok {
+				continue
+			}
+			qctx, cancel := context.WithTimeout(ctx, p.opts.PeerTimeout)
+			var err error
+			st, err = p.opts.Peers.PoolStatus(qctx, r.NodeID, addr)
+			cancel()
+			if err != nil {
+				continue
+			}
+		}
+		if st.MemoryBudgetBytes == 0 || st.MemoryFreeBytes >= sizeBytes {
+			continue
+		}
+		return fmt.Errorf("%w: memory budget of node %s: %s asked, %s of %s free; release memory LUs there, raise its --memory-budget, or use --kind file",
+			api.ErrNoSpace, r.NodeID, units.Format(sizeBytes), units.Format(st.MemoryFreeBytes), units.Format(st.MemoryBudgetBytes))
+	}
+	return nil
 }
 
 // afterChange waits until this node's volumes follow the change just

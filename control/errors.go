@@ -67,9 +67,30 @@ func (p *Plane) overcommitError(cause error, growBytes int64) error {
 		units.Format(oe.LimitBytes), oe.Ratio, units.Format(oe.CapacityBytes))
 }
 
+// memoryBudgetError is the API's answer for a memory LU past node's
+// memory budget (cause matches lu.ErrMemoryBudget).
+func memoryBudgetError(node string, cause error) error {
+	var be *lu.MemoryBudgetError
+	if !errors.As(cause, &be) {
+		return fmt.Errorf("%w: memory budget of node %s: %v; raise --memory-budget or use --kind file", api.ErrNoSpace, node, cause)
+	}
+	return fmt.Errorf("%w: memory budget of node %s: %s asked, %s of %s free; release memory LUs there, raise its --memory-budget, or use --kind file",
+		api.ErrNoSpace, node, units.Format(be.AddBytes), units.Format(max(be.LimitBytes-be.UsedBytes, 0)), units.Format(be.LimitBytes))
+}
+
 // checkOvercommit refuses growing the local pool's provisioned bytes by
-// growBytes past its overcommit limit (memory volumes do not count).
+// growBytes past its overcommit limit, or a memory LU past this node's
+// memory budget.
 func (p *Plane) checkOvercommit(kind lu.Kind, growBytes int64) error {
+	if kind == lu.KindMemory {
+		// A memory LU grows within the node's memory budget instead.
+		st := p.opts.Pool.Status()
+		if st.MemoryBudgetBytes > 0 && growBytes > st.MemoryFreeBytes {
+			return memoryBudgetError(p.opts.NodeID, &lu.MemoryBudgetError{Name: "", AddBytes: growBytes,
+				UsedBytes: st.MemoryBudgetBytes - st.MemoryFreeBytes, LimitBytes: st.MemoryBudgetBytes})
+		}
+		return nil
+	}
 	if kind != lu.KindFile {
 		return nil
 	}

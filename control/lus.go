@@ -137,6 +137,12 @@ func (p *Plane) DeleteLU(ctx context.Context, name string, force bool) error {
 	return p.opts.Replicas.Sync(ctx)
 }
 
+// ClusterConnections counts the NBD clients attached to an LU through any
+// node, and says where ("2 on n1"); see clusterConnections.
+func (p *Plane) ClusterConnections(ctx context.Context, name string) (int, []string) {
+	return p.clusterConnections(ctx, name)
+}
+
 // clusterConnections counts the NBD clients attached to an LU through any
 // node (every node exports every LU); a node that does not answer within
 // PeerTimeout is left out of the count.
@@ -175,6 +181,9 @@ func (p *Plane) PoolStatus(context.Context) (api.PoolStatus, error) {
 		ProvisionedBytes:       st.ProvisionedBytes,
 		MemoryAllocatedBytes:   st.MemoryAllocatedBytes,
 		MemoryProvisionedBytes: st.MemoryProvisionedBytes,
+		MemoryBudgetBytes:      st.MemoryBudgetBytes,
+		MemoryReservedBytes:    st.MemoryReservedBytes,
+		MemoryFreeBytes:        st.MemoryFreeBytes,
 		OvercommitRatio:        p.opts.OvercommitRatio,
 		Level:                  string(st.Level),
 		LUs:                    st.Volumes,

@@ -55,9 +55,12 @@ func (c *connTwin) set(name string, n int) {
 // peerNode is another node as its peer port shows it: its copies (real
 // volumes) and its NBD connection counts. fail makes it unreachable.
 type peerNode struct {
-	vols  map[string]lu.Volume
-	conns map[string]int
-	fail  error
+	// memBudget and memFree are its memory budget (0: none) and what the
+	// budget still takes.
+	memBudget, memFree int64
+	vols               map[string]lu.Volume
+	conns              map[string]int
+	fail               error
 	// once, when set, is the hash answered for region offset once, the
 	// first time it is asked (a write in flight while hashing).
 	once map[int64]string
@@ -131,7 +134,8 @@ func (p *peersTwin) PoolStatus(_ context.Context, id, addr string) (api.PoolStat
 	if err != nil {
 		return api.PoolStatus{}, err
 	}
-	return api.PoolStatus{Node: id, CapacityBytes: 1 << 30, FreeBytes: 1 << 29, ProvisionedBytes: int64(len(n.vols)) << 20, Level: "ok"}, nil
+	return api.PoolStatus{Node: id, CapacityBytes: 1 << 30, FreeBytes: 1 << 29, ProvisionedBytes: int64(len(n.vols)) << 20, Level: "ok",
+		MemoryBudgetBytes: n.memBudget, MemoryFreeBytes: n.memFree}, nil
 }
 
 // hashRegions hashes regions of a volume the way replication.Manager's
@@ -288,7 +292,8 @@ type node struct {
 // newNode opens a one-member cluster "n1" on Pebble's memory FS, a pool of
 // poolCapacityBytes on lufs.MemFS (through a FaultFS) with overcommit
 // ratio 1, and a replication manager that follows the metadata.
-func newNode(t *testing.T) *node {
+// with option changes the pool's options.
+func newNode(t *testing.T, with ...func(*lu.PoolOptions)) *node {
 	t.Helper()
 	ctx := ctxT(t)
 	meta, err := cluster.Open(cluster.Options{Dir: t.TempDir(), FS: vfs.NewMem(), NodeID: "n1", PeerAddr: "127.0.0.1:0",
@@ -304,7 +309,11 @@ func newNode(t *testing.T) *node {
 		t.Fatal(err)
 	}
 	fault := lufs.NewFaultFS(lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: poolCapacityBytes}))
-	pool, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{"/pool"}, FS: fault, OvercommitRatio: 1})
+	popts := lu.PoolOptions{Dirs: []string{"/pool"}, FS: fault, OvercommitRatio: 1}
+	for _, w := range with {
+		w(&popts)
+	}
+	pool, err := lu.OpenPool(popts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lupool/lupool/internal/rules"
@@ -51,6 +52,12 @@ type PoolOptions struct {
 	// (allocated pages, not sizes); a write beyond it fails with ENOSPC.
 	// 0 means no limit.
 	MemoryLimitBytes int64
+	// MemoryBudgetBytes is the node's memory budget: the sizes of all
+	// memory volumes, and of the memory volumes reserved, may not add up
+	// to more (Reserve, Create and Resize fail with a MemoryBudgetError).
+	// Memory volumes are not overcommitted: a paging device whose writes
+	// fail kills its VM. 0 means no budget.
+	MemoryBudgetBytes int64
 	// Logger receives pool events; nil discards them.
 	Logger *slog.Logger
 }
@@ -84,6 +91,8 @@ func (o *PoolOptions) Validate() error {
 		return errors.New("lu: pool options: no data directories")
 	case o.MemoryLimitBytes < 0:
 		return fmt.Errorf("lu: pool options: memory limit %d bytes must be >= 0", o.MemoryLimitBytes)
+	case o.MemoryBudgetBytes < 0:
+		return fmt.Errorf("lu: pool options: memory budget %d bytes must be >= 0", o.MemoryBudgetBytes)
 	case o.OvercommitRatio <= 0:
 		return fmt.Errorf("lu: pool options: overcommit ratio %g must be > 0", o.OvercommitRatio)
 	case o.WarnPercent <= 0 || o.WarnPercent > 100:
@@ -133,7 +142,13 @@ type PoolStatus struct {
 	MemoryAllocatedBytes   int64
 	MemoryProvisionedBytes int64
 	MemoryLimitBytes       int64 // 0: no limit
-	Volumes                int
+	// MemoryBudgetBytes is the memory budget (0: none);
+	// MemoryReservedBytes are memory volumes reserved but not created
+	// yet; MemoryFreeBytes is what the budget still takes (0 without one).
+	MemoryBudgetBytes   int64
+	MemoryReservedBytes int64
+	MemoryFreeBytes     int64
+	Volumes             int
 }
 
 // poolEntry is one volume of the pool.
@@ -164,6 +179,7 @@ type Pool struct {
 // reservation is provisioned room held for a volume not yet created.
 type reservation struct {
 	sizeBytes int64
+	memory    bool // a memory volume's: counts against the memory budget
 	expires   time.Time
 }
 
@@ -259,11 +275,12 @@ func (p *Pool) Create(name string, sizeBytes int64, kind Kind) (Volume, error) {
 // applied). It fails with ErrOvercommit, naming the numbers, when the
 // volumes and every other reservation leave no room, so that creates racing
 // each other cannot all pass the check. Create(name) takes the room over;
-// Release(name) gives it back; otherwise it lapses after ttl. Memory
-// volumes need no reservation (it returns nil).
+// Release(name) gives it back; otherwise it lapses after ttl. A memory
+// volume reserves room in the memory budget instead (ErrMemoryBudget when
+// there is none).
 func (p *Pool) Reserve(name string, sizeBytes int64, kind Kind, ttl time.Duration) error {
-	if kind != KindFile {
-		return nil
+	if kind != KindFile && kind != KindMemory {
+		return fmt.Errorf("lu: reserve %q: unknown volume kind %q", name, kind)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -271,6 +288,13 @@ func (p *Pool) Reserve(name string, sizeBytes int64, kind Kind, ttl time.Duratio
 		return ErrPoolClosed
 	}
 	delete(p.mu.reserved, name)
+	if kind == KindMemory {
+		if err := p.checkMemoryLocked(name, sizeBytes); err != nil {
+			return err
+		}
+		p.mu.reserved[name] = reservation{sizeBytes: sizeBytes, memory: true, expires: time.Now().Add(ttl)}
+		return nil
+	}
 	stats, err := p.statfsAll()
 	if err != nil {
 		return err
@@ -300,6 +324,9 @@ func (p *Pool) create(name string, sizeBytes int64, kind Kind) (Volume, error) {
 		return nil, fmt.Errorf("%w: %q", ErrExists, name)
 	}
 	if kind == KindMemory {
+		if err := p.checkMemoryLocked(name, sizeBytes); err != nil {
+			return nil, err
+		}
 		v := newMemVolume(sizeBytes, p.memory)
 		p.mu.vols[name] = poolEntry{vol: v, dir: -1}
 		return v, nil
@@ -379,7 +406,7 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 		switch {
 		case now.After(r.expires):
 			delete(p.mu.reserved, other)
-		case other != name:
+		case other != name && !r.memory:
 			provisioned += r.sizeBytes
 		}
 	}
@@ -387,6 +414,62 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 		return fmt.Errorf("%w: %q: %w", ErrOvercommit, name, err)
 	}
 	return nil
+}
+
+// checkMemoryLocked refuses growing the memory volumes' sizes by addBytes
+// beyond the memory budget (MemoryBudgetBytes; 0 is none). A
+// reservation of name itself is not counted (it is being taken over).
+// p.mu must be held.
+func (p *Pool) checkMemoryLocked(name string, addBytes int64) error {
+	if p.opts.MemoryBudgetBytes == 0 || addBytes <= 0 {
+		return nil
+	}
+	used := p.memoryUsedLocked(name)
+	if used+addBytes > p.opts.MemoryBudgetBytes {
+		return &MemoryBudgetError{Name: name, UsedBytes: used, AddBytes: addBytes, LimitBytes: p.opts.MemoryBudgetBytes}
+	}
+	return nil
+}
+
+// memoryUsedLocked sums the sizes of the memory volumes and of the
+// memory reservations other than except's, dropping lapsed reservations.
+// p.mu must be held.
+func (p *Pool) memoryUsedLocked(except string) int64 {
+	var used int64
+	for _, e := range p.mu.vols {
+		if e.dir < 0 {
+			used += e.vol.Size()
+		}
+	}
+	now := time.Now()
+	for other, r := range p.mu.reserved {
+		switch {
+		case now.After(r.expires):
+			delete(p.mu.reserved, other)
+		case other != except && r.memory:
+			used += r.sizeBytes
+		}
+	}
+	return used
+}
+
+// MemoryBudgetError says by how much a memory volume would overrun the
+// node's memory budget. It matches ErrMemoryBudget and ENOSPC.
+type MemoryBudgetError struct {
+	Name       string
+	UsedBytes  int64 // memory volumes and reservations already held
+	AddBytes   int64 // what the refused call asked for
+	LimitBytes int64 // the budget
+}
+
+func (e *MemoryBudgetError) Error() string {
+	return fmt.Sprintf("lu: memory budget of the node reached: %q needs %d bytes, %d of %d are taken (%d free)",
+		e.Name, e.AddBytes, e.UsedBytes, e.LimitBytes, max(e.LimitBytes-e.UsedBytes, 0))
+}
+
+// Is makes a MemoryBudgetError match ErrMemoryBudget and syscall.ENOSPC.
+func (e *MemoryBudgetError) Is(target error) bool {
+	return target == ErrMemoryBudget || target == syscall.ENOSPC
 }
 
 // Get returns the named volume.
@@ -432,6 +515,11 @@ func (p *Pool) resize(name string, sizeBytes int64) error {
 	e, ok := p.mu.vols[name]
 	if !ok {
 		return fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if grow := sizeBytes - e.vol.Size(); grow > 0 && e.dir < 0 {
+		if err := p.checkMemoryLocked(name, grow); err != nil {
+			return err
+		}
 	}
 	if grow := sizeBytes - e.vol.Size(); grow > 0 && e.dir >= 0 {
 		stats, err := p.statfsAll()
@@ -481,6 +569,7 @@ func (p *Pool) Status() PoolStatus {
 	for _, e := range p.mu.vols {
 		entries = append(entries, e)
 	}
+	memoryUsed := p.memoryUsedLocked("")
 	p.mu.Unlock()
 
 	st := PoolStatus{Dirs: make([]DirStatus, len(p.dirs)), Level: LevelOK, Volumes: len(entries),
@@ -508,6 +597,10 @@ func (p *Pool) Status() PoolStatus {
 		st.AllocatedBytes += ds.AllocatedBytes
 		st.ProvisionedBytes += ds.ProvisionedBytes
 		st.Level = worse(st.Level, ds.Level)
+	}
+	st.MemoryReservedBytes = memoryUsed - st.MemoryProvisionedBytes
+	if st.MemoryBudgetBytes = p.opts.MemoryBudgetBytes; st.MemoryBudgetBytes > 0 {
+		st.MemoryFreeBytes = max(st.MemoryBudgetBytes-memoryUsed, 0)
 	}
 	st.CapacityBytes, st.FreeBytes = totalCapacity(stats)
 	if st.CapacityBytes > 0 {

@@ -414,3 +414,65 @@ func TestPoolReserve(t *testing.T) {
 		t.Fatalf("an expired reservation still holds room: %v", err)
 	}
 }
+
+// TestPoolMemoryBudget: the sizes of memory volumes and of memory
+// reservations may not pass the memory budget; a refusal changes nothing;
+// delete, release and expiry give the room back; file volumes do not count.
+func TestPoolMemoryBudget(t *testing.T) {
+	p := openMemPool(t, lufs.NewMemFS(lufs.MemFSOptions{CapacityBytes: 1 << 30}), func(o *PoolOptions) {
+		o.MemoryBudgetBytes = 100 << 20
+	})
+	if _, err := p.Create("a", 60<<20, KindMemory); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Create("f", 500<<20, KindFile); err != nil {
+		t.Fatalf("file volumes do not draw on the memory budget: %v", err)
+	}
+	var be *MemoryBudgetError
+	_, err := p.Create("b", 41<<20, KindMemory)
+	if !errors.Is(err, ErrMemoryBudget) || !errors.Is(err, syscall.ENOSPC) || !errors.As(err, &be) ||
+		be.UsedBytes != 60<<20 || be.LimitBytes != 100<<20 {
+		t.Fatalf("create past the budget: %v", err)
+	}
+	if _, ok := p.Get("b"); ok {
+		t.Fatal("a refused create left a volume")
+	}
+	if err := p.Reserve("r", 40<<20, KindMemory, time.Minute); err != nil {
+		t.Fatalf("reservation within the budget: %v", err)
+	}
+	st := p.Status()
+	if st.MemoryBudgetBytes != 100<<20 || st.MemoryReservedBytes != 40<<20 || st.MemoryFreeBytes != 0 ||
+		st.MemoryProvisionedBytes != 60<<20 {
+		t.Fatalf("status with a reservation: %+v", st)
+	}
+	if err := p.Reserve("s", 1<<20, KindMemory, time.Minute); !errors.Is(err, ErrMemoryBudget) {
+		t.Fatalf("reservation past the budget: %v", err)
+	}
+	if err := p.Resize("a", 61<<20); !errors.Is(err, ErrMemoryBudget) {
+		t.Fatalf("grow past the budget: %v", err)
+	}
+	if v, _ := p.Get("a"); v.Size() != 60<<20 {
+		t.Fatalf("a refused grow changed the size to %d", v.Size())
+	}
+	// r's own reservation is taken over by its create.
+	if _, err := p.Create("r", 40<<20, KindMemory); err != nil {
+		t.Fatalf("create with its own reservation: %v", err)
+	}
+	if err := p.Delete("a"); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Status(); st.MemoryFreeBytes != 60<<20 || st.MemoryReservedBytes != 0 {
+		t.Fatalf("delete did not free the budget: %+v", st)
+	}
+	if err := p.Reserve("t", 60<<20, KindMemory, time.Minute); err != nil {
+		t.Fatalf("after delete: %v", err)
+	}
+	p.Release("t")
+	if err := p.Reserve("u", 60<<20, KindMemory, time.Nanosecond); err != nil {
+		t.Fatalf("after release: %v", err)
+	}
+	time.Sleep(time.Millisecond)
+	if _, err := p.Create("v", 60<<20, KindMemory); err != nil {
+		t.Fatalf("a lapsed reservation still holds the budget: %v", err)
+	}
+}

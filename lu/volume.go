@@ -114,6 +114,9 @@ var (
 	// provisioned file-volume bytes would exceed OvercommitRatio times the
 	// capacity; the message names the numbers.
 	ErrOvercommit = errors.New("lu: pool overcommit limit reached")
+	// ErrMemoryBudget is returned by Reserve, Create and Resize when the
+	// memory volumes' sizes would exceed the pool's MemoryLimitBytes.
+	ErrMemoryBudget = errors.New("lu: memory budget of the node reached")
 	// ErrInvalidSize is returned for a negative volume size.
 	ErrInvalidSize = errors.New("lu: invalid volume size")
 	// ErrPoolClosed is returned by every Pool call after Close.

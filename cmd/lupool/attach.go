@@ -33,6 +33,7 @@ type attachFlags struct {
 	replyTimeout time.Duration
 	metrics      string
 	debug        bool
+	swapSafe     bool
 }
 
 // newAttachCommand is the client-side endpoint: it keeps the connection to
@@ -77,6 +78,7 @@ not an error. --give-up D fails requests with EIO after D without any node
 	fs.DurationVar(&af.replyTimeout, "reply-timeout", endpoint.DefaultReplyTimeout, "take a node for dead when a request waits this long")
 	fs.StringVar(&af.metrics, "metrics", "", "serve Prometheus metrics on HOST:PORT (/metrics)")
 	fs.BoolVar(&af.debug, "debug", false, "log every node tried")
+	fs.BoolVar(&af.swapSafe, "swap-safe", true, "lock this process's memory and make it an I/O flusher (PR_SET_IO_FLUSHER): the host may swap through it")
 	return c
 }
 
@@ -92,6 +94,9 @@ func runAttach(ctx context.Context, cf *clientFlags, af attachFlags, args []stri
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if af.swapSafe {
+		makeSwapSafe(log, "lupool attach")
+	}
 	src, err := newNodeSource(cf)
 	if err != nil {
 		return err

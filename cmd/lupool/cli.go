@@ -536,6 +536,10 @@ func printPoolStatus(stdout io.Writer, st api.PoolStatus) error {
 	fmt.Fprintf(tw, "allocated (LU data)\t%s\n", units.Format(st.AllocatedBytes))
 	fmt.Fprintf(tw, "provisioned (LU sizes)\t%s (overcommit limit %.1fx capacity)\n", units.Format(st.ProvisionedBytes), st.OvercommitRatio)
 	fmt.Fprintf(tw, "memory LUs\t%s allocated of %s provisioned\n", units.Format(st.MemoryAllocatedBytes), units.Format(st.MemoryProvisionedBytes))
+	if st.MemoryBudgetBytes > 0 {
+		fmt.Fprintf(tw, "memory budget\t%s free of %s (%s provisioned, %s being created)\n", units.Format(st.MemoryFreeBytes),
+			units.Format(st.MemoryBudgetBytes), units.Format(st.MemoryProvisionedBytes), units.Format(st.MemoryReservedBytes))
+	}
 	fmt.Fprintf(tw, "LUs\t%d\n", st.LUs)
 	if err := tw.Flush(); err != nil {
 		return err

@@ -46,8 +46,14 @@ type serveConfig struct {
 	TLSCert              string  `json:"tls_cert"`
 	TLSKey               string  `json:"tls_key"`
 	Overcommit           float64 `json:"overcommit"`
-	LogLevel             string  `json:"log_level"`
-	LogFormat            string  `json:"log_format"`
+	// MemoryBudgetBytes bounds the sizes of the memory LUs' copies on
+	// this node (0: half of the machine's RAM).
+	MemoryBudgetBytes int64 `json:"memory_budget"`
+	// SwapSafe: lock the daemon's memory and make it an I/O flusher at
+	// start (on), once the node holds paging space (auto), or never (off).
+	SwapSafe  string `json:"swap_safe"`
+	LogLevel  string `json:"log_level"`
+	LogFormat string `json:"log_format"`
 	// DirtyRegionBytes is the writer's dirty-region size for copies that
 	// fall behind; ResyncRateBytes throttles resync (0: unthrottled).
 	DirtyRegionBytes int64 `json:"dirty_region_bytes"`
@@ -95,6 +101,7 @@ func defaultServeConfig() serveConfig {
 		Peer:       "127.0.0.1:10811",
 		TLS:        "off",
 		Overcommit: 4,
+		SwapSafe:   swapSafeAuto,
 		LogLevel:   "info",
 		LogFormat:  "text",
 		OpenProbes: true,
@@ -175,6 +182,10 @@ func settings() []setting {
 				c.Overcommit = f
 				return nil
 			}},
+		sizeSetting("memory-budget", "most bytes the memory LUs' copies on this node may add up to, by size (0: half of this machine's RAM), e.g. 8G",
+			func(c *serveConfig) *int64 { return &c.MemoryBudgetBytes }),
+		str("swap-safe", "lock the daemon's memory and make it an I/O flusher (PR_SET_IO_FLUSHER): auto (once this node holds paging space), on (at start) or off",
+			func(c *serveConfig) *string { return &c.SwapSafe }),
 		sizeSetting("dirty-region", "dirty-region size the writer records for a copy that falls behind (4K to 4M, a multiple of 4K)",
 			func(c *serveConfig) *int64 { return &c.DirtyRegionBytes }),
 		sizeSetting("resync-rate", "bytes per second a resync may send (0: unthrottled), e.g. 200M",
@@ -397,6 +408,12 @@ func (c *serveConfig) validate() error {
 	}
 	if c.Overcommit <= 0 {
 		return fmt.Errorf("--overcommit must be positive")
+	}
+	if c.MemoryBudgetBytes < 0 {
+		return fmt.Errorf("--memory-budget must not be negative")
+	}
+	if c.SwapSafe != swapSafeAuto && c.SwapSafe != swapSafeOn && c.SwapSafe != swapSafeOff {
+		return fmt.Errorf("--swap-safe %q: use auto, on or off", c.SwapSafe)
 	}
 
 	if _, err := parseLogLevel(c.LogLevel); err != nil {

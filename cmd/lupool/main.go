@@ -140,6 +140,7 @@ Exit codes: 0 done, 1 refused or failed, 2 the command line is wrong.`,
 		newFFDCCommand(cf, stdout),
 		newClusterCommand(cf, stdout, stderr),
 		newAttachCommand(cf, stderr),
+		newPagingCommand(cf, stdout, stderr),
 		newVersionCommand(cf, stdout),
 	)
 	root.SetHelpCommandGroupID("admin")

@@ -12,3 +12,6 @@ import "errors"
 var errServeNeedsLinux = errors.New("lupool serve needs Linux (sparse files with punch-hole, SEEK_DATA/SEEK_HOLE, pwritev2); this build is for the CLI")
 
 func servePlatformErr() error { return errServeNeedsLinux }
+
+// defaultMemoryBudget is no budget where lupool serve does not run.
+func defaultMemoryBudget() int64 { return 0 }

@@ -337,18 +337,24 @@ type Replica struct {
 
 // PoolStatus is this node's storage pool.
 type PoolStatus struct {
-	Node                   string      `json:"node"`
-	CapacityBytes          int64       `json:"capacity_bytes"`
-	FreeBytes              int64       `json:"free_bytes"`
-	AllocatedBytes         int64       `json:"allocated_bytes"`
-	ProvisionedBytes       int64       `json:"provisioned_bytes"`
-	MemoryAllocatedBytes   int64       `json:"memory_allocated_bytes"`
-	MemoryProvisionedBytes int64       `json:"memory_provisioned_bytes"`
-	OvercommitRatio        float64     `json:"overcommit_ratio"`
-	Level                  string      `json:"level"`
-	LUs                    int         `json:"lus"`
-	Dirs                   []PoolDir   `json:"dirs"`
-	Thresholds             *Thresholds `json:"thresholds,omitempty"`
+	Node                   string `json:"node"`
+	CapacityBytes          int64  `json:"capacity_bytes"`
+	FreeBytes              int64  `json:"free_bytes"`
+	AllocatedBytes         int64  `json:"allocated_bytes"`
+	ProvisionedBytes       int64  `json:"provisioned_bytes"`
+	MemoryAllocatedBytes   int64  `json:"memory_allocated_bytes"`
+	MemoryProvisionedBytes int64  `json:"memory_provisioned_bytes"`
+	// MemoryBudgetBytes is the node's memory budget for memory LUs (the
+	// sum of their sizes; 0: none), MemoryReservedBytes the memory LUs
+	// being created, MemoryFreeBytes what the budget still takes.
+	MemoryBudgetBytes   int64       `json:"memory_budget_bytes"`
+	MemoryReservedBytes int64       `json:"memory_reserved_bytes"`
+	MemoryFreeBytes     int64       `json:"memory_free_bytes"`
+	OvercommitRatio     float64     `json:"overcommit_ratio"`
+	Level               string      `json:"level"`
+	LUs                 int         `json:"lus"`
+	Dirs                []PoolDir   `json:"dirs"`
+	Thresholds          *Thresholds `json:"thresholds,omitempty"`
 }
 
 // Thresholds are the usage levels at which the pool warns.

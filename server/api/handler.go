@@ -64,6 +64,8 @@ type Options struct {
 	Events EventSource
 	// Alerts, when set, serves GET and PUT /v1/pool/alerts.
 	Alerts AlertStore
+	// Paging, when set, serves paging space for VMs under /v1/paging.
+	Paging PagingBackend
 	// FFDC, when set, serves the failure data capture bundles.
 	FFDC FFDCStore
 	// OnPanic, when set, is called (on the request's goroutine) after a
@@ -155,6 +157,9 @@ func NewHandler(opts Options) (*Handler, error) {
 		admin("GET /v1/ffdc/{id}", h.getFFDC)
 		node("GET /v1/internal/ffdc/parts", h.ffdcParts)
 		node("POST /v1/internal/ffdc", h.storeFFDC)
+	}
+	if opts.Paging != nil {
+		h.registerPaging(admin)
 	}
 	if opts.Alerts != nil {
 		admin("GET /v1/pool/alerts", h.poolAlerts)
@@ -597,7 +602,7 @@ func notApplied(err error) bool {
 // cleanMessage drops our own package prefixes so users read the reason.
 func cleanMessage(err error) string {
 	msg := err.Error()
-	for _, p := range []string{"api: ", "cluster: ", "lu: "} {
+	for _, p := range []string{"api: ", "cluster: ", "lu: ", "paging: "} {
 		msg = strings.ReplaceAll(msg, p, "")
 	}
 	return msg
