@@ -447,12 +447,20 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	go func() { defer close(scrubsDone); scrubber.Run(scrubCtx) }()
 	defer func() { stopScrubs(); <-scrubsDone }()
 
+	mover, err := replication.StartMoveMonitor(replication.MoveMonitorOptions{NodeID: id, Manager: mgr, Moves: node.Moves,
+		Propose: peer.proposeMove, Logger: log.With("part", "move")})
+	if err != nil {
+		return err
+	}
+	defer mover.Close()
+
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	registry.MustRegister(nbdMetrics.Collectors()...)
 	registry.MustRegister(node.Collectors()...)
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 	registry.MustRegister(scrubber)
+	registry.MustRegister(mover.Collectors()...)
 	registry.MustRegister(backgroundCollectors...)
 	registry.MustRegister(qosMetrics.Collectors()...)
 	registry.MustRegister(peerCollectors(link)...)
@@ -471,7 +479,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		debug = mux
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
-		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness})
+		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node})
 	if err != nil {
 		return err
 	}
