@@ -98,7 +98,9 @@ func (b *daemonBackend) MoveLU(ctx context.Context, name string, req api.MoveReq
 	return b.ctl.MoveLU(ctx, name, req.To, req.Wait)
 }
 
-func (b *daemonBackend) ListMoves(ctx context.Context) ([]api.Move, error) { return b.ctl.ListMoves(ctx) }
+func (b *daemonBackend) ListMoves(ctx context.Context) ([]api.Move, error) {
+	return b.ctl.ListMoves(ctx)
+}
 
 // ProposeMoveOp records a move monitor's operation as the calling node
 // (its certificate). Leader only, never forwarded.

@@ -46,7 +46,7 @@ var routeTable = []route{
 	{pattern: "GET /v1/nodes", method: "GET", path: "/v1/nodes", access: accessAdmin, backend: "Nodes"},
 	{pattern: "GET /v1/status", method: "GET", path: "/v1/status", access: accessAdmin, backend: "Status"},
 	{pattern: "DELETE /v1/nodes/{id}", method: "DELETE", path: "/v1/nodes/n1", access: accessAdmin, backend: "RemoveNode"},
-	{pattern: "POST /v1/lus/{name}/move", method: "POST", path: "/v1/lus/a/move", body: `{"to":"n2"}`, access: accessAdmin, backend: "MoveLU"},
+	{pattern: "POST /v1/lus/{name}/move", method: "POST", path: "/v1/lus/a/move", body: `{"to":"n1"}`, access: accessAdmin, backend: "MoveLU"},
 	{pattern: "GET /v1/moves", method: "GET", path: "/v1/moves", access: accessAdmin, backend: "ListMoves"},
 	{pattern: "POST /v1/lus/{name}/copies", method: "POST", path: "/v1/lus/a/copies", body: `{"node":"n2"}`, access: accessAdmin, backend: "AddCopy"},
 	{pattern: "GET /v1/lus/{name}/hashes", method: "GET", path: "/v1/lus/a/hashes?count=2", access: accessAdmin, backend: "RegionHashes"},
@@ -99,7 +99,7 @@ func (rt route) probe() bool {
 func routeHandler(t *testing.T, protectProbes bool) (*Handler, *memBackend) {
 	t.Helper()
 	b := newMemBackend()
-	b.putLU(LU{Name: "a", SizeBytes: 4096, Copies: 1, Writer: "n2", Epoch: 1, Replicas: []Replica{{Node: "n2", State: "in-sync"}}})
+	b.putLU(LU{Name: "a", SizeBytes: 4096, Copies: 2, Writer: "n2", Epoch: 1, Replicas: []Replica{{Node: "n2", State: "in-sync"}, {Node: "n1", State: "in-sync"}}})
 	b.mu.Lock()
 	b.tokens["t1"] = JoinTokenInfo{ID: "t1"}
 	b.mu.Unlock()
