@@ -120,14 +120,19 @@ func (n *Node) GetMove(name string) (m Move, ok bool, err error) {
 // operation it runs (start), Proposer{NodeID: n.ID(), Primary: true}.
 // NextMove runs first against the local state to refuse an illegal
 // operation without a log entry; Apply decides. Returns ErrIllegalMove,
-// ErrMoveInProgress, ErrNoMove, ErrNotFound, ErrNotLeader or
-// ErrOutcomeUnknown.
+// ErrMoveInProgress, ErrNoMove, ErrNotFound, ErrNotLeader (on a follower,
+// before any check) or ErrOutcomeUnknown.
 func (n *Node) ProposeMove(ctx context.Context, by Proposer, op MoveOp) error {
 	if err := ValidateName(op.LU); err != nil {
 		return err
 	}
 	if by.NodeID == "" {
 		return fmt.Errorf("%w: a move operation needs the proposer's node id", ErrInvalid)
+	}
+	if !n.IsLeader() {
+		// A follower's applied state may lag what the proposer saw
+		// applied on the leader: leave the verdict to the leader.
+		return ErrNotLeader
 	}
 	var lu LU
 	var cur *Move
