@@ -154,6 +154,13 @@ func (n *Node) ProposeMove(ctx context.Context, by Proposer, op MoveOp) error {
 		return err
 	}
 	_, err = n.propose(ctx, &command{Type: cmdMove, Move: &op, By: by.NodeID, Primary: by.Primary})
+	if err == nil && op.Op == MoveOpSwitch {
+		// The source holds its writes until it applied the switch, and the
+		// target acknowledges nothing before it did: an entry appended now
+		// carries the new commit index to them at once, instead of within
+		// CommitTimeout. Raft owns the future; nothing waits for it.
+		n.raft.Barrier(n.opts.ApplyTimeout)
+	}
 	return err
 }
 
