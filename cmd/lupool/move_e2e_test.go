@@ -16,7 +16,7 @@ import (
 	"github.com/lupool/lupool/internal/realclient"
 )
 
-// moveJSON is one line of `lupool move list -o json`.
+// moveJSON is one move of GET /v1/moves (`lupool move list -o json`).
 type moveJSON struct {
 	LU       string `json:"lu"`
 	From     string `json:"from"`
@@ -31,9 +31,11 @@ type moveJSON struct {
 
 func (d *daemon) moves() []moveJSON {
 	d.t.Helper()
+	resp := d.request("GET", "/v1/moves", "")
+	defer resp.Body.Close()
 	var out []moveJSON
-	if err := json.Unmarshal([]byte(d.mustCLI("move", "list", "-o", "json")), &out); err != nil {
-		d.t.Fatal(err)
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 200 {
+		d.t.Fatalf("GET /v1/moves: %s %v", resp.Status, err)
 	}
 	return out
 }
@@ -172,6 +174,9 @@ func TestMoveUnderFio(t *testing.T) {
 	if m := n2.moves(); len(m) != 0 {
 		t.Errorf("move records left: %+v", m)
 	}
+	if list := n2.mustCLI("move", "list", "-o", "json"); strings.TrimSpace(list) != "[]" {
+		t.Errorf("move list -o json after the moves: %q, want []", list)
+	}
 	lu := n1.showLU("m")
 	for _, r := range lu.Replicas {
 		if r.State != "in-sync" {
@@ -243,8 +248,8 @@ for b in range(%d, %d):
 
 // TestMoveNodeKilledMidMove: a move is made to stall in a known state by
 // freezing (SIGSTOP) its source before it is asked for: the record stays
-// requested, its monitors visible in `move list` and `lu show`, and a
-// second move is refused. Then one end is killed (kill -9):
+// requested, its monitors visible in GET /v1/moves and the LU's record
+// (what `move list` and `lu show` print), and a second move is refused. Then one end is killed (kill -9):
 //   - "source": the source itself, frozen. The primary's monitor sees it
 //     dead and rolls the move back, or the target's sees the LU fail over
 //     and does, whichever first (the failover promotes a copy);
@@ -297,9 +302,23 @@ func moveKillRun(t *testing.T, n1, n2, n3 *daemon, name, killed string) {
 	if m[0].From != source.id || m[0].To != target.id || len(m[0].Monitors) != 3 {
 		t.Fatalf("move list: %+v", m)
 	}
-	if show := n3.mustCLI("lu", "show", name); !strings.Contains(show, "moving: writer "+source.id+" → "+target.id+", requested") ||
-		!strings.Contains(show, "source "+source.id+": assigned") {
-		t.Errorf("lu show does not show the move in progress and its monitors:\n%s", show)
+	// The LU's record carries its move, on a node that is not the primary
+	// (once it applied the record).
+	var shown struct {
+		Move *moveJSON `json:"move"`
+	}
+	for deadline := time.Now().Add(2 * time.Second); ; {
+		resp = n3.request("GET", "/v1/lus/"+name, "")
+		err := json.NewDecoder(resp.Body).Decode(&shown)
+		resp.Body.Close()
+		if err == nil && shown.Move != nil && shown.Move.State == "requested" && shown.Move.To == target.id {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("GET /v1/lus/%s through n3: move %+v (%v); want the move, requested", name, shown.Move, err)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	second := n1.request("POST", "/v1/lus/"+name+"/move", `{"to":"n1"}`)
 	body, _ := io.ReadAll(second.Body)
@@ -307,6 +326,7 @@ func moveKillRun(t *testing.T, n1, n2, n3 *daemon, name, killed string) {
 	if second.StatusCode != 409 || !strings.Contains(string(body), "in progress") {
 		t.Errorf("a second move while one is in progress: %s %s; want 409 naming the move in progress", second.Status, body)
 	}
+	t.Logf("the source frozen %v while the stalled move was looked at", time.Since(faulted).Round(time.Millisecond))
 	if since := time.Since(faulted); since > 3*time.Second {
 		t.Fatalf("the source was frozen %v before the kill; the primary may have failed it over (--failover-after 4s)", since)
 	}
