@@ -18,6 +18,7 @@ import (
 //	{"v":1,"type":"lu.qos","at":"...","by":"n1","primary":true,"name":"vm1","qos":{"write_iops":2000}}
 //	{"v":1,"type":"lu.copies","at":"...","by":"n2","change":{"name":"vm1","expected_epoch":4,
 //	    "epoch":5,"writer":"n2","copies":2,"replicas":[{"node_id":"n2","state":"in-sync"},...]}}
+//	{"v":1,"type":"move","at":"...","by":"n2","move":{"lu":"vm1","op":"switch","role":"source","step":"drained"}}
 //	{"v":1,"type":"node.upsert","at":"...","by":"n2","node":{...}}
 //	{"v":1,"type":"node.upsert","at":"...","by":"n1","primary":true,"join":true,"node":{...}}
 //	{"v":1,"type":"node.remove","at":"...","by":"n1","primary":true,"name":"node-id"}
@@ -51,6 +52,7 @@ const (
 	cmdSetQoS     = "lu.qos"
 	cmdUpdateLU   = "lu.update" // retired: decoded, always rejected
 	cmdCopies     = "lu.copies"
+	cmdMove       = "move" // a planned writer move (move.go), checked by NextMove
 	cmdUpsertNode = "node.upsert"
 	cmdRemoveNode = "node.remove"
 	cmdSetSetting = "setting.set"
@@ -87,6 +89,8 @@ type command struct {
 	QoS *QoS `json:"qos,omitempty"`
 	// Change is the body of lu.copies.
 	Change *CopyChange `json:"change,omitempty"`
+	// Move is the body of move.
+	Move *MoveOp `json:"move,omitempty"`
 	// Join marks a node.upsert that adds a new member's record (proposed by
 	// the primary); it is applied only if no record with that id exists.
 	Join bool `json:"join,omitempty"`
@@ -152,6 +156,10 @@ func decodeCommand(data []byte) (*command, error) {
 	case cmdCopies:
 		if c.Change == nil {
 			return nil, fmt.Errorf("%w: %s without a change", ErrInvalid, c.Type)
+		}
+	case cmdMove:
+		if c.Move == nil {
+			return nil, fmt.Errorf("%w: %s without an operation", ErrInvalid, c.Type)
 		}
 	case cmdUpsertNode:
 		if c.Node == nil || c.Node.ID == "" {

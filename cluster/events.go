@@ -56,6 +56,9 @@ const (
 	EventNodeRemoved      = "NodeRemoved"      // node
 	EventCommandRejected  = "CommandRejected"  // by (the proposer); details type, error (an illegal state-machine command)
 	EventFFDCCaptured     = "FFDCCaptured"     // node (whose bundle); details id, correlation_id, trigger, bytes, nodes
+	EventMoveStarted      = "MoveStarted"      // lu, node (the target); details from, to, epoch
+	EventMoveCompleted    = "MoveCompleted"    // lu, node (the new writer); details from, to, by_monitor, reason, seconds
+	EventMoveRolledBack   = "MoveRolledBack"   // lu, node (the writer kept); details from, to, state, by_monitor, reason, seconds
 
 	// Proposed with AppendEvent by the node that observes them.
 	EventPrimaryElected       = "PrimaryElected"       // node (the new primary); details term
@@ -77,7 +80,8 @@ const (
 var derivedKinds = map[string]bool{
 	EventLUCreated: true, EventLUResized: true, EventLUDeleted: true, EventCopyStateChanged: true,
 	EventResyncStarted: true, EventResyncFinished: true, EventNodeJoined: true, EventNodeRemoved: true,
-	EventCommandRejected: true, EventFFDCCaptured: true,
+	EventCommandRejected: true, EventFFDCCaptured: true, EventMoveStarted: true, EventMoveCompleted: true,
+	EventMoveRolledBack: true,
 }
 
 // proposedKinds may be proposed with AppendEvent.

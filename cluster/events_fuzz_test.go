@@ -23,6 +23,10 @@ func FuzzApplyEventCommands(f *testing.F) {
 		`{"v":1,"type":"sub.remove","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"name":"ops"}`,
 		`{"v":1,"type":"ffdc.put","at":"2026-11-22T03:00:10Z","by":"n2","ffdc":{"id":"b","node":"n2","bytes":3,"chunks":1},"data":"YWJj"}`,
 		`{"v":1,"type":"lu.copies","at":"2026-11-22T03:00:10Z","by":"n1","change":{"name":"m","expected_epoch":1,"epoch":2,"writer":"n1","copies":2,"replicas":[{"node_id":"n1","state":"in-sync"},{"node_id":"n2","state":"out-of-sync"}]}}`,
+		`{"v":1,"type":"move","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"move":{"lu":"m","op":"start","to":"n2"}}`,
+		`{"v":1,"type":"move","at":"2026-11-22T03:00:10Z","by":"n1","move":{"lu":"m","op":"switch","role":"source","step":"drained"}}`,
+		`{"v":1,"type":"move","at":"2026-11-22T03:00:10Z","by":"n2","move":{"lu":"m","op":"rollback","role":"target","reason":"x"}}`,
+		`{"v":1,"type":"move","by":"n2"}`,
 		`{"v":1,"type":"event.append","event":{}}`,
 		`not json`,
 	} {

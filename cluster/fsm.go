@@ -33,6 +33,7 @@ import (
 //	"meta/event-seq"      -> last event seq (8 bytes, big-endian)
 //	"meta/sub/" + id      -> JSON Subscriber (subscribers.go)
 //	"meta/ffdc/" + id + … -> FFDC bundles (ffdc.go)
+//	"meta/move/" + lu     -> JSON Move (move.go)
 //
 // One Pebble instance for log and state: one write-ahead log, one lock
 // file, one thing to back up. Every applied command writes its change and
@@ -75,6 +76,8 @@ type applyResult struct {
 	cmdType, by string
 	// events are the events the command derives (numbered by Apply).
 	events []Event
+	// moveOutcome is the outcome of a move the command ended, if any.
+	moveOutcome string
 }
 
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
@@ -90,6 +93,9 @@ type fsm struct {
 	// eventsTotal counts the events this node's state machine stored
 	// since it opened, by kind (unregistered; Node.Collectors).
 	eventsTotal *prometheus.CounterVec // immutable; never nil
+	// movesTotal counts the planned moves this node's state machine saw
+	// end since it opened, by outcome (done, rolled-back).
+	movesTotal *prometheus.CounterVec // immutable; never nil
 	// appliedSinceOpen and skippedSinceOpen count command entries applied,
 	// and entries skipped as already applied, since this process opened
 	// the state (a restart must skip, never re-apply).
@@ -117,7 +123,9 @@ var (
 func newFSM(db *pebble.DB, log *slog.Logger) (*fsm, error) {
 	f := &fsm{db: db, log: log, eventsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_events_total", Help: "Events the metadata state machine stored since this process started, by kind.",
-	}, []string{"kind"})}
+	}, []string{"kind"}), movesTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "lupool_moves_total", Help: "Planned writer moves that ended since this process started, by outcome (done, rolled-back).",
+	}, []string{"outcome"})}
 	f.mu.watchers = map[int]func(Change){}
 	f.mu.eventsChanged = make(chan struct{})
 	if err := f.loadCounters(); err != nil {
@@ -347,6 +355,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 		f.rejected.Add(1)
 		return res
 	}
+	if res.moveOutcome != "" {
+		f.movesTotal.WithLabelValues(res.moveOutcome).Inc()
+	}
 	if res.change != nil {
 		switch res.change.Kind {
 		case Created:
@@ -437,6 +448,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := b.Delete([]byte(luPrefix+lu.Name), nil); err != nil {
 			return applyResult{err: err}
 		}
+		if err := b.Delete([]byte(movePrefix+lu.Name), nil); err != nil { // a move of it ends with it
+			return applyResult{err: err}
+		}
 		return applyResult{change: &Change{Kind: Deleted, LU: lu, Index: l.Index},
 			events: []Event{{Time: c.At, Kind: EventLUDeleted, LU: lu.Name, By: c.By}}}
 	case cmdUpdateLU:
@@ -444,6 +458,8 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 			ErrInvalid, cmdUpdateLU, cmdCopies)}
 	case cmdCopies:
 		return f.applyCopies(b, c, l.Index)
+	case cmdMove:
+		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:
 		n := *c.Node
 		n.UpdatedAt = c.At

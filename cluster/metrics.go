@@ -41,11 +41,12 @@ var _ prometheus.Collector = (*collector)(nil)
 //	lupool_raft_applied_since_start_total counter: commands applied by this process
 //	lupool_raft_skipped_since_start_total counter: entries skipped as applied before a restart
 //	lupool_events_total{kind}      counter: events stored since start
+//	lupool_moves_total{outcome}    counter: planned writer moves ended since start (done, rolled-back)
 //	lupool_events_last_seq         gauge: the newest event's seq
 //	lupool_event_subscriber_lag_events{subscriber}      gauge, on the primary: events after the acknowledged position
 //	lupool_event_delivery_failures_total{subscriber}    counter, on the primary: failed deliveries since it became primary
 func (n *Node) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{n.fsm.eventsTotal, &collector{
+	return []prometheus.Collector{n.fsm.eventsTotal, n.fsm.movesTotal, &collector{
 		lastSeq: prometheus.NewDesc("lupool_events_last_seq", "Seq of the newest event in the event log.", nil, nil),
 		subLag: prometheus.NewDesc("lupool_event_subscriber_lag_events",
 			"Events after a registered caller's acknowledged position (reported by the primary).", []string{"subscriber"}, nil),

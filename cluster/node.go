@@ -125,6 +125,10 @@ type Options struct {
 	// ReadLease; default 1 s): the primary promotes a new writer only this
 	// long after it last confirmed the old one a metadata lease.
 	ReadLease time.Duration
+	// MoveTimeout bounds a planned writer move (move.go): the primary
+	// rolls back a move not switched this long after it started, and
+	// completes one that switched (default 15 s).
+	MoveTimeout time.Duration
 	// EventsMax and EventsMaxAge bound the event log (events.go): the
 	// primary prunes the oldest events beyond EventsMax events or older
 	// than EventsMaxAge, checking every EventRetentionEvery. Zero means
@@ -159,6 +163,11 @@ func (o *Options) EnsureDefaults() {
 		// quorum for this long steps down. Shorter makes a loaded machine
 		// (CPU starvation under -race) flap leadership.
 		o.LeaderLeaseTimeout = o.HeartbeatTimeout
+	}
+	if o.MoveTimeout == 0 {
+		// Far above a handover (a drain and one log entry), far below a
+		// client's I/O timeout.
+		o.MoveTimeout = 15 * time.Second
 	}
 	if o.ProbeInterval == 0 {
 		o.ProbeInterval = 200 * time.Millisecond
@@ -381,6 +390,8 @@ func (n *Node) start() error {
 		n.wg.Add(1)
 		go n.failoverLoop()
 	}
+	n.wg.Add(1)
+	go n.moveLoop()
 	n.wg.Add(1)
 	go n.retentionLoop()
 	n.delivery = &delivery{n: n, workers: map[string]*deliveryWorker{}, status: map[string]DeliveryStatus{}}

@@ -114,6 +114,10 @@ type LU struct {
 	// QoS limits client I/O to the LU on every node that serves it; nil
 	// is no limit.
 	QoS *QoS `json:"qos,omitempty"`
+	// HandoverEpoch is the epoch at which a planned move made Writer the
+	// writer (move.go): a clean handover, every in-sync copy holding every
+	// acknowledged write with none in flight. Any other epoch is not one.
+	HandoverEpoch uint64 `json:"handover_epoch,omitempty"`
 }
 
 // QoS are an LU's client I/O limits, per node that serves it (the writer

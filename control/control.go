@@ -11,6 +11,8 @@
 //   - DeleteLU: refused while clients are attached through any node,
 //     unless forced;
 //   - AddCopy: placement of a new copy;
+//   - MoveLU: a planned move of an LU's writer role (the record; the
+//     handover is the nodes' move monitors'), and its wait;
 //   - VerifyLU: a region-hash compare of every in-sync copy, with re-checks
 //     of regions that differ;
 //   - ScrubLU: the compare and repair, sent to the LU's writer, and the
@@ -157,6 +159,9 @@ type Options struct {
 	// members (asked of the primary when this node is not); Nodes and
 	// Status show it. An error leaves the states out.
 	Liveness func(ctx context.Context) ([]api.NodeLiveness, error)
+	// Moves runs planned writer moves (move.go); optional (without it
+	// MoveLU answers ErrUnavailable).
+	Moves Moves
 }
 
 // EnsureDefaults fills the zero fields that have defaults.

@@ -66,6 +66,7 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		out.AllocatedBytes = vol.AllocatedBytes()
 	}
 	p.scrubStatus(&out)
+	out.Move = p.luMove(rec.Name)
 	return out
 }
 

@@ -178,7 +178,9 @@ func (f *Forwarder) forward(ctx context.Context, h replproto.Header, payload, ds
 		// Wait for a new record (the writer moved) or a short while.
 		select {
 		case <-changed:
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(min(time.Duration(attempt)*5*time.Millisecond, 100*time.Millisecond)):
+			// Soon at first: a planned move's new writer is ready within
+			// milliseconds of the record that names it.
 		case <-ctx.Done():
 		case <-f.stop:
 			return errRetired

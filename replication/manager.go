@@ -77,6 +77,12 @@
 // out of sync first (the old writer's last writes may have reached one
 // copy and not another).
 //
+// A planned move (move.go) is the exception: the old writer quiesced and
+// drained before the switch, so the record marks the handover clean
+// (cluster.LU.HandoverEpoch) and the new writer trusts the in-sync copies,
+// the old writer's among them, without a lease wait or a compare. Each
+// node's MoveMonitor runs its side of a move and records its steps.
+//
 // # Durability
 //
 // A write acknowledged by a Mirror is in the writer's volume and in every

@@ -148,6 +148,13 @@ type Mirror struct {
 	stateMu sync.Mutex
 	rec     cluster.LU // guarded by stateMu
 
+	// quiesced is set while a planned move holds gate exclusively
+	// (move.go): new writes, trims, zeroes and flushes wait, those in
+	// flight have drained. handedOver is set when the move switched and
+	// this mirror was retired: what waited runs again on the new role.
+	quiesced   atomic.Bool
+	handedOver atomic.Bool
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -203,11 +210,21 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool)
 			mi.recordAllNew()
 		}()
 	}
-	if promoted {
+	switch {
+	case promoted && wasCopy && rec.HandoverEpoch == rec.Epoch:
+		// A planned move's clean handover (move.go): trust the copies in
+		// sync as they are.
+		if err := mi.takeOverClean(links); err != nil {
+			return nil, err
+		}
+		if distrust {
+			mi.distrustInSync(links)
+		}
+	case promoted:
 		if err := mi.takeOver(links); err != nil {
 			return nil, err
 		}
-	} else if distrust {
+	case distrust:
 		mi.distrustInSync(links)
 	}
 	if mi.store != nil && !lost {
@@ -461,6 +478,9 @@ func (mi *Mirror) close() {
 	default:
 	}
 	close(mi.stop)
+	// A move that quiesced this mirror switched (or it is going): what
+	// waited runs again on the device of the new role.
+	mi.resume(true)
 	for _, l := range mi.linkSet() {
 		if c := l.conn.Swap(nil); c != nil {
 			c.Close()
@@ -603,6 +623,11 @@ func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blo
 		return
 	}
 	mi.gate.RLock()
+	if mi.handedOver.Load() {
+		mi.gate.RUnlock()
+		mi.rerunWrite(ctx, p, off, flags, done)
+		return
+	}
 	w, _ := mi.m.asyncWrites.Get().(*asyncWrite)
 	if w == nil {
 		w = &asyncWrite{}
@@ -697,6 +722,9 @@ func (mi *Mirror) WriteZeroes(ctx context.Context, off, length int64, flags bloc
 func (mi *Mirror) Flush(ctx context.Context) error {
 	mi.gate.RLock()
 	defer mi.gate.RUnlock()
+	if mi.handedOver.Load() {
+		return errRetired
+	}
 	return mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0)
 }
 
@@ -717,6 +745,9 @@ func wireFlags(f blockdev.Flags) replproto.Flags {
 func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off, length int64, flags blockdev.Flags) error {
 	mi.gate.RLock()
 	defer mi.gate.RUnlock()
+	if mi.handedOver.Load() {
+		return errRetired // the role device runs it again on the new role
+	}
 	unlock := mi.lockRange(off, length)
 	defer unlock()
 	// Trims and zeroes may exceed one frame; writes never do (the NBD

@@ -92,3 +92,25 @@ func (b *daemonBackend) Ready() error {
 	}
 	return nil
 }
+
+// MoveLU records a planned writer move (leader only; the API forwards).
+func (b *daemonBackend) MoveLU(ctx context.Context, name string, req api.MoveRequest) (api.MoveResult, error) {
+	return b.ctl.MoveLU(ctx, name, req.To, req.Wait)
+}
+
+func (b *daemonBackend) ListMoves(ctx context.Context) ([]api.Move, error) {
+	return b.ctl.ListMoves(ctx)
+}
+
+// ProposeMoveOp records a move monitor's operation as the calling node
+// (its certificate). Leader only, never forwarded.
+func (b *daemonBackend) ProposeMoveOp(ctx context.Context, name string, req api.MoveOpRequest) error {
+	id := api.CallerFrom(ctx).Node
+	if id == "" {
+		return fmt.Errorf("%w: move operations come from nodes", api.ErrForbidden)
+	}
+	if !b.node.IsLeader() {
+		return b.notLeader()
+	}
+	return b.ctl.ProposeMoveOp(ctx, id, name, req)
+}

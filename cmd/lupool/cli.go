@@ -375,8 +375,8 @@ once per interval for every LU.`,
 		},
 	}
 
-	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, verify and scrub LUs", "admin",
-		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, verify, scrub)
+	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, move, verify and scrub LUs", "admin",
+		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, newLUMoveCommand(cf, stdout), verify, scrub)
 }
 
 // completeLUNames completes an LU name argument from the API (quietly
@@ -499,6 +499,10 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 		}
 		if err := tw.Flush(); err != nil {
 			return err
+		}
+		if m := lu.Move; m != nil {
+			fmt.Fprintf(w, "\nmoving: writer %s → %s, %s for %s (epoch %d)\nmonitors: %s\n", m.From, m.To, m.State,
+				(time.Duration(m.AgeSeconds * float64(time.Second))).Round(time.Millisecond), m.Epoch, monitorsText(m.Monitors))
 		}
 		if sc := lu.Scrub; sc != nil {
 			last := "never, since the writer started"

@@ -248,6 +248,41 @@ func (p *peers) changeCopies(ctx context.Context, rec cluster.LU, expected uint6
 	}
 }
 
+// proposeMove records a move monitor's operation as this node
+// (replication.MoveMonitorOptions.Propose): directly when it leads the
+// metadata log, else on the leader's peer port. It follows leadership
+// changes until ctx ends.
+func (p *peers) proposeMove(ctx context.Context, op cluster.MoveOp) error {
+	for {
+		err := p.node.ProposeMove(ctx, cluster.Proposer{NodeID: p.self}, op)
+		if !errors.Is(err, cluster.ErrNotLeader) {
+			return err
+		}
+		if leader, _ := p.node.Leader(); leader != "" && leader != p.self {
+			var c *api.Client
+			if c, err = p.clientOf(leader); err == nil {
+				err = c.ProposeMoveOp(ctx, op.LU, api.MoveOpRequest{Op: op.Op, Role: op.Role, Step: op.Step, Reason: op.Reason})
+			}
+			var se *api.StatusError
+			switch {
+			case err == nil:
+				return nil
+			case errors.As(err, &se) && se.StatusCode == http.StatusForbidden:
+				return fmt.Errorf("%w: %v", cluster.ErrIllegalMove, err)
+			case errors.As(err, &se) && se.StatusCode == http.StatusNotFound:
+				return fmt.Errorf("%w: %v", cluster.ErrNoMove, err)
+			case errors.As(err, &se) && se.StatusCode < 500:
+				return fmt.Errorf("leader %s refused the move operation: %w", leader, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: move %s of %s: %v", cluster.ErrNotLeader, op.Op, op.LU, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // register is the second step of joining (and how a member records new
 // addresses of its own): ask the leader, on its peer port, to add this
 // node (identified by its certificate) with req's addresses. members are

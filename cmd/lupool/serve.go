@@ -468,6 +468,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		}()
 		defer func() { stopSwapWatch(); <-swapDone }()
 	}
+	mover, err := replication.StartMoveMonitor(replication.MoveMonitorOptions{NodeID: id, Manager: mgr, Moves: node.Moves,
+		Propose: peer.proposeMove, Logger: log.With("part", "move")})
+	if err != nil {
+		return err
+	}
+	defer mover.Close()
 
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	registry.MustRegister(nbdMetrics.Collectors()...)
@@ -475,6 +481,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	registry.MustRegister(poolCollectors(pool)...)
 	registry.MustRegister(mgr.Collectors()...)
 	registry.MustRegister(scrubber)
+	registry.MustRegister(mover.Collectors()...)
 	registry.MustRegister(backgroundCollectors...)
 	registry.MustRegister(qosMetrics.Collectors()...)
 	registry.MustRegister(peerCollectors(link)...)
@@ -493,7 +500,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		debug = mux
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
-		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness})
+		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node})
 	if err != nil {
 		return err
 	}

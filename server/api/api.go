@@ -171,6 +171,18 @@ type Backend interface {
 	// is not the writer answers with a NotLeaderError naming it, and the
 	// request is forwarded there).
 	ScrubLU(ctx context.Context, name string) (ScrubReport, error)
+	// MoveLU records a planned move of an LU's writer role to
+	// req.To (leader only: a NotLeaderError forwards it), and with
+	// req.Wait waits until it ended. ErrNotFound for an unknown LU,
+	// ErrInvalid for an unknown node or a target that may not write it
+	// (no in-sync copy, already the writer), ErrExists while another move
+	// of the LU is in progress.
+	MoveLU(ctx context.Context, name string, req MoveRequest) (MoveResult, error)
+	// ListMoves returns the moves in progress.
+	ListMoves(ctx context.Context) ([]Move, error)
+	// ProposeMoveOp records a move monitor's operation as the calling
+	// node (CallerFrom(ctx).Node); ErrForbidden when the rules refuse it.
+	ProposeMoveOp(ctx context.Context, name string, req MoveOpRequest) error
 	// Ready returns nil when the node can serve LU requests.
 	Ready() error
 }
@@ -319,6 +331,8 @@ type LU struct {
 	// Scrub is the LU's scrub state; only in answers from the writer's
 	// node.
 	Scrub *ScrubStatus `json:"scrub,omitempty"`
+	// Move is the LU's planned writer move in progress, if any.
+	Move *Move `json:"move,omitempty"`
 }
 
 // Replica is one copy of an LU.

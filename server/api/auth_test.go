@@ -46,6 +46,8 @@ var routeTable = []route{
 	{pattern: "GET /v1/nodes", method: "GET", path: "/v1/nodes", access: accessAdmin, backend: "Nodes"},
 	{pattern: "GET /v1/status", method: "GET", path: "/v1/status", access: accessAdmin, backend: "Status"},
 	{pattern: "DELETE /v1/nodes/{id}", method: "DELETE", path: "/v1/nodes/n1", access: accessAdmin, backend: "RemoveNode"},
+	{pattern: "POST /v1/lus/{name}/move", method: "POST", path: "/v1/lus/a/move", body: `{"to":"n1"}`, access: accessAdmin, backend: "MoveLU"},
+	{pattern: "GET /v1/moves", method: "GET", path: "/v1/moves", access: accessAdmin, backend: "ListMoves"},
 	{pattern: "POST /v1/lus/{name}/copies", method: "POST", path: "/v1/lus/a/copies", body: `{"node":"n2"}`, access: accessAdmin, backend: "AddCopy"},
 	{pattern: "GET /v1/lus/{name}/hashes", method: "GET", path: "/v1/lus/a/hashes?count=2", access: accessAdmin, backend: "RegionHashes"},
 	{pattern: "POST /v1/lus/{name}/verify", method: "POST", path: "/v1/lus/a/verify", body: `{}`, access: accessAdmin, backend: "VerifyLU"},
@@ -59,6 +61,8 @@ var routeTable = []route{
 		body: `{"expected_epoch":1,"epoch":2,"writer":"n2","copies":1,"replicas":[{"node":"n2","state":"in-sync"}]}`, access: accessNode, backend: "ChangeCopies"},
 	{pattern: "POST /v1/internal/lus/{name}/lease", method: "POST", path: "/v1/internal/lus/a/lease",
 		body: `{"epoch":1}`, access: accessNode, backend: "ConfirmLease"},
+	{pattern: "POST /v1/internal/lus/{name}/move-op", method: "POST", path: "/v1/internal/lus/a/move-op",
+		body: `{"op":"step","role":"target","step":"ready"}`, access: accessNode, backend: "ProposeMoveOp"},
 	{pattern: "GET /v1/internal/liveness", method: "GET", path: "/v1/internal/liveness", access: accessNode, backend: "Liveness"},
 	{pattern: "POST /v1/internal/nodes", method: "POST", path: "/v1/internal/nodes", body: `{"peer_addr":"p:1","api_addr":"a:1"}`, access: accessCert, backend: "RegisterNode"},
 	// Through a ResponseRecorder (no Connection: Upgrade), an authorized
@@ -95,7 +99,7 @@ func (rt route) probe() bool {
 func routeHandler(t *testing.T, protectProbes bool) (*Handler, *memBackend) {
 	t.Helper()
 	b := newMemBackend()
-	b.putLU(LU{Name: "a", SizeBytes: 4096, Copies: 1, Writer: "n2", Epoch: 1, Replicas: []Replica{{Node: "n2", State: "in-sync"}}})
+	b.putLU(LU{Name: "a", SizeBytes: 4096, Copies: 2, Writer: "n2", Epoch: 1, Replicas: []Replica{{Node: "n2", State: "in-sync"}, {Node: "n1", State: "in-sync"}}})
 	b.mu.Lock()
 	b.tokens["t1"] = JoinTokenInfo{ID: "t1"}
 	b.mu.Unlock()

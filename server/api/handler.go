@@ -119,6 +119,8 @@ func NewHandler(opts Options) (*Handler, error) {
 	admin("GET /v1/status", h.status)
 	admin("DELETE /v1/nodes/{id}", h.mutating(h.removeNode))
 	admin("POST /v1/lus/{name}/copies", h.mutating(h.addCopy))
+	admin("POST /v1/lus/{name}/move", h.mutating(h.moveLU))
+	admin("GET /v1/moves", h.listMoves)
 	admin("GET /v1/lus/{name}/hashes", h.regionHashes)
 	admin("POST /v1/lus/{name}/verify", h.verifyLU)
 	// A scrub runs on the LU's writer: the backend names it with a
@@ -134,6 +136,7 @@ func NewHandler(opts Options) (*Handler, error) {
 	// never forwarded (the leader would see the forwarding node instead).
 	node("POST /v1/internal/lus/{name}/copy-change", h.local(h.changeCopies))
 	node("POST /v1/internal/lus/{name}/lease", h.local(h.confirmLease))
+	node("POST /v1/internal/lus/{name}/move-op", h.local(h.proposeMoveOp))
 	node("GET /v1/internal/liveness", h.liveness)
 	// A joining node is not a member yet: its certificate is its credential.
 	h.mux.HandleFunc("POST /v1/internal/nodes", h.authorize(accessCert, h.local(h.registerNode)))

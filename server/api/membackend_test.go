@@ -441,3 +441,49 @@ func (b *memBackend) Ready() error {
 	defer b.mu.Unlock()
 	return nil
 }
+
+// MoveLU moves the writer at once when the target holds an in-sync copy.
+func (b *memBackend) MoveLU(ctx context.Context, name string, req MoveRequest) (MoveResult, error) {
+	err := b.enter(ctx, "MoveLU", true)
+	defer b.mu.Unlock()
+	if err != nil {
+		return MoveResult{}, err
+	}
+	lu, ok := b.lus[name]
+	if !ok {
+		return MoveResult{}, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if lu.Writer == req.To {
+		return MoveResult{}, fmt.Errorf("%w: %s already writes %s", ErrInvalid, req.To, name)
+	}
+	for _, r := range lu.Replicas {
+		if r.Node == req.To && r.State == "in-sync" {
+			from := lu.Writer
+			lu.Writer = req.To
+			lu.Epoch++
+			b.lus[name] = lu
+			return MoveResult{LU: name, From: from, To: req.To, Outcome: "done", Writer: req.To}, nil
+		}
+	}
+	return MoveResult{}, fmt.Errorf("%w: %s holds no in-sync copy of %s", ErrInvalid, req.To, name)
+}
+
+// ListMoves has none: MoveLU moves at once.
+func (b *memBackend) ListMoves(ctx context.Context) ([]Move, error) {
+	_ = b.enter(ctx, "ListMoves", false)
+	defer b.mu.Unlock()
+	return []Move{}, nil
+}
+
+// ProposeMoveOp accepts any operation on a known LU (it keeps no moves).
+func (b *memBackend) ProposeMoveOp(ctx context.Context, name string, _ MoveOpRequest) error {
+	err := b.enter(ctx, "ProposeMoveOp", true)
+	defer b.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if _, ok := b.lus[name]; !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	return nil
+}
