@@ -127,6 +127,29 @@ func (b pagingBackend) RequestPaging(ctx context.Context, req api.PagingRequest)
 	return toAPISpace(s), pagingAPIError(err)
 }
 
+func (b pagingBackend) MigratePaging(ctx context.Context, vm, to string) (api.PagingSpace, error) {
+	s, err := b.svc.Migrate(ctx, vm, to)
+	return toAPISpace(s), pagingAPIError(err)
+}
+
+// pagingMover is paging's Mover: the planned writer move of the control
+// plane, waited for. Away from the leader it returns the NotLeaderError
+// that makes the API forward the migrate request there.
+type pagingMover struct {
+	ctl *control.Plane // immutable; never nil
+}
+
+func (m pagingMover) MoveWriter(ctx context.Context, lu, to string) error {
+	res, err := m.ctl.MoveLU(ctx, lu, to, true)
+	if err != nil {
+		return err
+	}
+	if res.Outcome != "done" {
+		return fmt.Errorf("%w: the move of %s to %s %s: %s", api.ErrUnavailable, lu, to, res.Outcome, res.Reason)
+	}
+	return nil
+}
+
 func (b pagingBackend) ReleasePaging(ctx context.Context, vm string, force bool) error {
 	return pagingAPIError(b.svc.Release(ctx, vm, force))
 }
@@ -229,9 +252,33 @@ attach (rides over node loss), nbd-client, QEMU.`,
 			return show(cf, c, stdout, get, printPagingSpace)
 		},
 	}
-	// `lupool paging migrate VM --to NODE` (paging.Service.Migrate) is
-	// wired once the planned writer move exists.
-	return newGroupCommand("paging", "paging (swap) space for VMs", "host", request, release, list, showCmd)
+	var to string
+	migrate := &cobra.Command{
+		Use:   "migrate VM --to NODE",
+		Short: "move a VM's writer to its new host ahead of a live migration (the planned writer move)",
+		Long: `Moves the writer of a VM's paging space to NODE, which must hold an in-sync
+copy, without an I/O error for its clients, and waits until the move is done
+or rolled back. Run it before the VM's live migration to NODE's host.`,
+		Example: "  lupool paging migrate vm42 --to n2",
+		Args:    oneVM("migrate"),
+		RunE: func(c *cobra.Command, args []string) error {
+			if to == "" {
+				return usageErrorf("paging migrate needs --to NODE, the node of the VM's new host")
+			}
+			return call(c, func(ctx context.Context, cl *api.Client) error {
+				sp, err := cl.MigratePaging(ctx, args[0], to)
+				if err != nil {
+					return err
+				}
+				if cf.output == "json" {
+					return printJSON(stdout, sp)
+				}
+				return printPagingSpace(stdout, sp)
+			})
+		},
+	}
+	migrate.Flags().StringVar(&to, "to", "", "node of the VM's new host (it must hold an in-sync copy)")
+	return newGroupCommand("paging", "paging (swap) space for VMs", "host", request, release, list, showCmd, migrate)
 }
 
 func copiesText(reps []api.PagingReplica) string {

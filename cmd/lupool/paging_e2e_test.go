@@ -148,6 +148,30 @@ func TestPagingCLI(t *testing.T) {
 	if p2.Host != "n2" || p2.Copies != 2 || p2.Existed {
 		t.Fatalf("request through n2: %+v", p2)
 	}
+	// Migrate moves the writer to the VM's next host (the planned writer
+	// move, asked of n2, run by the leader), and back; bad input changes
+	// nothing.
+	n2.mustFail("needs --to NODE", "paging", "migrate", "vm2")
+	n2.mustFail(`VM "ghost" has no paging space`, "paging", "migrate", "ghost", "--to", "n1")
+	n2.mustFail("n9", "paging", "migrate", "vm2", "--to", "n9")
+	if got := n1.paging("show", "vm2"); got.Host != "n2" {
+		t.Fatalf("a refused migrate moved the writer: %+v", got)
+	}
+	moved := n2.paging("migrate", "vm2", "--to", "n1")
+	if moved.Host != "n1" || moved.Copies != 2 || len(moved.Replicas) != 2 {
+		t.Fatalf("migrate to n1: %+v", moved)
+	}
+	for _, r := range moved.Replicas {
+		if r.State != "in-sync" {
+			t.Fatalf("a copy is %s after a planned move: %+v", r.State, moved)
+		}
+	}
+	if back := n1.paging("migrate", "vm2", "--to", "n2"); back.Host != "n2" {
+		t.Fatalf("migrate back to n2: %+v", back)
+	}
+	if same := n1.paging("migrate", "vm2", "--to", "n2"); same.Host != "n2" {
+		t.Fatalf("migrate to the host it is on: %+v", same)
+	}
 
 	// Release is refused while a client is attached, and says where.
 	a := startAttach(t, n1, "paging-vm2", "unix:"+filepath.Join(t.TempDir(), "vm2.sock"))

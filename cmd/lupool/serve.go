@@ -509,11 +509,9 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		backend.localAdminHash = pki.HashSecret(tok)
 	}
 	alerts := &alertStore{node: node, pool: pool, ctl: ctl.APIError}
-	// paging.Options.Mover stays nil until the planned writer move is
-	// wired: Migrate then answers that it is not built in.
 	pagingMetrics := paging.NewMetrics()
 	registry.MustRegister(pagingMetrics.Collectors()...)
-	pagingSvc, err := paging.New(paging.Options{LUs: pagingLUs{ctl: ctl}, NodeID: id, Metrics: pagingMetrics, Notify: func(n paging.Notice) {
+	pagingSvc, err := paging.New(paging.Options{LUs: pagingLUs{ctl: ctl}, Mover: pagingMover{ctl: ctl}, NodeID: id, Metrics: pagingMetrics, Notify: func(n paging.Notice) {
 		ev := cluster.Event{Kind: cluster.EventPagingRequested, LU: n.LU,
 			Details: map[string]string{"vm": n.VM, "size_bytes": strconv.FormatInt(n.SizeBytes, 10)}}
 		if n.Kind == paging.NoticeReleased {

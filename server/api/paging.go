@@ -19,6 +19,16 @@ type PagingBackend interface {
 	ReleasePaging(ctx context.Context, vm string, force bool) error
 	ListPaging(ctx context.Context) ([]PagingSpace, error)
 	ShowPaging(ctx context.Context, vm string) (PagingSpace, error)
+	// MigratePaging moves a VM's writer to node to (the planned writer
+	// move) ahead of a live migration of the VM, and returns the space as
+	// it is then; a NotLeaderError is forwarded to the leader.
+	MigratePaging(ctx context.Context, vm, to string) (PagingSpace, error)
+}
+
+// PagingMigrateRequest is the body of POST /v1/paging/{vm}/migrate.
+type PagingMigrateRequest struct {
+	// To is the node of the VM's new host; it must hold an in-sync copy.
+	To string `json:"to"`
 }
 
 // PagingRequest is the body of POST /v1/paging.
@@ -82,6 +92,19 @@ func (h *Handler) registerPaging(admin func(string, http.HandlerFunc)) {
 		h.reply(w, out, err)
 	})
 	admin("DELETE /v1/paging/{vm}", h.mutating(h.releasePaging))
+	admin("POST /v1/paging/{vm}/migrate", h.mutating(h.migratePaging))
+}
+
+func (h *Handler) migratePaging(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+	var req PagingMigrateRequest
+	if err := decode(body, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.To == "" {
+		return 0, nil, fmt.Errorf("%w: migrate needs the node of the VM's new host (\"to\")", ErrInvalid)
+	}
+	sp, err := h.opts.Paging.MigratePaging(ctx, r.PathValue("vm"), req.To)
+	return http.StatusOK, sp, err
 }
 
 func (h *Handler) requestPaging(ctx context.Context, _ *http.Request, body []byte) (int, any, error) {
@@ -142,5 +165,13 @@ func (c *Client) ListPaging(ctx context.Context) ([]PagingSpace, error) {
 func (c *Client) ShowPaging(ctx context.Context, vm string) (PagingSpace, error) {
 	var out PagingSpace
 	err := c.do(ctx, http.MethodGet, "/v1/paging/"+url.PathEscape(vm), nil, &out)
+	return out, err
+}
+
+// MigratePaging moves a VM's writer to node to ahead of a live migration
+// (POST /v1/paging/{vm}/migrate) and waits until the move ends.
+func (c *Client) MigratePaging(ctx context.Context, vm, to string) (PagingSpace, error) {
+	var out PagingSpace
+	err := c.do(ctx, http.MethodPost, "/v1/paging/"+url.PathEscape(vm)+"/migrate", PagingMigrateRequest{To: to}, &out)
 	return out, err
 }

@@ -46,6 +46,10 @@ func (p *pagingTwin) ShowPaging(_ context.Context, vm string) (PagingSpace, erro
 	return PagingSpace{}, fmt.Errorf("%w: VM %q has no paging space", ErrNotFound, vm)
 }
 
+func (p *pagingTwin) MigratePaging(_ context.Context, vm, _ string) (PagingSpace, error) {
+	return PagingSpace{}, fmt.Errorf("%w: VM %q has no paging space", ErrNotFound, vm)
+}
+
 func pagingHandler(t testing.TB) (*Handler, *pagingTwin) {
 	t.Helper()
 	twin := &pagingTwin{}
