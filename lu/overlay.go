@@ -77,9 +77,9 @@ type Overlay struct {
 	}
 
 	// flushMu serializes Flush's map writes. Taken after mu (read).
-	flushMu        sync.Mutex
-	persistedGen   uint64 // guarded by flushMu
-	blockLocks     [overlayStripes]sync.Mutex
+	flushMu      sync.Mutex
+	persistedGen uint64 // guarded by flushMu
+	blockLocks   [overlayStripes]sync.Mutex
 }
 
 var (
