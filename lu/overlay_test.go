@@ -357,11 +357,11 @@ func checkZeroExtents(t *testing.T, where string, d blockdev.Extenter, content [
 func TestOverlayModel(t *testing.T) {
 	seed := testseed.Seed(t, "./lu/")
 	ops := 1500
-	if testing.Short() {
-		ops = 600
+	if raceEnabled || testing.Short() {
+		ops = 250 // about 10 s under -race on a loaded 2-core machine
 	}
 	for run := range 4 {
-		r := newOverlayRun(t, seed+uint64(run), 1<<20+int64(run)*512)
+		r := newOverlayRun(t, seed+uint64(run), 256<<10+int64(run)*512)
 		for i := range ops {
 			r.step(i)
 		}

@@ -1,0 +1,163 @@
+package lu
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"os"
+	"testing"
+
+	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/lu/lufs"
+)
+
+func sampleStates(blocks int64) *stateMap {
+	m := newStateMap(blocks)
+	for i := int64(0); i < blocks; i++ {
+		m.set(i, blockState(i*7%3))
+	}
+	return m
+}
+
+func TestMapEncodeDecodeRoundTrip(t *testing.T) {
+	for _, size := range []int64{0, 512, 4096, 4096*5 + 512, 4096 * 64, 1<<20 + 4096*3} {
+		h := mapHeader{flags: mapFlagFrozen, generation: 42, sizeBytes: size, baseName: "img/0"}
+		states := sampleStates(blocksOf(size))
+		b := encodeMap(h, states)
+		got, gotStates, err := decodeMap(append(b, "trailing garbage"...))
+		if err != nil {
+			t.Fatalf("size %d: %v", size, err)
+		}
+		if got != h {
+			t.Fatalf("size %d: header %+v, want %+v", size, got, h)
+		}
+		for i := int64(0); i < states.blocks; i++ {
+			if gotStates.get(i) != states.get(i) {
+				t.Fatalf("size %d: block %d state %d, want %d", size, i, gotStates.get(i), states.get(i))
+			}
+		}
+	}
+}
+
+// TestMapDecodeRejectsEveryFlippedBit: a single flipped bit anywhere in an
+// encoded map is detected, never decoded into a different map.
+func TestMapDecodeRejectsEveryFlippedBit(t *testing.T) {
+	b := encodeMap(mapHeader{generation: 3, sizeBytes: 4096*9 + 512, baseName: "base"}, sampleStates(10))
+	for i := range b {
+		for bit := range 8 {
+			c := bytes.Clone(b)
+			c[i] ^= 1 << bit
+			if _, _, err := decodeMap(c); !errors.Is(err, ErrCorruptMap) {
+				t.Fatalf("byte %d bit %d flipped: %v, want ErrCorruptMap", i, bit, err)
+			}
+		}
+	}
+	for n := range b {
+		if _, _, err := decodeMap(b[:n]); !errors.Is(err, ErrCorruptMap) {
+			t.Fatalf("cut to %d bytes: %v, want ErrCorruptMap", n, err)
+		}
+	}
+}
+
+// TestMapDecodeRejectsStateThree: a well-checksummed map with an invalid
+// state is still refused.
+func TestMapDecodeRejectsStateThree(t *testing.T) {
+	b := encodeMap(mapHeader{generation: 1, sizeBytes: 4096 * 4}, newStateMap(4))
+	b[mapHeaderBytes] = 3 << 2 // block 1 = 3
+	end := len(b) - mapTrailerBytes
+	binary.LittleEndian.PutUint32(b[end:], crc32.Checksum(b[:end], castagnoli))
+	if _, _, err := decodeMap(b); !errors.Is(err, ErrCorruptMap) {
+		t.Fatalf("state 3: %v, want ErrCorruptMap", err)
+	}
+}
+
+func FuzzDecodeMap(f *testing.F) {
+	f.Add(encodeMap(mapHeader{generation: 1, sizeBytes: 4096 * 3, baseName: "a"}, sampleStates(3)))
+	f.Add(encodeMap(mapHeader{flags: mapFlagFrozen, generation: 9, sizeBytes: 512}, newStateMap(1)))
+	f.Add([]byte(mapMagic))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, states, err := decodeMap(b)
+		if err != nil {
+			if !errors.Is(err, ErrCorruptMap) {
+				t.Fatalf("error %v does not match ErrCorruptMap", err)
+			}
+			return
+		}
+		// What decodes re-encodes to the same bytes.
+		again := encodeMap(h, states)
+		if !bytes.Equal(again, b[:len(again)]) {
+			t.Fatalf("re-encoding differs")
+		}
+	})
+}
+
+// TestOverlayMapSlots: a torn or corrupt newest slot falls back to the
+// older one; both corrupt refuses to open.
+func TestOverlayMapSlots(t *testing.T) {
+	ctx := context.Background()
+	fs := lufs.NewMemFS(lufs.MemFSOptions{})
+	if err := fs.MkdirAll("/p", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	data, err := CreateFileFS(fs, "/p/c.lu", 64<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := CreateOverlay(OverlayOptions{Data: data, FS: fs, MapPath: "/p/c.lumap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := CreateOverlay(OverlayOptions{Data: NewMemVolume(4096), FS: fs, MapPath: "/p/c.lumap"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("second create on the same map: %v, want ErrExists", err)
+	}
+	// generation 2 (slot 1): block 0 written; generation 3 (slot 0): block 1 zeroed too.
+	if err := o.WriteAt(ctx, bytes.Repeat([]byte{7}, 4096), 0, blockdev.FUA); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.WriteZeroes(ctx, 4096, 4096, blockdev.FUA); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Close(); err != nil {
+		t.Fatal(err)
+	}
+	corrupt := func(slot int) {
+		f, err := fs.OpenFile(slotPath("/p/c.lumap", slot), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt([]byte{0xff}, mapHeaderBytes+2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func() (*Overlay, error) {
+		data, err := openFileVolume(fs, "/p/c.lu")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return OpenOverlay(OverlayOptions{Data: data, FS: fs, MapPath: "/p/c.lumap"})
+	}
+	o, err = open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := o.mu.states.get(1); s != stateZero {
+		t.Fatalf("newest slot: block 1 state %d, want zero", s)
+	}
+	_ = o.Close()
+	corrupt(0) // the newest
+	o, err = open()
+	if err != nil {
+		t.Fatalf("open with the newest slot corrupt: %v", err)
+	}
+	if s0, s1 := o.mu.states.get(0), o.mu.states.get(1); s0 != stateData || s1 != stateBase {
+		t.Fatalf("older slot: states %d %d, want data, base", s0, s1)
+	}
+	_ = o.Close()
+	corrupt(1)
+	if _, err := open(); !errors.Is(err, ErrCorruptMap) {
+		t.Fatalf("both slots corrupt: %v, want ErrCorruptMap", err)
+	}
+}
