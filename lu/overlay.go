@@ -125,10 +125,18 @@ func OpenOverlay(opts OverlayOptions) (*Overlay, error) {
 	if err != nil {
 		return nil, err
 	}
-	if h.sizeBytes != opts.Data.Size() {
-		// A resize whose map never reached disk: the map is the truth for
-		// which blocks are ours; bring the data volume to it.
-		if err := opts.Data.Resize(h.sizeBytes); err != nil {
+	if size := opts.Data.Size(); h.sizeBytes != size {
+		// A resize or rollback whose data change never completed: the map
+		// is the truth; bring the data volume to its size (a tail past it
+		// is never read; free it so the shrink is allowed).
+		var err error
+		if size > h.sizeBytes {
+			err = opts.Data.WriteZeroes(context.Background(), h.sizeBytes, size-h.sizeBytes, 0)
+		}
+		if err == nil {
+			err = opts.Data.Resize(h.sizeBytes)
+		}
+		if err != nil {
 			_ = mf.close()
 			return nil, err
 		}
@@ -499,6 +507,14 @@ func (o *Overlay) WriteZeroes(ctx context.Context, off, length int64, flags bloc
 		start, stop = end, end // no whole block: all of it is edge
 	}
 	fua := flags & blockdev.FUA
+	if flags&(blockdev.NoHole|blockdev.FastZero) == blockdev.NoHole|blockdev.FastZero {
+		// Fast zeroing that stays allocated rests on the data volume: ask
+		// it first, before anything is touched; edges would be written
+		// with buffers, which is not fast.
+		if stop <= start || off < start || stop < end {
+			return fmt.Errorf("lu: overlay write zeroes: %w", blockdev.ErrNotSupported)
+		}
+	}
 	for _, edge := range [][2]int64{{off, start}, {stop, end}} {
 		if edge[1] > edge[0] {
 			zeros := make([]byte, edge[1]-edge[0])
@@ -684,7 +700,9 @@ func (o *Overlay) Resize(sizeBytes int64) error {
 		o.mu.states.set(last, stateData)
 	}
 	o.gen.Add(1)
-	return nil
+	// The size is in the map: make it durable now, so a reopened overlay
+	// never disagrees with its data volume.
+	return o.persistLocked(context.Background())
 }
 
 // Close implements Volume: it closes the data volume and the map (without

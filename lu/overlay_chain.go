@@ -88,17 +88,28 @@ func (o *Overlay) Rollback(ctx context.Context, snap Base, baseName string) erro
 	if !o.inChainLocked(snap) {
 		return ErrNotInChain
 	}
-	size := o.mu.data.Size()
-	if err := o.mu.data.Trim(ctx, 0, size, 0); err != nil {
-		return err
-	}
-	if err := o.mu.data.Resize(snap.Size()); err != nil {
-		return err
+	// The new map goes to disk first: from then on every block reads from
+	// snap, and what the data volume still holds is never read (a block
+	// written later is written whole, copy on write). Then the data is
+	// freed and sized.
+	states := newStateMap(blocksOf(snap.Size()))
+	if mf := o.mu.mapFile; mf != nil {
+		o.flushMu.Lock()
+		err := mf.write(mapHeader{sizeBytes: snap.Size(), baseName: baseName}, states)
+		o.flushMu.Unlock()
+		if err != nil {
+			return err
+		}
 	}
 	o.mu.base, o.mu.baseName, o.mu.depth = snap, baseName, baseDepth(snap)+1
-	o.mu.states = newStateMap(blocksOf(snap.Size()))
-	o.gen.Add(1)
-	return o.persistLocked(ctx)
+	o.mu.states = states
+	o.flushMu.Lock()
+	o.persistedGen = o.gen.Add(1)
+	o.flushMu.Unlock()
+	if err := o.mu.data.Trim(ctx, 0, o.mu.data.Size(), 0); err != nil {
+		return err
+	}
+	return o.mu.data.Resize(snap.Size())
 }
 
 func (o *Overlay) inChainLocked(snap Base) bool {

@@ -134,9 +134,18 @@ func (r *overlayRun) step(i int) {
 		if r.rng.IntN(3) == 0 {
 			flags |= blockdev.NoHole
 		}
+		if r.rng.IntN(4) == 0 {
+			flags |= blockdev.FastZero
+		}
 		err := r.o.WriteZeroes(ctx, off, length, flags)
+		if flags&blockdev.FastZero != 0 && errors.Is(err, blockdev.ErrNotSupported) {
+			r.counts["zero-fast-refused"]++
+			return // refused untouched: the model stays too
+		}
 		r.must(i, "write zeroes", err)
 		clear(r.model[off : off+length])
+	case op < 73:
+		r.resize(i)
 	case op < 76:
 		r.counts["flush"]++
 		r.must(i, "flush", r.o.Flush(ctx))
@@ -164,6 +173,25 @@ func (r *overlayRun) step(i int) {
 		r.crash(i)
 	default:
 		r.check(fmt.Sprintf("op %d", i))
+	}
+}
+
+// resize grows (always allowed; the new tail reads zeros) or shrinks
+// (allowed, or refused untouched when a cut block was written here).
+func (r *overlayRun) resize(i int) {
+	old := int64(len(r.model))
+	next := (128<<10 + r.rng.Int64N(256<<10)) / 512 * 512
+	err := r.o.Resize(next)
+	if errors.Is(err, ErrShrinkAllocated) && next < old {
+		r.counts["resize-refused"]++
+		return
+	}
+	r.must(i, "resize", err)
+	r.counts["resize"]++
+	if next < old {
+		r.model = r.model[:next]
+	} else {
+		r.model = append(r.model, make([]byte, next-old)...)
 	}
 }
 
@@ -368,4 +396,47 @@ func TestOverlayModel(t *testing.T) {
 		r.check("end")
 		t.Logf("run %d: %v", run, r.counts)
 	}
+}
+
+// TestOverlayChainDepthLimit: snapshots stack up to MaxChainDepth layers
+// and no further; a clone of the deepest layer is refused too.
+func TestOverlayChainDepthLimit(t *testing.T) {
+	ctx := context.Background()
+	base := NewMemVolume(64 << 10)
+	o, err := CreateOverlay(OverlayOptions{Data: NewMemVolume(64 << 10), Base: base})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := o.Depth(); d != 2 {
+		t.Fatalf("clone of a plain volume: depth %d, want 2", d)
+	}
+	var top *Overlay
+	for o.Depth() < MaxChainDepth {
+		if err := o.WriteAt(ctx, []byte{byte(o.Depth())}, int64(o.Depth())*BlockSizeBytes, 0); err != nil {
+			t.Fatal(err)
+		}
+		if top, err = o.Snapshot(ctx, OverlayOptions{Data: NewMemVolume(64 << 10), BaseName: "s"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := o.Snapshot(ctx, OverlayOptions{Data: NewMemVolume(64 << 10), BaseName: "s"}); !errors.Is(err, ErrChainTooDeep) {
+		t.Fatalf("snapshot at depth %d: %v, want ErrChainTooDeep", o.Depth(), err)
+	}
+	if _, err := CreateOverlay(OverlayOptions{Data: NewMemVolume(64 << 10), Base: o}); !errors.Is(err, ErrChainTooDeep) {
+		t.Fatalf("clone at depth %d: %v, want ErrChainTooDeep", o.Depth(), err)
+	}
+	// Every layer's write is still visible through the whole chain.
+	for d := 2; d < MaxChainDepth; d++ {
+		b := make([]byte, 1)
+		if err := o.ReadAt(ctx, b, int64(d)*BlockSizeBytes); err != nil || b[0] != byte(d) {
+			t.Fatalf("layer %d's write reads %v, %v", d, b, err)
+		}
+	}
+	if err := o.Flatten(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d := o.Depth(); d != 1 {
+		t.Fatalf("depth %d after flatten", d)
+	}
+	_ = top
 }
