@@ -148,7 +148,7 @@ func (o *Overlay) MergeBase(ctx context.Context) error {
 	if closed {
 		return blockdev.ErrShutdown
 	}
-	err := o.pull(ctx, func(ctx context.Context, first, last int64) error {
+	err := o.pull(ctx, layer, func(ctx context.Context, first, last int64) error {
 		return o.mergeRunLocked(ctx, layer, first, last)
 	})
 	if err != nil {
@@ -212,7 +212,7 @@ func (o *Overlay) Flatten(ctx context.Context) error {
 			}
 			continue
 		}
-		err := o.pull(ctx, func(ctx context.Context, first, last int64) error {
+		err := o.pull(ctx, base, func(ctx context.Context, first, last int64) error {
 			return o.copyBaseRunLocked(ctx, base, first, last)
 		})
 		if err != nil {
@@ -277,22 +277,28 @@ func (o *Overlay) copyBaseRunLocked(ctx context.Context, base Base, first, last 
 }
 
 // pull walks the overlay in chunks and calls run for each run of blocks
-// that still read from the base, with o.mu read-locked and the run's
-// block locks held, so writes to other chunks go on.
-func (o *Overlay) pull(ctx context.Context, run func(ctx context.Context, first, last int64) error) error {
+// that still read from base, with o.mu read-locked and the run's block
+// locks held, so writes to other chunks go on. It stops with ErrNotInChain
+// when the overlay's base is no longer base (a snapshot or rollback came
+// between two chunks): what was copied so far is right (it was the
+// content then), what follows would not be.
+func (o *Overlay) pull(ctx context.Context, base Base, run func(ctx context.Context, first, last int64) error) error {
 	for chunk := int64(0); ; chunk += pullChunkBlocks {
-		done, err := o.pullChunk(ctx, chunk, run)
+		done, err := o.pullChunk(ctx, base, chunk, run)
 		if err != nil || done {
 			return err
 		}
 	}
 }
 
-func (o *Overlay) pullChunk(ctx context.Context, chunk int64, run func(ctx context.Context, first, last int64) error) (bool, error) {
+func (o *Overlay) pullChunk(ctx context.Context, base Base, chunk int64, run func(ctx context.Context, first, last int64) error) (bool, error) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
 	if err := o.beginLocked(ctx, 0, 0, true); err != nil {
 		return false, err
+	}
+	if o.mu.base != base {
+		return false, fmt.Errorf("lu: the overlay's base changed during the merge: %w", ErrNotInChain)
 	}
 	blocks := o.mu.states.blocks
 	if chunk >= blocks {

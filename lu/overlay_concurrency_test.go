@@ -1,11 +1,14 @@
 package lu
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"encoding/binary"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/lu/lufs"
@@ -105,5 +108,86 @@ func TestOverlaySnapshotAndFlattenUnderWrites(t *testing.T) {
 	}
 	if d := o.Depth(); d != 1 {
 		t.Fatalf("depth %d after flatten", d)
+	}
+}
+
+// gatedBase holds the n-th Extents call until gate is closed.
+type gatedBase struct {
+	Base
+	n     int64
+	calls atomic.Int64
+	hit   chan struct{}
+	gate  chan struct{}
+}
+
+func (g *gatedBase) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	if g.calls.Add(1) == g.n {
+		close(g.hit)
+		<-g.gate
+	}
+	return g.Base.Extents(ctx, off, length, dst)
+}
+
+// TestOverlayFlattenAcrossSnapshot: a snapshot taken while Flatten copies
+// the image in stops that flatten (the new top layer must not get the
+// image's blocks where the snapshot wrote its own); flattening again
+// finishes, and both the overlay and the snapshot read what they should.
+func TestOverlayFlattenAcrossSnapshot(t *testing.T) {
+	ctx := context.Background()
+	const size = 1 << 20
+	img := NewMemVolume(size)
+	// The image holds data in the first half of every 64 KiB, holes in
+	// the second, where the clone writes its own blocks.
+	imgData := make([]byte, size)
+	for off := 0; off < size; off += 64 << 10 {
+		for i := off; i < off+32<<10; i++ {
+			imgData[i] = 0xaa
+		}
+		if err := img.WriteAt(ctx, imgData[off:off+32<<10], int64(off), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := &gatedBase{Base: img, n: 2, hit: make(chan struct{}), gate: make(chan struct{})}
+	o, err := CreateOverlay(OverlayOptions{Data: NewMemVolume(size), Base: g})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Clone(imgData)
+	// Own blocks everywhere, also in the chunks Flatten has not reached.
+	for off := int64(0); off < size; off += 64 << 10 {
+		if err := o.WriteAt(ctx, []byte("own"), off+40<<10, 0); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off+40<<10:], "own")
+	}
+	flattened := make(chan error, 1)
+	go func() { flattened <- o.Flatten(ctx) }()
+	<-g.hit
+	snapped := make(chan error, 1)
+	var snap *Overlay
+	go func() {
+		var err error
+		snap, err = o.Snapshot(ctx, OverlayOptions{Data: NewMemVolume(size), BaseName: "s"})
+		snapped <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let Snapshot wait for the lock
+	close(g.gate)
+	if err := <-snapped; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-flattened; err != nil && !errors.Is(err, ErrNotInChain) {
+		t.Fatalf("flatten across a snapshot: %v", err)
+	}
+	if err := o.Flatten(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, d := range map[string]blockdev.Device{"overlay": o, "snapshot": snap} {
+		got := make([]byte, size)
+		if err := d.ReadAt(ctx, got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s differs at byte %d", name, firstDiff(got, want))
+		}
 	}
 }
