@@ -83,11 +83,12 @@ type Overlay struct {
 }
 
 var (
-	_ Volume            = (*Overlay)(nil)
-	_ Base              = (*Overlay)(nil)
-	_ blockdev.Trimmer  = (*Overlay)(nil)
-	_ blockdev.Zeroer   = (*Overlay)(nil)
-	_ blockdev.Extenter = (*Overlay)(nil)
+	_ Volume             = (*Overlay)(nil)
+	_ Base               = (*Overlay)(nil)
+	_ blockdev.Trimmer   = (*Overlay)(nil)
+	_ blockdev.Zeroer    = (*Overlay)(nil)
+	_ blockdev.Extenter  = (*Overlay)(nil)
+	_ blockdev.TryReader = (*Overlay)(nil)
 )
 
 func baseDepth(b Base) int {
@@ -719,4 +720,51 @@ func (o *Overlay) Close() error {
 		err = errors.Join(err, o.mu.mapFile.close())
 	}
 	return err
+}
+
+// TryReadAt implements blockdev.TryReader: it reads p without waiting for
+// a disk when every layer it touches can (FileVolume's page-cache read),
+// and reports false, as the interface allows, when any of them cannot.
+func (o *Overlay) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if err := o.beginLocked(ctx, off, int64(len(p)), false); err != nil {
+		return false, err
+	}
+	end := off + int64(len(p))
+	for pos := off; pos < end; {
+		b := pos / BlockSizeBytes
+		s, n := o.mu.states.run(b, blocksOf(end))
+		next := min((b+n)*BlockSizeBytes, end)
+		chunk := p[pos-off : next-off]
+		var dev blockdev.Device
+		switch s {
+		case stateZero:
+			clear(chunk)
+			pos = next
+			continue
+		case stateData:
+			dev = o.mu.data
+		default:
+			dev = o.mu.base
+			if dev == nil || pos >= dev.Size() {
+				clear(chunk)
+				pos = next
+				continue
+			}
+			if next > dev.Size() {
+				clear(chunk[dev.Size()-pos:])
+				chunk = chunk[:dev.Size()-pos]
+			}
+		}
+		tr, ok := dev.(blockdev.TryReader)
+		if !ok {
+			return false, nil
+		}
+		if done, err := tr.TryReadAt(ctx, chunk, pos); !done || err != nil {
+			return done, err
+		}
+		pos = next
+	}
+	return true, nil
 }

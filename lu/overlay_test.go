@@ -113,7 +113,17 @@ func (r *overlayRun) step(i int) {
 	case op < 25:
 		r.counts["read"]++
 		got := make([]byte, length)
-		r.must(i, "read", r.o.ReadAt(ctx, got, off))
+		if r.rng.IntN(2) == 0 {
+			// MemFS reads never wait: TryReadAt must answer every time.
+			done, err := r.o.TryReadAt(ctx, got, off)
+			r.must(i, "try read", err)
+			if !done {
+				r.t.Fatalf("op %d: TryReadAt [%d,+%d) declined on MemFS", i, off, length)
+			}
+			r.counts["try-read"]++
+		} else {
+			r.must(i, "read", r.o.ReadAt(ctx, got, off))
+		}
 		if !bytes.Equal(got, r.model[off:off+length]) {
 			r.t.Fatalf("op %d: read [%d,+%d) differs from the model at byte %d", i, off, length, off+int64(firstDiff(got, r.model[off:off+length])))
 		}
