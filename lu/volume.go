@@ -59,7 +59,11 @@
 //
 // On open the valid slot with the higher generation wins; a slot that
 // fails any check is never used, and when neither is valid the overlay
-// does not open (ErrCorruptMap).
+// does not open (ErrCorruptMap). A map write is the whole map, 64 KiB per
+// GiB of clone: a Flush after first writes cost 3.5 ms on a 1 GiB clone
+// and 18 ms on a 100 GiB one on the test machine
+// (BenchmarkCloneFlushAfterFirstWrite); a Flush after overwrites only
+// writes no map. Writing only the changed pages is a later format change.
 //
 // Crash rules. The map on disk changes only in Flush (and in WriteAt,
 // Trim or WriteZeroes carrying FUA that changed a block's state, and in
