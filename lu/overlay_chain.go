@@ -13,7 +13,8 @@ const pullChunkBlocks = 64
 
 // Snapshot freezes the overlay's current content at a flush point and
 // returns it as a read-only layer, in time independent of how much was
-// written: in-flight operations drain (the overlay's write lock), the data
+// written (no data moves; the new layer's empty map, 64 KiB per GiB, is
+// allocated and written): in-flight operations drain (the overlay's write lock), the data
 // and map are flushed, the current layer (data volume, map, base) becomes
 // the frozen snapshot, and next (an empty data volume of the same size, a
 // new map path, BaseName naming the snapshot) becomes the overlay, reading
