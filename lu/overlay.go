@@ -600,8 +600,9 @@ func (o *Overlay) persistLocked(ctx context.Context) error {
 }
 
 // Extents implements blockdev.Extenter. Blocks written here are data,
-// blocks zeroed here are holes that read as zeros, and blocks from the
-// base report the base's own allocation (zeros past its end).
+// blocks trimmed or zeroed here are zero but not holes (they hide the
+// base's data), and blocks from the base report the base's own allocation
+// (holes past its end).
 func (o *Overlay) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
@@ -617,7 +618,10 @@ func (o *Overlay) Extents(ctx context.Context, off, length int64, dst []blockdev
 		case stateData:
 			dst = appendExtent(dst, next-pos, 0)
 		case stateZero:
-			dst = appendExtent(dst, next-pos, blockdev.ExtentHole|blockdev.ExtentZero)
+			// Zero, not a hole: the block masks the base (like a zero
+			// cluster of a qcow2 overlay), so a consumer that skips holes,
+			// a copy's rebuild in particular, must still carry it.
+			dst = appendExtent(dst, next-pos, blockdev.ExtentZero)
 		default:
 			var err error
 			if dst, err = o.baseExtentsLocked(ctx, pos, next, dst); err != nil {

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 
+	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/lu/lufs"
 )
 
@@ -80,6 +82,22 @@ func TestPoolClones(t *testing.T) {
 	}
 	if got := readAll(t, img); !bytes.Equal(got, want) {
 		t.Fatal("a write to a clone changed the image")
+	}
+	// Block status: the image's data, the clone's own write, the trimmed
+	// range (zero, not a hole: it hides the image's data), the image's
+	// holes.
+	ext, err := c1.Extents(ctx, 0, size, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantExt := []blockdev.Extent{
+		{LengthBytes: 64 << 10, Flags: 0},
+		{LengthBytes: 64 << 10, Flags: blockdev.ExtentZero},
+		{LengthBytes: 128 << 10, Flags: 0},
+		{LengthBytes: size - 256<<10, Flags: blockdev.ExtentHole | blockdev.ExtentZero},
+	}
+	if fmt.Sprint(ext) != fmt.Sprint(wantExt) {
+		t.Fatalf("clone extents %v, want %v", ext, wantExt)
 	}
 	if got := readAll(t, c2)[:size]; !bytes.Equal(got, want) {
 		t.Fatal("a write to one clone changed another")

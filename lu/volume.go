@@ -34,8 +34,10 @@
 // it reads now (copy on write), writes, then marks the blocks "data". Trim
 // marks its whole blocks "zero" first, then frees them in the data volume;
 // WriteZeroes does the same (NoHole zeroes them in place and marks them
-// "data"). Extents report "data" blocks as data, "zero" blocks as holes
-// that read zeros, and "base" blocks with the base's own extents. A chain
+// "data"). Extents report "data" blocks as data, "zero" blocks as zero
+// but allocated (they hide the base, like a zero cluster of a qcow2
+// overlay: whoever skips holes, a copy's rebuild, must still carry them),
+// and "base" blocks with the base's own extents. A chain
 // of overlays is at most [MaxChainDepth] deep.
 //
 // Snapshot freezes the current layer (drains in-flight calls, flushes)
