@@ -580,19 +580,17 @@ func (o *Overlay) persistLocked(ctx context.Context) error {
 	o.flushMu.Lock()
 	defer o.flushMu.Unlock()
 	gen := o.gen.Load()
-	var encoded []byte
+	var mw *mapWrite
 	if o.mu.mapFile != nil && gen != o.persistedGen {
-		h := o.headerLocked()
-		h.generation = o.mu.mapFile.gen + 1
-		encoded = encodeMap(h, o.mu.states)
+		mw = o.mu.mapFile.prepare(o.headerLocked(), o.mu.states, false)
 	}
 	if err := o.mu.data.Flush(ctx); err != nil {
 		return err
 	}
-	if encoded == nil {
+	if mw == nil {
 		return nil
 	}
-	if err := o.mu.mapFile.writeEncoded(encoded, o.mu.mapFile.gen+1); err != nil {
+	if err := o.mu.mapFile.commit(mw); err != nil {
 		return err
 	}
 	o.persistedGen = gen
@@ -696,6 +694,9 @@ func (o *Overlay) Resize(sizeBytes int64) error {
 		return err
 	}
 	o.mu.states = o.mu.states.resized(newBlocks, stateZero)
+	if o.mu.mapFile != nil {
+		o.mu.mapFile.forceFull()
+	}
 	if head != nil {
 		// The grown tail of the old last block must read zeros, not the
 		// base: the block's head comes in and the block is ours.

@@ -41,11 +41,17 @@ func TestMapEncodeDecodeRoundTrip(t *testing.T) {
 	}
 }
 
-// TestMapDecodeRejectsEveryFlippedBit: a single flipped bit anywhere in an
-// encoded map is detected, never decoded into a different map.
+// TestMapDecodeRejectsEveryFlippedBit: a single flipped bit anywhere the
+// format covers (the header up to its checksum, every state page) is
+// detected, never decoded into a different map.
 func TestMapDecodeRejectsEveryFlippedBit(t *testing.T) {
-	b := encodeMap(mapHeader{generation: 3, sizeBytes: 4096*9 + 512, baseName: "base"}, sampleStates(10))
+	h := mapHeader{generation: 3, sizeBytes: 4096*blocksPerPage + 4096*9 + 512, baseName: "base"}
+	b := encodeMap(h, sampleStates(blocksPerPage+10))
+	covered := func(i int) bool { return i >= mapPageBytes || i < mapHeaderBytes+len(h.baseName)+4 }
 	for i := range b {
+		if !covered(i) {
+			continue
+		}
 		for bit := range 8 {
 			c := bytes.Clone(b)
 			c[i] ^= 1 << bit
@@ -54,22 +60,32 @@ func TestMapDecodeRejectsEveryFlippedBit(t *testing.T) {
 			}
 		}
 	}
-	for n := range b {
+	for n := 0; n < len(b); n += 97 {
 		if _, _, err := decodeMap(b[:n]); !errors.Is(err, ErrCorruptMap) {
 			t.Fatalf("cut to %d bytes: %v, want ErrCorruptMap", n, err)
 		}
 	}
 }
 
-// TestMapDecodeRejectsStateThree: a well-checksummed map with an invalid
-// state is still refused.
-func TestMapDecodeRejectsStateThree(t *testing.T) {
-	b := encodeMap(mapHeader{generation: 1, sizeBytes: 4096 * 4}, newStateMap(4))
-	b[mapHeaderBytes] = 3 << 2 // block 1 = 3
-	end := len(b) - mapTrailerBytes
-	binary.LittleEndian.PutUint32(b[end:], crc32.Checksum(b[:end], castagnoli))
-	if _, _, err := decodeMap(b); !errors.Is(err, ErrCorruptMap) {
-		t.Fatalf("state 3: %v, want ErrCorruptMap", err)
+// TestMapDecodeRejectsBadPages: well-checksummed pages holding state 3, a
+// state past the last block, or a generation newer than the header's (a
+// write cut short before its header) are refused.
+func TestMapDecodeRejectsBadPages(t *testing.T) {
+	reseal := func(b []byte) {
+		page := b[mapPageBytes : 2*mapPageBytes]
+		binary.LittleEndian.PutUint32(page[mapPageBytes-4:], crc32.Checksum(page[:mapPageBytes-4], castagnoli))
+	}
+	for name, mutate := range map[string]func(b []byte){
+		"state 3":          func(b []byte) { b[mapPageBytes+8] = 3 << 2 },
+		"past the end":     func(b []byte) { b[mapPageBytes+8+1] = 1 }, // block 4 of a 4-block map
+		"newer generation": func(b []byte) { binary.LittleEndian.PutUint64(b[mapPageBytes:], 2) },
+	} {
+		b := encodeMap(mapHeader{generation: 1, sizeBytes: 4096 * 4}, newStateMap(4))
+		mutate(b)
+		reseal(b)
+		if _, _, err := decodeMap(b); !errors.Is(err, ErrCorruptMap) {
+			t.Errorf("%s: %v, want ErrCorruptMap", name, err)
+		}
 	}
 }
 
@@ -85,10 +101,15 @@ func FuzzDecodeMap(f *testing.F) {
 			}
 			return
 		}
-		// What decodes re-encodes to the same bytes.
-		again := encodeMap(h, states)
-		if !bytes.Equal(again, b[:len(again)]) {
-			t.Fatalf("re-encoding differs")
+		// What decodes encodes to a map that decodes the same.
+		h2, states2, err := decodeMap(encodeMap(h, states))
+		if err != nil || h2 != h || states2.blocks != states.blocks {
+			t.Fatalf("re-encoding: %+v %v, want %+v", h2, err, h)
+		}
+		for i := range states.words {
+			if states.words[i].Load() != states2.words[i].Load() {
+				t.Fatalf("re-encoding changed word %d", i)
+			}
 		}
 	})
 }

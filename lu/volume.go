@@ -46,26 +46,33 @@
 // overlay and links past it; Flatten merges every layer and copies the
 // image's data blocks in, while writes go on, then cuts the link.
 //
-// The map lives in two slot files, <map>.0 and <map>.1, written in turn,
-// each whole map in one write (byte widths; little endian; part of the
-// on-disk format):
+// The map lives in two slot files, <map>.0 and <map>.1, written in turn.
+// A slot is a header page and state pages of 16336 blocks each (byte
+// widths; little endian; part of the on-disk format; the byte offsets are
+// in overlaymap.go):
 //
-//	+--------+-------+-------+-------+------------+-----------+---------+----------+---------+--------+
-//	| magic  |version| flags | block | generation | size      | name len| basename | states  | crc32c |
-//	| 8      | 2 (1) | 2     | 4     | 8          | 8 (bytes) | 2 (<256)| L        | S       | 4      |
-//	+--------+-------+-------+-------+------------+-----------+---------+----------+---------+--------+
-//	magic "LUPOVMAP"; flags bit 0 = frozen snapshot; block = 4096;
-//	S = ceil(blocks/4): block 4j+k at bits 2k..2k+1 of byte j; state 3 and
-//	set bits past the last block are invalid; the CRC-32C (Castagnoli)
-//	covers every byte before it; bytes after it are ignored.
+//	header page, 4096 bytes:
+//	+--------+-------+-------+-------+------------+-----------+---------+----------+--------+---------+
+//	| magic  |version| flags | block | generation | size      | name len| basename | crc32c | ignored |
+//	| 8      | 2 (1) | 2     | 4     | 8          | 8 (bytes) | 2 (<256)| L        | 4      |         |
+//	+--------+-------+-------+-------+------------+-----------+---------+----------+--------+---------+
+//	state page i, 4096 bytes, at 4096*(i+1):
+//	+-----------------+------------------------------------------+--------+
+//	| page generation | states of blocks [16336*i, 16336*(i+1))  | crc32c |
+//	| 8 (<= header's) | 4084: 2 bits each, 4 blocks per byte     | 4      |
+//	+-----------------+------------------------------------------+--------+
+//	magic "LUPOVMAP"; flags bit 0 = frozen snapshot; block = 4096; each
+//	CRC-32C (Castagnoli) covers its part before it; state 3 and states
+//	past the last block are invalid.
 //
-// On open the valid slot with the higher generation wins; a slot that
-// fails any check is never used, and when neither is valid the overlay
-// does not open (ErrCorruptMap). A map write is the whole map, 64 KiB per
-// GiB of clone: a Flush after first writes cost 3.5 ms on a 1 GiB clone
-// and 18 ms on a 100 GiB one on the test machine
-// (BenchmarkCloneFlushAfterFirstWrite); a Flush after overwrites only
-// writes no map. Writing only the changed pages is a later format change.
+// A map write goes to the older slot: the state pages changed since that
+// slot was last written, synced, then its header with the next generation,
+// synced. On open the valid slot with the higher generation wins; a slot
+// that fails any check (a checksum, a state, a page newer than its header:
+// a write cut before its header) is never used, and when neither is valid
+// the overlay does not open (ErrCorruptMap). A map write costs the pages
+// changed, 4 KiB per 64 MiB of volume touched, whatever the clone's size;
+// a Flush after overwrites only writes no map.
 //
 // Crash rules. The map on disk changes only in Flush (and in WriteAt,
 // Trim or WriteZeroes carrying FUA that changed a block's state, and in
