@@ -19,7 +19,9 @@ const pullChunkBlocks = 64
 // the frozen snapshot, and next (an empty data volume of the same size, a
 // new map path, BaseName naming the snapshot) becomes the overlay, reading
 // every block from the snapshot. next.Base is ignored. On error nothing
-// changed. The snapshot's map is written with the frozen flag.
+// changed. The snapshot's map is written with the frozen flag. The caller
+// owns the returned layer and keeps it open while any overlay reads from
+// it (closing it makes their reads of it fail with ErrShutdown).
 func (o *Overlay) Snapshot(ctx context.Context, next OverlayOptions) (*Overlay, error) {
 	if next.Data == nil || len(next.BaseName) > mapBaseNameMax {
 		return nil, fmt.Errorf("%w: snapshot needs a data volume and a base name of at most %d bytes", blockdev.ErrInvalid, mapBaseNameMax)
