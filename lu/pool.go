@@ -200,41 +200,59 @@ func OpenPool(opts PoolOptions) (*Pool, error) {
 	for _, d := range opts.Dirs {
 		p.dirs = append(p.dirs, filepath.Clean(d))
 	}
+	var clones []pendingClone
 	for i, dir := range p.dirs {
-		if err := p.openDir(i, dir); err != nil {
+		found, err := p.openDir(i, dir)
+		if err != nil {
 			_ = p.Close()
 			return nil, err
 		}
+		clones = append(clones, found...)
+	}
+	if err := p.openClones(clones); err != nil {
+		_ = p.Close()
+		return nil, err
 	}
 	p.opts.Logger.Info("lu: pool opened", "dirs", p.dirs, "volumes", len(p.mu.vols))
 	return p, nil
 }
 
-func (p *Pool) openDir(i int, dir string) error {
+// openDir opens the plain volumes of directory i and returns the clones
+// found there, which openClones opens once their bases are open.
+func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 	fs := p.opts.FS
 	if err := fs.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("lu: pool: create data directory: %w", err)
+		return nil, fmt.Errorf("lu: pool: create data directory: %w", err)
 	}
 	names, err := fs.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("lu: pool: list data directory: %w", err)
+		return nil, fmt.Errorf("lu: pool: list data directory: %w", err)
 	}
+	present := make(map[string]bool, len(names))
+	for _, file := range names {
+		present[file] = true
+	}
+	var clones []pendingClone
 	for _, file := range names {
 		name, ok := strings.CutSuffix(file, volumeFileSuffix)
 		if !ok || ValidateName(name) != nil {
 			continue
 		}
 		if prev, dup := p.mu.vols[name]; dup {
-			return fmt.Errorf("lu: pool: volume %q found in both %s and %s; remove one", name,
+			return nil, fmt.Errorf("lu: pool: volume %q found in both %s and %s; remove one", name,
 				p.dirs[prev.dir], dir)
+		}
+		if isClone(present, name) {
+			clones = append(clones, pendingClone{name: name, dataPath: filepath.Join(dir, file), mapPath: p.mapPath(i, name), dir: i})
+			continue
 		}
 		v, err := openFileVolume(fs, filepath.Join(dir, file))
 		if err != nil {
-			return fmt.Errorf("lu: pool: reopen volume %q: %w", name, err)
+			return nil, fmt.Errorf("lu: pool: reopen volume %q: %w", name, err)
 		}
 		p.mu.vols[name] = poolEntry{vol: v, dir: i}
 	}
-	return nil
+	return clones, nil
 }
 
 // ValidateName returns ErrInvalidName unless name passes the LU name rule
@@ -534,7 +552,8 @@ func (p *Pool) resize(name string, sizeBytes int64) error {
 }
 
 // Delete closes the volume (waiting for its I/O in flight; later I/O returns
-// blockdev.ErrShutdown) and removes its file.
+// blockdev.ErrShutdown) and removes its files. A volume that linked clones
+// read from is refused with ErrHasClones and left as it is.
 func (p *Pool) Delete(name string) error {
 	p.mu.Lock()
 	if p.mu.closed {
@@ -542,13 +561,20 @@ func (p *Pool) Delete(name string) error {
 		return ErrPoolClosed
 	}
 	e, ok := p.mu.vols[name]
-	delete(p.mu.vols, name)
-	p.mu.Unlock()
 	if !ok {
+		p.mu.Unlock()
 		return fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
+	if clones := p.clonesOfLocked(e.vol); len(clones) > 0 {
+		p.mu.Unlock()
+		return fmt.Errorf("%w: %q is the base of %s", ErrHasClones, name, strings.Join(clones, ", "))
+	}
+	delete(p.mu.vols, name)
+	p.mu.Unlock()
 	err := e.vol.Close()
-	if fv, ok := e.vol.(*FileVolume); ok {
+	if o, ok := e.vol.(*Overlay); ok {
+		err = errors.Join(err, p.removeOverlayFiles(o, e.dir))
+	} else if fv, ok := e.vol.(*FileVolume); ok {
 		if rerr := p.opts.FS.Remove(fv.path); rerr != nil {
 			return ioError("remove", fv.path, rerr)
 		}

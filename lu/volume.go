@@ -17,6 +17,74 @@
 // A [MemVolume] keeps 4 KiB pages in memory, allocated on first write and
 // freed by Trim, with exactly the same trim and zero semantics.
 //
+// # Overlays
+//
+// An [Overlay] holds only what was written over a read-only base (an
+// imported image volume, or a frozen overlay: a snapshot). Its data volume
+// (a sparse FileVolume, like any LU) has the overlay's size; its map keeps
+// 2 bits per 4 KiB block:
+//
+//	0 base  the block reads from the base (zeros without one or past its end)
+//	1 data  written here: it reads from the data volume
+//	2 zero  trimmed or zeroed here: it reads zeros whatever the base holds
+//
+// A write to blocks already "data" goes straight to the data volume (one
+// atomic load per block, no lock beyond the volume's own). Any other write
+// takes the blocks' stripe locks, completes a partial edge block from what
+// it reads now (copy on write), writes, then marks the blocks "data". Trim
+// marks its whole blocks "zero" first, then frees them in the data volume;
+// WriteZeroes does the same (NoHole zeroes them in place and marks them
+// "data"). Extents report "data" blocks as data, "zero" blocks as zero
+// but allocated (they hide the base, like a zero cluster of a qcow2
+// overlay: whoever skips holes, a copy's rebuild, must still carry them),
+// and "base" blocks with the base's own extents. A chain
+// of overlays is at most [MaxChainDepth] deep.
+//
+// Snapshot freezes the current layer (drains in-flight calls, flushes)
+// and puts a new empty layer on top; Rollback empties the top layer and
+// reads from an older layer; MergeBase folds the base layer into the
+// overlay and links past it; Flatten merges every layer and copies the
+// image's data blocks in, while writes go on, then cuts the link.
+//
+// The map lives in two slot files, <map>.0 and <map>.1, written in turn.
+// A slot is a header page and state pages of 16336 blocks each (byte
+// widths; little endian; part of the on-disk format; the byte offsets are
+// in overlaymap.go):
+//
+//	header page, 4096 bytes:
+//	+--------+-------+-------+-------+------------+-----------+---------+----------+--------+---------+
+//	| magic  |version| flags | block | generation | size      | name len| basename | crc32c | ignored |
+//	| 8      | 2 (1) | 2     | 4     | 8          | 8 (bytes) | 2 (<256)| L        | 4      |         |
+//	+--------+-------+-------+-------+------------+-----------+---------+----------+--------+---------+
+//	state page i, 4096 bytes, at 4096*(i+1):
+//	+-----------------+------------------------------------------+--------+
+//	| page generation | states of blocks [16336*i, 16336*(i+1))  | crc32c |
+//	| 8 (<= header's) | 4084: 2 bits each, 4 blocks per byte     | 4      |
+//	+-----------------+------------------------------------------+--------+
+//	magic "LUPOVMAP"; flags bit 0 = frozen snapshot; block = 4096; each
+//	CRC-32C (Castagnoli) covers its part before it; state 3 and states
+//	past the last block are invalid.
+//
+// A map write goes to the older slot: the state pages changed since that
+// slot was last written, synced, then its header with the next generation,
+// synced. On open the valid slot with the higher generation wins; a slot
+// that fails any check (a checksum, a state, a page newer than its header:
+// a write cut before its header) is never used, and when neither is valid
+// the overlay does not open (ErrCorruptMap). A map write costs the pages
+// changed, 4 KiB per 64 MiB of volume touched, whatever the clone's size;
+// a Flush after overwrites only writes no map.
+//
+// Crash rules. The map on disk changes only in Flush (and in WriteAt,
+// Trim or WriteZeroes carrying FUA that changed a block's state, and in
+// Snapshot, Rollback, MergeBase and Flatten, which end with one): the map
+// is encoded first, then the data volume is flushed, then the map is
+// written to the other slot and synced. A block is marked "data" only
+// after its data reached the data volume, so a durable map never points
+// at data that is not durable. After a node crash every block reads what
+// it held at the last completed Flush, or what a later (unflushed) write,
+// trim or zeroing put there: an unflushed change to "zero" may come back
+// as the old data, an unflushed first write as the base's data.
+//
 // # Durability
 //
 // FileVolume: a WriteAt, Trim or WriteZeroes that returns nil has reached
