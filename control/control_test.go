@@ -521,6 +521,21 @@ func TestCreateMemoryBudget(t *testing.T) {
 	if _, err := p.CreateLU(ctx, api.CreateLURequest{Name: "m", SizeBytes: 16 << 20, Kind: "memory", Node: "n1"}); err != nil {
 		t.Fatalf("memory LU within the budget: %v", err)
 	}
+	// Growing a memory LU grows every copy: past n1's room (24M free) it
+	// is refused naming n1 and the size stays; within it, it is done.
+	if _, err := p.CreateLU(ctx, api.CreateLURequest{Name: "g", SizeBytes: 8 << 20, Kind: "memory", Node: "n2", Copies: 3}); err != nil {
+		t.Fatalf("memory LU with a copy on n1: %v", err)
+	}
+	_, err = p.ResizeLU(ctx, "g", 40<<20)
+	if !errors.Is(err, api.ErrNoSpace) || !strings.Contains(err.Error(), "memory budget of node n1") {
+		t.Fatalf("grow past a copy's budget: %v", err)
+	}
+	if rec, _ := meta.GetLU("g"); rec.SizeBytes != 8<<20 {
+		t.Fatalf("a refused grow recorded size %d", rec.SizeBytes)
+	}
+	if _, err := p.ResizeLU(ctx, "g", 24<<20); err != nil {
+		t.Fatalf("grow within every copy's budget: %v", err)
+	}
 }
 
 // TestMemoryBudgetLocal: on the writer's own node the create reserves its

@@ -92,6 +92,23 @@ func (p *Plane) ResizeLU(ctx context.Context, name string, sizeBytes int64) (api
 			return api.LU{}, err
 		}
 	}
+	if grow := sizeBytes - rec.SizeBytes; grow > 0 && lu.Kind(rec.Kind) == lu.KindMemory {
+		// Every other node that holds a copy grows it in its memory too
+		// (this node's own room was checked just above).
+		nodes, err := p.opts.Metadata.Nodes()
+		if err != nil {
+			return api.LU{}, p.APIError(err)
+		}
+		var others []cluster.Replica
+		for _, r := range rec.Replicas {
+			if r.NodeID != p.opts.NodeID {
+				others = append(others, r)
+			}
+		}
+		if err := p.checkMemoryBudgets(ctx, nodes, others, "", grow); err != nil {
+			return api.LU{}, err
+		}
+	}
 	if err := p.opts.Metadata.ResizeLU(ctx, name, sizeBytes); err != nil {
 		return api.LU{}, p.APIError(err)
 	}
