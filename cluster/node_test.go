@@ -466,6 +466,9 @@ func TestAppendedNotApplied(t *testing.T) {
 		t.Fatalf("b = %+v, %v (CreatedAt must come from the command)", b, err)
 	}
 	waitPrimaryEvent(t, n2)
+	// The event is readable a moment before the apply that wrote it is
+	// counted.
+	waitFor(t, "two commands counted as applied", func() bool { return n2.Stats().AppliedSinceOpen >= 2 })
 	if st := n2.Stats(); st.AppliedSinceOpen != 2 {
 		t.Fatalf("applied %d commands after restart, want 2 (the appended create and PrimaryElected)", st.AppliedSinceOpen)
 	}
