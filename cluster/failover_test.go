@@ -126,18 +126,7 @@ func TestFailoverPromotesInSyncCopy(t *testing.T) {
 		o.Probe, o.FailoverAfter = probes.probe, 1500*time.Millisecond
 		return o
 	}
-	n1 := openNode(t, opts("n1", true))
-	waitLeaderIs(t, n1)
-	if err := n1.RegisterSelf(ctx); err != nil {
-		t.Fatal(err)
-	}
-	n2 := openNode(t, opts("n2", false))
-	n3 := openNode(t, opts("n3", false))
-	for _, n := range []*Node{n2, n3} {
-		if err := n1.AddVoter(ctx, n.ID(), n.PeerAddress(), n.opts.APIAddr, n.opts.NBDAddr, ""); err != nil {
-			t.Fatal(err)
-		}
-	}
+	n1, n2, _ := openThree(t, opts)
 	if err := n1.CreateLU(ctx, LU{Name: "a", SizeBytes: 1 << 20, Copies: 2, CreatedOn: "n2",
 		Replicas: []Replica{{NodeID: "n2", State: ReplicaInSync}, {NodeID: "n3", State: ReplicaInSync}}}); err != nil {
 		t.Fatal(err)

@@ -21,18 +21,7 @@ func TestPrimaryEndsMovesAlone(t *testing.T) {
 		o.Probe, o.FailoverAfter, o.MoveTimeout = probes.probe, 1500*time.Millisecond, 3*time.Second
 		return o
 	}
-	n1 := openNode(t, opts("n1", true))
-	waitLeaderIs(t, n1)
-	if err := n1.RegisterSelf(ctx); err != nil {
-		t.Fatal(err)
-	}
-	n2 := openNode(t, opts("n2", false))
-	n3 := openNode(t, opts("n3", false))
-	for _, n := range []*Node{n2, n3} {
-		if err := n1.AddVoter(ctx, n.ID(), n.PeerAddress(), n.opts.APIAddr, n.opts.NBDAddr, ""); err != nil {
-			t.Fatal(err)
-		}
-	}
+	n1, n2, n3 := openThree(t, opts)
 	for _, name := range []string{"a", "b", "c"} {
 		if err := n1.CreateLU(ctx, LU{Name: name, SizeBytes: 1 << 20, Copies: 3, CreatedOn: "n2", Replicas: []Replica{
 			{NodeID: "n2", State: ReplicaInSync}, {NodeID: "n3", State: ReplicaInSync}, {NodeID: "n1", State: ReplicaInSync}}}); err != nil {

@@ -70,6 +70,26 @@ func openNode(t *testing.T, opts Options) *Node {
 	return n
 }
 
+// openThree opens n1 (bootstrapped; it leads and records itself), then n2
+// and n3, which it adds as voters; opts gives each node's options.
+func openThree(t *testing.T, opts func(id string, boot bool) Options) (n1, n2, n3 *Node) {
+	t.Helper()
+	ctx := ctxT(t)
+	n1 = openNode(t, opts("n1", true))
+	waitLeaderIs(t, n1)
+	if err := n1.RegisterSelf(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n2 = openNode(t, opts("n2", false))
+	n3 = openNode(t, opts("n3", false))
+	for _, n := range []*Node{n2, n3} {
+		if err := n1.AddVoter(ctx, n.ID(), n.PeerAddress(), n.opts.APIAddr, n.opts.NBDAddr, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n1, n2, n3
+}
+
 func ctxT(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)

@@ -93,25 +93,14 @@ func (nw *inmemNet) partition(groups ...[]string) {
 // threeOnNet starts n1 (bootstrapped, leading) and joins n2 and n3 on nw.
 func threeOnNet(t *testing.T, nw *inmemNet, tune func(*Options)) []*Node {
 	t.Helper()
-	ctx := ctxT(t)
-	var nodes []*Node
-	for i, id := range []string{"n1", "n2", "n3"} {
-		o := nw.options(t, id, i == 0)
+	n1, n2, n3 := openThree(t, func(id string, boot bool) Options {
+		o := nw.options(t, id, boot)
 		if tune != nil {
 			tune(&o)
 		}
-		n := openNode(t, o)
-		if i == 0 {
-			waitLeaderIs(t, n)
-			if err := n.RegisterSelf(ctx); err != nil {
-				t.Fatal(err)
-			}
-		} else if err := nodes[0].AddVoter(ctx, id, n.PeerAddress(), n.opts.APIAddr, n.opts.NBDAddr, ""); err != nil {
-			t.Fatal(err)
-		}
-		nodes = append(nodes, n)
-	}
-	return nodes
+		return o
+	})
+	return []*Node{n1, n2, n3}
 }
 
 // TestPartitionedLeaderLosesTheLU: the leader n1, also the writer of LU
