@@ -436,8 +436,7 @@ func (m *Manager) leaseValid(name string) bool {
 	if !ok {
 		return false
 	}
-	p := copyset.Params{ReadLease: m.opts.ReadLease}
-	return copyset.CopyMayRead(p, m.now(), true, v.(*copyLease).from.Load(), 0, 1, copyset.Never)
+	return copyset.LeaseHolds(copyset.Params{ReadLease: m.opts.ReadLease}, m.now(), v.(*copyLease).from.Load())
 }
 
 // record returns the latest applied record of an LU.

@@ -93,6 +93,10 @@ func within(now, since int64, lease time.Duration) bool {
 	return since != never && now-since < int64(lease)
 }
 
+// LeaseHolds reports whether a lease that began at since (Never: none)
+// still holds at now.
+func LeaseHolds(p Params, now, since int64) bool { return within(now, since, p.ReadLease) }
+
 // AcceptFrame reports whether a copy at epoch copyEpoch answers a frame
 // the writer sent at frameEpoch: only frames of its epoch or newer.
 func AcceptFrame(copyEpoch, frameEpoch uint64) bool { return frameEpoch >= copyEpoch }
