@@ -160,12 +160,18 @@ func (d *daemon) tlsURI(t *testing.T, name string) string {
 // versions it lacks.
 func checkBlocks(t *testing.T, d *daemon, name string, blocks int, acked map[int]int) {
 	t.Helper()
+	checkBlocksFrom(t, d, name, 0, blocks, acked)
+}
+
+// checkBlocksFrom is checkBlocks for the blocks base..base+count.
+func checkBlocksFrom(t *testing.T, d *daemon, name string, base, count int, acked map[int]int) {
+	t.Helper()
 	script := fmt.Sprintf(`
 import struct
-for b in range(%d):
+for b in range(%d, %d):
     blk, ver = struct.unpack(">QQ", h.pread(4096, b * 4096)[:16])
     print(b, blk, ver)
-`, blocks)
+`, base, base+count)
 	reader := realclient.Nbdsh(t, d.uri(name), script)
 	if slices.Contains(d.extra, "--tls") {
 		// TLS with the cluster CA from a file: nbdsh -u refuses URIs

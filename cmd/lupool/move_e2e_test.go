@@ -215,37 +215,6 @@ func TestMoveUnderFio(t *testing.T) {
 	}
 }
 
-// checkBlocksFrom is checkBlocks for the blocks base..base+count.
-func checkBlocksFrom(t *testing.T, d *daemon, name string, base, count int, acked map[int]int) {
-	t.Helper()
-	script := fmt.Sprintf(`
-import struct
-for b in range(%d, %d):
-    blk, ver = struct.unpack(">QQ", h.pread(4096, b * 4096)[:16])
-    print(b, blk, ver)
-`, base, base+count)
-	out, err := realclient.Nbdsh(t, d.uri(name), script).CombinedOutput()
-	if err != nil {
-		t.Fatalf("reading %s through %s: %v\n%s", name, d.id, err, out)
-	}
-	missing := 0
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		var b, blk, v int
-		if _, err := fmt.Sscan(line, &b, &blk, &v); err != nil {
-			t.Fatalf("bad nbdsh line %q", line)
-		}
-		if want, ok := acked[b]; ok && (blk != b || v < want) {
-			missing++
-			if missing <= 5 {
-				t.Errorf("block %d through %s holds (block %d, version %d); acknowledged version %d", b, d.id, blk, v, want)
-			}
-		}
-	}
-	if missing > 0 {
-		t.Fatalf("%d of %d acknowledged blocks missing through %s", missing, len(acked), d.id)
-	}
-}
-
 // TestMoveNodeKilledMidMove: a move is made to stall in a known state by
 // freezing (SIGSTOP) its source before it is asked for: the record stays
 // requested, its monitors visible in GET /v1/moves and the LU's record
