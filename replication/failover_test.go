@@ -140,6 +140,13 @@ func TestFencedWriterRetiresNotFails(t *testing.T) {
 	// Now a learns of the new record: its mirror is retired, the write
 	// runs again on a's forwarder.
 	nodes["a"].m.Enqueue(cluster.Change{Kind: cluster.Updated, LU: next})
+	// From now on a follows the metadata again: the new writer may record
+	// a in sync (epoch + 1) before the forwarded write reaches it, and a's
+	// forwarder then needs that record to be let in.
+	mt.mu.Lock()
+	mt.managers = []*Manager{nodes["a"].m, nodes["b"].m}
+	mt.mu.Unlock()
+	nodes["a"].m.Enqueue(cluster.Change{Kind: cluster.Updated, LU: mt.get("g")})
 	if err := <-errc; err != nil {
 		t.Fatalf("a write on the fenced writer: %v, want it sent to the new writer", err)
 	}
