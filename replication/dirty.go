@@ -39,6 +39,7 @@ import (
 //	"writer/" + LU name
 //	"active/" + LU name + "\x00" + region index (8, big-endian)
 //	"meta/state"
+//	"meta/seq"
 //
 // A dirty key records a region the copy lacks. An unknown key says the
 // copy's dirty record was not trusted (the store was in doubt) and the copy
@@ -47,8 +48,10 @@ import (
 // LU's records as its writer: a node that becomes the writer of an LU
 // (promoted by a failover, or moved to) finds none and knows that it has no
 // record of what its copies lack, so it compares every copy that is not in
-// sync by hashes; a node that stops being the writer drops the LU's
-// records and the key. An active key is an activity-log entry (actlog.go):
+// sync by hashes, except the old writer, whose record starts empty at the
+// promotion and which resync asks for its activity log; a node that stops
+// being the writer drops the LU's records and the key (not its activity
+// log, which it keeps for the new writer). An active key is an activity-log entry (actlog.go):
 // a region of the LU that may have had a write in flight when this node
 // last wrote it, recorded with Sync before that write was issued. The
 // state key is the shutdown marker.
@@ -60,10 +63,19 @@ import (
 //	+-------------+-------------+-------------------------+
 //
 // where version is dirtyRecordVersion (1) and crc32c (Castagnoli) covers
-// key || version || payload. Dirty, unknown, writer and active values
-// have an empty payload (5 bytes in all); the state's payload is "open,
-// logged", "clean" or "doubt: " + the reason the store is in doubt
-// ("open" alone was written before the activity log existed).
+// key || version || payload. Dirty, unknown and writer values have an
+// empty payload (5 bytes in all); an active value's payload is the region
+// size in bytes (8, big-endian); the state's payload is "open, logged",
+// "clean" or "doubt: " + the reason the store is in doubt ("open" alone
+// was written before the activity log existed); the seq value's payload
+// is the number of the last synced batch (8, big-endian).
+//
+// Every batch written with Sync carries the next number in "meta/seq";
+// once it is durable, the number is written (8 bytes, big-endian, at
+// offset 0) and synced to the witness file dir + ".seq" beside the store.
+// Pebble replays its log up to the first bad record and silently drops the
+// rest, synced records included: a store whose number is below its
+// witness's lost records and is in doubt.
 //
 // # Doubt
 //

@@ -826,14 +826,9 @@ func (m *Manager) drainRetired(name string) error {
 	if mi == nil {
 		return nil
 	}
-	deadline := time.Now().Add(m.opts.AckTimeout)
-	for !mi.gate.TryLock() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: the former writer's device of %s on %s still has operations in flight", blockdev.ErrIO, name, m.opts.NodeID)
-		}
-		time.Sleep(5 * time.Millisecond)
+	if !mi.drain(m.opts.AckTimeout) {
+		return fmt.Errorf("%w: the former writer's device of %s on %s still has operations in flight", blockdev.ErrIO, name, m.opts.NodeID)
 	}
-	mi.gate.Unlock()
 	m.mu.Lock()
 	if m.mu.retired[name] == mi {
 		delete(m.mu.retired, name)
@@ -1075,6 +1070,14 @@ func (m *Manager) Close() error {
 	<-m.stopped
 	for _, d := range devs {
 		closeDevice(d)
+	}
+	// The operations still in flight on a writer's device (their copies'
+	// answers, the settling of a copy that failed) end before the stores
+	// they record in close: the caller closes the dirty store next.
+	for _, d := range devs {
+		if mi, ok := d.(*Mirror); ok && !mi.drain(m.opts.MetadataTimeout+m.opts.AckTimeout) {
+			m.opts.Logger.Warn("writer's device closed with operations still in flight", "lu", mi.name)
+		}
 	}
 	m.bg.Wait()
 	return nil

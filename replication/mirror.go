@@ -582,6 +582,22 @@ func (mi *Mirror) close() {
 	}
 }
 
+// drain waits, at most max, until no operation is in flight on the mirror
+// (each holds gate shared to its end), and reports whether none is. Called
+// after close, when operations end quickly: the copies' streams are closed
+// and a retired mirror's fenced check returns at once.
+func (mi *Mirror) drain(max time.Duration) bool {
+	deadline := time.Now().Add(max)
+	for !mi.gate.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	mi.gate.Unlock()
+	return true
+}
+
 // Size implements blockdev.Device.
 func (mi *Mirror) Size() int64 { return mi.local.Size() }
 
