@@ -313,6 +313,7 @@ type Manager struct {
 	clock       time.Time
 	bufs        bufPool
 	asyncWrites sync.Pool // of *asyncWrite
+	reruns      sync.Pool // of *rerunCompletion
 	metrics     *metrics
 	stopped     chan struct{}
 	// quit is closed by Close; bg counts the manager's background
@@ -722,7 +723,7 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	rd, exported := m.mu.exported[rec.Name]
 	m.mu.devices[rec.Name] = next
 	if !exported {
-		rd = newRoleDevice(rec.Name, next)
+		rd = newRoleDevice(rec.Name, next, &m.reruns, &m.bufs)
 		m.mu.exported[rec.Name] = rd
 	}
 	m.mu.Unlock()

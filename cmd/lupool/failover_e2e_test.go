@@ -439,7 +439,7 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 				}
 			}
 		}
-		for b, v := range ackedVersions(t, owl, "the client of the old writer", faulted, false) {
+		for b, v := range ackedVersions(t, owl, "the client of the old writer", faulted, mode == "stop") {
 			acked[b] = v
 		}
 		for _, st := range staleReads(orl, wl) {
@@ -483,7 +483,9 @@ func failoverRun(t *testing.T, run int, mode string) (writeStall, readStall time
 // TestWriterFrozenFenced: the writer is frozen (SIGSTOP) for 10 s, the
 // primary fails it over, and it goes on (SIGCONT) with its own clients'
 // requests in flight: it acknowledges nothing the new writer lacks, serves
-// no stale read, and rejoins as a copy equal to the new writer.
+// no stale read, its clients get no error (what it can no longer do as the
+// writer runs again on the new one), and it rejoins as a copy equal to the
+// new writer.
 func TestWriterFrozenFenced(t *testing.T) {
 	realclient.NbdshPython(t)
 	failoverRun(t, 1, "stop")
