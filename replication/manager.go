@@ -120,8 +120,8 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/copyset"
 	"github.com/lupool/lupool/lu"
-	"github.com/lupool/lupool/replication/copyset"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
