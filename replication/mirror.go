@@ -1302,6 +1302,9 @@ func (mi *Mirror) ping(l *copyLink) {
 // of sync.
 func (mi *Mirror) pingNow(l *copyLink, c *peerConn) {
 	if err := mi.pingOnce(l, c); err != nil {
+		if mi.resyncCheckStop() != nil {
+			return // the mirror closed the stream itself: the copy lacks nothing
+		}
 		if err := mi.copyMissed(l, 0, 0, err); err != nil {
 			mi.m.opts.Logger.Warn("copy unreachable and not recorded out of sync", "lu", mi.name, "copy", l.node, "err", err)
 		}
