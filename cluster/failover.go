@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/lupool/lupool/internal/copyset"
 )
 
 // Writer failover (issue 19): the primary (the metadata leader) keeps a
@@ -343,8 +345,19 @@ func (n *Node) failoverPass(view []NodeLiveness, now time.Time) error {
 		if len(rec.Replicas) < 2 || state[rec.Writer] != LiveDead {
 			continue
 		}
-		if wait := n.watch.grantedAt(rec.Writer).Add(n.opts.ReadLease).Sub(now); wait > 0 {
-			continue // the old writer may still hold a metadata read lease
+		// The copy set's promotion rule: the writer silent for
+		// FailoverAfter, and no metadata read lease of its may still hold.
+		confirmed := copyset.Never
+		if at := n.watch.grantedAt(rec.Writer); !at.IsZero() {
+			confirmed = at.UnixNano()
+		}
+		p := copyset.Params{ReadLease: n.opts.ReadLease, FailoverAfter: n.opts.FailoverAfter}
+		heard := copyset.Never
+		if at := n.lastHeard(view, rec.Writer); !at.IsZero() {
+			heard = at.UnixNano()
+		}
+		if !copyset.MayPromote(p, now.UnixNano(), heard, confirmed) {
+			continue
 		}
 		next, ok := promotion(rec, state, written)
 		if !ok {

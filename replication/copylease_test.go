@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/cluster"
-	"github.com/lupool/lupool/replication/copyset"
+	"github.com/lupool/lupool/internal/copyset"
 )
 
 // TestCopyLossHoldsLaterWrites: once a copy is recorded out of sync, no

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"github.com/lupool/lupool/internal/rules"
 	"hash/crc32"
+	"io"
 	"math/bits"
 	"sort"
 	"strings"
@@ -36,7 +37,9 @@ import (
 //	"dirty/" + LU name + "\x00" + copy node id + "\x00" + region index (8, big-endian)
 //	"unknown/" + LU name + "\x00" + copy node id
 //	"writer/" + LU name
+//	"active/" + LU name + "\x00" + region index (8, big-endian)
 //	"meta/state"
+//	"meta/seq"
 //
 // A dirty key records a region the copy lacks. An unknown key says the
 // copy's dirty record was not trusted (the store was in doubt) and the copy
@@ -45,8 +48,13 @@ import (
 // LU's records as its writer: a node that becomes the writer of an LU
 // (promoted by a failover, or moved to) finds none and knows that it has no
 // record of what its copies lack, so it compares every copy that is not in
-// sync by hashes; a node that stops being the writer drops the LU's
-// records and the key. The state key is the shutdown marker.
+// sync by hashes, except the old writer, whose record starts empty at the
+// promotion and which resync asks for its activity log; a node that stops
+// being the writer drops the LU's records and the key (not its activity
+// log, which it keeps for the new writer). An active key is an activity-log entry (actlog.go):
+// a region of the LU that may have had a write in flight when this node
+// last wrote it, recorded with Sync before that write was issued. The
+// state key is the shutdown marker.
 //
 // Every value (part of the on-disk format) is
 //
@@ -55,35 +63,60 @@ import (
 //	+-------------+-------------+-------------------------+
 //
 // where version is dirtyRecordVersion (1) and crc32c (Castagnoli) covers
-// key || version || payload. Dirty and unknown values have an empty
-// payload (5 bytes in all); the state's payload is "open", "clean" or
-// "doubt: " + the reason the store is in doubt.
+// key || version || payload. Dirty, unknown and writer values have an
+// empty payload (5 bytes in all); an active value's payload is the region
+// size in bytes (8, big-endian); the state's payload is "open, logged",
+// "clean" or "doubt: " + the reason the store is in doubt ("open" alone
+// was written before the activity log existed); the seq value's payload
+// is the number of the last synced batch (8, big-endian).
+//
+// Every batch written with Sync carries the next number in "meta/seq";
+// once it is durable, the number is written (8 bytes, big-endian, at
+// offset 0) and synced to the witness file dir + ".seq" beside the store.
+// Pebble replays its log up to the first bad record and silently drops the
+// rest, synced records included: a store whose number is below its
+// witness's lost records and is in doubt.
 //
 // # Doubt
 //
 // A store whose records cannot all be trusted is in doubt (Doubt): a record
 // fails its checksum or Pebble reports corruption; the store was not closed
-// cleanly (state "open": a crash, kill -9; Pebble itself silently drops a
-// torn or corrupt record at the tail of its log, so a crash may lose what
-// no checksum can show); the state is missing in a store that has records;
-// the store is missing or empty although the caller expected it
-// (DirtyStoreOptions.ExpectExisting); or an earlier start was in doubt and
-// Trust was not called since (state "doubt: ..."). A Pebble store that does
-// not open for corruption is moved aside to dir + ".corrupt" and a fresh
-// one is created, in doubt. While in doubt the writer trusts no dirty
-// record: every copy not in sync is marked unknown and resynced by region
-// hashes. Close keeps the doubt on disk until Trust.
+// cleanly by a version that kept no activity log (state "open": nothing
+// then says which writes were in flight at the crash); the state is
+// missing in a store that has records; the store is missing or empty
+// although the caller expected it (DirtyStoreOptions.ExpectExisting); or an
+// earlier start was in doubt and Trust was not called since (state
+// "doubt: ..."). A Pebble store that does not open for corruption is moved
+// aside to dir + ".corrupt" and a fresh one is created, in doubt. While in
+// doubt the writer trusts no dirty record: every copy not in sync is marked
+// unknown and resynced by region hashes, and so is every copy in sync.
+// Close keeps the doubt on disk until Trust.
+//
+// # Crash
+//
+// A store not closed cleanly whose state is "open, logged" is not in doubt
+// but Crashed: every record the previous run relied on was written with
+// Sync before the write it covers was acknowledged (dirty, unknown,
+// writer) or issued (active), so a crash, even of the machine, keeps them;
+// what a crash may lose (Pebble silently drops a torn record at the tail
+// of its log) are unsynced deletes, which only make a resync send or
+// compare a region again. The writer of each LU then takes the LU's
+// activity-log regions as regions every other copy may lack (actlog.go).
 //
 // Close writes the state "clean", flushes the log into a table (whose
 // blocks Pebble checksums on every read) and closes; open reads the state,
-// verifies every record, and records "open" (or the doubt), synced, before
-// it returns.
+// verifies every record, and records "open, logged" (or the doubt), synced,
+// before it returns.
 const (
-	dirtyBlockBytes  = rules.BlockBytes
-	dirtyPrefix      = "dirty/"
-	unknownPrefix    = "unknown/"
-	writerPrefix     = "writer/"
-	stateKey         = "meta/state"
+	dirtyBlockBytes = rules.BlockBytes
+	dirtyPrefix     = "dirty/"
+	unknownPrefix   = "unknown/"
+	writerPrefix    = "writer/"
+	activePrefix    = "active/"
+	stateKey        = "meta/state"
+	seqKey          = "meta/seq"
+	// seqFileSuffix names the witness file beside the store: dir + suffix.
+	seqFileSuffix    = ".seq"
 	defaultRegionLen = rules.DirtyRegionBytesDefault
 	// regionBytesMax bounds the region size so that one region's mask of
 	// 4 KiB blocks stays a small fixed array.
@@ -97,9 +130,11 @@ const (
 	// and crc32c.
 	recordOverheadBytes = 1 + 4
 
-	stateOpen  = "open"
-	stateClean = "clean"
-	stateDoubt = "doubt: "
+	// stateOpen is the state an older version recorded while open.
+	stateOpen       = "open"
+	stateOpenLogged = "open, logged"
+	stateClean      = "clean"
+	stateDoubt      = "doubt: "
 )
 
 var (
@@ -143,13 +178,20 @@ func decodeRecord(key, value []byte) ([]byte, error) {
 func checkKey(key []byte) error {
 	k := string(key)
 	switch {
-	case k == stateKey:
+	case k == stateKey, k == seqKey:
 		return nil
 	case strings.HasPrefix(k, dirtyPrefix):
 		// LU + NUL + node + NUL + region index (8 bytes of any value); LU
 		// and node are non-empty and NUL-free.
 		if rest := k[len(dirtyPrefix):]; len(rest) > 8 {
 			if parts := strings.Split(rest[:len(rest)-8], "\x00"); len(parts) == 3 && parts[0] != "" && parts[1] != "" && parts[2] == "" {
+				return nil
+			}
+		}
+	case strings.HasPrefix(k, activePrefix):
+		// LU + NUL + region index (8 bytes of any value).
+		if rest := k[len(activePrefix):]; len(rest) > 9 {
+			if lu := rest[:len(rest)-8]; strings.HasSuffix(lu, "\x00") && len(lu) > 1 && !strings.Contains(lu[:len(lu)-1], "\x00") {
 				return nil
 			}
 		}
@@ -198,6 +240,93 @@ type DirtyStore struct {
 		// at open, cleared by Trust. Guarded by mu.
 		doubt error
 	}
+	// crashed says the previous run did not close the store, which was
+	// not in doubt otherwise (see Crashed). Set at open.
+	crashed bool
+
+	// seq numbers the synced batches (commitSynced); seqFile is the
+	// witness file that holds the last number, written after the batch.
+	seqMu   sync.Mutex
+	seq     uint64
+	seqFile vfs.File
+}
+
+// commitSynced commits b with Sync, numbered: the batch carries the next
+// sequence number (seqKey), and once it is durable the witness file beside
+// the store is overwritten with that number and synced too. At open, a
+// store whose number is below its witness's lost synced records (Pebble
+// drops a corrupt record at the tail of its log, and everything after it,
+// without an error): it is in doubt.
+func (s *DirtyStore) commitSynced(b *pebble.Batch) error {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	next := s.seq + 1
+	k := []byte(seqKey)
+	if err := b.Set(k, encodeRecord(k, binary.BigEndian.AppendUint64(nil, next)), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return err
+	}
+	s.seq = next
+	if s.seqFile == nil {
+		return nil
+	}
+	var w [8]byte
+	binary.BigEndian.PutUint64(w[:], next)
+	if _, err := s.seqFile.WriteAt(w[:], 0); err != nil {
+		return fmt.Errorf("replication: write the dirty-region store's witness: %w", err)
+	}
+	if err := s.seqFile.Sync(); err != nil {
+		return fmt.Errorf("replication: sync the dirty-region store's witness: %w", err)
+	}
+	return nil
+}
+
+// openWitness opens (creating) the witness file at path and returns the
+// number it holds (0 for a new or short file).
+func openWitness(fs vfs.FS, path string) (vfs.File, uint64, error) {
+	_, statErr := fs.Stat(path)
+	f, err := fs.OpenReadWrite(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return nil, 0, err
+	}
+	if statErr != nil {
+		// A new file: its directory entry must survive a crash too.
+		d, err := fs.OpenDir(fs.PathDir(path))
+		if err == nil {
+			err = errors.Join(d.Sync(), d.Close())
+		}
+		if err != nil {
+			return nil, 0, errors.Join(err, f.Close())
+		}
+	}
+	var b [8]byte
+	if n, err := f.ReadAt(b[:], 0); n < len(b) {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, 0, errors.Join(err, f.Close())
+		}
+		return f, 0, nil
+	}
+	return f, binary.BigEndian.Uint64(b[:]), nil
+}
+
+// storedSeq returns the sequence number recorded in the store (0: none).
+func (s *DirtyStore) storedSeq() (uint64, error) {
+	k := []byte(seqKey)
+	v, closer, err := s.db.Get(k)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, markCorrupt(err)
+	}
+	defer closer.Close()
+	payload, err := decodeRecord(k, v)
+	if err != nil || len(payload) != 8 {
+		return 0, fmt.Errorf("%w: sequence record", ErrDirtyCorrupt)
+	}
+	return binary.BigEndian.Uint64(payload), nil
 }
 
 // OpenDirtyStore opens (creating if needed) the store in dir on fs (nil
@@ -242,7 +371,7 @@ func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, err
 		return nil, fmt.Errorf("replication: open dirty-region store %s: %w", dir, err)
 	}
 	s := &DirtyStore{db: db, dir: dir}
-	why, err := s.check(opts.ExpectExisting && len(doubts) == 0)
+	why, crashed, err := s.check(opts.ExpectExisting && len(doubts) == 0)
 	if err != nil && pebble.IsCorruptionError(err) {
 		// A store that opens but cannot be read through would stay in
 		// doubt at every start (Trust cannot read it either): start a
@@ -258,7 +387,7 @@ func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, err
 			return nil, fmt.Errorf("replication: open dirty-region store %s: %w", dir, err)
 		}
 		s = &DirtyStore{db: db, dir: dir}
-		why, err = s.check(false)
+		why, crashed, err = s.check(false)
 	}
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("replication: check dirty-region store %s: %w", dir, err), db.Close())
@@ -266,13 +395,26 @@ func OpenDirtyStoreOptions(dir string, opts DirtyStoreOptions) (*DirtyStore, err
 	if why != "" {
 		doubts = append(doubts, why)
 	}
-	state := stateOpen
+	witness, witnessed, err := openWitness(fs, dir+seqFileSuffix)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("replication: open the witness of dirty-region store %s: %w", dir, err), db.Close())
+	}
+	s.seqFile = witness
+	stored, err := s.storedSeq()
+	if err != nil {
+		doubts = append(doubts, fmt.Sprintf("sequence record unreadable (%v)", err))
+	} else if stored < witnessed {
+		doubts = append(doubts, fmt.Sprintf("records synced before the stop are missing (store at batch %d, its witness at %d)", stored, witnessed))
+	}
+	s.seq = max(stored, witnessed)
+	state := stateOpenLogged
+	s.crashed = crashed && len(doubts) == 0
 	if len(doubts) > 0 {
 		s.mu.doubt = fmt.Errorf("replication: dirty-region store %s in doubt: %s", dir, strings.Join(doubts, "; "))
 		state = stateDoubt + strings.Join(doubts, "; ")
 	}
 	if err := s.setState(state); err != nil {
-		return nil, errors.Join(fmt.Errorf("replication: record dirty-region store %s %s: %w", dir, state, err), db.Close())
+		return nil, errors.Join(fmt.Errorf("replication: record dirty-region store %s %s: %w", dir, state, err), db.Close(), witness.Close())
 	}
 	return s, nil
 }
@@ -286,16 +428,16 @@ func openPebble(dir string, fs vfs.FS) (*pebble.DB, error) {
 }
 
 // check reads the state and verifies every record; it returns why the
-// store is in doubt ("" when it is trusted), or an error other than
-// corruption.
-func (s *DirtyStore) check(expectExisting bool) (string, error) {
+// store is in doubt ("" when it is trusted) and whether the previous run
+// crashed with an activity log, or an error other than corruption.
+func (s *DirtyStore) check(expectExisting bool) (string, bool, error) {
 	it, err := s.db.NewIter(nil)
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
 	var records, bad int
 	var firstBad error
-	state, haveState := "", false
+	state, haveState, crashed := "", false, false
 	for it.First(); it.Valid(); it.Next() {
 		records++
 		k := it.Key()
@@ -320,7 +462,7 @@ func (s *DirtyStore) check(expectExisting bool) (string, error) {
 	if iterErr != nil {
 		// Corruption Pebble finds while reading (a block checksum) is
 		// returned as an error: the caller starts a fresh store.
-		return "", iterErr
+		return "", false, iterErr
 	}
 	if bad > 0 {
 		why = append(why, fmt.Sprintf("%d of %d records fail their check (first: %v)", bad, records, firstBad))
@@ -333,18 +475,24 @@ func (s *DirtyStore) check(expectExisting bool) (string, error) {
 	case !haveState:
 		why = append(why, "no shutdown marker")
 	case state == stateOpen:
-		why = append(why, "not closed cleanly")
+		why = append(why, "not closed cleanly, by a version without an activity log")
+	case state == stateOpenLogged:
+		crashed = true
 	case strings.HasPrefix(state, stateDoubt):
 		why = append(why, "still in doubt from an earlier start ("+strings.TrimPrefix(state, stateDoubt)+")")
 	case state != stateClean:
 		why = append(why, fmt.Sprintf("unknown shutdown marker %q", state))
 	}
-	return strings.Join(why, "; "), nil
+	return strings.Join(why, "; "), crashed, nil
 }
 
 func (s *DirtyStore) setState(state string) error {
 	k := []byte(stateKey)
-	return s.db.Set(k, encodeRecord(k, []byte(state)), pebble.Sync)
+	b := s.db.NewBatch()
+	if err := b.Set(k, encodeRecord(k, []byte(state)), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	return s.commitSynced(b)
 }
 
 // Doubt returns nil when the store's records can be trusted, else why not
@@ -359,6 +507,12 @@ func (s *DirtyStore) Doubt() error {
 	defer s.mu.RUnlock()
 	return s.mu.doubt
 }
+
+// Crashed reports whether the previous run stopped without closing the
+// store (a crash, kill -9) while the store was otherwise trusted: its
+// records hold, and every region with a write in flight then is in the
+// activity log. False for a nil store.
+func (s *DirtyStore) Crashed() bool { return s != nil && s.crashed }
 
 // Trust ends a doubt: the caller has marked every copy not in sync of
 // every LU this node writes unknown (each Mirror does so when it is
@@ -397,10 +551,10 @@ func (s *DirtyStore) Trust() error {
 		return errors.Join(markCorrupt(err), b.Close())
 	}
 	k := []byte(stateKey)
-	if err := b.Set(k, encodeRecord(k, []byte(stateOpen)), nil); err != nil {
+	if err := b.Set(k, encodeRecord(k, []byte(stateOpenLogged)), nil); err != nil {
 		return errors.Join(err, b.Close())
 	}
-	if err := b.Commit(pebble.Sync); err != nil {
+	if err := s.commitSynced(b); err != nil {
 		return err
 	}
 	s.mu.doubt = nil
@@ -424,7 +578,11 @@ func (s *DirtyStore) Close() error {
 	if err == nil {
 		err = s.db.Flush()
 	}
-	return errors.Join(err, s.db.Close())
+	err = errors.Join(err, s.db.Close())
+	if s.seqFile != nil {
+		err = errors.Join(err, s.seqFile.Close())
+	}
+	return err
 }
 
 // use takes the store for one operation; the returned func ends it.
@@ -502,7 +660,7 @@ func (s *DirtyStore) mark(luName, node string, regions []uint64) error {
 			return errors.Join(err, b.Close())
 		}
 	}
-	return b.Commit(pebble.Sync)
+	return s.commitSynced(b)
 }
 
 // clear forgets one region. Not synced: after a crash the region is sent
@@ -544,7 +702,7 @@ func (s *DirtyStore) replace(luName, node string, unknown bool) error {
 	if err != nil {
 		return errors.Join(err, b.Close())
 	}
-	return b.Commit(pebble.Sync)
+	return s.commitSynced(b)
 }
 
 // isWriter reports whether this node keeps the records of luName as its
@@ -576,7 +734,11 @@ func (s *DirtyStore) setWriter(luName string) error {
 	}
 	defer done()
 	k := []byte(writerPrefix + luName)
-	return s.db.Set(k, encodeRecord(k, nil), pebble.Sync)
+	b := s.db.NewBatch()
+	if err := b.Set(k, encodeRecord(k, nil), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	return s.commitSynced(b)
 }
 
 // dropLU forgets every record of luName (all copies, unknown marks and
@@ -596,7 +758,7 @@ func (s *DirtyStore) dropLU(luName string) error {
 	if err := b.Delete([]byte(writerPrefix+luName), nil); err != nil {
 		return errors.Join(err, b.Close())
 	}
-	return b.Commit(pebble.Sync)
+	return s.commitSynced(b)
 }
 
 // clearUnknown deletes the unknown mark of (luName, node), synced.
@@ -606,7 +768,11 @@ func (s *DirtyStore) clearUnknown(luName, node string) error {
 		return err
 	}
 	defer done()
-	return s.db.Delete(unknownKey(luName, node), pebble.Sync)
+	b := s.db.NewBatch()
+	if err := b.Delete(unknownKey(luName, node), nil); err != nil {
+		return errors.Join(err, b.Close())
+	}
+	return s.commitSynced(b)
 }
 
 // isUnknown reports whether (luName, node) carries an unknown mark. A mark
@@ -655,6 +821,11 @@ type dirtyMap struct {
 		// part of the LU and is compared by region hashes before it is in
 		// sync. Guarded by mu.
 		unknown bool
+		// compare are regions recorded from an activity log: the copy
+		// may or may not differ there, so resync compares each by hash
+		// before it sends it. Memory only (after a restart the region
+		// is sent). Guarded by mu.
+		compare map[uint64]bool
 	}
 }
 
@@ -792,6 +963,51 @@ func (d *dirtyMap) mark(off, length int64) error {
 	return nil
 }
 
+// markCompare records the regions of ranges ([offset, length] pairs) dirty
+// and to be compared by hash before they are sent (regions an activity log
+// named: the copy may differ there); it returns once they are durable.
+func (d *dirtyMap) markCompare(ranges [][2]int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var fresh []uint64
+	add := map[uint64]bool{}
+	for _, rg := range ranges {
+		if rg[1] <= 0 {
+			continue
+		}
+		for r := rg[0] / d.regionBytes; r <= (rg[0]+rg[1]-1)/d.regionBytes; r++ {
+			if add[uint64(r)] {
+				continue
+			}
+			add[uint64(r)] = true
+			if _, ok := d.mu.regions[uint64(r)]; !ok {
+				fresh = append(fresh, uint64(r))
+			}
+		}
+	}
+	if len(fresh) > 0 && d.store != nil {
+		if err := d.store.mark(d.luName, d.node, fresh); err != nil {
+			return fmt.Errorf("replication: record activity-log regions of %s for %s: %w", d.luName, d.node, err)
+		}
+	}
+	if d.mu.compare == nil {
+		d.mu.compare = map[uint64]bool{}
+	}
+	for r := range add {
+		d.mu.regions[r] = d.fullMask()
+		d.mu.compare[r] = true
+	}
+	return nil
+}
+
+// toCompare reports whether region r is to be compared by hash before it
+// is sent (markCompare).
+func (d *dirtyMap) toCompare(r uint64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.mu.compare[r]
+}
+
 // regionList returns the dirty regions in ascending order.
 func (d *dirtyMap) regionList() []uint64 {
 	d.mu.Lock()
@@ -830,6 +1046,7 @@ func (d *dirtyMap) takeRegion(r uint64) [][2]int64 {
 		i = j
 	}
 	*m = [maskWords]uint64{}
+	delete(d.mu.compare, r)
 	return runs
 }
 
@@ -881,6 +1098,7 @@ func (d *dirtyMap) setUnknown() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.mu.regions = map[uint64]*[maskWords]uint64{}
+	d.mu.compare = nil
 	d.mu.unknown = true
 	if d.store != nil {
 		return d.store.markUnknown(d.luName, d.node)
@@ -892,6 +1110,7 @@ func (d *dirtyMap) reset() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.mu.regions = map[uint64]*[maskWords]uint64{}
+	d.mu.compare = nil
 	d.mu.unknown = false
 	if d.store != nil {
 		return d.store.drop(d.luName, d.node)

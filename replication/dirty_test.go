@@ -233,8 +233,9 @@ func TestDirtyStoreBadRecord(t *testing.T) {
 	}
 }
 
-// TestDirtyStoreUncleanClose: a store dropped without Close (a crash) is in
-// doubt after the crash, whatever of its unsynced writes survived.
+// TestDirtyStoreUncleanClose: a store dropped without Close (a crash) is
+// not in doubt but Crashed: every record synced before the crash is there,
+// whatever of its unsynced writes survived.
 func TestDirtyStoreUncleanClose(t *testing.T) {
 	fs := vfs.NewCrashableMem()
 	s := openStore(t, fs, false)
@@ -243,15 +244,65 @@ func TestDirtyStoreUncleanClose(t *testing.T) {
 	crashed := fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 50, RNG: rand.New(rand.NewPCG(seed, 0))})
 	s2 := openStore(t, crashed, true)
 	defer s2.Close()
-	if err := s2.Doubt(); err == nil || !strings.Contains(err.Error(), "not closed cleanly") {
-		t.Fatalf("after a crash: %v, want doubt (not closed cleanly)", err)
+	if err := s2.Doubt(); err != nil || !s2.Crashed() {
+		t.Fatalf("after a crash: doubt %v, crashed %v; want no doubt, crashed", err, s2.Crashed())
+	}
+	d, err := newDirtyMap(s2, "lu", "n2", 64<<10)
+	if err != nil || d.isUnknown() || len(d.regionList()) != 3 {
+		t.Fatalf("dirty map after a crash: %v, unknown %v, regions %v; want the 3 regions synced before it", err, err == nil && d.isUnknown(), d.regionList())
+	}
+	if err := s.Close(); err != nil { // the original, on the uncrashed FS
+		t.Fatal(err)
+	}
+}
+
+// TestDirtyStoreUncleanCloseOldVersion: a store a version without the
+// activity log left open (state "open") is in doubt: nothing says which
+// writes were in flight.
+func TestDirtyStoreUncleanCloseOldVersion(t *testing.T) {
+	fs := vfs.NewCrashableMem()
+	s := openStore(t, fs, false)
+	markRegions(t, s, "lu", "n2", 3)
+	if err := s.setState(stateOpen); err != nil {
+		t.Fatal(err)
+	}
+	crashed := fs.CrashClone(vfs.CrashCloneCfg{})
+	s2 := openStore(t, crashed, true)
+	defer s2.Close()
+	if err := s2.Doubt(); err == nil || !strings.Contains(err.Error(), "not closed cleanly") || s2.Crashed() {
+		t.Fatalf("after a crash of an old version: %v (crashed %v), want doubt (not closed cleanly)", err, s2.Crashed())
 	}
 	d, err := newDirtyMap(s2, "lu", "n2", 64<<10)
 	if err != nil || !d.isUnknown() {
 		t.Fatalf("dirty map after a crash: %v, unknown %v, want unknown", err, err == nil && d.isUnknown())
 	}
-	if err := s.Close(); err != nil { // the original, on the uncrashed FS
+	if err := s.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDirtyStoreWitnessAhead: a witness ahead of the store (its own
+// number is behind) means the store lost synced records and is in
+// doubt (TestDirtyStoreCorruptLog shows how it happens).
+func TestDirtyStoreWitnessAhead(t *testing.T) {
+	fs := vfs.NewMem()
+	s := openStore(t, fs, false)
+	markRegions(t, s, "lu", "n2", 2)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.OpenReadWrite("d.seq", vfs.WriteCategoryUnspecified)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0, 0, 0, 0, 0, 1, 0, 0}, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	s = openStore(t, fs, true)
+	defer s.Close()
+	if err := s.Doubt(); err == nil || !strings.Contains(err.Error(), "records synced before the stop are missing") {
+		t.Fatalf("store behind its witness: %v, want doubt", err)
 	}
 }
 
@@ -272,7 +323,8 @@ func TestDirtyStoreMissing(t *testing.T) {
 
 // TestDirtyStoreCorruptLog: a flipped byte in the log of a store that was
 // not closed cleanly (Pebble replays the log up to the first bad record and
-// stops there, silently) leaves the store in doubt.
+// stops there, silently, dropping synced records) leaves the store in
+// doubt: the store's batch number is behind its witness's.
 func TestDirtyStoreCorruptLog(t *testing.T) {
 	fs := vfs.NewCrashableMem()
 	s := openStore(t, fs, false)

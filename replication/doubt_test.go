@@ -261,8 +261,8 @@ func TestHashResyncAfterCorruptDirtyStore(t *testing.T) {
 }
 
 // TestWriterCrashComparesInSyncCopies: the writer dies (its dirty store is
-// left as a crash leaves it, "open") while both copies are recorded in
-// sync, with a write in flight that reached only the copy and another that
+// left as a crash of a version without the activity log leaves it, "open")
+// while both copies are recorded in sync, with a write in flight that reached only the copy and another that
 // reached only the writer. The restarted writer takes the copy out of the
 // live set, records it out of sync, compares it by region hashes and sends
 // exactly the two regions that differ; the copy equals the writer when it
@@ -296,6 +296,9 @@ func TestWriterCrashComparesInSyncCopies(t *testing.T) {
 
 	// The crash: the store as synced, the manager gone without a clean
 	// close; one write landed only on b, one only on a.
+	if err := storeA.setState(stateOpen); err != nil {
+		t.Fatal(err)
+	}
 	crashed := fsA.CrashClone(vfs.CrashCloneCfg{})
 	if err := rp.a.m.Load().Close(); err != nil {
 		t.Fatal(err)
@@ -343,5 +346,116 @@ func TestWriterCrashComparesInSyncCopies(t *testing.T) {
 	}
 	if !bytes.Equal(readAll(t, va), readAll(t, vb)) {
 		t.Fatal("copy differs from the writer after the restart")
+	}
+}
+
+// TestWriterCrashComparesActivityLog: the writer dies with writes in flight
+// in two regions (one reached only the copy, one only the writer's volume)
+// while both copies are recorded in sync. The restarted writer's store is
+// Crashed, not in doubt; it compares only the regions of its activity log
+// (the two written since the last flush, not the whole LU), sends the two
+// that differ, and the copy equals the writer when it is in sync again.
+func TestWriterCrashComparesActivityLog(t *testing.T) {
+	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
+	const (
+		size        = 1 << 20
+		regionBytes = 64 << 10
+	)
+	fsA := vfs.NewCrashableMem()
+	rp := newRestartPair(t, fsA, regionBytes)
+	storeA, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: fsA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp.a.m.Store(rp.newManagerA(storeA))
+	rp.mt.managers = []*Manager{rp.a.m.Load(), rp.b.m}
+	rp.mt.create(t, twoCopies("h", size, "file"))
+	mir := streamingMirror(t, rp.a.m.Load(), "h")
+	ctx := context.Background()
+	full := make([]byte, size)
+	rng.Read(full)
+	if err := mir.WriteAt(ctx, full, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := mir.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Evict what the flush made durable: a log of 4 regions at most.
+	mir.al.mu.Lock()
+	mir.al.limit = 4
+	mir.al.evictLocked()
+	mir.al.mu.Unlock()
+	// The two writes that will be in flight at the crash.
+	for _, off := range []int64{3*regionBytes + 4096, 11 * regionBytes} {
+		p := make([]byte, 4096)
+		rng.Read(p)
+		if err := mir.WriteAt(ctx, p, off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := mir.al.size(); n > 5 {
+		t.Fatalf("activity log holds %d regions after eviction, want at most 5", n)
+	}
+	before := rp.mt.get("h")
+
+	crashed := fsA.CrashClone(vfs.CrashCloneCfg{})
+	if err := rp.a.m.Load().Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = storeA.Close()
+	va, _ := rp.poolA.Get("h")
+	vb, _ := rp.poolB.Get("h")
+	onlyCopy, onlyWriter := make([]byte, 4096), make([]byte, 8192)
+	rng.Read(onlyCopy)
+	rng.Read(onlyWriter)
+	if err := vb.WriteAt(ctx, onlyCopy, 3*regionBytes+4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := va.WriteAt(ctx, onlyWriter, 11*regionBytes, 0); err != nil {
+		t.Fatal(err)
+	}
+	store2, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: crashed, ExpectExisting: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store2.Close()
+	if store2.Doubt() != nil || !store2.Crashed() {
+		t.Fatalf("store after a crash: doubt %v, crashed %v; want crashed, no doubt", store2.Doubt(), store2.Crashed())
+	}
+	logged, err := store2.loadActive("h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2 := rp.restartA(t, store2)
+	waitFor(t, "b in sync", func() bool {
+		rec := rp.mt.get("h")
+		return rec.Epoch > before.Epoch+1 && replicaState(rec, "b") == cluster.ReplicaInSync
+	})
+	if eq := rp.inSyncEqual.Load(); eq == nil || !*eq {
+		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
+	}
+	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(2*regionBytes); sent != want {
+		t.Errorf("resync after the crash sent %v bytes, want %v (the 2 regions that differ)", sent, want)
+	}
+	var loggedBytes int64
+	for _, r := range logged {
+		loggedBytes += r[1]
+	}
+	if loggedBytes >= size/2 || loggedBytes < 2*regionBytes {
+		t.Errorf("activity log at the crash: %v (%d bytes), want the 2 regions in flight and at most a few more", logged, loggedBytes)
+	}
+	log := rp.logA.String()
+	if !strings.Contains(log, "writer started after a crash: its activity-log regions are compared") ||
+		!strings.Contains(log, fmt.Sprintf("activity-log regions compared: %d, sent 2", loggedBytes/regionBytes)) {
+		t.Errorf("writer's log lacks the activity-log resync:\n%s", log)
+	}
+	if strings.Contains(log, "hash resync starts") {
+		t.Errorf("writer compared the whole LU although its activity log was intact:\n%s", log)
+	}
+	if !bytes.Equal(readAll(t, va), readAll(t, vb)) {
+		t.Fatal("copy differs from the writer after the restart")
+	}
+	if left, err := store2.loadActive("h"); err != nil || len(left) != 0 {
+		t.Errorf("activity log after the restart: %v, %v; want it carried over and empty", left, err)
 	}
 }

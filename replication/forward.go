@@ -69,6 +69,13 @@ func (m *Manager) newForwarder(rec cluster.LU, local lu.Volume) *Forwarder {
 	return f
 }
 
+// writer returns the LU's writer as this forwarder last saw it.
+func (f *Forwarder) writer() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.mu.writer
+}
+
 // observe follows a new record of the LU.
 func (f *Forwarder) observe(rec cluster.LU) {
 	inSync := false

@@ -3,7 +3,7 @@ package replication
 import (
 	"context"
 
-	"github.com/lupool/lupool/replication/copyset"
+	"github.com/lupool/lupool/internal/copyset"
 	"sync"
 	"time"
 )

@@ -120,8 +120,9 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/copyset"
 	"github.com/lupool/lupool/lu"
-	"github.com/lupool/lupool/replication/copyset"
+	"github.com/lupool/lupool/replication/replproto"
 )
 
 // ErrClosed is returned by Sync and Reconcile after Close.
@@ -178,6 +179,9 @@ type ManagerOptions struct {
 	// RegionBytes is the dirty-region size (default 1 MiB); inside a region
 	// the writer tracks 4 KiB blocks in memory.
 	RegionBytes int64
+	// ActivityLogRegions is how many regions an LU's activity log keeps
+	// (actlog.go; default rules.ActivityLogRegionsDefault).
+	ActivityLogRegions int
 	// AckTimeout bounds the wait for a copy's answer (default 5 s); a copy
 	// that does not answer in time is recorded out of sync.
 	AckTimeout time.Duration
@@ -241,6 +245,9 @@ func (o *ManagerOptions) EnsureDefaults() {
 	if o.RegionBytes == 0 {
 		o.RegionBytes = defaultRegionLen
 	}
+	if o.ActivityLogRegions == 0 {
+		o.ActivityLogRegions = rules.ActivityLogRegionsDefault
+	}
 	if o.AckTimeout == 0 {
 		// A killed copy resets its connections at once; the timeout only
 		// matters for a copy that hangs. Long enough for a GC pause or a
@@ -279,8 +286,16 @@ type Manager struct {
 		exported map[string]*roleDevice // guarded by mu
 		// lost names LUs whose copy here lost its data at start and waits
 		// to be recorded new (then rebuilt); it refuses the writer's stream.
-		lost      map[string]bool // guarded by mu
-		lastError error           // guarded by mu; the last failure, for status
+		lost map[string]bool // guarded by mu
+		// retired is the writer's device this node had for an LU until
+		// another node became its writer: a copy answers the new
+		// writer's Log request once its writes in flight have ended.
+		retired map[string]*Mirror // guarded by mu
+		// leftover names the LUs whose activity log this node keeps
+		// from a time as their writer (actlog.go), until its copy is
+		// recorded in sync again. Guarded by mu.
+		leftover  map[string]bool
+		lastError error // guarded by mu; the last failure, for status
 	}
 	// recs is the latest record of every LU, updated from the metadata's
 	// apply goroutine (Enqueue) so that streams check epochs against the
@@ -298,6 +313,7 @@ type Manager struct {
 	clock       time.Time
 	bufs        bufPool
 	asyncWrites sync.Pool // of *asyncWrite
+	reruns      sync.Pool // of *rerunCompletion
 	metrics     *metrics
 	stopped     chan struct{}
 	// quit is closed by Close; bg counts the manager's background
@@ -340,6 +356,17 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	m.mu.devices = map[string]device{}
 	m.mu.exported = map[string]*roleDevice{}
 	m.mu.lost = map[string]bool{}
+	m.mu.retired = map[string]*Mirror{}
+	m.mu.leftover = map[string]bool{}
+	if opts.Dirty != nil {
+		names, err := opts.Dirty.activeLUs()
+		if err != nil {
+			return nil, fmt.Errorf("replication: read the activity logs: %w", err)
+		}
+		for _, name := range names {
+			m.mu.leftover[name] = true
+		}
+	}
 	go m.loop()
 	return m, nil
 }
@@ -675,8 +702,12 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	var next device
 	switch {
 	case writer:
-		_, wasCopy := old.(*Forwarder)
-		mir, err := m.newMirror(rec, vol, lost, wasCopy && vol != nil)
+		fw, wasCopy := old.(*Forwarder)
+		former := ""
+		if wasCopy {
+			former = fw.writer()
+		}
+		mir, err := m.newMirror(rec, vol, lost, wasCopy && vol != nil, former)
 		if err != nil {
 			return err
 		}
@@ -692,7 +723,7 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	rd, exported := m.mu.exported[rec.Name]
 	m.mu.devices[rec.Name] = next
 	if !exported {
-		rd = newRoleDevice(rec.Name, next)
+		rd = newRoleDevice(rec.Name, next, &m.reruns, &m.bufs)
 		m.mu.exported[rec.Name] = rd
 	}
 	m.mu.Unlock()
@@ -701,6 +732,14 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 		// on the old device runs again on the new one.
 		retired := rd.swap(next)
 		closeDevice(retired.dev)
+		if mir, ok := retired.dev.(*Mirror); ok && !writer {
+			m.mu.Lock()
+			m.mu.retired[rec.Name] = mir
+			if mir.al != nil {
+				m.mu.leftover[rec.Name] = true
+			}
+			m.mu.Unlock()
+		}
 		m.opts.Logger.Info("this node's role for the LU changed", "lu", rec.Name, "writer", writer, "epoch", rec.Epoch)
 	}
 	if _, wasWriter := old.(*Mirror); !writer && (wasWriter || reconciling) {
@@ -710,9 +749,92 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 			return err
 		}
 	}
+	if !writer && replicaState(rec, m.opts.NodeID) == cluster.ReplicaInSync {
+		if err := m.dropLeftoverLog(rec.Name); err != nil {
+			return err
+		}
+	}
 	if !exported {
 		m.opts.Export(rec.Name, rec.Description, rd)
 	}
+	return nil
+}
+
+// hasLeftoverLog reports whether this node keeps an activity log of LU
+// name from an earlier run or an earlier turn as its writer.
+func (m *Manager) hasLeftoverLog(name string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.mu.leftover[name]
+}
+
+// dropLeftoverLog forgets the activity log this node kept from a time as
+// the LU's writer: its copy is in sync again, so the log names nothing it
+// may differ in.
+func (m *Manager) dropLeftoverLog(name string) error {
+	m.mu.Lock()
+	had := m.mu.leftover[name]
+	delete(m.mu.leftover, name)
+	m.mu.Unlock()
+	if !had || m.opts.Dirty == nil {
+		return nil
+	}
+	if err := m.opts.Dirty.clearActive(name); err != nil {
+		return fmt.Errorf("drop the activity log of a former writer: %w", err)
+	}
+	return nil
+}
+
+// logReply answers a writer's Log request for LU name: the regions this
+// copy may differ in from its time as the LU's writer, once what its
+// retired writer's device had in flight has ended.
+func (m *Manager) logReply(name string) ([]byte, error) {
+	if err := m.drainRetired(name); err != nil {
+		return nil, err
+	}
+	rec, _ := m.record(name)
+	m.mu.Lock()
+	had := m.mu.leftover[name]
+	m.mu.Unlock()
+	switch {
+	case m.opts.Dirty == nil || lu.Kind(rec.Kind) != lu.KindFile:
+		// No log is kept: the new writer treats a former writer of such
+		// an LU as unknown itself (takeOver).
+		return replproto.AppendLog(nil, true, nil), nil
+	case m.opts.Dirty.Doubt() != nil:
+		return replproto.AppendLog(nil, false, nil), nil
+	case !had:
+		return replproto.AppendLog(nil, true, nil), nil
+	}
+	ranges, err := m.opts.Dirty.loadActive(name)
+	if errors.Is(err, ErrDirtyCorrupt) || len(ranges) > logReplyRangesMax {
+		return replproto.AppendLog(nil, false, nil), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return replproto.AppendLog(nil, true, ranges), nil
+}
+
+// drainRetired waits (at most AckTimeout) until the writer's device this
+// node retired for LU name has no operation in flight: a write it issued
+// to the local volume before it learnt it was deposed must land before the
+// new writer compares or resyncs anything here.
+func (m *Manager) drainRetired(name string) error {
+	m.mu.Lock()
+	mi := m.mu.retired[name]
+	m.mu.Unlock()
+	if mi == nil {
+		return nil
+	}
+	if !mi.drain(m.opts.AckTimeout) {
+		return fmt.Errorf("%w: the former writer's device of %s on %s still has operations in flight", blockdev.ErrIO, name, m.opts.NodeID)
+	}
+	m.mu.Lock()
+	if m.mu.retired[name] == mi {
+		delete(m.mu.retired, name)
+	}
+	m.mu.Unlock()
 	return nil
 }
 
@@ -949,6 +1071,14 @@ func (m *Manager) Close() error {
 	<-m.stopped
 	for _, d := range devs {
 		closeDevice(d)
+	}
+	// The operations still in flight on a writer's device (their copies'
+	// answers, the settling of a copy that failed) end before the stores
+	// they record in close: the caller closes the dirty store next.
+	for _, d := range devs {
+		if mi, ok := d.(*Mirror); ok && !mi.drain(m.opts.MetadataTimeout+m.opts.AckTimeout) {
+			m.opts.Logger.Warn("writer's device closed with operations still in flight", "lu", mi.name)
+		}
 	}
 	m.bg.Wait()
 	return nil

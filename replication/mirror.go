@@ -13,8 +13,8 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/internal/copyset"
 	"github.com/lupool/lupool/lu"
-	"github.com/lupool/lupool/replication/copyset"
 	"github.com/lupool/lupool/replication/replproto"
 )
 
@@ -132,6 +132,8 @@ type Mirror struct {
 	m           *Manager
 	regionBytes int64
 	store       *DirtyStore
+	// al is the LU's activity log (actlog.go); nil without a store.
+	al *activityLog
 	// links are the copies on other nodes. Replaced (never changed in
 	// place) with gate held exclusively, so an operation sees one set
 	// from start to end.
@@ -181,19 +183,29 @@ var (
 // and not this volume, or the other way round, and both copies would stay
 // recorded in sync, different. Every copy recorded in sync is then
 // distrusted (see distrustInSync): compared by region hashes, and only the
-// regions that differ sent, before it counts as in sync again.
-func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool) (*Mirror, error) {
+// regions that differ sent, before it counts as in sync again. A store that
+// is not in doubt but Crashed narrows that to the LU's activity-log regions
+// (recoverLog). former is the LU's writer before this node, when this node
+// was a copy until now.
+func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool, former string) (*Mirror, error) {
 	mi := &Mirror{name: rec.Name, self: m.opts.NodeID, local: local, m: m,
 		regionBytes: m.opts.RegionBytes, rec: cloneLU(rec), stop: make(chan struct{})}
 	mi.epoch.Store(rec.Epoch)
 	if lu.Kind(rec.Kind) == lu.KindFile {
 		mi.store = m.opts.Dirty
 	}
+	if mi.store != nil {
+		mi.al = newActivityLog(mi.store, rec.Name, mi.regionBytes, m.opts.ActivityLogRegions,
+			func() error { return local.Flush(context.Background()) })
+	}
 	promoted, err := mi.promoted(rec, lost, wasCopy)
 	if err != nil {
 		return nil, err
 	}
 	distrust := !lost && mi.store != nil && mi.store.Doubt() != nil
+	// After a crash, the activity log this node had as the LU's writer;
+	// once carried over (or for an LU with no log), nothing to recover.
+	crashed := !lost && mi.store != nil && mi.store.Crashed() && m.hasLeftoverLog(rec.Name)
 	links, err := mi.linksFor(rec, nil, distrust)
 	if err != nil {
 		return nil, err
@@ -221,11 +233,22 @@ func (m *Manager) newMirror(rec cluster.LU, local lu.Volume, lost, wasCopy bool)
 			mi.distrustInSync(links)
 		}
 	case promoted:
-		if err := mi.takeOver(links); err != nil {
+		if err := mi.takeOver(links, former); err != nil {
 			return nil, err
 		}
 	case distrust:
 		mi.distrustInSync(links)
+	case crashed:
+		if err := mi.recoverLog(links); err != nil {
+			return nil, err
+		}
+	}
+	// Whatever activity log this node kept for the LU is now either
+	// carried over into the copies' dirty records (recoverLog) or stale
+	// (a clean stop: every write ended; or a former turn as writer whose
+	// copy was in sync since).
+	if err := m.dropLeftoverLog(rec.Name); err != nil {
+		return nil, err
 	}
 	if mi.store != nil && !lost {
 		if err := mi.store.setWriter(rec.Name); err != nil {
@@ -275,14 +298,23 @@ func (mi *Mirror) promoted(rec cluster.LU, lost, wasCopy bool) (bool, error) {
 // other copy in sync may differ from this one where the old writer had
 // writes in flight, so it is recorded out of sync and compared by hashes
 // too, before this mirror acknowledges anything.
-func (mi *Mirror) takeOver(links []*copyLink) error {
+func (mi *Mirror) takeOver(links []*copyLink, former string) error {
 	waited := mi.m.waitOutWriterLease(mi.name)
 	var inSync []*copyLink
 	for _, l := range links {
 		if copyState(l.state.Load()) == stInSync {
 			inSync = append(inSync, l)
 		}
-		if copyState(l.state.Load()) != stNew {
+		switch {
+		case copyState(l.state.Load()) == stNew:
+		case l.node == former && mi.al != nil && copyState(l.state.Load()) != stInSync:
+			// The old writer: what it may differ in from before is its
+			// activity log, which resync asks it for (askLog); what it
+			// lacks from now on, this node records.
+			if err := l.dirty.reset(); err != nil {
+				return err
+			}
+		default:
 			if err := l.dirty.setUnknown(); err != nil {
 				return err
 			}
@@ -332,6 +364,62 @@ func (mi *Mirror) distrustInSync(links []*copyLink) {
 	if wait := int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
 		time.Sleep(time.Duration(wait))
 	}
+}
+
+// recoverLog brings the copies in line after this writer crashed (its
+// store is Crashed, not in doubt): the regions of the LU's activity log are
+// the only ones where a write may have been in flight, so each is recorded
+// dirty, to be compared by hash, for every copy but a new one; the copies
+// recorded in sync are taken out of the live set until their resync ends
+// (as distrustInSync does). An LU with an empty log needs nothing. A log
+// that does not check out leaves every copy unknown.
+func (mi *Mirror) recoverLog(links []*copyLink) error {
+	ranges, err := mi.store.loadActive(mi.name)
+	if err != nil && !errors.Is(err, ErrDirtyCorrupt) {
+		return fmt.Errorf("read the activity log of %s: %w", mi.name, err)
+	}
+	if err != nil {
+		mi.m.opts.Logger.Warn("activity log does not check out; every copy is compared by region hashes",
+			"lu", mi.name, "err", err)
+		for _, l := range links {
+			if copyState(l.state.Load()) != stNew {
+				if err := l.dirty.setUnknown(); err != nil {
+					return err
+				}
+			}
+		}
+		mi.distrustInSync(links)
+		return nil
+	}
+	if len(ranges) == 0 {
+		return nil
+	}
+	var n int64
+	for _, r := range ranges {
+		n += r[1]
+	}
+	var held []string
+	for _, l := range links {
+		st := copyState(l.state.Load())
+		if st == stNew {
+			continue
+		}
+		if err := l.dirty.markCompare(ranges); err != nil {
+			return err
+		}
+		if st == stInSync {
+			l.state.Store(int32(stOutOfSync))
+			held = append(held, l.node)
+		}
+	}
+	mi.m.opts.Logger.Warn("writer started after a crash: its activity-log regions are compared with every copy",
+		"lu", mi.name, "ranges", len(ranges), "bytes", n, "copies_held_back", held)
+	if len(held) > 0 {
+		if wait := int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
+			time.Sleep(time.Duration(wait))
+		}
+	}
+	return nil
 }
 
 func cloneLU(rec cluster.LU) cluster.LU {
@@ -494,6 +582,22 @@ func (mi *Mirror) close() {
 	}
 }
 
+// drain waits, at most max, until no operation is in flight on the mirror
+// (each holds gate shared to its end), and reports whether none is. Called
+// after close, when operations end quickly: the copies' streams are closed
+// and a retired mirror's fenced check returns at once.
+func (mi *Mirror) drain(max time.Duration) bool {
+	deadline := time.Now().Add(max)
+	for !mi.gate.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	mi.gate.Unlock()
+	return true
+}
+
 // Size implements blockdev.Device.
 func (mi *Mirror) Size() int64 { return mi.local.Size() }
 
@@ -598,6 +702,8 @@ type asyncWrite struct {
 	off    int64
 	length int64
 	unlock func()
+	// logged says the write is counted in the activity log.
+	logged bool
 	// remaining counts the answers still to come: one per copy reached
 	// and one for the local write.
 	remaining atomic.Int32
@@ -628,11 +734,19 @@ func (mi *Mirror) WriteAsync(ctx context.Context, p []byte, off int64, flags blo
 		mi.rerunWrite(ctx, p, off, flags, done)
 		return
 	}
+	logged, err := mi.logBegin(off, length)
+	if err != nil {
+		mi.gate.RUnlock()
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+		return
+	}
 	w, _ := mi.m.asyncWrites.Get().(*asyncWrite)
 	if w == nil {
 		w = &asyncWrite{}
 	}
-	w.mi, w.off, w.length, w.done, w.localErr = mi, off, length, done, nil
+	w.mi, w.off, w.length, w.done, w.localErr, w.logged = mi, off, length, done, nil, logged
 	w.unlock = mi.lockRange(off, length)
 	h := replproto.Header{Type: replproto.TypeWrite, Flags: wireFlags(flags), Offset: uint64(off), Length: uint32(length),
 		Epoch: mi.epoch.Load()}
@@ -697,6 +811,9 @@ func (w *asyncWrite) allAnswered() bool {
 func (w *asyncWrite) finish(err error) blockdev.ReplyFlusher {
 	mi, done := w.mi, w.done
 	w.unlock()
+	if w.logged {
+		mi.al.end(w.off, w.length)
+	}
 	mi.gate.RUnlock()
 	*w = asyncWrite{}
 	mi.m.asyncWrites.Put(w)
@@ -725,7 +842,29 @@ func (mi *Mirror) Flush(ctx context.Context) error {
 	if mi.handedOver.Load() {
 		return errRetired
 	}
-	return mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0)
+	if mi.al == nil {
+		return mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0)
+	}
+	n := mi.al.flushStart()
+	err := mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0)
+	if err == nil {
+		mi.al.flushDone(n)
+	}
+	return err
+}
+
+// logBegin puts [off, off+length) in the activity log before a write,
+// trim or write-zeroes is issued there (see actlog.go), when the LU keeps
+// one and has copies to diverge from; logged says mi.al.end must follow.
+// mi.gate is held shared.
+func (mi *Mirror) logBegin(off, length int64) (logged bool, err error) {
+	if mi.al == nil || len(mi.linkSet()) == 0 {
+		return false, nil
+	}
+	if err := mi.al.begin(off, length); err != nil {
+		return false, fmt.Errorf("%w: %v", blockdev.ErrIO, err)
+	}
+	return true, nil
 }
 
 func wireFlags(f blockdev.Flags) replproto.Flags {
@@ -747,6 +886,13 @@ func (mi *Mirror) mutate(ctx context.Context, typ replproto.Type, p []byte, off,
 	defer mi.gate.RUnlock()
 	if mi.handedOver.Load() {
 		return errRetired // the role device runs it again on the new role
+	}
+	logged, err := mi.logBegin(off, length)
+	if err != nil {
+		return err
+	}
+	if logged {
+		defer mi.al.end(off, length)
 	}
 	unlock := mi.lockRange(off, length)
 	defer unlock()
@@ -1156,6 +1302,9 @@ func (mi *Mirror) ping(l *copyLink) {
 // of sync.
 func (mi *Mirror) pingNow(l *copyLink, c *peerConn) {
 	if err := mi.pingOnce(l, c); err != nil {
+		if mi.resyncCheckStop() != nil {
+			return // the mirror closed the stream itself: the copy lacks nothing
+		}
 		if err := mi.copyMissed(l, 0, 0, err); err != nil {
 			mi.m.opts.Logger.Warn("copy unreachable and not recorded out of sync", "lu", mi.name, "copy", l.node, "err", err)
 		}

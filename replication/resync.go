@@ -48,6 +48,12 @@ func (mi *Mirror) resync(l *copyLink) error {
 	mi.m.opts.Logger.Info("resync starts", "lu", mi.name, "copy", l.node, "dirty_bytes", l.dirty.dirtyBytes())
 
 	var sentBytes int64
+	{
+		if err := mi.askLog(l); err != nil {
+			_ = mi.copyMissed(l, 0, 0, err)
+			return err
+		}
+	}
 	if l.dirty.isUnknown() {
 		n, err := mi.hashResync(l)
 		sentBytes += n
@@ -55,12 +61,24 @@ func (mi *Mirror) resync(l *copyLink) error {
 			return err
 		}
 	}
+	var compared, differing int64
 	for {
 		for _, r := range l.dirty.regionList() {
 			if err := mi.resyncCheck(l); err != nil {
 				return err
 			}
-			n, err := mi.resyncRegion(l, r)
+			var n int64
+			var err error
+			if l.dirty.toCompare(r) {
+				var differs bool
+				differs, n, err = mi.hashRegion(l, r)
+				compared++
+				if differs {
+					differing++
+				}
+			} else {
+				n, err = mi.resyncRegion(l, r)
+			}
 			sentBytes += n
 			mi.throttle(n)
 			if err != nil {
@@ -85,6 +103,10 @@ func (mi *Mirror) resync(l *copyLink) error {
 		}
 		if done {
 			took := time.Since(start)
+			if compared > 0 {
+				mi.m.opts.Logger.Info(fmt.Sprintf("activity-log regions compared: %d, sent %d", compared, differing),
+					"lu", mi.name, "copy", l.node, "regions_compared", compared, "regions_sent", differing)
+			}
 			mi.m.opts.Logger.Info("copy in sync", "lu", mi.name, "copy", l.node, "sent_bytes", sentBytes,
 				"took", took.Round(time.Millisecond), "epoch", mi.epoch.Load())
 			if mi.m.opts.ResyncDone != nil {
@@ -93,6 +115,52 @@ func (mi *Mirror) resync(l *copyLink) error {
 			return nil
 		}
 	}
+}
+
+// logReplyRangesMax bounds the ranges of a copy's Log reply; a copy with
+// more answers that it cannot tell (the writer compares the whole LU).
+const logReplyRangesMax = 1 << 16
+
+// askLog asks copy l for the regions it may differ in from a time as the
+// LU's writer (replproto.TypeLog, answered from its activity log) and
+// records them dirty, to be compared by hash; a copy that cannot tell is
+// marked unknown (compared whole). The new writer's own record of l holds
+// what l missed since this node became the writer. The copy answers once
+// whatever its own retired writer's device had in flight has landed, so the
+// question comes first, before any resync frame. A copy already unknown
+// learns nothing from the answer.
+func (mi *Mirror) askLog(l *copyLink) error {
+	c := l.conn.Load()
+	if c == nil {
+		return fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
+	}
+	buf := make([]byte, 1+logReplyRangesMax*16)
+	h, err := c.do(replproto.Header{Type: replproto.TypeLog, Epoch: mi.epoch.Load()}, nil, buf)
+	if err != nil {
+		return fmt.Errorf("ask copy %s for its activity log: %w", l.node, err)
+	}
+	known, ranges, err := replproto.ParseLog(buf[:h.PayloadLen])
+	if err != nil {
+		return fmt.Errorf("activity log of copy %s: %w", l.node, err)
+	}
+	if l.dirty.isUnknown() {
+		return nil
+	}
+	if !known {
+		mi.m.opts.Logger.Warn("copy cannot tell where it may differ from its time as writer; comparing the whole LU by region hashes",
+			"lu", mi.name, "copy", l.node)
+		return l.dirty.setUnknown()
+	}
+	if len(ranges) == 0 {
+		return nil
+	}
+	var n int64
+	for _, r := range ranges {
+		n += r[1]
+	}
+	mi.m.opts.Logger.Info("copy's activity log from its time as writer: its regions will be compared by hash",
+		"lu", mi.name, "copy", l.node, "ranges", len(ranges), "bytes", n)
+	return l.dirty.markCompare(ranges)
 }
 
 // recordedState is node's copy state in rec ("" when it has none).

@@ -2,8 +2,11 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/lupool/lupool/blockdev"
 )
@@ -23,6 +26,10 @@ var errRetired = fmt.Errorf("%w: replication: the LU's role on this node changed
 type roleDevice struct {
 	name string
 	cur  atomic.Pointer[roleSlot]
+	// reruns and bufs recycle what an asynchronous write keeps to run
+	// again (rerunCompletion); nil bufs: none kept (tests).
+	reruns *sync.Pool
+	bufs   *bufPool
 }
 
 // roleSlot is one role's device; retired is set before it is closed.
@@ -40,8 +47,8 @@ var (
 	_ blockdev.AsyncWriter = (*roleDevice)(nil)
 )
 
-func newRoleDevice(name string, dev device) *roleDevice {
-	r := &roleDevice{name: name}
+func newRoleDevice(name string, dev device, reruns *sync.Pool, bufs *bufPool) *roleDevice {
+	r := &roleDevice{name: name, reruns: reruns, bufs: bufs}
 	r.cur.Store(&roleSlot{dev: dev})
 	return r
 }
@@ -185,13 +192,85 @@ func (r *roleDevice) AsyncWrites() bool {
 
 // WriteAsync implements blockdev.AsyncWriter on the current device; one
 // that cannot (the role changed since AsyncWrites) writes synchronously.
+// The device may need p after WriteAsync returned and p is reused: when
+// the role changes under the write (a writer fenced by a failover), it is
+// run again on the new role's device, like every other operation, from a
+// copy of p kept until the write completes.
 func (r *roleDevice) WriteAsync(ctx context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
-	if aw, ok := r.cur.Load().dev.(blockdev.AsyncWriter); ok {
+	s := r.cur.Load()
+	aw, ok := s.dev.(blockdev.AsyncWriter)
+	if !ok {
+		if fl := done.Complete(r.WriteAt(ctx, p, off, flags)); fl != nil {
+			fl.FlushReplies()
+		}
+		return
+	}
+	if r.bufs == nil {
 		aw.WriteAsync(ctx, p, off, flags, done)
 		return
 	}
-	if fl := done.Complete(r.WriteAt(ctx, p, off, flags)); fl != nil {
-		fl.FlushReplies()
+	c, _ := r.reruns.Get().(*rerunCompletion)
+	if c == nil {
+		c = &rerunCompletion{}
+	}
+	c.r, c.s, c.done, c.off, c.flags = r, s, done, off, flags
+	c.buf = r.bufs.get(len(p))
+	copy(c.buf, p)
+	aw.WriteAsync(ctx, p, off, flags, c)
+}
+
+// rerunCompletion completes an asynchronous write of a roleDevice, or runs
+// it again on the current device when the one it ran on was replaced.
+type rerunCompletion struct {
+	r     *roleDevice
+	s     *roleSlot
+	done  blockdev.Completion
+	buf   []byte
+	off   int64
+	flags blockdev.Flags
+}
+
+// retireWait bounds how long a write refused by a replaced device waits for
+// the role device to name the new one.
+const retireWait = 10 * time.Second
+
+// Complete implements blockdev.Completion.
+func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
+	r, s, done, buf, off, flags := c.r, c.s, c.done, c.buf, c.off, c.flags
+	*c = rerunCompletion{}
+	r.reruns.Put(c)
+	if err == nil || !errors.Is(err, errRetired) && !s.retired.Load() {
+		r.bufs.put(buf)
+		return done.Complete(err)
+	}
+	go func() {
+		// A device that refused the write as replaced is retired
+		// (swap) before it is closed; wait for that, then run it again.
+		for deadline := time.Now().Add(retireWait); !s.retired.Load() && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+		if s.retired.Load() {
+			if next := r.cur.Load(); next != s {
+				err = r.writeFrom(next, buf, off, flags)
+			}
+		}
+		r.bufs.put(buf)
+		if fl := done.Complete(err); fl != nil {
+			fl.FlushReplies()
+		}
+	}()
+	return nil
+}
+
+// writeFrom is WriteAt from slot s on.
+func (r *roleDevice) writeFrom(s *roleSlot, p []byte, off int64, flags blockdev.Flags) error {
+	ctx := context.Background()
+	for {
+		err := s.dev.WriteAt(ctx, p, off, flags)
+		var again bool
+		if s, again = r.again(s, err); !again {
+			return err
+		}
 	}
 }
 

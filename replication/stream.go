@@ -380,6 +380,12 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 		if tgt.role == replproto.RoleCopy {
 			m.renewLeaseFrom(tgt.name, int64(h.Offset))
 		}
+	case replproto.TypeLog:
+		if tgt.role != replproto.RoleCopy {
+			err = fmt.Errorf("%w: Log on a client stream", blockdev.ErrInvalid)
+			break
+		}
+		out, err = m.logReply(tgt.name)
 	default:
 		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
 	}

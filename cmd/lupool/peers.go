@@ -146,18 +146,31 @@ func localLiveness(n *cluster.Node) ([]api.NodeLiveness, error) {
 // move to a node of the majority. Back in the majority, it records a
 // QuorumLost and a QuorumRegained event (a node cut off cannot record
 // anything until then). It returns when ctx ends.
+//
+// A process that did not run for a while (frozen by SIGSTOP, or starved)
+// heard nothing meanwhile either: on waking it gives the majority after to
+// answer again, from then, before it sends anyone away, instead of taking
+// its own sleep for a partition.
 func watchMajority(ctx context.Context, node *cluster.Node, srv *nbd.Server, after time.Duration, gauge prometheus.Gauge,
 	emit func(cluster.Event), log *slog.Logger) {
 	started := time.Now()
 	var lostContact time.Time
-	tick := time.NewTicker(after / 10)
+	every := after / 10
+	tick := time.NewTicker(every)
 	defer tick.Stop()
+	last := started
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		if now := time.Now(); now.Sub(last) > 3*every {
+			log.Warn("this process did not run for a while; waiting for the metadata majority again before sending clients elsewhere",
+				"did_not_run_for", now.Sub(last).Round(time.Millisecond))
+			started = now
+		}
+		last = time.Now()
 		contact := node.QuorumContact()
 		if contact.Before(started) {
 			contact = started

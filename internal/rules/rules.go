@@ -73,6 +73,11 @@ const (
 	DirtyRegionBytesMin     = BlockBytes
 	DirtyRegionBytesMax     = 4 << 20
 	DirtyRegionBytesDefault = 1 << 20
+	// ActivityLogRegionsDefault is how many dirty regions a writer keeps
+	// in an LU's activity log (its recently written regions, recorded on
+	// disk before a write to them is issued): the most a restart after a
+	// crash compares by hash, 1 GiB at the default region size.
+	ActivityLogRegionsDefault = 1024
 )
 
 // Sentinel errors; every error of this package matches exactly one.

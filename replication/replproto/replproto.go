@@ -54,7 +54,7 @@
 // between the payload's buffer and the TLS record (and the stream is also
 // used without TLS in tests and benchmarks).
 //
-// magic is Magic ("LURP"). type is a request Type (TypeHello..TypePing) or,
+// magic is Magic ("LURP"). type is a request Type (TypeHello..TypeLog) or,
 // in a reply, TypeReply|request type. status is StatusOK in every request
 // and says how a request ended in its reply. handle is chosen by the
 // requester and echoed in the reply. epoch is, in a request, the sender's
@@ -70,6 +70,7 @@
 //	Write request:  length bytes of data (payload_len == length)
 //	Read reply:     length bytes of data, when status is OK
 //	Hash reply:     32 bytes, SHA-256 of [offset, offset+length), when OK
+//	Log reply:      the Log payload below, when OK
 //	failed reply:   up to MessageBytesMax bytes of error text
 //	anything else:  no payload
 //
@@ -81,6 +82,18 @@
 //
 // where name is the LU name and node id identifies the sending node, each
 // 1..NameBytesMax bytes, and nothing follows the node id.
+//
+// The Log payload (the OK reply to a Log request, AppendLog):
+//
+//	+----------+------------------------------------------------+
+//	| kind (1) | n × (offset (8), length (8)) byte ranges        |
+//	+----------+------------------------------------------------+
+//
+// kind LogRanges (0): the copy may differ from the writer only in the
+// ranges that follow (none: nowhere), from its time as the LU's writer
+// (its activity log); kind LogUnknown (1): it cannot tell (its log is
+// missing or not trusted), no range follows, and the writer compares the
+// whole LU. Ranges are non-empty and do not overflow.
 //
 // # Conversation
 //
@@ -178,6 +191,10 @@ const (
 	// TypePing is a keepalive. Length is 0; Offset carries lease
 	// times (see the package doc).
 	TypePing Type = 8
+	// TypeLog asks a copy for the regions it may differ in from its time
+	// as the LU's writer (its activity log). Offset and Length are 0; the
+	// OK reply's payload is a Log payload (AppendLog).
+	TypeLog Type = 9
 
 	// TypeReply is set in the type of every reply: a reply's Type is
 	// TypeReply|request type.
@@ -185,7 +202,7 @@ const (
 )
 
 // typeLast is the highest request type.
-const typeLast = TypePing
+const typeLast = TypeLog
 
 var typeNames = [...]string{
 	TypeHello: "Hello",
@@ -196,6 +213,7 @@ var typeNames = [...]string{
 	TypeRead:  "Read",
 	TypeHash:  "Hash",
 	TypePing:  "Ping",
+	TypeLog:   "Log",
 }
 
 // isReply reports whether t has the reply bit set.
@@ -554,7 +572,7 @@ func (h *Header) validateRequest() error {
 		return badFrame("%v request with payload length %d", h.Type, h.PayloadLen)
 	}
 	switch h.Type {
-	case TypeFlush:
+	case TypeFlush, TypeLog:
 		if h.Offset != 0 || h.Length != 0 {
 			return badFrame("%v with range offset %d length %d", h.Type, h.Offset, h.Length)
 		}
@@ -585,6 +603,11 @@ func (h *Header) validateReply() error {
 		want = h.Length
 	case TypeHash:
 		want = hashBytes
+	case TypeLog:
+		if h.PayloadLen == 0 || (h.PayloadLen-1)%logRangeBytes != 0 {
+			return badFrame("Log OK with payload length %d, want 1 + a multiple of %d", h.PayloadLen, logRangeBytes)
+		}
+		return nil
 	}
 	if h.PayloadLen != want {
 		return badFrame("%v OK with payload length %d, want %d", h.Type, h.PayloadLen, want)
@@ -706,4 +729,73 @@ func ParseHello(p []byte) (Hello, error) {
 		return Hello{}, err
 	}
 	return h, nil
+}
+
+// Log payload kinds. Part of the wire format.
+const (
+	// LogRanges: the ranges that follow are all the copy may differ in.
+	LogRanges byte = 0
+	// LogUnknown: the copy cannot tell; compare the whole LU.
+	LogUnknown byte = 1
+)
+
+// logRangeBytes is the size of one range of a Log payload.
+const logRangeBytes = 16
+
+// LogRangesMax is the most ranges a Log payload holds (it must fit
+// LengthMax).
+const LogRangesMax = (LengthMax - 1) / logRangeBytes
+
+// AppendLog appends a Log payload to dst: LogUnknown when known is false,
+// else LogRanges and ranges ([offset, length] pairs). It panics on an empty,
+// negative or overflowing range, or on more than LogRangesMax ranges, which
+// are programming errors.
+func AppendLog(dst []byte, known bool, ranges [][2]int64) []byte {
+	if !known {
+		return append(dst, LogUnknown)
+	}
+	if len(ranges) > LogRangesMax {
+		panic(fmt.Sprintf("replproto: %d log ranges exceed %d", len(ranges), LogRangesMax))
+	}
+	dst = slices.Grow(dst, 1+len(ranges)*logRangeBytes)
+	dst = append(dst, LogRanges)
+	for _, r := range ranges {
+		if r[0] < 0 || r[1] <= 0 || r[0] > math.MaxInt64-r[1] {
+			panic(fmt.Sprintf("replproto: bad log range [%d, +%d)", r[0], r[1]))
+		}
+		dst = be.AppendUint64(dst, uint64(r[0]))
+		dst = be.AppendUint64(dst, uint64(r[1]))
+	}
+	return dst
+}
+
+// ParseLog decodes a Log payload: known is false for LogUnknown; ranges
+// are [offset, length] pairs. Errors wrap ErrBadFrame.
+func ParseLog(p []byte) (known bool, ranges [][2]int64, err error) {
+	if len(p) == 0 {
+		return false, nil, badFrame("empty Log payload")
+	}
+	switch p[0] {
+	case LogUnknown:
+		if len(p) != 1 {
+			return false, nil, badFrame("Log payload of kind unknown with %d trailing bytes", len(p)-1)
+		}
+		return false, nil, nil
+	case LogRanges:
+	default:
+		return false, nil, badFrame("Log payload of unknown kind %d", p[0])
+	}
+	body := p[1:]
+	if len(body)%logRangeBytes != 0 {
+		return false, nil, badFrame("Log payload of %d bytes is not 1 + a multiple of %d", len(p), logRangeBytes)
+	}
+	ranges = make([][2]int64, 0, len(body)/logRangeBytes)
+	for ; len(body) > 0; body = body[logRangeBytes:] {
+		off, n := be.Uint64(body), be.Uint64(body[8:])
+		if n == 0 || off > math.MaxInt64 || n > math.MaxInt64-off {
+			return false, nil, badFrame("Log range [%d, +%d) is empty or overflows", off, n)
+		}
+		ranges = append(ranges, [2]int64{int64(off), int64(n)})
+	}
+	return true, ranges, nil
 }

@@ -127,6 +127,7 @@ func validHeaders() []Header {
 		{Type: TypeHash, Handle: 7, Offset: 0, Length: 1},
 		{Type: TypePing, Handle: math.MaxUint64, Epoch: math.MaxUint64},
 		{Type: TypePing, Offset: 1 << 50}, // a lease echo
+		{Type: TypeLog, Handle: 9, Epoch: ep},
 
 		{Type: TypeReply | TypeHello, Handle: 1, Epoch: ep, Offset: 1 << 30},
 		{Type: TypeReply | TypeHello, Status: StatusStaleEpoch, Handle: 1, Epoch: ep + 1, PayloadLen: 11},
@@ -142,6 +143,8 @@ func validHeaders() []Header {
 		{Type: TypeReply | TypeHash, Handle: 7, Length: 1 << 20, PayloadLen: 32},
 		{Type: TypeReply | TypePing, Handle: 8, Epoch: ep},
 		{Type: TypeReply | TypePing, Status: Status(999), Handle: 8, PayloadLen: 3},
+		{Type: TypeReply | TypeLog, Handle: 9, Epoch: ep, PayloadLen: 1 + 3*16},
+		{Type: TypeReply | TypeLog, Status: StatusIO, Handle: 9, PayloadLen: 4},
 	}
 }
 
@@ -195,10 +198,10 @@ func TestParseHeaderRejects(t *testing.T) {
 		{name: "bad magic", h: ok, mutate: func(b []byte) []byte { b[0] ^= 1; return b }, want: "bad magic"},
 		{name: "NBD magic", h: ok, mutate: func(b []byte) []byte { copy(b, []byte{0x25, 0x60, 0x95, 0x13}); return b }, want: "bad magic"},
 		{name: "type 0", h: Header{Type: 0}, want: "unknown type"},
-		{name: "type 9", h: Header{Type: 9}, want: "unknown type"},
+		{name: "type 10", h: Header{Type: 10}, want: "unknown type"},
 		{name: "type 0x7f", h: Header{Type: 0x7f}, want: "unknown type"},
 		{name: "reply type 0x80", h: Header{Type: TypeReply}, want: "unknown type"},
-		{name: "reply type 0x89", h: Header{Type: TypeReply | 9}, want: "unknown type"},
+		{name: "reply type 0x8a", h: Header{Type: TypeReply | 10}, want: "unknown type"},
 		{name: "reply type 0xff", h: Header{Type: 0xff}, want: "unknown type"},
 		{name: "unknown flag 0x10", h: Header{Type: TypeWrite, Flags: 0x10}, want: "unknown flags 0x10"},
 		{name: "unknown flag 0x80", h: Header{Type: TypeZero, Flags: FlagFUA | 0x80}, want: "unknown flags 0x80"},
@@ -551,9 +554,10 @@ func TestStrings(t *testing.T) {
 		{TypeRead.String(), "Read"},
 		{TypeHash.String(), "Hash"},
 		{TypePing.String(), "Ping"},
+		{TypeLog.String(), "Log"},
 		{(TypeReply | TypeRead).String(), "ReadReply"},
 		{Type(0).String(), "Type(0x00)"},
-		{Type(0x89).String(), "Type(0x89)"},
+		{Type(0x8a).String(), "Type(0x8a)"},
 		{TypeReply.String(), "Type(0x80)"},
 		{StatusOK.String(), "OK"},
 		{StatusStaleEpoch.String(), "StaleEpoch"},
@@ -667,6 +671,69 @@ func FuzzParseHello(f *testing.F) {
 			t.Fatalf("round trip %x != %x", out, in)
 		}
 	})
+}
+
+// FuzzParseLog checks that ParseLog never panics, that every error wraps
+// ErrBadFrame, and that an accepted payload re-encodes to the same bytes.
+func FuzzParseLog(f *testing.F) {
+	f.Add(AppendLog(nil, false, nil))
+	f.Add(AppendLog(nil, true, nil))
+	f.Add(AppendLog(nil, true, [][2]int64{{0, 1 << 20}, {5 << 20, 2 << 20}}))
+	f.Add([]byte{0, 1, 2})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		known, ranges, err := ParseLog(in)
+		if err != nil {
+			if !errors.Is(err, ErrBadFrame) {
+				t.Fatalf("error %v does not wrap ErrBadFrame", err)
+			}
+			return
+		}
+		if out := AppendLog(nil, known, ranges); !bytes.Equal(out, in) {
+			t.Fatalf("round trip %x != %x", out, in)
+		}
+	})
+}
+
+// TestLogPayload: the Log payload's rules, and a Log reply's header.
+func TestLogPayload(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		in   []byte
+		ok   bool
+	}{
+		{"unknown", []byte{LogUnknown}, true},
+		{"no ranges", []byte{LogRanges}, true},
+		{"one range", AppendLog(nil, true, [][2]int64{{4096, 8192}}), true},
+		{"empty", nil, false},
+		{"unknown with bytes", []byte{LogUnknown, 0}, false},
+		{"bad kind", []byte{2}, false},
+		{"torn range", AppendLog(nil, true, [][2]int64{{4096, 8192}})[:10], false},
+		{"zero length", append([]byte{LogRanges}, make([]byte, 16)...), false},
+		{"overflow", append([]byte{LogRanges}, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 2), false},
+	} {
+		_, _, err := ParseLog(tc.in)
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: ParseLog(%x) = %v, want ok %v", tc.name, tc.in, err, tc.ok)
+		}
+	}
+	for _, tc := range []struct {
+		h  Header
+		ok bool
+	}{
+		{Header{Type: TypeLog}, true},
+		{Header{Type: TypeLog, Offset: 1}, false},
+		{Header{Type: TypeLog, Length: 1}, false},
+		{Header{Type: TypeReply | TypeLog, PayloadLen: 17}, true},
+		{Header{Type: TypeReply | TypeLog, PayloadLen: 1}, true},
+		{Header{Type: TypeReply | TypeLog, PayloadLen: 0}, false},
+		{Header{Type: TypeReply | TypeLog, PayloadLen: 16}, false},
+	} {
+		var b [HeaderBytes]byte
+		tc.h.Marshal(b[:])
+		if _, err := ParseHeader(b[:]); (err == nil) != tc.ok {
+			t.Errorf("header %+v: %v, want ok %v", tc.h, err, tc.ok)
+		}
+	}
 }
 
 func BenchmarkParseHeader(b *testing.B) {

@@ -87,7 +87,7 @@ func third(ids []string, a, b string) string {
 // random runs; with a rule turned off the same runs find stale reads
 // (the check can fail).
 func TestRandomCopySets(t *testing.T) {
-	seed := testseed.Seed(t, "./replication/copyset/")
+	seed := testseed.Seed(t, "./internal/copyset/")
 	runs := 200
 	if testing.Short() {
 		runs = 50
