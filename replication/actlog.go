@@ -59,20 +59,8 @@ func activeKey(luName string, region uint64) []byte {
 // synced. The value's payload is regionBytes (8 bytes, big-endian), so
 // that the log reads back right whatever the region size later.
 func (s *DirtyStore) addActive(luName string, regionBytes int64, regions []uint64) error {
-	done, err := s.use()
-	if err != nil {
-		return err
-	}
-	defer done()
-	payload := binary.BigEndian.AppendUint64(nil, uint64(regionBytes))
-	b := s.db.NewBatch()
-	for _, r := range regions {
-		k := activeKey(luName, r)
-		if err := b.Set(k, encodeRecord(k, payload), nil); err != nil {
-			return errors.Join(err, b.Close())
-		}
-	}
-	return s.commitSynced(b)
+	return s.setRegions(regions, func(r uint64) []byte { return activeKey(luName, r) },
+		binary.BigEndian.AppendUint64(nil, uint64(regionBytes)))
 }
 
 // removeActive forgets regions of luName's activity log. Not synced: a

@@ -648,6 +648,12 @@ func (s *DirtyStore) load(luName, node string) ([]uint64, error) {
 
 // mark records regions durably (one synced batch).
 func (s *DirtyStore) mark(luName, node string, regions []uint64) error {
+	return s.setRegions(regions, func(r uint64) []byte { return dirtyKey(luName, node, r) }, nil)
+}
+
+// setRegions records the key of each region, each value with payload, in
+// one synced batch.
+func (s *DirtyStore) setRegions(regions []uint64, key func(uint64) []byte, payload []byte) error {
 	done, err := s.use()
 	if err != nil {
 		return err
@@ -655,8 +661,8 @@ func (s *DirtyStore) mark(luName, node string, regions []uint64) error {
 	defer done()
 	b := s.db.NewBatch()
 	for _, r := range regions {
-		k := dirtyKey(luName, node, r)
-		if err := b.Set(k, encodeRecord(k, nil), nil); err != nil {
+		k := key(r)
+		if err := b.Set(k, encodeRecord(k, payload), nil); err != nil {
 			return errors.Join(err, b.Close())
 		}
 	}

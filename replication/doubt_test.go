@@ -268,27 +268,9 @@ func TestHashResyncAfterCorruptDirtyStore(t *testing.T) {
 // exactly the two regions that differ; the copy equals the writer when it
 // is recorded in sync again.
 func TestWriterCrashComparesInSyncCopies(t *testing.T) {
-	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
-	const (
-		size        = 1 << 20
-		regionBytes = 64 << 10
-	)
-	fsA := vfs.NewCrashableMem()
-	rp := newRestartPair(t, fsA, regionBytes)
-	storeA, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: fsA})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rp.a.m.Store(rp.newManagerA(storeA))
-	rp.mt.managers = []*Manager{rp.a.m.Load(), rp.b.m}
-	rp.mt.create(t, twoCopies("h", size, "file"))
-	mir := streamingMirror(t, rp.a.m.Load(), "h")
-	ctx := context.Background()
-	full := make([]byte, size)
-	rng.Read(full)
-	if err := mir.WriteAt(ctx, full, 0, 0); err != nil {
-		t.Fatal(err)
-	}
+	cr := newCrashRun(t)
+	rp, storeA := cr.rp, cr.storeA
+	const size, regionBytes = crashRunSize, crashRunRegionBytes
 	before := rp.mt.get("h")
 	if replicaState(before, "b") != cluster.ReplicaInSync {
 		t.Fatalf("b is %s before the crash, want in-sync", replicaState(before, "b"))
@@ -299,27 +281,7 @@ func TestWriterCrashComparesInSyncCopies(t *testing.T) {
 	if err := storeA.setState(stateOpen); err != nil {
 		t.Fatal(err)
 	}
-	crashed := fsA.CrashClone(vfs.CrashCloneCfg{})
-	if err := rp.a.m.Load().Close(); err != nil {
-		t.Fatal(err)
-	}
-	_ = storeA.Close() // the original; the restart uses the crash clone
-	va, _ := rp.poolA.Get("h")
-	vb, _ := rp.poolB.Get("h")
-	onlyCopy, onlyWriter := make([]byte, 4096), make([]byte, 8192)
-	rng.Read(onlyCopy)
-	rng.Read(onlyWriter)
-	if err := vb.WriteAt(ctx, onlyCopy, 3*regionBytes+4096, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := va.WriteAt(ctx, onlyWriter, 11*regionBytes, 0); err != nil {
-		t.Fatal(err)
-	}
-	store2, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: crashed, ExpectExisting: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store2.Close()
+	va, vb, store2 := cr.crash(t)
 	if store2.Doubt() == nil || !strings.Contains(store2.Doubt().Error(), "not closed cleanly") {
 		t.Fatalf("store after a crash: doubt %v, want not closed cleanly", store2.Doubt())
 	}
@@ -356,27 +318,10 @@ func TestWriterCrashComparesInSyncCopies(t *testing.T) {
 // (the two written since the last flush, not the whole LU), sends the two
 // that differ, and the copy equals the writer when it is in sync again.
 func TestWriterCrashComparesActivityLog(t *testing.T) {
-	rng := rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/"))))
-	const (
-		size        = 1 << 20
-		regionBytes = 64 << 10
-	)
-	fsA := vfs.NewCrashableMem()
-	rp := newRestartPair(t, fsA, regionBytes)
-	storeA, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: fsA})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rp.a.m.Store(rp.newManagerA(storeA))
-	rp.mt.managers = []*Manager{rp.a.m.Load(), rp.b.m}
-	rp.mt.create(t, twoCopies("h", size, "file"))
-	mir := streamingMirror(t, rp.a.m.Load(), "h")
+	cr := newCrashRun(t)
+	rp, mir, rng := cr.rp, cr.mir, cr.rng
+	const size, regionBytes = crashRunSize, crashRunRegionBytes
 	ctx := context.Background()
-	full := make([]byte, size)
-	rng.Read(full)
-	if err := mir.WriteAt(ctx, full, 0, 0); err != nil {
-		t.Fatal(err)
-	}
 	if err := mir.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -398,27 +343,7 @@ func TestWriterCrashComparesActivityLog(t *testing.T) {
 	}
 	before := rp.mt.get("h")
 
-	crashed := fsA.CrashClone(vfs.CrashCloneCfg{})
-	if err := rp.a.m.Load().Close(); err != nil {
-		t.Fatal(err)
-	}
-	_ = storeA.Close()
-	va, _ := rp.poolA.Get("h")
-	vb, _ := rp.poolB.Get("h")
-	onlyCopy, onlyWriter := make([]byte, 4096), make([]byte, 8192)
-	rng.Read(onlyCopy)
-	rng.Read(onlyWriter)
-	if err := vb.WriteAt(ctx, onlyCopy, 3*regionBytes+4096, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := va.WriteAt(ctx, onlyWriter, 11*regionBytes, 0); err != nil {
-		t.Fatal(err)
-	}
-	store2, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: crashed, ExpectExisting: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store2.Close()
+	va, vb, store2 := cr.crash(t)
 	if store2.Doubt() != nil || !store2.Crashed() {
 		t.Fatalf("store after a crash: doubt %v, crashed %v; want crashed, no doubt", store2.Doubt(), store2.Crashed())
 	}
@@ -444,10 +369,12 @@ func TestWriterCrashComparesActivityLog(t *testing.T) {
 	if loggedBytes >= size/2 || loggedBytes < 2*regionBytes {
 		t.Errorf("activity log at the crash: %v (%d bytes), want the 2 regions in flight and at most a few more", logged, loggedBytes)
 	}
+	// The resync logs what it compared once the copy is recorded in sync.
+	wantLog := fmt.Sprintf("activity-log regions compared: %d, sent 2", loggedBytes/regionBytes)
+	waitFor(t, "the resync's log line", func() bool { return strings.Contains(rp.logA.String(), wantLog) })
 	log := rp.logA.String()
-	if !strings.Contains(log, "writer started after a crash: its activity-log regions are compared") ||
-		!strings.Contains(log, fmt.Sprintf("activity-log regions compared: %d, sent 2", loggedBytes/regionBytes)) {
-		t.Errorf("writer's log lacks the activity-log resync:\n%s", log)
+	if !strings.Contains(log, "writer started after a crash: its activity-log regions are compared") {
+		t.Errorf("writer's log lacks the activity-log recovery:\n%s", log)
 	}
 	if strings.Contains(log, "hash resync starts") {
 		t.Errorf("writer compared the whole LU although its activity log was intact:\n%s", log)
@@ -458,4 +385,71 @@ func TestWriterCrashComparesActivityLog(t *testing.T) {
 	if left, err := store2.loadActive("h"); err != nil || len(left) != 0 {
 		t.Errorf("activity log after the restart: %v, %v; want it carried over and empty", left, err)
 	}
+}
+
+const (
+	crashRunSize        = 1 << 20
+	crashRunRegionBytes = 64 << 10
+)
+
+// crashRun is writer a of LU "h" (crashRunSize, crashRunRegionBytes
+// regions) with its copy on b, over a dirty store on a crashable FS, with
+// the whole LU written through the mirror.
+type crashRun struct {
+	rp     *restartPair
+	fsA    *vfs.MemFS
+	storeA *DirtyStore
+	mir    *Mirror
+	rng    *rand.Rand
+}
+
+func newCrashRun(t *testing.T) *crashRun {
+	t.Helper()
+	cr := &crashRun{rng: rand.New(rand.NewSource(int64(testseed.Seed(t, "./replication/")))), fsA: vfs.NewCrashableMem()}
+	cr.rp = newRestartPair(t, cr.fsA, crashRunRegionBytes)
+	var err error
+	if cr.storeA, err = OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: cr.fsA}); err != nil {
+		t.Fatal(err)
+	}
+	cr.rp.a.m.Store(cr.rp.newManagerA(cr.storeA))
+	cr.rp.mt.managers = []*Manager{cr.rp.a.m.Load(), cr.rp.b.m}
+	cr.rp.mt.create(t, twoCopies("h", crashRunSize, "file"))
+	cr.mir = streamingMirror(t, cr.rp.a.m.Load(), "h")
+	full := make([]byte, crashRunSize)
+	cr.rng.Read(full)
+	if err := cr.mir.WriteAt(context.Background(), full, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	return cr
+}
+
+// crash stops a as a crash does (its store as synced, its manager gone
+// without a clean close); then a write in flight lands only on b (region
+// 3) and another only on a (region 11). It returns both volumes and a's
+// store reopened over the crash clone.
+func (cr *crashRun) crash(t *testing.T) (va, vb lu.Volume, store2 *DirtyStore) {
+	t.Helper()
+	crashed := cr.fsA.CrashClone(vfs.CrashCloneCfg{})
+	if err := cr.rp.a.m.Load().Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = cr.storeA.Close() // the original; the restart uses the crash clone
+	va, _ = cr.rp.poolA.Get("h")
+	vb, _ = cr.rp.poolB.Get("h")
+	onlyCopy, onlyWriter := make([]byte, 4096), make([]byte, 8192)
+	cr.rng.Read(onlyCopy)
+	cr.rng.Read(onlyWriter)
+	ctx := context.Background()
+	if err := vb.WriteAt(ctx, onlyCopy, 3*crashRunRegionBytes+4096, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := va.WriteAt(ctx, onlyWriter, 11*crashRunRegionBytes, 0); err != nil {
+		t.Fatal(err)
+	}
+	store2, err := OpenDirtyStoreOptions("dirty", DirtyStoreOptions{FS: crashed, ExpectExisting: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store2.Close() })
+	return va, vb, store2
 }
