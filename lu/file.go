@@ -189,6 +189,15 @@ func (v *FileVolume) TryReadAt(ctx context.Context, p []byte, off int64) (bool, 
 	return true, nil
 }
 
+// InlineIO reports true: a write of whole blocks without FUA only copies
+// into the page cache, so a front end may run it on the goroutine that
+// reads requests (server/nbd.InlineDevice). Such a write still waits when
+// the kernel throttles dirty pages, as every writer of the file system
+// does then. Reads and flushes may wait for the disk: the volume is a
+// blockdev.TryReader, on which the NBD engine tries reads and runs
+// flushes, FUA writes and partial blocks on other goroutines.
+func (v *FileVolume) InlineIO() bool { return true }
+
 // WriteAt implements blockdev.Device. FUA makes the write durable before it
 // returns.
 func (v *FileVolume) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
