@@ -119,11 +119,12 @@ type MemVolume struct {
 }
 
 var (
-	_ Volume            = (*MemVolume)(nil)
-	_ blockdev.Device   = (*MemVolume)(nil)
-	_ blockdev.Trimmer  = (*MemVolume)(nil)
-	_ blockdev.Zeroer   = (*MemVolume)(nil)
-	_ blockdev.Extenter = (*MemVolume)(nil)
+	_ Volume             = (*MemVolume)(nil)
+	_ blockdev.Device    = (*MemVolume)(nil)
+	_ blockdev.Trimmer   = (*MemVolume)(nil)
+	_ blockdev.Zeroer    = (*MemVolume)(nil)
+	_ blockdev.Extenter  = (*MemVolume)(nil)
+	_ blockdev.TryReader = (*MemVolume)(nil)
 )
 
 // NewMemVolume returns an empty (all holes) memory volume of sizeBytes,
@@ -203,6 +204,16 @@ func (v *MemVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
 		s.mu.Unlock()
 	})
 	return nil
+}
+
+// TryReadAt implements blockdev.TryReader: a memory volume never waits, so
+// it is ReadAt. (Front ends that run writes inline only on a TryReader
+// whose reads are tried see a memory volume as such a device too.)
+func (v *MemVolume) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if err := v.ReadAt(ctx, p, off); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // pageLocked returns page index, allocating it; nil when the memory

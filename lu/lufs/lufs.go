@@ -64,6 +64,16 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (int, error)
 }
 
+// CacheChecker is an optional interface of a File that can tell, without
+// reading, whether a range is in the page cache.
+type CacheChecker interface {
+	// Cached reports whether every page of [off, off+length) is in the
+	// page cache (cachestat(2)): false when some page is not, and when it
+	// cannot tell. The answer may be stale by the time it is used. May be
+	// called concurrently with the other data calls of the File.
+	Cached(off, length int64) bool
+}
+
 // FS is the small file-system interface lu uses. Paths are OS paths.
 type FS interface {
 	// OpenFile opens name with os.OpenFile flags (O_RDWR, O_CREATE,

@@ -22,6 +22,7 @@ var (
 	_ FS           = osFS{}
 	_ File         = (*osFile)(nil)
 	_ NoWaitReader = (*osFile)(nil)
+	_ CacheChecker = (*osFile)(nil)
 )
 
 func (osFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
@@ -89,6 +90,9 @@ type osFile struct {
 	// noNoWait is set once the kernel or file system refused RWF_NOWAIT on
 	// a read; ReadAtNoWait then answers ErrWouldBlock at once.
 	noNoWait atomic.Bool
+	// noCachestat is set once the kernel refused cachestat (before 6.5);
+	// Cached then answers false at once.
+	noCachestat atomic.Bool
 }
 
 func (f *osFile) Truncate(size int64) error { return f.f.Truncate(size) }
@@ -168,6 +172,27 @@ func (f *osFile) preadNoWait(p []byte, off int64) (int, syscall.Errno) {
 	}
 	return int(n), errno
 }
+
+// Cached implements CacheChecker with cachestat(2), which counts the
+// range's pages in the page cache without touching them.
+func (f *osFile) Cached(off, length int64) bool {
+	if length <= 0 || off < 0 || f.noCachestat.Load() {
+		return false
+	}
+	r := unix.CachestatRange{Off: uint64(off), Len: uint64(length)}
+	var st unix.Cachestat_t
+	if err := unix.Cachestat(uint(f.fd), &r, &st, 0); err != nil {
+		if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
+			f.noCachestat.Store(true)
+		}
+		return false
+	}
+	pages := (uint64(off+length)+pageBytes-1)/pageBytes - uint64(off)/pageBytes
+	return st.Cache >= pages
+}
+
+// pageBytes is the page size cachestat counts in.
+var pageBytes = uint64(os.Getpagesize())
 
 // WriteAt calls pwrite on the descriptor directly, until all of p is
 // written or an error (ENOSPC after a short write) stops it.

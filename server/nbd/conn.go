@@ -76,12 +76,14 @@ type conn struct {
 	extenter blockdev.Extenter // nil if unsupported
 	cacher   blockdev.Cacher   // nil if unsupported
 	readOnly bool
-	inliner  InlineDevice            // dev if it implements InlineDevice, else nil
-	asyncw   blockdev.AsyncWriter    // dev if it implements AsyncWriter, else nil
-	asyncr   blockdev.AsyncReader    // dev if it implements AsyncReader, else nil
-	reqfl    blockdev.RequestFlusher // dev if it implements RequestFlusher, else nil
-	tryr     blockdev.TryReader      // dev if it implements TryReader, else nil
-	metrics  *exportMetrics          // nil without Metrics
+	// blockBytes is the device's block size (at least 1).
+	blockBytes uint64
+	inliner    InlineDevice            // dev if it implements InlineDevice, else nil
+	asyncw     blockdev.AsyncWriter    // dev if it implements AsyncWriter, else nil
+	asyncr     blockdev.AsyncReader    // dev if it implements AsyncReader, else nil
+	reqfl      blockdev.RequestFlusher // dev if it implements RequestFlusher, else nil
+	tryr       blockdev.TryReader      // dev if it implements TryReader, else nil
+	metrics    *exportMetrics          // nil without Metrics
 
 	inflight atomic.Int32
 	stats    [numCommands]struct{ requests, errors, bytes atomic.Uint64 }
@@ -267,6 +269,7 @@ func (c *conn) start(sess *session) {
 	c.extenter, _ = c.dev.(blockdev.Extenter)
 	c.cacher, _ = c.dev.(blockdev.Cacher)
 	c.readOnly = c.dev.Caps().ReadOnly
+	c.blockBytes = uint64(max(c.dev.Caps().BlockSizeBytes, 1))
 	c.inliner, _ = c.dev.(InlineDevice)
 	c.asyncw, _ = c.dev.(blockdev.AsyncWriter)
 	c.asyncr, _ = c.dev.(blockdev.AsyncReader)
@@ -405,7 +408,10 @@ const InlineMaxBytes = 128 << 10
 // inlineRequest decides, once per request, whether the reader runs r
 // itself: requests refused by validation (their reply is all there is to
 // do) and, on an InlineDevice that says so now, reads, writes and flushes of
-// at most InlineMaxBytes.
+// at most InlineMaxBytes. On an InlineDevice that is also a
+// blockdev.TryReader (a file volume, whose reads and flushes may wait for
+// the disk) only writes without FUA run inline: reads are tried instead
+// (tryRequest) and flushes and FUA writes go to workers.
 func (c *conn) inlineRequest(r *request) bool {
 	if r.errCode != 0 {
 		return true
@@ -414,11 +420,24 @@ func (c *conn) inlineRequest(r *request) bool {
 		return false
 	}
 	switch r.hdr.Type {
-	case nbdproto.CmdRead, nbdproto.CmdWrite:
+	case nbdproto.CmdRead:
+		if c.tryr != nil || r.hdr.Length > InlineMaxBytes {
+			return false
+		}
+	case nbdproto.CmdWrite:
 		if r.hdr.Length > InlineMaxBytes {
 			return false
 		}
+		// A partial block not in the page cache is read from the disk
+		// first: only whole blocks without FUA on a TryReader.
+		if c.tryr != nil && (r.hdr.Flags&nbdproto.CmdFlagFUA != 0 ||
+			r.hdr.Offset%c.blockBytes != 0 || uint64(r.hdr.Length)%c.blockBytes != 0) {
+			return false
+		}
 	case nbdproto.CmdFlush:
+		if c.tryr != nil {
+			return false
+		}
 	default:
 		return false
 	}

@@ -192,3 +192,72 @@ func TestHotPathAllocationsFileVolume(t *testing.T) {
 		}
 	}
 }
+
+// TestFileWritesThatWaitRunApart pins which requests on a file volume the
+// reader leaves to workers now that it runs 4 KiB writes itself: a flush
+// (fdatasync), a FUA write (RWF_DSYNC) and a write of a partial block
+// (which may read the block from the disk first) each wait for the disk
+// apart, held here by the FaultFS, while whole-block writes and cached
+// reads sent after them on the same connection are answered; each is
+// answered once the disk lets it go.
+func TestFileWritesThatWaitRunApart(t *testing.T) {
+	const heldOff = 3 << 20
+	for _, tc := range []struct {
+		name   string
+		op     lufs.Op
+		typ    uint16
+		flags  uint16
+		length uint32
+	}{
+		{"flush", lufs.OpSync, nbdproto.CmdFlush, 0, 0},
+		{"fua-write", lufs.OpWrite, nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 4096},
+		{"partial-block-write", lufs.OpWrite, nbdproto.CmdWrite, 0, 512},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, ffs, data := faultFileExport(t)
+			gate := make(chan struct{})
+			ffs.SetInjector(lufs.Block(gate, func(ev lufs.Event) bool {
+				return ev.Op == lufs.OpSync || ev.Off == heldOff
+			}, tc.op))
+			ts := startServer(t, blockdev.Caps{}, nil, e)
+			var once sync.Once
+			release := func() { once.Do(func() { close(gate) }) }
+			t.Cleanup(release) // before Shutdown, which waits for the request
+			c := dialRaw(t, ts.addr)
+			c.attach("file", false)
+			var payload []byte
+			off := uint64(0)
+			if tc.typ == nbdproto.CmdWrite {
+				payload, off = pattern(int(tc.length), 7), heldOff
+			}
+			c.request(tc.typ, tc.flags, 1, off, tc.length, payload)
+			w := pattern(4096, 9)
+			for h := uint64(2); h < 22; h++ {
+				if h%2 == 0 {
+					c.request(nbdproto.CmdWrite, 0, h, 2<<20+h*4096, 4096, w)
+				} else {
+					c.request(nbdproto.CmdRead, 0, h, 4096, 4096, nil)
+				}
+			}
+			_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			for range 20 {
+				h, code, _ := c.simpleReply(0)
+				if code != 0 {
+					t.Fatalf("handle %d: %s", h, errName(code))
+				}
+				if h == 1 {
+					t.Fatal("the held request was answered before the disk let it go")
+				}
+				if h%2 == 1 {
+					if got := c.read(4096); !bytes.Equal(got, data[4096:8192]) {
+						t.Fatalf("handle %d: wrong data", h)
+					}
+				}
+			}
+			release()
+			if h, code, _ := c.simpleReply(0); h != 1 || code != 0 {
+				t.Fatalf("handle %d code %s, want the held request", h, errName(code))
+			}
+		})
+	}
+}

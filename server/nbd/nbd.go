@@ -26,7 +26,12 @@
 // (preadv2 with RWF_NOWAIT): data in the page cache is answered with no
 // hand-off, and only a read that would wait for the disk goes to a worker,
 // so a slow disk never holds back the requests behind it. Larger reads go
-// to workers, where sending one reply overlaps with reading the next.
+// to workers, where sending one reply overlaps with reading the next. A
+// TryReader that is also an [InlineDevice] (a file volume: its writes go
+// to the page cache) gets only its writes of whole blocks without FUA, up
+// to InlineMaxBytes, run inline, straight from the reader's buffer; its
+// flushes, FUA writes and partial blocks, which may wait for the disk, go
+// to workers.
 // On a [blockdev.AsyncWriter] (a mirror waiting for its copies) the leader
 // starts small writes without FUA itself and reads on; the goroutine that
 // learns a write is complete (the replication stream's reader) queues it
@@ -175,12 +180,19 @@ type Export struct {
 // goroutine costs more than running it. A device whose calls may block must
 // not report true, since while an inline request runs its connection reads
 // nothing else.
+//
+// A device that is also a blockdev.TryReader promises less: only that a
+// WriteAt of whole blocks (Caps.BlockSizeBytes) without FUA does not wait
+// for a disk or the network (lu.FileVolume: it copies into the page cache).
+// The engine then runs only those writes inline; it tries reads
+// (TryReadAt) and runs flushes, FUA writes and partial blocks on workers.
 type InlineDevice interface {
 	blockdev.Device
-	// InlineIO reports whether ReadAt, WriteAt and Flush never block now.
-	// It is asked for every read, write and flush that may run inline, so
-	// the answer may change over the device's life (a mirror that gains a
-	// remote copy); it must be cheap.
+	// InlineIO reports whether ReadAt, WriteAt and Flush (on a TryReader:
+	// WriteAt of whole blocks without FUA) never block now. It is asked
+	// for every request that may run inline, so the answer may change
+	// over the device's life (a mirror that gains a remote copy); it must
+	// be cheap.
 	InlineIO() bool
 }
 
