@@ -51,6 +51,9 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		CreatedAt:   rec.CreatedAt,
 		Replicas:    []api.Replica{},
 		QoS:         apiQoS(rec.QoS),
+		Image:       rec.Image,
+		ReadOnly:    rec.ReadOnly,
+		Base:        rec.Base,
 	}
 	// Every node exports every LU: these are this node's clients.
 	out.Connections = p.opts.Connections.Connections(rec.Name)
@@ -63,6 +66,8 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		out.Replicas = append(out.Replicas, rep)
 	}
 	if vol, ok := p.opts.Replicas.Volume(rec.Name); ok {
+		// A clone's volume counts its own blocks only: the image's are
+		// counted once, on the image's disks.
 		out.AllocatedBytes = vol.AllocatedBytes()
 	}
 	p.scrubStatus(&out)
