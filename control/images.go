@@ -146,8 +146,11 @@ func (p *Plane) ImageReady(ctx context.Context, name string, req api.ImageReadyR
 		if err != nil || len(want) != 32 {
 			return api.Image{}, fmt.Errorf("%w: disk %d: sha256 %q is not 64 hex digits", api.ErrInvalid, i, d.SHA256)
 		}
+		if d.SourceBytes <= 0 || d.SourceBytes > img.Disks[i].SizeBytes {
+			return api.Image{}, fmt.Errorf("%w: disk %d: source_bytes %d: give the source's size, at most the disk's %d", api.ErrInvalid, i, d.SourceBytes, img.Disks[i].SizeBytes)
+		}
 		if vol, ok := p.opts.Replicas.Volume(img.Disks[i].LU); ok {
-			got, err := blockcopy.Hash(ctx, vol, vol.Size())
+			got, err := blockcopy.Hash(ctx, vol, d.SourceBytes)
 			if err != nil {
 				return api.Image{}, fmt.Errorf("image %q: hash the stored copy of %s: %w", name, img.Disks[i].LU, err)
 			}

@@ -609,7 +609,7 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume,
 			// At start, a copy that the metadata says holds data but whose
 			// volume is gone (a memory LU, or a lost file) is lost.
 			lost = reconciling && len(rec.Replicas) > 1 && replicaState(rec, m.opts.NodeID) != cluster.ReplicaNew
-			vol, err = m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
+			vol, err = m.createVolume(rec)
 			if err != nil {
 				return nil, false, fmt.Errorf("create volume: %w", err)
 			}
@@ -620,12 +620,38 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume,
 		m.mu.volumes[rec.Name] = vol
 		m.mu.Unlock()
 	}
+	if o, ok := vol.(*lu.Overlay); ok && rec.Base == "" && o.BaseName() != "" {
+		m.flattenLater(rec.Name, o)
+	}
 	if vol.Size() != rec.SizeBytes {
 		if err := m.opts.Pool.Resize(rec.Name, rec.SizeBytes); err != nil {
 			return vol, lost, fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
 		}
 	}
 	return vol, lost, nil
+}
+
+// createVolume makes rec's local volume: a linked clone of the image disk
+// rec.Base (which this node holds: a clone's copies are placed on nodes
+// holding its base), or a new empty volume.
+func (m *Manager) createVolume(rec cluster.LU) (lu.Volume, error) {
+	if rec.Base != "" {
+		return m.opts.Pool.CreateClone(rec.Name, rec.Base, rec.SizeBytes)
+	}
+	return m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
+}
+
+// flattenLater copies the base blocks of a clone whose record no longer
+// names a base into its local volume, in the background (the node that
+// recorded the flatten did its own copy first; this is every other copy).
+func (m *Manager) flattenLater(name string, o *lu.Overlay) {
+	m.goBackground(func() {
+		// A second flatten of the same volume (a later change came while
+		// the first ran) finds the link cut and fails harmlessly.
+		if err := o.Flatten(context.Background()); err != nil && o.BaseName() != "" {
+			m.recordErr(name, fmt.Errorf("flatten the local copy: %w", err))
+		}
+	})
 }
 
 // replicaState returns node's copy state in rec, or "".

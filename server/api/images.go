@@ -57,6 +57,9 @@ type ImageReadyRequest struct {
 type ImageDiskHash struct {
 	SHA256    string `json:"sha256"`
 	SentBytes int64  `json:"sent_bytes"`
+	// SourceBytes is the source's size, which the hash covers (the LU is
+	// rounded up to 512 bytes).
+	SourceBytes int64 `json:"source_bytes"`
 }
 
 // Image is one image.
