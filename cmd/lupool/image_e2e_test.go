@@ -1,0 +1,351 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
+)
+
+type imageJSON struct {
+	Name   string `json:"name"`
+	State  string `json:"state"`
+	Copies int    `json:"copies"`
+	Disks  []struct {
+		LU             string `json:"lu"`
+		SizeBytes      int64  `json:"size_bytes"`
+		AllocatedBytes int64  `json:"allocated_bytes"`
+		SHA256         string `json:"sha256"`
+		SentBytes      int64  `json:"sent_bytes"`
+	} `json:"disks"`
+	Clones []string `json:"clones"`
+}
+
+func (d *daemon) image(name string) imageJSON {
+	d.t.Helper()
+	var img imageJSON
+	if err := json.Unmarshal([]byte(d.mustCLI("image", "show", name, "-o", "json")), &img); err != nil {
+		d.t.Fatal(err)
+	}
+	return img
+}
+
+func (d *daemon) luAllocated(name string) int64 {
+	d.t.Helper()
+	var lu luJSON
+	if err := json.Unmarshal([]byte(d.mustCLI("lu", "show", name, "-o", "json")), &lu); err != nil {
+		d.t.Fatal(err)
+	}
+	return lu.AllocatedBytes
+}
+
+// sparseSource writes a file of sizeBytes with random data at each of
+// offsets (lengthBytes each) and holes elsewhere.
+func sparseSource(t *testing.T, dir string, sizeBytes int64, lengthBytes int, offsets ...int64) string {
+	t.Helper()
+	path := filepath.Join(dir, "disk.raw")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(sizeBytes); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, lengthBytes)
+	for _, off := range offsets {
+		if _, err := rand.Read(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return path
+}
+
+// nbdRead copies an export to a file with nbdcopy and returns its path.
+func nbdRead(t *testing.T, uri string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "out.raw")
+	runTool(t, "nbdcopy", uri, out)
+	return out
+}
+
+// sameFiles compares two files with cmp (fast on large sparse files).
+func sameFiles(t *testing.T, a, b string) bool {
+	t.Helper()
+	out, err := exec.Command("cmp", a, b).CombinedOutput()
+	if err != nil {
+		t.Logf("cmp %s %s: %v %s", a, b, err, out)
+	}
+	return err == nil
+}
+
+func nbdsh(t *testing.T, uri, script string) (string, error) {
+	t.Helper()
+	out, err := realclient.Nbdsh(t, uri, script).CombinedOutput()
+	return string(out), err
+}
+
+// TestImageImportAndClones: a 1 GiB sparse raw file with 100 MiB of data
+// imports as about 100 MiB sent and allocated, reads back equal, and is
+// read-only over NBD; a raw file and a qcow2 file import as two disks, the
+// qcow2 one identical for qemu-img compare; bad arguments change nothing.
+// Two linked clones read the image, keep their writes to themselves, read
+// zeros where trimmed, report their own blocks; the image cannot go while
+// they exist; one clone is flattened under fio with crc32c verification,
+// the other deleted, then the image: the flattened clone still verifies
+// and still holds the image's data.
+func TestImageImportAndClones(t *testing.T) {
+	alongside(t)
+	needTools(t, "nbdcopy", "nbdinfo", "qemu-img", "qemu-io", "qemu-nbd", "fio")
+	realclient.NbdshPython(t)
+	d := newDaemon(t, "i1")
+	d.start()
+	dir := t.TempDir()
+	const mib = 1 << 20
+	src := sparseSource(t, dir, 1<<30, 25*mib, 100*mib, 300*mib, 600*mib, 900*mib)
+
+	// Bad arguments: a message that says what to fix, and nothing made.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"image", "import", "bad", filepath.Join(dir, "missing.raw")}, "no such file"},
+		{[]string{"image", "import", "bad", src, "--copies", "2"}, "copies 2 needs 2 nodes"},
+		{[]string{"image", "import", "bad/x", src}, "image name"},
+		{[]string{"image", "import", "bad", "nbd+unix:///x"}, "no socket"},
+	} {
+		_, errOut, code := d.cli(c.args...)
+		if code == 0 || !strings.Contains(errOut, c.want) {
+			t.Errorf("lupool %s: exit %d, %q; want a failure saying %q", strings.Join(c.args, " "), code, errOut, c.want)
+		}
+	}
+	if lus := d.listLUs(); len(lus) != 0 {
+		t.Fatalf("refused imports left LUs: %+v", lus)
+	}
+	if out := d.mustCLI("image", "list", "-o", "json"); strings.TrimSpace(out) != "[]" {
+		t.Fatalf("refused imports left images: %s", out)
+	}
+
+	start := time.Now()
+	var img imageJSON
+	if err := json.Unmarshal([]byte(d.mustCLI("image", "import", "deb", src, "-o", "json")), &img); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("import of 1 GiB with 100 MiB of data: %v, sent %d bytes, allocated %d", time.Since(start), img.Disks[0].SentBytes, img.Disks[0].AllocatedBytes)
+	if img.State != "ready" || len(img.Disks) != 1 || img.Disks[0].LU != "deb/0" || len(img.Disks[0].SHA256) != 64 {
+		t.Fatalf("imported image: %+v", img)
+	}
+	if s := img.Disks[0].SentBytes; s != 100*mib {
+		t.Errorf("sent %d bytes, want exactly the 100 MiB of data", s)
+	}
+	if a := d.luAllocated("deb/0"); a < 100*mib || a > 102*mib {
+		t.Errorf("deb/0 allocates %d bytes, want about 100 MiB", a)
+	}
+	if _, errOut, code := d.cli("image", "import", "deb", src); code == 0 || !strings.Contains(errOut, "exists") {
+		t.Errorf("a second import named deb: exit %d, %q", code, errOut)
+	}
+	if !sameFiles(t, nbdRead(t, d.uri("deb/0")), src) {
+		t.Fatal("nbdcopy of deb/0 differs from the source")
+	}
+	if out := runTool(t, "nbdinfo", d.uri("deb/0")); !strings.Contains(out, "is_read_only: true") {
+		t.Errorf("nbdinfo of deb/0 does not say read-only:\n%s", out)
+	}
+	if out, err := nbdsh(t, d.uri("deb/0"), `h.pwrite(b"x"*4096, 0)`); err == nil || !strings.Contains(out, "not permitted") {
+		t.Errorf("a write to the image: %v %s; want it refused (EPERM)", err, out)
+	}
+
+	// Two sources: a raw file and a qcow2 file filled by qemu-io.
+	small := sparseSource(t, t.TempDir(), 8*mib, mib, 2*mib)
+	qcow := filepath.Join(dir, "disk.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M")
+	runTool(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xab 1M 4M", "-c", "write -P 0x11 40M 512k", qcow)
+	if err := json.Unmarshal([]byte(d.mustCLI("image", "import", "two", small, qcow, "-o", "json")), &img); err != nil {
+		t.Fatal(err)
+	}
+	if len(img.Disks) != 2 || img.Disks[0].LU != "two/0" || img.Disks[1].LU != "two/1" || img.Disks[1].SentBytes != 4*mib+512<<10 {
+		t.Fatalf("two-disk image: %+v", img)
+	}
+	if out := runTool(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", qcow, d.uri("two/1")); !strings.Contains(out, "identical") {
+		t.Errorf("qemu-img compare of the qcow2 and two/1: %s", out)
+	}
+	if !sameFiles(t, nbdRead(t, d.uri("two/0")), small) {
+		t.Error("two/0 differs from its raw source")
+	}
+	d.mustCLI("image", "delete", "two")
+
+	// Linked clones.
+	d.mustCLI("lu", "create", "vm1", "--from", "deb/0")
+	d.mustCLI("lu", "create", "vm2", "--from", "deb/0", "--size", "1100M")
+	if _, errOut, code := d.cli("lu", "create", "vm3", "--from", "deb/0", "--size", "100M"); code == 0 || !strings.Contains(errOut, "at least") {
+		t.Errorf("a clone smaller than its image: exit %d, %q", code, errOut)
+	}
+	at := int64(300 * mib)
+	script := fmt.Sprintf(`
+h.pwrite(b"C"*4096, %d)
+h.trim(1<<20, %d)
+h.flush()
+`, at, at+mib)
+	if out, err := nbdsh(t, d.uri("vm1"), script); err != nil {
+		t.Fatalf("write and trim in vm1: %v %s", err, out)
+	}
+	// What vm1 must read: the source with vm1's write and trim.
+	want := filepath.Join(dir, "want.raw")
+	runTool(t, "cp", "--sparse=always", src, want)
+	wf, err := os.OpenFile(want, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err1 := wf.WriteAt(bytes.Repeat([]byte("C"), 4096), at)
+	_, err2 := wf.WriteAt(make([]byte, mib), at+mib)
+	if err := errors.Join(err1, err2, wf.Close()); err != nil {
+		t.Fatal(err)
+	}
+	if !sameFiles(t, nbdRead(t, d.uri("vm1")), want) {
+		t.Fatal("vm1 does not read the image with its own write and a trimmed (zero) MiB")
+	}
+	vm2 := nbdRead(t, d.uri("vm2"))
+	if st, err := os.Stat(vm2); err != nil || st.Size() != 1100*mib {
+		t.Fatalf("vm2: %v %v, want 1100 MiB", st, err)
+	}
+	if err := os.Truncate(vm2, 1<<30); err != nil { // past the image: checked zero below
+		t.Fatal(err)
+	}
+	if !sameFiles(t, vm2, src) {
+		t.Fatal("vm2 does not read the image: vm1's writes leaked, or the clone is wrong")
+	}
+	if out, err := nbdsh(t, d.uri("vm2"), fmt.Sprintf("assert all(h.pread(%d, %d+i*%d) == bytearray(%d) for i in range(19))", 4*mib, 1<<30, 4*mib, 4*mib)); err != nil {
+		t.Fatalf("vm2 past its image does not read zeros: %v %s", err, out)
+	}
+	if !sameFiles(t, nbdRead(t, d.uri("deb/0")), src) {
+		t.Fatal("the image changed under its clones")
+	}
+	mapOut := runTool(t, "nbdinfo", "--map", d.uri("vm1"))
+	for _, line := range []string{
+		fmt.Sprintf("%d %d 3 hole,zero", 0, 100*mib),
+		fmt.Sprintf("%d %d 0 data", 100*mib, 25*mib),
+		fmt.Sprintf("%d %d 2 zero", at+mib, mib),
+	} {
+		if !strings.Contains(strings.Join(strings.Fields(mapOut), " "), line) {
+			t.Errorf("nbdinfo --map vm1 lacks %q:\n%s", line, mapOut)
+		}
+	}
+	if a := d.luAllocated("vm1"); a < 4096 || a > mib {
+		t.Errorf("vm1 allocates %d bytes; want its own blocks only (one 4 KiB write)", a)
+	}
+	var pool struct {
+		AllocatedBytes int64 `json:"allocated_bytes"`
+	}
+	if err := json.Unmarshal([]byte(d.mustCLI("pool", "status", "-o", "json")), &pool); err != nil {
+		t.Fatal(err)
+	}
+	if pool.AllocatedBytes < 100*mib || pool.AllocatedBytes > 103*mib {
+		t.Errorf("pool allocates %d bytes with one image and two clones; want the image's 100 MiB once", pool.AllocatedBytes)
+	}
+	if _, errOut, code := d.cli("image", "delete", "deb"); code == 0 || !strings.Contains(errOut, "vm1") {
+		t.Errorf("deleting an image with clones: exit %d, %q", code, errOut)
+	}
+
+	// Flatten vm1 under fio load, delete vm2 and the image: vm1 verifies.
+	job := []string{"--name=flat", "--uri=" + d.uri("vm1"), "--rw=randwrite", "--bs=4k", "--iodepth=16",
+		"--size=16M", "--verify=crc32c", "--randseed=11"}
+	wait := startFio(t, append(job, "--do_verify=0")...)
+	time.Sleep(300 * time.Millisecond)
+	d.mustCLI("lu", "flatten", "vm1")
+	out, err := wait()
+	if err != nil || !strings.Contains(out, "err= 0") {
+		t.Fatalf("fio during flatten: %v\n%s", err, out)
+	}
+	d.mustCLI("lu", "delete", "vm2")
+	d.mustCLI("image", "delete", "deb")
+	fio(t, append(job, "--verify_only=1")...)
+	if out, err := exec.Command("cmp", "-i", "16M", nbdRead(t, d.uri("vm1")), want).CombinedOutput(); err != nil {
+		t.Fatalf("vm1 lost the image's data when it was flattened and the image deleted: %v %s", err, out)
+	}
+	if lus := d.listLUs(); len(lus) != 1 || lus[0].Name != "vm1" {
+		t.Fatalf("left: %+v, want vm1 only", lus)
+	}
+}
+
+// TestImageImportInterrupted: an import killed midway stays importing (no
+// clone can be made of it); --resume finishes it and it reads back equal;
+// another killed import removed with image delete leaves no LU and no
+// file.
+func TestImageImportInterrupted(t *testing.T) {
+	alongside(t)
+	needTools(t, "nbdcopy")
+	d := newDaemon(t, "i2")
+	d.start()
+	src, _ := randomFile(t, 32<<20)
+	kill := func(name string) {
+		cmd := exec.Command(lupoolBin, "image", "import", name, src, "--rate", "8M")
+		cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api, "LUPOOL_TOKEN_FILE="+d.tokenFile())
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			out, _, code := d.cli("lu", "show", name+"/0", "-o", "json")
+			var lu luJSON
+			if code == 0 && json.Unmarshal([]byte(out), &lu) == nil && lu.AllocatedBytes > 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("import %s did not start writing", name)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		_ = cmd.Wait()
+		if img := d.image(name); img.State != "importing" || img.Disks[0].SHA256 != "" {
+			t.Fatalf("a killed import: %+v, want importing without a hash", img)
+		}
+		if a := d.luAllocated(name + "/0"); a >= 32<<20 {
+			t.Fatalf("the import was not killed midway (%d bytes allocated)", a)
+		}
+	}
+	kill("k1")
+	if _, errOut, code := d.cli("lu", "create", "c", "--from", "k1/0"); code == 0 || !strings.Contains(errOut, "importing") {
+		t.Errorf("a clone of an importing image: exit %d, %q", code, errOut)
+	}
+	if _, errOut, code := d.cli("image", "import", "k1", src); code == 0 || !strings.Contains(errOut, "exists") {
+		t.Errorf("importing over an interrupted import without --resume: exit %d, %q", code, errOut)
+	}
+	d.mustCLI("image", "import", "k1", src, "--resume")
+	if img := d.image("k1"); img.State != "ready" {
+		t.Fatalf("resumed import: %+v", img)
+	}
+	if !sameFiles(t, nbdRead(t, d.uri("k1/0")), src) {
+		t.Fatal("the resumed import differs from its source")
+	}
+	kill("k2")
+	d.mustCLI("image", "delete", "k2")
+	d.mustCLI("image", "delete", "k1")
+	if lus := d.listLUs(); len(lus) != 0 {
+		t.Fatalf("deleted images left LUs: %+v", lus)
+	}
+	var left []string
+	_ = filepath.Walk(d.data, func(path string, info os.FileInfo, err error) error {
+		if err == nil && (strings.Contains(path, "k1@") || strings.Contains(path, "k2@")) {
+			left = append(left, path)
+		}
+		return nil
+	})
+	if len(left) != 0 {
+		t.Fatalf("deleted images left files: %v", left)
+	}
+}
