@@ -349,3 +349,95 @@ func TestImageImportInterrupted(t *testing.T) {
 		t.Fatalf("deleted images left files: %v", left)
 	}
 }
+
+// TestImageClonesWithCopies: an image imported with --copies 2 on a
+// three-node pool; a clone with two copies goes on the image's two nodes
+// (a clone's copies read the image locally) and one with three is refused;
+// a write to the clone reaches both copies (lu verify), the copy node's
+// export reads the image and the write from its own copy; after flatten
+// and the image's deletion, both copies still hold the image's data.
+func TestImageClonesWithCopies(t *testing.T) {
+	alongside(t)
+	needTools(t, "nbdcopy")
+	realclient.NbdshPython(t)
+	n1, n2, n3 := cluster3(t)
+	src := sparseSource(t, t.TempDir(), 32<<20, 1<<20, 0, 8<<20, 31<<20)
+	n1.mustCLI("image", "import", "base", src, "--copies", "2")
+	img := n1.showLU("base/0")
+	if len(img.Replicas) != 2 {
+		t.Fatalf("base/0: %+v, want two copies", img)
+	}
+	holds := map[string]bool{}
+	for _, r := range img.Replicas {
+		holds[r.Node] = true
+	}
+	if _, errOut, code := n1.cli("lu", "create", "c3", "--from", "base/0", "--copies", "3"); code == 0 || !strings.Contains(errOut, "at most 2") {
+		t.Errorf("a 3-copy clone of a 2-copy image: exit %d, %q", code, errOut)
+	}
+	n1.mustCLI("lu", "create", "c", "--from", "base/0", "--copies", "2")
+	c := n1.showLU("c")
+	if len(c.Replicas) != 2 || !holds[c.Replicas[0].Node] || !holds[c.Replicas[1].Node] {
+		t.Fatalf("clone c: %+v; want its copies on the image's nodes %v", c, holds)
+	}
+	var copyNode *daemon
+	for _, d := range []*daemon{n1, n2, n3} {
+		if holds[d.id] && d.id != c.Writer {
+			copyNode = d
+		}
+	}
+	want := filepath.Join(t.TempDir(), "want.raw")
+	runTool(t, "cp", "--sparse=always", src, want)
+	wf, err := os.OpenFile(want, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wf.WriteAt(bytes.Repeat([]byte("W"), 8192), 8<<20+4096); err != nil {
+		t.Fatal(err)
+	}
+	_ = wf.Close()
+	if out, err := nbdsh(t, n1.uri("c"), `h.pwrite(b"W"*8192, (8<<20)+4096); h.flush()`); err != nil {
+		t.Fatalf("write to the clone: %v %s", err, out)
+	}
+	verify := func(when string) {
+		t.Helper()
+		var rep struct {
+			Equal bool `json:"equal"`
+		}
+		if err := json.Unmarshal([]byte(n1.mustCLI("lu", "verify", "c", "-o", "json")), &rep); err != nil || !rep.Equal {
+			t.Fatalf("lu verify c %s: %v %+v", when, err, rep)
+		}
+		for _, d := range []*daemon{n1, copyNode} {
+			if !sameFiles(t, nbdRead(t, d.uri("c")), want) {
+				t.Fatalf("clone c read through %s %s differs from the image with its write", d.id, when)
+			}
+		}
+	}
+	verify("after a write")
+	n1.mustCLI("lu", "flatten", "c")
+	// The copy node flattens its own copy when it sees the record; the
+	// image's deletion there waits for no one, so give it the moment.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, errOut, code := n1.cli("image", "delete", "base")
+		if code == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("image delete after flatten: %s", errOut)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	verify("after flatten and the image's deletion")
+	for _, d := range []*daemon{n1, n2, n3} {
+		var left []string
+		_ = filepath.Walk(d.data, func(path string, _ os.FileInfo, err error) error {
+			if err == nil && strings.Contains(path, "base@0") {
+				left = append(left, path)
+			}
+			return nil
+		})
+		if len(left) != 0 {
+			t.Errorf("node %s kept the deleted image's files: %v", d.id, left)
+		}
+	}
+}
