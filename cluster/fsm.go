@@ -552,6 +552,9 @@ func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult
 	if err := CheckCopyChange(old, ch, c.proposer(), members); err != nil {
 		return applyResult{err: err}
 	}
+	if err := f.checkImageCopies(old, ch); err != nil {
+		return applyResult{err: err}
+	}
 	lu := old
 	lu.Writer, lu.Epoch, lu.Copies = ch.Writer, ch.Epoch, ch.Copies
 	lu.Replicas = append([]Replica(nil), ch.Replicas...)

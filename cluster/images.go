@@ -172,6 +172,15 @@ func holdsCopyOn(lu LU, node string) bool {
 	return false
 }
 
+func replicaStateOn(lu LU, node string) string {
+	for _, r := range lu.Replicas {
+		if r.NodeID == node {
+			return r.State
+		}
+	}
+	return ""
+}
+
 // checkResize refuses resizing an image disk, and shrinking a clone
 // below its base.
 func (f *fsm) checkResize(lu LU, sizeBytes int64) error {
@@ -452,4 +461,44 @@ func (n *Node) ListImages() (imgs []Image, err error) {
 		return err
 	})
 	return imgs, err
+}
+
+// checkImageCopies keeps clones next to their images through copy
+// changes: a clone's new copy goes only on a node holding a copy of its
+// base, and an image disk's copy stays while a clone's copy on that node
+// reads it.
+func (f *fsm) checkImageCopies(old LU, ch CopyChange) error {
+	if old.Base != "" {
+		base, err := f.mustGetLU(old.Base)
+		if err != nil {
+			return err
+		}
+		for _, r := range ch.Replicas {
+			if !holdsCopyOn(old, r.NodeID) && replicaStateOn(base, r.NodeID) != ReplicaInSync {
+				return illegal(old.Name, ruleCloneBase, "new copy on %s, which holds no in-sync copy of its image disk %q", r.NodeID, base.Name)
+			}
+		}
+	}
+	if old.Image == "" {
+		return nil
+	}
+	kept := map[string]bool{}
+	for _, r := range ch.Replicas {
+		kept[r.NodeID] = true
+	}
+	lus, err := listLUs(f.db)
+	if err != nil {
+		return err
+	}
+	for _, lu := range lus {
+		if lu.Base != old.Name {
+			continue
+		}
+		for _, r := range lu.Replicas {
+			if !kept[r.NodeID] {
+				return illegal(old.Name, ruleCloneBase, "the copy on %s is read by clone %q's copy there", r.NodeID, lu.Name)
+			}
+		}
+	}
+	return nil
 }
