@@ -87,6 +87,9 @@ func (p *Plane) ResizeLU(ctx context.Context, name string, sizeBytes int64) (api
 	if err != nil {
 		return p.GetLU(ctx, name)
 	}
+	if rec.Image != "" {
+		return api.LU{}, fmt.Errorf("%w: %q is a disk of image %s, which never changes size; clone it with a larger --size instead", api.ErrInvalid, name, rec.Image)
+	}
 	if vol, ok := p.opts.Replicas.Volume(name); ok {
 		if sizeBytes < rec.SizeBytes {
 			if err := checkTailUnallocated(ctx, vol, sizeBytes, rec.SizeBytes); err != nil {
@@ -145,8 +148,12 @@ func checkTailUnallocated(ctx context.Context, vol lu.Volume, newSize, oldSize i
 // DeleteLU removes an LU. Unless force, it is refused (ErrBusy) while NBD
 // clients are attached to it through any node that answers.
 func (p *Plane) DeleteLU(ctx context.Context, name string, force bool) error {
-	if _, err := p.GetLU(ctx, name); err != nil {
+	lu, err := p.GetLU(ctx, name)
+	if err != nil {
 		return err
+	}
+	if lu.Image != "" {
+		return fmt.Errorf("%w: %q is a disk of image %s; delete the image instead (lupool image delete %s)", api.ErrInvalid, name, lu.Image, lu.Image)
 	}
 	if !force {
 		if n, where := p.clusterConnections(ctx, name); n > 0 {

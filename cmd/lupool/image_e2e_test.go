@@ -154,6 +154,11 @@ func TestImageImportAndClones(t *testing.T) {
 	if a := d.luAllocated("deb/0"); a < 100*mib || a > 102*mib {
 		t.Errorf("deb/0 allocates %d bytes, want about 100 MiB", a)
 	}
+	for _, args := range [][]string{{"lu", "delete", "deb/0"}, {"lu", "resize", "deb/0", "--size", "2G"}} {
+		if _, errOut, code := d.cli(args...); code == 0 || !strings.Contains(errOut, "image") {
+			t.Errorf("lupool %s: exit %d, %q; want it refused (an image's disk)", strings.Join(args, " "), code, errOut)
+		}
+	}
 	if _, errOut, code := d.cli("image", "import", "deb", src); code == 0 || !strings.Contains(errOut, "exists") {
 		t.Errorf("a second import named deb: exit %d, %q", code, errOut)
 	}
