@@ -646,9 +646,18 @@ func (m *Manager) createVolume(rec cluster.LU) (lu.Volume, error) {
 // recorded the flatten did its own copy first; this is every other copy).
 func (m *Manager) flattenLater(name string, o *lu.Overlay) {
 	m.goBackground(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() {
+			select {
+			case <-m.quit:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 		// A second flatten of the same volume (a later change came while
 		// the first ran) finds the link cut and fails harmlessly.
-		if err := o.Flatten(context.Background()); err != nil && o.BaseName() != "" {
+		if err := o.Flatten(ctx); err != nil && o.BaseName() != "" {
 			m.recordErr(name, fmt.Errorf("flatten the local copy: %w", err))
 		}
 	})
@@ -805,9 +814,39 @@ func (m *Manager) removeVolume(name string) error {
 		return nil
 	}
 	if err := m.opts.Pool.Delete(name); err != nil {
+		if errors.Is(err, lu.ErrHasClones) {
+			// An image whose clones here still flatten (their records
+			// no longer name it): it goes once they are done.
+			m.deleteAfterClones(name)
+			return nil
+		}
 		return fmt.Errorf("delete volume: %w", err)
 	}
 	return nil
+}
+
+// deleteAfterClones deletes the local volume name once no clone here reads
+// it any more (their flattens finish in the background).
+func (m *Manager) deleteAfterClones(name string) {
+	m.opts.Logger.Info("volume still read by local clones that flatten; deleting it once they are done", "volume", name)
+	m.goBackground(func() {
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-m.quit:
+				return
+			case <-tick.C:
+			}
+			if len(m.opts.Pool.Clones(name)) > 0 {
+				continue
+			}
+			if err := m.opts.Pool.Delete(name); err != nil && !errors.Is(err, lu.ErrNotFound) {
+				m.recordErr(name, fmt.Errorf("delete volume after its clones flattened: %w", err))
+			}
+			return
+		}
+	})
 }
 
 // remove unexports name and deletes its local volume and dirty records.
