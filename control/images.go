@@ -125,7 +125,9 @@ func (p *Plane) CreateImage(ctx context.Context, req api.CreateImageRequest) (ap
 
 // ImageReady checks an importing image's hashes against this node's
 // copies (where it holds them), records them and makes the disks
-// read-only.
+// read-only. On a node that is not the leader the check runs here before
+// the request is forwarded, and again on the leader: the node the importer
+// asks, its disks' writer, always checks its stored copy.
 func (p *Plane) ImageReady(ctx context.Context, name string, req api.ImageReadyRequest) (api.Image, error) {
 	im, err := p.images()
 	if err != nil {

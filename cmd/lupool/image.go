@@ -27,8 +27,10 @@ import (
 // (a raw file with its holes skipped, a qcow2/vmdk file through a private
 // read-only qemu-nbd, or an NBD export) and writes the blocks that are not
 // zeros over NBD to the disk's LU on its writer node, hashing the source
-// on the way (package blockcopy). The node that records the image ready
-// hashes its stored copy and refuses a mismatch. This works from any host
+// on the way (package blockcopy). The node the CLI asks to record the image
+// ready (the disks' writer, where the image was created) hashes its stored
+// copy first and refuses a mismatch; the leader, if another node, does the
+// same when it holds a copy. This works from any host
 // that reaches the pool, and across nodes.
 func newImageCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 	var (
