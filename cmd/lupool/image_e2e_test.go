@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -336,6 +337,17 @@ func TestImageImportInterrupted(t *testing.T) {
 		}
 	}
 	kill("k1")
+	// The node checks the stored copy against the hash it is given: a
+	// wrong one (or a half-written copy) is refused and changes nothing.
+	resp := d.request("POST", "/v1/images/k1/ready", fmt.Sprintf(`{"disks":[{"sha256":%q,"sent_bytes":1,"source_bytes":%d}]}`, strings.Repeat("ab", 32), 32<<20))
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !strings.Contains(string(body), "differs from its source") {
+		t.Errorf("ready with a wrong hash: %d %s", resp.StatusCode, body)
+	}
+	if img := d.image("k1"); img.State != "importing" {
+		t.Fatalf("a refused ready changed the image: %+v", img)
+	}
 	if _, errOut, code := d.cli("lu", "create", "c", "--from", "k1/0"); code == 0 || !strings.Contains(errOut, "importing") {
 		t.Errorf("a clone of an importing image: exit %d, %q", code, errOut)
 	}
