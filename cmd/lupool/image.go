@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockcopy"
 	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
@@ -188,7 +190,16 @@ func runImageImport(ctx context.Context, cf *clientFlags, a importArgs, stdout, 
 	}
 	ready := api.ImageReadyRequest{}
 	for i, disk := range img.Disks {
-		st, err := importDisk(ctx, ns, disk, srcs[i], a, cf.output, stderr)
+		var startBytes int64
+		if a.resume {
+			if startBytes, err = resumePoint(ctx, cl, disk.LU, srcs[i]); err != nil {
+				return fmt.Errorf("resume %s: %w", disk.LU, err)
+			}
+			if cf.output != "json" {
+				fmt.Fprintf(stderr, "%s: the first %s are there already; copying the rest\n", disk.LU, units.Format(startBytes))
+			}
+		}
+		st, err := importDisk(ctx, ns, disk, srcs[i], startBytes, a, cf.output, stderr)
 		if err != nil {
 			return fmt.Errorf("import %s into %s: %w; the image stays importing: run the same command with --resume, or lupool image delete %s",
 				a.sources[i], disk.LU, err, a.name)
@@ -228,10 +239,9 @@ func startImport(ctx context.Context, cl *api.Client, a importArgs, req api.Crea
 	return img, nil
 }
 
-// importDisk copies one source into its disk's LU over NBD. A resumed
-// import copies again from the start: writes are idempotent, and holes
-// and zero blocks are skipped as before.
-func importDisk(ctx context.Context, ns *nodeSource, disk api.ImageDisk, src imageSource, a importArgs, output string, stderr io.Writer) (blockcopy.Stats, error) {
+// importDisk copies one source into its disk's LU over NBD, writing from
+// startBytes on (a resumed import; the prefix is read again for the hash).
+func importDisk(ctx context.Context, ns *nodeSource, disk api.ImageDisk, src imageSource, startBytes int64, a importArgs, output string, stderr io.Writer) (blockcopy.Stats, error) {
 	dst, err := endpoint.New(ctx, endpoint.Options{
 		Export:    disk.LU,
 		Nodes:     ns.nodes,
@@ -255,7 +265,7 @@ func importDisk(ctx context.Context, ns *nodeSource, disk api.ImageDisk, src ima
 		)
 	}
 	start := time.Now()
-	st, err := blockcopy.Copy(ctx, dst, src, blockcopy.Options{Progress: func(doneBytes, sentBytes int64) {
+	st, err := blockcopy.Copy(ctx, dst, src, blockcopy.Options{StartBytes: startBytes, Progress: func(doneBytes, sentBytes int64) {
 		if bar != nil {
 			_ = bar.Set64(doneBytes)
 		}
@@ -315,4 +325,55 @@ func printImages(w io.Writer, output string, imgs []api.Image, single bool) erro
 		fmt.Fprintf(w, "\nclones: %s\n", strings.Join(img.Clones, ", "))
 	}
 	return nil
+}
+
+// resumeRegionBytes is the unit a resumed import compares in.
+const resumeRegionBytes = 1 << 20
+
+// resumePoint finds where an interrupted import of src into lu stopped:
+// the first 1 MiB region, from the start, whose hash on the disk's copy
+// (the API node's, GET /v1/lus/NAME/hashes) differs from the source's. An
+// import writes in order, so everything before it is there.
+func resumePoint(ctx context.Context, cl *api.Client, lu string, src imageSource) (int64, error) {
+	size := src.Size()
+	buf := make([]byte, resumeRegionBytes)
+	zero := sha256.Sum256(buf)
+	ext, _ := src.(interface {
+		Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error)
+	})
+	for off := int64(0); off < size; {
+		count := int(min(4096, (size-off+resumeRegionBytes-1)/resumeRegionBytes))
+		got, err := cl.RegionHashes(ctx, lu, off, resumeRegionBytes, count)
+		if err != nil {
+			return 0, err
+		}
+		for _, h := range got.Hashes {
+			n := min(resumeRegionBytes, size-off)
+			want := zero
+			hole := false
+			if ext != nil && n == resumeRegionBytes {
+				e, err := ext.Extents(ctx, off, n, nil)
+				hole = err == nil && len(e) == 1 && e[0].LengthBytes >= n && e[0].Flags&blockdev.ExtentZero != 0
+			}
+			if !hole {
+				if err := src.ReadAt(ctx, buf[:n], off); err != nil {
+					return 0, err
+				}
+				want = sha256.Sum256(buf[:n])
+			}
+			if n < resumeRegionBytes {
+				// The disk's last region runs to its size, rounded up to
+				// 512 bytes past the source's: zeros the source lacks.
+				return off, nil
+			}
+			if hex.EncodeToString(want[:]) != h {
+				return off, nil
+			}
+			off += n
+		}
+		if len(got.Hashes) == 0 {
+			return off, nil
+		}
+	}
+	return size, nil
 }
