@@ -102,7 +102,8 @@ func nbdsh(t *testing.T, uri, script string) (string, error) {
 // TestImageImportAndClones: a 1 GiB sparse raw file with 100 MiB of data
 // imports as about 100 MiB sent and allocated, reads back equal, and is
 // read-only over NBD; a raw file and a qcow2 file import as two disks, the
-// qcow2 one identical for qemu-img compare; bad arguments change nothing.
+// qcow2 one identical for qemu-img compare, and so do a vmdk file and an
+// nbd:// source; bad arguments change nothing.
 // Two linked clones read the image, keep their writes to themselves, read
 // zeros where trimmed, report their own blocks; the image cannot go while
 // they exist; one clone is flattened under fio with crc32c verification,
@@ -190,6 +191,21 @@ func TestImageImportAndClones(t *testing.T) {
 	if !sameFiles(t, nbdRead(t, d.uri("two/0")), small) {
 		t.Error("two/0 differs from its raw source")
 	}
+	// A vmdk file and an NBD export (two/1 itself, read by the import's
+	// own NBD client) as sources.
+	vmdk := filepath.Join(dir, "disk.vmdk")
+	runTool(t, "qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", qcow, vmdk)
+	d.mustCLI("image", "import", "other", vmdk, d.uri("two/1"))
+	if out := runTool(t, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", vmdk, d.uri("other/0")); !strings.Contains(out, "identical") {
+		t.Errorf("qemu-img compare of the vmdk and other/0: %s", out)
+	}
+	if out := runTool(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", qcow, d.uri("other/1")); !strings.Contains(out, "identical") {
+		t.Errorf("qemu-img compare of the qcow2 and other/1 (imported from nbd://.../two/1): %s", out)
+	}
+	if a := d.luAllocated("other/1"); a > 5*mib {
+		t.Errorf("other/1, imported from NBD, allocates %d bytes; want only the 4.5 MiB of data", a)
+	}
+	d.mustCLI("image", "delete", "other")
 	if _, errOut, code := d.cli("image", "delete", "deb"); code != 0 {
 		t.Fatalf("image delete deb: %s", errOut)
 	}
