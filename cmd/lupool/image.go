@@ -259,6 +259,7 @@ func importDisk(ctx context.Context, ns *nodeSource, disk api.ImageDisk, src ima
 			progressbar.OptionSetWriter(stderr),
 			progressbar.OptionSetDescription(disk.LU),
 			progressbar.OptionShowBytes(true),
+			progressbar.OptionShowCount(),
 			progressbar.OptionSetPredictTime(true),
 			progressbar.OptionThrottle(100*time.Millisecond),
 			progressbar.OptionOnCompletion(func() { fmt.Fprintln(stderr) }),
