@@ -321,6 +321,7 @@ h.flush()
 func TestImageImportInterrupted(t *testing.T) {
 	alongside(t)
 	needTools(t, "nbdcopy")
+	realclient.NbdshPython(t)
 	d := newDaemon(t, "i2")
 	d.start()
 	src, _ := randomFile(t, 32<<20)
@@ -371,6 +372,26 @@ func TestImageImportInterrupted(t *testing.T) {
 	if _, errOut, code := d.cli("image", "import", "k1", src); code == 0 || !strings.Contains(errOut, "exists") {
 		t.Errorf("importing over an interrupted import without --resume: exit %d, %q", code, errOut)
 	}
+	// A client connected while the image imports may write; once the
+	// image is ready the node refuses its writes (EPERM), though the
+	// connection was opened read-write.
+	flag := filepath.Join(t.TempDir(), "ready")
+	early := realclient.Nbdsh(t, d.uri("k1/0"), fmt.Sprintf(`
+import os, time
+assert not h.is_read_only()
+while not os.path.exists(%q):
+    time.sleep(0.05)
+try:
+    h.pwrite(b"z"*4096, 0)
+    print("WROTE")
+except nbd.Error as e:
+    print("REFUSED", e.errno)
+`, flag))
+	var earlyOut syncBuffer
+	early.Stdout, early.Stderr = &earlyOut, &earlyOut
+	if err := early.Start(); err != nil {
+		t.Fatal(err)
+	}
 	allocated := d.luAllocated("k1/0")
 	_, errOut, code := d.cli("image", "import", "k1", src, "--resume")
 	if code != 0 {
@@ -385,6 +406,12 @@ func TestImageImportInterrupted(t *testing.T) {
 	}
 	if img := d.image("k1"); img.State != "ready" {
 		t.Fatalf("resumed import: %+v", img)
+	}
+	if err := os.WriteFile(flag, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := early.Wait(); err != nil || !strings.Contains(earlyOut.String(), "REFUSED EPERM") {
+		t.Fatalf("a write on a connection opened while importing, sent once ready: %v %s; want EPERM", err, earlyOut.String())
 	}
 	if !sameFiles(t, nbdRead(t, d.uri("k1/0")), src) {
 		t.Fatal("the resumed import differs from its source")
