@@ -326,7 +326,7 @@ func TestImageImportInterrupted(t *testing.T) {
 	d.start()
 	src, _ := randomFile(t, 32<<20)
 	kill := func(name string) {
-		cmd := exec.Command(lupoolBin, "image", "import", name, src, "--rate", "8M")
+		cmd := exec.Command(lupoolBin, "image", "import", name, src, "--rate", "4M")
 		cmd.Env = append(os.Environ(), "LUPOOL_API="+d.api, "LUPOOL_TOKEN_FILE="+d.tokenFile())
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
