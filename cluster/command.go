@@ -30,6 +30,12 @@ import (
 //	{"v":1,"type":"sub.ack","at":"...","by":"n1","primary":true,"name":"ops","ack_seq":1234}
 //	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"...","node":"n2","bytes":300000,"chunks":2,...},"data":"BASE64"}
 //	{"v":1,"type":"ffdc.put","at":"...","by":"n2","ffdc":{"id":"..."},"chunk_index":1,"data":"BASE64"}
+//	{"v":1,"type":"image.create","at":"...","by":"n1","primary":true,"image":{"name":"deb","copies":1,
+//	    "disks":[{"lu":"deb/0","size_bytes":1073741824,"source":"deb.raw"}]},"lus":[{"name":"deb/0","image":"deb",...}]}
+//	{"v":1,"type":"image.ready","at":"...","by":"n1","primary":true,"image":{"name":"deb",
+//	    "disks":[{"lu":"deb/0","size_bytes":1073741824,"sha256":"...","sent_bytes":104857600}]}}
+//	{"v":1,"type":"image.delete","at":"...","by":"n1","primary":true,"name":"deb"}
+//	{"v":1,"type":"lu.flatten","at":"...","by":"n1","primary":true,"name":"vm1"}
 //
 // "by" and "primary" are the proposer (Proposer): the authenticated node id
 // of the requester and whether the primary proposes the command as the
@@ -65,6 +71,11 @@ const (
 	cmdAckSubscriber    = "sub.ack"
 	// The FFDC repository (ffdc.go).
 	cmdFFDCPut = "ffdc.put"
+	// Images and linked clones (images.go).
+	cmdCreateImage = "image.create"
+	cmdImageReady  = "image.ready"
+	cmdDeleteImage = "image.delete"
+	cmdFlattenLU   = "lu.flatten"
 )
 
 type command struct {
@@ -106,6 +117,11 @@ type command struct {
 	FFDC       *FFDCInfo `json:"ffdc,omitempty"`
 	ChunkIndex int       `json:"chunk_index,omitempty"`
 	Data       []byte    `json:"data,omitempty"`
+	// Image and LUs are the body of image.create (the record and its
+	// disks' LU records); Image alone (name, state, disks with hashes) of
+	// image.ready.
+	Image *Image `json:"image,omitempty"`
+	LUs   []LU   `json:"lus,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -177,7 +193,11 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Sub == nil {
 			return nil, fmt.Errorf("%w: %s without a subscriber", ErrInvalid, c.Type)
 		}
-	case cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
+	case cmdCreateImage, cmdImageReady:
+		if c.Image == nil {
+			return nil, fmt.Errorf("%w: %s without an image", ErrInvalid, c.Type)
+		}
+	case cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

@@ -20,6 +20,7 @@ import (
 //	nodes                    the node records
 //	state                    applied index and rejected count
 //	subs                     the registered callers
+//	images                   the image records
 //	events [after=N]         the event log (seq kind lu node by details)
 //	snapshot                 keeps a snapshot of the current state
 //	restore                  restores the kept snapshot; prints the changes
@@ -48,6 +49,9 @@ func TestFSMDataDriven(t *testing.T) {
 					b.WriteString("ok\n")
 				default:
 					fmt.Fprintf(&b, "ok: %s %s\n", res.change.Kind, res.change.LU.Name)
+					for _, ch := range res.more {
+						fmt.Fprintf(&b, "ok: %s %s\n", ch.Kind, ch.LU.Name)
+					}
 				}
 				if n := len(seen.get()) - before; n != 0 && res.change == nil {
 					fmt.Fprintf(&b, "watch saw %d changes without a change result\n", n)
@@ -68,6 +72,12 @@ func TestFSMDataDriven(t *testing.T) {
 					}
 					if lu.QoS != nil {
 						fmt.Fprintf(&b, " qos=%+v", *lu.QoS)
+					}
+					if lu.Image != "" {
+						fmt.Fprintf(&b, " image=%s read_only=%v", lu.Image, lu.ReadOnly)
+					}
+					if lu.Base != "" {
+						fmt.Fprintf(&b, " base=%s", lu.Base)
 					}
 					b.WriteString("\n")
 				}
@@ -111,6 +121,20 @@ func TestFSMDataDriven(t *testing.T) {
 					b.WriteString("\n")
 				}
 				fmt.Fprintf(&b, "last=%d\n", f.eventSeq.Load())
+				return b.String()
+			case "images":
+				imgs, err := listImages(f.db)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, img := range imgs {
+					fmt.Fprintf(&b, "%s state=%s copies=%d", img.Name, img.State, img.Copies)
+					for _, disk := range img.Disks {
+						fmt.Fprintf(&b, " [%s %d sha256=%.8s sent=%d]", disk.LU, disk.SizeBytes, disk.SHA256, disk.SentBytes)
+					}
+					b.WriteString("\n")
+				}
 				return b.String()
 			case "subs":
 				subs, err := listSubscribers(f.db)

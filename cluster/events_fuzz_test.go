@@ -27,6 +27,13 @@ func FuzzApplyEventCommands(f *testing.F) {
 		`{"v":1,"type":"move","at":"2026-11-22T03:00:10Z","by":"n1","move":{"lu":"m","op":"switch","role":"source","step":"drained"}}`,
 		`{"v":1,"type":"move","at":"2026-11-22T03:00:10Z","by":"n2","move":{"lu":"m","op":"rollback","role":"target","reason":"x"}}`,
 		`{"v":1,"type":"move","by":"n2"}`,
+		`{"v":1,"type":"image.create","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"image":{"name":"deb","state":"importing","copies":1,"disks":[{"lu":"deb/0","size_bytes":1048576}]},"lus":[{"name":"deb/0","image":"deb","size_bytes":1048576,"kind":"file","copies":1,"created_on":"n1","writer":"n1","epoch":1,"replicas":[{"node_id":"n1","state":"in-sync"}]}]}`,
+		`{"v":1,"type":"image.ready","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"image":{"name":"deb","disks":[{"lu":"deb/0","size_bytes":1048576,"sha256":"abababababababababababababababababababababababababababababababab"}]}}`,
+		`{"v":1,"type":"image.delete","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"name":"deb"}`,
+		`{"v":1,"type":"lu.create","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"lu":{"name":"vm","base":"img/0","size_bytes":1048576,"kind":"file","copies":1,"created_on":"n1","writer":"n1","epoch":1,"replicas":[{"node_id":"n1","state":"in-sync"}]}}`,
+		`{"v":1,"type":"lu.flatten","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"name":"vm"}`,
+		`{"v":1,"type":"image.create","by":"n1","primary":true}`,
+		`{"v":1,"type":"image.delete","at":"2026-11-22T03:00:10Z","by":"n1","primary":true,"name":"img"}`,
 		`{"v":1,"type":"event.append","event":{}}`,
 		`not json`,
 	} {
@@ -37,6 +44,8 @@ func FuzzApplyEventCommands(f *testing.F) {
 		`{"v":1,"type":"node.upsert","at":"2026-11-22T03:00:02Z","by":"n1","primary":true,"join":true,"node":{"id":"n2","peer_addr":"b:1"}}`,
 		`{"v":1,"type":"lu.create","at":"2026-11-22T03:00:03Z","by":"n1","primary":true,"lu":{"name":"m","size_bytes":1048576,"kind":"file","copies":2,"created_on":"n1","writer":"n1","epoch":1,"replicas":[{"node_id":"n1","state":"in-sync"},{"node_id":"n2","state":"in-sync"}]}}`,
 		`{"v":1,"type":"sub.add","at":"2026-11-22T03:00:04Z","by":"n1","primary":true,"sub":{"id":"ops","to":"tcp://h:9"}}`,
+		`{"v":1,"type":"image.create","at":"2026-11-22T03:00:05Z","by":"n1","primary":true,"image":{"name":"img","state":"importing","copies":1,"disks":[{"lu":"img/0","size_bytes":1048576}]},"lus":[{"name":"img/0","image":"img","size_bytes":1048576,"kind":"file","copies":1,"created_on":"n1","writer":"n1","epoch":1,"replicas":[{"node_id":"n1","state":"in-sync"}]}]}`,
+		`{"v":1,"type":"image.ready","at":"2026-11-22T03:00:06Z","by":"n1","primary":true,"image":{"name":"img","disks":[{"lu":"img/0","size_bytes":1048576,"sha256":"abababababababababababababababababababababababababababababababab"}]}}`,
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fs := newTestFSM(t)

@@ -34,6 +34,7 @@ import (
 //	"meta/sub/" + id      -> JSON Subscriber (subscribers.go)
 //	"meta/ffdc/" + id + … -> FFDC bundles (ffdc.go)
 //	"meta/move/" + lu     -> JSON Move (move.go)
+//	"meta/image/" + name  -> JSON Image (images.go)
 //
 // One Pebble instance for log and state: one write-ahead log, one lock
 // file, one thing to back up. Every applied command writes its change and
@@ -78,6 +79,9 @@ type applyResult struct {
 	events []Event
 	// moveOutcome is the outcome of a move the command ended, if any.
 	moveOutcome string
+	// more are LU changes after change, for commands that change several
+	// LUs at once (an image's disks).
+	more []Change
 }
 
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
@@ -359,13 +363,16 @@ func (f *fsm) Apply(l *raft.Log) any {
 		f.movesTotal.WithLabelValues(res.moveOutcome).Inc()
 	}
 	if res.change != nil {
-		switch res.change.Kind {
-		case Created:
-			f.luCount.Add(1)
-		case Deleted:
-			f.luCount.Add(-1)
+		changes := append([]Change{*res.change}, res.more...)
+		for _, ch := range changes {
+			switch ch.Kind {
+			case Created:
+				f.luCount.Add(1)
+			case Deleted:
+				f.luCount.Add(-1)
+			}
 		}
-		f.notify([]Change{*res.change})
+		f.notify(changes)
 	}
 	return res
 }
@@ -402,6 +409,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := checkCreate(lu, members); err != nil {
 			return applyResult{err: err}
 		}
+		if err := f.checkPlainCreate(lu); err != nil {
+			return applyResult{err: err}
+		}
 		res := f.putLU(b, lu, Created, l.Index)
 		res.events = []Event{{Time: c.At, Kind: EventLUCreated, LU: lu.Name, Node: lu.Writer, By: c.By, Details: map[string]string{
 			"size_bytes": strconv.FormatInt(lu.SizeBytes, 10), "copies": strconv.Itoa(lu.Copies), "kind": lu.Kind, "writer": lu.Writer,
@@ -413,6 +423,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		}
 		lu, err := f.mustGetLU(c.Name)
 		if err != nil {
+			return applyResult{err: err}
+		}
+		if err := f.checkResize(lu, c.SizeBytes); err != nil {
 			return applyResult{err: err}
 		}
 		from := lu.SizeBytes
@@ -445,6 +458,10 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err != nil {
 			return applyResult{err: err}
 		}
+		if lu.Image != "" {
+			return applyResult{err: fmt.Errorf("%w: %q is a disk of image %q; delete the image (lupool image delete %s)",
+				ErrInvalid, lu.Name, lu.Image, lu.Image)}
+		}
 		if err := b.Delete([]byte(luPrefix+lu.Name), nil); err != nil {
 			return applyResult{err: err}
 		}
@@ -458,6 +475,14 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 			ErrInvalid, cmdUpdateLU, cmdCopies)}
 	case cmdCopies:
 		return f.applyCopies(b, c, l.Index)
+	case cmdCreateImage:
+		return f.applyCreateImage(b, c, l.Index)
+	case cmdImageReady:
+		return f.applyImageReady(b, c, l.Index)
+	case cmdDeleteImage:
+		return f.applyDeleteImage(b, c, l.Index)
+	case cmdFlattenLU:
+		return f.applyFlatten(b, c, l.Index)
 	case cmdMove:
 		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:
@@ -525,6 +550,9 @@ func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult
 		return applyResult{err: err}
 	}
 	if err := CheckCopyChange(old, ch, c.proposer(), members); err != nil {
+		return applyResult{err: err}
+	}
+	if err := f.checkImageCopies(old, ch); err != nil {
 		return applyResult{err: err}
 	}
 	lu := old

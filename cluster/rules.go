@@ -81,6 +81,7 @@ const (
 	ruleAdded      = "new copies start new"
 	ruleRemoved    = "writer stays"
 	ruleProposer   = "proposer"
+	ruleCloneBase  = "clone beside its image"
 )
 
 func illegal(name, rule, format string, args ...any) error {

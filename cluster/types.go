@@ -118,6 +118,16 @@ type LU struct {
 	// writer (move.go): a clean handover, every in-sync copy holding every
 	// acknowledged write with none in flight. Any other epoch is not one.
 	HandoverEpoch uint64 `json:"handover_epoch,omitempty"`
+	// Image names the image this LU is a disk of (the LU is IMAGE/N);
+	// only image.create makes such LUs, and only image.delete removes them.
+	Image string `json:"image,omitempty"`
+	// ReadOnly LUs refuse writes: an image's disks once it is ready.
+	ReadOnly bool `json:"read_only,omitempty"`
+	// Base is the image disk (IMAGE/N) a linked clone reads the blocks it
+	// never wrote from; empty for an LU that is no clone (or was
+	// flattened). Every copy of a clone sits on a node holding a copy of
+	// its base.
+	Base string `json:"base,omitempty"`
 }
 
 // QoS are an LU's client I/O limits, per node that serves it (the writer
@@ -246,11 +256,11 @@ type Stats struct {
 	SkippedSinceOpen uint64 `json:"skipped_since_open"`
 }
 
-// ValidateName checks the LU name rule (rules.Name: 1–128 characters of
-// [A-Za-z0-9._-], not "." or ".."). The error wraps ErrInvalid and says
-// what to fix.
+// ValidateName checks the LU name rule (rules.LUName: 1–128 characters of
+// [A-Za-z0-9._-], not "." or "..", or an image's disk IMAGE/N). The error
+// wraps ErrInvalid and says what to fix.
 func ValidateName(name string) error {
-	if err := rules.Name(name); err != nil {
+	if err := rules.LUName(name); err != nil {
 		return fmt.Errorf("%w: LU name %q: %w", ErrInvalid, name, err)
 	}
 	return nil
@@ -274,6 +284,9 @@ func validateLU(lu *LU) error {
 		return err
 	}
 	if err := ValidateSize(lu.SizeBytes); err != nil {
+		return err
+	}
+	if err := validateImageFields(lu); err != nil {
 		return err
 	}
 	if lu.Kind != KindFile && lu.Kind != KindMemory {

@@ -162,6 +162,9 @@ type Options struct {
 	// Moves runs planned writer moves (move.go); optional (without it
 	// MoveLU answers ErrUnavailable).
 	Moves Moves
+	// Images is the image table (images.go); optional (without it the
+	// image calls answer ErrUnavailable).
+	Images ImageMetadata
 }
 
 // EnsureDefaults fills the zero fields that have defaults.

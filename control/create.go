@@ -51,8 +51,22 @@ func (p *Plane) checkCreate(req *api.CreateLURequest) error {
 // is made but the volume cannot be, the record is removed again and the
 // reservation released: no LU is left that no client can attach.
 func (p *Plane) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, error) {
+	var base cluster.LU
+	if req.From != "" {
+		var err error
+		if base, err = p.prepareClone(&req); err != nil {
+			return api.LU{}, err
+		}
+	}
 	if err := p.checkCreate(&req); err != nil {
 		return api.LU{}, err
+	}
+	if req.From != "" {
+		writer, _, err := placeClone(base, req.Node, req.Copies)
+		if err != nil {
+			return api.LU{}, err
+		}
+		req.Node = writer
 	}
 	nodes, err := p.opts.Metadata.Nodes()
 	if err != nil {
@@ -79,7 +93,12 @@ func (p *Plane) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, 
 			return api.LU{}, err
 		}
 	}
-	replicas, err := p.place(nodes, req.Node, req.Copies)
+	var replicas []cluster.Replica
+	if req.From != "" {
+		_, replicas, err = placeClone(base, req.Node, req.Copies)
+	} else {
+		replicas, err = p.place(nodes, req.Node, req.Copies)
+	}
 	if err == nil && req.Kind == string(lu.KindMemory) {
 		err = p.checkMemoryBudgets(ctx, nodes, replicas, req.Node, req.SizeBytes)
 	}
@@ -98,6 +117,7 @@ func (p *Plane) CreateLU(ctx context.Context, req api.CreateLURequest) (api.LU, 
 		Epoch:       1,
 		Replicas:    replicas,
 		CreatedAt:   p.opts.Now().UTC(),
+		Base:        req.From,
 	}
 	if req.QoS != nil {
 		if q := clusterQoS(*req.QoS); !q.Zero() {

@@ -30,8 +30,12 @@ func (p *Plane) APIError(err error) error {
 		return fmt.Errorf("%w: %v; try again", api.ErrStale, err)
 	case errors.Is(err, cluster.ErrIllegalChange), errors.Is(err, cluster.ErrForeignRecord):
 		return fmt.Errorf("%w: %v", api.ErrForbidden, err)
-	case errors.Is(err, cluster.ErrMember):
+	case errors.Is(err, cluster.ErrMember), errors.Is(err, cluster.ErrImageExists):
 		return fmt.Errorf("%w: %v", api.ErrExists, err)
+	case errors.Is(err, cluster.ErrImageNotFound):
+		return fmt.Errorf("%w: %v", api.ErrNotFound, err)
+	case errors.Is(err, cluster.ErrHasClones):
+		return fmt.Errorf("%w: %v", api.ErrBusy, err)
 	}
 	return err
 }

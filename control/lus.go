@@ -51,6 +51,9 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		CreatedAt:   rec.CreatedAt,
 		Replicas:    []api.Replica{},
 		QoS:         apiQoS(rec.QoS),
+		Image:       rec.Image,
+		ReadOnly:    rec.ReadOnly,
+		Base:        rec.Base,
 	}
 	// Every node exports every LU: these are this node's clients.
 	out.Connections = p.opts.Connections.Connections(rec.Name)
@@ -63,6 +66,8 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		out.Replicas = append(out.Replicas, rep)
 	}
 	if vol, ok := p.opts.Replicas.Volume(rec.Name); ok {
+		// A clone's volume counts its own blocks only: the image's are
+		// counted once, on the image's disks.
 		out.AllocatedBytes = vol.AllocatedBytes()
 	}
 	p.scrubStatus(&out)
@@ -81,6 +86,9 @@ func (p *Plane) ResizeLU(ctx context.Context, name string, sizeBytes int64) (api
 	rec, err := p.opts.Metadata.GetLU(name)
 	if err != nil {
 		return p.GetLU(ctx, name)
+	}
+	if rec.Image != "" {
+		return api.LU{}, fmt.Errorf("%w: %q is a disk of image %s, which never changes size; clone it with a larger --size instead", api.ErrInvalid, name, rec.Image)
 	}
 	if vol, ok := p.opts.Replicas.Volume(name); ok {
 		if sizeBytes < rec.SizeBytes {
@@ -140,8 +148,12 @@ func checkTailUnallocated(ctx context.Context, vol lu.Volume, newSize, oldSize i
 // DeleteLU removes an LU. Unless force, it is refused (ErrBusy) while NBD
 // clients are attached to it through any node that answers.
 func (p *Plane) DeleteLU(ctx context.Context, name string, force bool) error {
-	if _, err := p.GetLU(ctx, name); err != nil {
+	lu, err := p.GetLU(ctx, name)
+	if err != nil {
 		return err
+	}
+	if lu.Image != "" {
+		return fmt.Errorf("%w: %q is a disk of image %s; delete the image instead (lupool image delete %s)", api.ErrInvalid, name, lu.Image, lu.Image)
 	}
 	if !force {
 		if n, where := p.clusterConnections(ctx, name); n > 0 {

@@ -234,8 +234,9 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 	}
 	var clones []pendingClone
 	for _, file := range names {
-		name, ok := strings.CutSuffix(file, volumeFileSuffix)
-		if !ok || ValidateName(name) != nil {
+		stem, ok := strings.CutSuffix(file, volumeFileSuffix)
+		name := nameOfFile(stem)
+		if !ok || ValidateName(name) != nil || fileNameOf(name) != stem {
 			continue
 		}
 		if prev, dup := p.mu.vols[name]; dup {
@@ -256,9 +257,10 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 }
 
 // ValidateName returns ErrInvalidName unless name passes the LU name rule
-// (rules.Name: 1-128 characters of [A-Za-z0-9._-], not "." or "..").
+// (rules.LUName: 1-128 characters of [A-Za-z0-9._-], not "." or "..", or
+// an image's disk IMAGE/N).
 func ValidateName(name string) error {
-	if err := rules.Name(name); err != nil {
+	if err := rules.LUName(name); err != nil {
 		return fmt.Errorf("%w: %q: %w", ErrInvalidName, name, err)
 	}
 	return nil
@@ -390,8 +392,19 @@ func totalCapacity(stats []lufs.Statfs) (capacityBytes, freeBytes int64) {
 }
 
 func (p *Pool) volumePath(dir int, name string) string {
-	return filepath.Join(p.dirs[dir], name+volumeFileSuffix)
+	return filepath.Join(p.dirs[dir], fileNameOf(name)+volumeFileSuffix)
 }
+
+// imageSlashInFile stands for the slash of an image LU's name (IMAGE/N) in
+// its file names: IMAGE@N.lu. No LU name holds '@', so the mapping is one
+// to one. Part of the on-disk format.
+const imageSlashInFile = "@"
+
+// fileNameOf returns the file name stem of volume name.
+func fileNameOf(name string) string { return strings.ReplaceAll(name, "/", imageSlashInFile) }
+
+// nameOfFile is fileNameOf's inverse.
+func nameOfFile(stem string) string { return strings.ReplaceAll(stem, imageSlashInFile, "/") }
 
 func (p *Pool) statfsAll() ([]lufs.Statfs, error) {
 	out := make([]lufs.Statfs, len(p.dirs))

@@ -93,7 +93,7 @@ func (p *Pool) createClone(name, base string, sizeBytes int64) (*Overlay, error)
 }
 
 func (p *Pool) mapPath(dir int, name string) string {
-	return filepath.Join(p.dirs[dir], name+mapFileSuffix)
+	return filepath.Join(p.dirs[dir], fileNameOf(name)+mapFileSuffix)
 }
 
 // clonesOfLocked returns the names of the volumes whose base is vol,
@@ -159,7 +159,8 @@ type pendingClone struct {
 // isClone reports whether the volume file of name in dir has a map beside
 // it (names holds the directory's entries).
 func isClone(names map[string]bool, name string) bool {
-	return names[name+mapFileSuffix+".0"] || names[name+mapFileSuffix+".1"]
+	stem := fileNameOf(name)
+	return names[stem+mapFileSuffix+".0"] || names[stem+mapFileSuffix+".1"]
 }
 
 // openClones opens the clones found on disk once their bases are open,

@@ -216,3 +216,57 @@ func TestPoolCloneMissingBaseOrCorruptMap(t *testing.T) {
 		t.Fatalf("a pool with a clone whose base is gone: %v", err)
 	}
 }
+
+// TestPoolImageLUNames: an image's disk IMAGE/N is a file IMAGE@N.lu in
+// a data directory (never a subdirectory), its clone's map names it, and
+// both are found again by name when the pool reopens. Other slashes are
+// refused.
+func TestPoolImageLUNames(t *testing.T) {
+	ctx := context.Background()
+	fs := lufs.NewMemFS(lufs.MemFSOptions{})
+	opts := PoolOptions{Dirs: []string{"/d0"}, FS: fs}
+	p, err := OpenPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"a/b", "deb/01", "deb/x/0", "../0"} {
+		if _, err := p.Create(bad, 1<<20, KindFile); !errors.Is(err, ErrInvalidName) {
+			t.Errorf("Create(%q) = %v, want ErrInvalidName", bad, err)
+		}
+	}
+	img, err := p.Create("deb/0", 1<<20, KindFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.WriteAt(ctx, bytes.Repeat([]byte{7}, 4096), 8192, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.CreateClone("vm1", "deb/0", 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	names, err := fs.ReadDir("/d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(strings.Join(names, " "), "deb@0.lu") {
+		t.Fatalf("directory holds %v, want deb@0.lu", names)
+	}
+	p, err = OpenPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if got := strings.Join(p.Names(), " "); got != "deb/0 vm1" {
+		t.Fatalf("reopened pool holds %q", got)
+	}
+	vm1, _ := p.Get("vm1")
+	if b := readAll(t, vm1); b[8192] != 7 || b[0] != 0 {
+		t.Fatal("the reopened clone does not read its image")
+	}
+	if got := p.Clones("deb/0"); len(got) != 1 || got[0] != "vm1" {
+		t.Fatalf("clones of deb/0: %v", got)
+	}
+}

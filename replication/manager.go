@@ -636,7 +636,7 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume,
 			// At start, a copy that the metadata says holds data but whose
 			// volume is gone (a memory LU, or a lost file) is lost.
 			lost = reconciling && len(rec.Replicas) > 1 && replicaState(rec, m.opts.NodeID) != cluster.ReplicaNew
-			vol, err = m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
+			vol, err = m.createVolume(rec)
 			if err != nil {
 				return nil, false, fmt.Errorf("create volume: %w", err)
 			}
@@ -647,12 +647,47 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume,
 		m.mu.volumes[rec.Name] = vol
 		m.mu.Unlock()
 	}
+	if o, ok := vol.(*lu.Overlay); ok && rec.Base == "" && o.BaseName() != "" {
+		m.flattenLater(rec.Name, o)
+	}
 	if vol.Size() != rec.SizeBytes {
 		if err := m.opts.Pool.Resize(rec.Name, rec.SizeBytes); err != nil {
 			return vol, lost, fmt.Errorf("resize volume to %d bytes: %w", rec.SizeBytes, err)
 		}
 	}
 	return vol, lost, nil
+}
+
+// createVolume makes rec's local volume: a linked clone of the image disk
+// rec.Base (which this node holds: a clone's copies are placed on nodes
+// holding its base), or a new empty volume.
+func (m *Manager) createVolume(rec cluster.LU) (lu.Volume, error) {
+	if rec.Base != "" {
+		return m.opts.Pool.CreateClone(rec.Name, rec.Base, rec.SizeBytes)
+	}
+	return m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
+}
+
+// flattenLater copies the base blocks of a clone whose record no longer
+// names a base into its local volume, in the background (the node that
+// recorded the flatten did its own copy first; this is every other copy).
+func (m *Manager) flattenLater(name string, o *lu.Overlay) {
+	m.goBackground(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() {
+			select {
+			case <-m.quit:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		// A second flatten of the same volume (a later change came while
+		// the first ran) finds the link cut and fails harmlessly.
+		if err := o.Flatten(ctx); err != nil && o.BaseName() != "" {
+			m.recordErr(name, fmt.Errorf("flatten the local copy: %w", err))
+		}
+	})
 }
 
 // replicaState returns node's copy state in rec, or "".
@@ -901,9 +936,39 @@ func (m *Manager) removeVolume(name string) error {
 		return nil
 	}
 	if err := m.opts.Pool.Delete(name); err != nil {
+		if errors.Is(err, lu.ErrHasClones) {
+			// An image whose clones here still flatten (their records
+			// no longer name it): it goes once they are done.
+			m.deleteAfterClones(name)
+			return nil
+		}
 		return fmt.Errorf("delete volume: %w", err)
 	}
 	return nil
+}
+
+// deleteAfterClones deletes the local volume name once no clone here reads
+// it any more (their flattens finish in the background).
+func (m *Manager) deleteAfterClones(name string) {
+	m.opts.Logger.Info("volume still read by local clones that flatten; deleting it once they are done", "volume", name)
+	m.goBackground(func() {
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-m.quit:
+				return
+			case <-tick.C:
+			}
+			if len(m.opts.Pool.Clones(name)) > 0 {
+				continue
+			}
+			if err := m.opts.Pool.Delete(name); err != nil && !errors.Is(err, lu.ErrNotFound) {
+				m.recordErr(name, fmt.Errorf("delete volume after its clones flattened: %w", err))
+			}
+			return
+		}
+	})
 }
 
 // remove unexports name and deletes its local volume and dirty records.

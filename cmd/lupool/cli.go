@@ -176,10 +176,10 @@ const luTimeout = 2 * time.Minute
 
 func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 	var (
-		size, kind, description, node, region string
-		copies                                int
-		force                                 bool
-		createQoS                             qosFlags
+		size, kind, description, node, region, from string
+		copies                                      int
+		force                                       bool
+		createQoS                                   qosFlags
 	)
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
 		return cf.call(c, luTimeout, fn)
@@ -195,12 +195,15 @@ func newLUCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		Long: `Create a thin LU: it takes no space until written. Sizes take binary
 units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 128 of A-Z a-z 0-9 . _ -.`,
-		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2\n  lupool lu create vm1 --size 20G --iops-limit 5000 --bps-limit 200M",
+		Example: "  lupool lu create swap0 --size 8G\n  lupool lu create scratch --size 1G --kind memory --copies 2\n  lupool lu create vm1 --size 20G --iops-limit 5000 --bps-limit 200M\n  lupool lu create vm2 --from debian12/0 --size 40G",
 		Args:    oneLU("create"),
 		RunE: func(c *cobra.Command, args []string) error {
-			n, err := parseLUSize(size, stderr)
-			if err != nil {
-				return err
+			var n int64
+			var err error
+			if from == "" || size != "" {
+				if n, err = parseLUSize(size, stderr); err != nil {
+					return err
+				}
 			}
 			if err := rules.Copies(copies); err != nil {
 				return usageErrorf("--copies %v, got %d", err, copies)
@@ -210,7 +213,13 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 			if err != nil {
 				return err
 			}
-			req := api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description}
+			if from != "" && c.Flags().Changed("kind") && kind != "file" {
+				return usageErrorf("--from makes a linked clone, a file LU; drop --kind %s", kind)
+			}
+			if from != "" && !c.Flags().Changed("kind") {
+				kind = ""
+			}
+			req := api.CreateLURequest{Name: args[0], SizeBytes: n, Copies: copies, Kind: kind, Description: description, From: from}
 			if limited {
 				req.QoS = &q
 			}
@@ -227,6 +236,7 @@ units (512, 64K, 10G, 1T) and are rounded up to 512 bytes. Names are 1 to
 	create.Flags().IntVar(&copies, "copies", 1, "number of synchronous copies on distinct nodes")
 	create.Flags().StringVar(&kind, "kind", "file", "file (sparse file, durable) or memory (RAM, lost on restart)")
 	create.Flags().StringVar(&description, "description", "", "free text shown in NBD export lists")
+	create.Flags().StringVar(&from, "from", "", "make a linked clone of an image disk IMAGE/N, at once (--size defaults to the disk's)")
 	createQoS.add(create.Flags())
 	_ = create.RegisterFlagCompletionFunc("kind", cobra.FixedCompletions([]string{"file", "memory"}, cobra.ShellCompDirectiveNoFileComp))
 
@@ -375,8 +385,24 @@ once per interval for every LU.`,
 		},
 	}
 
-	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, move, verify and scrub LUs", "admin",
-		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, newLUMoveCommand(cf, stdout), verify, scrub)
+	flatten := &cobra.Command{
+		Use:               "flatten NAME",
+		Short:             "copy a linked clone's image blocks into it and cut the link, while clients go on writing",
+		Args:              oneLU("flatten"),
+		ValidArgsFunction: names,
+		RunE: func(c *cobra.Command, args []string) error {
+			return cf.call(c, 0, func(ctx context.Context, cl *api.Client) error {
+				lu, err := cl.FlattenLU(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return printLUs(stdout, cf.output, []api.LU{lu}, true)
+			})
+		},
+	}
+
+	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, move, verify, scrub and flatten LUs", "admin",
+		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, newLUMoveCommand(cf, stdout), verify, scrub, flatten)
 }
 
 // completeLUNames completes an LU name argument from the API (quietly
@@ -481,6 +507,16 @@ func printLUs(w io.Writer, output string, lus []api.LU, single bool) error {
 		}
 		if q := qosText(lu.QoS); q != "" {
 			fmt.Fprintf(w, "\nlimits: %s\n", q)
+		}
+		if lu.Image != "" {
+			state := "importing (writable)"
+			if lu.ReadOnly {
+				state = "read-only"
+			}
+			fmt.Fprintf(w, "\ndisk of image %s, %s\n", lu.Image, state)
+		}
+		if lu.Base != "" {
+			fmt.Fprintf(w, "\nlinked clone of %s (allocated counts the clone's own blocks)\n", lu.Base)
 		}
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "\nCOPY ON NODE\tSTATE\tLACKS\tSCRUB REPAIRS")

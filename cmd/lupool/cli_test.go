@@ -83,7 +83,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{nil, []string{"Usage:", "lupool [command]"}},
 		{[]string{"lsit"}, []string{`unknown command "lsit"`, "Did you mean this?", "lupool lu list", "lupool node list"}},
 		{[]string{"lu", "lsit"}, []string{`unknown lu subcommand "lsit"`, "lupool lu list"}},
-		{[]string{"lu", "frobnicate"}, []string{`unknown lu subcommand "frobnicate": use add-copy, create, delete, list, move, resize, scrub, set, show or verify`}},
+		{[]string{"lu", "frobnicate"}, []string{`unknown lu subcommand "frobnicate": use add-copy, create, delete, flatten, list, move, resize, scrub, set, show or verify`}},
 		{[]string{"cluster", "join-tokn"}, []string{"lupool cluster join-token"}},
 		{[]string{"satus"}, []string{"lupool status"}},
 		{[]string{"lu"}, []string{"lu needs a subcommand"}},
@@ -109,6 +109,13 @@ func TestCLIUsageErrors(t *testing.T) {
 		{[]string{"serve", "extra"}, []string{"serve takes no arguments"}},
 		{[]string{"serve", "--bogus"}, []string{"unknown flag: --bogus"}},
 		{[]string{"completion", "tcsh"}, []string{"tcsh"}},
+		{[]string{"image", "import", "x"}, []string{"image import needs a name and at least one source"}},
+		{[]string{"image", "import", "a/b", "/dev/null"}, []string{`image name "a/b"`, "A-Z a-z 0-9"}},
+		{[]string{"image", "import", "x", "/nonexistent/disk.raw"}, []string{"source /nonexistent/disk.raw: no such file or directory", "raw, qcow2 or vmdk"}},
+		{[]string{"image", "import", "x", "nbd://"}, []string{"no host", "nbd://HOST[:PORT]/EXPORT"}},
+		{[]string{"image", "import", "x", "/dev/null", "--copies", "0"}, []string{"--copies must be 1 or more"}},
+		{[]string{"image", "import", "x", "/dev/null", "--rate", "fast"}, []string{"--rate"}},
+		{[]string{"lu", "create", "x", "--from", "img/0", "--kind", "memory"}, []string{"--from makes a linked clone"}},
 	} {
 		out, errOut, code := runCLI(t, tc.args...)
 		if code != exitUsage {

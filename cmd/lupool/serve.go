@@ -26,11 +26,13 @@ import (
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/qos"
+	"github.com/lupool/lupool/blockdev/readonly"
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/cluster/peerlink"
 	"github.com/lupool/lupool/cluster/pki"
 	"github.com/lupool/lupool/control"
 	"github.com/lupool/lupool/internal/logring"
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/paging"
@@ -395,6 +397,19 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			return h.Hashes, err
 		},
 		Export: func(name, description string, dev blockdev.Device) {
+			if _, _, isDisk := rules.SplitImageLU(name); isDisk {
+				// An image's disk takes writes while it imports, none
+				// once the image is ready.
+				gated, err := readonly.New(dev, func() bool {
+					rec, err := node.GetLU(name)
+					return err != nil || rec.ReadOnly
+				})
+				if err != nil {
+					log.Error("cannot export image disk", "lu", name, "err", err)
+					return
+				}
+				dev = gated
+			}
 			if limited, err := qosSet.Wrap(name, dev); err != nil {
 				log.Error("cannot apply QoS limits to LU; exported without them", "lu", name, "err", err)
 			} else {
@@ -500,7 +515,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		debug = mux
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
-		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node})
+		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node, Images: node})
 	if err != nil {
 		return err
 	}
@@ -553,6 +568,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Events: &eventSource{node: node, ctl: ctl.APIError},
 		Alerts: alerts,
 		Paging: pagingBackend{svc: pagingSvc},
+		Images: ctl,
 		FFDC:   &ffdcStore{f: capture, ctl: ctl.APIError},
 		OnPanic: func(r *http.Request, v any, _ []byte) {
 			capture.trigger(ffdcTriggerPanic, fmt.Sprintf("panic in %s %s: %v", r.Method, r.URL.Path, v))

@@ -251,3 +251,79 @@ func Overcommit(provisionedBytes, growBytes, capacityBytes int64, ratio float64)
 	}
 	return nil
 }
+
+// Images.
+const (
+	// ImageDisksMax bounds the disks (sources) of one image: its LUs are
+	// named IMAGE/0 to IMAGE/63.
+	ImageDisksMax = 64
+	// ImageNameLengthMax is the longest image name: IMAGE/63 must still
+	// be an LU name of at most NameLengthMax bytes.
+	ImageNameLengthMax = NameLengthMax - 3
+)
+
+// ErrImageName is returned by ImageName and LUName for a name that breaks
+// the image name rule or the image LU name rule.
+var ErrImageName = errors.New("rules: invalid image name")
+
+// ImageName checks the image name rule: the LU name rule, at most
+// ImageNameLengthMax bytes (room for "/63").
+func ImageName(name string) error {
+	if err := Name(name); err != nil {
+		return err
+	}
+	if len(name) > ImageNameLengthMax {
+		return &ruleError{ErrImageName, fmt.Sprintf("use at most %d bytes (an image's LUs are named IMAGE/N)", ImageNameLengthMax)}
+	}
+	return nil
+}
+
+// ImageLUName returns the name of disk index of image: "IMAGE/N".
+func ImageLUName(image string, index int) string { return fmt.Sprintf("%s/%d", image, index) }
+
+// SplitImageLU splits an image LU's name "IMAGE/N" into the image and
+// the disk index; ok is false for any other name (a plain LU's has no
+// "/"). N is decimal without leading zeros, below ImageDisksMax.
+func SplitImageLU(name string) (image string, index int, ok bool) {
+	slash := -1
+	for i := 0; i < len(name); i++ {
+		if name[i] == '/' {
+			if slash >= 0 {
+				return "", 0, false
+			}
+			slash = i
+		}
+	}
+	if slash < 0 || ImageName(name[:slash]) != nil {
+		return "", 0, false
+	}
+	digits := name[slash+1:]
+	if len(digits) == 0 || len(digits) > 2 || len(digits) > 1 && digits[0] == '0' {
+		return "", 0, false
+	}
+	n := 0
+	for i := 0; i < len(digits); i++ {
+		c := digits[i]
+		if c < '0' || c > '9' {
+			return "", 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	if n >= ImageDisksMax {
+		return "", 0, false
+	}
+	return name[:slash], n, true
+}
+
+// LUName checks the name of any LU: a plain LU name (Name), or an image
+// LU's "IMAGE/N" (an image name, a slash, a disk index below
+// ImageDisksMax without leading zeros). A slash anywhere else is refused.
+func LUName(name string) error {
+	if _, _, ok := SplitImageLU(name); ok {
+		return nil
+	}
+	if err := Name(name); err != nil {
+		return &ruleError{ErrName, "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..), or IMAGE/N for an image's disk"}
+	}
+	return nil
+}

@@ -224,3 +224,45 @@ func TestQoS(t *testing.T) {
 		t.Error("QoS bytes bucket too large for exact arithmetic")
 	}
 }
+
+func TestImageNames(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		image string
+		index int
+		ok    bool
+	}{
+		{"deb/0", "deb", 0, true},
+		{"deb/63", "deb", 63, true},
+		{"deb/64", "", 0, false},
+		{"deb/01", "", 0, false},
+		{"deb/", "", 0, false},
+		{"/0", "", 0, false},
+		{"a/b/0", "", 0, false},
+		{"deb/x", "", 0, false},
+		{"../0", "", 0, false},
+		{"deb", "", 0, false},
+		{strings.Repeat("a", ImageNameLengthMax) + "/63", strings.Repeat("a", ImageNameLengthMax), 63, true},
+		{strings.Repeat("a", ImageNameLengthMax+1) + "/0", "", 0, false},
+	} {
+		image, index, ok := SplitImageLU(c.name)
+		if image != c.image || index != c.index || ok != c.ok {
+			t.Errorf("SplitImageLU(%q) = %q %d %v, want %q %d %v", c.name, image, index, ok, c.image, c.index, c.ok)
+		}
+		if err := LUName(c.name); (err == nil) != (c.ok || Name(c.name) == nil) {
+			t.Errorf("LUName(%q) = %v", c.name, err)
+		}
+		if c.ok && ImageLUName(image, index) != c.name {
+			t.Errorf("ImageLUName(%q, %d) = %q", image, index, ImageLUName(image, index))
+		}
+	}
+	if err := LUName("a/b"); !errors.Is(err, ErrName) {
+		t.Errorf("LUName(a/b) = %v, want ErrName", err)
+	}
+	if err := ImageName(strings.Repeat("a", ImageNameLengthMax+1)); !errors.Is(err, ErrImageName) {
+		t.Errorf("a long image name: %v", err)
+	}
+	if len(ImageLUName(strings.Repeat("a", ImageNameLengthMax), ImageDisksMax-1)) > NameLengthMax {
+		t.Error("the longest image LU name is longer than NameLengthMax")
+	}
+}

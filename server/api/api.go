@@ -200,6 +200,9 @@ type CreateLURequest struct {
 	Node string `json:"node,omitempty"`
 	// QoS limits client I/O to the LU; absent is no limit.
 	QoS *QoS `json:"qos,omitempty"`
+	// From makes the LU a linked clone of an image disk (IMAGE/N): it
+	// reads the image until it writes; SizeBytes 0 means the disk's size.
+	From string `json:"from,omitempty"`
 }
 
 // QoS are an LU's client I/O limits, applied by every node that serves the
@@ -333,6 +336,14 @@ type LU struct {
 	Scrub *ScrubStatus `json:"scrub,omitempty"`
 	// Move is the LU's planned writer move in progress, if any.
 	Move *Move `json:"move,omitempty"`
+	// Image is the image this LU is a disk of; ReadOnly says it refuses
+	// writes (the image is ready).
+	Image    string `json:"image,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	// Base is the image disk a linked clone reads the blocks it never
+	// wrote from. A clone's AllocatedBytes are its own blocks only: the
+	// image's are counted once, on the image's disks (and in pool status).
+	Base string `json:"base,omitempty"`
 }
 
 // Replica is one copy of an LU.

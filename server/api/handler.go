@@ -66,6 +66,8 @@ type Options struct {
 	Alerts AlertStore
 	// Paging, when set, serves paging space for VMs under /v1/paging.
 	Paging PagingBackend
+	// Images, when set, serves images under /v1/images and flatten.
+	Images ImageBackend
 	// FFDC, when set, serves the failure data capture bundles.
 	FFDC FFDCStore
 	// OnPanic, when set, is called (on the request's goroutine) after a
@@ -163,6 +165,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	}
 	if opts.Paging != nil {
 		h.registerPaging(admin)
+	}
+	if opts.Images != nil {
+		h.registerImages(admin)
 	}
 	if opts.Alerts != nil {
 		admin("GET /v1/pool/alerts", h.poolAlerts)
