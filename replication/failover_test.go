@@ -123,11 +123,16 @@ func TestFailoverKeepsClientAndConverges(t *testing.T) {
 // So does a write started asynchronously (the NBD engine's path), whose
 // buffer the caller reuses as soon as WriteAsync returns.
 func TestFencedWriterRetiresNotFails(t *testing.T) {
-	t.Run("sync", func(t *testing.T) { fencedWriterRetires(t, false) })
-	t.Run("async", func(t *testing.T) { fencedWriterRetires(t, true) })
+	t.Run("sync", func(t *testing.T) { fencedWriterRetires(t, false, false) })
+	t.Run("async", func(t *testing.T) { fencedWriterRetires(t, true, false) })
+	t.Run("async-client-gone", func(t *testing.T) { fencedWriterRetires(t, true, true) })
 }
 
-func fencedWriterRetires(t *testing.T, async bool) {
+// fencedWriterRetires: gone says the client's connection closes (its
+// context ends) before the role changes: the write must then never run on
+// the new role, where the client may have sent it again already, and later
+// writes after it.
+func fencedWriterRetires(t *testing.T, async, gone bool) {
 	mt, nodes := newTestCluster(t, "a", "b")
 	mt.create(t, twoCopies("g", 1<<20, "file"))
 	streamingMirror(t, nodes["a"].m, "g")
@@ -145,8 +150,13 @@ func fencedWriterRetires(t *testing.T, async bool) {
 	if async {
 		rec := newRecorder()
 		p := bytes.Clone(page)
-		devA.WriteAsync(ctx, p, 0, 0, recordedWrite{r: rec})
+		reqCtx, closeConn := context.WithCancel(ctx)
+		defer closeConn()
+		devA.WriteAsync(reqCtx, p, 0, 0, recordedWrite{r: rec})
 		clear(p) // the caller's buffer is its own again
+		if gone {
+			closeConn()
+		}
 		go func() { errc <- <-rec.res }()
 	} else {
 		go func() { errc <- devA.WriteAt(ctx, page, 0, 0) }()
@@ -162,7 +172,16 @@ func fencedWriterRetires(t *testing.T, async bool) {
 	mt.managers = []*Manager{nodes["a"].m, nodes["b"].m}
 	mt.mu.Unlock()
 	nodes["a"].m.Enqueue(cluster.Change{Kind: cluster.Updated, LU: mt.get("g")})
-	if err := <-errc; err != nil {
+	err := <-errc
+	if gone {
+		vb, _ := nodes["b"].pool.Get("g")
+		got := make([]byte, 4096)
+		if rerr := vb.ReadAt(ctx, got, 0); rerr != nil || bytes.Equal(got, page) || err == nil {
+			t.Fatalf("a write whose client went away before the role changed: result %v, on the new writer %v (read err %v); want an error and not there", err, bytes.Equal(got, page), rerr)
+		}
+		return
+	}
+	if err != nil {
 		t.Fatalf("a write on the fenced writer: %v, want it sent to the new writer", err)
 	}
 	if rec := mt.get("g"); rec.Writer != "b" || replicaState(rec, "b") != cluster.ReplicaInSync {

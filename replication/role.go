@@ -213,7 +213,7 @@ func (r *roleDevice) WriteAsync(ctx context.Context, p []byte, off int64, flags 
 	if c == nil {
 		c = &rerunCompletion{}
 	}
-	c.r, c.s, c.done, c.off, c.flags = r, s, done, off, flags
+	c.ctx, c.r, c.s, c.done, c.off, c.flags = ctx, r, s, done, off, flags
 	c.buf = r.bufs.get(len(p))
 	copy(c.buf, p)
 	aw.WriteAsync(ctx, p, off, flags, c)
@@ -222,6 +222,10 @@ func (r *roleDevice) WriteAsync(ctx context.Context, p []byte, off int64, flags 
 // rerunCompletion completes an asynchronous write of a roleDevice, or runs
 // it again on the current device when the one it ran on was replaced.
 type rerunCompletion struct {
+	// ctx is the request's: once it is done (the client's connection
+	// closed), the write is never run again; the client may have sent it
+	// elsewhere, and writes after it, which a late run would undo.
+	ctx   context.Context
 	r     *roleDevice
 	s     *roleSlot
 	done  blockdev.Completion
@@ -236,7 +240,7 @@ const retireWait = 10 * time.Second
 
 // Complete implements blockdev.Completion.
 func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
-	r, s, done, buf, off, flags := c.r, c.s, c.done, c.buf, c.off, c.flags
+	ctx, r, s, done, buf, off, flags := c.ctx, c.r, c.s, c.done, c.buf, c.off, c.flags
 	*c = rerunCompletion{}
 	r.reruns.Put(c)
 	if err == nil || !errors.Is(err, errRetired) && !s.retired.Load() {
@@ -246,12 +250,12 @@ func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
 	go func() {
 		// A device that refused the write as replaced is retired
 		// (swap) before it is closed; wait for that, then run it again.
-		for deadline := time.Now().Add(retireWait); !s.retired.Load() && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(retireWait); !s.retired.Load() && ctx.Err() == nil && time.Now().Before(deadline); {
 			time.Sleep(time.Millisecond)
 		}
-		if s.retired.Load() {
+		if s.retired.Load() && ctx.Err() == nil {
 			if next := r.cur.Load(); next != s {
-				err = r.writeFrom(next, buf, off, flags)
+				err = r.writeFrom(ctx, next, buf, off, flags)
 			}
 		}
 		r.bufs.put(buf)
@@ -263,8 +267,7 @@ func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
 }
 
 // writeFrom is WriteAt from slot s on.
-func (r *roleDevice) writeFrom(s *roleSlot, p []byte, off int64, flags blockdev.Flags) error {
-	ctx := context.Background()
+func (r *roleDevice) writeFrom(ctx context.Context, s *roleSlot, p []byte, off int64, flags blockdev.Flags) error {
 	for {
 		err := s.dev.WriteAt(ctx, p, off, flags)
 		var again bool
