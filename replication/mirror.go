@@ -609,11 +609,12 @@ func (mi *Mirror) Caps() blockdev.Caps {
 	return c
 }
 
-// InlineIO reports whether the mirror's operations never block (the NBD
-// engine then runs them on the goroutine that reads the requests): true
-// while the local volume is memory and there is no other copy to wait for.
-// A copy added later makes operations wait on the network; front ends ask
-// again before each request.
+// InlineIO reports whether the mirror's operations may run on the goroutine
+// that reads the requests (the NBD engine's InlineDevice): the local
+// volume's answer (a memory volume; a file volume for whole-block writes
+// without FUA and reads that hit the page cache) while there is no other
+// copy to wait for. A copy added later makes operations wait on the
+// network; front ends ask again before each request.
 func (mi *Mirror) InlineIO() bool {
 	d, ok := mi.local.(interface{ InlineIO() bool })
 	return ok && d.InlineIO() && len(mi.linkSet()) == 0
