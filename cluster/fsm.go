@@ -84,6 +84,15 @@ type applyResult struct {
 	more []Change
 }
 
+// addChange records ch as the result's change, or as one more after it.
+func (res *applyResult) addChange(ch Change) {
+	if res.change == nil {
+		res.change = &ch
+		return
+	}
+	res.more = append(res.more, ch)
+}
+
 // fsm is the raft.FSM. Apply, Snapshot and Restore are called by raft from
 // one goroutine; readers use Pebble directly (every change is one batch).
 type fsm struct {

@@ -267,16 +267,12 @@ func (f *fsm) applyCreateImage(b *pebble.Batch, c *command, index uint64) applyR
 		return applyResult{err: err}
 	}
 	var res applyResult
-	for i, lu := range lus {
+	for _, lu := range lus {
 		r := f.putLU(b, lu, Created, index)
 		if r.err != nil {
 			return r
 		}
-		if i == 0 {
-			res.change = r.change
-		} else {
-			res.more = append(res.more, *r.change)
-		}
+		res.addChange(*r.change)
 		res.events = append(res.events, Event{Time: c.At, Kind: EventLUCreated, LU: lu.Name, Node: lu.Writer, By: c.By, Details: map[string]string{
 			"size_bytes": strconv.FormatInt(lu.SizeBytes, 10), "copies": strconv.Itoa(lu.Copies), "kind": lu.Kind, "writer": lu.Writer, "image": img.Name,
 		}})
@@ -321,11 +317,7 @@ func (f *fsm) applyImageReady(b *pebble.Batch, c *command, index uint64) applyRe
 		if r.err != nil {
 			return r
 		}
-		if i == 0 {
-			res.change = r.change
-		} else {
-			res.more = append(res.more, *r.change)
-		}
+		res.addChange(*r.change)
 	}
 	img.State, img.UpdatedAt = ImageReady, c.At
 	if err := putJSON(b, imagePrefix+img.Name, img); err != nil {
@@ -375,12 +367,7 @@ func (f *fsm) applyDeleteImage(b *pebble.Batch, c *command, index uint64) applyR
 		if err := b.Delete([]byte(luPrefix+lu.Name), nil); err != nil {
 			return applyResult{err: err}
 		}
-		ch := Change{Kind: Deleted, LU: lu, Index: index}
-		if res.change == nil {
-			res.change = &ch
-		} else {
-			res.more = append(res.more, ch)
-		}
+		res.addChange(Change{Kind: Deleted, LU: lu, Index: index})
 		res.events = append(res.events, Event{Time: c.At, Kind: EventLUDeleted, LU: lu.Name, By: c.By, Details: map[string]string{"image": img.Name}})
 	}
 	return res
