@@ -757,6 +757,14 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 	m.mu.Lock()
 	rd, exported := m.mu.exported[rec.Name]
 	m.mu.devices[rec.Name] = next
+	if mir, ok := old.(*Mirror); ok && !writer {
+		// Retired below: a new writer's Log question waits for it
+		// (logReply), so these are set with the device, not after.
+		m.mu.retired[rec.Name] = mir
+		if mir.al != nil {
+			m.mu.leftover[rec.Name] = true
+		}
+	}
 	if !exported {
 		rd = newRoleDevice(rec.Name, next, &m.reruns, &m.bufs)
 		m.mu.exported[rec.Name] = rd
@@ -767,14 +775,6 @@ func (m *Manager) ensure(rec cluster.LU, reconciling bool) error {
 		// on the old device runs again on the new one.
 		retired := rd.swap(next)
 		closeDevice(retired.dev)
-		if mir, ok := retired.dev.(*Mirror); ok && !writer {
-			m.mu.Lock()
-			m.mu.retired[rec.Name] = mir
-			if mir.al != nil {
-				m.mu.leftover[rec.Name] = true
-			}
-			m.mu.Unlock()
-		}
 		m.opts.Logger.Info("this node's role for the LU changed", "lu", rec.Name, "writer", writer, "epoch", rec.Epoch)
 	}
 	if _, wasWriter := old.(*Mirror); !writer && (wasWriter || reconciling) {
@@ -824,6 +824,27 @@ func (m *Manager) dropLeftoverLog(name string) error {
 // copy may differ in from its time as the LU's writer, once what its
 // retired writer's device had in flight has ended.
 func (m *Manager) logReply(name string) ([]byte, error) {
+	// The record names the asking node the writer (the stream was let
+	// in), but this node may not have applied that role change yet: its
+	// own writer device must be retired first, and its writes drained.
+	for deadline := time.Now().Add(m.opts.AckTimeout); ; {
+		m.mu.Lock()
+		_, writing := m.mu.devices[name].(*Mirror)
+		if rd := m.mu.exported[name]; rd != nil {
+			// The front end's operations reach the new device only
+			// from the swap on.
+			_, serving := rd.cur.Load().dev.(*Mirror)
+			writing = writing || serving
+		}
+		m.mu.Unlock()
+		if !writing {
+			break
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%w: %s has not yet retired its writer device for %s", blockdev.ErrIO, m.opts.NodeID, name)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	if err := m.drainRetired(name); err != nil {
 		return nil, err
 	}
