@@ -361,6 +361,13 @@ func (mi *Mirror) distrustInSync(links []*copyLink) {
 	}
 	mi.m.opts.Logger.Warn("writer started after an unclean stop: copies recorded in sync are compared by region hashes before they count as in sync",
 		"lu", mi.name, "copies", nodes, "doubt", mi.store.Doubt())
+	mi.waitOutPreviousRun()
+}
+
+// waitOutPreviousRun sleeps until ReadLease after this manager started: a
+// copy held back at start may still read on a lease from this node's
+// previous run, renewed only by frames from it (once per start, not per LU).
+func (mi *Mirror) waitOutPreviousRun() {
 	if wait := int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
 		time.Sleep(time.Duration(wait))
 	}
@@ -415,9 +422,7 @@ func (mi *Mirror) recoverLog(links []*copyLink) error {
 	mi.m.opts.Logger.Warn("writer started after a crash: its activity-log regions are compared with every copy",
 		"lu", mi.name, "ranges", len(ranges), "bytes", n, "copies_held_back", held)
 	if len(held) > 0 {
-		if wait := int64(mi.m.opts.ReadLease) - mi.m.now(); wait > 0 {
-			time.Sleep(time.Duration(wait))
-		}
+		mi.waitOutPreviousRun()
 	}
 	return nil
 }
