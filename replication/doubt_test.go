@@ -291,16 +291,7 @@ func TestWriterCrashComparesInSyncCopies(t *testing.T) {
 	if took := time.Since(began); took < 900*time.Millisecond {
 		t.Errorf("the restarted writer served after %v, before a read lease (1 s) of its previous run could run out", took)
 	}
-	waitFor(t, "b in sync", func() bool {
-		rec := rp.mt.get("h")
-		return rec.Epoch > before.Epoch+1 && replicaState(rec, "b") == cluster.ReplicaInSync
-	})
-	if eq := rp.inSyncEqual.Load(); eq == nil || !*eq {
-		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
-	}
-	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(2*regionBytes); sent != want {
-		t.Errorf("resync after the crash sent %v bytes, want %v (the 2 regions that differ)", sent, want)
-	}
+	cr.waitResynced(t, m2, before)
 	for _, want := range []string{"writer started after an unclean stop", fmt.Sprintf("hash resync done: compared %d regions, sent 2", size/regionBytes)} {
 		if !strings.Contains(rp.logA.String(), want) {
 			t.Errorf("writer's log lacks %q:\n%s", want, rp.logA.String())
@@ -352,16 +343,7 @@ func TestWriterCrashComparesActivityLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	m2 := rp.restartA(t, store2)
-	waitFor(t, "b in sync", func() bool {
-		rec := rp.mt.get("h")
-		return rec.Epoch > before.Epoch+1 && replicaState(rec, "b") == cluster.ReplicaInSync
-	})
-	if eq := rp.inSyncEqual.Load(); eq == nil || !*eq {
-		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
-	}
-	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(2*regionBytes); sent != want {
-		t.Errorf("resync after the crash sent %v bytes, want %v (the 2 regions that differ)", sent, want)
-	}
+	cr.waitResynced(t, m2, before)
 	var loggedBytes int64
 	for _, r := range logged {
 		loggedBytes += r[1]
@@ -452,4 +434,21 @@ func (cr *crashRun) crash(t *testing.T) (va, vb lu.Volume, store2 *DirtyStore) {
 	}
 	t.Cleanup(func() { store2.Close() })
 	return va, vb, store2
+}
+
+// waitResynced waits until b is recorded in sync again past before's epoch
+// (taken out of sync, resynced), checks that it then equalled the writer
+// and that the resync sent exactly the two regions crash made differ.
+func (cr *crashRun) waitResynced(t *testing.T, m2 *Manager, before cluster.LU) {
+	t.Helper()
+	waitFor(t, "b in sync", func() bool {
+		rec := cr.rp.mt.get("h")
+		return rec.Epoch > before.Epoch+1 && replicaState(rec, "b") == cluster.ReplicaInSync
+	})
+	if eq := cr.rp.inSyncEqual.Load(); eq == nil || !*eq {
+		t.Fatalf("b recorded in sync while it differs from the writer (compared: %v)", eq != nil)
+	}
+	if sent, want := sentBytes(m2, "h", "b", "resync"), float64(2*crashRunRegionBytes); sent != want {
+		t.Errorf("resync after the crash sent %v bytes, want %v (the 2 regions that differ)", sent, want)
+	}
 }
