@@ -134,7 +134,8 @@ func (mi *Mirror) askLog(l *copyLink) error {
 	if c == nil {
 		return fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
 	}
-	buf := make([]byte, 1+logReplyRangesMax*16)
+	buf := mi.m.bufs.get(1 + logReplyRangesMax*16)
+	defer mi.m.bufs.put(buf)
 	h, err := c.do(replproto.Header{Type: replproto.TypeLog, Epoch: mi.epoch.Load()}, nil, buf)
 	if err != nil {
 		return fmt.Errorf("ask copy %s for its activity log: %w", l.node, err)
