@@ -318,15 +318,21 @@ func (h *Handler) createLU(ctx context.Context, r *http.Request, body []byte) (i
 	if err := decode(body, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.Node == "" {
-		// A request forwarded by a member places the writer on that member.
-		req.Node = CallerFrom(ctx).Node
-	}
-	if req.Node == "" {
-		req.Node = h.opts.NodeID
-	}
+	req.Node = h.writerNode(ctx, req.Node)
 	lu, err := h.opts.Backend.CreateLU(ctx, req)
 	return http.StatusCreated, lu, err
+}
+
+// writerNode is where a create places its writer: the node the request
+// names, else the member that forwarded it, else this node.
+func (h *Handler) writerNode(ctx context.Context, named string) string {
+	if named != "" {
+		return named
+	}
+	if caller := CallerFrom(ctx).Node; caller != "" {
+		return caller
+	}
+	return h.opts.NodeID
 }
 
 func (h *Handler) resizeLU(ctx context.Context, r *http.Request, body []byte) (int, any, error) {

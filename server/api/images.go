@@ -94,12 +94,7 @@ func (h *Handler) registerImages(admin func(string, http.HandlerFunc)) {
 		if err := decode(body, &req); err != nil {
 			return 0, nil, err
 		}
-		if req.Node == "" {
-			req.Node = CallerFrom(ctx).Node
-		}
-		if req.Node == "" {
-			req.Node = h.opts.NodeID
-		}
+		req.Node = h.writerNode(ctx, req.Node)
 		out, err := h.opts.Images.CreateImage(ctx, req)
 		return http.StatusCreated, out, err
 	}))

@@ -112,13 +112,7 @@ func (h *Handler) requestPaging(ctx context.Context, _ *http.Request, body []byt
 	if err := decode(body, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.Host == "" {
-		// A request forwarded by a member places the writer on that member.
-		req.Host = CallerFrom(ctx).Node
-	}
-	if req.Host == "" {
-		req.Host = h.opts.NodeID
-	}
+	req.Host = h.writerNode(ctx, req.Host)
 	sp, err := h.opts.Paging.RequestPaging(ctx, req)
 	status := http.StatusCreated
 	if sp.Existed {
