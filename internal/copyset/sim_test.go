@@ -177,8 +177,9 @@ func (s *sim) apply(n *node) {
 			wait = max(wait, s.now+int64(s.p.ReadLease))
 		}
 		n.takeOverAt = max(wait, s.now)
-		n.takeOverMarked = false
 		n.distrust = restarted
+		// The first writer of a copy set has nothing to take over.
+		n.takeOverMarked = n.epoch == 1 && !restarted && n.takeOverAt <= s.now
 		s.logf("%s: writer at epoch %d, acknowledges from %dms", n.id, n.epoch, n.takeOverAt/int64(time.Millisecond))
 	case s.meta.writer != n.id && n.writer:
 		n.writer = false
@@ -363,6 +364,12 @@ func (s *sim) writerTimers(w *node) {
 			}
 		}
 	}
+	if !w.takeOverMarked {
+		// Like replication's newMirror: a writer still waiting to take
+		// over sends nothing, so no copy gets a lease of this run
+		// before the copies that may differ are recorded out of sync.
+		return
+	}
 	if s.now-w.lastPing >= int64(s.p.ReadLease)/4 {
 		w.lastPing = s.now
 		for id, p := range w.peers {
@@ -434,6 +441,10 @@ func (s *sim) doWrite(id string, block int) {
 	w := s.nodes[id]
 	if !w.live() || !w.writer {
 		s.logf("%s: write refused: not a running writer", id)
+		return
+	}
+	if !w.takeOverMarked {
+		s.logf("%s: write refused: writer still taking over", id)
 		return
 	}
 	s.writes++
