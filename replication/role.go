@@ -247,23 +247,29 @@ func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
 		r.bufs.put(buf)
 		return done.Complete(err)
 	}
-	go func() {
-		// A device that refused the write as replaced is retired
-		// (swap) before it is closed; wait for that, then run it again.
-		for deadline := time.Now().Add(retireWait); !s.retired.Load() && ctx.Err() == nil && time.Now().Before(deadline); {
-			time.Sleep(time.Millisecond)
-		}
-		if s.retired.Load() && ctx.Err() == nil {
-			if next := r.cur.Load(); next != s {
-				err = r.writeFrom(ctx, next, buf, off, flags)
-			}
-		}
-		r.bufs.put(buf)
-		if fl := done.Complete(err); fl != nil {
-			fl.FlushReplies()
-		}
-	}()
+	// A method with arguments, not a closure: a closure here would move
+	// err to the heap on every write, rerun or not.
+	go r.rerunWrite(ctx, s, done, buf, off, flags, err)
 	return nil
+}
+
+// rerunWrite runs an asynchronous write refused by slot s again on the
+// current device, once s is retired, and completes it.
+func (r *roleDevice) rerunWrite(ctx context.Context, s *roleSlot, done blockdev.Completion, buf []byte, off int64, flags blockdev.Flags, err error) {
+	// A device that refused the write as replaced is retired (swap)
+	// before it is closed; wait for that, then run it again.
+	for deadline := time.Now().Add(retireWait); !s.retired.Load() && ctx.Err() == nil && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	if s.retired.Load() && ctx.Err() == nil {
+		if next := r.cur.Load(); next != s {
+			err = r.writeFrom(ctx, next, buf, off, flags)
+		}
+	}
+	r.bufs.put(buf)
+	if fl := done.Complete(err); fl != nil {
+		fl.FlushReplies()
+	}
 }
 
 // writeFrom is WriteAt from slot s on.

@@ -61,14 +61,16 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 	// the network) and flushes each reply.
 	var wmu sync.Mutex
 	bw := bufio.NewWriterSize(conn, 64<<10)
+	// The reply header is marshalled under wmu into one buffer per
+	// stream: a header per reply would escape to the heap.
+	var replyHdr [replproto.HeaderBytes]byte
 	send := func(h replproto.Header, payload []byte, flush bool) error {
 		h.PayloadLen, h.PayloadCRC = uint32(len(payload)), replproto.Checksum(payload)
-		var hb [replproto.HeaderBytes]byte
-		h.Marshal(hb[:])
 		wmu.Lock()
 		defer wmu.Unlock()
+		h.Marshal(replyHdr[:])
 		_ = conn.SetWriteDeadline(time.Now().Add(m.opts.AckTimeout))
-		if _, err := bw.Write(hb[:]); err != nil {
+		if _, err := bw.Write(replyHdr[:]); err != nil {
 			return err
 		}
 		if _, err := bw.Write(payload); err != nil {
@@ -393,9 +395,12 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 }
 
 // bufPool recycles stream payload buffers by power-of-two size class,
-// 1 B to 32 MiB.
+// 1 B to 32 MiB. sync.Pool holds pointers; the *[]byte holders a get
+// empties go to holders and are refilled by the next put, so a get and
+// put pair allocates nothing once the pool is warm.
 type bufPool struct {
 	classes [26]sync.Pool
+	holders sync.Pool
 }
 
 func sizeClass(n int) int {
@@ -412,7 +417,10 @@ func (bp *bufPool) get(n int) []byte {
 	}
 	c := sizeClass(n)
 	if p, ok := bp.classes[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		b := (*p)[:n]
+		*p = nil
+		bp.holders.Put(p)
+		return b
 	}
 	return make([]byte, n, 1<<c)
 }
@@ -425,6 +433,10 @@ func (bp *bufPool) put(b []byte) {
 	if 1<<c != cap(b) {
 		return
 	}
-	b = b[:cap(b)]
-	bp.classes[c].Put(&b)
+	p, _ := bp.holders.Get().(*[]byte)
+	if p == nil {
+		p = new([]byte)
+	}
+	*p = b[:cap(b)]
+	bp.classes[c].Put(p)
 }
