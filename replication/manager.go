@@ -109,6 +109,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lupool/lupool/internal/bufpool"
 	"github.com/lupool/lupool/internal/rules"
 	"log/slog"
 	"net"
@@ -311,7 +312,7 @@ type Manager struct {
 	metaLeases sync.Map
 	// clock is the base of monotonic times kept as integers.
 	clock       time.Time
-	bufs        bufPool
+	bufs        bufpool.Pool
 	asyncWrites sync.Pool // of *asyncWrite
 	reruns      sync.Pool // of *rerunCompletion
 	metrics     *metrics

@@ -134,8 +134,8 @@ func (mi *Mirror) askLog(l *copyLink) error {
 	if c == nil {
 		return fmt.Errorf("%w: stream to %s gone", ErrPeerDown, l.node)
 	}
-	buf := mi.m.bufs.get(1 + logReplyRangesMax*16)
-	defer mi.m.bufs.put(buf)
+	buf := mi.m.bufs.Get(1 + logReplyRangesMax*16)
+	defer mi.m.bufs.Put(buf)
 	h, err := c.do(replproto.Header{Type: replproto.TypeLog, Epoch: mi.epoch.Load()}, nil, buf)
 	if err != nil {
 		return fmt.Errorf("ask copy %s for its activity log: %w", l.node, err)
@@ -325,15 +325,15 @@ func (mi *Mirror) sendRuns(l *copyLink, runs [][2]int64) (int64, error) {
 						pending = append(pending, cl)
 					} else {
 						n = min(n, resyncChunkBytes)
-						buf := mi.m.bufs.get(int(n))
+						buf := mi.m.bufs.Get(int(n))
 						if err := mi.local.ReadAt(ctx, buf, off); err != nil {
-							mi.m.bufs.put(buf)
+							mi.m.bufs.Put(buf)
 							return err
 						}
 						h.Type, h.Length = replproto.TypeWrite, uint32(n)
 						// start has copied the frame into the send queue when it returns.
 						cl, err := c.start(h, buf, nil)
-						mi.m.bufs.put(buf)
+						mi.m.bufs.Put(buf)
 						if err != nil {
 							return err
 						}
@@ -479,8 +479,8 @@ func (mi *Mirror) localHash(off, n int64) ([sha256.Size]byte, error) {
 	if err != nil {
 		return [sha256.Size]byte{}, err
 	}
-	buf := mi.m.bufs.get(int(n))
-	defer mi.m.bufs.put(buf)
+	buf := mi.m.bufs.Get(int(n))
+	defer mi.m.bufs.Put(buf)
 	if len(ext) == 1 && ext[0].LengthBytes >= n && ext[0].Flags&blockdev.ExtentHole != 0 {
 		clear(buf)
 	} else if err := mi.local.ReadAt(ctx, buf, off); err != nil {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/bufpool"
 )
 
 // errRetired is returned by an operation on a Mirror or Forwarder that
@@ -29,7 +30,7 @@ type roleDevice struct {
 	// reruns and bufs recycle what an asynchronous write keeps to run
 	// again (rerunCompletion); nil bufs: none kept (tests).
 	reruns *sync.Pool
-	bufs   *bufPool
+	bufs   *bufpool.Pool
 }
 
 // roleSlot is one role's device; retired is set before it is closed.
@@ -47,7 +48,7 @@ var (
 	_ blockdev.AsyncWriter = (*roleDevice)(nil)
 )
 
-func newRoleDevice(name string, dev device, reruns *sync.Pool, bufs *bufPool) *roleDevice {
+func newRoleDevice(name string, dev device, reruns *sync.Pool, bufs *bufpool.Pool) *roleDevice {
 	r := &roleDevice{name: name, reruns: reruns, bufs: bufs}
 	r.cur.Store(&roleSlot{dev: dev})
 	return r
@@ -214,7 +215,7 @@ func (r *roleDevice) WriteAsync(ctx context.Context, p []byte, off int64, flags 
 		c = &rerunCompletion{}
 	}
 	c.ctx, c.r, c.s, c.done, c.off, c.flags = ctx, r, s, done, off, flags
-	c.buf = r.bufs.get(len(p))
+	c.buf = r.bufs.Get(len(p))
 	copy(c.buf, p)
 	aw.WriteAsync(ctx, p, off, flags, c)
 }
@@ -244,7 +245,7 @@ func (c *rerunCompletion) Complete(err error) blockdev.ReplyFlusher {
 	*c = rerunCompletion{}
 	r.reruns.Put(c)
 	if err == nil || !errors.Is(err, errRetired) && !s.retired.Load() {
-		r.bufs.put(buf)
+		r.bufs.Put(buf)
 		return done.Complete(err)
 	}
 	// A method with arguments, not a closure: a closure here would move
@@ -266,7 +267,7 @@ func (r *roleDevice) rerunWrite(ctx context.Context, s *roleSlot, done blockdev.
 			err = r.writeFrom(ctx, next, buf, off, flags)
 		}
 	}
-	r.bufs.put(buf)
+	r.bufs.Put(buf)
 	if fl := done.Complete(err); fl != nil {
 		fl.FlushReplies()
 	}

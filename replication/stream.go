@@ -141,15 +141,15 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 		}
 		var data []byte
 		if h.Type == replproto.TypeWrite {
-			data = m.bufs.get(int(h.Length))
+			data = m.bufs.Get(int(h.Length))
 			if _, err := io.ReadFull(br, data); err != nil {
-				m.bufs.put(data)
+				m.bufs.Put(data)
 				return
 			}
 			// The payload is checked before anything uses it: a frame
 			// corrupted on the way is refused, never written.
 			if err := h.CheckPayload(data); err != nil {
-				m.bufs.put(data)
+				m.bufs.Put(data)
 				m.luCounter(m.metrics.checksumRefused, nil, hello.LU, "served").Inc()
 				m.opts.Logger.Warn("replication frame refused: checksum mismatch", "lu", hello.LU, "from", hello.Node, "offset", h.Offset, "length", h.Length, "err", err)
 				var epoch uint64
@@ -164,7 +164,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 		}
 		if tgt.role == replproto.RoleCopy {
 			out, epoch, err := m.applyStream(tgt, h, data)
-			m.bufs.put(data)
+			m.bufs.Put(data)
 			flush := br.Buffered() < replproto.HeaderBytes && pendingBelow(conn) == 0
 			if err != nil {
 				err = failWith(h, err, epoch, flush)
@@ -172,7 +172,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 				err = send(replproto.Header{Type: replproto.TypeReply | h.Type, Handle: h.Handle, Epoch: epoch,
 					Offset: m.replyOffset(h), Length: h.Length}, out, flush)
 				if h.Type == replproto.TypeRead {
-					m.bufs.put(out)
+					m.bufs.Put(out)
 				}
 			}
 			if err != nil {
@@ -184,7 +184,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 		wg.Add(1)
 		go func(h replproto.Header, data []byte) {
 			defer func() { <-sem; wg.Done() }()
-			defer m.bufs.put(data)
+			defer m.bufs.Put(data)
 			out, epoch, err := m.applyStream(tgt, h, data)
 			if err != nil {
 				if fail(h, err, epoch) != nil {
@@ -197,7 +197,7 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 				conn.Close()
 			}
 			if h.Type == replproto.TypeRead {
-				m.bufs.put(out)
+				m.bufs.Put(out)
 			}
 		}(h, data)
 	}
@@ -364,20 +364,20 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 	case replproto.TypeFlush:
 		err = dev.Flush(ctx)
 	case replproto.TypeRead:
-		out = m.bufs.get(int(length))
+		out = m.bufs.Get(int(length))
 		if err = dev.ReadAt(ctx, out, off); err != nil {
-			m.bufs.put(out)
+			m.bufs.Put(out)
 			out = nil
 		} else if tgt.role == replproto.RoleClient {
 			tgt.servedReads.Add(float64(length))
 		}
 	case replproto.TypeHash:
-		buf := m.bufs.get(int(length))
+		buf := m.bufs.Get(int(length))
 		if err = dev.ReadAt(ctx, buf, off); err == nil {
 			sum := sha256.Sum256(buf)
 			out = sum[:]
 		}
-		m.bufs.put(buf)
+		m.bufs.Put(buf)
 	case replproto.TypePing:
 		if tgt.role == replproto.RoleCopy {
 			m.renewLeaseFrom(tgt.name, int64(h.Offset))
@@ -392,51 +392,4 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
 	}
 	return out, epoch, err
-}
-
-// bufPool recycles stream payload buffers by power-of-two size class,
-// 1 B to 32 MiB. sync.Pool holds pointers; the *[]byte holders a get
-// empties go to holders and are refilled by the next put, so a get and
-// put pair allocates nothing once the pool is warm.
-type bufPool struct {
-	classes [26]sync.Pool
-	holders sync.Pool
-}
-
-func sizeClass(n int) int {
-	c := 0
-	for 1<<c < n {
-		c++
-	}
-	return c
-}
-
-func (bp *bufPool) get(n int) []byte {
-	if n == 0 {
-		return nil
-	}
-	c := sizeClass(n)
-	if p, ok := bp.classes[c].Get().(*[]byte); ok {
-		b := (*p)[:n]
-		*p = nil
-		bp.holders.Put(p)
-		return b
-	}
-	return make([]byte, n, 1<<c)
-}
-
-func (bp *bufPool) put(b []byte) {
-	if cap(b) == 0 {
-		return
-	}
-	c := sizeClass(cap(b))
-	if 1<<c != cap(b) {
-		return
-	}
-	p, _ := bp.holders.Get().(*[]byte)
-	if p == nil {
-		p = new([]byte)
-	}
-	*p = b[:cap(b)]
-	bp.classes[c].Put(p)
 }
