@@ -71,6 +71,7 @@ import (
 	"time"
 
 	"github.com/lupool/lupool/blockdev"
+	"github.com/lupool/lupool/internal/bufpool"
 	"github.com/lupool/lupool/server/nbdkernel"
 	"github.com/lupool/lupool/server/nbdproto"
 )
@@ -200,6 +201,9 @@ type call struct {
 	// instead (exactly one of them is set).
 	done  chan error
 	async blockdev.Completion
+	// ownData: data came from Device.bufs (an asynchronous write's copy)
+	// and goes back there when the call is recycled.
+	ownData bool
 }
 
 // upstream is one connection to a node.
@@ -213,7 +217,11 @@ type call struct {
 type upstream struct {
 	nc   net.Conn
 	node Node
-	mu   struct {
+	// out is the batch being written, consumed by WriteTo; only the
+	// caller that set mu.writing touches it. A field, so that WriteTo's
+	// receiver is not a new heap slice header per write.
+	out net.Buffers
+	mu  struct {
 		sync.Mutex
 		queued  net.Buffers // requests not yet written
 		spare   net.Buffers // the slice written last, reused
@@ -275,8 +283,9 @@ func (u *upstream) flushLocked() {
 		b := u.mu.queued
 		u.mu.queued, u.mu.spare = u.mu.spare[:0], nil
 		u.mu.Unlock()
-		bufs := b // WriteTo consumes its receiver
-		_, err := bufs.WriteTo(u.nc)
+		u.out = b // WriteTo consumes its receiver
+		_, err := u.out.WriteTo(u.nc)
+		u.out = nil
 		clear(b) // drop the references to callers' data
 		u.mu.Lock()
 		if cap(b) <= maxSpareBuffers {
@@ -307,6 +316,11 @@ type Device struct {
 	closingCtx    context.Context
 	cancelClosing context.CancelFunc
 	closeMu       sync.Once
+	// calls and bufs recycle the calls of asynchronous requests and the
+	// copies of write payloads (recycle), so that a 4 KiB request through
+	// the endpoint allocates nothing once they are warm.
+	calls sync.Pool
+	bufs  bufpool.Pool
 
 	mu struct {
 		sync.Mutex
@@ -542,10 +556,36 @@ func (d *Device) readLoop(u *upstream) error {
 func (d *Device) complete(c *call, err error) blockdev.ReplyFlusher {
 	d.budget.release(c.cost)
 	if c.async != nil {
-		return c.async.Complete(err)
+		done := c.async
+		d.recycle(c)
+		return done.Complete(err)
 	}
 	c.done <- err
 	return nil
+}
+
+// newCall returns an empty call for an asynchronous request.
+func (d *Device) newCall() *call {
+	if c, ok := d.calls.Get().(*call); ok {
+		return c
+	}
+	return &call{}
+}
+
+// recycle gives an asynchronous call (and its copy of a write's data) back
+// once it is out of the table. No connection can still read them: c was
+// answered on the connection it was last sent on, which had read all of
+// it; a connection it was sent on before was closed and waited out
+// (waitWritten) before c was sent again; a call failed without an answer
+// is failed only once no connection is read. An error from start leaves
+// c to the garbage collector (it may sit in no queue, but that path is
+// cold).
+func (d *Device) recycle(c *call) {
+	if c.ownData {
+		d.bufs.Put(c.data)
+	}
+	*c = call{}
+	d.calls.Put(c)
 }
 
 // addFlusher adds fl to fls unless it is nil or already there.
@@ -715,10 +755,10 @@ func (d *Device) submit(req nbdproto.Request, data []byte) error {
 // write and reads on; the reply reader answers it. p is copied, since the
 // table keeps a write's data until its reply.
 func (d *Device) WriteAsync(_ context.Context, p []byte, off int64, flags blockdev.Flags, done blockdev.Completion) {
-	data := make([]byte, len(p))
-	copy(data, p)
-	c := &call{req: nbdproto.Request{Type: nbdproto.CmdWrite, Flags: fuaFlag(flags), Offset: uint64(off), Length: uint32(len(p))},
-		data: data, async: done}
+	c := d.newCall()
+	c.req = nbdproto.Request{Type: nbdproto.CmdWrite, Flags: fuaFlag(flags), Offset: uint64(off), Length: uint32(len(p))}
+	c.data, c.ownData, c.async = d.bufs.Get(len(p)), true, done
+	copy(c.data, p)
 	if err := d.start(c, true); err != nil {
 		if fl := done.Complete(err); fl != nil {
 			fl.FlushReplies()
@@ -733,8 +773,9 @@ func (d *Device) AsyncWrites() bool { return true }
 // read and reads on; the reply reader reads the data into p and answers
 // it, so that no goroutine waits for the read in between.
 func (d *Device) ReadAsync(_ context.Context, p []byte, off int64, done blockdev.Completion) {
-	c := &call{req: nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint32(len(p))},
-		data: p, async: done}
+	c := d.newCall()
+	c.req = nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint32(len(p))}
+	c.data, c.async = p, done
 	if err := d.start(c, true); err != nil {
 		if fl := done.Complete(err); fl != nil {
 			fl.FlushReplies()

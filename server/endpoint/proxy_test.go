@@ -49,9 +49,10 @@ func serveLocal(tb testing.TB, d *Device) string {
 // rawClient is a minimal NBD client with simple replies and requests in
 // flight answered in any order.
 type rawClient struct {
-	nc  net.Conn
-	br  *bufio.Reader
-	hdr [nbdproto.RequestSize]byte
+	nc   net.Conn
+	br   *bufio.Reader
+	hdr  [nbdproto.RequestSize]byte
+	rhdr [nbdproto.SimpleReplySize]byte // a field: on the stack it escapes through io.ReadFull
 }
 
 func dialRaw(tb testing.TB, addr string) *rawClient {
@@ -82,11 +83,10 @@ func (c *rawClient) send(typ uint16, handle uint64, off int64, length int, paylo
 
 // reply reads one simple reply; data (by handle) receives a read's data.
 func (c *rawClient) reply(data func(handle uint64) []byte) (nbdproto.SimpleReply, error) {
-	var b [nbdproto.SimpleReplySize]byte
-	if _, err := io.ReadFull(c.br, b[:]); err != nil {
+	if _, err := io.ReadFull(c.br, c.rhdr[:]); err != nil {
 		return nbdproto.SimpleReply{}, err
 	}
-	r, err := nbdproto.ParseSimpleReply(b[:])
+	r, err := nbdproto.ParseSimpleReply(c.rhdr[:])
 	if err != nil || r.Error != 0 {
 		return r, err
 	}
