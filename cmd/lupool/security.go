@@ -118,12 +118,23 @@ func (b *daemonBackend) Join(ctx context.Context, req api.JoinRequest) (api.Join
 		NodeCertPEM: string(certPEM), LeaderID: leader, Members: nodes}, nil
 }
 
+// joinTokenCatchUp bounds how long a follower waits for a join token it
+// does not know yet to be applied (it was made through the leader).
+const joinTokenCatchUp = 2 * time.Second
+
 // checkJoinToken checks a parsed join token against the metadata.
 func (b *daemonBackend) checkJoinToken(tok pki.JoinToken) error {
 	if tok.CAFingerprint != b.ident.ca.Fingerprint() {
 		return fmt.Errorf("%w: the join token is for another cluster (CA %s; this cluster's is %s)", api.ErrUnauthorized, tok.CAFingerprint, b.ident.ca.Fingerprint())
 	}
 	v, found, err := b.node.Setting(settingJoinToken + tok.ID)
+	// The token may have been made through another node (the leader)
+	// moments ago, and this node (the CA holder, a follower now) not have
+	// applied it yet: wait for it a little before calling it unknown.
+	for deadline := time.Now().Add(joinTokenCatchUp); err == nil && !found && !b.node.IsLeader() && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		v, found, err = b.node.Setting(settingJoinToken + tok.ID)
+	}
 	if err != nil {
 		return err
 	}
