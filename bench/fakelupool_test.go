@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -24,9 +26,10 @@ import (
 // Its NBD export is nbdkit memory on the --nbd port.
 const fakeLupoolEnv = "BENCH_FAKE_LUPOOL"
 
-// fakeLupoolDieEnv, a duration, makes the fake daemon exit that long after
-// its LU is created.
-const fakeLupoolDieEnv = "BENCH_FAKE_LUPOOL_DIE_AFTER"
+// fakeLupoolDieEnv names a file: the fake daemon writes its PID there
+// and, on SIGUSR1, "crashes" (exit status 3). A test sends the signal at a
+// point of the run it chooses, whatever the machine's load.
+const fakeLupoolDieEnv = "BENCH_FAKE_LUPOOL_PIDFILE"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(fakeLupoolEnv) == "1" {
@@ -118,12 +121,19 @@ func fakeServe(args []string) int {
 		if err := server.Start(); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 		}
-		if after, err := time.ParseDuration(os.Getenv(fakeLupoolDieEnv)); err == nil {
-			// Crash mid-run: the runner must notice and report it.
-			time.AfterFunc(after, func() {
+		if pidFile := os.Getenv(fakeLupoolDieEnv); pidFile != "" {
+			// Crash mid-run when told: the runner must notice and
+			// report it.
+			usr1 := make(chan os.Signal, 1)
+			signal.Notify(usr1, syscall.SIGUSR1)
+			go func() {
+				<-usr1
 				fmt.Fprintln(os.Stderr, "fake crash")
 				os.Exit(3)
-			})
+			}()
+			if err := os.WriteFile(pidFile, []byte(fmt.Sprint(os.Getpid())), 0o644); err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+			}
 		}
 	})
 	go http.ListenAndServe(*api, mux)
@@ -195,7 +205,8 @@ func TestServerDiesMidRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv(fakeLupoolEnv, "1")
-	t.Setenv(fakeLupoolDieEnv, "3s")
+	pidFile := filepath.Join(t.TempDir(), "fake.pid")
+	t.Setenv(fakeLupoolDieEnv, pidFile)
 	ws, err := SelectWorkloads([]string{"randread-qd1"})
 	if err != nil {
 		t.Fatal(err)
@@ -206,9 +217,13 @@ func TestServerDiesMidRun(t *testing.T) {
 	}
 	r, err := Run(context.Background(), Options{Servers: servers, Workloads: ws, Runtime: 500 * time.Millisecond,
 		SizeBytes: 8 << 20, Rounds: 6, OutDir: t.TempDir(), LupoolBin: self,
-		Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+		Logger: slog.New(&killAfterRound{Handler: slog.NewTextHandler(t.Output(), nil), t: t, pidFile: pidFile,
+			server: "lupool-mem", round: 2})})
 	if err != nil {
 		t.Fatalf("Run: %v", err)
+	}
+	if len(r.Servers) != 2 || len(r.Workloads) != 1 || len(r.Workloads[0].Results) != 2 || len(r.Workloads[0].Results[0].Rounds) != 6 {
+		t.Fatalf("run result: %d servers, %d workloads; want 2 servers and 6 rounds of one workload: %+v", len(r.Servers), len(r.Workloads), r)
 	}
 	if d := r.Servers[0].Died; !strings.Contains(d, "fake crash") || !strings.Contains(d, "exit status 3") {
 		t.Errorf("lupool-mem Died = %q, want its exit status and log", d)
@@ -228,4 +243,49 @@ func TestServerDiesMidRun(t *testing.T) {
 	if !strings.Contains(RenderMarkdown(r), "| lupool-mem | memory | DIED during the run: ") {
 		t.Error("markdown does not show the death")
 	}
+}
+
+// killAfterRound is a log handler that sends the fake daemon of server
+// SIGUSR1 once the runner logs that server's round: a crash at a chosen
+// point of the run.
+type killAfterRound struct {
+	slog.Handler
+	t       *testing.T
+	pidFile string
+	server  string
+	round   int64
+}
+
+func (k *killAfterRound) Handle(ctx context.Context, rec slog.Record) error {
+	if rec.Message == "run" {
+		var server string
+		var round int64
+		rec.Attrs(func(a slog.Attr) bool {
+			switch a.Key {
+			case "server":
+				server = a.Value.String()
+			case "round":
+				round = a.Value.Int64()
+			}
+			return true
+		})
+		if server == k.server && round == k.round {
+			b, err := os.ReadFile(k.pidFile)
+			pid, perr := strconv.Atoi(strings.TrimSpace(string(b)))
+			if err != nil || perr != nil {
+				k.t.Errorf("fake daemon's PID file: %v %v", err, perr)
+			} else if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+				k.t.Errorf("signal the fake daemon: %v", err)
+			}
+		}
+	}
+	return k.Handler.Handle(ctx, rec)
+}
+
+func (k *killAfterRound) WithAttrs(as []slog.Attr) slog.Handler {
+	return &killAfterRound{Handler: k.Handler.WithAttrs(as), t: k.t, pidFile: k.pidFile, server: k.server, round: k.round}
+}
+
+func (k *killAfterRound) WithGroup(name string) slog.Handler {
+	return &killAfterRound{Handler: k.Handler.WithGroup(name), t: k.t, pidFile: k.pidFile, server: k.server, round: k.round}
 }
