@@ -446,8 +446,8 @@ func (l *Link) track(raw net.Conn) *handshaking {
 	h.elem = l.mu.handshaking.PushBack(h)
 	l.mu.Unlock()
 	if victim != nil {
+		l.stats.evicted.Add(1) // counted first: whoever sees the close sees the count
 		victim.Close()
-		l.stats.evicted.Add(1)
 		l.opts.Logger.Debug("peerlink: dropped oldest handshake", "remote", victim.RemoteAddr().String(), "max_handshakes", l.opts.MaxHandshakes)
 		l.warnDrop.warn(l.opts.Logger, "peerlink: too many connections in handshake; dropping the oldest",
 			"max_handshakes", l.opts.MaxHandshakes)
@@ -486,8 +486,10 @@ func (l *Link) serveConn(h *handshaking) {
 		return
 	}
 	if err != nil {
-		raw.Close()
+		// Counted before the close, here and below: a client that sees
+		// its connection closed then finds the refusal in the metrics.
 		l.stats.handshakeFailed.Add(1)
+		raw.Close()
 		l.opts.Logger.Debug("peerlink: refused connection", "remote", raw.RemoteAddr().String(), "err", err)
 		l.warnHandshake.warn(l.opts.Logger, "peerlink: refusing connections that fail mutual TLS (set debug logging for each)",
 			"last_remote", raw.RemoteAddr().String(), "last_err", err.Error())
@@ -501,16 +503,16 @@ func (l *Link) serveConn(h *handshaking) {
 	// with RequireAnyClientCert), so reading the id is enough here.
 	peer, err := pki.NodeID(tc.ConnectionState().PeerCertificates[0])
 	if err != nil {
-		raw.Close()
 		l.stats.handshakeFailed.Add(1)
+		raw.Close()
 		return
 	}
 	c := newConn(tc, braw, peer, first[0])
 	switch b := first[0]; {
 	case b <= raftFirstByteMax:
 		if l.opts.AllowRaft != nil && !l.opts.AllowRaft(peer, c.certSHA256) {
-			raw.Close()
 			l.stats.raftRefused.Add(1)
+			raw.Close()
 			l.opts.Logger.Debug("peerlink: refused raft from a node that is not a member", "remote", raw.RemoteAddr().String(), "peer", peer)
 			l.warnDrop.warn(l.opts.Logger, "peerlink: refusing raft from a certificate that is not a current member's", "peer", peer)
 			return
@@ -519,8 +521,8 @@ func (l *Link) serveConn(h *handshaking) {
 	case 'A' <= b && b <= 'Z':
 		l.route(l.http, c, &l.stats.http)
 	default:
-		raw.Close()
 		l.stats.badFirstByte.Add(1)
+		raw.Close()
 		l.opts.Logger.Debug("peerlink: refused connection with an unknown first byte", "remote", raw.RemoteAddr().String(),
 			"peer", peer, "first_byte", b)
 		l.warnDrop.warn(l.opts.Logger, "peerlink: peer sent neither raft nor HTTP", "peer", peer, "first_byte", b)
