@@ -396,15 +396,25 @@ func (p *Pool) volumePath(dir int, name string) string {
 }
 
 // imageSlashInFile stands for the slash of an image LU's name (IMAGE/N) in
-// its file names: IMAGE@N.lu. No LU name holds '@', so the mapping is one
-// to one. Part of the on-disk format.
-const imageSlashInFile = "@"
+// its file names: IMAGE@N.lu. snapshotAtInFile stands for the @ of a
+// snapshot's name (LU@SNAP, rules.SplitSnapshotLU) in its file names:
+// LU+SNAP.lu, so that snapshot S of LU L never shares a file with disk S
+// of an image L. No LU name holds '+', and only snapshot names hold '@', so
+// the mapping is one to one. Part of the on-disk format.
+const (
+	imageSlashInFile = "@"
+	snapshotAtInFile = "+"
+)
 
 // fileNameOf returns the file name stem of volume name.
-func fileNameOf(name string) string { return strings.ReplaceAll(name, "/", imageSlashInFile) }
+func fileNameOf(name string) string {
+	return strings.ReplaceAll(strings.ReplaceAll(name, "@", snapshotAtInFile), "/", imageSlashInFile)
+}
 
 // nameOfFile is fileNameOf's inverse.
-func nameOfFile(stem string) string { return strings.ReplaceAll(stem, imageSlashInFile, "/") }
+func nameOfFile(stem string) string {
+	return strings.ReplaceAll(strings.ReplaceAll(stem, imageSlashInFile, "/"), snapshotAtInFile, "@")
+}
 
 func (p *Pool) statfsAll() ([]lufs.Statfs, error) {
 	out := make([]lufs.Statfs, len(p.dirs))
@@ -585,7 +595,7 @@ func (p *Pool) Delete(name string) error {
 	delete(p.mu.vols, name)
 	p.mu.Unlock()
 	err := e.vol.Close()
-	if o, ok := e.vol.(*Overlay); ok {
+	if o := overlayOf(e.vol); o != nil {
 		err = errors.Join(err, p.removeOverlayFiles(o, e.dir))
 	} else if fv, ok := e.vol.(*FileVolume); ok {
 		if rerr := p.opts.FS.Remove(fv.path); rerr != nil {

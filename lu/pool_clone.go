@@ -101,7 +101,7 @@ func (p *Pool) mapPath(dir int, name string) string {
 func (p *Pool) clonesOfLocked(vol Volume) []string {
 	var out []string
 	for n, e := range p.mu.vols {
-		if o, ok := e.vol.(*Overlay); ok {
+		if o := overlayOf(e.vol); o != nil {
 			o.mu.RLock()
 			base := o.mu.base
 			o.mu.RUnlock()
