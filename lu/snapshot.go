@@ -19,9 +19,8 @@ import (
 // FileVolume forwards every call to the overlay from then on), so whoever
 // holds it (a replication Mirror, the front end) keeps using the same
 // value. Pool.Rollback points L back at one of its snapshots; later
-// snapshots stay. Pool.DeleteSnapshot merges a snapshot into the one layer
-// that reads it (L) and deletes it; one that a later snapshot reads is
-// refused (delete the later one first).
+// snapshots stay. Pool.DeleteSnapshot merges a snapshot into the layers
+// that read it (L, a later snapshot) and deletes it.
 //
 // The caller drains and holds the volume's writes while Snapshot and
 // Rollback run (replication's Mirror does, at a flush point).
@@ -210,40 +209,44 @@ func (p *Pool) Rollback(ctx context.Context, name, snapName string) error {
 	return nil
 }
 
-// DeleteSnapshot merges snapshot snapName into the volume that reads it
-// (name, when snapName is its base; a snapshot nobody reads is just
-// deleted) and deletes it. A snapshot that another snapshot or a clone
-// reads is refused with ErrSnapshotInUse.
+// DeleteSnapshot merges snapshot snapName into every layer that reads it
+// (the volume name, a later snapshot of it; each keeps reading what it
+// read, a later snapshot stays frozen) and deletes it, while writes to
+// name go on. A snapshot that a linked clone reads is refused with
+// ErrSnapshotInUse.
 func (p *Pool) DeleteSnapshot(ctx context.Context, name, snapName string) error {
 	if lu, _, ok := rules.SplitSnapshotLU(snapName); !ok || lu != name {
 		return fmt.Errorf("%w: %q of %q", ErrNotSnapshot, snapName, name)
 	}
 	p.mu.Lock()
 	s, ok := p.mu.vols[snapName]
-	e, okLU := p.mu.vols[name]
-	var readers []string
+	var readers []*Overlay
+	var names []string
 	if ok {
-		readers = p.clonesOfLocked(s.vol)
+		names = p.clonesOfLocked(s.vol)
+		for _, r := range names {
+			readers = append(readers, overlayOf(p.mu.vols[r].vol))
+		}
 	}
 	p.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("%w: %q", ErrNotFound, snapName)
 	}
-	for _, r := range readers {
-		if r != name {
-			return fmt.Errorf("%w: %q is read by %s; delete that first", ErrSnapshotInUse, snapName, strings.Join(readers, ", "))
+	for _, r := range names {
+		if of, _, isSnap := rules.SplitSnapshotLU(r); r != name && (!isSnap || of != name) {
+			return fmt.Errorf("%w: %q is read by %s; delete or flatten that first", ErrSnapshotInUse, snapName, r)
 		}
 	}
-	if len(readers) == 1 && okLU {
-		o := overlayOf(e.vol)
+	_, layered := s.vol.(*Overlay)
+	for i, o := range readers {
 		var err error
-		if _, layered := s.vol.(*Overlay); layered {
+		if layered {
 			err = o.MergeBase(ctx)
 		} else {
 			err = o.Flatten(ctx) // a plain snapshot is the bottom of the chain
 		}
 		if err != nil {
-			return fmt.Errorf("lu: merge snapshot %q into %q: %w", snapName, name, err)
+			return fmt.Errorf("lu: merge snapshot %q into %q: %w", snapName, names[i], err)
 		}
 	}
 	return p.Delete(snapName)

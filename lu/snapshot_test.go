@@ -114,13 +114,23 @@ func TestPoolSnapshots(t *testing.T) {
 	if err := get("vm@s1").WriteAt(ctx, make([]byte, 4096), 0, 0); err == nil && overlayOf(get("vm@s1")) != nil {
 		t.Fatal("a frozen snapshot layer took a write")
 	}
-	if err := p.DeleteSnapshot(ctx, "vm", "vm@s1"); !errors.Is(err, ErrSnapshotInUse) {
-		t.Fatalf("delete s1 while s2 reads it: %v, want ErrSnapshotInUse", err)
-	}
-	if err := p.DeleteSnapshot(ctx, "vm", "vm@s2"); err != nil {
+	if _, err := p.CreateClone("c", "vm@s2", 0); err != nil {
 		t.Fatal(err)
 	}
+	if err := p.DeleteSnapshot(ctx, "vm", "vm@s2"); !errors.Is(err, ErrSnapshotInUse) {
+		t.Fatalf("delete s2 while a clone reads it: %v, want ErrSnapshotInUse", err)
+	}
+	if err := p.Delete("c"); err != nil {
+		t.Fatal(err)
+	}
+	// s1 is read by the LU (rolled back to it) and by s2: both merge it.
 	if err := p.DeleteSnapshot(ctx, "vm", "vm@s1"); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, get("vm@s2")), atS2) || !bytes.Equal(readAll(t, v), atClose) {
+		t.Fatal("merging s1 away changed what s2 or the LU read")
+	}
+	if err := p.DeleteSnapshot(ctx, "vm", "vm@s2"); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(readAll(t, v), atClose) {

@@ -386,6 +386,8 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 			break
 		}
 		out, err = m.logReply(tgt.name)
+	case replproto.TypeSnapshot, replproto.TypeRollback:
+		err = m.applyMarker(ctx, tgt, h.Type, data) // snapshot.go
 	default:
 		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
 	}
