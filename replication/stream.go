@@ -138,8 +138,8 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 			return
 		}
 		var data []byte
-		if h.Type == replproto.TypeWrite {
-			data = m.bufs.get(int(h.Length))
+		if h.PayloadLen > 0 { // a Write's data (PayloadLen == Length), a snapshot marker's name
+			data = m.bufs.get(int(h.PayloadLen))
 			if _, err := io.ReadFull(br, data); err != nil {
 				m.bufs.put(data)
 				return
