@@ -104,7 +104,9 @@ func TestSnapshotMarkerFreezesEveryCopyAtOnePoint(t *testing.T) {
 	if err := a.m.Rollback(ctx, "x", "x@s1"); err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []interface{ ReadAt(context.Context, []byte, int64) error }{va, vb} {
+	for _, v := range []interface {
+		ReadAt(context.Context, []byte, int64) error
+	}{va, vb} {
 		got := make([]byte, size)
 		if err := v.ReadAt(ctx, got, 0); err != nil {
 			t.Fatal(err)
