@@ -155,6 +155,18 @@ type PoolStatus struct {
 type poolEntry struct {
 	vol Volume // immutable
 	dir int    // immutable; index in Dirs, or -1 for a memory volume
+	// snapshot marks a snapshot (LU@SNAP, snapshot.go): read-only, so it
+	// provisions only what it holds, not its size.
+	snapshot bool // immutable
+}
+
+// provisionedBytes is what the volume counts against the overcommit
+// limit: its size, or for a snapshot, which never grows, its allocation.
+func (e poolEntry) provisionedBytes() int64 {
+	if e.snapshot {
+		return e.vol.AllocatedBytes()
+	}
+	return e.vol.Size()
 }
 
 // Pool is one node's storage: data directories and the volumes in them. It
@@ -251,7 +263,7 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 		if err != nil {
 			return nil, fmt.Errorf("lu: pool: reopen volume %q: %w", name, err)
 		}
-		p.mu.vols[name] = poolEntry{vol: v, dir: i}
+		p.mu.vols[name] = poolEntry{vol: v, dir: i, snapshot: isSnapshotName(name)}
 	}
 	return clones, nil
 }
@@ -439,7 +451,7 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 	var provisioned int64
 	for _, e := range p.mu.vols {
 		if e.dir >= 0 {
-			provisioned += e.vol.Size()
+			provisioned += e.provisionedBytes()
 		}
 	}
 	now := time.Now()
@@ -637,7 +649,7 @@ func (p *Pool) Status() PoolStatus {
 		}
 		ds := &st.Dirs[e.dir]
 		ds.AllocatedBytes += e.vol.AllocatedBytes()
-		ds.ProvisionedBytes += e.vol.Size()
+		ds.ProvisionedBytes += e.provisionedBytes()
 		ds.Volumes++
 	}
 	for i := range st.Dirs {

@@ -194,7 +194,7 @@ func (p *Pool) openClones(pending []pendingClone) error {
 				_ = data.Close()
 				return fmt.Errorf("lu: pool: reopen clone %q: %w", c.name, err)
 			}
-			p.mu.vols[c.name] = poolEntry{vol: o, dir: c.dir}
+			p.mu.vols[c.name] = poolEntry{vol: o, dir: c.dir, snapshot: isSnapshotName(c.name)}
 		}
 		if len(next) == len(pending) {
 			names := make([]string, len(next))

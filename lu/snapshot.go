@@ -39,6 +39,12 @@ var (
 	ErrSnapshotInUse = errors.New("lu: snapshot is read by another layer")
 )
 
+// isSnapshotName reports whether a volume's name is a snapshot's, LU@SNAP.
+func isSnapshotName(name string) bool {
+	_, _, ok := rules.SplitSnapshotLU(name)
+	return ok
+}
+
 // overlayOf returns the overlay a volume is: an *Overlay, or a FileVolume
 // that a snapshot made an overlay; nil for a plain volume.
 func overlayOf(v Volume) *Overlay {
@@ -90,7 +96,7 @@ func (p *Pool) Snapshot(ctx context.Context, name, snap string) (Volume, error) 
 	if err != nil {
 		return nil, err
 	}
-	p.mu.vols[snapName] = poolEntry{vol: frozen, dir: e.dir}
+	p.mu.vols[snapName] = poolEntry{vol: frozen, dir: e.dir, snapshot: true}
 	p.opts.Logger.Info("lu: snapshot taken", "volume", name, "snapshot", snapName)
 	return frozen, nil
 }

@@ -68,6 +68,15 @@ func TestPoolSnapshots(t *testing.T) {
 	if a := s1.AllocatedBytes(); a < 128<<10 || a > 192<<10 {
 		t.Fatalf("s1 allocates %d bytes, holding 128 KiB", a)
 	}
+	// The pool counts each block once, and a snapshot provisions what it
+	// holds, not its size.
+	st := p.Status()
+	if want := v.AllocatedBytes() + s1.AllocatedBytes(); st.AllocatedBytes != want {
+		t.Fatalf("pool allocates %d bytes, LU and snapshot %d", st.AllocatedBytes, want)
+	}
+	if want := size + s1.AllocatedBytes(); st.ProvisionedBytes != want {
+		t.Fatalf("pool provisions %d bytes, want the LU's size plus the snapshot's %d allocated: %d", st.ProvisionedBytes, s1.AllocatedBytes(), want)
+	}
 	s2, err := p.Snapshot(ctx, "vm", "s2")
 	if err != nil {
 		t.Fatal(err)
