@@ -26,11 +26,11 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 	n1.start()
 	n2 := newJoiner(t, "n2", n1)
 	n2.start()
-	n1.mustCLI("lu", "create", "v", "--size", "32M", "--copies", "2")
-	fio(t, "--name=fill", "--uri="+n1.uri("v"), "--rw=write", "--bs=1M", "--size=32M", "--iodepth=4")
+	n1.mustCLI("lu", "create", "v", "--size", "16M", "--copies", "2")
+	fio(t, "--name=fill", "--uri="+n1.uri("v"), "--rw=write", "--bs=1M", "--size=16M", "--iodepth=4")
 
 	load := startFio(t, "--name=load", "--uri="+n1.uri("v"), "--rw=randwrite", "--bs=4k", "--iodepth=8",
-		"--size=32M", "--time_based", "--runtime=4", "--randrepeat=0")
+		"--size=16M", "--time_based", "--runtime=3", "--randrepeat=0")
 	time.Sleep(time.Second)
 	started := time.Now()
 	var snap luDetail
@@ -54,7 +54,7 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 		t.Fatal("the snapshot changed while the LU was written")
 	}
 	if got := fileSHA(t, nbdRead(t, n1.uri("v"))); got == want {
-		t.Fatal("the LU reads the snapshot's content after 3 s of writes: the load did not reach it")
+		t.Fatal("the LU reads the snapshot's content after 2 s of writes: the load did not reach it")
 	}
 	for _, name := range []string{"v", "v@s1"} {
 		if v, code := n1.verify(name); code != 0 || !v.Equal || len(v.Copies) != 2 {
@@ -80,7 +80,7 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 		{[]string{"lu", "rollback", "v", "nope"}, "no snapshot nope"},
 		{[]string{"snapshot", "delete", "v", "nope"}, "no snapshot nope"},
 		{[]string{"lu", "delete", "v"}, "delete them first"},
-		{[]string{"lu", "resize", "v", "--size", "64M"}, "delete them first"},
+		{[]string{"lu", "resize", "v", "--size", "32M"}, "delete them first"},
 	} {
 		if _, errOut, code := n2.cli(bad.args...); code == 0 || !strings.Contains(errOut, bad.says) {
 			t.Errorf("lupool %s: exit %d %q; want a failure saying %q", strings.Join(bad.args, " "), code, errOut, bad.says)
@@ -121,6 +121,12 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 
 	// Delete: merged away on both nodes, the LU's content unchanged.
 	fio(t, "--name=after", "--uri="+n1.uri("v"), "--rw=randwrite", "--bs=4k", "--size=4M", "--offset=8M")
+	var shown struct {
+		AllocatedBytes int64 `json:"allocated_bytes"`
+	}
+	if err := json.Unmarshal([]byte(n1.mustCLI("lu", "show", "v@s1", "-o", "json")), &shown); err != nil || shown.AllocatedBytes < 16<<20 {
+		t.Fatalf("lu show v@s1: %v, %d bytes allocated; the snapshot holds the 16 MiB written before it", err, shown.AllocatedBytes)
+	}
 	before := fileSHA(t, nbdRead(t, n1.uri("v")))
 	n2.mustCLI("snapshot", "delete", "v", "s1")
 	for _, d := range []*daemon{n1, n2} {
