@@ -240,6 +240,13 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lu: pool: list data directory: %w", err)
 	}
+	if changed, err := p.recoverIntents(i, names); err != nil {
+		return nil, err
+	} else if changed {
+		if names, err = fs.ReadDir(dir); err != nil {
+			return nil, fmt.Errorf("lu: pool: list data directory: %w", err)
+		}
+	}
 	present := make(map[string]bool, len(names))
 	for _, file := range names {
 		present[file] = true

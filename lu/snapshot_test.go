@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"slices"
 	"testing"
 
 	"github.com/lupool/lupool/lu/lufs"
@@ -156,5 +159,115 @@ func TestPoolSnapshots(t *testing.T) {
 		if bytes.Contains([]byte(f), []byte("+")) {
 			t.Fatalf("snapshot file %s left behind", f)
 		}
+	}
+}
+
+// TestPoolSnapshotInterrupted: a snapshot that fails at each of its steps
+// (the new layer's data file, its map, a rename) changes nothing: the LU
+// reads what it read, no snapshot volume is left, and a later snapshot
+// works; one that stopped half way on disk (a crash: intent file, renamed
+// files, no new map) is undone when the pool opens again.
+func TestPoolSnapshotInterrupted(t *testing.T) {
+	ctx := context.Background()
+	mem := lufs.NewMemFS(lufs.MemFSOptions{})
+	ffs := lufs.NewFaultFS(mem)
+	opts := PoolOptions{Dirs: []string{"/d0"}, FS: ffs}
+	p, err := OpenPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := p.Create("vm", 1<<20, KindFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(ctx, bytes.Repeat([]byte("plain..."), 8192), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := readAll(t, v)
+	failOn := func(op lufs.Op, path string) {
+		ffs.SetInjector(func(e lufs.Event) error {
+			if e.Op == op && e.Path == path {
+				return lufs.Errno(errors.New("injected"))
+			}
+			return nil
+		})
+	}
+	for round, layered := range []bool{false, true} {
+		for _, step := range []struct {
+			op   lufs.Op
+			path string
+		}{
+			{lufs.OpOpen, "/d0/vm.lu"},        // the new layer's data file
+			{lufs.OpOpen, "/d0/vm.lumap.1"},   // its map
+			{lufs.OpRename, "/d0/vm.lumap.1"}, // the old map's second slot (layered only)
+			{lufs.OpOpen, "/d0/vm.snapshot-intent"},
+		} {
+			failOn(step.op, step.path)
+			_, err := p.Snapshot(ctx, "vm", "bad")
+			ffs.SetInjector(nil)
+			if err == nil {
+				if step.op == lufs.OpRename && !layered {
+					if err := p.DeleteSnapshot(ctx, "vm", "vm@bad"); err != nil { // no map to rename: it worked
+						t.Fatal(err)
+					}
+					continue
+				}
+				t.Fatalf("round %d: snapshot with %v of %s failing succeeded", round, step.op, step.path)
+			}
+			if _, ok := p.Get("vm@bad"); ok {
+				t.Fatalf("round %d: a failed snapshot left vm@bad", round)
+			}
+			if !bytes.Equal(readAll(t, v), want) {
+				t.Fatalf("round %d: a snapshot failing at %v %s changed the LU", round, step.op, step.path)
+			}
+		}
+		if _, err := p.Snapshot(ctx, "vm", fmt.Sprint("ok", round)); err != nil {
+			t.Fatalf("round %d: snapshot after the failures: %v", round, err)
+		}
+		if !bytes.Equal(readAll(t, v), want) {
+			t.Fatal("the LU changed with a snapshot")
+		}
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A crash after the renames, before the new map: put the disk in that
+	// state by hand.
+	for _, r := range [][2]string{{"/d0/vm.lu", "/d0/vm+crash.lu"}, {"/d0/vm.lumap.0", "/d0/vm+crash.lumap.0"}, {"/d0/vm.lumap.1", "/d0/vm+crash.lumap.1"}} {
+		if err := mem.Rename(r[0], r[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f, err := mem.OpenFile("/d0/vm.lu", os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600) // the empty new data file
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	f, err = mem.OpenFile("/d0/vm.snapshot-intent", os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("vm@crash"), 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	p, err = OpenPool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	v, ok := p.Get("vm")
+	if !ok {
+		t.Fatal("vm missing after the interrupted snapshot was undone")
+	}
+	if _, ok := p.Get("vm@crash"); ok {
+		t.Fatal("the interrupted snapshot is still there")
+	}
+	if !bytes.Equal(readAll(t, v), want) {
+		t.Fatal("undoing the interrupted snapshot changed the LU")
+	}
+	if names, _ := mem.ReadDir("/d0"); slices.Contains(names, "vm.snapshot-intent") {
+		t.Fatal("the intent file stayed")
 	}
 }
