@@ -335,6 +335,8 @@ func (p *Pool) settleIntentLocked(dir int, name, snapName string) error {
 		// back to name's, replacing what was made for the new layer.
 		from := []string{p.volumePath(dir, snapName), slotPath(p.mapPath(dir, snapName), 0), slotPath(p.mapPath(dir, snapName), 1)}
 		to := []string{p.volumePath(dir, name), slotPath(mapPath, 0), slotPath(mapPath, 1)}
+		// Nothing renamed yet (no L+S data file): no new map was made
+		// either (never before the renames), so nothing to undo.
 		if exists(from[0]) {
 			for i := range from {
 				if !exists(from[i]) {
@@ -349,9 +351,6 @@ func (p *Pool) settleIntentLocked(dir int, name, snapName string) error {
 					return ioError("rename", from[i], err)
 				}
 			}
-		} else {
-			// Nothing was renamed: only a new map could have been made
-			// (never before the renames), so there is nothing to undo.
 		}
 		p.opts.Logger.Warn("lu: an interrupted snapshot was undone", "volume", name, "snapshot", snapName)
 	}
