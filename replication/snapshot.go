@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/internal/rules"
@@ -47,14 +48,17 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) ([]string, er
 		return nil, err
 	}
 	snapName := rules.SnapshotLUName(name, snap)
+	began := time.Now()
 	mi, err := m.quiesceForMarker(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	defer mi.gate.Unlock()
+	flushed := time.Now()
 	if _, err := m.opts.Pool.Snapshot(ctx, name, snap); err != nil {
 		return nil, fmt.Errorf("snapshot the writer's volume of %s: %w", name, err)
 	}
+	frozen := time.Now()
 	froze := []string{m.opts.NodeID}
 	for node, err := range mi.sendMarker(replproto.TypeSnapshot, snapName) {
 		if err != nil {
@@ -63,7 +67,8 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) ([]string, er
 		}
 		froze = append(froze, node)
 	}
-	m.opts.Logger.Info("snapshot taken at a flush point", "lu", name, "snapshot", snapName, "copies", froze)
+	m.opts.Logger.Info("snapshot taken at a flush point", "lu", name, "snapshot", snapName, "copies", froze,
+		"drain_flush", flushed.Sub(began), "freeze_here", frozen.Sub(flushed), "freeze_copies", time.Since(frozen))
 	return froze, nil
 }
 
