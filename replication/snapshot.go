@@ -48,8 +48,7 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) ([]string, er
 		return nil, err
 	}
 	snapName := rules.SnapshotLUName(name, snap)
-	began := time.Now()
-	mi, err := m.quiesceForMarker(ctx, name)
+	mi, began, err := m.quiesceForMarker(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +67,7 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) ([]string, er
 		froze = append(froze, node)
 	}
 	m.opts.Logger.Info("snapshot taken at a flush point", "lu", name, "snapshot", snapName, "copies", froze,
-		"drain_flush", flushed.Sub(began), "freeze_here", frozen.Sub(flushed), "freeze_copies", time.Since(frozen))
+		"writes_held", time.Since(began), "drain_flush", flushed.Sub(began), "freeze_here", frozen.Sub(flushed), "freeze_copies", time.Since(frozen))
 	return froze, nil
 }
 
@@ -78,7 +77,7 @@ func (m *Manager) Rollback(ctx context.Context, name, snapName string) error {
 	if of, _, ok := rules.SplitSnapshotLU(snapName); !ok || of != name {
 		return fmt.Errorf("%q is not a snapshot of %s (LU@SNAP)", snapName, name)
 	}
-	mi, err := m.quiesceForMarker(ctx, name)
+	mi, _, err := m.quiesceForMarker(ctx, name)
 	if err != nil {
 		return err
 	}
@@ -108,13 +107,22 @@ func (m *Manager) Rollback(ctx context.Context, name, snapName string) error {
 
 // quiesceForMarker returns the LU's Mirror with its gate held exclusively
 // (no operation in flight, none starting), every copy in sync, and the
-// volume and every copy flushed. The caller unlocks mi.gate.
-func (m *Manager) quiesceForMarker(ctx context.Context, name string) (*Mirror, error) {
+// volume and every copy flushed, and when it began to hold writes. The
+// caller unlocks mi.gate.
+func (m *Manager) quiesceForMarker(ctx context.Context, name string) (*Mirror, time.Time, error) {
 	mi, ok := m.writerMirror(name)
 	if !ok {
-		return nil, fmt.Errorf("%w: %s (ask its writer node)", ErrNotWriter, name)
+		return nil, time.Time{}, fmt.Errorf("%w: %s (ask its writer node)", ErrNotWriter, name)
 	}
+	// A first flush while writes go on writes back most of what the page
+	// cache holds, so the one under the gate, which writes wait for, is
+	// short.
+	if err := mi.Flush(ctx); err != nil {
+		return nil, time.Time{}, fmt.Errorf("flush %s before the snapshot: %w", name, err)
+	}
+	held := time.Now()
 	mi.gate.Lock()
+	m.opts.Logger.Debug("snapshot: writes drained", "lu", name, "drain", time.Since(held))
 	ok = false
 	defer func() {
 		if !ok {
@@ -122,19 +130,19 @@ func (m *Manager) quiesceForMarker(ctx context.Context, name string) (*Mirror, e
 		}
 	}()
 	if mi.handedOver.Load() || mi.fenced() {
-		return nil, fmt.Errorf("%w: %s moved to another writer meanwhile", ErrNotWriter, name)
+		return nil, time.Time{}, fmt.Errorf("%w: %s moved to another writer meanwhile", ErrNotWriter, name)
 	}
 	for _, l := range mi.linkSet() {
 		if st := copyState(l.state.Load()); st != stInSync || l.conn.Load() == nil {
-			return nil, fmt.Errorf("%w: the copy of %s on %s is %s; wait until it is in sync (lupool lu show %s) and try again",
+			return nil, time.Time{}, fmt.Errorf("%w: the copy of %s on %s is %s; wait until it is in sync (lupool lu show %s) and try again",
 				ErrCopyNotInSync, name, l.node, st.replicaState(), name)
 		}
 	}
 	if err := mi.apply(ctx, replproto.Header{Type: replproto.TypeFlush}, nil, 0, 0, 0); err != nil {
-		return nil, fmt.Errorf("flush %s before the snapshot: %w", name, err)
+		return nil, time.Time{}, fmt.Errorf("flush %s before the snapshot: %w", name, err)
 	}
 	ok = true
-	return mi, nil
+	return mi, held, nil
 }
 
 // sendMarker sends a Snapshot or Rollback marker naming snapName to every
