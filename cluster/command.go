@@ -193,6 +193,10 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Sub == nil {
 			return nil, fmt.Errorf("%w: %s without a subscriber", ErrInvalid, c.Type)
 		}
+	case cmdSnapshotLU:
+		if c.LU == nil {
+			return nil, fmt.Errorf("%w: %s without the snapshot's record", ErrInvalid, c.Type)
+		}
 	case cmdCreateImage, cmdImageReady:
 		if c.Image == nil {
 			return nil, fmt.Errorf("%w: %s without an image", ErrInvalid, c.Type)

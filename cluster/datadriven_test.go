@@ -79,6 +79,9 @@ func TestFSMDataDriven(t *testing.T) {
 					if lu.Base != "" {
 						fmt.Fprintf(&b, " base=%s", lu.Base)
 					}
+					if lu.SnapshotOf != "" {
+						fmt.Fprintf(&b, " snapshot_of=%s read_only=%v", lu.SnapshotOf, lu.ReadOnly)
+					}
 					b.WriteString("\n")
 				}
 				return b.String()

@@ -471,6 +471,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 			return applyResult{err: fmt.Errorf("%w: %q is a disk of image %q; delete the image (lupool image delete %s)",
 				ErrInvalid, lu.Name, lu.Image, lu.Image)}
 		}
+		if err := f.checkNoSnapshots(lu.Name, "delete"); err != nil {
+			return applyResult{err: err}
+		}
 		if err := b.Delete([]byte(luPrefix+lu.Name), nil); err != nil {
 			return applyResult{err: err}
 		}
@@ -492,6 +495,8 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		return f.applyDeleteImage(b, c, l.Index)
 	case cmdFlattenLU:
 		return f.applyFlatten(b, c, l.Index)
+	case cmdSnapshotLU:
+		return f.applySnapshot(b, c, l.Index)
 	case cmdMove:
 		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:

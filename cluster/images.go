@@ -83,8 +83,8 @@ func validateImageFields(lu *LU) error {
 		return fmt.Errorf("%w: LU name %q is an image disk's; only image import creates it", ErrInvalid, lu.Name)
 	case !isDisk && lu.Image != "":
 		return fmt.Errorf("%w: LU %q of image %q must be named %s/N", ErrInvalid, lu.Name, lu.Image, lu.Image)
-	case lu.ReadOnly && lu.Image == "":
-		return fmt.Errorf("%w: only an image's disks are read-only", ErrInvalid)
+	case lu.ReadOnly && lu.Image == "" && lu.SnapshotOf == "":
+		return fmt.Errorf("%w: only an image's disks and snapshots are read-only", ErrInvalid)
 	}
 	if lu.Base != "" {
 		if _, _, ok := rules.SplitImageLU(lu.Base); !ok {
@@ -130,6 +130,9 @@ func listImages(r reader) ([]Image, error) {
 // every copy of the clone sits on a node holding a copy of the base, and
 // the clone is at least as large.
 func (f *fsm) checkPlainCreate(lu LU) error {
+	if lu.SnapshotOf != "" {
+		return fmt.Errorf("%w: LU %q: snapshots are created by lu snapshot only", ErrInvalid, lu.Name)
+	}
 	if lu.Image != "" || lu.ReadOnly {
 		return fmt.Errorf("%w: LU %q: image disks are created by image import only", ErrInvalid, lu.Name)
 	}
@@ -184,8 +187,14 @@ func replicaStateOn(lu LU, node string) string {
 // checkResize refuses resizing an image disk, and shrinking a clone
 // below its base.
 func (f *fsm) checkResize(lu LU, sizeBytes int64) error {
+	if lu.SnapshotOf != "" {
+		return fmt.Errorf("%w: %q is a snapshot and is never resized", ErrInvalid, lu.Name)
+	}
 	if lu.ReadOnly || lu.Image != "" {
 		return fmt.Errorf("%w: %q is a disk of image %q and is never resized", ErrInvalid, lu.Name, lu.Image)
+	}
+	if err := f.checkNoSnapshots(lu.Name, "resize"); err != nil {
+		return err
 	}
 	if lu.Base == "" || sizeBytes >= lu.SizeBytes {
 		return nil

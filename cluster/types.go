@@ -128,6 +128,9 @@ type LU struct {
 	// flattened). Every copy of a clone sits on a node holding a copy of
 	// its base.
 	Base string `json:"base,omitempty"`
+	// SnapshotOf is the LU this one is a snapshot of (the LU is then
+	// read-only and named SnapshotOf@SNAP; snapshots.go).
+	SnapshotOf string `json:"snapshot_of,omitempty"`
 }
 
 // QoS are an LU's client I/O limits, per node that serves it (the writer
@@ -287,6 +290,9 @@ func validateLU(lu *LU) error {
 		return err
 	}
 	if err := validateImageFields(lu); err != nil {
+		return err
+	}
+	if err := validateSnapshotFields(lu); err != nil {
 		return err
 	}
 	if lu.Kind != KindFile && lu.Kind != KindMemory {

@@ -165,6 +165,10 @@ type Options struct {
 	// Images is the image table (images.go); optional (without it the
 	// image calls answer ErrUnavailable).
 	Images ImageMetadata
+	// SnapshotRecords and Snapshots take LU snapshots (snapshots.go);
+	// optional (without them the snapshot calls answer ErrUnavailable).
+	SnapshotRecords SnapshotMetadata
+	Snapshots       SnapshotTaker
 }
 
 // EnsureDefaults fills the zero fields that have defaults.

@@ -54,6 +54,7 @@ func (p *Plane) toAPI(rec cluster.LU) api.LU {
 		Image:       rec.Image,
 		ReadOnly:    rec.ReadOnly,
 		Base:        rec.Base,
+		SnapshotOf:  rec.SnapshotOf,
 	}
 	// Every node exports every LU: these are this node's clients.
 	out.Connections = p.opts.Connections.Connections(rec.Name)

@@ -39,6 +39,12 @@ type FileVolume struct {
 	path string    // immutable
 	f    lufs.File // immutable; closed by Close
 
+	// over is set once, when the volume's first snapshot froze its file
+	// (Pool.Snapshot): from then on the volume is an Overlay over that
+	// snapshot, and every call goes to it. The file f is the snapshot's
+	// now (renamed), no longer written through v.
+	over atomic.Pointer[Overlay]
+
 	// size mirrors the file size for lock-free Size calls. It changes only
 	// with mu held for writing.
 	size atomic.Int64
@@ -129,11 +135,19 @@ func (v *FileVolume) Path() string { return v.path }
 func (v *FileVolume) Kind() Kind { return KindFile }
 
 // Size implements blockdev.Device.
-func (v *FileVolume) Size() int64 { return v.size.Load() }
+func (v *FileVolume) Size() int64 {
+	if o := v.over.Load(); o != nil {
+		return o.Size()
+	}
+	return v.size.Load()
+}
 
 // Caps implements blockdev.Device. A Flush (fdatasync) covers writes made
 // through any handle to the file, so the volume is multi-conn safe.
 func (v *FileVolume) Caps() blockdev.Caps {
+	if o := v.over.Load(); o != nil {
+		return o.Caps()
+	}
 	return blockdev.Caps{MultiConn: true, BlockSizeBytes: BlockSizeBytes}
 }
 
@@ -150,6 +164,9 @@ func (v *FileVolume) beginLocked(ctx context.Context, off, length int64) error {
 
 // ReadAt implements blockdev.Device; holes read as zeros.
 func (v *FileVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if o := v.over.Load(); o != nil {
+		return o.ReadAt(ctx, p, off)
+	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	if err := v.beginLocked(ctx, off, int64(len(p))); err != nil {
@@ -170,6 +187,9 @@ func (v *FileVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // when some of the data is not in the page cache, or when the file system
 // cannot read without waiting.
 func (v *FileVolume) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if o := v.over.Load(); o != nil {
+		return o.TryReadAt(ctx, p, off)
+	}
 	nw, ok := v.f.(lufs.NoWaitReader)
 	if !ok {
 		return false, nil
@@ -198,12 +218,22 @@ func (v *FileVolume) TryReadAt(ctx context.Context, p []byte, off int64) (bool, 
 // the kernel throttles dirty pages, as every writer of the file system
 // does then. Reads and flushes may wait for the disk: the volume is a
 // blockdev.TryReader, on which the NBD engine tries reads and runs
-// flushes, FUA writes and partial blocks on other goroutines.
-func (v *FileVolume) InlineIO() bool { return true }
+// flushes, FUA writes and partial blocks on other goroutines. Once a
+// snapshot made the volume an overlay (copy on write of partial blocks)
+// it reports false.
+func (v *FileVolume) InlineIO() bool {
+	if o := v.over.Load(); o != nil {
+		return false
+	}
+	return true
+}
 
 // WriteAt implements blockdev.Device. FUA makes the write durable before it
 // returns.
 func (v *FileVolume) WriteAt(ctx context.Context, p []byte, off int64, flags blockdev.Flags) error {
+	if o := v.over.Load(); o != nil {
+		return o.WriteAt(ctx, p, off, flags)
+	}
 	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
 		return err
 	}
@@ -244,6 +274,9 @@ func (v *FileVolume) writeChunked(p []byte, off int64) error {
 
 // Flush implements blockdev.Device with fdatasync.
 func (v *FileVolume) Flush(ctx context.Context) error {
+	if o := v.over.Load(); o != nil {
+		return o.Flush(ctx)
+	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	if err := v.beginLocked(ctx, 0, 0); err != nil {
@@ -256,6 +289,9 @@ func (v *FileVolume) Flush(ctx context.Context) error {
 // range and leaves partial blocks alone. A file system without hole
 // punching makes it a successful no-op (the data simply stays).
 func (v *FileVolume) Trim(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if o := v.over.Load(); o != nil {
+		return o.Trim(ctx, off, length, flags)
+	}
 	if err := blockdev.CheckFlags(flags, blockdev.FUA); err != nil {
 		return err
 	}
@@ -290,6 +326,9 @@ func (v *FileVolume) syncIf(flags blockdev.Flags) error {
 // (FALLOC_FL_ZERO_RANGE). Where the file system can do neither it writes
 // zero buffers, unless FastZero asks for ErrNotSupported instead.
 func (v *FileVolume) WriteZeroes(ctx context.Context, off, length int64, flags blockdev.Flags) error {
+	if o := v.over.Load(); o != nil {
+		return o.WriteZeroes(ctx, off, length, flags)
+	}
 	if err := blockdev.CheckFlags(flags, blockdev.AllFlags); err != nil {
 		return err
 	}
@@ -338,6 +377,9 @@ func (v *FileVolume) writeZeroBuffers(off, length int64) error {
 // Extents implements blockdev.Extenter from SEEK_DATA and SEEK_HOLE. Holes
 // are reported as ExtentHole|ExtentZero, data as 0.
 func (v *FileVolume) Extents(ctx context.Context, off, length int64, dst []blockdev.Extent) ([]blockdev.Extent, error) {
+	if o := v.over.Load(); o != nil {
+		return o.Extents(ctx, off, length, dst)
+	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	if err := v.beginLocked(ctx, off, length); err != nil {
@@ -381,6 +423,9 @@ func appendExtent(dst []blockdev.Extent, length int64, flags blockdev.ExtentFlag
 // AllocatedBytes implements Volume from st_blocks; 0 if the file cannot be
 // measured or the volume is closed.
 func (v *FileVolume) AllocatedBytes() int64 {
+	if o := v.over.Load(); o != nil {
+		return o.AllocatedBytes()
+	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	if v.mu.closed {
@@ -395,6 +440,9 @@ func (v *FileVolume) AllocatedBytes() int64 {
 
 // Resize implements Volume. It waits for I/O in flight.
 func (v *FileVolume) Resize(sizeBytes int64) error {
+	if o := v.over.Load(); o != nil {
+		return o.Resize(sizeBytes)
+	}
 	if sizeBytes < 0 {
 		return fmt.Errorf("%w: %d bytes", ErrInvalidSize, sizeBytes)
 	}
@@ -424,6 +472,14 @@ func (v *FileVolume) Resize(sizeBytes int64) error {
 // Close implements Volume. It waits for I/O in flight; later calls return
 // blockdev.ErrShutdown. Close does not sync: Flush first for durability.
 func (v *FileVolume) Close() error {
+	if o := v.over.Load(); o != nil {
+		return errors.Join(o.Close(), v.closeFile())
+	}
+	return v.closeFile()
+}
+
+// closeFile closes the volume's own file handle, once.
+func (v *FileVolume) closeFile() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.mu.closed {
@@ -432,3 +488,6 @@ func (v *FileVolume) Close() error {
 	v.mu.closed = true
 	return ioError("close", v.path, v.f.Close())
 }
+
+// overlay returns the overlay a snapshot made of the volume, or nil.
+func (v *FileVolume) overlay() *Overlay { return v.over.Load() }

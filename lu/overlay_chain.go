@@ -297,7 +297,9 @@ func (o *Overlay) pull(ctx context.Context, base Base, run func(ctx context.Cont
 func (o *Overlay) pullChunk(ctx context.Context, base Base, chunk int64, run func(ctx context.Context, first, last int64) error) (bool, error) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
-	if err := o.beginLocked(ctx, 0, 0, true); err != nil {
+	// Not a write: a frozen layer (a snapshot) may merge its base too, as
+	// that leaves what it reads unchanged.
+	if err := o.beginLocked(ctx, 0, 0, false); err != nil {
 		return false, err
 	}
 	if o.mu.base != base {
@@ -328,7 +330,7 @@ func (o *Overlay) pullChunk(ctx context.Context, base Base, chunk int64, run fun
 func (o *Overlay) relink(ctx context.Context, old, next Base, nextName string) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if err := o.beginLocked(ctx, 0, 0, true); err != nil {
+	if err := o.beginLocked(ctx, 0, 0, false); err != nil { // see pullChunk
 		return err
 	}
 	if o.mu.base != old {

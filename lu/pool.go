@@ -155,6 +155,18 @@ type PoolStatus struct {
 type poolEntry struct {
 	vol Volume // immutable
 	dir int    // immutable; index in Dirs, or -1 for a memory volume
+	// snapshot marks a snapshot (LU@SNAP, snapshot.go): read-only, so it
+	// provisions only what it holds, not its size.
+	snapshot bool // immutable
+}
+
+// provisionedBytes is what the volume counts against the overcommit
+// limit: its size, or for a snapshot, which never grows, its allocation.
+func (e poolEntry) provisionedBytes() int64 {
+	if e.snapshot {
+		return e.vol.AllocatedBytes()
+	}
+	return e.vol.Size()
 }
 
 // Pool is one node's storage: data directories and the volumes in them. It
@@ -228,6 +240,13 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lu: pool: list data directory: %w", err)
 	}
+	if changed, err := p.recoverIntents(i, names); err != nil {
+		return nil, err
+	} else if changed {
+		if names, err = fs.ReadDir(dir); err != nil {
+			return nil, fmt.Errorf("lu: pool: list data directory: %w", err)
+		}
+	}
 	present := make(map[string]bool, len(names))
 	for _, file := range names {
 		present[file] = true
@@ -251,7 +270,7 @@ func (p *Pool) openDir(i int, dir string) ([]pendingClone, error) {
 		if err != nil {
 			return nil, fmt.Errorf("lu: pool: reopen volume %q: %w", name, err)
 		}
-		p.mu.vols[name] = poolEntry{vol: v, dir: i}
+		p.mu.vols[name] = poolEntry{vol: v, dir: i, snapshot: isSnapshotName(name)}
 	}
 	return clones, nil
 }
@@ -396,15 +415,25 @@ func (p *Pool) volumePath(dir int, name string) string {
 }
 
 // imageSlashInFile stands for the slash of an image LU's name (IMAGE/N) in
-// its file names: IMAGE@N.lu. No LU name holds '@', so the mapping is one
-// to one. Part of the on-disk format.
-const imageSlashInFile = "@"
+// its file names: IMAGE@N.lu. snapshotAtInFile stands for the @ of a
+// snapshot's name (LU@SNAP, rules.SplitSnapshotLU) in its file names:
+// LU+SNAP.lu, so that snapshot S of LU L never shares a file with disk S
+// of an image L. No LU name holds '+', and only snapshot names hold '@', so
+// the mapping is one to one. Part of the on-disk format.
+const (
+	imageSlashInFile = "@"
+	snapshotAtInFile = "+"
+)
 
 // fileNameOf returns the file name stem of volume name.
-func fileNameOf(name string) string { return strings.ReplaceAll(name, "/", imageSlashInFile) }
+func fileNameOf(name string) string {
+	return strings.ReplaceAll(strings.ReplaceAll(name, "@", snapshotAtInFile), "/", imageSlashInFile)
+}
 
 // nameOfFile is fileNameOf's inverse.
-func nameOfFile(stem string) string { return strings.ReplaceAll(stem, imageSlashInFile, "/") }
+func nameOfFile(stem string) string {
+	return strings.ReplaceAll(strings.ReplaceAll(stem, imageSlashInFile, "/"), snapshotAtInFile, "@")
+}
 
 func (p *Pool) statfsAll() ([]lufs.Statfs, error) {
 	out := make([]lufs.Statfs, len(p.dirs))
@@ -429,7 +458,7 @@ func (p *Pool) checkOvercommitLocked(stats []lufs.Statfs, name string, addBytes 
 	var provisioned int64
 	for _, e := range p.mu.vols {
 		if e.dir >= 0 {
-			provisioned += e.vol.Size()
+			provisioned += e.provisionedBytes()
 		}
 	}
 	now := time.Now()
@@ -585,7 +614,7 @@ func (p *Pool) Delete(name string) error {
 	delete(p.mu.vols, name)
 	p.mu.Unlock()
 	err := e.vol.Close()
-	if o, ok := e.vol.(*Overlay); ok {
+	if o := overlayOf(e.vol); o != nil {
 		err = errors.Join(err, p.removeOverlayFiles(o, e.dir))
 	} else if fv, ok := e.vol.(*FileVolume); ok {
 		if rerr := p.opts.FS.Remove(fv.path); rerr != nil {
@@ -627,7 +656,7 @@ func (p *Pool) Status() PoolStatus {
 		}
 		ds := &st.Dirs[e.dir]
 		ds.AllocatedBytes += e.vol.AllocatedBytes()
-		ds.ProvisionedBytes += e.vol.Size()
+		ds.ProvisionedBytes += e.provisionedBytes()
 		ds.Volumes++
 	}
 	for i := range st.Dirs {

@@ -101,7 +101,7 @@ func (p *Pool) mapPath(dir int, name string) string {
 func (p *Pool) clonesOfLocked(vol Volume) []string {
 	var out []string
 	for n, e := range p.mu.vols {
-		if o, ok := e.vol.(*Overlay); ok {
+		if o := overlayOf(e.vol); o != nil {
 			o.mu.RLock()
 			base := o.mu.base
 			o.mu.RUnlock()
@@ -194,7 +194,7 @@ func (p *Pool) openClones(pending []pendingClone) error {
 				_ = data.Close()
 				return fmt.Errorf("lu: pool: reopen clone %q: %w", c.name, err)
 			}
-			p.mu.vols[c.name] = poolEntry{vol: o, dir: c.dir}
+			p.mu.vols[c.name] = poolEntry{vol: o, dir: c.dir, snapshot: isSnapshotName(c.name)}
 		}
 		if len(next) == len(pending) {
 			names := make([]string, len(next))

@@ -648,7 +648,7 @@ func (m *Manager) ensureVolume(rec cluster.LU, reconciling bool) (vol lu.Volume,
 		m.mu.volumes[rec.Name] = vol
 		m.mu.Unlock()
 	}
-	if o, ok := vol.(*lu.Overlay); ok && rec.Base == "" && o.BaseName() != "" {
+	if o, ok := vol.(*lu.Overlay); ok && rec.Base == "" && isImageDisk(o.BaseName()) {
 		m.flattenLater(rec.Name, o)
 	}
 	if vol.Size() != rec.SizeBytes {
@@ -957,7 +957,7 @@ func (m *Manager) removeVolume(name string) error {
 	if _, exists := m.opts.Pool.Get(name); !exists {
 		return nil
 	}
-	if err := m.opts.Pool.Delete(name); err != nil {
+	if err := m.deleteVolume(name); err != nil {
 		if errors.Is(err, lu.ErrHasClones) {
 			// An image whose clones here still flatten (their records
 			// no longer name it): it goes once they are done.

@@ -140,8 +140,8 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 			return
 		}
 		var data []byte
-		if h.Type == replproto.TypeWrite {
-			data = m.bufs.Get(int(h.Length))
+		if h.PayloadLen > 0 { // a Write's data (PayloadLen == Length), a snapshot marker's name
+			data = m.bufs.Get(int(h.PayloadLen))
 			if _, err := io.ReadFull(br, data); err != nil {
 				m.bufs.Put(data)
 				return
@@ -388,6 +388,8 @@ func (m *Manager) applyStream(tgt target, h replproto.Header, data []byte) (out 
 			break
 		}
 		out, err = m.logReply(tgt.name)
+	case replproto.TypeSnapshot, replproto.TypeRollback:
+		err = m.applyMarker(ctx, tgt, h.Type, data) // snapshot.go
 	default:
 		err = fmt.Errorf("%w: request type %v", blockdev.ErrInvalid, h.Type)
 	}

@@ -401,8 +401,9 @@ once per interval for every LU.`,
 		},
 	}
 
-	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, move, verify, scrub and flatten LUs", "admin",
-		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, newLUMoveCommand(cf, stdout), verify, scrub, flatten)
+	snapshot, rollback := newLUSnapshotCommands(cf, stdout) // snapshot.go
+	return newGroupCommand("lu", "create, list, resize, limit, delete, copy, move, verify, scrub, flatten, snapshot and roll back LUs", "admin",
+		create, list, show, resize, newLUSetCommand(cf, stdout), del, addCopy, newLUMoveCommand(cf, stdout), verify, scrub, flatten, snapshot, rollback)
 }
 
 // completeLUNames completes an LU name argument from the API (quietly

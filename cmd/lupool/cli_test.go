@@ -83,7 +83,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{nil, []string{"Usage:", "lupool [command]"}},
 		{[]string{"lsit"}, []string{`unknown command "lsit"`, "Did you mean this?", "lupool lu list", "lupool node list"}},
 		{[]string{"lu", "lsit"}, []string{`unknown lu subcommand "lsit"`, "lupool lu list"}},
-		{[]string{"lu", "frobnicate"}, []string{`unknown lu subcommand "frobnicate": use add-copy, create, delete, flatten, list, move, resize, scrub, set, show or verify`}},
+		{[]string{"lu", "frobnicate"}, []string{`unknown lu subcommand "frobnicate": use add-copy, create, delete, flatten, list, move, resize, rollback, scrub, set, show, snapshot or verify`}},
 		{[]string{"cluster", "join-tokn"}, []string{"lupool cluster join-token"}},
 		{[]string{"satus"}, []string{"lupool status"}},
 		{[]string{"lu"}, []string{"lu needs a subcommand"}},

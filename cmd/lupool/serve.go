@@ -397,7 +397,15 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			return h.Hashes, err
 		},
 		Export: func(name, description string, dev blockdev.Device) {
-			if _, _, isDisk := rules.SplitImageLU(name); isDisk {
+			if _, _, isSnap := rules.SplitSnapshotLU(name); isSnap {
+				// A snapshot never takes a write (its volume is frozen).
+				gated, err := readonly.New(dev, func() bool { return true })
+				if err != nil {
+					log.Error("cannot export snapshot", "lu", name, "err", err)
+					return
+				}
+				dev = gated
+			} else if _, _, isDisk := rules.SplitImageLU(name); isDisk {
 				// An image's disk takes writes while it imports, none
 				// once the image is ready.
 				gated, err := readonly.New(dev, func() bool {
@@ -515,7 +523,8 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		debug = mux
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
-		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node, Images: node})
+		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node, Images: node,
+		SnapshotRecords: node, Snapshots: mgr})
 	if err != nil {
 		return err
 	}
@@ -565,11 +574,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Upgrades: map[string]func(string, net.Conn, *bufio.Reader){
 			replication.StreamPath: mgr.ServeStream,
 		},
-		Events: &eventSource{node: node, ctl: ctl.APIError},
-		Alerts: alerts,
-		Paging: pagingBackend{svc: pagingSvc},
-		Images: ctl,
-		FFDC:   &ffdcStore{f: capture, ctl: ctl.APIError},
+		Events:    &eventSource{node: node, ctl: ctl.APIError},
+		Alerts:    alerts,
+		Paging:    pagingBackend{svc: pagingSvc},
+		Images:    ctl,
+		Snapshots: ctl,
+		FFDC:      &ffdcStore{f: capture, ctl: ctl.APIError},
 		OnPanic: func(r *http.Request, v any, _ []byte) {
 			capture.trigger(ffdcTriggerPanic, fmt.Sprintf("panic in %s %s: %v", r.Method, r.URL.Path, v))
 		},

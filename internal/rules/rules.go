@@ -317,13 +317,68 @@ func SplitImageLU(name string) (image string, index int, ok bool) {
 
 // LUName checks the name of any LU: a plain LU name (Name), or an image
 // LU's "IMAGE/N" (an image name, a slash, a disk index below
-// ImageDisksMax without leading zeros). A slash anywhere else is refused.
+// ImageDisksMax without leading zeros), or a snapshot's "LU@SNAP"
+// (SplitSnapshotLU). A slash or an @ anywhere else is refused.
 func LUName(name string) error {
 	if _, _, ok := SplitImageLU(name); ok {
 		return nil
 	}
+	if _, _, ok := SplitSnapshotLU(name); ok {
+		return nil
+	}
 	if err := Name(name); err != nil {
-		return &ruleError{ErrName, "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..), or IMAGE/N for an image's disk"}
+		return &ruleError{ErrName, "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..), IMAGE/N for an image's disk, or LU@SNAP for a snapshot"}
 	}
 	return nil
+}
+
+// Snapshots.
+const (
+	// SnapshotSeparator joins an LU's name and a snapshot's name in the
+	// snapshot's own LU name and NBD export, LU@SNAP. No plain LU name or
+	// image name holds it.
+	SnapshotSeparator = "@"
+	// SnapshotsMax bounds the snapshots one LU keeps: every snapshot is a
+	// layer of the LU's overlay chain (lu.MaxChainDepth, 16), and a linked
+	// clone's image disk is one more.
+	SnapshotsMax = 14
+)
+
+// ErrSnapshotName is returned by SnapshotName for a name that breaks the
+// snapshot name rule.
+var ErrSnapshotName = errors.New("rules: invalid snapshot name")
+
+// SnapshotName checks the name of snapshot snap of LU lu: snap follows
+// the LU name rule, and LU@SNAP is at most NameLengthMax bytes (it is an LU
+// name and an export name itself).
+func SnapshotName(lu, snap string) error {
+	if err := Name(snap); err != nil {
+		return &ruleError{ErrSnapshotName, "use 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..) for a snapshot name"}
+	}
+	if n := len(lu) + len(SnapshotSeparator) + len(snap); n > NameLengthMax {
+		return &ruleError{ErrSnapshotName, fmt.Sprintf("LU@SNAP is %d bytes; keep it at most %d (use a shorter snapshot name)", n, NameLengthMax)}
+	}
+	return nil
+}
+
+// SnapshotLUName returns the LU name of snapshot snap of LU lu: "LU@SNAP".
+func SnapshotLUName(lu, snap string) string { return lu + SnapshotSeparator + snap }
+
+// SplitSnapshotLU splits a snapshot's LU name "LU@SNAP" into the LU and
+// the snapshot; ok is false for any other name. LU is a plain LU name
+// (snapshots of image disks do not exist: they are read-only already).
+func SplitSnapshotLU(name string) (lu, snap string, ok bool) {
+	at := -1
+	for i := 0; i < len(name); i++ {
+		if name[i] == SnapshotSeparator[0] {
+			if at >= 0 {
+				return "", "", false
+			}
+			at = i
+		}
+	}
+	if at < 0 || len(name) > NameLengthMax || Name(name[:at]) != nil || Name(name[at+1:]) != nil {
+		return "", "", false
+	}
+	return name[:at], name[at+1:], true
 }

@@ -266,3 +266,45 @@ func TestImageNames(t *testing.T) {
 		t.Error("the longest image LU name is longer than NameLengthMax")
 	}
 }
+
+func TestSnapshotNames(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		lu, snap string
+		ok       bool
+	}{
+		{"vm@s1", "vm", "s1", true},
+		{"a.b-c_d@e.f", "a.b-c_d", "e.f", true},
+		{"vm@", "", "", false},
+		{"@s1", "", "", false},
+		{"vm@s1@s2", "", "", false},
+		{"deb/0@s1", "", "", false},
+		{"vm@..", "", "", false},
+		{"vm", "", "", false},
+		{strings.Repeat("a", 64) + "@" + strings.Repeat("b", 64), "", "", false}, // 129 bytes
+	} {
+		lu, snap, ok := SplitSnapshotLU(tc.name)
+		if ok != tc.ok || lu != tc.lu || snap != tc.snap {
+			t.Errorf("SplitSnapshotLU(%q) = %q, %q, %v; want %q, %q, %v", tc.name, lu, snap, ok, tc.lu, tc.snap, tc.ok)
+		}
+		if tc.ok {
+			if err := LUName(tc.name); err != nil {
+				t.Errorf("LUName(%q): %v", tc.name, err)
+			}
+			if got := SnapshotLUName(lu, snap); got != tc.name {
+				t.Errorf("SnapshotLUName(%q, %q) = %q", lu, snap, got)
+			}
+		} else if _, _, isImage := SplitImageLU(tc.name); !isImage && Name(tc.name) != nil && LUName(tc.name) == nil {
+			t.Errorf("LUName(%q) accepted a name that is no LU, image disk or snapshot name", tc.name)
+		}
+	}
+	if err := SnapshotName("vm", "a/b"); !errors.Is(err, ErrSnapshotName) {
+		t.Errorf("SnapshotName with a slash: %v", err)
+	}
+	if err := SnapshotName(strings.Repeat("a", 100), strings.Repeat("b", 28)); !errors.Is(err, ErrSnapshotName) || !strings.Contains(err.Error(), "129 bytes") {
+		t.Errorf("SnapshotName past 128 bytes: %v", err)
+	}
+	if err := SnapshotName("vm", "s1"); err != nil {
+		t.Errorf("SnapshotName(vm, s1): %v", err)
+	}
+}

@@ -29,11 +29,12 @@ const (
 	OpSeek // SeekData and SeekHole
 	OpFileStat
 	OpClose
+	OpRename
 	numOps
 )
 
 var opNames = [numOps]string{"open", "remove", "stat", "readdir", "mkdirall", "syncdir", "statfs",
-	"read", "write", "sync", "truncate", "punchhole", "zerorange", "seek", "filestat", "close"}
+	"read", "write", "sync", "truncate", "punchhole", "zerorange", "seek", "filestat", "close", "rename"}
 
 func (o Op) String() string {
 	if o >= 0 && o < numOps {
@@ -180,6 +181,14 @@ func (f *FaultFS) Remove(name string) error {
 		return err
 	}
 	return f.inner.Remove(name)
+}
+
+// Rename implements FS.
+func (f *FaultFS) Rename(oldName, newName string) error {
+	if err := f.maybe(Event{Op: OpRename, Path: oldName}); err != nil {
+		return err
+	}
+	return f.inner.Rename(oldName, newName)
 }
 
 func (f *FaultFS) Stat(name string) (os.FileInfo, error) {

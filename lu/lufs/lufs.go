@@ -81,6 +81,10 @@ type FS interface {
 	OpenFile(name string, flag int, perm os.FileMode) (File, error)
 	// Remove removes a file.
 	Remove(name string) error
+	// Rename moves a file to a new name in the same directory, replacing
+	// nothing (callers check the new name is free); handles open on it
+	// stay valid. SyncDir makes it durable.
+	Rename(oldName, newName string) error
 	// Stat returns information about a file or directory.
 	Stat(name string) (os.FileInfo, error)
 	// ReadDir returns the names of the entries of a directory, sorted.

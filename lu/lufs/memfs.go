@@ -128,6 +128,24 @@ func (m *MemFS) OpenFile(name string, flag int, _ os.FileMode) (File, error) {
 	return f, nil
 }
 
+// Rename implements FS. Like a directory entry's creation, it is durable
+// at once.
+func (m *MemFS) Rename(oldName, newName string) error {
+	from, to := clean(oldName), clean(newName)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n, ok := m.mu.files[from]
+	if !ok {
+		return pathErr("rename", oldName, syscall.ENOENT)
+	}
+	if _, taken := m.mu.files[to]; taken {
+		return pathErr("rename", newName, syscall.EEXIST)
+	}
+	delete(m.mu.files, from)
+	m.mu.files[to] = n
+	return nil
+}
+
 // Remove implements FS.
 func (m *MemFS) Remove(name string) error {
 	p := clean(name)

@@ -34,6 +34,7 @@ func (osFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 }
 
 func (osFS) Remove(name string) error                     { return os.Remove(name) }
+func (osFS) Rename(oldName, newName string) error         { return os.Rename(oldName, newName) }
 func (osFS) Stat(name string) (os.FileInfo, error)        { return os.Stat(name) }
 func (osFS) MkdirAll(name string, perm os.FileMode) error { return os.MkdirAll(name, perm) }
 

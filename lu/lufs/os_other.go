@@ -32,6 +32,7 @@ func (otherFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 	return nil, needsLinux("open", name)
 }
 func (otherFS) Remove(name string) error                     { return needsLinux("remove", name) }
+func (otherFS) Rename(oldName, _ string) error               { return needsLinux("rename", oldName) }
 func (otherFS) Stat(name string) (os.FileInfo, error)        { return nil, needsLinux("stat", name) }
 func (otherFS) ReadDir(name string) ([]string, error)        { return nil, needsLinux("readdir", name) }
 func (otherFS) MkdirAll(name string, perm os.FileMode) error { return needsLinux("mkdir", name) }

@@ -54,7 +54,7 @@
 // between the payload's buffer and the TLS record (and the stream is also
 // used without TLS in tests and benchmarks).
 //
-// magic is Magic ("LURP"). type is a request Type (TypeHello..TypeLog) or,
+// magic is Magic ("LURP"). type is a request Type (TypeHello..TypeRollback) or,
 // in a reply, TypeReply|request type. status is StatusOK in every request
 // and says how a request ended in its reply. handle is chosen by the
 // requester and echoed in the reply. epoch is, in a request, the sender's
@@ -71,6 +71,8 @@
 //	Read reply:     length bytes of data, when status is OK
 //	Hash reply:     32 bytes, SHA-256 of [offset, offset+length), when OK
 //	Log reply:      the Log payload below, when OK
+//	Snapshot, Rollback request: the snapshot's LU name, LU@SNAP
+//	                (AppendSnapshot; 1..NameBytesMax bytes), offset = length = 0
 //	failed reply:   up to MessageBytesMax bytes of error text
 //	anything else:  no payload
 //
@@ -195,6 +197,13 @@ const (
 	// as the LU's writer (its activity log). Offset and Length are 0; the
 	// OK reply's payload is a Log payload (AppendLog).
 	TypeLog Type = 9
+	// TypeSnapshot freezes the copy's volume as the snapshot its payload
+	// names (AppendSnapshot; snapshot.go), between the writes before it
+	// and those after it. Offset and Length are 0.
+	TypeSnapshot Type = 10
+	// TypeRollback makes the copy's volume read what the snapshot its
+	// payload names holds. Offset and Length are 0.
+	TypeRollback Type = 11
 
 	// TypeReply is set in the type of every reply: a reply's Type is
 	// TypeReply|request type.
@@ -202,7 +211,7 @@ const (
 )
 
 // typeLast is the highest request type.
-const typeLast = TypeLog
+const typeLast = TypeRollback
 
 var typeNames = [...]string{
 	TypeHello: "Hello",
@@ -214,6 +223,9 @@ var typeNames = [...]string{
 	TypeHash:  "Hash",
 	TypePing:  "Ping",
 	TypeLog:   "Log",
+
+	TypeSnapshot: "Snapshot",
+	TypeRollback: "Rollback",
 }
 
 // isReply reports whether t has the reply bit set.
@@ -565,6 +577,11 @@ func (h *Header) validateRequest() error {
 	case TypeHello:
 		if h.PayloadLen == 0 || h.PayloadLen > helloBytesMax {
 			return badFrame("Hello payload length %d not in 1..%d", h.PayloadLen, helloBytesMax)
+		}
+		return nil
+	case TypeSnapshot, TypeRollback:
+		if h.PayloadLen == 0 || h.PayloadLen > NameBytesMax || h.Offset != 0 || h.Length != 0 {
+			return badFrame("%v with payload length %d (want 1..%d), offset %d, length %d", h.Type, h.PayloadLen, NameBytesMax, h.Offset, h.Length)
 		}
 		return nil
 	}

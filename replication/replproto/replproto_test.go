@@ -128,6 +128,8 @@ func validHeaders() []Header {
 		{Type: TypePing, Handle: math.MaxUint64, Epoch: math.MaxUint64},
 		{Type: TypePing, Offset: 1 << 50}, // a lease echo
 		{Type: TypeLog, Handle: 9, Epoch: ep},
+		{Type: TypeSnapshot, Handle: 10, Epoch: ep, PayloadLen: 5},
+		{Type: TypeRollback, Handle: 11, Epoch: ep, PayloadLen: NameBytesMax},
 
 		{Type: TypeReply | TypeHello, Handle: 1, Epoch: ep, Offset: 1 << 30},
 		{Type: TypeReply | TypeHello, Status: StatusStaleEpoch, Handle: 1, Epoch: ep + 1, PayloadLen: 11},
@@ -145,6 +147,8 @@ func validHeaders() []Header {
 		{Type: TypeReply | TypePing, Status: Status(999), Handle: 8, PayloadLen: 3},
 		{Type: TypeReply | TypeLog, Handle: 9, Epoch: ep, PayloadLen: 1 + 3*16},
 		{Type: TypeReply | TypeLog, Status: StatusIO, Handle: 9, PayloadLen: 4},
+		{Type: TypeReply | TypeSnapshot, Handle: 10, Epoch: ep},
+		{Type: TypeReply | TypeRollback, Status: StatusIO, Handle: 11, PayloadLen: 9},
 	}
 }
 
@@ -198,10 +202,12 @@ func TestParseHeaderRejects(t *testing.T) {
 		{name: "bad magic", h: ok, mutate: func(b []byte) []byte { b[0] ^= 1; return b }, want: "bad magic"},
 		{name: "NBD magic", h: ok, mutate: func(b []byte) []byte { copy(b, []byte{0x25, 0x60, 0x95, 0x13}); return b }, want: "bad magic"},
 		{name: "type 0", h: Header{Type: 0}, want: "unknown type"},
-		{name: "type 10", h: Header{Type: 10}, want: "unknown type"},
+		{name: "type 12", h: Header{Type: 12}, want: "unknown type"},
+		{name: "snapshot without a name", h: Header{Type: TypeSnapshot}, want: "payload length 0"},
+		{name: "rollback with a range", h: Header{Type: TypeRollback, Length: 4096, PayloadLen: 3}, want: "length 4096"},
 		{name: "type 0x7f", h: Header{Type: 0x7f}, want: "unknown type"},
 		{name: "reply type 0x80", h: Header{Type: TypeReply}, want: "unknown type"},
-		{name: "reply type 0x8a", h: Header{Type: TypeReply | 10}, want: "unknown type"},
+		{name: "reply type 0x8c", h: Header{Type: TypeReply | 12}, want: "unknown type"},
 		{name: "reply type 0xff", h: Header{Type: 0xff}, want: "unknown type"},
 		{name: "unknown flag 0x10", h: Header{Type: TypeWrite, Flags: 0x10}, want: "unknown flags 0x10"},
 		{name: "unknown flag 0x80", h: Header{Type: TypeZero, Flags: FlagFUA | 0x80}, want: "unknown flags 0x80"},
@@ -557,7 +563,8 @@ func TestStrings(t *testing.T) {
 		{TypeLog.String(), "Log"},
 		{(TypeReply | TypeRead).String(), "ReadReply"},
 		{Type(0).String(), "Type(0x00)"},
-		{Type(0x8a).String(), "Type(0x8a)"},
+		{Type(0x8c).String(), "Type(0x8c)"},
+		{TypeSnapshot.String(), "Snapshot"},
 		{TypeReply.String(), "Type(0x80)"},
 		{StatusOK.String(), "OK"},
 		{StatusStaleEpoch.String(), "StaleEpoch"},
@@ -844,4 +851,29 @@ func BenchmarkChecksum(b *testing.B) {
 			}
 		})
 	}
+}
+
+// FuzzParseSnapshot checks that ParseSnapshot never panics, that every
+// error wraps ErrBadFrame, that an accepted payload names a snapshot of
+// the LU it returns, and that it re-encodes to the same bytes.
+func FuzzParseSnapshot(f *testing.F) {
+	f.Add(AppendSnapshot(nil, "vm@s1"))
+	f.Add(AppendSnapshot(nil, "a@b@c"))
+	f.Add(AppendSnapshot(nil, "deb/0"))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		name, lu, err := ParseSnapshot(in)
+		if err != nil {
+			if !errors.Is(err, ErrBadFrame) {
+				t.Fatalf("error %v does not wrap ErrBadFrame", err)
+			}
+			return
+		}
+		if !strings.HasPrefix(name, lu+"@") || len(name) <= len(lu)+1 {
+			t.Fatalf("snapshot %q is not of LU %q", name, lu)
+		}
+		if out := AppendSnapshot(nil, name); !bytes.Equal(out, in) {
+			t.Fatalf("round trip %q != %q", out, in)
+		}
+	})
 }

@@ -344,6 +344,9 @@ type LU struct {
 	// wrote from. A clone's AllocatedBytes are its own blocks only: the
 	// image's are counted once, on the image's disks (and in pool status).
 	Base string `json:"base,omitempty"`
+	// SnapshotOf is the LU this read-only LU is a snapshot of (its name
+	// is then SNAPSHOT_OF@SNAP).
+	SnapshotOf string `json:"snapshot_of,omitempty"`
 }
 
 // Replica is one copy of an LU.

@@ -68,6 +68,9 @@ type Options struct {
 	Paging PagingBackend
 	// Images, when set, serves images under /v1/images and flatten.
 	Images ImageBackend
+	// Snapshots, when set, serves LU snapshots and rollback
+	// (/v1/lus/{name}/snapshots, /v1/lus/{name}/rollback).
+	Snapshots SnapshotBackend
 	// FFDC, when set, serves the failure data capture bundles.
 	FFDC FFDCStore
 	// OnPanic, when set, is called (on the request's goroutine) after a
@@ -168,6 +171,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	}
 	if opts.Images != nil {
 		h.registerImages(admin)
+	}
+	if opts.Snapshots != nil {
+		h.registerSnapshots(admin)
 	}
 	if opts.Alerts != nil {
 		admin("GET /v1/pool/alerts", h.poolAlerts)
