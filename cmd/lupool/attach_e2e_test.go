@@ -127,8 +127,15 @@ func (d *daemon) restart(sig syscall.Signal) {
 // fioVerifyJob writes random 4 KiB blocks at queue depth 32 with crc32c
 // checksums and verifies them after each pass over 16 MiB, for runtime.
 func fioVerifyJob(uri string, runtime time.Duration) []string {
+	return fioVerifyJobSize(uri, runtime, "16M")
+}
+
+// fioVerifyJobSize is fioVerifyJob over size bytes: fio verifies a loop's
+// blocks once it has written them all, so a short run must write a small
+// region to verify anything on a slow (loaded, -race) machine.
+func fioVerifyJobSize(uri string, runtime time.Duration, size string) []string {
 	return []string{"--name=attach", "--uri=" + uri, "--rw=randwrite", "--bs=4k", "--iodepth=32",
-		"--size=16M", "--loops=100000", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
+		"--size=" + size, "--loops=100000", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
 		"--verify=crc32c", "--verify_fatal=1"}
 }
 

@@ -123,7 +123,9 @@ func TestMoveUnderFio(t *testing.T) {
 	w := startClient(t, n3, "m", failoverWriterScript, filepath.Join(dir, "ledger"),
 		"BLOCKS="+strconv.Itoa(blocks), "BASE=4096", "STOPFILE="+stopFile)
 	const moves = 5
-	fioWait := startFio(t, fioVerifyJob(n1.uri("m"), 2*time.Second+moves*time.Second)...)
+	// 2 MiB: 512 blocks a loop, verified even at a few hundred writes a
+	// second (a loaded machine, -race).
+	fioWait := startFio(t, fioVerifyJobSize(n1.uri("m"), 2*time.Second+moves*time.Second, "2M")...)
 	time.Sleep(1500 * time.Millisecond)
 
 	order := []string{"n3", "n1", "n2"}
