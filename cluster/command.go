@@ -76,6 +76,10 @@ const (
 	cmdImageReady  = "image.ready"
 	cmdDeleteImage = "image.delete"
 	cmdFlattenLU   = "lu.flatten"
+
+	cmdECCreate = "image.ec.create" // ec.go
+	cmdECReady  = "image.ec.ready"
+	cmdECAbort  = "image.ec.abort"
 )
 
 type command struct {
@@ -122,6 +126,8 @@ type command struct {
 	// image.ready.
 	Image *Image `json:"image,omitempty"`
 	LUs   []LU   `json:"lus,omitempty"`
+	// EC is the body of image.ec.create (with LUs, its shard LUs).
+	EC *ECLayout `json:"ec,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -197,7 +203,11 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Image == nil {
 			return nil, fmt.Errorf("%w: %s without an image", ErrInvalid, c.Type)
 		}
-	case cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
+	case cmdECCreate:
+		if c.EC == nil {
+			return nil, fmt.Errorf("%w: %s without a layout", ErrInvalid, c.Type)
+		}
+	case cmdECReady, cmdECAbort, cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

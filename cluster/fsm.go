@@ -467,6 +467,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err != nil {
 			return applyResult{err: err}
 		}
+		if err := checkNotECShard(lu.Name); err != nil {
+			return applyResult{err: err}
+		}
 		if lu.Image != "" {
 			return applyResult{err: fmt.Errorf("%w: %q is a disk of image %q; delete the image (lupool image delete %s)",
 				ErrInvalid, lu.Name, lu.Image, lu.Image)}
@@ -492,6 +495,12 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		return f.applyDeleteImage(b, c, l.Index)
 	case cmdFlattenLU:
 		return f.applyFlatten(b, c, l.Index)
+	case cmdECCreate:
+		return f.applyCreateEC(b, c, l.Index)
+	case cmdECReady:
+		return f.applyECReady(b, c, l.Index)
+	case cmdECAbort:
+		return f.applyECAbort(b, c, l.Index)
 	case cmdMove:
 		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:

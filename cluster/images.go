@@ -130,6 +130,9 @@ func listImages(r reader) ([]Image, error) {
 // every copy of the clone sits on a node holding a copy of the base, and
 // the clone is at least as large.
 func (f *fsm) checkPlainCreate(lu LU) error {
+	if err := checkNotECShard(lu.Name); err != nil {
+		return err
+	}
 	if lu.Image != "" || lu.ReadOnly {
 		return fmt.Errorf("%w: LU %q: image disks are created by image import only", ErrInvalid, lu.Name)
 	}
@@ -360,6 +363,9 @@ func (f *fsm) applyDeleteImage(b *pebble.Batch, c *command, index uint64) applyR
 		return applyResult{err: err}
 	}
 	var res applyResult
+	if err := f.deleteImageEC(b, img.Name, &res, index); err != nil {
+		return applyResult{err: err}
+	}
 	for _, lu := range lus {
 		if !disks[lu.Name] {
 			continue

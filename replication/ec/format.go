@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/lupool/lupool/internal/rules"
 )
 
 // Format constants: part of the on-disk format (see the package doc).
@@ -23,10 +25,10 @@ const (
 
 // Limits (not format: a reader accepts what the decoder checks).
 const (
-	// DataShardsMax is the largest K.
-	DataShardsMax = 16
+	// DataShardsMax is the largest K (one rule for the pool: package rules).
+	DataShardsMax = rules.ECDataShardsMax
 	// ParityShardsMax is the largest M.
-	ParityShardsMax = 4
+	ParityShardsMax = rules.ECParityShardsMax
 	// ImageBytesMax is the largest image an EC layout takes (16 TiB): it
 	// bounds the superblock's table (at most 2^28/K entries).
 	ImageBytesMax = 16 << 40
@@ -67,11 +69,8 @@ func (g Geometry) String() string { return fmt.Sprintf("%d+%d", g.K, g.M) }
 
 // Validate checks K and M against the limits.
 func (g Geometry) Validate() error {
-	if g.K < 1 || g.K > DataShardsMax {
-		return fmt.Errorf("%w: K=%d data shards; use 1 to %d", ErrGeometry, g.K, DataShardsMax)
-	}
-	if g.M < 1 || g.M > ParityShardsMax {
-		return fmt.Errorf("%w: M=%d parity shards; use 1 to %d", ErrGeometry, g.M, ParityShardsMax)
+	if err := rules.ECGeometry(g.K, g.M); err != nil {
+		return fmt.Errorf("%w: %v", ErrGeometry, err)
 	}
 	return nil
 }
