@@ -68,6 +68,9 @@ type Options struct {
 	Paging PagingBackend
 	// Images, when set, serves images under /v1/images and flatten.
 	Images ImageBackend
+	// EC, when set, serves erasure-coded images (convert, verify,
+	// rebuild) and adds their layout to the images' answers.
+	EC ECBackend
 	// FFDC, when set, serves the failure data capture bundles.
 	FFDC FFDCStore
 	// OnPanic, when set, is called (on the request's goroutine) after a
@@ -168,6 +171,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	}
 	if opts.Images != nil {
 		h.registerImages(admin)
+	}
+	if opts.EC != nil {
+		h.registerEC(admin)
 	}
 	if opts.Alerts != nil {
 		admin("GET /v1/pool/alerts", h.poolAlerts)
