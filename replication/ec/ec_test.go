@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/lupool/lupool/blockdev"
 	"github.com/lupool/lupool/blockdev/blockdevtest"
@@ -422,5 +424,61 @@ func TestSuperblockRoundTrip(t *testing.T) {
 		if _, err := DecodeSuperblock(c); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("byte %d flipped: %v", i, err)
 		}
+	}
+}
+
+// switchable fails reads while down is set; reads counts chunk reads
+// (past the superblock: not a probe's).
+type switchable struct {
+	blockdev.Device
+	down  atomic.Bool
+	reads atomic.Int64
+}
+
+func (d *switchable) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if off > 0 {
+		d.reads.Add(1)
+	}
+	if d.down.Load() {
+		return blockdev.ErrIO
+	}
+	return d.Device.ReadAt(ctx, p, off)
+}
+
+// TestShardLeftOutThenBack: a shard that failed is not read again by
+// client reads while it is left out, and a background probe takes it back
+// once it answers.
+func TestShardLeftOutThenBack(t *testing.T) {
+	g := Geometry{2, 1}
+	data := randomImage(rand.New(rand.NewPCG(11, 12)), 8*ChunkBytes)
+	mems, opts := encodeMem(t, g, data)
+	devs := devices(mems)
+	sw := &switchable{Device: devs[1]}
+	sw.down.Store(true)
+	devs[1] = sw
+	opts.RetryAfter = 20 * time.Millisecond
+	img := openMem(t, devs, opts)
+	if !bytes.Equal(readAll(t, img), data) {
+		t.Fatal("degraded read differs")
+	}
+	n := sw.reads.Load()
+	if !bytes.Equal(readAll(t, img), data) {
+		t.Fatal("second degraded read differs")
+	}
+	if got := sw.reads.Load(); got != n {
+		t.Fatalf("a left-out shard was read %d more times by client reads", got-n)
+	}
+	sw.down.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		before := img.DegradedReads()
+		readAll(t, img)
+		if img.DegradedReads() == before {
+			break // served without reconstruction: the shard is back
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the shard never came back")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -81,9 +81,13 @@ type shard struct {
 	mu    struct {
 		sync.Mutex
 		sb *Superblock // loaded and checked; nil until then
-		// skipUntil: a failed shard is left out until then.
-		skipUntil time.Time
+		// lastErr is set while the shard is left out (it failed a read);
+		// from skipUntil on a probe runs in the background (probing) and
+		// clears it when the shard answers again. No client read waits
+		// on a shard known to fail.
 		lastErr   error
+		skipUntil time.Time
+		probing   bool
 	}
 }
 
@@ -141,12 +145,11 @@ func (img *Image) superblock(ctx context.Context, s *shard) (*Superblock, error)
 	if s.dev == nil {
 		return nil, errShardMissing
 	}
-	if time.Now().Before(s.mu.skipUntil) {
-		return nil, s.mu.lastErr
-	}
 	sb, err := img.loadSuperblock(ctx, s)
 	if err != nil {
-		s.mu.skipUntil, s.mu.lastErr = time.Now().Add(img.opts.RetryAfter), err
+		if !errors.Is(err, ErrCorrupt) {
+			s.mu.skipUntil, s.mu.lastErr = time.Now().Add(img.opts.RetryAfter), err
+		}
 		return nil, err
 	}
 	s.mu.sb = sb
@@ -191,16 +194,38 @@ func (img *Image) failed(s *shard, err error) {
 	s.mu.Unlock()
 }
 
+// skipped returns why shard s is left out, or nil. Past skipUntil it
+// starts a probe and still leaves the shard out until the probe succeeds.
 func (img *Image) skipped(s *shard) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.dev == nil {
 		return errShardMissing
 	}
-	if time.Now().Before(s.mu.skipUntil) {
-		return s.mu.lastErr
+	if s.mu.lastErr == nil {
+		return nil
 	}
-	return nil
+	if !s.mu.probing && !time.Now().Before(s.mu.skipUntil) {
+		s.mu.probing = true
+		go img.probe(s)
+	}
+	return s.mu.lastErr
+}
+
+// probe reads the start of a left-out shard; it takes the shard back when
+// the read succeeds.
+func (img *Image) probe(s *shard) {
+	ctx, cancel := context.WithTimeout(context.Background(), img.opts.ShardTimeout)
+	defer cancel()
+	err := s.dev.ReadAt(ctx, make([]byte, superblockAlignBytes), 0)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mu.probing = false
+	if err != nil {
+		s.mu.skipUntil, s.mu.lastErr = time.Now().Add(img.opts.RetryAfter), fmt.Errorf("shard %d: probe: %w", s.index, err)
+		return
+	}
+	s.mu.lastErr, s.mu.skipUntil = nil, time.Time{}
 }
 
 // readRun reads n chunks of shard i from stripe first on into dst and

@@ -238,7 +238,7 @@ func (img *Image) Rebuild(ctx context.Context, targets map[int]blockdev.Device, 
 		}
 		s := img.shards[i]
 		s.mu.Lock()
-		s.dev, s.mu.sb, s.mu.skipUntil = dst[i], nil, time.Time{}
+		s.dev, s.mu.sb, s.mu.skipUntil, s.mu.lastErr = dst[i], nil, time.Time{}, nil
 		s.mu.Unlock()
 	}
 	return st, nil
