@@ -168,8 +168,19 @@ func TestImageErasureCoded(t *testing.T) {
 			t.Errorf("%s: lupool_ec_degraded_reads_total = %v after reads with a shard node down", d.id, v)
 		}
 	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		out := n1.mustCLI("events", "watch", "--follow=false", "--tail", "100", "--kind", "ECDegradedRead,ECReady")
+		if strings.Contains(out, "ECDegradedRead") && strings.Contains(out, "ECReady") && strings.Contains(out, "base/0") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no ECDegradedRead and ECReady events for base/0:\n%s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	victim.start()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(30 * time.Second)
 	for {
 		out, errOut, code := n1.cli("image", "verify", "base")
 		if code == 0 {
