@@ -80,6 +80,9 @@ const (
 	cmdECCreate = "image.ec.create" // ec.go
 	cmdECReady  = "image.ec.ready"
 	cmdECAbort  = "image.ec.abort"
+	// ec_move.go
+	cmdECShardAdd  = "image.ec.shard.add"
+	cmdECShardSwap = "image.ec.shard.swap"
 )
 
 type command struct {
@@ -128,6 +131,8 @@ type command struct {
 	LUs   []LU   `json:"lus,omitempty"`
 	// EC is the body of image.ec.create (with LUs, its shard LUs).
 	EC *ECLayout `json:"ec,omitempty"`
+	// ECMove is the body of image.ec.shard.add (with LU) and .swap.
+	ECMove *ECShardMove `json:"ec_move,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -206,6 +211,10 @@ func decodeCommand(data []byte) (*command, error) {
 	case cmdECCreate:
 		if c.EC == nil {
 			return nil, fmt.Errorf("%w: %s without a layout", ErrInvalid, c.Type)
+		}
+	case cmdECShardAdd, cmdECShardSwap:
+		if c.ECMove == nil {
+			return nil, fmt.Errorf("%w: %s without a shard", ErrInvalid, c.Type)
 		}
 	case cmdECReady, cmdECAbort, cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:

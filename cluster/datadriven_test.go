@@ -149,6 +149,9 @@ func TestFSMDataDriven(t *testing.T) {
 						fmt.Fprintf(&b, " [%s %d id=%.8s", disk.LU, disk.SizeBytes, disk.ImageID)
 						for _, s := range disk.Shards {
 							fmt.Fprintf(&b, " %s@%s", s.LU, s.Node)
+							if s.Pending != nil {
+								fmt.Fprintf(&b, "(pending %s@%s)", s.Pending.LU, s.Pending.Node)
+							}
 						}
 						b.WriteString("]")
 					}

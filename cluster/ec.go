@@ -73,6 +73,9 @@ type ECDisk struct {
 type ECShard struct {
 	LU   string `json:"lu"`
 	Node string `json:"node"`
+	// Pending is the shard's replacement on another node while a rebuild
+	// writes it (ec_move.go); nil otherwise.
+	Pending *ECShard `json:"pending,omitempty"`
 }
 
 // ECShardLUName names shard i of disk d of an image.
@@ -309,8 +312,15 @@ func (f *fsm) deleteECLocked(b *pebble.Batch, l ECLayout, res *applyResult, inde
 		return err
 	}
 	for _, d := range l.Disks {
+		var names []string
 		for _, s := range d.Shards {
-			lu, err := f.mustGetLU(s.LU)
+			names = append(names, s.LU)
+			if s.Pending != nil {
+				names = append(names, s.Pending.LU)
+			}
+		}
+		for _, name := range names {
+			lu, err := f.mustGetLU(name)
 			if errors.Is(err, ErrNotFound) {
 				continue
 			}

@@ -76,6 +76,7 @@ const (
 	EventECDegradedRead       = "ECDegradedRead"       // node (the reader); details image, disk, shards: a read of an EC image was reconstructed
 	EventECEncoding           = "ECEncoding"           // details image, ec: a conversion to erasure coding started (derived)
 	EventECReady              = "ECReady"              // details image, ec, raw_bytes: the image is served from its shards (derived)
+	EventECShardMoved         = "ECShardMoved"         // node (the new one); details image, disk, shard, from, to: a rebuilt shard replaced a lost one (derived)
 )
 
 // derivedKinds are written only by the state machine: an event.append of
@@ -84,7 +85,7 @@ var derivedKinds = map[string]bool{
 	EventLUCreated: true, EventLUResized: true, EventLUDeleted: true, EventCopyStateChanged: true,
 	EventResyncStarted: true, EventResyncFinished: true, EventNodeJoined: true, EventNodeRemoved: true,
 	EventCommandRejected: true, EventFFDCCaptured: true, EventMoveStarted: true, EventMoveCompleted: true,
-	EventMoveRolledBack: true, EventECEncoding: true, EventECReady: true,
+	EventMoveRolledBack: true, EventECEncoding: true, EventECReady: true, EventECShardMoved: true,
 }
 
 // proposedKinds may be proposed with AppendEvent.

@@ -501,6 +501,10 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		return f.applyECReady(b, c, l.Index)
 	case cmdECAbort:
 		return f.applyECAbort(b, c, l.Index)
+	case cmdECShardAdd:
+		return f.applyECShardAdd(b, c, l.Index)
+	case cmdECShardSwap:
+		return f.applyECShardSwap(b, c, l.Index)
 	case cmdMove:
 		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:
