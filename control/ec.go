@@ -23,6 +23,8 @@ type ECMetadata interface {
 	AbortEC(ctx context.Context, image string) error
 	GetEC(image string) (cluster.ECLayout, error)
 	Nodes() ([]cluster.NodeInfo, error)
+	AddECShard(ctx context.Context, m cluster.ECShardMove, lu cluster.LU) error
+	SwapECShard(ctx context.Context, m cluster.ECShardMove) error
 }
 
 var _ ECMetadata = (*cluster.Node)(nil)
@@ -307,29 +309,70 @@ func (e *EC) VerifyImage(ctx context.Context, name string) (api.ECVerifyReport, 
 }
 
 // RebuildImage implements api.ECBackend: every disk's bad chunks are
-// rewritten in place and a shard whose superblock is gone or bad (a lost
-// or wiped volume on its node) is rewritten whole, from the other shards.
-// A shard whose node cannot be reached is not rebuilt (bring the node back
-// first).
-func (e *EC) RebuildImage(ctx context.Context, name string) (api.ECRebuildReport, error) {
+// rewritten in place and a shard whose superblock is gone or bad (a wiped
+// volume on its node) is rewritten whole, from the other shards. With
+// req.From and req.To, each shard on From (a lost node) is rebuilt onto To
+// and moved there (image.ec.shard.add, the rebuild, image.ec.shard.swap);
+// otherwise a shard whose node cannot be reached is left as it is.
+func (e *EC) RebuildImage(ctx context.Context, name string, req api.RebuildImageRequest) (api.ECRebuildReport, error) {
+	if (req.From == "") != (req.To == "") || (req.From != "" && req.From == req.To) {
+		return api.ECRebuildReport{}, fmt.Errorf("%w: give both --from NODE (the lost one) and --to NODE (another), or neither", api.ErrInvalid)
+	}
 	l, err := e.readyLayout(name)
 	if err != nil {
 		return api.ECRebuildReport{}, err
 	}
 	out := api.ECRebuildReport{Image: name}
 	for d, disk := range l.Disks {
+		rep := api.ECDiskRebuildStats{LU: disk.LU, RebuiltShards: []string{}}
+		targets := map[int]blockdev.Device{}
+		var moves []cluster.ECShardMove
+		for i, s := range disk.Shards {
+			if req.From == "" || s.Node != req.From {
+				continue
+			}
+			m := cluster.ECShardMove{Image: name, Disk: d, Shard: i, Node: req.To}
+			lu := cluster.LU{Name: cluster.ECMovedShardLUName(name, d, i, req.To), SizeBytes: disk.ShardBytes, Kind: cluster.KindFile, Copies: 1,
+				CreatedOn: req.To, Writer: req.To, Epoch: 1, Description: fmt.Sprintf("shard %d of %s (%d+%d)", i, disk.LU, l.K, l.M),
+				Replicas: []cluster.Replica{{NodeID: req.To, State: cluster.ReplicaInSync}}}
+			if err := e.opts.Metadata.AddECShard(ctx, m, lu); err != nil {
+				return out, e.plane.imageError(name, err)
+			}
+			if err := e.plane.opts.Replicas.Sync(ctx); err != nil {
+				return out, err
+			}
+			dev, err := e.device(ctx, lu.Name)
+			if err != nil {
+				return out, err
+			}
+			targets[i] = dev
+			moves = append(moves, m)
+		}
 		img, err := OpenECDisk(l, d, e.opts.Devices, e.readOptions())
 		if err != nil {
 			return out, err
 		}
-		st, err := img.Rebuild(ctx, nil, nil)
-		rep := api.ECDiskRebuildStats{LU: disk.LU, RepairedChunks: st.RepairedChunks, RebuiltShards: []string{}}
+		st, err := img.Rebuild(ctx, targets, nil)
 		for _, i := range st.Rebuilt {
 			rep.RebuiltShards = append(rep.RebuiltShards, disk.Shards[i].LU)
 		}
-		out.Disks = append(out.Disks, rep)
+		rep.RepairedChunks = st.RepairedChunks
 		if err != nil {
+			out.Disks = append(out.Disks, rep)
 			return out, fmt.Errorf("%w: rebuild %s: %v", api.ErrUnavailable, disk.LU, err)
+		}
+		for _, m := range moves {
+			if err := e.opts.Metadata.SwapECShard(ctx, m); err != nil {
+				out.Disks = append(out.Disks, rep)
+				return out, e.plane.imageError(name, err)
+			}
+			rep.MovedShards = append(rep.MovedShards, cluster.ECMovedShardLUName(name, d, m.Shard, m.Node))
+		}
+		out.Disks = append(out.Disks, rep)
+	}
+	if req.From != "" {
+		if err := e.plane.opts.Replicas.Sync(ctx); err != nil {
+			return out, err
 		}
 	}
 	return out, nil

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -12,6 +13,10 @@ import (
 	"github.com/lupool/lupool/replication/ec"
 	"github.com/lupool/lupool/server/api"
 )
+
+// ecTimeout bounds convert, verify and rebuild, which read or write a
+// whole image.
+const ecTimeout = 6 * time.Hour
 
 // parseECFlag checks --ec K+M; empty means none.
 func parseECFlag(s string) (ec.Geometry, error) {
@@ -41,7 +46,7 @@ func checkECNodes(ctx context.Context, cl *api.Client, g ec.Geometry) error {
 // newImageECCommands are `lupool image convert`, `verify` and `rebuild`.
 func newImageECCommands(cf *clientFlags, stdout io.Writer) []*cobra.Command {
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
-		return cf.call(c, luTimeout, fn)
+		return cf.call(c, ecTimeout, fn)
 	}
 	var ecFlag string
 	convert := &cobra.Command{
@@ -95,13 +100,23 @@ written and read back. Needs at least K+M nodes.`,
 			})
 		},
 	}
+	var from, to string
 	rebuild := &cobra.Command{
-		Use:   "rebuild NAME",
+		Use:   "rebuild NAME [--from NODE --to NODE]",
 		Short: "rewrite an erasure-coded image's bad or lost shards from the others",
-		Args:  exactArgs(1, "image rebuild needs exactly one image name"),
+		Long: `Rebuild an erasure-coded image's shards from the others: bad chunks are
+rewritten in place, a shard whose superblock is gone or bad is rewritten
+whole on its node. With --from and --to, every shard on the lost node
+--from is rebuilt on node --to (which holds no other shard of the disk)
+and moved there.`,
+		Example: "  lupool image rebuild debian12\n  lupool image rebuild debian12 --from n2 --to n4",
+		Args:    exactArgs(1, "image rebuild needs exactly one image name"),
 		RunE: func(c *cobra.Command, args []string) error {
-			return call(c, func(ctx context.Context, cl *api.Client) error {
-				r, err := cl.RebuildImage(ctx, args[0])
+			if (from == "") != (to == "") {
+				return usageErrorf("give both --from NODE (the lost one) and --to NODE, or neither")
+			}
+			return cf.call(c, ecTimeout, func(ctx context.Context, cl *api.Client) error {
+				r, err := cl.RebuildImage(ctx, args[0], api.RebuildImageRequest{From: from, To: to})
 				if err != nil {
 					return err
 				}
@@ -109,12 +124,14 @@ written and read back. Needs at least K+M nodes.`,
 					return printJSON(stdout, r)
 				}
 				for _, d := range r.Disks {
-					fmt.Fprintf(stdout, "%s: %d shard(s) rewritten whole %v, %d chunk(s) repaired\n", d.LU, len(d.RebuiltShards), d.RebuiltShards, d.RepairedChunks)
+					fmt.Fprintf(stdout, "%s: %d shard(s) rewritten whole %v, %d chunk(s) repaired, moved %v\n", d.LU, len(d.RebuiltShards), d.RebuiltShards, d.RepairedChunks, d.MovedShards)
 				}
 				return nil
 			})
 		},
 	}
+	rebuild.Flags().StringVar(&from, "from", "", "the lost node whose shards are rebuilt elsewhere")
+	rebuild.Flags().StringVar(&to, "to", "", "the node that takes them")
 	return []*cobra.Command{convert, verify, rebuild}
 }
 

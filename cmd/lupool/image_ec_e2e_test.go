@@ -60,7 +60,9 @@ func shardFile(t *testing.T, d *daemon, lu string) string {
 // reads back equal from every node; with one node killed every read is
 // still right (reconstructed) and the degraded-read metric counts it; a
 // flipped byte in a shard file is read around and named by image verify,
-// and image rebuild repairs it. Bad --ec input changes nothing.
+// and image rebuild repairs it; a fourth node takes the killed node's
+// shard (image rebuild --from --to) and verify is clean again. Bad --ec
+// input changes nothing.
 func TestImageErasureCoded(t *testing.T) {
 	alongside(t)
 	needTools(t, "nbdcopy")
@@ -179,25 +181,34 @@ func TestImageErasureCoded(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	victim.start()
-	deadline = time.Now().Add(30 * time.Second)
-	for {
-		out, errOut, code := n1.cli("image", "verify", "base")
-		if code == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("verify after %s came back: %s %s", victim.id, out, errOut)
-		}
-		time.Sleep(300 * time.Millisecond)
+	// Replace the lost node: a new node joins and takes its shard.
+	n4 := newJoiner(t, "n4", n1)
+	n4.start()
+	out = n1.mustCLI("image", "rebuild", "base", "--from", victim.id, "--to", "n4")
+	if !strings.Contains(out, "moved [.ec.base.0.") {
+		t.Fatalf("rebuild --from %s --to n4: %s", victim.id, out)
 	}
-	n1.mustCLI("image", "rebuild", "base")
 	n1.mustCLI("image", "verify", "base")
+	if err := json.Unmarshal([]byte(n1.mustCLI("image", "show", "base", "-o", "json")), &show); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range show.EC.Disks[0].Shards {
+		if s.Node == victim.id {
+			t.Fatalf("a shard is still on the lost node: %+v", show.EC.Disks[0].Shards)
+		}
+	}
+	if !sameFiles(t, nbdRead(t, n4.uri("base/0")), src) {
+		t.Fatal("base/0 read through the new node differs")
+	}
+	// The lost node comes back: it serves the image from the others and
+	// drops its old shard.
+	victim.start()
 	if !sameFiles(t, nbdRead(t, victim.uri("base/0")), src) {
 		t.Fatalf("base/0 read through %s after its restart differs", victim.id)
 	}
+	nodes["n4"] = n4
 	n1.mustCLI("image", "delete", "base")
-	for _, d := range []*daemon{n1, n2, n3} {
+	for _, d := range []*daemon{n1, n2, n3, n4} {
 		deadline := time.Now().Add(10 * time.Second)
 		for {
 			var left []string

@@ -16,8 +16,10 @@ type ECBackend interface {
 	// VerifyImage reads every shard chunk and checks its checksum and
 	// every stripe's parity.
 	VerifyImage(ctx context.Context, name string) (ECVerifyReport, error)
-	// RebuildImage rewrites bad chunks and shards from the others.
-	RebuildImage(ctx context.Context, name string) (ECRebuildReport, error)
+	// RebuildImage rewrites bad chunks and shards from the others; with
+	// req.From and req.To it rebuilds the shards on node From (lost) onto
+	// node To and moves them there.
+	RebuildImage(ctx context.Context, name string, req RebuildImageRequest) (ECRebuildReport, error)
 	// Layout returns an image's EC layout, or nil for a mirrored image.
 	Layout(ctx context.Context, name string) (*ImageEC, error)
 }
@@ -80,6 +82,13 @@ type ECFault struct {
 	Error   string `json:"error"`
 }
 
+// RebuildImageRequest is the body of POST /v1/images/{name}/rebuild.
+type RebuildImageRequest struct {
+	// From and To, both or neither: move the shards on From to To.
+	From string `json:"from,omitempty"`
+	To   string `json:"to,omitempty"`
+}
+
 // ECRebuildReport is the answer of POST /v1/images/{name}/rebuild.
 type ECRebuildReport struct {
 	Image string               `json:"image"`
@@ -88,8 +97,10 @@ type ECRebuildReport struct {
 
 // ECDiskRebuildStats says what a rebuild of one disk wrote.
 type ECDiskRebuildStats struct {
-	LU             string   `json:"lu"`
-	RebuiltShards  []string `json:"rebuilt_shards"`
+	LU            string   `json:"lu"`
+	RebuiltShards []string `json:"rebuilt_shards"`
+	// MovedShards are the shards rebuilt onto another node (their new LUs).
+	MovedShards    []string `json:"moved_shards,omitempty"`
 	RepairedChunks int64    `json:"repaired_chunks"`
 }
 
@@ -106,8 +117,14 @@ func (h *Handler) registerEC(admin func(string, http.HandlerFunc)) {
 		out, err := h.opts.EC.VerifyImage(ctx, r.PathValue("name"))
 		return http.StatusOK, out, err
 	}))
-	admin("POST /v1/images/{name}/rebuild", h.mutating(func(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
-		out, err := h.opts.EC.RebuildImage(ctx, r.PathValue("name"))
+	admin("POST /v1/images/{name}/rebuild", h.mutating(func(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+		var req RebuildImageRequest
+		if len(body) > 0 {
+			if err := decode(body, &req); err != nil {
+				return 0, nil, err
+			}
+		}
+		out, err := h.opts.EC.RebuildImage(ctx, r.PathValue("name"), req)
 		return http.StatusOK, out, err
 	}))
 }
@@ -137,8 +154,8 @@ func (c *Client) VerifyImage(ctx context.Context, name string) (ECVerifyReport, 
 }
 
 // RebuildImage repairs an EC image's shards (POST /v1/images/{name}/rebuild).
-func (c *Client) RebuildImage(ctx context.Context, name string) (ECRebuildReport, error) {
+func (c *Client) RebuildImage(ctx context.Context, name string, req RebuildImageRequest) (ECRebuildReport, error) {
 	var out ECRebuildReport
-	err := c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/rebuild", nil, &out)
+	err := c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/rebuild", req, &out)
 	return out, err
 }
