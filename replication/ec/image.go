@@ -264,9 +264,25 @@ func (img *Image) readRun(ctx context.Context, i int, first, n int64, dst []byte
 	}
 }
 
+// run is a read of consecutive stripes' chunks of one shard.
+type run struct {
+	first, n int64 // stripes first .. first+n-1
+	buf      []byte
+	errs     []error // per stripe
+}
+
+// covers reports whether the run holds stripes lo..hi.
+func (r *run) covers(lo, hi int64) bool { return r.buf != nil && r.first <= lo && hi < r.first+r.n }
+
+// chunk returns stripe s's chunk and its error.
+func (r *run) chunk(s int64) ([]byte, error) {
+	return r.buf[(s-r.first)*ChunkBytes : (s-r.first+1)*ChunkBytes], r.errs[s-r.first]
+}
+
 // ReadAt implements blockdev.Device. It reads each data shard's run of
-// chunks for the range at once, all shards in parallel, and reconstructs a
-// stripe whose data chunk failed.
+// chunks for the range at once, all shards in parallel; the stripes whose
+// data chunk failed are then reconstructed together, from one more run per
+// shard over them.
 func (img *Image) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if off < 0 || off+int64(len(p)) > img.opts.DataBytes || off+int64(len(p)) < off {
 		return blockdev.ErrOutOfRange
@@ -277,11 +293,6 @@ func (img *Image) ReadAt(ctx context.Context, p []byte, off int64) error {
 	k := int64(img.opts.K)
 	c0, c1 := off/ChunkBytes, (off+int64(len(p))-1)/ChunkBytes
 	s0, s1 := c0/k, c1/k
-	type run struct {
-		first, n int64
-		buf      []byte
-		errs     []error
-	}
 	runs := make([]run, k)
 	var wg sync.WaitGroup
 	for j := int64(0); j < k; j++ {
@@ -308,30 +319,35 @@ func (img *Image) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	var rebuilt map[int64][][]byte
 	var deg *DegradedRead
+	lo, hi := int64(-1), int64(-1) // the failed stripes' span
 	for c := c0; c <= c1; c++ {
 		s, j := c/k, c%k
-		r := &runs[j]
-		chunk := r.buf[(s-r.first)*ChunkBytes : (s-r.first+1)*ChunkBytes]
-		if err := r.errs[s-r.first]; err != nil {
+		if _, err := runs[j].chunk(s); err != nil {
 			if deg == nil {
 				deg = &DegradedRead{Err: err}
 			}
 			if !containsInt(deg.Shards, int(j)) {
 				deg.Shards = append(deg.Shards, int(j))
 			}
-			data, ok := rebuilt[s]
-			if !ok {
-				if data, err = img.reconstruct(ctx, s, deg); err != nil {
-					return err
-				}
-				if rebuilt == nil {
-					rebuilt = map[int64][][]byte{}
-				}
-				rebuilt[s] = data
+			if lo < 0 {
+				lo = s
 			}
-			chunk = data[j]
+			hi = s
+		}
+	}
+	var rebuilt map[int64][][]byte
+	if deg != nil {
+		var err error
+		if rebuilt, err = img.reconstruct(ctx, lo, hi, runs, deg); err != nil {
+			return err
+		}
+	}
+	for c := c0; c <= c1; c++ {
+		s, j := c/k, c%k
+		chunk, err := runs[j].chunk(s)
+		if err != nil {
+			chunk = rebuilt[s][j]
 		}
 		// The part of chunk c inside [off, off+len(p)).
 		cStart := c * ChunkBytes
@@ -347,45 +363,69 @@ func (img *Image) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// reconstruct reads stripe s from every shard, leaves out the chunks that
-// fail, and rebuilds the data chunks.
-func (img *Image) reconstruct(ctx context.Context, s int64, deg *DegradedRead) ([][]byte, error) {
-	chunks, errs := img.readStripe(ctx, s)
-	good := 0
-	for i, err := range errs {
-		if err == nil {
-			good++
-			continue
-		}
-		chunks[i] = nil
-		if !containsInt(deg.Shards, i) {
-			deg.Shards = append(deg.Shards, i)
-		}
-	}
-	if good < img.opts.K {
-		return nil, fmt.Errorf("%w: %w: stripe %d has %d of %d needed (%s): %w", blockdev.ErrIO, ErrTooFewShards, s, good, img.opts.K, img.opts.Geometry, errors.Join(errs...))
-	}
-	if err := img.enc.ReconstructData(chunks); err != nil {
-		return nil, fmt.Errorf("%w: stripe %d: %v", blockdev.ErrIO, s, err)
-	}
-	return chunks, nil
-}
-
-// readStripe reads stripe s's chunk from every shard in parallel.
-func (img *Image) readStripe(ctx context.Context, s int64) ([][]byte, []error) {
+// reconstruct rebuilds the data chunks of the stripes lo..hi that have a
+// failed data chunk in runs: every shard whose run does not already hold
+// those stripes is read over them (in parallel), chunks that fail are left
+// out, and each such stripe is reconstructed from K intact chunks.
+func (img *Image) reconstruct(ctx context.Context, lo, hi int64, runs []run, deg *DegradedRead) (map[int64][][]byte, error) {
 	n := img.opts.Shards()
-	chunks, errs := make([][]byte, n), make([]error, n)
+	all := make([]run, n)
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
-		chunks[i] = make([]byte, ChunkBytes)
+		if i < len(runs) && runs[i].covers(lo, hi) {
+			all[i] = runs[i]
+			continue
+		}
+		r := &all[i]
+		r.first, r.n = lo, hi-lo+1
+		r.buf, r.errs = make([]byte, r.n*ChunkBytes), make([]error, r.n)
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			img.readRun(ctx, i, s, 1, chunks[i], errs[i:i+1])
+			img.readRun(ctx, i, r.first, r.n, r.buf, r.errs)
 		}(i)
 	}
 	wg.Wait()
-	return chunks, errs
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	k := int64(img.opts.K)
+	out := map[int64][][]byte{}
+	for s := lo; s <= hi; s++ {
+		failed := false
+		for j := int64(0); j < k && !failed; j++ {
+			if runs[j].covers(s, s) {
+				_, err := runs[j].chunk(s)
+				failed = err != nil
+			}
+		}
+		if !failed {
+			continue
+		}
+		stripe := make([][]byte, n)
+		good := 0
+		var errs []error
+		for i := 0; i < n; i++ {
+			chunk, err := all[i].chunk(s)
+			if err != nil {
+				errs = append(errs, err)
+				if !containsInt(deg.Shards, i) {
+					deg.Shards = append(deg.Shards, i)
+				}
+				continue
+			}
+			stripe[i] = chunk
+			good++
+		}
+		if good < img.opts.K {
+			return nil, fmt.Errorf("%w: %w: stripe %d has %d of %d needed (%s): %w", blockdev.ErrIO, ErrTooFewShards, s, good, img.opts.K, img.opts.Geometry, errors.Join(errs...))
+		}
+		if err := img.enc.ReconstructData(stripe); err != nil {
+			return nil, fmt.Errorf("%w: stripe %d: %v", blockdev.ErrIO, s, err)
+		}
+		out[s] = stripe
+	}
+	return out, nil
 }
 
 func containsInt(list []int, v int) bool {
