@@ -65,7 +65,7 @@ func shardFile(t *testing.T, d *daemon, lu string) string {
 // input changes nothing.
 func TestImageErasureCoded(t *testing.T) {
 	alongside(t)
-	needTools(t, "nbdcopy")
+	needTools(t, "nbdcopy", "nbdinfo")
 	n1, n2, n3 := cluster3(t)
 	nodes := map[string]*daemon{"n1": n1, "n2": n2, "n3": n3}
 	src := sparseSource(t, t.TempDir(), 6<<20, 1<<20, 0, 2<<20+4096, 5<<20)
@@ -203,6 +203,7 @@ func TestImageErasureCoded(t *testing.T) {
 	// The lost node comes back: it serves the image from the others and
 	// drops its old shard.
 	victim.start()
+	waitExported(t, victim, "base/0")
 	if !sameFiles(t, nbdRead(t, victim.uri("base/0")), src) {
 		t.Fatalf("base/0 read through %s after its restart differs", victim.id)
 	}

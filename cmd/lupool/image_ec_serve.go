@@ -141,8 +141,22 @@ func (x *ecExporter) reconcile() {
 func (x *ecExporter) serve(l cluster.ECLayout, d int) {
 	disk := l.Disks[d]
 	cur := make([]blockdev.Device, len(disk.Shards))
+	have := 0
 	for i, s := range disk.Shards {
-		cur[i], _ = x.devs.Device(s.LU)
+		var ok bool
+		if cur[i], ok = x.devs.Device(s.LU); ok {
+			have++
+		}
+	}
+	if have < l.K {
+		// Fewer than K shard devices here yet (a node that just started
+		// and follows the metadata): export nothing rather than an image
+		// that fails every read.
+		if _, ok := x.served[disk.LU]; ok {
+			x.exports.Remove(disk.LU)
+			delete(x.served, disk.LU)
+		}
+		return
 	}
 	old, ok := x.served[disk.LU]
 	same := ok && len(old.shards) == len(cur)
