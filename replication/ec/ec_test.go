@@ -161,6 +161,21 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+func allocated(t testing.TB, d blockdev.Extenter) int64 {
+	t.Helper()
+	ext, err := d.Extents(context.Background(), 0, d.(blockdev.Device).Size(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, e := range ext {
+		if e.Flags&blockdev.ExtentHole == 0 {
+			n += e.LengthBytes
+		}
+	}
+	return n
+}
+
 // TestSparseStaysSparse: an all-zero image writes nothing but superblocks.
 func TestSparseStaysSparse(t *testing.T) {
 	g := Geometry{2, 1}
@@ -318,6 +333,9 @@ func TestRebuild(t *testing.T) {
 	}
 	if !bytes.Equal(fresh.Bytes(), mems[4].Bytes()) {
 		t.Fatal("rebuilt shard differs from the lost one")
+	}
+	if got, want := allocated(t, fresh), allocated(t, mems[4]); got != want {
+		t.Fatalf("rebuilt shard allocates %d bytes, the encoded one %d: not as sparse", got, want)
 	}
 	r, err := img.Verify(context.Background())
 	if err != nil || !r.Clean() {

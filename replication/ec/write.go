@@ -134,23 +134,27 @@ func writeBatch(ctx context.Context, shards []blockdev.Device, bufs [][]byte, of
 	return nil
 }
 
-// writeRuns writes buf at off, skipping all-zero chunks unless zeros (then
-// they are zeroed: the device may hold old data there).
+// writeRuns writes buf at off, runs of non-zero chunks as one write each.
+// All-zero chunks are skipped, or with zeros (a device that may hold old
+// data there) zeroed: deallocated where the device can (blockdev.Zeroer),
+// so a rebuilt shard stays as sparse as an encoded one.
 func writeRuns(ctx context.Context, d blockdev.Device, buf []byte, off int64, zeros bool) error {
-	if zeros {
-		return d.WriteAt(ctx, buf, off, 0)
-	}
 	chunks := int64(len(buf)) / ChunkBytes
+	zeroer, canZero := d.(blockdev.Zeroer)
 	for c := int64(0); c < chunks; {
-		if isZero(buf[c*ChunkBytes : (c+1)*ChunkBytes]) {
-			c++
-			continue
-		}
+		zero := isZero(buf[c*ChunkBytes : (c+1)*ChunkBytes])
 		end := c + 1
-		for end < chunks && !isZero(buf[end*ChunkBytes:(end+1)*ChunkBytes]) {
+		for end < chunks && isZero(buf[end*ChunkBytes:(end+1)*ChunkBytes]) == zero {
 			end++
 		}
-		if err := d.WriteAt(ctx, buf[c*ChunkBytes:end*ChunkBytes], off+c*ChunkBytes, 0); err != nil {
+		var err error
+		switch {
+		case !zero || zeros && !canZero:
+			err = d.WriteAt(ctx, buf[c*ChunkBytes:end*ChunkBytes], off+c*ChunkBytes, 0)
+		case zeros:
+			err = zeroer.WriteZeroes(ctx, off+c*ChunkBytes, (end-c)*ChunkBytes, 0)
+		}
+		if err != nil {
 			return err
 		}
 		c = end
