@@ -103,6 +103,19 @@ func TestImageErasureCoded(t *testing.T) {
 	if len(shardNode) != 3 {
 		t.Fatalf("shards on %v, want three distinct nodes", shardNode)
 	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"image", "convert", "base", "--ec", "2+1"}, "erasure-coded already"},
+		{[]string{"image", "convert", "nosuch", "--ec", "2+1"}, "no image named"},
+		{[]string{"image", "convert", "base"}, "needs --ec"},
+		{[]string{"lu", "delete", show.EC.Disks[0].Shards[0].LU}, "the pool's own"},
+	} {
+		if _, errOut, code := n1.cli(c.args...); code == 0 || !strings.Contains(errOut, c.want) {
+			t.Errorf("%v: exit %d, %q, want %q", c.args, code, errOut, c.want)
+		}
+	}
 	if _, _, code := n1.cli("lu", "show", "base/0"); code == 0 {
 		t.Error("the mirrored disk LU is still there after the conversion")
 	}
