@@ -76,6 +76,13 @@ const (
 	cmdImageReady  = "image.ready"
 	cmdDeleteImage = "image.delete"
 	cmdFlattenLU   = "lu.flatten"
+
+	cmdECCreate = "image.ec.create" // ec.go
+	cmdECReady  = "image.ec.ready"
+	cmdECAbort  = "image.ec.abort"
+	// ec_move.go
+	cmdECShardAdd  = "image.ec.shard.add"
+	cmdECShardSwap = "image.ec.shard.swap"
 )
 
 type command struct {
@@ -122,6 +129,10 @@ type command struct {
 	// image.ready.
 	Image *Image `json:"image,omitempty"`
 	LUs   []LU   `json:"lus,omitempty"`
+	// EC is the body of image.ec.create (with LUs, its shard LUs).
+	EC *ECLayout `json:"ec,omitempty"`
+	// ECMove is the body of image.ec.shard.add (with LU) and .swap.
+	ECMove *ECShardMove `json:"ec_move,omitempty"`
 }
 
 func (c *command) proposer() Proposer { return Proposer{NodeID: c.By, Primary: c.Primary} }
@@ -201,7 +212,15 @@ func decodeCommand(data []byte) (*command, error) {
 		if c.Image == nil {
 			return nil, fmt.Errorf("%w: %s without an image", ErrInvalid, c.Type)
 		}
-	case cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
+	case cmdECCreate:
+		if c.EC == nil {
+			return nil, fmt.Errorf("%w: %s without a layout", ErrInvalid, c.Type)
+		}
+	case cmdECShardAdd, cmdECShardSwap:
+		if c.ECMove == nil {
+			return nil, fmt.Errorf("%w: %s without a shard", ErrInvalid, c.Type)
+		}
+	case cmdECReady, cmdECAbort, cmdDeleteImage, cmdFlattenLU, cmdResizeLU, cmdDeleteLU, cmdRemoveNode, cmdSetSetting, cmdPruneEvents, cmdRemoveSubscriber, cmdAckSubscriber:
 	default:
 		return nil, fmt.Errorf("%w: type %q", ErrUnknownCommand, c.Type)
 	}

@@ -21,6 +21,7 @@ import (
 //	state                    applied index and rejected count
 //	subs                     the registered callers
 //	images                   the image records
+//	ec                       the erasure-coded images' layouts
 //	events [after=N]         the event log (seq kind lu node by details)
 //	snapshot                 keeps a snapshot of the current state
 //	restore                  restores the kept snapshot; prints the changes
@@ -135,6 +136,27 @@ func TestFSMDataDriven(t *testing.T) {
 					fmt.Fprintf(&b, "%s state=%s copies=%d", img.Name, img.State, img.Copies)
 					for _, disk := range img.Disks {
 						fmt.Fprintf(&b, " [%s %d sha256=%.8s sent=%d]", disk.LU, disk.SizeBytes, disk.SHA256, disk.SentBytes)
+					}
+					b.WriteString("\n")
+				}
+				return b.String()
+			case "ec":
+				ls, err := listEC(f.db)
+				if err != nil {
+					d.Fatalf(t, "%v", err)
+				}
+				var b strings.Builder
+				for _, l := range ls {
+					fmt.Fprintf(&b, "%s %d+%d state=%s raw=%d", l.Image, l.K, l.M, l.State, l.RawBytes())
+					for _, disk := range l.Disks {
+						fmt.Fprintf(&b, " [%s %d id=%.8s", disk.LU, disk.SizeBytes, disk.ImageID)
+						for _, s := range disk.Shards {
+							fmt.Fprintf(&b, " %s@%s", s.LU, s.Node)
+							if s.Pending != nil {
+								fmt.Fprintf(&b, "(pending %s@%s)", s.Pending.LU, s.Pending.Node)
+							}
+						}
+						b.WriteString("]")
 					}
 					b.WriteString("\n")
 				}

@@ -73,6 +73,10 @@ const (
 	EventPagingRequested      = "PagingRequested"      // lu; details vm, size_bytes
 	EventPagingReleased       = "PagingReleased"       // lu; details vm
 	EventScrubRepaired        = "ScrubRepaired"        // lu, node (the writer); details copy, offset_bytes, length_bytes
+	EventECDegradedRead       = "ECDegradedRead"       // node (the reader); details image, disk, shards: a read of an EC image was reconstructed
+	EventECEncoding           = "ECEncoding"           // details image, ec: a conversion to erasure coding started (derived)
+	EventECReady              = "ECReady"              // details image, ec, raw_bytes: the image is served from its shards (derived)
+	EventECShardMoved         = "ECShardMoved"         // node (the new one); details image, disk, shard, from, to: a rebuilt shard replaced a lost one (derived)
 )
 
 // derivedKinds are written only by the state machine: an event.append of
@@ -81,7 +85,7 @@ var derivedKinds = map[string]bool{
 	EventLUCreated: true, EventLUResized: true, EventLUDeleted: true, EventCopyStateChanged: true,
 	EventResyncStarted: true, EventResyncFinished: true, EventNodeJoined: true, EventNodeRemoved: true,
 	EventCommandRejected: true, EventFFDCCaptured: true, EventMoveStarted: true, EventMoveCompleted: true,
-	EventMoveRolledBack: true,
+	EventMoveRolledBack: true, EventECEncoding: true, EventECReady: true, EventECShardMoved: true,
 }
 
 // proposedKinds may be proposed with AppendEvent.
@@ -89,7 +93,7 @@ var proposedKinds = map[string]bool{
 	EventPrimaryElected: true, EventPoolThreshold: true, EventOvercommitApproached: true,
 	EventResyncBytes: true, EventNodeSuspect: true, EventNodeDead: true, EventNodeBack: true, EventQuorumLost: true,
 	EventQuorumRegained: true, EventPagingRequested: true, EventPagingReleased: true, EventWriterMoved: true,
-	EventScrubRepaired: true,
+	EventScrubRepaired: true, EventECDegradedRead: true,
 }
 
 // EventKinds returns every known event kind (derived and proposed).

@@ -467,6 +467,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err != nil {
 			return applyResult{err: err}
 		}
+		if err := checkNotECShard(lu.Name); err != nil {
+			return applyResult{err: err}
+		}
 		if lu.Image != "" {
 			return applyResult{err: fmt.Errorf("%w: %q is a disk of image %q; delete the image (lupool image delete %s)",
 				ErrInvalid, lu.Name, lu.Image, lu.Image)}
@@ -497,6 +500,16 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		return f.applyFlatten(b, c, l.Index)
 	case cmdSnapshotLU:
 		return f.applySnapshot(b, c, l.Index)
+	case cmdECCreate:
+		return f.applyCreateEC(b, c, l.Index)
+	case cmdECReady:
+		return f.applyECReady(b, c, l.Index)
+	case cmdECAbort:
+		return f.applyECAbort(b, c, l.Index)
+	case cmdECShardAdd:
+		return f.applyECShardAdd(b, c, l.Index)
+	case cmdECShardSwap:
+		return f.applyECShardSwap(b, c, l.Index)
 	case cmdMove:
 		return f.applyMove(b, c, l.Index)
 	case cmdUpsertNode:

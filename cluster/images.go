@@ -133,6 +133,9 @@ func (f *fsm) checkPlainCreate(lu LU) error {
 	if lu.SnapshotOf != "" {
 		return fmt.Errorf("%w: LU %q: snapshots are created by lu snapshot only", ErrInvalid, lu.Name)
 	}
+	if err := checkNotECShard(lu.Name); err != nil {
+		return err
+	}
 	if lu.Image != "" || lu.ReadOnly {
 		return fmt.Errorf("%w: LU %q: image disks are created by image import only", ErrInvalid, lu.Name)
 	}
@@ -369,6 +372,9 @@ func (f *fsm) applyDeleteImage(b *pebble.Batch, c *command, index uint64) applyR
 		return applyResult{err: err}
 	}
 	var res applyResult
+	if err := f.deleteImageEC(b, img.Name, &res, index); err != nil {
+		return applyResult{err: err}
+	}
 	for _, lu := range lus {
 		if !disks[lu.Name] {
 			continue

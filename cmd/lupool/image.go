@@ -19,6 +19,7 @@ import (
 	"github.com/lupool/lupool/blockdev/blockcopy"
 	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/internal/units"
+	"github.com/lupool/lupool/replication/ec"
 	"github.com/lupool/lupool/server/api"
 	"github.com/lupool/lupool/server/endpoint"
 )
@@ -39,6 +40,7 @@ func newImageCommand(cf *clientFlags, stdout, stderr io.Writer) *cobra.Command {
 		copies int
 		resume bool
 		rate   string
+		ecFlag string
 	)
 	call := func(c *cobra.Command, fn func(ctx context.Context, cl *api.Client) error) error {
 		return cf.call(c, luTimeout, fn)
@@ -71,12 +73,17 @@ lupool lu create VM --from NAME/0.`,
 				}
 				rateBytes = n
 			}
-			return runImageImport(c.Context(), cf, importArgs{name: args[0], sources: args[1:], copies: copies, resume: resume, rateBytes: rateBytes}, stdout, stderr)
+			g, err := parseECFlag(ecFlag)
+			if err != nil {
+				return err
+			}
+			return runImageImport(c.Context(), cf, importArgs{name: args[0], sources: args[1:], copies: copies, resume: resume, rateBytes: rateBytes, ec: g}, stdout, stderr)
 		},
 	}
 	importCmd.Flags().IntVar(&copies, "copies", 1, "synchronous copies of each disk on distinct nodes (a clone's copies need the image on their nodes)")
 	importCmd.Flags().BoolVar(&resume, "resume", false, "finish an interrupted import of NAME from the same sources")
 	importCmd.Flags().StringVar(&rate, "rate", "", "limit the import to this many bytes per second sent (e.g. 100M)")
+	importCmd.Flags().StringVar(&ecFlag, "ec", "", "erasure-code the image once imported: K data + M parity shards per stripe on K+M nodes, e.g. 2+1 (see image convert)")
 
 	list := &cobra.Command{
 		Use:     "list",
@@ -125,7 +132,8 @@ lupool lu create VM --from NAME/0.`,
 			})
 		},
 	}
-	return newGroupCommand("image", "read-only images to clone disks from", "admin", importCmd, list, show, del)
+	subs := append([]*cobra.Command{importCmd, list, show, del}, newImageECCommands(cf, stdout)...)
+	return newGroupCommand("image", "read-only images to clone disks from", "admin", subs...)
 }
 
 type importArgs struct {
@@ -134,6 +142,8 @@ type importArgs struct {
 	copies    int
 	resume    bool
 	rateBytes int64
+	// ec, when set, converts the image once it is ready.
+	ec ec.Geometry
 }
 
 // runImageImport checks everything it can before it creates anything:
@@ -180,6 +190,11 @@ func runImageImport(ctx context.Context, cf *clientFlags, a importArgs, stdout, 
 	if err != nil {
 		return err
 	}
+	if a.ec.K > 0 {
+		if err := checkECNodes(ctx, cl, a.ec); err != nil {
+			return err
+		}
+	}
 	img, err := startImport(ctx, cl, a, req)
 	if err != nil {
 		return err
@@ -209,6 +224,11 @@ func runImageImport(ctx context.Context, cf *clientFlags, a importArgs, stdout, 
 	img, err = cl.ImageReady(ctx, a.name, ready)
 	if err != nil {
 		return err
+	}
+	if a.ec.K > 0 {
+		if img, err = cl.ConvertImage(ctx, a.name, api.ConvertImageRequest{K: a.ec.K, M: a.ec.M}); err != nil {
+			return fmt.Errorf("%w; the image was imported mirrored: convert it with lupool image convert %s --ec %s", err, a.name, a.ec)
+		}
 	}
 	return printImages(stdout, cf.output, []api.Image{img}, true)
 }
@@ -325,6 +345,7 @@ func printImages(w io.Writer, output string, imgs []api.Image, single bool) erro
 	if len(img.Clones) > 0 {
 		fmt.Fprintf(w, "\nclones: %s\n", strings.Join(img.Clones, ", "))
 	}
+	printImageEC(w, img.EC)
 	return nil
 }
 

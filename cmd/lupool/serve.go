@@ -37,6 +37,7 @@ import (
 	"github.com/lupool/lupool/lu"
 	"github.com/lupool/lupool/paging"
 	"github.com/lupool/lupool/replication"
+	"github.com/lupool/lupool/replication/ec"
 	"github.com/lupool/lupool/server/api"
 	"github.com/lupool/lupool/server/nbd"
 )
@@ -372,6 +373,12 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		log.Warn("the dirty-region store is not trusted: copies that are not in sync will be compared by region hashes before they are recorded in sync", "reason", doubt)
 	}
 	defer func() { err = errors.Join(err, dirty.Close()) }()
+	// Erasure-coded images: shard LUs' devices are kept for them, not
+	// exported (image_ec_serve.go).
+	ecDevs := newECDevices(func(name string) (blockdev.Device, bool) {
+		e, ok := exports.Lookup(name)
+		return e.Device, ok
+	})
 	mgr, err := replication.NewManager(replication.ManagerOptions{
 		NodeID:               id,
 		Pool:                 pool,
@@ -397,6 +404,10 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			return h.Hashes, err
 		},
 		Export: func(name, description string, dev blockdev.Device) {
+			if cluster.IsECShardLU(name) {
+				ecDevs.add(name, dev)
+				return
+			}
 			if _, _, isSnap := rules.SplitSnapshotLU(name); isSnap {
 				// A snapshot never takes a write (its volume is frozen).
 				gated, err := readonly.New(dev, func() bool { return true })
@@ -428,6 +439,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 			}
 		},
 		Unexport: func(name string) {
+			ecDevs.remove(name)
 			exports.Remove(name)
 			nbdServer.DisconnectExport(name)
 		},
@@ -528,6 +540,17 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	ecSelfTest := ec.SelfTest()
+	ecSvc, err := control.NewEC(ctl, control.ECOptions{Metadata: node, Devices: ecDevs, SelfTest: ecSelfTest,
+		ShardTimeout: 2 * time.Second, RetryAfter: 5 * time.Second})
+	if err != nil {
+		return err
+	}
+	ecExport := newECExporter(node, ecDevs, exports, log.With("part", "ec"), emitter.emit, ecSelfTest)
+	registry.MustRegister(ecExport.Collectors()...)
+	ecCtx, ecStop := context.WithCancel(ctx)
+	defer ecStop()
+	go ecExport.run(ecCtx)
 	backend := &daemonBackend{ctl: ctl, node: node, nodeID: id, ident: ident, peers: peer, data: cfg.Data, log: log.With("part", "api")}
 	if tok, err := readTrimmed(filepath.Join(cfg.Data, adminTokenName)); err == nil {
 		backend.localAdminHash = pki.HashSecret(tok)
@@ -579,6 +602,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		Paging:    pagingBackend{svc: pagingSvc},
 		Images:    ctl,
 		Snapshots: ctl,
+		EC:        ecSvc,
 		FFDC:      &ffdcStore{f: capture, ctl: ctl.APIError},
 		OnPanic: func(r *http.Request, v any, _ []byte) {
 			capture.trigger(ffdcTriggerPanic, fmt.Sprintf("panic in %s %s: %v", r.Method, r.URL.Path, v))

@@ -71,6 +71,9 @@ type Options struct {
 	// Snapshots, when set, serves LU snapshots and rollback
 	// (/v1/lus/{name}/snapshots, /v1/lus/{name}/rollback).
 	Snapshots SnapshotBackend
+	// EC, when set, serves erasure-coded images (convert, verify,
+	// rebuild) and adds their layout to the images' answers.
+	EC ECBackend
 	// FFDC, when set, serves the failure data capture bundles.
 	FFDC FFDCStore
 	// OnPanic, when set, is called (on the request's goroutine) after a
@@ -174,6 +177,9 @@ func NewHandler(opts Options) (*Handler, error) {
 	}
 	if opts.Snapshots != nil {
 		h.registerSnapshots(admin)
+	}
+	if opts.EC != nil {
+		h.registerEC(admin)
 	}
 	if opts.Alerts != nil {
 		admin("GET /v1/pool/alerts", h.poolAlerts)

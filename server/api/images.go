@@ -70,7 +70,9 @@ type Image struct {
 	Copies int         `json:"copies"`
 	Disks  []ImageDisk `json:"disks"`
 	// Clones are the LUs that read one of its disks.
-	Clones    []string  `json:"clones"`
+	Clones []string `json:"clones"`
+	// EC is the erasure-coded layout; nil for a mirrored image.
+	EC        *ImageEC  `json:"ec,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 }
 
@@ -108,10 +110,18 @@ func (h *Handler) registerImages(admin func(string, http.HandlerFunc)) {
 	}))
 	admin("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
 		out, err := h.opts.Images.ListImages(r.Context())
+		for i := range out {
+			if err == nil {
+				err = h.addEC(r.Context(), &out[i])
+			}
+		}
 		h.reply(w, out, err)
 	})
 	admin("GET /v1/images/{name}", func(w http.ResponseWriter, r *http.Request) {
 		out, err := h.opts.Images.GetImage(r.Context(), r.PathValue("name"))
+		if err == nil {
+			err = h.addEC(r.Context(), &out)
+		}
 		h.reply(w, out, err)
 	})
 	admin("DELETE /v1/images/{name}", h.mutating(func(ctx context.Context, r *http.Request, _ []byte) (int, any, error) {
