@@ -109,10 +109,18 @@ func (f *fsm) checkSnapshot(snap LU) error {
 }
 
 func (f *fsm) applySnapshot(b *pebble.Batch, c *command, index uint64) applyResult {
-	if !c.Primary {
-		return applyResult{err: fmt.Errorf("%w: %q proposes a snapshot; only the primary records them", ErrForeignRecord, c.By)}
-	}
 	snap := *c.LU
+	if !c.Primary {
+		// The LU's writer froze the copies and proposes the record
+		// (through the leader, which names it by its certificate).
+		of, err := f.mustGetLU(snap.SnapshotOf)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return applyResult{err: err}
+		}
+		if err == nil && (c.By != of.Writer || snap.Writer != c.By) {
+			return applyResult{err: fmt.Errorf("%w: %q proposes a snapshot of %q, written by %q; only its writer or the primary records one", ErrForeignRecord, c.By, of.Name, of.Writer)}
+		}
+	}
 	snap.CreatedAt, snap.UpdatedAt = c.At, c.At
 	if err := f.checkSnapshot(snap); err != nil {
 		return applyResult{err: err}
@@ -139,7 +147,7 @@ func (f *fsm) checkNoSnapshots(name, what string) error {
 // SnapshotLU records snapshot snap (its LU record: name LU@SNAP,
 // SnapshotOf LU, read-only, the copies that froze). Returns ErrInvalid,
 // ErrExists, ErrNotFound, ErrSnapshotLimit or ErrNotLeader.
-func (n *Node) SnapshotLU(ctx context.Context, snap LU) error {
+func (n *Node) SnapshotLU(ctx context.Context, by Proposer, snap LU) error {
 	snap = withDefaults(snap, n.opts.NodeID)
 	var pre error
 	if rerr := n.readDB(func() error { pre = n.fsm.checkSnapshot(snap); return nil }); rerr != nil {
@@ -148,7 +156,7 @@ func (n *Node) SnapshotLU(ctx context.Context, snap LU) error {
 	if pre != nil {
 		return pre
 	}
-	_, err := n.propose(ctx, &command{Type: cmdSnapshotLU, LU: &snap, By: n.opts.NodeID, Primary: true})
+	_, err := n.propose(ctx, &command{Type: cmdSnapshotLU, LU: &snap, By: by.NodeID, Primary: by.Primary})
 	return err
 }
 

@@ -169,6 +169,12 @@ type Options struct {
 	// optional (without them the snapshot calls answer ErrUnavailable).
 	SnapshotRecords SnapshotMetadata
 	Snapshots       SnapshotTaker
+	// ProposeSnapshot records a snapshot this node (the LU's writer)
+	// froze: directly when it leads the metadata log, else through the
+	// leader's peer port, which names this node by its certificate. Nil:
+	// SnapshotRecords.SnapshotLU as this node, which works on the leader
+	// only.
+	ProposeSnapshot func(ctx context.Context, snap cluster.LU) error
 }
 
 // EnsureDefaults fills the zero fields that have defaults.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/internal/rules"
@@ -14,7 +15,7 @@ import (
 
 // SnapshotMetadata is the replicated record of snapshots: cluster.Node.
 type SnapshotMetadata interface {
-	SnapshotLU(ctx context.Context, snap cluster.LU) error
+	SnapshotLU(ctx context.Context, by cluster.Proposer, snap cluster.LU) error
 	Snapshots(name string) ([]cluster.LU, error)
 }
 
@@ -38,10 +39,9 @@ func (p *Plane) snapshots() (SnapshotMetadata, SnapshotTaker, error) {
 }
 
 // snapshotTarget checks that LU name can be snapshotted or rolled back
-// here: it exists, is a writable file LU, and this node writes it and
-// holds the metadata lead (the snapshot's record is proposed right after
-// the copies froze). On another node than the writer it answers with an
-// *api.NotLeaderError naming the writer, which the API forwards to.
+// here: it exists, is a writable file LU, and this node writes it. On
+// another node than the writer it answers with an *api.NotLeaderError
+// naming the writer, which the API forwards to.
 func (p *Plane) snapshotTarget(name string) (cluster.LU, error) {
 	rec, err := p.opts.Metadata.GetLU(name)
 	if errors.Is(err, cluster.ErrNotFound) {
@@ -71,11 +71,57 @@ func (p *Plane) snapshotTarget(name string) (cluster.LU, error) {
 		}
 		return cluster.LU{}, nl
 	}
-	if leader, _ := p.opts.Metadata.Leader(); leader != p.opts.NodeID {
-		return cluster.LU{}, fmt.Errorf("%w: %s is written by %s, which is not the metadata leader (%s): snapshots are taken where both meet; move the LU there first (lupool lu move %s --to %s)",
-			api.ErrUnavailable, name, p.opts.NodeID, leader, name, leader)
-	}
 	return rec, nil
+}
+
+// proposeSnapshot records snap, frozen by this node (the LU's writer).
+func (p *Plane) proposeSnapshot(ctx context.Context, meta SnapshotMetadata, snap cluster.LU) error {
+	if p.opts.ProposeSnapshot != nil {
+		return p.opts.ProposeSnapshot(ctx, snap)
+	}
+	return meta.SnapshotLU(ctx, cluster.Proposer{NodeID: p.opts.NodeID}, snap)
+}
+
+// RecordSnapshot records, on the metadata leader, a snapshot that the
+// calling node (named by its certificate) froze as the LU's writer: the
+// leader side of ProposeSnapshot. The metadata's rules check that the
+// caller writes the LU and that every listed copy is in sync.
+func (p *Plane) RecordSnapshot(ctx context.Context, name string, req api.SnapshotRecordRequest) error {
+	meta, _, err := p.snapshots()
+	if err != nil {
+		return err
+	}
+	by := api.CallerFrom(ctx).Node
+	if by == "" {
+		return fmt.Errorf("%w: snapshot records come from the LU's writer node", api.ErrForbidden)
+	}
+	if err := rules.SnapshotName(name, req.Snapshot); err != nil {
+		return fmt.Errorf("%w: snapshot name %q: %w", api.ErrInvalid, req.Snapshot, err)
+	}
+	rec, err := p.opts.Metadata.GetLU(name)
+	if errors.Is(err, cluster.ErrNotFound) {
+		return notFound(name)
+	}
+	if err != nil {
+		return p.APIError(err)
+	}
+	snap := snapshotRecord(rec, req.Snapshot, by, req.Copies, p.opts.Now())
+	if err := meta.SnapshotLU(ctx, cluster.Proposer{NodeID: by}, snap); err != nil {
+		return p.APIError(err)
+	}
+	return nil
+}
+
+// snapshotRecord is the record of snapshot snap of LU rec, frozen by its
+// writer on the nodes froze.
+func snapshotRecord(rec cluster.LU, snap, writer string, froze []string, now time.Time) cluster.LU {
+	out := cluster.LU{Name: rules.SnapshotLUName(rec.Name, snap), SnapshotOf: rec.Name, ReadOnly: true, SizeBytes: rec.SizeBytes,
+		Kind: cluster.KindFile, Copies: len(froze), CreatedOn: writer, Writer: writer, Epoch: 1, CreatedAt: now.UTC(),
+		Description: "snapshot of " + rec.Name}
+	for _, n := range froze {
+		out.Replicas = append(out.Replicas, cluster.Replica{NodeID: n, State: cluster.ReplicaInSync})
+	}
+	return out
 }
 
 // SnapshotLU freezes LU name at a flush point on every copy (see
@@ -118,15 +164,21 @@ func (p *Plane) SnapshotLU(ctx context.Context, name string, req api.SnapshotReq
 	if err != nil {
 		return api.LU{}, p.snapshotError(err)
 	}
-	snap := cluster.LU{Name: snapName, SnapshotOf: name, ReadOnly: true, SizeBytes: rec.SizeBytes, Kind: cluster.KindFile,
-		Copies: len(froze), CreatedOn: p.opts.NodeID, Writer: p.opts.NodeID, Epoch: 1, CreatedAt: p.opts.Now().UTC(),
-		Description: "snapshot of " + name}
-	for _, n := range froze {
-		snap.Replicas = append(snap.Replicas, cluster.Replica{NodeID: n, State: cluster.ReplicaInSync})
-	}
-	if err := meta.SnapshotLU(ctx, snap); err != nil {
+	snap := snapshotRecord(rec, req.Name, p.opts.NodeID, froze, p.opts.Now())
+	if err := p.proposeSnapshot(ctx, meta, snap); err != nil {
 		return api.LU{}, fmt.Errorf("%s froze on %s, but its record failed (the frozen layers stay on those nodes until deleted by hand): %w",
 			snapName, strings.Join(froze, ", "), p.APIError(err))
+	}
+	// Recorded through the leader: wait until this node applied it.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if _, err := p.opts.Metadata.GetLU(snapName); err == nil || !errors.Is(err, cluster.ErrNotFound) || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return api.LU{}, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 	return p.afterChange(ctx, snapName)
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/lupool/lupool/cluster"
 	"github.com/lupool/lupool/cluster/peerlink"
+	"github.com/lupool/lupool/internal/rules"
 	"github.com/lupool/lupool/server/api"
 	"github.com/lupool/lupool/server/nbd"
 )
@@ -257,6 +258,42 @@ func (p *peers) changeCopies(ctx context.Context, rec cluster.LU, expected uint6
 		case <-ctx.Done():
 			return fmt.Errorf("%w: copy change of %s: %v", cluster.ErrNotLeader, rec.Name, err)
 		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// recordSnapshot records a snapshot this node froze as the LU's writer
+// (control.Options.ProposeSnapshot): directly when it leads the metadata
+// log, else on the leader's peer port, which names this node by its
+// certificate. It follows leadership changes until ctx ends.
+func (p *peers) recordSnapshot(ctx context.Context, snap cluster.LU) error {
+	req := api.SnapshotRecordRequest{}
+	_, req.Snapshot, _ = rules.SplitSnapshotLU(snap.Name)
+	for _, r := range snap.Replicas {
+		req.Copies = append(req.Copies, r.NodeID)
+	}
+	for {
+		err := p.node.SnapshotLU(ctx, cluster.Proposer{NodeID: p.self}, snap)
+		if !errors.Is(err, cluster.ErrNotLeader) {
+			return err
+		}
+		if leader, _ := p.node.Leader(); leader != "" && leader != p.self {
+			var c *api.Client
+			if c, err = p.clientOf(leader); err == nil {
+				err = c.RecordSnapshot(ctx, snap.SnapshotOf, req)
+			}
+			var se *api.StatusError
+			switch {
+			case err == nil:
+				return nil
+			case errors.As(err, &se) && se.StatusCode < 500:
+				return fmt.Errorf("leader %s refused the snapshot record: %w", leader, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: snapshot %s: %v", cluster.ErrNotLeader, snap.Name, err)
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

@@ -536,7 +536,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	}
 	ctl, err := control.New(control.Options{NodeID: id, Metadata: node, Pool: pool, Replicas: mgr, Connections: nbdServer,
 		Peers: peer, Scrubs: scrubber, OvercommitRatio: cfg.Overcommit, Liveness: peer.liveness, Moves: node, Images: node,
-		SnapshotRecords: node, Snapshots: mgr})
+		SnapshotRecords: node, Snapshots: mgr, ProposeSnapshot: peer.recordSnapshot})
 	if err != nil {
 		return err
 	}

@@ -3,11 +3,12 @@ package main
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/internal/realclient"
 )
 
 // TestSnapshotUnderLoadThenRollback: an LU with two copies on two nodes is
@@ -21,7 +22,7 @@ import (
 // content as it was.
 func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 	alongside(t)
-	needTools(t, "fio", "nbdcopy", "nbdsh")
+	needTools(t, "fio", "nbdcopy")
 	n1 := newDaemon(t, "n1")
 	n1.start()
 	n2 := newJoiner(t, "n2", n1)
@@ -64,8 +65,8 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 	if _, errOut, code := n1.cli("lu", "show", "v@s1"); code != 0 {
 		t.Fatalf("lu show v@s1: %s", errOut)
 	}
-	if out := runTool(t, "nbdsh", "-u", n2.uri("v@s1"), "-c", "print(h.is_read_only())"); strings.TrimSpace(out) != "True" {
-		t.Fatalf("snapshot export is not read-only: %q", out)
+	if out, err := realclient.Nbdsh(t, n2.uri("v@s1"), "print(h.is_read_only())").CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "True" {
+		t.Fatalf("snapshot export is not read-only: %v %q", err, out)
 	}
 
 	// Bad arguments: each says what to fix and changes nothing.
@@ -95,7 +96,7 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 	}
 
 	// A client attached: rollback refused without --force.
-	attached := exec.Command("nbdsh", "-u", n1.uri("v"), "-c", "import time; time.sleep(30)")
+	attached := realclient.Nbdsh(t, n1.uri("v"), "import time; time.sleep(30)")
 	if err := attached.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -146,6 +147,46 @@ func TestSnapshotUnderLoadThenRollback(t *testing.T) {
 	}
 	if v, code := n1.verify("v"); code != 0 || !v.Equal {
 		t.Fatalf("verify after the snapshot was deleted: exit %d %+v", code, v)
+	}
+
+	// An LU written by n2, not the metadata leader (n1): the request
+	// asked of n1 goes to n2, which freezes both copies and has the
+	// leader record the snapshot under its own certificate's name.
+	if leader := leaderOf(t, n1, n2); leader != n1 {
+		t.Fatalf("the metadata leader is %s; this part needs n1 to lead", leader.id)
+	}
+	n2.mustCLI("lu", "create", "w", "--size", "4M", "--copies", "2")
+	if lu := n1.showLU("w"); lu.Writer != "n2" {
+		t.Fatalf("w is written by %s; want n2, where it was created", lu.Writer)
+	}
+	first, second := make([]byte, 1<<20), make([]byte, 1<<20)
+	for i := range first {
+		first[i], second[i] = byte(i*7+1), byte(i*13+5)
+	}
+	pwriteRegions(t, n2.uri("w"), first, []int64{0, 2 << 20})
+	wantW := fileSHA(t, nbdRead(t, n2.uri("w")))
+	if err := json.Unmarshal([]byte(n1.mustCLI("lu", "snapshot", "w", "s1", "-o", "json")), &snap); err != nil {
+		t.Fatal(err)
+	}
+	if snap.Name != "w@s1" || snap.Writer != "n2" || len(snap.Replicas) != 2 {
+		t.Fatalf("snapshot of w through n1: %+v; want w@s1 written by n2 with both copies", snap)
+	}
+	pwriteRegions(t, n2.uri("w"), second, []int64{0, 1 << 20})
+	for _, d := range []*daemon{n1, n2} {
+		if got := fileSHA(t, nbdRead(t, d.uri("w@s1"))); got != wantW {
+			t.Fatalf("w@s1 read through %s differs from w at the snapshot", d.id)
+		}
+	}
+	n1.mustCLI("lu", "rollback", "w", "s1")
+	for _, d := range []*daemon{n1, n2} {
+		if got := fileSHA(t, nbdRead(t, d.uri("w"))); got != wantW {
+			t.Fatalf("after rollback through n1, w read through %s is not its content at the snapshot", d.id)
+		}
+	}
+	for _, name := range []string{"w", "w@s1"} {
+		if v, code := n1.verify(name); code != 0 || !v.Equal || len(v.Copies) != 2 {
+			t.Fatalf("verify %s: exit %d %+v", name, code, v)
+		}
 	}
 }
 

@@ -176,7 +176,7 @@ func NewHandler(opts Options) (*Handler, error) {
 		h.registerImages(admin)
 	}
 	if opts.Snapshots != nil {
-		h.registerSnapshots(admin)
+		h.registerSnapshots(admin, node)
 	}
 	if opts.EC != nil {
 		h.registerEC(admin)

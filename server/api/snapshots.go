@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
 )
@@ -20,6 +21,18 @@ type SnapshotBackend interface {
 	DeleteSnapshot(ctx context.Context, name, snap string) error
 	// RollbackLU makes LU name read what its snapshot req.Snapshot holds.
 	RollbackLU(ctx context.Context, name string, req RollbackRequest) (LU, error)
+	// RecordSnapshot records, on the leader, a snapshot the calling node
+	// (CallerFrom: its certificate) froze as the LU's writer.
+	RecordSnapshot(ctx context.Context, name string, req SnapshotRecordRequest) error
+}
+
+// SnapshotRecordRequest is the body of POST
+// /v1/internal/lus/{name}/snapshot-record (node only, peer port): the
+// LU's writer froze snapshot Snapshot on the nodes Copies and asks the
+// leader to record it.
+type SnapshotRecordRequest struct {
+	Snapshot string   `json:"snapshot"`
+	Copies   []string `json:"copies"`
 }
 
 // SnapshotRequest is the body of POST /v1/lus/{name}/snapshots.
@@ -37,7 +50,17 @@ type RollbackRequest struct {
 	Force bool `json:"force,omitempty"`
 }
 
-func (h *Handler) registerSnapshots(admin func(string, http.HandlerFunc)) {
+func (h *Handler) registerSnapshots(admin, node func(string, http.HandlerFunc)) {
+	node("POST /v1/internal/lus/{name}/snapshot-record", h.local(func(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
+		var req SnapshotRecordRequest
+		if err := decode(body, &req); err != nil {
+			return 0, nil, err
+		}
+		if req.Snapshot == "" || len(req.Copies) == 0 {
+			return 0, nil, fmt.Errorf("%w: a snapshot record needs the snapshot's name and the copies that froze", ErrInvalid)
+		}
+		return http.StatusNoContent, nil, h.opts.Snapshots.RecordSnapshot(ctx, r.PathValue("name"), req)
+	}))
 	admin("POST /v1/lus/{name}/snapshots", h.mutating(func(ctx context.Context, r *http.Request, body []byte) (int, any, error) {
 		var req SnapshotRequest
 		if err := decode(body, &req); err != nil {
@@ -87,4 +110,11 @@ func (c *Client) RollbackLU(ctx context.Context, name string, req RollbackReques
 	var out LU
 	err := c.do(ctx, http.MethodPost, "/v1/lus/"+url.PathEscape(name)+"/rollback", req, &out)
 	return out, err
+}
+
+// RecordSnapshot asks the leader (this client must point at its peer
+// port, with the writer node's certificate) to record a snapshot the
+// writer froze.
+func (c *Client) RecordSnapshot(ctx context.Context, name string, req SnapshotRecordRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/internal/lus/"+url.PathEscape(name)+"/snapshot-record", req, nil)
 }
