@@ -297,6 +297,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	ffdcInterval, _ := time.ParseDuration(cfg.FFDCMinInterval) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter:  replaceAfter,
+		LUsPerNodeMax: cfg.LUsPerNodeMax,
 		FailoverAfter: failoverAfter,
 		ReadLease:     readLease,
 		Probe: func(ctx context.Context, id string) error {
