@@ -209,6 +209,11 @@ type ManagerOptions struct {
 	// (default 15 s, well above the primary's --failover-after); after
 	// that the client gets EIO.
 	FailoverWait time.Duration
+	// PairLeases renews the read leases of every LU this node writes with
+	// copies on another node by one heartbeat per node pair (pairlease.go)
+	// instead of one ping loop per LU. Off by default while it is new;
+	// every node serves the heartbeat either way.
+	PairLeases bool
 }
 
 // EnsureDefaults fills unset fields.
@@ -309,6 +314,11 @@ type Manager struct {
 	leases sync.Map
 	// metaLeases maps an LU name to its metadata read lease (*metaLease).
 	metaLeases sync.Map
+	// pairs are this node's heartbeats to copy nodes (PairLeases).
+	pairs struct {
+		sync.Mutex
+		m map[string]*pairLink // guarded by pairs
+	}
 	// clock is the base of monotonic times kept as integers.
 	clock       time.Time
 	bufs        bufPool
@@ -347,6 +357,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	}
 	m := &Manager{opts: opts, stopped: make(chan struct{}), quit: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
 	m.recs.m = map[string]cluster.LU{}
+	m.pairs.m = map[string]*pairLink{}
 	m.changes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_lu_changes_applied_total",
 		Help: "LU metadata changes applied to this node's volumes since the process started.",
@@ -392,13 +403,15 @@ func (m *Manager) Enqueue(ch cluster.Change) {
 
 func (m *Manager) noteRecord(ch cluster.Change) {
 	m.recs.Lock()
-	defer m.recs.Unlock()
 	if ch.Kind == cluster.Deleted {
 		delete(m.recs.m, ch.LU.Name)
 		m.metrics.forgetLU(ch.LU.Name)
-		return
+	} else {
+		m.setRecordLocked(ch.LU)
 	}
-	m.setRecordLocked(ch.LU)
+	m.recs.Unlock()
+	// After the record: a heartbeat that checks it from now on sees it.
+	m.pairRecordChanged(ch.LU.Name, writerOf(ch.LU), ch.Kind == cluster.Deleted || !holdsCopy(ch.LU, m.opts.NodeID))
 }
 
 // now is the monotonic time since the manager started.
@@ -419,8 +432,12 @@ func (m *Manager) now() int64 { return int64(time.Since(m.clock)) }
 // answered is when this copy last answered any frame of the writer: the
 // writer's own read lease may run until ReadLease after it, which a copy
 // promoted to writer waits out (waitOutWriterLease, copyset.TakeOverAt).
+//
+// pair is the LU's place in a heartbeat session of its writer's node
+// (pairlease.go), which renews the lease of every LU it holds at once.
 type copyLease struct {
 	from, answered atomic.Int64
+	pair           pairCopyLease
 }
 
 func (m *Manager) copyLeaseOf(name string) *copyLease {
@@ -429,6 +446,7 @@ func (m *Manager) copyLeaseOf(name string) *copyLease {
 		l := &copyLease{}
 		l.from.Store(copyset.Never)
 		l.answered.Store(copyset.Never)
+		l.pair.answered.Store(copyset.Never)
 		v, _ = m.leases.LoadOrStore(name, l)
 	}
 	return v.(*copyLease)
@@ -463,7 +481,8 @@ func (m *Manager) leaseValid(name string) bool {
 	if !ok {
 		return false
 	}
-	return copyset.LeaseHolds(copyset.Params{ReadLease: m.opts.ReadLease}, m.now(), v.(*copyLease).from.Load())
+	l := v.(*copyLease)
+	return copyset.LeaseHolds(copyset.Params{ReadLease: m.opts.ReadLease}, m.now(), max(l.from.Load(), l.pair.leaseFrom()))
 }
 
 // record returns the latest applied record of an LU.
@@ -485,6 +504,9 @@ func (m *Manager) Reconcile(ctx context.Context, lus []cluster.LU) error {
 		}
 	}
 	m.recs.Unlock()
+	for _, rec := range lus {
+		m.pairRecordChanged(rec.Name, writerOf(rec), !holdsCopy(rec, m.opts.NodeID))
+	}
 	m.push(work{reconcile: lus})
 	return m.Sync(ctx)
 }

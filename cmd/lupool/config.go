@@ -49,6 +49,10 @@ type serveConfig struct {
 	// LUsPerNodeMax is the most LU copies one node may hold, applied by
 	// this node when it is the primary (1 to rules.LUsPerNodeMax).
 	LUsPerNodeMax int `json:"lus_per_node_max"`
+	// PairLeases renews the read leases of the LUs this node writes by one
+	// heartbeat per node pair instead of a ping loop per LU (issue 20;
+	// off by default while it is new).
+	PairLeases bool `json:"pair_leases"`
 	// MemoryBudgetBytes bounds the sizes of the memory LUs' copies on
 	// this node (0: half of the machine's RAM).
 	MemoryBudgetBytes int64 `json:"memory_budget"`
@@ -188,6 +192,8 @@ func settings() []setting {
 			}},
 		intSetting("lus-per-node-max", fmt.Sprintf("most LU copies one node may hold; a create or copy change past it is refused (1 to %d)", rules.LUsPerNodeMax),
 			func(c *serveConfig) *int { return &c.LUsPerNodeMax }),
+		boolSetting("pair-leases", "renew the read leases of the LUs this node writes by one heartbeat per node pair instead of a ping loop per LU (true or false; experimental)",
+			func(c *serveConfig) *bool { return &c.PairLeases }),
 		sizeSetting("memory-budget", "most bytes the memory LUs' copies on this node may add up to, by size (0: half of this machine's RAM), e.g. 8G",
 			func(c *serveConfig) *int64 { return &c.MemoryBudgetBytes }),
 		str("swap-safe", "lock the daemon's memory and make it an I/O flusher (PR_SET_IO_FLUSHER): auto (once this node holds paging space), on (at start) or off",

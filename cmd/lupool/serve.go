@@ -383,6 +383,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		UpdateLU:             peer.changeCopies,
 		ConfirmLease:         peer.confirmLease,
 		ReadLease:            readLease,
+		PairLeases:           cfg.PairLeases,
 		// Streams go to the peer port, over mutual TLS.
 		NodeAPI: peer.peerAddr,
 		Dial: func(ctx context.Context, nodeID, addr string) (net.Conn, error) {

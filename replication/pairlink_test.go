@@ -1,0 +1,106 @@
+package replication
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// pairLeasesFlag runs every test cluster with ManagerOptions.PairLeases:
+// go test ./replication -args -pair-leases
+var pairLeasesFlag = flag.Bool("pair-leases", false, "run the replication tests with read leases per node pair (ManagerOptions.PairLeases)")
+
+// TestPairLeasesIdleLUsAreNotPinged: with PairLeases, idle LUs with a
+// copy on the same node keep the copy's read lease and the writer's
+// through the one heartbeat between the two nodes; the writer pings none
+// of them itself.
+func TestPairLeasesIdleLUsAreNotPinged(t *testing.T) {
+	const lease = 400 * time.Millisecond
+	mt, nodes := newTestClusterOpts(t, func(o *ManagerOptions) { o.PairLeases, o.ReadLease = true, lease }, "a", "b")
+	const count = 20
+	var mirrors []*Mirror
+	for i := range count {
+		name := fmt.Sprintf("lu%d", i)
+		mt.create(t, twoCopies(name, 1<<20, "memory"))
+		mirrors = append(mirrors, streamingMirror(t, nodes["a"].m, name))
+	}
+	waitFor(t, "every LU covered by the pair heartbeat", func() bool {
+		for _, mi := range mirrors {
+			for _, l := range mi.linkSet() {
+				if !mi.pairCovers(l) {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	pinged := map[*copyLink]int64{}
+	for _, mi := range mirrors {
+		for _, l := range mi.linkSet() {
+			pinged[l] = l.lastPing.Load()
+		}
+	}
+	time.Sleep(3 * lease) // a lease from the pings alone would have run out
+	for i, mi := range mirrors {
+		name := fmt.Sprintf("lu%d", i)
+		if !nodes["b"].m.leaseValid(name) {
+			t.Errorf("%s: the copy holds no read lease", name)
+		}
+		if !mi.leaseHeld() {
+			t.Errorf("%s: the writer holds no read lease", name)
+		}
+		for _, l := range mi.linkSet() {
+			if l.lastPing.Load() != pinged[l] {
+				t.Errorf("%s: the writer pinged its copy on %s itself", name, l.node)
+			}
+		}
+	}
+	if p, ok := nodes["a"].m.pairLinkOf("b"); !ok || p.s.lastAck.Load() < nodes["a"].m.now()-int64(lease) {
+		t.Errorf("no recent heartbeat answer from b")
+	}
+}
+
+// TestPairLeaseCopyLossEndsItsLease: a copy that fails a write while its
+// node still answers the pair heartbeat (for this and other LUs) holds no
+// read lease on the LU by the time the write is acknowledged: the writer
+// dropped it from the heartbeat and waited out the lease the heartbeat
+// gave (copyset.AckAfterCopyLoss).
+func TestPairLeaseCopyLossEndsItsLease(t *testing.T) {
+	const lease = 400 * time.Millisecond
+	mt, nodes := newTestClusterOpts(t, func(o *ManagerOptions) {
+		o.PairLeases, o.ReadLease, o.AckTimeout = true, lease, time.Second
+	}, "a", "b")
+	mt.create(t, twoCopies("h", 1<<20, "memory"))
+	mt.create(t, twoCopies("other", 1<<20, "memory"))
+	mir := streamingMirror(t, nodes["a"].m, "h")
+	streamingMirror(t, nodes["a"].m, "other")
+	waitFor(t, "h covered by the pair heartbeat", func() bool {
+		return mir.pairCovers(mir.linkSet()[0]) && nodes["b"].m.leaseValid("h")
+	})
+	vol, ok := nodes["b"].m.Volume("h")
+	if !ok {
+		t.Fatal("no copy of h on b")
+	}
+	if err := vol.Close(); err != nil { // b's copy of h fails every request from now on
+		t.Fatal(err)
+	}
+	if err := mir.WriteAt(context.Background(), make([]byte, 4096), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if nodes["b"].m.leaseValid("h") {
+		t.Fatal("the write b missed was acknowledged while b still held a read lease on h")
+	}
+	if copyState(mir.linkSet()[0].state.Load()) != stOutOfSync {
+		t.Fatal("b's copy of h is not out of sync")
+	}
+	// The heartbeat goes on for the other LU.
+	time.Sleep(2 * lease)
+	if !nodes["b"].m.leaseValid("other") {
+		t.Fatal("the copy of another LU lost its lease")
+	}
+	if nodes["b"].m.leaseValid("h") {
+		t.Fatal("the heartbeat renewed b's lease on h after it was dropped")
+	}
+}
