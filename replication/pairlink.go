@@ -35,13 +35,15 @@ type pairLink struct {
 // pairTo returns the heartbeat to node, starting it on first use.
 func (m *Manager) pairTo(node string) *pairLink {
 	m.pairs.Lock()
-	defer m.pairs.Unlock()
-	if p, ok := m.pairs.m[node]; ok {
-		return p
+	p, ok := m.pairs.m[node]
+	if !ok {
+		p = &pairLink{node: node, s: newPairSender(), kick: make(chan struct{}, 1)}
+		m.pairs.m[node] = p
 	}
-	p := &pairLink{node: node, s: newPairSender(), kick: make(chan struct{}, 1)}
-	m.pairs.m[node] = p
-	m.goBackground(func() { m.runPair(p) })
+	m.pairs.Unlock()
+	if !ok { // started outside m.pairs: goBackground takes m.mu
+		m.goBackground(func() { m.runPair(p) })
+	}
 	return p
 }
 
