@@ -34,3 +34,11 @@ func TestLUsPerNodeLimit(t *testing.T) {
 	d.mustCLI("lu", "delete", "a")
 	d.mustCLI("lu", "create", "c", "--size", "1M")
 }
+
+// TestPairLeasesWriterKilledLedger is TestWriterKilledLedger with read
+// leases per node pair (--pair-leases): every write acknowledged before
+// the writer's kill -9 is read back through the promoted copy.
+func TestPairLeasesWriterKilledLedger(t *testing.T) {
+	alongside(t)
+	writerKilledLedger(t, "--pair-leases=true")
+}
