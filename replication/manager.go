@@ -46,6 +46,10 @@
 // (ManagerOptions.ConfirmLease; lease.go), ReadLease from when it asked.
 // Frames do not renew the lease on arrival: one that waited in a buffer
 // while the copy was frozen would stretch it past what the writer waits.
+// With ManagerOptions.PairLeases, one heartbeat per node pair does what
+// the per-LU pings do for every LU the two nodes share (pairlease.go has
+// the rules, pairlink.go the driver): the writer enrolls each copy in
+// sync there, and drops it before it computes the wait after losing it.
 // A writer that loses a copy records it out of sync and then acknowledges
 // nothing, neither the operation the copy missed nor any later one, until
 // ReadLease has passed since the copy last answered, and since the record
