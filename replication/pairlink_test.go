@@ -1,11 +1,18 @@
 package replication
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"net"
 	"testing"
 	"time"
+
+	"github.com/lupool/lupool/cluster"
+	"github.com/lupool/lupool/lu"
+	"github.com/lupool/lupool/replication/replproto"
 )
 
 // pairLeasesFlag runs every test cluster with ManagerOptions.PairLeases:
@@ -103,4 +110,80 @@ func TestPairLeaseCopyLossEndsItsLease(t *testing.T) {
 	if nodes["b"].m.leaseValid("h") {
 		t.Fatal("the heartbeat renewed b's lease on h after it was dropped")
 	}
+}
+
+// FuzzServePairStream feeds a copy node's pair heartbeat server a valid
+// RolePair hello followed by arbitrary bytes: it must never panic or hang,
+// must answer only with well-formed frames, and once the stream ends no
+// LU reads on a lease from it.
+func FuzzServePairStream(f *testing.F) {
+	ping := func(echo uint64, entries ...replproto.PairEntry) []byte {
+		return replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypePing, Offset: echo}, replproto.AppendPairList(nil, entries))
+	}
+	f.Add(append(ping(0, replproto.PairEntry{Kind: replproto.PairEnroll, LU: "f"}), ping(1)...))
+	f.Add(append(ping(1, replproto.PairEntry{Kind: replproto.PairEnroll, LU: "nope"}), ping(1, replproto.PairEntry{Kind: replproto.PairDrop, LU: "f"})...))
+	f.Add(replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypeWrite, Epoch: 1, Length: 16}, make([]byte, 16)))
+	f.Add([]byte("garbage that is not a frame at all, forty bytes or more......"))
+
+	pool, err := lu.OpenPool(lu.PoolOptions{Dirs: []string{f.TempDir()}})
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer pool.Close()
+	m, err := NewManager(ManagerOptions{NodeID: "copy", Pool: pool, AckTimeout: time.Second})
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer m.Close()
+	rec := cluster.LU{Name: "f", SizeBytes: 2 << 20, Kind: "memory", Copies: 2, Writer: "w", Epoch: 1,
+		Replicas: []cluster.Replica{{NodeID: "w", State: cluster.ReplicaInSync}, {NodeID: "copy", State: cluster.ReplicaInSync}}}
+	m.Enqueue(cluster.Change{Kind: cluster.Created, LU: rec})
+	sync1(f, m)
+	hello := replproto.AppendFrame(nil, replproto.Header{Type: replproto.TypeHello},
+		replproto.AppendHello(nil, replproto.Hello{Role: replproto.RolePair, LU: replproto.PairLU, Node: "w"}))
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		client, server := net.Pipe()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			m.ServeStream("w", server, bufio.NewReader(server))
+		}()
+		go func() { _, _ = client.Write(append(append([]byte(nil), hello...), data...)) }()
+		_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		br := bufio.NewReader(client)
+		var hb [replproto.HeaderBytes]byte
+		h, err := replproto.ReadHeader(br, &hb)
+		if err != nil || h.Type != replproto.TypeReply|replproto.TypeHello || h.Status != replproto.StatusOK {
+			t.Fatalf("hello answered %+v %v", h, err)
+		}
+		for {
+			_ = client.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			h, err := replproto.ReadHeader(br, &hb)
+			if err != nil {
+				break
+			}
+			if h.Type&replproto.TypeReply == 0 {
+				t.Fatalf("server sent a request: %+v", h)
+			}
+			payload := make([]byte, h.PayloadLen)
+			if _, err := io.ReadFull(br, payload); err != nil {
+				break
+			}
+			if h.Type == replproto.TypeReply|replproto.TypePing && h.Status == replproto.StatusOK {
+				if _, err := replproto.ParsePairList(payload); err != nil {
+					t.Fatalf("heartbeat answer with a bad list: %v", err)
+				}
+			}
+		}
+		client.Close()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("pair stream server did not end after its peer closed")
+		}
+		if m.leaseValid("f") {
+			t.Fatal("the copy reads on a lease from a pair session that ended")
+		}
+	})
 }
