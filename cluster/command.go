@@ -107,6 +107,12 @@ type command struct {
 	QoS *QoS `json:"qos,omitempty"`
 	// Change is the body of lu.copies.
 	Change *CopyChange `json:"change,omitempty"`
+	// LUsPerNodeMax is the limit of LU copies per node the proposer
+	// applies to an lu.create or lu.copies that places copies on nodes
+	// (rules.LUsPerNodeLimit: 0, as in entries from before it existed,
+	// means rules.LUsPerNodeMax). Carried in the entry, so that every
+	// node reaches the same verdict.
+	LUsPerNodeMax int `json:"lus_per_node_max,omitempty"`
 	// Move is the body of move.
 	Move *MoveOp `json:"move,omitempty"`
 	// Join marks a node.upsert that adds a new member's record (proposed by

@@ -421,6 +421,9 @@ func (f *fsm) applyDecoded(b *pebble.Batch, c *command, l *raft.Log) applyResult
 		if err := f.checkPlainCreate(lu); err != nil {
 			return applyResult{err: err}
 		}
+		if err := f.checkLUsPerNode(lu.Name, lu.Replicas, c.LUsPerNodeMax); err != nil {
+			return applyResult{err: err}
+		}
 		res := f.putLU(b, lu, Created, l.Index)
 		res.events = []Event{{Time: c.At, Kind: EventLUCreated, LU: lu.Name, Node: lu.Writer, By: c.By, Details: map[string]string{
 			"size_bytes": strconv.FormatInt(lu.SizeBytes, 10), "copies": strconv.Itoa(lu.Copies), "kind": lu.Kind, "writer": lu.Writer,
@@ -582,6 +585,15 @@ func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult
 	if err := f.checkImageCopies(old, ch); err != nil {
 		return applyResult{err: err}
 	}
+	if added := diffCopies(old, ch).added; len(added) > 0 {
+		var adding []Replica
+		for _, id := range added {
+			adding = append(adding, Replica{NodeID: id})
+		}
+		if err := f.checkLUsPerNode(ch.Name, adding, c.LUsPerNodeMax); err != nil {
+			return applyResult{err: err}
+		}
+	}
 	lu := old
 	lu.Writer, lu.Epoch, lu.Copies = ch.Writer, ch.Epoch, ch.Copies
 	lu.Replicas = append([]Replica(nil), ch.Replicas...)
@@ -592,6 +604,40 @@ func (f *fsm) applyCopies(b *pebble.Batch, c *command, index uint64) applyResult
 	res := f.putLU(b, lu, Updated, index)
 	res.events = copyEvents(old, lu, c.At, c.By)
 	return res
+}
+
+// checkLUsPerNode applies checkLUsPerNodeHeld to the copies the LU table
+// holds on each node.
+func (f *fsm) checkLUsPerNode(name string, adding []Replica, configured int) error {
+	held, err := copiesPerNode(f.db)
+	if err != nil {
+		return err
+	}
+	return checkLUsPerNodeHeld(name, adding, held, configured)
+}
+
+// copiesPerNode counts the LU copies each node holds in the LU table. It
+// reads every LU record (decoding only the copies' node ids): a cost
+// linear in the LU count, paid only by a create or a copy change that
+// adds copies.
+func copiesPerNode(r reader) (map[string]int, error) {
+	held := map[string]int{}
+	var rec struct {
+		Replicas []struct {
+			NodeID string `json:"node_id"`
+		} `json:"replicas"`
+	}
+	err := scan(r, luPrefix, func(k, v []byte) error {
+		rec.Replicas = rec.Replicas[:0]
+		if err := json.Unmarshal(v, &rec); err != nil {
+			return fmt.Errorf("cluster: decode %s: %w", k, err)
+		}
+		for _, r := range rec.Replicas {
+			held[r.NodeID]++
+		}
+		return nil
+	})
+	return held, err
 }
 
 // memberSet returns the ids of the nodes with a record ("meta/node/").

@@ -106,6 +106,10 @@ type Options struct {
 	// ReplaceAfter, when positive, makes the leader replace a copy that
 	// stayed out of sync (or new) this long by a new copy on another node.
 	ReplaceAfter time.Duration
+	// LUsPerNodeMax is the most LU copies this node, as the proposer of a
+	// create or copy change, lets one node hold (0: rules.LUsPerNodeMax;
+	// at most that).
+	LUsPerNodeMax int
 
 	// Probe, when set, is how the leader checks that a member is alive
 	// (the daemon asks the node's peer port); with FailoverAfter positive
@@ -686,7 +690,7 @@ func (n *Node) CreateLU(ctx context.Context, lu LU) error {
 	if err := checkCreate(lu, members); err != nil {
 		return err
 	}
-	_, err = n.propose(ctx, &command{Type: cmdCreateLU, LU: &lu, By: n.opts.NodeID, Primary: true})
+	_, err = n.propose(ctx, &command{Type: cmdCreateLU, LU: &lu, By: n.opts.NodeID, Primary: true, LUsPerNodeMax: n.opts.LUsPerNodeMax})
 	return err
 }
 
@@ -772,7 +776,7 @@ func (n *Node) ChangeCopies(ctx context.Context, by Proposer, c CopyChange) erro
 			return err
 		}
 	}
-	_, err = n.propose(ctx, &command{Type: cmdCopies, Change: &c, By: by.NodeID, Primary: by.Primary})
+	_, err = n.propose(ctx, &command{Type: cmdCopies, Change: &c, By: by.NodeID, Primary: by.Primary, LUsPerNodeMax: n.opts.LUsPerNodeMax})
 	return err
 }
 

@@ -378,6 +378,21 @@ func checkCreate(lu LU, members map[string]bool) error {
 	return nil
 }
 
+// checkLUsPerNodeHeld is the LUs-per-node rule of a create or a copy
+// change that adds copies: every node that gets one of adding (the new
+// copies) must hold fewer than the limit (rules.LUsPerNodeLimit of
+// configured) of held, the copies per node in the LU table. Errors wrap
+// ErrInvalid and rules.ErrLUsPerNode.
+func checkLUsPerNodeHeld(name string, adding []Replica, held map[string]int, configured int) error {
+	limit := rules.LUsPerNodeLimit(configured)
+	for _, r := range adding {
+		if err := rules.LUsPerNode(held[r.NodeID], limit); err != nil {
+			return fmt.Errorf("%w: LU %q: no room for a copy on %q: %w (the primary's lupool serve --lus-per-node-max)", ErrInvalid, name, r.NodeID, err)
+		}
+	}
+	return nil
+}
+
 // checkNodeUpsert decides whether proposer by may write record rec:
 // a node writes its own record; a join (the primary adding a new member)
 // writes a record only where none exists.

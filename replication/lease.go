@@ -98,7 +98,8 @@ func (m *Manager) waitOutWriterLease(name string) time.Duration {
 		return 0
 	}
 	p := copyset.Params{ReadLease: m.opts.ReadLease}
-	wait := time.Duration(copyset.TakeOverAt(p, v.(*copyLease).answered.Load()) - m.now())
+	l := v.(*copyLease)
+	wait := time.Duration(copyset.TakeOverAt(p, max(l.answered.Load(), l.pair.lastAnswered())) - m.now())
 	if wait > 0 {
 		time.Sleep(wait)
 		return wait

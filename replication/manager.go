@@ -46,6 +46,10 @@
 // (ManagerOptions.ConfirmLease; lease.go), ReadLease from when it asked.
 // Frames do not renew the lease on arrival: one that waited in a buffer
 // while the copy was frozen would stretch it past what the writer waits.
+// With ManagerOptions.PairLeases, one heartbeat per node pair does what
+// the per-LU pings do for every LU the two nodes share (pairlease.go has
+// the rules, pairlink.go the driver): the writer enrolls each copy in
+// sync there, and drops it before it computes the wait after losing it.
 // A writer that loses a copy records it out of sync and then acknowledges
 // nothing, neither the operation the copy missed nor any later one, until
 // ReadLease has passed since the copy last answered, and since the record
@@ -210,6 +214,11 @@ type ManagerOptions struct {
 	// (default 15 s, well above the primary's --failover-after); after
 	// that the client gets EIO.
 	FailoverWait time.Duration
+	// PairLeases renews the read leases of every LU this node writes with
+	// copies on another node by one heartbeat per node pair (pairlease.go)
+	// instead of one ping loop per LU. Off by default while it is new;
+	// every node serves the heartbeat either way.
+	PairLeases bool
 }
 
 // EnsureDefaults fills unset fields.
@@ -310,6 +319,11 @@ type Manager struct {
 	leases sync.Map
 	// metaLeases maps an LU name to its metadata read lease (*metaLease).
 	metaLeases sync.Map
+	// pairs are this node's heartbeats to copy nodes (PairLeases).
+	pairs struct {
+		sync.Mutex
+		m map[string]*pairLink // guarded by pairs
+	}
 	// clock is the base of monotonic times kept as integers.
 	clock       time.Time
 	bufs        bufpool.Pool
@@ -348,6 +362,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	}
 	m := &Manager{opts: opts, stopped: make(chan struct{}), quit: make(chan struct{}), metrics: newMetrics(), clock: time.Now()}
 	m.recs.m = map[string]cluster.LU{}
+	m.pairs.m = map[string]*pairLink{}
 	m.changes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "lupool_lu_changes_applied_total",
 		Help: "LU metadata changes applied to this node's volumes since the process started.",
@@ -393,13 +408,15 @@ func (m *Manager) Enqueue(ch cluster.Change) {
 
 func (m *Manager) noteRecord(ch cluster.Change) {
 	m.recs.Lock()
-	defer m.recs.Unlock()
 	if ch.Kind == cluster.Deleted {
 		delete(m.recs.m, ch.LU.Name)
 		m.metrics.forgetLU(ch.LU.Name)
-		return
+	} else {
+		m.setRecordLocked(ch.LU)
 	}
-	m.setRecordLocked(ch.LU)
+	m.recs.Unlock()
+	// After the record: a heartbeat that checks it from now on sees it.
+	m.pairRecordChanged(ch.LU.Name, writerOf(ch.LU), ch.Kind == cluster.Deleted || !holdsCopy(ch.LU, m.opts.NodeID))
 }
 
 // now is the monotonic time since the manager started.
@@ -420,8 +437,12 @@ func (m *Manager) now() int64 { return int64(time.Since(m.clock)) }
 // answered is when this copy last answered any frame of the writer: the
 // writer's own read lease may run until ReadLease after it, which a copy
 // promoted to writer waits out (waitOutWriterLease, copyset.TakeOverAt).
+//
+// pair is the LU's place in a heartbeat session of its writer's node
+// (pairlease.go), which renews the lease of every LU it holds at once.
 type copyLease struct {
 	from, answered atomic.Int64
+	pair           pairCopyLease
 }
 
 func (m *Manager) copyLeaseOf(name string) *copyLease {
@@ -430,6 +451,7 @@ func (m *Manager) copyLeaseOf(name string) *copyLease {
 		l := &copyLease{}
 		l.from.Store(copyset.Never)
 		l.answered.Store(copyset.Never)
+		l.pair.answered.Store(copyset.Never)
 		v, _ = m.leases.LoadOrStore(name, l)
 	}
 	return v.(*copyLease)
@@ -464,7 +486,8 @@ func (m *Manager) leaseValid(name string) bool {
 	if !ok {
 		return false
 	}
-	return copyset.LeaseHolds(copyset.Params{ReadLease: m.opts.ReadLease}, m.now(), v.(*copyLease).from.Load())
+	l := v.(*copyLease)
+	return copyset.LeaseHolds(copyset.Params{ReadLease: m.opts.ReadLease}, m.now(), max(l.from.Load(), l.pair.leaseFrom()))
 }
 
 // record returns the latest applied record of an LU.
@@ -486,6 +509,9 @@ func (m *Manager) Reconcile(ctx context.Context, lus []cluster.LU) error {
 		}
 	}
 	m.recs.Unlock()
+	for _, rec := range lus {
+		m.pairRecordChanged(rec.Name, writerOf(rec), !holdsCopy(rec, m.opts.NodeID))
+	}
 	m.push(work{reconcile: lus})
 	return m.Sync(ctx)
 }

@@ -95,6 +95,9 @@ type copyLink struct {
 	sentLive, sentResync prometheus.Counter
 	// lastDialErr avoids logging the same dial failure every retry.
 	lastDialErr atomic.Pointer[string]
+	// pairSeat is the copy's enrollment in the heartbeat to its node
+	// (ManagerOptions.PairLeases; pairlink.go), nil when not enrolled.
+	pairSeat atomic.Pointer[pairSeat]
 }
 
 // pingEcho is a copy's answer time as received on connection conn.
@@ -544,6 +547,7 @@ func (mi *Mirror) observe(rec cluster.LU) {
 			kept = kept || l == o
 		}
 		if !kept {
+			mi.dropPair(o)
 			mi.dropConn(o)
 			if err := o.dirty.reset(); err != nil {
 				mi.m.opts.Logger.Warn("cannot drop dirty regions of a removed copy", "lu", mi.name, "copy", o.node, "err", err)
@@ -558,6 +562,11 @@ func (mi *Mirror) observe(rec cluster.LU) {
 			if l.node == r.NodeID {
 				l.state.Store(int32(stateOf(r.State)))
 			}
+		}
+	}
+	for _, l := range links {
+		if copyState(l.state.Load()) != stInSync {
+			mi.dropPair(l)
 		}
 	}
 }
@@ -575,6 +584,7 @@ func (mi *Mirror) close() {
 	// waited runs again on the device of the new role.
 	mi.resume(true)
 	for _, l := range mi.linkSet() {
+		mi.dropPair(l)
 		if c := l.conn.Swap(nil); c != nil {
 			c.Close()
 		}
@@ -640,7 +650,8 @@ func (mi *Mirror) ReadAt(ctx context.Context, p []byte, off int64) error {
 func (mi *Mirror) leaseHeld() bool {
 	p, now := copyset.Params{ReadLease: mi.m.opts.ReadLease}, mi.m.now()
 	for _, l := range mi.linkSet() {
-		if !copyset.PeerHolds(p, now, copyset.Peer{InSync: copyState(l.state.Load()) == stInSync, LeaseFrom: l.leaseFrom.Load()}) {
+		from := max(l.leaseFrom.Load(), mi.pairLeaseFrom(l))
+		if !copyset.PeerHolds(p, now, copyset.Peer{InSync: copyState(l.state.Load()) == stInSync, LeaseFrom: from}) {
 			return false
 		}
 	}
@@ -660,7 +671,7 @@ func (mi *Mirror) readable() error {
 	}
 	now, lease := mi.m.now(), int64(mi.m.opts.ReadLease)
 	for _, l := range mi.linkSet() {
-		if copyState(l.state.Load()) != stInSync || now-l.leaseFrom.Load() < lease {
+		if copyState(l.state.Load()) != stInSync || now-max(l.leaseFrom.Load(), mi.pairLeaseFrom(l)) < lease {
 			continue
 		}
 		if c := l.conn.Load(); c != nil && !c.broken() {
@@ -1106,8 +1117,11 @@ func (mi *Mirror) copyMissed(l *copyLink, off, length int64, cause error) error 
 	// the copy leaves the live set. Its lease from this writer ends
 	// ReadLease after it last answered; a metadata lease (confirmed before
 	// the record just made) at most ReadLease from now.
+	// With the pair heartbeat, the copy is dropped from it first: its
+	// lease then runs from an answer that arrived before the drop.
+	lastAck := max(mi.dropPair(l), l.lastAck.Load())
 	p := copyset.Params{ReadLease: mi.m.opts.ReadLease}
-	until := copyset.AckAfterCopyLoss(p, l.lastAck.Load(), mi.m.now(), mi.m.opts.ConfirmLease != nil)
+	until := copyset.AckAfterCopyLoss(p, lastAck, mi.m.now(), mi.m.opts.ConfirmLease != nil)
 	mi.holdAcks(until)
 	l.state.Store(int32(stOutOfSync))
 	mi.dropConn(l)
@@ -1304,7 +1318,7 @@ func (mi *Mirror) dial(l *copyLink, timeout time.Duration) {
 // finds a copy that stopped answering.
 func (mi *Mirror) ping(l *copyLink) {
 	c := l.conn.Load()
-	if c == nil || copyState(l.state.Load()) != stInSync {
+	if c == nil || copyState(l.state.Load()) != stInSync || mi.pairCovers(l) {
 		return
 	}
 	if mi.m.now()-l.lastPing.Load() < int64(mi.m.opts.ReadLease)/8 {
@@ -1358,6 +1372,7 @@ func (l *copyLink) renewFrom(sent int64) {
 
 func (mi *Mirror) tend(l *copyLink) {
 	mi.dial(l, mi.m.opts.AckTimeout)
+	mi.enrollPair(l)
 	mi.ping(l)
 	if c := l.conn.Load(); c == nil {
 		return

@@ -210,7 +210,8 @@ func newTestClusterOpts(t testing.TB, tune func(*ManagerOptions), ids ...string)
 				}
 				return other.addr, true
 			},
-			Dial: testDial(id),
+			Dial:       testDial(id),
+			PairLeases: *pairLeasesFlag,
 		}
 		if tune != nil {
 			tune(&opts)

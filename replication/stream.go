@@ -113,6 +113,17 @@ func (m *Manager) ServeStream(peer string, conn net.Conn, br *bufio.Reader) {
 		_ = fail(h, fmt.Errorf("%w: %v", blockdev.ErrInvalid, err), 0)
 		return
 	}
+	if hello.Role == replproto.RolePair {
+		if peer == "" || hello.Node != peer || !m.opts.IsMember(peer) {
+			_ = fail(h, fmt.Errorf("%w: pair heartbeat from %q (certificate %q), not a member", replproto.ErrForbidden, hello.Node, peer), 0)
+			return
+		}
+		if reply(replproto.Header{Type: replproto.TypeReply | replproto.TypeHello, Handle: h.Handle}, nil) == nil {
+			_ = conn.SetReadDeadline(time.Time{})
+			m.servePair(peer, conn, br, reply)
+		}
+		return
+	}
 	tgt, epoch, err := m.streamTarget(hello, h.Epoch, peer)
 	if err != nil {
 		if errors.Is(err, replproto.ErrStaleEpoch) {

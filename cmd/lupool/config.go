@@ -46,6 +46,13 @@ type serveConfig struct {
 	TLSCert              string  `json:"tls_cert"`
 	TLSKey               string  `json:"tls_key"`
 	Overcommit           float64 `json:"overcommit"`
+	// LUsPerNodeMax is the most LU copies one node may hold, applied by
+	// this node when it is the primary (1 to rules.LUsPerNodeMax).
+	LUsPerNodeMax int `json:"lus_per_node_max"`
+	// PairLeases renews the read leases of the LUs this node writes by one
+	// heartbeat per node pair instead of a ping loop per LU (issue 20;
+	// off by default while it is new).
+	PairLeases bool `json:"pair_leases"`
 	// MemoryBudgetBytes bounds the sizes of the memory LUs' copies on
 	// this node (0: half of the machine's RAM).
 	MemoryBudgetBytes int64 `json:"memory_budget"`
@@ -95,16 +102,17 @@ type serveConfig struct {
 
 func defaultServeConfig() serveConfig {
 	return serveConfig{
-		Data:       "./lupool-data",
-		NBD:        "127.0.0.1:10809",
-		API:        "127.0.0.1:10810",
-		Peer:       "127.0.0.1:10811",
-		TLS:        "off",
-		Overcommit: 4,
-		SwapSafe:   swapSafeAuto,
-		LogLevel:   "info",
-		LogFormat:  "text",
-		OpenProbes: true,
+		Data:          "./lupool-data",
+		NBD:           "127.0.0.1:10809",
+		API:           "127.0.0.1:10810",
+		Peer:          "127.0.0.1:10811",
+		TLS:           "off",
+		Overcommit:    4,
+		LUsPerNodeMax: rules.LUsPerNodeMax,
+		SwapSafe:      swapSafeAuto,
+		LogLevel:      "info",
+		LogFormat:     "text",
+		OpenProbes:    true,
 
 		DirtyRegionBytes:   rules.DirtyRegionBytesDefault,
 		ReplaceAfter:       "10m",
@@ -182,6 +190,10 @@ func settings() []setting {
 				c.Overcommit = f
 				return nil
 			}},
+		intSetting("lus-per-node-max", fmt.Sprintf("most LU copies one node may hold; a create or copy change past it is refused (1 to %d)", rules.LUsPerNodeMax),
+			func(c *serveConfig) *int { return &c.LUsPerNodeMax }),
+		boolSetting("pair-leases", "renew the read leases of the LUs this node writes by one heartbeat per node pair instead of a ping loop per LU (true or false; experimental)",
+			func(c *serveConfig) *bool { return &c.PairLeases }),
 		sizeSetting("memory-budget", "most bytes the memory LUs' copies on this node may add up to, by size (0: half of this machine's RAM), e.g. 8G",
 			func(c *serveConfig) *int64 { return &c.MemoryBudgetBytes }),
 		str("swap-safe", "lock the daemon's memory and make it an I/O flusher (PR_SET_IO_FLUSHER): auto (once this node holds paging space), on (at start) or off",
@@ -366,6 +378,9 @@ func (c *serveConfig) validate() error {
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return fmt.Errorf("--tls-cert and --tls-key go together: give both, or neither to use the node's cluster certificate")
+	}
+	if err := rules.LUsPerNodeConfig(c.LUsPerNodeMax); err != nil {
+		return fmt.Errorf("--lus-per-node-max %d: %w", c.LUsPerNodeMax, err)
 	}
 	if err := rules.DirtyRegion(c.DirtyRegionBytes); err != nil {
 		return fmt.Errorf("--dirty-region %d: %w", c.DirtyRegionBytes, err)

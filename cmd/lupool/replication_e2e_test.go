@@ -253,9 +253,13 @@ except Exception as e:
 
 // TestWriterKilledLedger: every write the writer acknowledged before it
 // was killed is on the surviving copy, read through that copy's node.
-func TestWriterKilledLedger(t *testing.T) {
+func TestWriterKilledLedger(t *testing.T) { writerKilledLedger(t) }
+
+// writerKilledLedger runs TestWriterKilledLedger on nodes started with
+// the extra serve flags.
+func writerKilledLedger(t *testing.T, extra ...string) {
 	realclient.NbdshPython(t)
-	n1, n2, _ := cluster3(t)
+	n1, n2, _ := cluster3(t, extra...)
 	n1.mustCLI("lu", "create", "l", "--size", "16M", "--copies", "2")
 	dir := t.TempDir()
 	script, ledger := filepath.Join(dir, "ledger.py"), filepath.Join(dir, "ledger.txt")

@@ -298,6 +298,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 	ffdcInterval, _ := time.ParseDuration(cfg.FFDCMinInterval) // validated with the config
 	node, err := cluster.Open(cluster.Options{
 		ReplaceAfter:  replaceAfter,
+		LUsPerNodeMax: cfg.LUsPerNodeMax,
 		FailoverAfter: failoverAfter,
 		ReadLease:     readLease,
 		Probe: func(ctx context.Context, id string) error {
@@ -389,6 +390,7 @@ func serve(ctx context.Context, cfg serveConfig, log *slog.Logger) (err error) {
 		UpdateLU:             peer.changeCopies,
 		ConfirmLease:         peer.confirmLease,
 		ReadLease:            readLease,
+		PairLeases:           cfg.PairLeases,
 		// Streams go to the peer port, over mutual TLS.
 		NodeAPI: peer.peerAddr,
 		Dial: func(ctx context.Context, nodeID, addr string) (net.Conn, error) {

@@ -45,6 +45,13 @@ const (
 	SizeBytesMax = 1 << 60
 	// CopiesMax bounds the copy count of one LU.
 	CopiesMax = 16
+	// LUsPerNodeMax bounds the LU copies one node holds (a writer's copy
+	// counts as one, as does every other copy). Each copy costs a node
+	// open files (its volume, and, with copies elsewhere, its replication
+	// streams), memory and goroutines; past this many, a node would fail
+	// later on file descriptors or memory instead of refusing the create.
+	// The scale target of issue 20 is 10,000 LUs on a pair of nodes.
+	LUsPerNodeMax = 10_000
 )
 
 // QoS limits.
@@ -97,6 +104,9 @@ var (
 	// ErrQoS is returned by QoSLimit and QoSBurst for a value out of
 	// range.
 	ErrQoS = errors.New("rules: invalid QoS limit")
+	// ErrLUsPerNode is returned by LUsPerNode when a node already holds
+	// its limit of LU copies.
+	ErrLUsPerNode = errors.New("rules: LUs per node limit reached")
 	// ErrOvercommit is matched by the *OvercommitError Overcommit returns.
 	ErrOvercommit = errors.New("rules: overcommit limit reached")
 )
@@ -162,6 +172,35 @@ func Copies(copies int) error {
 		return &ruleError{ErrCopies, "must be 1 or more"}
 	case copies > CopiesMax:
 		return &ruleError{ErrCopies, fmt.Sprintf("at most %d", CopiesMax)}
+	}
+	return nil
+}
+
+// LUsPerNodeLimit returns the limit of LU copies per node in effect for a
+// configured limit: configured when it is from 1 to LUsPerNodeMax,
+// otherwise (0: not configured; or out of range) LUsPerNodeMax.
+func LUsPerNodeLimit(configured int) int {
+	if configured < 1 || configured > LUsPerNodeMax {
+		return LUsPerNodeMax
+	}
+	return configured
+}
+
+// LUsPerNode checks the LUs-per-node rule: a node that holds held LU
+// copies may take one more only while held is below limit (see
+// LUsPerNodeLimit).
+func LUsPerNode(held, limit int) error {
+	if held >= limit {
+		return &ruleError{ErrLUsPerNode, fmt.Sprintf("the node holds %d LU copies, its limit of LUs per node is %d; delete LUs, place the copies on other nodes or add a node", held, limit)}
+	}
+	return nil
+}
+
+// LUsPerNodeConfig checks a configured LUs-per-node limit: 1 to
+// LUsPerNodeMax.
+func LUsPerNodeConfig(limit int) error {
+	if limit < 1 || limit > LUsPerNodeMax {
+		return &ruleError{ErrLUsPerNode, fmt.Sprintf("use 1 to %d", LUsPerNodeMax)}
 	}
 	return nil
 }

@@ -32,6 +32,10 @@ func TestLimitRelationships(t *testing.T) {
 			DirtyRegionBytesMax <= RegionBytesMax},
 		{"a dirty region's block mask stays a small array (at most 1024 bits)", DirtyRegionBytesMax/BlockBytes <= 1024},
 		{"the largest hash region is far below the largest LU", RegionBytesMax < SizeBytesMax},
+		{"a node holds at least as many LUs as issue 20's scale target (10,000 with copies on a pair of nodes)",
+			LUsPerNodeMax >= 10_000},
+		{"a node's LU copies, each with a volume file and a stream each way, stay within a common file limit (1 Mi)",
+			3*LUsPerNodeMax < 1<<20},
 	}
 	for _, c := range checks {
 		if !c.ok {
@@ -45,6 +49,35 @@ func TestLimitRelationships(t *testing.T) {
 		Name(strings.Repeat("a", NameLengthMax))} {
 		if err != nil {
 			t.Errorf("a limit breaks its own rule: %v", err)
+		}
+	}
+}
+
+func TestLUsPerNode(t *testing.T) {
+	for _, c := range []struct{ configured, want int }{
+		{0, LUsPerNodeMax}, {-1, LUsPerNodeMax}, {LUsPerNodeMax + 1, LUsPerNodeMax}, {1, 1}, {3, 3}, {LUsPerNodeMax, LUsPerNodeMax},
+	} {
+		if got := LUsPerNodeLimit(c.configured); got != c.want {
+			t.Errorf("LUsPerNodeLimit(%d) = %d, want %d", c.configured, got, c.want)
+		}
+	}
+	if err := LUsPerNode(2, 3); err != nil {
+		t.Errorf("2 held, limit 3: %v", err)
+	}
+	for _, held := range []int{3, 4} {
+		err := LUsPerNode(held, 3)
+		if !errors.Is(err, ErrLUsPerNode) || !strings.Contains(err.Error(), "its limit of LUs per node is 3") || !strings.Contains(err.Error(), "add a node") {
+			t.Errorf("%d held, limit 3: %v", held, err)
+		}
+	}
+	for _, n := range []int{1, LUsPerNodeMax} {
+		if err := LUsPerNodeConfig(n); err != nil {
+			t.Errorf("config %d: %v", n, err)
+		}
+	}
+	for _, n := range []int{0, -1, LUsPerNodeMax + 1} {
+		if err := LUsPerNodeConfig(n); !errors.Is(err, ErrLUsPerNode) {
+			t.Errorf("config %d: %v", n, err)
 		}
 	}
 }

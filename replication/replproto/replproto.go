@@ -584,6 +584,13 @@ func (h *Header) validateRequest() error {
 			return badFrame("%v with payload length %d (want 1..%d), offset %d, length %d", h.Type, h.PayloadLen, NameBytesMax, h.Offset, h.Length)
 		}
 		return nil
+	case TypePing:
+		// On a RolePair stream a ping carries enrollment changes
+		// (AppendPairList); elsewhere none.
+		if h.Length != 0 {
+			return badFrame("%v with length %d", h.Type, h.Length)
+		}
+		return nil
 	}
 	if h.PayloadLen != 0 {
 		return badFrame("%v request with payload length %d", h.Type, h.PayloadLen)
@@ -620,6 +627,8 @@ func (h *Header) validateReply() error {
 		want = h.Length
 	case TypeHash:
 		want = hashBytes
+	case TypePing:
+		return nil // a RolePair answer lists fenced LUs (AppendPairList)
 	case TypeLog:
 		if h.PayloadLen == 0 || (h.PayloadLen-1)%logRangeBytes != 0 {
 			return badFrame("Log OK with payload length %d, want 1 + a multiple of %d", h.PayloadLen, logRangeBytes)
@@ -679,7 +688,15 @@ const (
 	RoleCopy Role = 1
 	// RoleClient: a forwarding node sends client I/O to the LU's writer.
 	RoleClient Role = 2
+	// RolePair: a writer node's heartbeat to a copy node, renewing the
+	// read leases of every LU they share (AppendPairList); its Hello names
+	// the LU PairLU. Only TypePing travels on it.
+	RolePair Role = 3
 )
+
+// PairLU is the LU name in the Hello of a RolePair stream: not a valid LU
+// name, so no LU is meant.
+const PairLU = "*"
 
 // Hello is the payload of a Hello request.
 type Hello struct {
@@ -692,7 +709,7 @@ type Hello struct {
 
 // validate checks h against the Hello rules.
 func (h *Hello) validate() error {
-	if h.Role != RoleCopy && h.Role != RoleClient {
+	if h.Role != RoleCopy && h.Role != RoleClient && h.Role != RolePair {
 		return badFrame("Hello with unknown role %d", uint8(h.Role))
 	}
 	if n := len(h.LU); n == 0 || n > NameBytesMax {
@@ -815,4 +832,67 @@ func ParseLog(p []byte) (known bool, ranges [][2]int64, err error) {
 		ranges = append(ranges, [2]int64{int64(off), int64(n)})
 	}
 	return true, ranges, nil
+}
+
+// Pair list entry kinds. Part of the wire format.
+const (
+	// PairEnroll: the writer node vouches for the LU's copy on the
+	// receiving node from this heartbeat on.
+	PairEnroll byte = 1
+	// PairDrop: it no longer does.
+	PairDrop byte = 2
+	// PairFenced (in an answer): the copy node does not vouch for the LU
+	// (its record names another writer, or it has no such LU).
+	PairFenced byte = 3
+)
+
+// PairEntry is one entry of a pair list: a kind and an LU name.
+type PairEntry struct {
+	Kind byte
+	LU   string
+}
+
+// AppendPairList appends the payload of a RolePair ping (enrollments and
+// drops, in order) or of its answer (fenced LUs) to dst:
+//
+//	repeated: kind (1 byte) | name length n (1 byte, 1..NameBytesMax) | name (n bytes)
+//
+// It panics on an unknown kind or a name outside 1..NameBytesMax bytes,
+// which is a programming error: names are bounded where they are created.
+func AppendPairList(dst []byte, entries []PairEntry) []byte {
+	for _, e := range entries {
+		if e.Kind < PairEnroll || e.Kind > PairFenced || len(e.LU) == 0 || len(e.LU) > NameBytesMax {
+			panic(fmt.Sprintf("replproto: pair entry kind %d name of %d bytes", e.Kind, len(e.LU)))
+		}
+		dst = append(dst, e.Kind, byte(len(e.LU)))
+		dst = append(dst, e.LU...)
+	}
+	return dst
+}
+
+// ParsePairList decodes a pair list (AppendPairList), at most LengthMax
+// bytes. Errors wrap ErrBadFrame.
+func ParsePairList(p []byte) ([]PairEntry, error) {
+	if len(p) > LengthMax {
+		return nil, badFrame("pair list of %d bytes exceeds %d", len(p), LengthMax)
+	}
+	var out []PairEntry
+	for len(p) > 0 {
+		if len(p) < 2 {
+			return nil, badFrame("pair list truncated in an entry header")
+		}
+		kind, n := p[0], int(p[1])
+		if kind < PairEnroll || kind > PairFenced {
+			return nil, badFrame("pair list entry of unknown kind %d", kind)
+		}
+		if n == 0 || n > NameBytesMax {
+			return nil, badFrame("pair list LU name of %d bytes not in 1..%d", n, NameBytesMax)
+		}
+		if len(p) < 2+n {
+			return nil, badFrame("pair list truncated in an LU name")
+		}
+		out = append(out, PairEntry{Kind: kind, LU: string(p[2 : 2+n])})
+		p = p[2+n:]
+	}
+	return out, nil
 }

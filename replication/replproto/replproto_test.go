@@ -238,7 +238,6 @@ func TestParseHeaderRejects(t *testing.T) {
 		{name: "Flush payload", h: Header{Type: TypeFlush, PayloadLen: 1}, want: "Flush request with payload"},
 		{name: "Read payload", h: Header{Type: TypeRead, Length: 8, PayloadLen: 8}, want: "Read request with payload"},
 		{name: "Hash payload", h: Header{Type: TypeHash, Length: 8, PayloadLen: 32}, want: "Hash request with payload"},
-		{name: "Ping payload", h: Header{Type: TypePing, PayloadLen: 1}, want: "Ping request with payload"},
 		{name: "Flush offset", h: Header{Type: TypeFlush, Offset: 1}, want: "Flush with range offset 1 length 0"},
 		{name: "Flush length", h: Header{Type: TypeFlush, Length: 1}, want: "Flush with range offset 0 length 1"},
 		{name: "Ping length", h: Header{Type: TypePing, Length: 4096}, want: "Ping with length"},
@@ -254,7 +253,6 @@ func TestParseHeaderRejects(t *testing.T) {
 		{name: "Trim reply payload", h: Header{Type: TypeReply | TypeTrim, PayloadLen: 1}, want: "TrimReply OK with payload"},
 		{name: "Zero reply payload", h: Header{Type: TypeReply | TypeZero, PayloadLen: 1}, want: "ZeroReply OK with payload"},
 		{name: "Flush reply payload", h: Header{Type: TypeReply | TypeFlush, PayloadLen: 1}, want: "FlushReply OK with payload"},
-		{name: "Ping reply payload", h: Header{Type: TypeReply | TypePing, PayloadLen: 1}, want: "PingReply OK with payload"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -432,7 +430,7 @@ func TestParseHelloRejects(t *testing.T) {
 		{"node cut", []byte{1, 1, 'a', 3, 'n'}, "truncated in the node id"},
 		{"trailing", []byte{1, 1, 'a', 1, 'n', 0}, "1 trailing bytes"},
 		{"role 0", []byte{0, 1, 'a', 1, 'n'}, "unknown role 0"},
-		{"role 3", []byte{3, 1, 'a', 1, 'n'}, "unknown role 3"},
+		{"role 4", []byte{4, 1, 'a', 1, 'n'}, "unknown role 4"},
 		{"empty name", []byte{1, 0, 1, 'n'}, "LU name of 0 bytes"},
 		{"empty node", []byte{2, 1, 'a', 0}, "node id of 0 bytes"},
 		{"name too long", append(append([]byte{1, byte(len(long))}, long...), 1, 'n'), "LU name of 129 bytes"},
