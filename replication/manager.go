@@ -695,20 +695,27 @@ func (m *Manager) createVolume(rec cluster.LU) (lu.Volume, error) {
 	return m.opts.Pool.Create(rec.Name, rec.SizeBytes, lu.Kind(rec.Kind))
 }
 
+// untilQuit returns a context that ends when the manager closes (or on
+// cancel), for background work that must stop with it.
+func (m *Manager) untilQuit() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-m.quit:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
 // flattenLater copies the base blocks of a clone whose record no longer
 // names a base into its local volume, in the background (the node that
 // recorded the flatten did its own copy first; this is every other copy).
 func (m *Manager) flattenLater(name string, o *lu.Overlay) {
 	m.goBackground(func() {
-		ctx, cancel := context.WithCancel(context.Background())
+		ctx, cancel := m.untilQuit()
 		defer cancel()
-		go func() {
-			select {
-			case <-m.quit:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
 		// A second flatten of the same volume (a later change came while
 		// the first ran) finds the link cut and fails harmlessly.
 		if err := o.Flatten(ctx); err != nil && o.BaseName() != "" {

@@ -195,15 +195,8 @@ func isImageDisk(baseName string) bool {
 // LU go on.
 func (m *Manager) deleteVolume(name string) error {
 	if of, _, ok := rules.SplitSnapshotLU(name); ok {
-		ctx, cancel := context.WithCancel(context.Background())
+		ctx, cancel := m.untilQuit()
 		defer cancel()
-		go func() {
-			select {
-			case <-m.quit:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
 		return m.opts.Pool.DeleteSnapshot(ctx, of, name)
 	}
 	return m.opts.Pool.Delete(name)
