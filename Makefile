@@ -39,6 +39,9 @@ test: deps lint
 	# build cannot lock its memory, and the VM that swaps through the pool
 	# needs the CPU the race detector would take from QEMU.
 	$(GO) test -count=1 -timeout 10m -run '^(TestFrontDoorStalledReaders|TestSwapSafeProcesses|TestPagingVMSwaps)$$' ./cmd/lupool/
+	# Allocation counts: sync.Pool drops items on purpose under -race, so
+	# these skip there and run here.
+	$(GO) test -count=1 -timeout 5m -run '^(TestMirrorWrite4KAllocations|TestHotPathAllocations|TestNoAllocations)$$' ./replication/ ./server/endpoint/ ./internal/bufpool/
 
 test-short: lint
 	$(GO) test -short -count=1 ./...
