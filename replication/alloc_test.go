@@ -21,7 +21,7 @@ func (c chanCompletion) Complete(err error) blockdev.ReplyFlusher {
 // writer, not on the copy's stream (both nodes run in this process).
 func TestMirrorWrite4KAllocations(t *testing.T) {
 	if raceEnabled {
-		t.Skip("allocation counts mean nothing under the race detector (sync.Pool drops items on purpose)")
+		t.Skip("allocation counts mean nothing under the race detector (sync.Pool drops items on purpose); make test runs this test without -race")
 	}
 	mt, nodes := newTestCluster(t, "a", "b")
 	const size = 16 << 20

@@ -15,7 +15,7 @@ import (
 // the process, the client included.
 func TestHotPathAllocations(t *testing.T) {
 	if raceEnabled {
-		t.Skip("allocation counts mean nothing under the race detector (sync.Pool drops items on purpose)")
+		t.Skip("allocation counts mean nothing under the race detector (sync.Pool drops items on purpose); make test runs this test without -race")
 	}
 	mem := blockdevtest.NewMem(testSizeBytes, blockdev.Caps{})
 	n := newNode(t, "a", mem, "id-1")
