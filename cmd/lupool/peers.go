@@ -221,6 +221,40 @@ func (p *peers) clientOf(id string) (*api.Client, error) {
 // httpClient is for the API handler's forwarding to the leader.
 func (p *peers) httpClient(id string) *http.Client { return p.link.HTTPClient(id) }
 
+// onLeader makes a proposal of this node's on the metadata leader: local
+// proposes it here; while that answers cluster.ErrNotLeader, remote sends
+// it to the leader's peer port (never through a third node, which would
+// become the proposer), following leadership changes every pause until
+// ctx ends. refused turns the leader's refusal (a status below 500) into
+// the caller's error; what names the proposal in the error when ctx ends.
+func (p *peers) onLeader(ctx context.Context, what string, pause time.Duration, local func() error,
+	remote func(*api.Client) error, refused func(leader string, se *api.StatusError, err error) error) error {
+	for {
+		err := local()
+		if !errors.Is(err, cluster.ErrNotLeader) {
+			return err
+		}
+		if leader, _ := p.node.Leader(); leader != "" && leader != p.self {
+			var c *api.Client
+			if c, err = p.clientOf(leader); err == nil {
+				err = remote(c)
+			}
+			var se *api.StatusError
+			switch {
+			case err == nil:
+				return nil
+			case errors.As(err, &se) && se.StatusCode < 500:
+				return refused(leader, se, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %s: %v", cluster.ErrNotLeader, what, err)
+		case <-time.After(pause):
+		}
+	}
+}
+
 // changeCopies records a change of rec's copy states, proposed by this
 // node: directly when it leads the metadata log, else on the leader's
 // peer port (never through a third node, which would become the
@@ -232,34 +266,21 @@ func (p *peers) changeCopies(ctx context.Context, rec cluster.LU, expected uint6
 	for _, r := range rec.Replicas {
 		req.Replicas = append(req.Replicas, api.Replica{Node: r.NodeID, State: r.State})
 	}
-	for {
-		err := p.node.ChangeCopies(ctx, cluster.Proposer{NodeID: p.self}, change)
-		if !errors.Is(err, cluster.ErrNotLeader) {
+	return p.onLeader(ctx, "copy change of "+rec.Name, 100*time.Millisecond,
+		func() error { return p.node.ChangeCopies(ctx, cluster.Proposer{NodeID: p.self}, change) },
+		func(c *api.Client) error {
+			_, err := c.ChangeCopies(ctx, rec.Name, req)
 			return err
-		}
-		if leader, _ := p.node.Leader(); leader != "" {
-			var c *api.Client
-			if c, err = p.clientOf(leader); err == nil {
-				_, err = c.ChangeCopies(ctx, rec.Name, req)
-			}
-			var se *api.StatusError
-			switch {
-			case err == nil:
-				return nil
-			case errors.As(err, &se) && se.StatusCode == http.StatusPreconditionFailed:
+		},
+		func(leader string, se *api.StatusError, err error) error {
+			switch se.StatusCode {
+			case http.StatusPreconditionFailed:
 				return fmt.Errorf("%w: %v", cluster.ErrEpochChanged, err)
-			case errors.As(err, &se) && se.StatusCode == http.StatusForbidden:
+			case http.StatusForbidden:
 				return fmt.Errorf("%w: %v", cluster.ErrIllegalChange, err)
-			case errors.As(err, &se) && se.StatusCode < 500:
-				return fmt.Errorf("leader %s refused the copy change: %w", leader, err)
 			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: copy change of %s: %v", cluster.ErrNotLeader, rec.Name, err)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+			return fmt.Errorf("leader %s refused the copy change: %w", leader, err)
+		})
 }
 
 // recordSnapshot records a snapshot this node froze as the LU's writer
@@ -272,30 +293,12 @@ func (p *peers) recordSnapshot(ctx context.Context, snap cluster.LU) error {
 	for _, r := range snap.Replicas {
 		req.Copies = append(req.Copies, r.NodeID)
 	}
-	for {
-		err := p.node.SnapshotLU(ctx, cluster.Proposer{NodeID: p.self}, snap)
-		if !errors.Is(err, cluster.ErrNotLeader) {
-			return err
-		}
-		if leader, _ := p.node.Leader(); leader != "" && leader != p.self {
-			var c *api.Client
-			if c, err = p.clientOf(leader); err == nil {
-				err = c.RecordSnapshot(ctx, snap.SnapshotOf, req)
-			}
-			var se *api.StatusError
-			switch {
-			case err == nil:
-				return nil
-			case errors.As(err, &se) && se.StatusCode < 500:
-				return fmt.Errorf("leader %s refused the snapshot record: %w", leader, err)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: snapshot %s: %v", cluster.ErrNotLeader, snap.Name, err)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
+	return p.onLeader(ctx, "snapshot "+snap.Name, 50*time.Millisecond,
+		func() error { return p.node.SnapshotLU(ctx, cluster.Proposer{NodeID: p.self}, snap) },
+		func(c *api.Client) error { return c.RecordSnapshot(ctx, snap.SnapshotOf, req) },
+		func(leader string, _ *api.StatusError, err error) error {
+			return fmt.Errorf("leader %s refused the snapshot record: %w", leader, err)
+		})
 }
 
 // proposeMove records a move monitor's operation as this node
@@ -303,34 +306,20 @@ func (p *peers) recordSnapshot(ctx context.Context, snap cluster.LU) error {
 // metadata log, else on the leader's peer port. It follows leadership
 // changes until ctx ends.
 func (p *peers) proposeMove(ctx context.Context, op cluster.MoveOp) error {
-	for {
-		err := p.node.ProposeMove(ctx, cluster.Proposer{NodeID: p.self}, op)
-		if !errors.Is(err, cluster.ErrNotLeader) {
-			return err
-		}
-		if leader, _ := p.node.Leader(); leader != "" && leader != p.self {
-			var c *api.Client
-			if c, err = p.clientOf(leader); err == nil {
-				err = c.ProposeMoveOp(ctx, op.LU, api.MoveOpRequest{Op: op.Op, Role: op.Role, Step: op.Step, Reason: op.Reason})
-			}
-			var se *api.StatusError
-			switch {
-			case err == nil:
-				return nil
-			case errors.As(err, &se) && se.StatusCode == http.StatusForbidden:
+	return p.onLeader(ctx, fmt.Sprintf("move %s of %s", op.Op, op.LU), 20*time.Millisecond,
+		func() error { return p.node.ProposeMove(ctx, cluster.Proposer{NodeID: p.self}, op) },
+		func(c *api.Client) error {
+			return c.ProposeMoveOp(ctx, op.LU, api.MoveOpRequest{Op: op.Op, Role: op.Role, Step: op.Step, Reason: op.Reason})
+		},
+		func(leader string, se *api.StatusError, err error) error {
+			switch se.StatusCode {
+			case http.StatusForbidden:
 				return fmt.Errorf("%w: %v", cluster.ErrIllegalMove, err)
-			case errors.As(err, &se) && se.StatusCode == http.StatusNotFound:
+			case http.StatusNotFound:
 				return fmt.Errorf("%w: %v", cluster.ErrNoMove, err)
-			case errors.As(err, &se) && se.StatusCode < 500:
-				return fmt.Errorf("leader %s refused the move operation: %w", leader, err)
 			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: move %s of %s: %v", cluster.ErrNotLeader, op.Op, op.LU, err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+			return fmt.Errorf("leader %s refused the move operation: %w", leader, err)
+		})
 }
 
 // register is the second step of joining (and how a member records new
